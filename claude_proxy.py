@@ -1,0 +1,4786 @@
+#!/usr/bin/env python3
+"""claude_proxy: one file, standard library only, between LLM clients and LLM providers.
+
+Anthropic clients (Claude Code, the Anthropic SDKs) and OpenAI clients (the openai SDKs,
+LangChain, Open WebUI) talk to it; it forwards to Anthropic, to Anthropic-compatible vendors
+or to any OpenAI-compatible provider, converting between the two dialects where needed.
+
+Run:    python claude_proxy.py                 serve on 127.0.0.1:8082
+        python claude_proxy.py check-config    print the effective config, secrets redacted
+        python claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
+Tests:  python -m pytest -q test_claude_proxy.py
+
+Sections, leaves first, so nothing refers forward:
+   1. Constants          every tunable in one DEFAULT_* block
+   2. Errors             one ProxyError tree; each error knows its HTTP status and API type
+   3. Utilities          ids, JSON, redaction of secrets
+   4. Config             defaults < JSON file < .env < environment < CLI, one pure parse
+   5. HTTP wire format   sans-IO parsing and formatting of HTTP/1.1 heads and chunks
+   6. SSE                sans-IO incremental decoder and the one encoder
+   7. Stream I/O         requests read from / responses written to asyncio streams
+   8. Upstream client    keep-alive pool, TLS, CONNECT proxies, idle timeouts
+   9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds
+  10. OAuth              PKCE login, token store and refresh, OAuth request shaping
+  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering
+  12. Server             connection loop, keep-alive, limits, graceful shutdown
+  13. CLI                argparse entry point
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import copy
+import datetime
+import hashlib
+import hmac
+import http
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import ssl
+import stat
+import sys
+import time
+import urllib.parse
+import urllib.request
+from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Mapping,
+                    Optional, Tuple)
+
+log = logging.getLogger("claude_proxy")
+access_log = logging.getLogger("claude_proxy.access")
+
+# =============================================================================================
+# 1. Constants
+# =============================================================================================
+
+VERSION = "0.1.0"
+DEFAULT_ANTHROPIC_URL = "https://api.anthropic.com"
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+ANTHROPIC_VERSION = "2023-06-01"
+MAX_REQUEST_LINE = 8 * 1024          # longer request line: 414
+MAX_HEADER_BYTES = 64 * 1024         # larger header block: 431
+READ_CHUNK = 64 * 1024
+
+# Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
+# at its top level; CLI flags override the few that have one.
+SETTINGS: Dict[str, Tuple[str, str, Any]] = {
+    "host": ("CLAUDE_PROXY_HOST", "str", "127.0.0.1"),
+    "port": ("CLAUDE_PROXY_PORT", "int", 8082),
+    "log_level": ("LOG_LEVEL", "str", "INFO"),
+    "home": ("CLAUDE_PROXY_HOME", "str", "~/.claude-proxy"),
+    "proxy_api_key": ("PROXY_API_KEY", "str", None),
+    "max_body_bytes": ("MAX_BODY_BYTES", "int", 32 * 1024 * 1024),
+    "header_timeout": ("HEADER_TIMEOUT", "float", 10.0),
+    "idle_timeout": ("IDLE_TIMEOUT", "float", 75.0),
+    "connect_timeout": ("CONNECT_TIMEOUT", "float", 10.0),
+    "read_timeout": ("READ_TIMEOUT", "float", 600.0),
+    "shutdown_grace": ("SHUTDOWN_GRACE", "float", 10.0),
+    "max_retries": ("MAX_RETRIES", "int", 2),
+    "retry_deadline": ("RETRY_DEADLINE", "float", 60.0),
+    "keepalive_interval": ("SSE_KEEPALIVE_INTERVAL", "float", 15.0),
+    "ssl_verify": ("SSL_VERIFY", "bool", True),
+    "ca_bundle": ("CA_BUNDLE", "str", None),
+    "cors_origins": ("CORS_ORIGINS", "list", []),
+    "pool_size": ("UPSTREAM_POOL_SIZE", "int", 32),
+    "long_context_threshold": ("LONG_CONTEXT_THRESHOLD", "int", 60000),
+    "default_max_tokens": ("DEFAULT_MAX_TOKENS", "int", 8192),
+    "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
+    "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
+}
+# Environment variables that name secrets; their values are redacted everywhere.
+SECRET_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_OAUTH_TOKEN",
+              "CLAUDE_CODE_OAUTH_TOKEN", "PROXY_API_KEY")
+# Hop-by-hop and credential headers never forwarded from the client to an upstream.
+CLIENT_HEADERS_DROPPED = frozenset((
+    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
+    "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "expect",
+    "x-api-key", "authorization", "cookie", "content-type", "origin", "referer"))
+# Upstream response headers relayed to the client.
+RELAYED_HEADERS = ("request-id", "x-request-id", "retry-after", "retry-after-ms",
+                   "x-should-retry", "anthropic-organization-id")
+RELAYED_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
+RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
+FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
+
+# =============================================================================================
+# 2. Errors
+# =============================================================================================
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the key path."""
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy renders; carries HTTP status and API error type."""
+    status = 500
+    error_type = "api_error"
+
+    def __init__(self, message: str, *, param: Optional[str] = None,
+                 status: Optional[int] = None, error_type: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class BadRequest(ProxyError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthError(ProxyError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class HeaderTooLarge(ProxyError):
+    status = 431
+    error_type = "invalid_request_error"
+
+
+class URITooLong(ProxyError):
+    status = 414
+    error_type = "invalid_request_error"
+
+
+class UpstreamError(ProxyError):
+    """The upstream failed or answered something we cannot use."""
+    status = 502
+    error_type = "api_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout_error"
+
+
+class UpstreamStatus(ProxyError):
+    """The upstream answered an HTTP error; the body is kept to relay or convert."""
+
+    def __init__(self, status: int, headers: Dict[str, str], body: bytes):
+        super().__init__(f"upstream answered {status}", status=status,
+                         error_type=ERROR_TYPE_BY_STATUS.get(status, "api_error"))
+        self.headers = headers
+        self.body = body
+
+
+ERROR_TYPE_BY_STATUS = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+    409: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+    429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+
+# =============================================================================================
+# 3. Utilities
+# =============================================================================================
+
+_TOOL_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random id such as msg_..., toolu_..., chatcmpl-...."""
+    return prefix + secrets.token_hex(12)
+
+
+def sanitize_tool_id(tool_id: Optional[str]) -> str:
+    """Map any tool id onto ^[A-Za-z0-9_-]+$ deterministically (same input, same output)."""
+    if not tool_id:
+        return new_id("toolu_")
+    return _TOOL_ID_BAD.sub("_", str(tool_id))
+
+
+def json_text(obj: Any) -> str:
+    """Compact JSON text, UTF-8 kept as is."""
+    return _json_encoder.encode(obj)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes."""
+    return _json_encoder.encode(obj).encode("utf-8")
+
+
+def parse_json_body(raw: bytes, what: str = "request body") -> Any:
+    """Parse JSON bytes or raise BadRequest naming what was malformed."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+
+
+def mask(secret: str) -> str:
+    """A recognisable but useless rendering of a secret, for logs and check-config."""
+    return secret[:6] + "..." + "(redacted)" if len(secret) > 12 else "(redacted)"
+
+
+class Redactor(logging.Filter):
+    """The one redaction helper: knows every secret and scrubs them from any text."""
+
+    def __init__(self, secret_values: Iterable[str] = ()):
+        super().__init__()
+        self._secrets: set = set()
+        for value in secret_values:
+            self.add(value)
+
+    def add(self, value: Optional[str]) -> None:
+        """Remember a secret (ignores empty and very short values)."""
+        if value and len(value) >= 8:
+            self._secrets.add(value)
+
+    def scrub(self, text: str) -> str:
+        """Replace every known secret in text by its mask."""
+        for value in self._secrets:
+            if value in text:
+                text = text.replace(value, mask(value))
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """logging.Filter hook: render the message once, scrubbed."""
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        record.msg, record.args = self.scrub(message), None
+        return True
+
+
+def parse_size(value: Any, path: str) -> Optional[int]:
+    """Token counts with shorthand: 8192, "8k" (8192), "1m" (1048576); None stays None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(value))
+    if not match:
+        raise ConfigError(f"{path}: expected a token count such as 8192 or \"8k\"")
+    scale = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
+    return int(match.group(1)) * scale
+
+
+def parse_bool(value: Any) -> bool:
+    """Booleans from JSON or environment strings."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def iso_time(epoch: float) -> str:
+    """RFC 3339 UTC timestamp."""
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    host = host.strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+# =============================================================================================
+# 4. Config
+#
+# One flow: built-in defaults < JSON config file < .env in the working directory < environment
+# < CLI flags. Each layer is a raw dict of the file's shape; merge_raw() stacks them and
+# parse_config() validates once, naming the key path of anything wrong. Nothing after main()
+# reads os.environ: the environment is passed in as a mapping.
+# =============================================================================================
+
+PROVIDER_FORMATS = ("anthropic", "openai")
+AUTH_MODES = ("auto", "oauth", "api_key", "client", "none")
+SPECIAL_ROUTES = ("default", "background", "think", "long_context")
+MODEL_DEFAULTS: Dict[str, Any] = {
+    "max_tokens": None, "max_completion_tokens": False, "reasoning_param": "reasoning_effort",
+    "replay_reasoning": None, "reasoning_effort": None, "schema": None, "extra_body": {},
+    "context": None, "thinking": None, "headers": {}, "fallback": [], "owned_by": None,
+}
+BUILTIN_PROVIDER = {"format": "anthropic", "api_key_env": "ANTHROPIC_API_KEY", "auth": "auto"}
+
+
+class Config:
+    """The parsed configuration: settings, providers, models and routes; read-only after load."""
+
+    def __init__(self, settings: Dict[str, Any], providers: Dict[str, dict],
+                 models: Dict[str, dict], routes: Dict[str, dict], oauth: Dict[str, Any]):
+        self.settings = settings
+        self.providers = providers
+        self.models = models
+        self.routes = routes
+        self.oauth = oauth
+
+    @property
+    def home(self) -> str:
+        """The state directory (tokens), expanded."""
+        return os.path.expanduser(self.settings["home"])
+
+    def secret_values(self) -> List[str]:
+        """Every secret the config holds, for the redactor."""
+        values = [p["api_key"] for p in self.providers.values() if p.get("api_key")]
+        values += [self.settings.get("proxy_api_key"), self.settings.get("oauth_token")]
+        return [v for v in values if v]
+
+
+def read_dotenv(path: str) -> Dict[str, str]:
+    """KEY=VALUE lines of a .env file (comments, `export`, quotes handled); {} when absent."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return {}
+    values = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip()
+        key = key[7:].strip() if key.startswith("export ") else key
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def merge_raw(base: dict, over: dict) -> dict:
+    """Stack two raw config layers: dicts merge recursively, models merge by id, rest replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if key == "models" and isinstance(value, list) and isinstance(base.get(key), list):
+            by_id = {m.get("id"): m for m in base[key] if isinstance(m, dict)}
+            by_id.update({m.get("id"): m for m in value if isinstance(m, dict)})
+            merged[key] = list(by_id.values())
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge_raw(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def env_layer(env: Mapping[str, str]) -> dict:
+    """The raw config the environment describes: settings plus the OpenAI quick start."""
+    raw: Dict[str, Any] = {}
+    for key, (var, _, _) in SETTINGS.items():
+        if env.get(var):
+            raw[key] = env[var]
+    if not raw.get("oauth_token") and env.get("CLAUDE_CODE_OAUTH_TOKEN"):
+        raw["oauth_token"] = env["CLAUDE_CODE_OAUTH_TOKEN"]
+    return merge_raw(raw, quickstart_layer(env))
+
+
+def quickstart_layer(env: Mapping[str, str]) -> dict:
+    """OPENAI_BASE_URL / BIG_MODEL / ROUTER_* shortcuts, as the proxies users come from read them."""
+    raw: Dict[str, Any] = {}
+    if env.get("OPENAI_BASE_URL") or env.get("BIG_MODEL"):
+        big = env.get("BIG_MODEL", "gpt-4o")
+        middle, small = env.get("MIDDLE_MODEL", big), env.get("SMALL_MODEL", "gpt-4o-mini")
+        raw["providers"] = {"openai": {"format": "openai", "api_key_env": "OPENAI_API_KEY",
+                                       "base_url": env.get("OPENAI_BASE_URL", DEFAULT_OPENAI_URL)}}
+        raw["models"] = [{"id": name, "provider": "openai"} for name in dict.fromkeys((big, middle, small))]
+        raw["routes"] = {"opus": big, "sonnet": middle, "haiku": small, "background": small,
+                         "default": big}
+    for route in SPECIAL_ROUTES:
+        value = env.get("ROUTER_" + route.upper())
+        if value:
+            raw.setdefault("routes", {})[route] = value
+    return raw
+
+
+def expand_custom_models(raw: dict) -> dict:
+    """Accept anthropic-claude-max-proxy's `custom_models` list as providers plus models."""
+    customs = raw.get("custom_models")
+    if not customs:
+        return raw
+    if not isinstance(customs, list):
+        raise ConfigError("custom_models: expected a list")
+    raw = dict(raw, providers=dict(raw.get("providers") or {}), models=list(raw.get("models") or []))
+    for i, item in enumerate(customs):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise ConfigError(f"custom_models.{i}.id: expected a string")
+        name = "custom:" + item["id"]
+        raw["providers"][name] = {"format": "openai", "base_url": item.get("base_url"),
+                                  "api_key": item.get("api_key")}
+        raw["models"].append({
+            "id": item["id"], "provider": name, "context": item.get("context_length"),
+            "max_tokens": item.get("max_completion_tokens"), "owned_by": item.get("owned_by"),
+            "reasoning_param": "reasoning_effort" if item.get("supports_reasoning") else None})
+    return raw
+
+
+def parse_config(raw: dict, env: Mapping[str, str]) -> Config:
+    """Validate a stacked raw config; ConfigError names the first bad key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a JSON object")
+    raw = expand_custom_models(raw)
+    settings = parse_settings(raw)
+    providers = parse_providers(raw.get("providers") or {}, env, settings)
+    models = parse_models(raw.get("models") or [], providers)
+    routes_raw = raw.get("routes")
+    routes = parse_routes({"default": "anthropic"} if routes_raw is None else routes_raw,
+                          models, providers)
+    for spec in models.values():
+        for j, fallback in enumerate(spec["fallback"]):
+            if fallback not in models:
+                raise ConfigError(f"models.{spec['id']}.fallback.{j}: unknown model id {fallback!r}")
+    oauth = raw.get("oauth") or {}
+    if not isinstance(oauth, dict):
+        raise ConfigError("oauth: expected an object")
+    return Config(settings, providers, models, routes, oauth)
+
+
+def parse_settings(raw: dict) -> Dict[str, Any]:
+    """Typed settings from their raw values, defaults filled."""
+    settings = {}
+    for key, (_, kind, default) in SETTINGS.items():
+        value = raw.get(key, default)
+        settings[key] = value if value is None else coerce_setting(key, kind, value)
+    if settings["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"log_level: unknown level {settings['log_level']!r}")
+    if not 0 < settings["port"] < 65536:
+        raise ConfigError("port: expected 1-65535")
+    check_url(settings["anthropic_url"], "anthropic_url")
+    return settings
+
+
+def coerce_setting(key: str, kind: str, value: Any) -> Any:
+    """One setting converted to its type, or ConfigError naming the key."""
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            return parse_bool(value)
+        if kind == "list":
+            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+
+
+def check_url(url: Any, path: str) -> str:
+    """An http(s) URL without trailing slash, or ConfigError."""
+    if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") \
+            or not urllib.parse.urlsplit(url).hostname:
+        raise ConfigError(f"{path}: expected an http(s) URL")
+    return url.rstrip("/")
+
+
+def parse_providers(raw: Any, env: Mapping[str, str], settings: dict) -> Dict[str, dict]:
+    """Providers by name, with the built-in `anthropic` unless the config redefines it."""
+    if not isinstance(raw, dict):
+        raise ConfigError("providers: expected an object")
+    raw = dict(raw)
+    builtin = dict(BUILTIN_PROVIDER, base_url=settings["anthropic_url"])
+    raw["anthropic"] = merge_raw(builtin, raw["anthropic"]) if "anthropic" in raw else builtin
+    return {name: parse_provider(name, value, env) for name, value in raw.items()}
+
+
+def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
+    """One provider: format, base_url, resolved api_key, auth mode, extra headers."""
+    path = f"providers.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected an object")
+    fmt = raw.get("format", "openai")
+    if fmt not in PROVIDER_FORMATS:
+        raise ConfigError(f"{path}.format: expected one of {', '.join(PROVIDER_FORMATS)}")
+    base_url = check_url(raw.get("base_url"), f"{path}.base_url")
+    if fmt == "anthropic" and base_url.endswith("/v1"):
+        base_url = base_url[:-3]
+    api_key = raw.get("api_key") or (env.get(raw["api_key_env"]) if raw.get("api_key_env") else None)
+    auth = raw.get("auth") or ("api_key" if raw.get("api_key") else
+                               "auto" if fmt == "anthropic" else
+                               "api_key" if raw.get("api_key_env") else "none")
+    if auth not in AUTH_MODES:
+        raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ConfigError(f"{path}.headers: expected an object of strings")
+    return {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
+            "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
+            "api_key_env": raw.get("api_key_env")}
+
+
+def parse_models(raw: Any, providers: Dict[str, dict]) -> Dict[str, dict]:
+    """Model specs by client-facing id."""
+    if not isinstance(raw, list):
+        raise ConfigError("models: expected a list")
+    models = {}
+    for i, item in enumerate(raw):
+        spec = parse_model(f"models.{i}", item, providers)
+        models[spec["id"]] = spec
+    return models
+
+
+def parse_model(path: str, raw: Any, providers: Dict[str, dict]) -> dict:
+    """One model spec (every key of MODEL_DEFAULTS present), validated."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+        raise ConfigError(f"{path}.id: expected a non-empty string")
+    if raw.get("provider") not in providers:
+        raise ConfigError(f"{path}.provider: unknown provider {raw.get('provider')!r}")
+    spec = dict(MODEL_DEFAULTS, **{k: v for k, v in raw.items()
+                                   if v is not None or not isinstance(MODEL_DEFAULTS.get(k), (dict, list))})
+    spec["model"] = spec.get("model") or spec["id"]
+    spec["max_tokens"] = parse_size(spec["max_tokens"], f"{path}.max_tokens")
+    spec["context"] = parse_size(spec["context"], f"{path}.context")
+    for key, kind in (("extra_body", dict), ("headers", dict), ("fallback", list)):
+        if not isinstance(spec[key], kind):
+            raise ConfigError(f"{path}.{key}: expected {'an object' if kind is dict else 'a list'}")
+    if spec["thinking"] not in (None, "budget", "adaptive"):
+        raise ConfigError(f"{path}.thinking: expected \"budget\" or \"adaptive\"")
+    if spec["schema"] not in (None, "gemini"):
+        raise ConfigError(f"{path}.schema: expected \"gemini\"")
+    spec["headers"] = {k.lower(): str(v) for k, v in spec["headers"].items()}
+    return spec
+
+
+def parse_routes(raw: Any, models: Dict[str, dict], providers: Dict[str, dict]) -> Dict[str, dict]:
+    """Route name -> target spec. A target is a model id, a provider, or "provider,model"."""
+    if not isinstance(raw, dict):
+        raise ConfigError("routes: expected an object")
+    return {name: route_target(f"routes.{name}", value, models, providers)
+            for name, value in raw.items()}
+
+
+def route_target(path: str, value: Any, models: Dict[str, dict], providers: Dict[str, dict]) -> dict:
+    """The spec a route value names; model None means the client's model name passes through."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a model id or provider name")
+    if value in models:
+        return models[value]
+    provider, _, model = value.partition(",")
+    if provider in providers:
+        return dict(MODEL_DEFAULTS, id=model or None, provider=provider, model=model or None)
+    raise ConfigError(f"{path}: {value!r} is neither a model id nor a provider")
+
+
+def config_path(cli_path: Optional[str], env: Mapping[str, str]) -> Optional[str]:
+    """--config, else CLAUDE_PROXY_CONFIG, else <home>/config.json when it exists."""
+    if cli_path or env.get("CLAUDE_PROXY_CONFIG"):
+        return cli_path or env["CLAUDE_PROXY_CONFIG"]
+    home = env.get("CLAUDE_PROXY_HOME") or SETTINGS["home"][2]
+    candidate = os.path.join(os.path.expanduser(home), "config.json")
+    return candidate if os.path.exists(candidate) else None
+
+
+def load_config(path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None) -> Config:
+    """The whole flow: file < .env < environment < CLI, parsed once."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = json.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
+    env = dict(read_dotenv(".env"), **env)
+    raw = merge_raw(merge_raw(raw, env_layer(env)), cli or {})
+    return parse_config(raw, env)
+
+
+def redacted_config(config: Config) -> dict:
+    """The effective config for check-config, every secret masked."""
+    settings = dict(config.settings)
+    for key in ("proxy_api_key", "oauth_token"):
+        if settings.get(key):
+            settings[key] = mask(settings[key])
+    providers = {name: dict(p, api_key=mask(p["api_key"]) if p.get("api_key") else None,
+                            headers={k: mask(v) for k, v in p["headers"].items()})
+                 for name, p in config.providers.items()}
+    routes = {name: (t["id"] or t["provider"]) for name, t in config.routes.items()}
+    return {"settings": settings, "providers": providers, "models": list(config.models.values()),
+            "routes": routes, "oauth": config.oauth}
+
+# =============================================================================================
+# 5. HTTP wire format (sans-IO)
+#
+# Parsers take bytes and return values or raise; the stream section does the reading. Header
+# names are lower-cased; repeated headers are joined with ", " (RFC 9110 5.3).
+# =============================================================================================
+
+Headers = Dict[str, str]
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def parse_header_lines(lines: List[bytes]) -> Headers:
+    """Header field lines to a dict; BadRequest on a malformed line."""
+    headers: Headers = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise BadRequest("malformed header line")
+        key = name.decode("ascii").lower()
+        text = value.strip().decode("latin-1")
+        headers[key] = headers[key] + ", " + text if key in headers else text
+    return headers
+
+
+def parse_request_head(head: bytes) -> Tuple[str, str, str, Headers]:
+    """Request head (up to the blank line) -> (method, target, version, headers)."""
+    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise URITooLong("request line too long")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not _TOKEN.match(parts[0]):
+        raise BadRequest("malformed request line")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    return method, target, version, parse_header_lines(lines[1:])
+
+
+def parse_response_head(head: bytes) -> Tuple[int, Headers]:
+    """Response head -> (status, headers); UpstreamError when malformed."""
+    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise UpstreamError("upstream sent a malformed status line")
+    try:
+        return int(parts[1]), parse_header_lines(lines[1:])
+    except BadRequest:
+        raise UpstreamError("upstream sent a malformed header") from None
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size of a chunk from its size line (extensions ignored)."""
+    try:
+        size = int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise BadRequest("malformed chunk size") from None
+    if size < 0:
+        raise BadRequest("malformed chunk size")
+    return size
+
+
+def body_framing(headers: Headers) -> Tuple[str, int]:
+    """How a message body is delimited: ("chunked", 0), ("length", n) or ("close", 0)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        if "content-length" in headers:
+            raise BadRequest("both Transfer-Encoding and Content-Length")
+        return "chunked", 0
+    if "content-length" in headers:
+        value = headers["content-length"]
+        if not value.isdigit():
+            raise BadRequest("malformed Content-Length")
+        return "length", int(value)
+    return "close", 0
+
+
+def format_head(first_line: str, headers: Iterable[Tuple[str, str]]) -> bytes:
+    """A request or response head, blank line included."""
+    out = [first_line]
+    out += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+def format_status_line(status: int) -> str:
+    """`HTTP/1.1 200 OK` for any status, known or not."""
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = {529: "Overloaded"}.get(status, "Unknown")
+    return f"HTTP/1.1 {status} {reason}"
+
+
+def format_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never the terminating zero chunk)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+# =============================================================================================
+# 6. SSE (sans-IO)
+#
+# Server-sent events (WHATWG HTML, "Parsing an event stream"): lines end in CRLF, LF or CR;
+# a line starting with ":" is a comment; "field: value" with at most one space stripped after
+# the colon; `data` lines accumulate joined by "\n"; a blank line dispatches the event. We split
+# on bytes and decode whole lines, so a UTF-8 character split across reads is never cut (a
+# continuation byte is never CR or LF). A CR at the very end of a read may be half of a CRLF:
+# we remember it and drop a LF that starts the next read. At close() a last event without its
+# blank line is still dispatched: real streams end that way (fixtures/real/SOURCES.md).
+# =============================================================================================
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """Incremental SSE decoder: feed(bytes) -> [(event, data)], close() -> [(event, data)]."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._skip_lf = False
+        self._event = ""
+        self._data: List[str] = []
+        self.comments = 0
+
+    def feed(self, chunk: bytes) -> List[Tuple[str, str]]:
+        """Events completed by this chunk of bytes."""
+        if self._skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._skip_lf = chunk[-1:] == b"\r"
+        lines = _LINE_END.split(self._tail + chunk)
+        self._tail = lines.pop()
+        events: List[Tuple[str, str]] = []
+        for line in lines:
+            self._line(line, events)
+        return events
+
+    def close(self) -> List[Tuple[str, str]]:
+        """Flush a last unterminated line and event at end of stream."""
+        events: List[Tuple[str, str]] = []
+        if self._tail:
+            self._line(self._tail, events)
+            self._tail = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: List[Tuple[str, str]]) -> None:
+        """Apply one line to the event being built."""
+        if not line:
+            if self._data:
+                events.append((self._event, "\n".join(self._data)))
+            self._event, self._data = "", []
+            return
+        if line[:1] == b":":
+            self.comments += 1
+            return
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+
+
+def format_sse(data: str, event: Optional[str] = None) -> bytes:
+    """One SSE event; multi-line data becomes several data lines."""
+    head = f"event: {event}\n" if event else ""
+    if "\n" in data:
+        data = data.replace("\n", "\ndata: ")
+    return f"{head}data: {data}\n\n".encode("utf-8")
+
+
+def format_anthropic_event(anthropic_event: dict) -> bytes:
+    """An Anthropic stream event: its type is the SSE event name."""
+    return format_sse(json_text(anthropic_event), anthropic_event.get("type"))
+
+
+def format_openai_item(openai_item: Any) -> bytes:
+    """An OpenAI stream chunk, or the literal [DONE]."""
+    return format_sse(openai_item if isinstance(openai_item, str) else json_text(openai_item))
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+
+# =============================================================================================
+# 7. Stream I/O
+# =============================================================================================
+
+
+class Request:
+    """One client request, head and body read."""
+
+    def __init__(self, method: str, target: str, headers: Headers, body: bytes, peer: str):
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.headers = headers
+        self.body = body
+        self.peer = peer
+        self.id = new_id("req_")
+        self.keep_alive = headers.get("connection", "").lower() != "close"
+
+    @property
+    def dialect(self) -> str:
+        """Which API's error envelope the client expects."""
+        if self.path.startswith("/v1/chat/completions") or self.path.startswith("/chat/completions"):
+            return "openai"
+        if self.path.startswith("/v1/models") and "anthropic-version" not in self.headers:
+            return "openai"
+        return "anthropic"
+
+
+async def read_head(reader: asyncio.StreamReader, first: bytes) -> bytes:
+    """The rest of a head after its first byte; 414/431 when over the limits."""
+    try:
+        return first + await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        peek = await reader.read(MAX_REQUEST_LINE)
+        if b"\r\n" not in first + peek:
+            raise URITooLong("request line too long") from None
+        raise HeaderTooLarge("request header block over 64 KiB") from None
+
+
+async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    headers: Headers, limit: int) -> bytes:
+    """A request body by Content-Length or chunked; answers Expect: 100-continue; 413 past limit."""
+    framing, length = body_framing(headers)
+    if framing == "length" and length > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    if headers.get("expect", "").lower() == "100-continue" and framing != "close":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if framing == "length":
+        return await reader.readexactly(length) if length else b""
+    if framing == "chunked":
+        return await read_chunked(reader, limit)
+    return b""
+
+
+async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """A chunked body, trailers discarded."""
+    parts, total = [], 0
+    while True:
+        size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+        total += size
+        if total > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        if size == 0:
+            break
+        parts.append((await reader.readexactly(size + 2))[:-2])
+    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+        pass
+    return b"".join(parts)
+
+
+class ClientStream:
+    """The response side of one client connection: whole responses or a chunked stream."""
+
+    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False):
+        self.writer = writer
+        self.head_only = head_only
+        self.started = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.extra_headers: List[Tuple[str, str]] = []
+
+    async def respond(self, status: int, headers: List[Tuple[str, str]], body: bytes) -> None:
+        """Send a whole response with Content-Length."""
+        self.started, self.status = True, status
+        headers = headers + self.extra_headers + [("content-length", str(len(body)))]
+        self.writer.write(format_head(format_status_line(status), headers))
+        if not self.head_only:
+            self.writer.write(body)
+            self.bytes_sent += len(body)
+        await self.writer.drain()
+
+    async def respond_json(self, status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> None:
+        """Send a JSON response."""
+        await self.respond(status, [("content-type", "application/json")] + (headers or []), json_bytes(obj))
+
+    def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
+        """Begin a chunked response (written with the first data)."""
+        self.started, self.status = True, status
+        headers = headers + self.extra_headers + [("transfer-encoding", "chunked")]
+        self.writer.write(format_head(format_status_line(status), headers))
+
+    async def send(self, data: bytes) -> None:
+        """One chunk, with backpressure."""
+        if data:
+            self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.bytes_sent += len(data)
+            await self.writer.drain()
+
+    async def finish(self) -> None:
+        """The terminating chunk."""
+        self.writer.write(LAST_CHUNK)
+        await self.writer.drain()
+
+# =============================================================================================
+# 8. Upstream client
+#
+# HTTP/1.1 over asyncio streams with ssl. Connections are pooled per origin and go back to the
+# pool only after their body was read to the end; a reused connection that turns out to be
+# closed by the server before any response byte is retried once on a fresh one (the keep-alive
+# race every pool has). Read-idle timeouts use one timer per response that aborts the transport,
+# not a task per read: the relay path stays cheap. HTTPS_PROXY / HTTP_PROXY / NO_PROXY are
+# honoured with a CONNECT tunnel (loopback targets never go through a proxy).
+# =============================================================================================
+
+Origin = Tuple[str, str, int]
+
+
+def split_url(url: str) -> Tuple[Origin, str]:
+    """URL -> ((scheme, host, port), path with query)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return (parts.scheme, parts.hostname or "", port), path
+
+
+def make_ssl_context(verify: bool, ca_bundle: Optional[str]) -> ssl.SSLContext:
+    """Verification on with the system store (plus a CA bundle); off only when asked, loudly."""
+    context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+    if not verify:
+        log.warning("SSL_VERIFY=false: upstream certificates are NOT verified")
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class IdleTimer:
+    """Calls on_idle once when touch() was not called for `timeout` seconds."""
+
+    def __init__(self, timeout: float, on_idle: Callable[[], None]):
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._on_idle = on_idle
+        self._last = self._loop.time()
+        self.fired = False
+        self._handle = self._loop.call_later(timeout, self._check)
+
+    def touch(self) -> None:
+        """Activity: push the deadline out."""
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        idle = self._loop.time() - self._last
+        if idle >= self._timeout:
+            self.fired = True
+            self._on_idle()
+        else:
+            self._handle = self._loop.call_later(self._timeout - idle, self._check)
+
+    def cancel(self) -> None:
+        """Stop watching."""
+        self._handle.cancel()
+
+
+class UpstreamConnection:
+    """One pooled connection."""
+
+    def __init__(self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.origin = origin
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+
+    def usable(self) -> bool:
+        """Still open, and the server has not sent anything unasked."""
+        return not self.writer.is_closing() and not self.reader.at_eof() and not self.reader._buffer  # noqa
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        self.writer.transport.abort()
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream response; the body is read on demand."""
+
+    def __init__(self, pool: "ConnectionPool", conn: UpstreamConnection, status: int,
+                 headers: Headers, timer: IdleTimer, head_only: bool):
+        self.pool = pool
+        self.conn = conn
+        self.status = status
+        self.headers = headers
+        self.timer = timer
+        self.done = False
+        framing, self._remaining = ("length", 0) if head_only or status in (204, 304) else body_framing(headers)
+        self._framing = framing
+        self._reusable = framing != "close" and headers.get("connection", "").lower() != "close"
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; the connection goes back to the pool at its end."""
+        try:
+            reader = self.conn.reader
+            if self._framing == "chunked":
+                async for data in self._iter_chunked(reader):
+                    yield data
+            else:
+                async for data in self._iter_plain(reader):
+                    yield data
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError, BadRequest):
+            self.close()
+            if self.timer.fired:
+                raise UpstreamTimeout("upstream read timed out") from None
+            raise UpstreamError("upstream connection lost mid-response") from None
+        self._finish()
+
+    async def _iter_chunked(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        timer = self.timer
+        while True:
+            size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+            timer.touch()
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass
+                return
+            data = await reader.readexactly(size + 2)
+            timer.touch()
+            yield data[:-2]
+
+    async def _iter_plain(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        remaining = self._remaining
+        while self._framing == "close" or remaining > 0:
+            data = await reader.read(READ_CHUNK if self._framing == "close" else min(remaining, READ_CHUNK))
+            if not data:
+                if self._framing == "close":
+                    return
+                raise asyncio.IncompleteReadError(b"", remaining)
+            self.timer.touch()
+            remaining -= len(data)
+            yield data
+
+    async def read(self, limit: int = 64 * 1024 * 1024) -> bytes:
+        """The whole body (bounded)."""
+        parts, total = [], 0
+        async for data in self.iter_body():
+            total += len(data)
+            if total > limit:
+                self.close()
+                raise UpstreamError("upstream response too large")
+            parts.append(data)
+        return b"".join(parts)
+
+    def _finish(self) -> None:
+        self.done = True
+        self.timer.cancel()
+        if self._reusable:
+            self.pool.release(self.conn)
+        else:
+            self.conn.abort()
+
+    def close(self) -> None:
+        """Give up on the rest of the body: the connection is dropped, never reused."""
+        if not self.done:
+            self.done = True
+            self.timer.cancel()
+            self.conn.abort()
+
+
+class ConnectionPool:
+    """Keep-alive connections per origin, and the one request function of the upstream side."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, proxies: Mapping[str, str], connect_timeout: float,
+                 read_timeout: float, max_idle: int = 32):
+        self.ssl_context = ssl_context
+        self.proxies = dict(proxies)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._idle: Dict[Origin, List[UpstreamConnection]] = {}
+        self.opened = 0
+
+    async def request(self, method: str, url: str, headers: List[Tuple[str, str]], body: bytes = b"",
+                      read_timeout: Optional[float] = None) -> UpstreamResponse:
+        """Send a request; return once the response head arrived."""
+        origin, path = split_url(url)
+        host = origin[1] if origin[2] in (80, 443) else f"{origin[1]}:{origin[2]}"
+        head = format_head(f"{method} {path} HTTP/1.1", [("host", host)] + headers + [
+            ("content-length", str(len(body))), ("accept-encoding", "identity")])
+        for attempt in (1, 2):
+            conn = await self.acquire(origin)
+            try:
+                return await self._exchange(conn, head + body, method == "HEAD", read_timeout)
+            except _StaleConnection:
+                if attempt == 2:
+                    raise UpstreamError("upstream closed the connection") from None
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, conn: UpstreamConnection, payload: bytes, head_only: bool,
+                        read_timeout: Optional[float]) -> UpstreamResponse:
+        timer = IdleTimer(read_timeout or self.read_timeout, conn.abort)
+        try:
+            conn.writer.write(payload)
+            await conn.writer.drain()
+            status, headers = await self._read_head(conn.reader, timer)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError) as exc:
+            timer.cancel()
+            conn.abort()
+            if timer.fired:
+                raise UpstreamTimeout("upstream did not answer in time") from None
+            if conn.reused and (not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial):
+                raise _StaleConnection() from None
+            raise UpstreamError("upstream connection failed before its response") from None
+        except BaseException:
+            timer.cancel()
+            conn.abort()
+            raise
+        return UpstreamResponse(self, conn, status, headers, timer, head_only)
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader, timer: IdleTimer) -> Tuple[int, Headers]:
+        while True:
+            status, headers = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
+            timer.touch()
+            if status >= 200 or status == 101:
+                return status, headers
+
+    async def acquire(self, origin: Origin) -> UpstreamConnection:
+        """An idle usable connection to origin, or a new one."""
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                conn.reused = True
+                return conn
+            conn.abort()
+        return await self.connect(origin)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Back to the pool, if there is room and it is still good."""
+        idle = self._idle.setdefault(conn.origin, [])
+        if conn.usable() and len(idle) < self.max_idle:
+            idle.append(conn)
+        else:
+            conn.abort()
+
+    async def connect(self, origin: Origin) -> UpstreamConnection:
+        """A new connection, direct or through a CONNECT proxy, within connect_timeout."""
+        scheme, host, port = origin
+        proxy = self.proxy_for(scheme, host)
+        context = self.ssl_context if scheme == "https" else None
+        try:
+            if proxy:
+                sock = await asyncio.wait_for(open_tunnel(proxy, host, port), self.connect_timeout)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    sock=sock, ssl=context, server_hostname=host if context else None,
+                    limit=MAX_HEADER_BYTES * 4), self.connect_timeout)
+            else:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    host, port, ssl=context, limit=MAX_HEADER_BYTES * 4), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.__class__.__name__}") from None
+        self.opened += 1
+        return UpstreamConnection(origin, reader, writer)
+
+    def proxy_for(self, scheme: str, host: str) -> Optional[str]:
+        """The proxy URL for this target, honouring NO_PROXY; never for loopback."""
+        proxy = self.proxies.get(scheme)
+        if not proxy or is_loopback(host) or urllib.request.proxy_bypass_environment(host, self.proxies):
+            return None
+        return proxy
+
+    def close(self) -> None:
+        """Drop every idle connection."""
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.abort()
+        self._idle.clear()
+
+
+class _StaleConnection(Exception):
+    """A reused keep-alive connection was already closed by the server."""
+
+
+async def open_tunnel(proxy_url: str, host: str, port: int) -> socket.socket:
+    """A socket to host:port through an HTTP proxy's CONNECT (Proxy-Authorization from userinfo)."""
+    loop = asyncio.get_running_loop()
+    parts = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
+    infos = await loop.getaddrinfo(parts.hostname, parts.port or 8080, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+        head = [("host", f"{host}:{port}")]
+        if parts.username:
+            creds = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            head.append(("proxy-authorization", "Basic " + base64.b64encode(creds.encode()).decode()))
+        await loop.sock_sendall(sock, format_head(f"CONNECT {host}:{port} HTTP/1.1", head))
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = await loop.sock_recv(sock, 4096)
+            if not data or len(answer) > MAX_HEADER_BYTES:
+                raise OSError("proxy closed the tunnel")
+            answer += data
+        status, _ = parse_response_head(answer.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+        if status != 200:
+            raise OSError(f"proxy answered {status} to CONNECT")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
+                     headers: Optional[List[Tuple[str, str]]] = None) -> Tuple[int, Any]:
+    """POST JSON, return (status, parsed body or {"raw": text})."""
+    response = await pool.request("POST", url, [("content-type", "application/json"),
+                                                ("accept", "application/json")] + (headers or []),
+                                  json_bytes(payload))
+    raw = await response.read()
+    try:
+        return response.status, json.loads(raw) if raw else {}
+    except ValueError:
+        return response.status, {"raw": raw[:500].decode("utf-8", "replace")}
+
+# =============================================================================================
+# 9. Converters
+#
+# Pure functions and state machines; no I/O, no environment, no logging above debug. A request
+# converter is dict in, dict out. A response converter is a state machine, feed(event) -> events
+# and close() -> events, with the non-streaming answer folded from the same machine, so stop
+# reasons, usage and tool ids have one home each.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# 9a. Anthropic client -> OpenAI-compatible upstream (request), OpenAI -> Anthropic (response)
+# ---------------------------------------------------------------------------------------------
+#
+# Request side (PROTOCOLS D.1, D.6, D.7): `anthropic_to_openai_request` validates the shape
+# once (BadRequest naming the path) and maps field by field; lossy fields are dropped with a
+# debug log. Decisions made here:
+#   - `role: "system"` messages inside `messages` (Claude Code sends them) are MERGED into the
+#     leading OpenAI system message, after the system prompt. Many chat templates served by
+#     vLLM / llama.cpp / Ollama (Qwen, Llama) reject a system message that is not first, so
+#     merging is the portable choice; the text is kept, only its position is lost.
+#   - user text-only turns collapse to one string (texts joined "\n\n"); assistant text
+#     blocks join with "" (citations split one answer into many blocks).
+#   - tool/function names longer than 64 characters are passed through unchanged.
+# Stream-side decisions (see the class essay): content_filter -> "refusal"; OpenRouter's
+# finish "error" -> "end_turn" (its error arrives as a separate chunk); any tool call forces
+# "tool_use" except after finish "length" (the arguments are truncated, so "max_tokens" is the
+# truthful answer, as Anthropic itself reports); reasoning.encrypted details are ignored.
+#
+# Response side: `OpenAIToAnthropicStream` (essay on the class); non-streaming answers go
+# through the same machine (`openai_response_to_anthropic`) and are folded back into one
+# message by `fold_anthropic_events`, which also serves Anthropic upstreams.
+
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+MAX_OPENAI_USER_LEN = 64
+MAX_OPENAI_STOP = 4
+
+TOOL_CHOICE_TO_OPENAI = {"auto": "auto", "any": "required", "none": "none"}
+
+# Anthropic effort (output_config.effort) -> OpenAI reasoning effort. Generic OpenAI-compatible
+# upstreams only know low/medium/high, so the Claude-only levels fold down; a pinned
+# spec["reasoning_effort"] is sent verbatim instead (the operator knows the upstream).
+EFFORT_TO_OPENAI = {"none": "none", "minimal": "minimal", "low": "low", "medium": "medium",
+                    "high": "high", "xhigh": "high", "max": "high"}
+# thinking.budget_tokens -> effort (claude-code-router thresholds, PROTOCOLS D.6): first
+# bound the budget fits under wins, above all of them -> "high".
+EFFORT_FROM_BUDGET = ((1024, "low"), (8192, "medium"))
+
+GEMINI_SCHEMA_DROP = frozenset({"$schema", "additionalProperties", "propertyNames", "$defs",
+                                "$ref", "definitions", "title", "examples", "default"})
+GEMINI_STRING_FORMATS = frozenset({"enum", "date-time"})
+
+ANTHROPIC_ROLES = frozenset({"user", "assistant"})  # "system" is merged by _openai_messages
+
+
+def _is_number(value: Any) -> bool:
+    """True for int/float but not bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _expect(condition: bool, message: str, param: str) -> None:
+    """Raise BadRequest(message, param) unless condition holds."""
+    if not condition:
+        raise BadRequest(message, param=param)
+
+
+def _drop_billing_lines(text: str) -> str:
+    """Remove Claude Code's `x-anthropic-billing-header:` lines from a system text."""
+    lines = text.split("\n")
+    return "\n".join(line for line in lines if not line.startswith(BILLING_HEADER_PREFIX))
+
+
+def _system_texts(system: Any, param: str) -> List[str]:
+    """Texts of an Anthropic `system` (string or text blocks), billing lines and empties dropped."""
+    if system is None:
+        return []
+    if isinstance(system, str):
+        blocks = [{"type": "text", "text": system}]
+    else:
+        _expect(isinstance(system, list), "system must be a string or a list of blocks", param)
+        blocks = system
+    texts = []
+    for i, block in enumerate(blocks):
+        _expect(isinstance(block, dict) and isinstance(block.get("text", ""), str),
+                "system block must be a text block", f"{param}.{i}")
+        text = _drop_billing_lines(block.get("text", "")).strip("\n")
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def _image_part(block: dict, param: str) -> dict:
+    """An Anthropic image block as an OpenAI image_url part."""
+    source = block.get("source")
+    _expect(isinstance(source, dict), "image block needs a source", f"{param}.source")
+    if source.get("type") == "base64":
+        url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
+    elif source.get("type") == "url":
+        url = source.get("url", "")
+    else:
+        raise BadRequest("image source type %r is not supported on this route"
+                         % source.get("type"), param=f"{param}.source.type")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _document_parts(block: dict, param: str) -> List[dict]:
+    """An Anthropic document block as OpenAI parts (PDF -> file part, text -> text part)."""
+    source = block.get("source")
+    _expect(isinstance(source, dict), "document block needs a source", f"{param}.source")
+    kind = source.get("type")
+    if kind == "base64":
+        data_url = "data:%s;base64,%s" % (source.get("media_type", "application/pdf"),
+                                          source.get("data", ""))
+        filename = block.get("title") or "document.pdf"
+        return [{"type": "file", "file": {"filename": filename, "file_data": data_url}}]
+    if kind == "text":
+        return [{"type": "text", "text": source.get("data", "")}]
+    if kind == "url":
+        return [{"type": "text", "text": "Document: %s" % source.get("url", "")}]
+    if kind == "content" and isinstance(source.get("content"), list):
+        return [{"type": "text", "text": b["text"]} for b in source["content"]
+                if isinstance(b, dict) and b.get("type") == "text" and b.get("text")]
+    raise BadRequest("document source type %r is not supported on this route" % kind,
+                     param=f"{param}.source.type")
+
+
+def _user_parts(block: dict, param: str) -> List[dict]:
+    """One non-tool_result user block as OpenAI content parts (unknown types dropped)."""
+    kind = block.get("type")
+    if kind == "text":
+        return [{"type": "text", "text": block["text"]}] if block.get("text") else []
+    if kind == "image":
+        return [_image_part(block, param)]
+    if kind == "document":
+        return _document_parts(block, param)
+    if kind == "search_result":
+        texts = [b.get("text", "") for b in block.get("content") or [] if isinstance(b, dict)]
+        return [{"type": "text", "text": "\n".join([block.get("title", "")] + texts).strip()}]
+    log.debug("dropping user block of type %r at %s", kind, param)
+    return []
+
+
+def _tool_result_content(block: dict, param: str) -> Tuple[str, List[dict]]:
+    """A tool_result's content flattened to text, plus the image parts it carried."""
+    content = block.get("content")
+    if content is None:
+        content = ""
+    if isinstance(content, str):
+        texts, images = [content], []
+    else:
+        _expect(isinstance(content, list), "tool_result content must be a string or a list",
+                f"{param}.content")
+        texts, images = [], []
+        for i, item in enumerate(content):
+            _expect(isinstance(item, dict), "content block must be an object",
+                    f"{param}.content.{i}")
+            parts = _user_parts(item, f"{param}.content.{i}")
+            texts += [p["text"] for p in parts if p["type"] == "text"]
+            images += [p for p in parts if p["type"] != "text"]
+    text = "\n".join(texts)
+    return ("Error: " + text if block.get("is_error") else text), images
+
+
+def _collapse_parts(parts: List[dict]) -> Any:
+    """Parts that are all text become one string; otherwise the list is kept."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _user_messages(content: list, param: str) -> List[dict]:
+    """An Anthropic user turn: tool messages first, then one user message with the rest."""
+    tool_messages, moved_images, parts = [], [], []
+    for i, block in enumerate(content):
+        if block.get("type") != "tool_result":
+            parts += _user_parts(block, f"{param}.{i}")
+            continue
+        _expect(isinstance(block.get("tool_use_id"), str) and block["tool_use_id"] != "",
+                "tool_result needs a tool_use_id", f"{param}.{i}.tool_use_id")
+        text, images = _tool_result_content(block, f"{param}.{i}")
+        tool_messages.append({"role": "tool", "tool_call_id": sanitize_tool_id(block["tool_use_id"]),
+                              "content": text})
+        moved_images += images
+    rest = moved_images + parts
+    return tool_messages + ([{"role": "user", "content": _collapse_parts(rest)}] if rest else [])
+
+
+def _assistant_message(content: list, param: str, spec: dict) -> Optional[dict]:
+    """An Anthropic assistant turn as one OpenAI assistant message (None if nothing to send)."""
+    texts, thinking, tool_calls = [], [], []
+    for i, block in enumerate(content):
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text", ""))
+        elif kind == "thinking":
+            thinking.append(block.get("thinking", ""))
+        elif kind == "tool_use":
+            _expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                    "tool_use needs an id and a name", f"{param}.{i}")
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            tool_calls.append({"id": sanitize_tool_id(block["id"]), "type": "function",
+                               "function": {"name": block["name"], "arguments": arguments}})
+        else:
+            log.debug("dropping assistant block of type %r at %s", kind, param)
+    message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    if spec.get("replay_reasoning"):
+        message[spec["replay_reasoning"]] = "".join(thinking)
+    elif not message["content"] and not tool_calls:
+        return None
+    if message["content"] is None and not tool_calls:
+        message["content"] = ""
+    return message
+
+
+def _convert_message(message: Any, param: str, spec: dict) -> List[dict]:
+    """One Anthropic user/assistant message as zero or more OpenAI messages."""
+    _expect(isinstance(message, dict), "message must be an object", param)
+    role, content = message.get("role"), message.get("content")
+    _expect(role in ANTHROPIC_ROLES, "unknown role %r" % (role,), f"{param}.role")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    _expect(isinstance(content, list), "content must be a string or a list of blocks",
+            f"{param}.content")
+    for i, block in enumerate(content):
+        _expect(isinstance(block, dict) and isinstance(block.get("type"), str),
+                "content block must be an object with a type", f"{param}.content.{i}")
+    if role == "user":
+        return _user_messages(content, f"{param}.content")
+    assistant = _assistant_message(content, f"{param}.content", spec)
+    return [assistant] if assistant else []
+
+
+def _openai_messages(anthropic_body: dict, spec: dict) -> List[dict]:
+    """System prompt, in-conversation system messages (merged up front) and the turns."""
+    messages = anthropic_body.get("messages")
+    _expect(isinstance(messages, list), "messages must be a list", "messages")
+    system_texts = _system_texts(anthropic_body.get("system"), "system")
+    turns: List[dict] = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("role") == "system":
+            system_texts += _system_texts(message.get("content"), f"messages.{i}.content")
+        else:
+            turns += _convert_message(message, f"messages.{i}", spec)
+    if system_texts:
+        return [{"role": "system", "content": "\n\n".join(system_texts)}] + turns
+    return turns
+
+
+def clean_gemini_schema(schema: Any) -> Any:
+    """A JSON Schema with the keywords Gemini's OpenAI endpoint rejects removed (PROTOCOLS C.7)."""
+    if isinstance(schema, list):
+        return [clean_gemini_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    cleaned: Dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in GEMINI_SCHEMA_DROP:
+            continue
+        if key == "const":
+            cleaned["enum"] = [value]
+        elif key == "type" and isinstance(value, list):
+            cleaned["type"] = next((t for t in value if t != "null"), "string")
+        elif key == "properties" and isinstance(value, dict):
+            cleaned[key] = {name: clean_gemini_schema(sub) for name, sub in value.items()}
+        else:
+            cleaned[key] = clean_gemini_schema(value)
+    if cleaned.get("type") == "string" and cleaned.get("format", "enum") not in GEMINI_STRING_FORMATS:
+        del cleaned["format"]
+    return cleaned
+
+
+def _is_server_tool(tool: dict) -> bool:
+    """Server tools (web_search_*, web_fetch_*, code_execution_*...) carry a versioned type."""
+    return tool.get("type") not in (None, "custom")
+
+
+def server_tool_names(anthropic_body: dict) -> List[str]:
+    """Names of the Anthropic server tools in a request (they cannot run on OpenAI upstreams)."""
+    tools = anthropic_body.get("tools") if isinstance(anthropic_body, dict) else None
+    if not isinstance(tools, list):
+        return []
+    return [t.get("name") or t.get("type") for t in tools if isinstance(t, dict) and _is_server_tool(t)]
+
+
+def _openai_tools(tools: Any, spec: dict) -> List[dict]:
+    """Custom Anthropic tools as OpenAI functions; server tools dropped."""
+    if tools is None:
+        return []
+    _expect(isinstance(tools, list), "tools must be a list", "tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        _expect(isinstance(tool, dict), "tool must be an object", f"tools.{i}")
+        if _is_server_tool(tool):
+            log.debug("dropping server tool %r", tool.get("type"))
+            continue
+        _expect(isinstance(tool.get("name"), str) and tool["name"] != "", "tool needs a name",
+                f"tools.{i}.name")
+        parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
+        if spec.get("schema") == "gemini":
+            parameters = clean_gemini_schema(parameters)
+        function = {"name": tool["name"], "parameters": parameters}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        functions.append({"type": "function", "function": function})
+    return functions
+
+
+def _tool_choice_fields(tool_choice: Any) -> dict:
+    """Anthropic tool_choice as OpenAI tool_choice / parallel_tool_calls."""
+    if not isinstance(tool_choice, dict):
+        return {}
+    fields: Dict[str, Any] = {}
+    kind = tool_choice.get("type")
+    if kind == "tool":
+        _expect(isinstance(tool_choice.get("name"), str), "tool_choice needs a name",
+                "tool_choice.name")
+        fields["tool_choice"] = {"type": "function", "function": {"name": tool_choice["name"]}}
+    elif kind in TOOL_CHOICE_TO_OPENAI:
+        fields["tool_choice"] = TOOL_CHOICE_TO_OPENAI[kind]
+    else:
+        raise BadRequest("unknown tool_choice type %r" % (kind,), param="tool_choice.type")
+    if tool_choice.get("disable_parallel_tool_use"):
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def effort_from_budget(budget_tokens: Any) -> str:
+    """thinking.budget_tokens bucketed into an effort (<=1024 low, <=8192 medium, else high)."""
+    if not _is_number(budget_tokens):
+        return "medium"
+    return next((effort for bound, effort in EFFORT_FROM_BUDGET if budget_tokens <= bound), "high")
+
+
+def reasoning_effort_for(anthropic_body: dict, spec: dict) -> Optional[str]:
+    """The OpenAI reasoning effort to ask for, or None (pinned spec effort wins; "none" = never)."""
+    pinned = spec.get("reasoning_effort")
+    if pinned:
+        return None if pinned == "none" else pinned
+    thinking = anthropic_body.get("thinking") or {}
+    output_config = anthropic_body.get("output_config") or {}
+    asked = EFFORT_TO_OPENAI.get(output_config.get("effort")) if isinstance(output_config, dict) else None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        return effort_from_budget(thinking.get("budget_tokens"))
+    if kind == "adaptive":
+        return asked or "medium"
+    if kind == "disabled":
+        return None
+    return asked
+
+
+def _reasoning_fields(anthropic_body: dict, spec: dict) -> dict:
+    """The reasoning request fields in the shape spec["reasoning_param"] names."""
+    effort = reasoning_effort_for(anthropic_body, spec)
+    param = spec.get("reasoning_param")
+    if effort is None or param is None:
+        return {}
+    if param == "reasoning":
+        return {"reasoning": {"effort": effort}}
+    return {param: effort}
+
+
+def _max_tokens_fields(anthropic_body: dict, spec: dict) -> dict:
+    """max_tokens (or max_completion_tokens), clamped to the model's output limit."""
+    value = anthropic_body.get("max_tokens", spec.get("max_tokens"))
+    if value is None:
+        return {}
+    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            "max_tokens must be a non-negative integer", "max_tokens")
+    if spec.get("max_tokens"):
+        value = min(value, spec["max_tokens"])
+    return {"max_completion_tokens" if spec.get("max_completion_tokens") else "max_tokens": value}
+
+
+def _sampling_fields(anthropic_body: dict) -> dict:
+    """temperature/top_p (numbers only), stop_sequences -> stop, metadata.user_id -> user."""
+    fields = {k: anthropic_body[k] for k in ("temperature", "top_p")
+              if _is_number(anthropic_body.get(k))}
+    stops = anthropic_body.get("stop_sequences")
+    if isinstance(stops, list):
+        stops = [s for s in stops if isinstance(s, str) and s.strip()][:MAX_OPENAI_STOP]
+        if stops:
+            fields["stop"] = stops
+    metadata = anthropic_body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user_id, str) and 0 < len(user_id) <= MAX_OPENAI_USER_LEN:
+        fields["user"] = user_id
+    return fields
+
+
+def _response_format_fields(anthropic_body: dict) -> dict:
+    """output_config.format (or beta output_format) json_schema -> response_format."""
+    output_config = anthropic_body.get("output_config")
+    fmt = output_config.get("format") if isinstance(output_config, dict) else None
+    fmt = fmt or anthropic_body.get("output_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return {}
+    return {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "structured_output", "schema": fmt.get("schema") or {}}}}
+
+
+# Top-level Anthropic fields this converter maps; any other (top_k, cache_control,
+# context_management, service_tier, container, mcp_servers, ...) is dropped with a debug log.
+ANTHROPIC_MAPPED_FIELDS = frozenset({
+    "model", "messages", "system", "max_tokens", "temperature", "top_p", "stop_sequences", "metadata",
+    "stream", "tools", "tool_choice", "thinking", "output_config", "output_format"})
+
+
+def anthropic_to_openai_request(anthropic_body: dict, spec: dict) -> dict:
+    """An Anthropic /v1/messages body as an OpenAI /v1/chat/completions body (PROTOCOLS D.1)."""
+    _expect(isinstance(anthropic_body, dict), "request body must be a JSON object", "body")
+    for key in anthropic_body.keys() - ANTHROPIC_MAPPED_FIELDS:
+        log.debug("dropping field %r not supported by OpenAI upstreams", key)
+    openai_body: Dict[str, Any] = {"model": spec["model"],
+                                   "messages": _openai_messages(anthropic_body, spec)}
+    openai_body.update(_max_tokens_fields(anthropic_body, spec))
+    openai_body.update(_sampling_fields(anthropic_body))
+    tools = _openai_tools(anthropic_body.get("tools"), spec)
+    if tools:
+        openai_body["tools"] = tools
+        openai_body.update(_tool_choice_fields(anthropic_body.get("tool_choice")))
+    openai_body.update(_reasoning_fields(anthropic_body, spec))
+    openai_body.update(_response_format_fields(anthropic_body))
+    if anthropic_body.get("stream"):
+        openai_body["stream"] = True
+        openai_body["stream_options"] = {"include_usage": True}
+    openai_body.update(spec.get("extra_body") or {})
+    return openai_body
+
+
+# ---- OpenAI stream -> Anthropic stream --------------------------------------------------
+
+STOP_REASON_FROM_FINISH = {
+    "stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+    "function_call": "tool_use", "content_filter": "refusal",
+    "error": "end_turn",  # OpenRouter's finish reason "error"; the error itself comes as a chunk
+}
+FINISH_FROM_STOP_REASON = {
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+    "refusal": "content_filter", "pause_turn": "stop", "model_context_window_exceeded": "length",
+}
+# Upstream error codes/types/statuses that Claude clients should treat as "retry later".
+OVERLOADED_ERROR_MARKERS = frozenset({"429", "529", "503", "overloaded", "overloaded_error",
+                                      "rate_limit_exceeded", "rate_limit_error"})
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def anthropic_usage_from_openai(openai_usage: dict) -> dict:
+    """OpenAI usage as Anthropic usage: input_tokens excludes cached and cache-written tokens."""
+    details = openai_usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or openai_usage.get("prompt_cache_hit_tokens") or 0
+    written = details.get("cache_write_tokens") or 0
+    prompt = openai_usage.get("prompt_tokens") or 0
+    return {"input_tokens": max(prompt - cached - written, 0),
+            "output_tokens": openai_usage.get("completion_tokens") or 0,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+
+
+def anthropic_error_type(openai_error: Any) -> str:
+    """overloaded_error for rate-limit/overload codes (clients retry those), else api_error."""
+    if not isinstance(openai_error, dict):
+        return "api_error"
+    markers = {str(openai_error.get(k)).lower() for k in ("code", "status_code", "status", "type")}
+    return "overloaded_error" if markers & OVERLOADED_ERROR_MARKERS else "api_error"
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest proper prefix of tag that text ends with."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1)
+                 if text.endswith(tag[:k])), 0)
+
+
+class ThinkTagSplitter:
+    """Splits raw `<think>...</think>` reasoning (llama.cpp --reasoning-format none) out of
+    streamed content. Only a `<think>` at the very start of the reply counts (leading
+    whitespace allowed), so a model writing about the tag later is left alone. Tags split
+    across chunks are handled by carrying at most len(tag)-1 characters to the next chunk."""
+
+    def __init__(self) -> None:
+        self.state = "start"  # start -> think -> text, or start -> text
+        self.carry = ""
+
+    def split(self, text: str) -> List[Tuple[str, str]]:
+        """(kind, text) pieces for one content fragment; kind is "thinking" or "text"."""
+        buf, self.carry = self.carry + text, ""
+        if self.state == "start":
+            stripped = buf.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self.state, buf = "think", stripped[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(stripped):
+                self.carry = buf
+                return []
+            else:
+                self.state = "text"
+        if self.state == "text":
+            return [("text", buf)]
+        end = buf.find(THINK_CLOSE)
+        if end >= 0:
+            self.state = "text"
+            return [("thinking", buf[:end]), ("text", buf[end + len(THINK_CLOSE):].lstrip("\n"))]
+        keep = _partial_suffix(buf, THINK_CLOSE)
+        self.carry = buf[len(buf) - keep:] if keep else ""
+        return [("thinking", buf[:len(buf) - keep])]
+
+    def flush(self) -> List[Tuple[str, str]]:
+        """Whatever is still carried, as the kind of the current state."""
+        carry, self.carry = self.carry, ""
+        return [("thinking" if self.state == "think" else "text", carry)] if carry else []
+
+
+def _reasoning_pieces(delta: dict) -> List[Tuple[str, Any]]:
+    """Reasoning text/signatures of one delta: reasoning_details wins, else the plain fields.
+
+    reasoning.text / reasoning.summary text -> thinking; any non-empty `signature` -> a
+    signature for the open thinking block; reasoning.encrypted is ignored (its opaque data is
+    OpenRouter's, not a Claude redacted_thinking payload that an Anthropic client could replay)."""
+    pieces: List[Tuple[str, Any]] = []
+    details = delta.get("reasoning_details")
+    for detail in details if isinstance(details, list) else []:
+        if not isinstance(detail, dict):
+            continue
+        text = detail.get("text") if detail.get("type") == "reasoning.text" else detail.get("summary")
+        if isinstance(text, str) and text:
+            pieces.append(("thinking", text))
+        if isinstance(detail.get("signature"), str) and detail["signature"]:
+            pieces.append(("signature", detail["signature"]))
+    if any(kind == "thinking" for kind, _ in pieces):
+        return pieces
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(delta.get(key), str) and delta[key]:
+            return [("thinking", delta[key])] + pieces
+    return pieces
+
+
+def _content_part_pieces(parts: list) -> List[Tuple[str, Any]]:
+    """Mistral-style content part lists: {type:text,text} and {type:thinking,thinking}."""
+    pieces: List[Tuple[str, Any]] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            pieces.append(("text", part["text"]))
+        elif part.get("type") == "thinking":
+            value = part.get("thinking")
+            if isinstance(value, list):
+                value = "".join(p.get("text", "") for p in value if isinstance(p, dict))
+            if isinstance(value, str):
+                pieces.append(("thinking", value))
+    return pieces
+
+
+def _json_complete(text: str) -> bool:
+    """True when text is a whole JSON document (a streamed tool call is done)."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+class OpenAIToAnthropicStream:
+    """OpenAI chat.completion.chunk dicts in, Anthropic stream events out (PROTOCOLS B.7, D.4).
+
+    Theory of operation. The Anthropic grammar is `message_start`, then content blocks, each
+    `content_block_start` -> deltas -> `content_block_stop` with indices 0,1,2,... and one
+    block open at a time, then `message_delta` (stop_reason + usage) and `message_stop`.
+    OpenAI chunks carry unordered facets of one choice: reasoning (`reasoning_content`,
+    `reasoning`, `reasoning_details`, `<think>` in content), text, tool_call fragments,
+    finish_reason and usage. The machine keeps at most one block open and opens blocks
+    lazily, when the first non-empty piece of that kind arrives, closing the previous one
+    first; empty strings open nothing, so a reply that starts with a tool call opens no text.
+
+    Tool calls are keyed by `index`, or by `id` when the index is missing or the same index
+    comes back with a new id (Gemini). The open call streams its argument fragments as
+    `input_json_delta`. A fragment for another call switches blocks only when the open call's
+    arguments already parse as JSON (calls sent one after another, as OpenAI does); otherwise
+    the provider is interleaving, and the other call is buffered and emitted whole when the
+    open block closes (so block order may then differ from upstream index order).
+
+    finish_reason closes the open block and is remembered, but the message does NOT end there:
+    usage comes later (OpenAI: an empty-choices chunk; OpenRouter: a chunk after the finish;
+    DeepSeek/Groq: on the finish chunk itself). The last usage seen wins. `close()` (at
+    `[DONE]` or EOF) emits `message_delta` + `message_stop`. A chunk with a top-level `error`
+    closes the open block, emits one Anthropic `error` event and finishes the machine.
+    Only choice 0 is followed (n > 1 is not representable in Anthropic)."""
+
+    def __init__(self, model: str, *, message_id: Optional[str] = None, input_tokens: int = 0):
+        self.model = model
+        self.message_id = message_id or new_id("msg_")
+        self.input_tokens = input_tokens
+        self._started = self._finished = False
+        self._next_index = self._open_index = 0
+        self._open: Optional[str] = None  # "text" | "thinking" | "tool" | None
+        self._open_tool: Optional[dict] = None
+        self._signature = ""
+        self._tools: List[dict] = []
+        self._tool_by_index: Dict[int, dict] = {}
+        self._tool_by_id: Dict[str, dict] = {}
+        self._finish_reason: Optional[str] = None
+        self._usage: Optional[dict] = None
+        self._think = ThinkTagSplitter()
+
+    @property
+    def finished(self) -> bool:
+        """True once close() ran or an upstream error was relayed."""
+        return self._finished
+
+    def feed(self, openai_chunk: Any) -> List[dict]:
+        """Anthropic events for one parsed OpenAI chunk (the string "[DONE]" means close())."""
+        if openai_chunk == "[DONE]":
+            return self.close()
+        if self._finished or not isinstance(openai_chunk, dict):
+            return []
+        events = self._message_start()
+        if openai_chunk.get("error"):
+            return events + self._fail(openai_chunk["error"])
+        self._take_usage(openai_chunk)
+        for choice in openai_chunk.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                events += self._feed_choice(choice)
+        return events
+
+    def close(self) -> List[dict]:
+        """The closing events (message_delta, message_stop); [] when already finished."""
+        if self._finished:
+            return []
+        events = self._message_start() + self._flush_think() + self._settle()
+        self._finished = True
+        usage = self._usage or {"input_tokens": self.input_tokens, "output_tokens": 0,
+                                "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        delta = {"stop_reason": self._stop_reason(), "stop_sequence": None}
+        return events + [{"type": "message_delta", "delta": delta, "usage": dict(usage)},
+                         {"type": "message_stop"}]
+
+    # -- chunk facets
+
+    def _message_start(self) -> List[dict]:
+        """message_start, once."""
+        if self._started:
+            return []
+        self._started = True
+        usage = {"input_tokens": self.input_tokens, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        return [{"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}}]
+
+    def _take_usage(self, openai_chunk: dict) -> None:
+        """Remember the chunk's usage (or Groq's x_groq.usage); the last one wins."""
+        usage = openai_chunk.get("usage")
+        if not isinstance(usage, dict):
+            x_groq = openai_chunk.get("x_groq")
+            usage = x_groq.get("usage") if isinstance(x_groq, dict) else None
+        if isinstance(usage, dict):
+            self._usage = anthropic_usage_from_openai(usage)
+
+    def _feed_choice(self, choice: dict) -> List[dict]:
+        """Events for choice 0's delta and finish_reason."""
+        delta = choice.get("delta") or {}
+        events: List[dict] = []
+        for kind, value in _reasoning_pieces(delta):
+            events += self._on_signature(value) if kind == "signature" else self._on_text(kind, value)
+        if isinstance(delta.get("refusal"), str):  # OpenAI refusal text is shown as text
+            events += self._on_text("text", delta["refusal"])
+        content = delta.get("content")
+        pieces = self._think.split(content) if isinstance(content, str) else \
+            _content_part_pieces(content) if isinstance(content, list) else []
+        for kind, text in pieces:
+            events += self._on_text(kind, text)
+        for call in delta.get("tool_calls") or []:
+            if isinstance(call, dict):
+                events += self._flush_think() + self._on_tool_call(call)
+        if choice.get("finish_reason"):
+            self._finish_reason = choice["finish_reason"]
+            events += self._flush_think() + self._settle()
+        return events
+
+    def _fail(self, openai_error: Any) -> List[dict]:
+        """Close the open block, relay the upstream error as one error event, and finish."""
+        events = self._close_block()
+        self._finished = True
+        message = openai_error.get("message") if isinstance(openai_error, dict) else None
+        message = message or (openai_error if isinstance(openai_error, str) else json.dumps(openai_error))
+        error = {"type": anthropic_error_type(openai_error), "message": str(message)}
+        return events + [{"type": "error", "error": error}]
+
+    def _stop_reason(self) -> str:
+        """Mapped finish_reason; tool_use whenever a tool call was seen (unless truncated)."""
+        reason = STOP_REASON_FROM_FINISH.get(self._finish_reason or "stop", "end_turn")
+        return "tool_use" if self._tools and reason != "max_tokens" else reason
+
+    # -- blocks
+
+    def _start_block(self, kind: str, content_block: dict) -> List[dict]:
+        """Open block `kind` at the next index (caller closed the previous one)."""
+        self._open, self._open_index, self._signature = kind, self._next_index, ""
+        self._next_index += 1
+        return [{"type": "content_block_start", "index": self._open_index,
+                 "content_block": content_block}]
+
+    def _delta(self, delta: dict) -> dict:
+        """A content_block_delta on the open block."""
+        return {"type": "content_block_delta", "index": self._open_index, "delta": delta}
+
+    def _close_block(self) -> List[dict]:
+        """Stop the open block (a thinking block first gets its upstream signature, if any)."""
+        if self._open is None:
+            return []
+        events = []
+        if self._open == "thinking" and self._signature:
+            events.append(self._delta({"type": "signature_delta", "signature": self._signature}))
+        events.append({"type": "content_block_stop", "index": self._open_index})
+        self._open = self._open_tool = None
+        return events
+
+    def _settle(self, skip: Optional[dict] = None) -> List[dict]:
+        """Close the open block and emit every buffered (never opened) tool call whole."""
+        events = self._close_block()
+        for tool in self._tools:
+            if tool["block"] is None and tool is not skip:
+                events += self._open_tool_block(tool) + self._close_block()
+        return events
+
+    def _flush_think(self) -> List[dict]:
+        """Emit text held back by the <think> splitter."""
+        return [e for kind, text in self._think.flush() for e in self._on_text(kind, text)]
+
+    def _on_text(self, kind: str, text: str) -> List[dict]:
+        """A thinking or text fragment, opening its block if needed."""
+        if not text:
+            return []
+        events: List[dict] = []
+        if self._open != kind:
+            events += self._settle()
+            block = {"type": "text", "text": ""} if kind == "text" else \
+                {"type": "thinking", "thinking": "", "signature": ""}
+            events += self._start_block(kind, block)
+        delta = {"type": "text_delta", "text": text} if kind == "text" else \
+            {"type": "thinking_delta", "thinking": text}
+        return events + [self._delta(delta)]
+
+    def _on_signature(self, signature: str) -> List[dict]:
+        """Keep an upstream signature for the open thinking block (sent before its stop)."""
+        if self._open == "thinking":
+            self._signature = signature
+        else:
+            log.debug("dropping reasoning signature with no open thinking block")
+        return []
+
+    # -- tool calls
+
+    def _tool_for(self, call: dict) -> dict:
+        """The tool call a fragment belongs to: by id, else by index, else the last one."""
+        index, raw_id = call.get("index"), call.get("id")
+        tool = self._tool_by_id.get(raw_id) if raw_id else None
+        if tool is None and isinstance(index, int) and index in self._tool_by_index:
+            known = self._tool_by_index[index]
+            tool = known if not raw_id or not known["raw_id"] else None
+        if tool is None and index is None and not raw_id and self._tools:
+            tool = self._tools[-1]
+        return tool or self._new_tool(index, raw_id)
+
+    def _new_tool(self, index: Any, raw_id: Optional[str]) -> dict:
+        """Register a tool call seen for the first time."""
+        tool = {"raw_id": raw_id, "id": sanitize_tool_id(raw_id), "name": "", "arguments": "",
+                "block": None}
+        self._tools.append(tool)
+        if isinstance(index, int):
+            self._tool_by_index[index] = tool
+        if raw_id:
+            self._tool_by_id[raw_id] = tool
+        return tool
+
+    def _on_tool_call(self, call: dict) -> List[dict]:
+        """One tool_calls[] fragment: stream it, buffer it, or open its block."""
+        tool = self._tool_for(call)
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if isinstance(function.get("name"), str) and function["name"] and not tool["name"]:
+            tool["name"] = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, (dict, list)):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        arguments = arguments if isinstance(arguments, str) else ""
+        tool["arguments"] += arguments
+        if tool is self._open_tool:
+            return [self._delta({"type": "input_json_delta", "partial_json": arguments})] \
+                if arguments else []
+        if tool["block"] is not None:
+            log.debug("dropping late arguments for closed tool call %s", tool["id"])
+            return []
+        if not tool["name"] or (self._open_tool and not _json_complete(self._open_tool["arguments"])):
+            return []  # no name yet, or interleaved with the open call: buffer
+        return self._settle(skip=tool) + self._open_tool_block(tool)
+
+    def _open_tool_block(self, tool: dict) -> List[dict]:
+        """Open a tool_use block and send the arguments gathered so far."""
+        events = self._start_block("tool", {"type": "tool_use", "id": tool["id"],
+                                            "name": tool["name"], "input": {}})
+        tool["block"], self._open_tool = self._open_index, tool
+        if tool["arguments"]:
+            events.append(self._delta({"type": "input_json_delta",
+                                       "partial_json": tool["arguments"]}))
+        return events
+
+
+# ---- Anthropic events -> one Anthropic message (non-streaming answers) ------------------
+
+def _parse_tool_input(partial_json: str) -> Any:
+    """Concatenated input_json_delta text as the tool input; empty or truncated -> {}."""
+    if not partial_json.strip():
+        return {}
+    try:
+        return json.loads(partial_json)
+    except ValueError:
+        log.debug("tool input JSON incomplete (truncated stream?): %.80r", partial_json)
+        return {}
+
+
+class _AnthropicFold:
+    """Accumulates Anthropic stream events into the non-streaming message (B.4, B.7)."""
+
+    def __init__(self) -> None:
+        self.message: Optional[dict] = None
+        self.blocks: Dict[int, dict] = {}
+        self.partial_json: Dict[int, str] = {}
+
+    def on_message_start(self, event: dict) -> None:
+        """Copy the message shell; content is rebuilt from the blocks."""
+        self.message = json.loads(json.dumps(event.get("message") or {}))
+        self.message["content"] = []
+        self.message.setdefault("usage", {})
+
+    def on_content_block_start(self, event: dict) -> None:
+        """Store the block as started (complete for redacted_thinking / *_tool_result)."""
+        index = event.get("index", len(self.blocks))
+        self.blocks[index] = block = json.loads(json.dumps(event.get("content_block") or {}))
+        if block.get("type") in ("tool_use", "server_tool_use"):
+            self.partial_json[index] = ""
+
+    def on_content_block_delta(self, event: dict) -> None:
+        """Apply one delta to its block; unknown delta types are ignored."""
+        index, delta = event.get("index"), event.get("delta") or {}
+        block, kind = self.blocks.get(index), delta.get("type")
+        if block is None:
+            return
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta.get("text", "")
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+        elif kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + delta.get("signature", "")
+        elif kind == "input_json_delta" and index in self.partial_json:
+            self.partial_json[index] += delta.get("partial_json", "")
+        elif kind == "citations_delta":
+            block.setdefault("citations", []).append(delta.get("citation"))
+
+    def on_content_block_stop(self, event: dict) -> None:
+        """Parse a tool block's gathered input JSON."""
+        index = event.get("index")
+        if index in self.partial_json:
+            self.blocks[index]["input"] = _parse_tool_input(self.partial_json.pop(index))
+
+    def on_message_delta(self, event: dict) -> None:
+        """Take stop_reason/stop_sequence and merge usage (last value wins)."""
+        if self.message is None:
+            return
+        self.message.update(event.get("delta") or {})
+        self.message["usage"].update(event.get("usage") or {})
+
+    def on_error(self, event: dict) -> None:
+        """An error event fails the whole answer."""
+        error = event.get("error") or {}
+        raise UpstreamError(error.get("message") or "upstream stream error",
+                            error_type=error.get("type") or "api_error")
+
+    def result(self) -> dict:
+        """The folded message; blocks in index order, unterminated tool inputs parsed too."""
+        if self.message is None:
+            raise UpstreamError("upstream stream ended before message_start")
+        for index in list(self.partial_json):
+            self.on_content_block_stop({"index": index})
+        self.message["content"] = [self.blocks[i] for i in sorted(self.blocks)]
+        return self.message
+
+
+def fold_anthropic_events(events: List[dict]) -> dict:
+    """The non-streaming Anthropic message equivalent to a list of Anthropic stream events.
+
+    Raises UpstreamError (with the event's error type) if the stream carried an error event.
+    Unknown event types (ping, future ones) are ignored, as B.7 requires."""
+    fold = _AnthropicFold()
+    for event in events:
+        handler = getattr(fold, "on_" + str(event.get("type")), None)
+        if handler is not None:
+            handler(event)
+    return fold.result()
+
+
+# ---- OpenAI non-streaming answer -> Anthropic message -----------------------------------
+
+def _choice_as_delta(choice: dict) -> dict:
+    """A non-streaming choice as a streaming choice (message -> delta, tool calls indexed)."""
+    message = dict(choice.get("message") or {})
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message["tool_calls"] = [dict(call, index=call.get("index", i))
+                                 for i, call in enumerate(calls) if isinstance(call, dict)]
+    return {"index": choice.get("index", 0), "delta": message,
+            "finish_reason": choice.get("finish_reason")}
+
+
+def openai_message_as_chunk(openai_body: dict) -> dict:
+    """A chat.completion body as one equivalent chat.completion.chunk."""
+    chunk = {key: openai_body[key] for key in ("id", "model", "created", "usage", "error", "x_groq")
+             if key in openai_body}
+    chunk["object"] = "chat.completion.chunk"
+    chunk["choices"] = [_choice_as_delta(c) for c in openai_body.get("choices") or []
+                        if isinstance(c, dict)]
+    return chunk
+
+
+def openai_response_to_anthropic(openai_body: dict, model: str, *,
+                                 message_id: Optional[str] = None) -> dict:
+    """A chat.completion body as an Anthropic message, via the stream machine and the fold."""
+    if not isinstance(openai_body, dict):
+        raise UpstreamError("upstream answered a non-object body")
+    if not openai_body.get("error") and not openai_body.get("choices"):
+        raise UpstreamError("upstream answer has no choices")
+    stream = OpenAIToAnthropicStream(model, message_id=message_id)
+    events = stream.feed(openai_message_as_chunk(openai_body)) + stream.close()
+    return fold_anthropic_events(events)
+
+
+# ---- Local token estimate (count_tokens on non-Anthropic routes) ------------------------
+
+CHARS_PER_TOKEN_TEXT = 4.0
+CHARS_PER_TOKEN_JSON = 3.0
+TOKENS_PER_IMAGE = 1600
+TOKENS_PER_PDF_PAGE = 3000
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_TOOL = 8
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+
+
+def _pdf_pages(data_b64: str) -> int:
+    """Page count of a base64 PDF (at least 1; counts `/Type /Page` objects)."""
+    try:
+        raw = base64.b64decode(data_b64 or "", validate=False)
+    except (ValueError, TypeError):
+        return 1
+    return max(1, len(_PDF_PAGE.findall(raw)))
+
+
+def _block_cost(block: Any) -> float:
+    """Estimated tokens of one content block (recursive for tool_result content)."""
+    if isinstance(block, str):
+        return len(block) / CHARS_PER_TOKEN_TEXT
+    if not isinstance(block, dict):
+        return 0.0
+    kind = block.get("type")
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if kind == "image":
+        return TOKENS_PER_IMAGE
+    if kind == "document" and source.get("type") == "base64":
+        return TOKENS_PER_PDF_PAGE * _pdf_pages(source.get("data", ""))
+    if kind == "document":
+        return len(str(source.get("data") or source.get("url") or source.get("content") or "")) / CHARS_PER_TOKEN_TEXT
+    if kind in ("tool_use", "server_tool_use"):
+        return (len(block.get("name", "")) + len(json.dumps(block.get("input") or {}))) / CHARS_PER_TOKEN_JSON
+    if kind == "tool_result" or isinstance(block.get("content"), list):
+        return _content_cost(block.get("content"))
+    text = block.get("text") or block.get("thinking") or block.get("data") or ""
+    return len(str(text)) / CHARS_PER_TOKEN_TEXT
+
+
+def _content_cost(content: Any) -> float:
+    """Estimated tokens of a content value (string or list of blocks)."""
+    if isinstance(content, list):
+        return sum(_block_cost(block) for block in content)
+    return _block_cost(content) if content is not None else 0.0
+
+
+def estimate_anthropic_tokens(anthropic_body: dict) -> int:
+    """A local count_tokens estimate for routes without a token counter.
+
+    Rule: prose (system, text, thinking, tool_result text) at 4 chars/token; JSON (tool
+    definitions, tool_use inputs) at 3 chars/token since punctuation and keys tokenize
+    densely; +4 per message and +8 per tool definition; images a fixed 1,600 tokens (about
+    Anthropic's cost of a full-size image, (w*h)/750 capped near 1,600, without decoding it);
+    base64 PDFs 3,000 tokens per page (text plus page image). Every term is non-negative, so
+    the estimate grows with content; it aims at the right ballpark (+-25%) for compaction."""
+    if not isinstance(anthropic_body, dict):
+        return 0
+    total = _content_cost(anthropic_body.get("system"))
+    for message in anthropic_body.get("messages") or []:
+        if isinstance(message, dict):
+            total += TOKENS_PER_MESSAGE + _content_cost(message.get("content"))
+    for tool in anthropic_body.get("tools") or []:
+        total += TOKENS_PER_TOOL + len(json.dumps(tool, ensure_ascii=False)) / CHARS_PER_TOKEN_JSON
+    return int(round(total))
+
+# ---------------------------------------------------------------------------------------------
+# 9b. OpenAI client -> Claude upstream (request), Claude -> OpenAI client (response, stream)
+# ---------------------------------------------------------------------------------------------
+#
+# Decisions taken here (PROTOCOLS D.2, D.6, D.7), each in one place:
+# - max_tokens defaults to DEFAULT_ANTHROPIC_MAX_TOKENS (8192) when the client sends neither
+#   max_tokens nor max_completion_tokens: Anthropic requires it and 4096 truncates modern answers.
+# - temperature is clamped to Anthropic's 0..1 (OpenAI allows 0..2).
+# - tool_call arguments that are not valid JSON objects become {"_raw": arguments}: the model
+#   sees what it sent instead of an empty {} that hides the breakage.
+# - input_audio parts and file parts other than PDF / text data URLs are a BadRequest: silently
+#   dropping them would make Claude answer a question it never saw.
+# - response_format json_schema -> output_config.format; json_object -> output_config.format with
+#   the permissive schema {"type": "object"} plus a system line asking for one JSON object.
+# - Fields with no Anthropic equivalent (D.7) are dropped with log.debug; n > 1 is a BadRequest.
+# - Reasoning: budgets for models up to 4.6, adaptive + effort for Opus 4.7+ and Claude 5
+#   (EFFORT_BUDGET, ADAPTIVE_ONLY_SINCE). When a small explicit max_tokens has to be raised to
+#   budget + 1024, that is the one log.warning of this section (the client's limit is overridden).
+# - Thinking is switched off (log.debug) when the tool_choice forces a tool or when the last
+#   assistant turn holds tool_use: OpenAI clients never carry the signed thinking block that
+#   Anthropic then requires (B.2). output_config.effort stays: it is valid without thinking.
+# - Foreign reasoning on assistant turns (reasoning_content / reasoning) is dropped, never sent
+#   as thinking (its signature would not validate).
+
+DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
+THINKING_HEADROOM = 1024            # max_tokens >= budget + this (Pimzino)
+PLACEHOLDER_FIRST_USER = "(continued)"
+PLACEHOLDER_TOOL_RESULT = "(no result)"
+JSON_OBJECT_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# Budgets for models that take thinking.budget_tokens (D.6, Pimzino scale rounded to powers of 2).
+# max is 62976 so that budget + 1024 = 64000, the Sonnet 4.x output limit.
+EFFORT_BUDGET = {"minimal": 1024, "low": 8192, "medium": 16384, "high": 32768,
+                 "xhigh": 49152, "max": 62976}
+# output_config.effort for adaptive models: values they accept (minimal has no equivalent).
+ADAPTIVE_EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                   "xhigh": "xhigh", "max": "max"}
+# family -> first version that rejects budget thinking and non-default sampling (B.2).
+ADAPTIVE_ONLY_SINCE = {"opus": (4, 7), "sonnet": (5, 0), "haiku": (5, 0), "": (5, 0)}
+# family -> first version that rejects temperature and top_p together (B.2; assumed to persist).
+EXCLUSIVE_SAMPLING_SINCE = {"opus": (4, 1), "sonnet": (4, 5), "haiku": (4, 5)}
+
+OPENAI_DROPPED_FIELDS = ("logprobs", "top_logprobs", "seed", "logit_bias", "presence_penalty",
+                         "frequency_penalty", "store", "service_tier", "modalities", "audio",
+                         "prediction", "metadata", "stream_options", "verbosity",
+                         "web_search_options", "prompt_cache_key", "n")
+TOOL_CHOICE_FROM_OPENAI = {"auto": {"type": "auto"}, "required": {"type": "any"},
+                           "none": {"type": "none"}, "any": {"type": "any"}}
+# ---- model names -------------------------------------------------------------------------
+
+_VARIANT_SUFFIX = re.compile(r"^(?P<base>.+?)-(?:reasoning-(?P<effort>minimal|low|medium|high|xhigh|max)"
+                             r"|(?P<one_m>1m))$")
+_CLAUDE_VERSION = re.compile(r"claude-(?:(?P<fam1>opus|sonnet|haiku)-)?(?P<major>\d+)"
+                             r"(?:[-.](?P<minor>\d{1,2})(?!\d))?(?:-(?P<fam2>opus|sonnet|haiku))?")
+
+
+def parse_model_variant(name: str) -> Tuple[str, Optional[str], bool]:
+    """Split `<model>[-1m][-reasoning-<effort>]` (either order) into (base, effort, one_m)."""
+    base, effort, one_m = name, None, False
+    for _ in range(2):
+        m = _VARIANT_SUFFIX.match(base)
+        if not m or (m.group("effort") and effort) or (m.group("one_m") and one_m):
+            break
+        base, effort, one_m = m.group("base"), effort or m.group("effort"), one_m or bool(m.group("one_m"))
+    return base, effort, one_m
+
+
+def claude_version(model: str) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """("opus"|"sonnet"|"haiku"|"", (major, minor)) parsed from a Claude model name, or None."""
+    m = _CLAUDE_VERSION.search(model.lower())
+    if not m:
+        return None
+    family = m.group("fam1") or m.group("fam2") or ""
+    return family, (int(m.group("major")), int(m.group("minor") or 0))
+
+
+def _since(table: Dict[str, Tuple[int, int]], model: str) -> bool:
+    """True when the model's version reaches the table's threshold for its family."""
+    parsed = claude_version(model)
+    if parsed is None:
+        return False
+    family, version = parsed
+    threshold = table.get(family, table.get(""))
+    return threshold is not None and version >= threshold
+
+
+def thinking_style_for(model: str, override: Optional[str] = None) -> str:
+    """The thinking style: adaptive for Opus 4.7+ / Claude 5, budget before; override wins."""
+    if override in ("budget", "adaptive"):
+        return override
+    return "adaptive" if _since(ADAPTIVE_ONLY_SINCE, model) else "budget"
+
+# ---- request: small parsers ----------------------------------------------------------------
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[^;,]+)(?:;[^;,]*)*;base64,(?P<data>.*)$", re.DOTALL)
+
+
+def _parse_data_url(url: str, param: str) -> Tuple[str, str]:
+    """(media_type, base64 data) of a data: URL; BadRequest otherwise."""
+    m = _DATA_URL.match(url)
+    if not m:
+        raise BadRequest("expected a base64 data URL", param=param)
+    return m.group("mime").strip().lower(), m.group("data")
+
+
+
+
+def _text_block(text: Any, param: str) -> List[dict]:
+    """[text block] for a non-empty string, [] for an empty one."""
+    if not isinstance(text, str):
+        raise BadRequest("text must be a string", param=param)
+    return [{"type": "text", "text": text}] if text.strip() else []
+
+
+def _image_block(part: dict, param: str) -> dict:
+    """OpenAI image_url part -> Anthropic image block (detail dropped)."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise BadRequest("image_url.url must be a string", param=param + ".image_url")
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    media_type, data = _parse_data_url(url, param + ".image_url.url")
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _file_block(part: dict, param: str) -> dict:
+    """OpenAI file part (PDF or text data URL) -> Anthropic document block."""
+    file = part.get("file")
+    if not isinstance(file, dict) or not isinstance(file.get("file_data"), str):
+        raise BadRequest("only file parts with file_data are supported", param=param + ".file")
+    media_type, data = _parse_data_url(file["file_data"], param + ".file.file_data")
+    if media_type == "application/pdf":
+        source = {"type": "base64", "media_type": media_type, "data": data}
+    elif media_type == "text/plain":
+        source = {"type": "text", "media_type": media_type,
+                  "data": base64.b64decode(data).decode("utf-8", "replace")}
+    else:
+        raise BadRequest("unsupported file type " + media_type, param=param + ".file.file_data")
+    block = {"type": "document", "source": source}
+    if isinstance(file.get("filename"), str):
+        block["title"] = file["filename"]
+    return block
+
+
+PART_CONVERTERS = {"text": lambda p, param: _text_block(p.get("text"), param + ".text"),
+                   "refusal": lambda p, param: _text_block(p.get("refusal"), param + ".refusal"),
+                   "image_url": lambda p, param: [_image_block(p, param)],
+                   "file": lambda p, param: [_file_block(p, param)]}
+TEXT_PART_TYPES = ("text", "refusal")
+
+
+def _content_blocks(content: Any, param: str, allowed: Tuple[str, ...]) -> List[dict]:
+    """OpenAI message content (str | parts | None) -> Anthropic blocks, empty text removed."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return _text_block(content, param)
+    if not isinstance(content, list):
+        raise BadRequest("content must be a string or a list of parts", param=param)
+    blocks: List[dict] = []
+    for i, part in enumerate(content):
+        part_param = "%s.%d" % (param, i)
+        if not isinstance(part, dict):
+            raise BadRequest("content part must be an object", param=part_param)
+        if part.get("type") not in allowed:  # input_audio included: Claude cannot hear it
+            raise BadRequest("content part type %r is not supported here" % part.get("type"),
+                             param=part_param + ".type")
+        blocks += PART_CONVERTERS[part["type"]](part, part_param)
+    return blocks
+
+
+def _tool_input(arguments: Any, param: str) -> dict:
+    """tool_call arguments (JSON string or object) -> tool_use input; bad JSON kept as _raw."""
+    if isinstance(arguments, dict):
+        return arguments
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return {}
+    if not isinstance(arguments, str):
+        raise BadRequest("arguments must be a JSON string", param=param)
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"_raw": arguments}
+
+
+def _tool_use_block(call: Any, param: str) -> dict:
+    """One OpenAI tool_call -> Anthropic tool_use block."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest("tool call needs function.name", param=param + ".function")
+    return {"type": "tool_use", "id": sanitize_tool_id(call.get("id")), "name": function["name"],
+            "input": _tool_input(function.get("arguments"), param + ".function.arguments")}
+
+# ---- request: messages ---------------------------------------------------------------------
+
+
+def _assistant_blocks(msg: dict, i: int) -> List[dict]:
+    """Assistant text first, then tool_use blocks; foreign reasoning dropped."""
+    param = "messages.%d" % i
+    blocks = _content_blocks(msg.get("content"), param + ".content", TEXT_PART_TYPES)
+    calls = msg.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise BadRequest("tool_calls must be a list", param=param + ".tool_calls")
+    blocks += [_tool_use_block(c, "%s.tool_calls.%d" % (param, k)) for k, c in enumerate(calls)]
+    if isinstance(msg.get("function_call"), dict):  # legacy: id pairs with the next message
+        blocks.append(_tool_use_block(dict(id="fn_%d" % i, function=msg["function_call"]),
+                                      param + ".function_call"))
+    return blocks
+
+
+def _tool_result_block(msg: dict, i: int) -> List[dict]:
+    """A tool (or legacy function) message -> one tool_result block."""
+    param = "messages.%d" % i
+    if msg["role"] == "function":
+        tool_id = "fn_%d" % (i - 1)
+    elif isinstance(msg.get("tool_call_id"), str) and msg["tool_call_id"]:
+        tool_id = msg["tool_call_id"]
+    else:
+        raise BadRequest("tool message needs tool_call_id", param=param + ".tool_call_id")
+    block = {"type": "tool_result", "tool_use_id": sanitize_tool_id(tool_id)}
+    content = msg.get("content")
+    if isinstance(content, str):
+        if content:
+            block["content"] = content
+    else:
+        content = _content_blocks(content, param + ".content", ("text", "image_url"))
+        if content:
+            block["content"] = content
+    return [block]
+
+
+ROLE_CONVERTERS = {  # OpenAI role -> (Anthropic role, converter)
+    "user": ("user", lambda m, i: _content_blocks(m.get("content"), "messages.%d.content" % i,
+                                                  tuple(PART_CONVERTERS))),
+    "assistant": ("assistant", _assistant_blocks),
+    "tool": ("user", _tool_result_block),
+    "function": ("user", _tool_result_block),
+    "system": ("system", lambda m, i: _content_blocks(m.get("content"), "messages.%d.content" % i,
+                                                      ("text",))),
+}
+ROLE_CONVERTERS["developer"] = ROLE_CONVERTERS["system"]
+
+
+def _split_messages(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
+    """Validate and convert: (system text blocks, [{"role","content":[blocks]}] unmerged)."""
+    if not isinstance(openai_messages, list) or not openai_messages:
+        raise BadRequest("messages must be a non-empty list", param="messages")
+    system: List[dict] = []
+    turns: List[dict] = []
+    for i, msg in enumerate(openai_messages):
+        if not isinstance(msg, dict):
+            raise BadRequest("message must be an object", param="messages.%d" % i)
+        if msg.get("role") not in ROLE_CONVERTERS:
+            raise BadRequest("unknown role %r" % msg.get("role"), param="messages.%d.role" % i)
+        role, convert = ROLE_CONVERTERS[msg["role"]]
+        blocks = convert(msg, i)
+        if role == "system":
+            system += blocks
+        else:
+            turns.append({"role": role, "content": blocks})
+    return system, turns
+
+
+def _merge_turns(turns: List[dict]) -> List[dict]:
+    """Drop empty turns and merge same-role neighbours."""
+    merged: List[dict] = []
+    for turn in turns:
+        if not turn["content"]:
+            continue
+        if merged and merged[-1]["role"] == turn["role"]:
+            merged[-1] = {"role": turn["role"], "content": merged[-1]["content"] + turn["content"]}
+        else:
+            merged.append({"role": turn["role"], "content": list(turn["content"])})
+    return merged
+
+
+def _orphan_as_text(block: dict) -> dict:
+    """A tool_result with no matching tool_use, rendered as plain text."""
+    content = block.get("content", "")
+    if isinstance(content, list):
+        content = "".join(b.get("text", "") for b in content)
+    return {"type": "text", "text": "Tool result (%s): %s" % (block["tool_use_id"], content or "(empty)")}
+
+
+def _placeholder_results(tool_ids: List[str]) -> List[dict]:
+    """Error tool_results for tool_use ids the client never answered."""
+    return [{"type": "tool_result", "tool_use_id": i, "content": PLACEHOLDER_TOOL_RESULT, "is_error": True}
+            for i in tool_ids]
+
+
+def _pair_tool_results(turns: List[dict]) -> List[dict]:
+    """Orphan tool_results -> text; unanswered tool_use -> placeholder error results."""
+    out: List[dict] = []
+    for k, turn in enumerate(turns):
+        if turn["role"] == "user":
+            prev = out[-1] if out and out[-1]["role"] == "assistant" else {"content": []}
+            ids = [b["id"] for b in prev["content"] if b["type"] == "tool_use"]
+            blocks = [b if b["type"] != "tool_result" or b["tool_use_id"] in ids else _orphan_as_text(b)
+                      for b in turn["content"]]
+            answered = {b["tool_use_id"] for b in blocks if b["type"] == "tool_result"}
+            blocks = blocks + _placeholder_results([i for i in ids if i not in answered])
+            blocks.sort(key=lambda b: b["type"] != "tool_result")  # results lead the turn (B.3)
+            out.append({"role": "user", "content": blocks})
+            continue
+        out.append(turn)
+        uses = [b["id"] for b in turn["content"] if b["type"] == "tool_use"]
+        if uses and k + 1 == len(turns):
+            out.append({"role": "user", "content": _placeholder_results(uses)})
+    return out
+
+
+def openai_messages_to_anthropic(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
+    """OpenAI messages -> (Anthropic system blocks, repaired Anthropic messages)."""
+    system, turns = _split_messages(openai_messages)
+    turns = _pair_tool_results(_merge_turns(turns))
+    if not turns:
+        raise BadRequest("messages need at least one non-system message with content", param="messages")
+    if turns[0]["role"] != "user":
+        turns.insert(0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_FIRST_USER}]})
+    return system, turns
+
+# ---- request: tools, sampling, response_format -----------------------------------------------
+
+
+def _anthropic_tool(tool: Any, param: str) -> dict:
+    """OpenAI function tool -> Anthropic custom tool."""
+    is_function = isinstance(tool, dict) and tool.get("type", "function") == "function"
+    function = tool.get("function") if is_function else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest("only function tools with a name are supported", param=param)
+    schema = function.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(schema, dict):
+        raise BadRequest("parameters must be a JSON Schema object", param=param + ".function.parameters")
+    out = {"name": function["name"]}
+    if function.get("description"):
+        out["description"] = function["description"]
+    out["input_schema"] = schema
+    return out
+
+
+def _legacy_tools(openai_body: dict) -> Tuple[Any, Any]:
+    """(tools, tool_choice) from tools/tool_choice or legacy functions/function_call."""
+    tools, choice = openai_body.get("tools"), openai_body.get("tool_choice")
+    if tools is None and isinstance(openai_body.get("functions"), list):
+        tools = [{"type": "function", "function": f} for f in openai_body["functions"]]
+        fc = openai_body.get("function_call")
+        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+    return tools, choice
+
+
+def _anthropic_tool_choice(choice: Any) -> Optional[dict]:
+    """OpenAI tool_choice -> Anthropic tool_choice (None when absent)."""
+    if choice is None:
+        return None
+    if isinstance(choice, str) and choice in TOOL_CHOICE_FROM_OPENAI:
+        return dict(TOOL_CHOICE_FROM_OPENAI[choice])
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        mode = (choice.get("allowed_tools") or {}).get("mode", "auto")
+        return dict(TOOL_CHOICE_FROM_OPENAI.get(mode, {"type": "auto"}))
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise BadRequest("tool_choice must be auto, none, required or a named function", param="tool_choice")
+    return {"type": "tool", "name": name}
+
+
+def _apply_tools(openai_body: dict, anthropic_body: dict) -> None:
+    """tools, tool_choice, parallel_tool_calls (legacy functions accepted)."""
+    tools, choice = _legacy_tools(openai_body)
+    if not tools:
+        return
+    if not isinstance(tools, list):
+        raise BadRequest("tools must be a list", param="tools")
+    anthropic_body["tools"] = [_anthropic_tool(t, "tools.%d" % i) for i, t in enumerate(tools)]
+    tool_choice = _anthropic_tool_choice(choice)
+    if openai_body.get("parallel_tool_calls") is False and (tool_choice or {}).get("type") != "none":
+        tool_choice = dict(tool_choice or {"type": "auto"}, disable_parallel_tool_use=True)
+    if tool_choice:
+        anthropic_body["tool_choice"] = tool_choice
+
+
+def _max_tokens(openai_body: dict) -> Optional[int]:
+    """The client's max_completion_tokens or max_tokens, validated; None when absent."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = openai_body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadRequest(key + " must be a positive integer", param=key)
+        return value
+    return None
+
+
+def _stop_sequences(stop: Any) -> List[str]:
+    """stop (str | list of str) -> stop_sequences, whitespace-only entries dropped."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest("stop must be a string or a list of strings", param="stop")
+    return [s for s in stops if s.strip()]
+
+
+def _apply_sampling_fields(openai_body: dict, anthropic_body: dict) -> None:
+    """temperature (clamped to 0..1), top_p, top_k, stop, user, stream."""
+    for key in ("temperature", "top_p", "top_k"):
+        value = openai_body.get(key)
+        if value is not None and not _is_number(value):
+            raise BadRequest(key + " must be a number", param=key)
+        if value is not None:
+            anthropic_body[key] = min(max(value, 0), 1.0) if key == "temperature" else value
+    stops = _stop_sequences(openai_body["stop"]) if openai_body.get("stop") is not None else []
+    if stops:
+        anthropic_body["stop_sequences"] = stops
+    user = openai_body.get("user") or openai_body.get("safety_identifier")
+    if isinstance(user, str) and user:
+        anthropic_body["metadata"] = {"user_id": user}
+    if "stream" in openai_body:
+        anthropic_body["stream"] = bool(openai_body["stream"])
+
+
+def _apply_response_format(openai_body: dict, anthropic_body: dict) -> None:
+    """response_format json_schema / json_object -> output_config.format (never dropped)."""
+    rf = openai_body.get("response_format")
+    kind = rf.get("type") if isinstance(rf, dict) else rf
+    if kind in (None, "text"):
+        return
+    if kind == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequest("json_schema.schema must be an object",
+                             param="response_format.json_schema.schema")
+    elif kind == "json_object":
+        schema = {"type": "object"}
+        anthropic_body.setdefault("system", []).append({"type": "text", "text": JSON_OBJECT_INSTRUCTION})
+    else:
+        raise BadRequest("unsupported response_format %r" % kind, param="response_format")
+    anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": schema}
+
+# ---- request: reasoning ----------------------------------------------------------------------
+
+
+def _requested_effort(openai_body: dict, variant_effort: Optional[str]) -> Optional[str]:
+    """reasoning_effort (or OpenRouter reasoning.effort) from the body, else the model variant."""
+    effort = openai_body.get("reasoning_effort")
+    if effort is None and isinstance(openai_body.get("reasoning"), dict):
+        effort = openai_body["reasoning"].get("effort")
+    if effort is None:
+        effort = variant_effort
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise BadRequest("reasoning_effort must be one of " + ", ".join(REASONING_EFFORTS),
+                         param="reasoning_effort")
+    return effort
+
+
+def _thinking_blocked(anthropic_body: dict) -> Optional[str]:
+    """Why thinking cannot be on for this request (B.2), or None."""
+    if (anthropic_body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+        return "tool_choice forces a tool"
+    assistants = [m for m in anthropic_body["messages"] if m["role"] == "assistant"]
+    if assistants and any(b["type"] == "tool_use" for b in assistants[-1]["content"]):
+        return "the last assistant turn has tool_use without a signed thinking block"
+    return None
+
+
+def _apply_thinking(anthropic_body: dict, effort: Optional[str], style: str, explicit_max: bool) -> None:
+    """Set thinking / output_config.effort and make max_tokens leave room for the budget."""
+    if effort in (None, "none"):
+        return
+    if style == "adaptive":
+        anthropic_body.setdefault("output_config", {})["effort"] = ADAPTIVE_EFFORT[effort]
+        thinking: dict = {"type": "adaptive"}
+    else:
+        thinking = {"type": "enabled", "budget_tokens": EFFORT_BUDGET[effort]}
+    reason = _thinking_blocked(anthropic_body)
+    if reason:
+        log.debug("thinking off for this request: %s", reason)
+        return
+    anthropic_body["thinking"] = thinking
+    needed = thinking.get("budget_tokens", 0) + THINKING_HEADROOM
+    if style == "budget" and anthropic_body["max_tokens"] < needed:
+        if explicit_max:
+            log.warning("max_tokens %d raised to %d to fit the thinking budget",
+                        anthropic_body["max_tokens"], needed)
+        anthropic_body["max_tokens"] = needed
+
+
+def _restrict_sampling(anthropic_body: dict, model: str) -> None:
+    """Drop or clamp sampling parameters the model or thinking mode rejects (B.2)."""
+    if _since(ADAPTIVE_ONLY_SINCE, model):  # Opus 4.7+ / Claude 5: non-default values are a 400
+        dropped = ("temperature", "top_p", "top_k")
+    elif "thinking" in anthropic_body:
+        dropped = ("temperature", "top_k")
+        if "top_p" in anthropic_body:
+            anthropic_body["top_p"] = max(anthropic_body["top_p"], 0.95)
+    else:
+        dropped = ()
+    for key in dropped:
+        if anthropic_body.pop(key, None) is not None:
+            log.debug("dropped %s for %s", key, model)
+    if ("temperature" in anthropic_body and "top_p" in anthropic_body
+            and _since(EXCLUSIVE_SAMPLING_SINCE, model)):
+        log.debug("dropped top_p for %s: temperature and top_p are exclusive", model)
+        del anthropic_body["top_p"]
+
+# ---- request: entry point --------------------------------------------------------------------
+
+
+def openai_to_anthropic_request(openai_body: dict, model: str, *, variant_effort: Optional[str] = None,
+                                thinking_style: Optional[str] = None) -> dict:
+    """OpenAI chat.completions body -> Anthropic /v1/messages body (pure; D.2, D.6, D.7)."""
+    if not isinstance(openai_body, dict):
+        raise BadRequest("request body must be a JSON object")
+    if isinstance(openai_body.get("n"), int) and openai_body["n"] > 1:
+        raise BadRequest("n > 1 is not supported", param="n")
+    system, messages = openai_messages_to_anthropic(openai_body.get("messages"))
+    explicit_max = _max_tokens(openai_body)
+    anthropic_body: Dict[str, Any] = {"model": model, "messages": messages,
+                                      "max_tokens": explicit_max or DEFAULT_ANTHROPIC_MAX_TOKENS}
+    if system:
+        anthropic_body["system"] = system
+    _apply_sampling_fields(openai_body, anthropic_body)
+    _apply_tools(openai_body, anthropic_body)
+    _apply_response_format(openai_body, anthropic_body)
+    style = thinking_style_for(model, thinking_style)
+    _apply_thinking(anthropic_body, _requested_effort(openai_body, variant_effort), style,
+                    explicit_max is not None)
+    _restrict_sampling(anthropic_body, model)
+    dropped = [k for k in OPENAI_DROPPED_FIELDS if openai_body.get(k) is not None]
+    if dropped:
+        log.debug("fields without an Anthropic equivalent dropped: %s", ", ".join(dropped))
+    return anthropic_body
+
+# ---- response: Anthropic stream -> OpenAI chunks -----------------------------------------------
+#
+# AnthropicToOpenAIStream, theory of operation (PROTOCOLS B.7 in, C.5 out, D.5 mapping).
+#
+# Anthropic frames a reply as message_start, then per content block start / deltas / stop, then
+# message_delta (stop_reason, cumulative usage) and message_stop; ping and unknown events may come
+# anywhere. OpenAI frames it as one role chunk, content / reasoning_content / tool_calls deltas,
+# exactly one chunk with finish_reason, an optional usage chunk with choices [] and "[DONE]".
+#
+# The machine therefore keeps little state: whether the role chunk went out, which Anthropic block
+# indices are client tool_use blocks (and their OpenAI tool index k, counting tool blocks only, so
+# server_tool_use / web_search_tool_result blocks neither show nor shift k), the last stop_reason
+# and the merged usage (message_delta repeats and may revise input counts: last value wins).
+# Block stops produce nothing, so a stream that omits one (the truncated max_tokens fixture) is
+# fine. The finish chunk is emitted at message_stop, or by close() when the upstream ended without
+# one; message_delta only records, because usage may still be revised. An upstream error event
+# becomes one {"error": ...} chunk and ends the machine: no finish chunk and no [DONE] follow, so
+# the client cannot mistake a broken answer for a complete one. Thinking text surfaces as
+# delta.reasoning_content; signatures, citations and redacted thinking have no OpenAI form.
+
+
+class AnthropicToOpenAIStream:
+    """Sans-IO state machine: Anthropic stream events in, OpenAI chunk dicts / "[DONE]" out."""
+
+    _HANDLERS = {"message_start": "_on_message_start", "content_block_start": "_on_block_start",
+                 "content_block_delta": "_on_block_delta", "message_delta": "_on_message_delta",
+                 "message_stop": "_on_message_stop", "error": "_on_error"}
+
+    def __init__(self, model: str, *, include_usage: bool = False, completion_id: Optional[str] = None,
+                 created: Optional[int] = None):
+        self.model = model
+        self.include_usage = include_usage
+        self.completion_id = completion_id or new_id("chatcmpl-")
+        self.created = int(time.time()) if created is None else created
+        self.finished = False
+        self._started = False
+        self._tool_index: Dict[int, int] = {}
+        self._stop_reason: Optional[str] = None
+        self._usage: Dict[str, Any] = {}
+
+    def feed(self, anthropic_event: dict) -> List[Any]:
+        """Consume one Anthropic event; return the OpenAI chunks it produces."""
+        if self.finished or not isinstance(anthropic_event, dict):
+            return []
+        handler = self._HANDLERS.get(anthropic_event.get("type"))
+        if handler is None:  # ping, content_block_stop, unknown (B.7: ignore)
+            return []
+        return getattr(self, handler)(anthropic_event)
+
+    def close(self) -> List[Any]:
+        """End of upstream: finish chunk (if not sent), usage chunk, "[DONE]"; then nothing."""
+        return [] if self.finished else self._finish()
+
+    # -- chunk helpers
+
+    def _chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:
+        """One chat.completion.chunk with a single choice."""
+        return {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                  "finish_reason": finish_reason, "logprobs": None}]}
+
+    def _start(self) -> List[Any]:
+        """The role chunk, once."""
+        if self._started:
+            return []
+        self._started = True
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _delta(self, delta: dict) -> List[Any]:
+        """A delta chunk, preceded by the role chunk if it is still due."""
+        return self._start() + [self._chunk(delta)]
+
+    # -- handlers
+
+    def _on_message_start(self, event: dict) -> List[Any]:
+        self._usage.update((event.get("message") or {}).get("usage") or {})
+        return self._start()
+
+    def _on_block_start(self, event: dict) -> List[Any]:
+        block = event.get("content_block") or {}
+        if block.get("type") == "tool_use":
+            k = self._tool_index[event.get("index")] = len(self._tool_index)
+            return self._delta({"tool_calls": [{"index": k, "id": block.get("id"), "type": "function",
+                                                "function": {"name": block.get("name"), "arguments": ""}}]})
+        if block.get("type") == "text" and block.get("text"):
+            return self._delta({"content": block["text"]})
+        if block.get("type") == "thinking" and block.get("thinking"):
+            return self._delta({"reasoning_content": block["thinking"]})
+        return self._start()  # redacted_thinking, server tools, unknown blocks: no OpenAI form
+
+    def _on_block_delta(self, event: dict) -> List[Any]:
+        delta = event.get("delta") or {}
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            return self._delta({"content": delta["text"]})
+        if kind == "thinking_delta" and delta.get("thinking"):
+            return self._delta({"reasoning_content": delta["thinking"]})
+        k = self._tool_index.get(event.get("index"))
+        if kind == "input_json_delta" and k is not None and delta.get("partial_json"):
+            fragment = {"index": k, "function": {"arguments": delta["partial_json"]}}
+            return self._delta({"tool_calls": [fragment]})
+        return []  # signature_delta, citations_delta, server tool input, empty deltas
+
+    def _on_message_delta(self, event: dict) -> List[Any]:
+        self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
+        self._usage.update(event.get("usage") or {})
+        return []
+
+    def _on_message_stop(self, event: dict) -> List[Any]:
+        return self._finish()
+
+    def _on_error(self, event: dict) -> List[Any]:
+        self.finished = True
+        error = event.get("error") or {}
+        return [{"error": {"message": error.get("message", "upstream error"),
+                           "type": error.get("type", "api_error"), "param": None, "code": None}}]
+
+    def _finish(self) -> List[Any]:
+        """Finish chunk, usage chunk when requested, "[DONE]"; the machine is then finished."""
+        self.finished = True
+        finish = FINISH_FROM_STOP_REASON.get(self._stop_reason or "", "stop")
+        out = self._start() + [self._chunk({}, finish)]
+        if self.include_usage:
+            usage_chunk = self._chunk({})
+            usage_chunk["choices"] = []
+            usage_chunk["usage"] = openai_usage_from_anthropic(self._usage)
+            out.append(usage_chunk)
+        return out + ["[DONE]"]
+
+
+def openai_usage_from_anthropic(anthropic_usage: dict) -> dict:
+    """Anthropic usage -> OpenAI usage (prompt includes cache reads and writes; D.3)."""
+    def count(key: str) -> int:
+        return int(anthropic_usage.get(key) or 0)
+    cache_read = count("cache_read_input_tokens")
+    prompt = count("input_tokens") + cache_read + count("cache_creation_input_tokens")
+    completion = count("output_tokens")
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": cache_read}}
+    thinking = (anthropic_usage.get("output_tokens_details") or {}).get("thinking_tokens")
+    if thinking is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": thinking}
+    return usage
+
+# ---- response: non-streaming, folded from the same machine -------------------------------------
+
+
+def _fold_tool_call(tool_calls: Dict[int, dict], fragment: dict) -> None:
+    """Merge one streamed tool_call fragment into the calls keyed by index."""
+    call = tool_calls.setdefault(fragment.get("index", 0),
+                                 {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+    if fragment.get("id"):
+        call["id"] = fragment["id"]
+    function = fragment.get("function") or {}
+    call["function"]["name"] += function.get("name") or ""
+    call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def fold_openai_chunks(chunks: List[Any]) -> dict:
+    """OpenAI stream chunks -> one chat.completion; an error chunk raises UpstreamError."""
+    head: dict = {}
+    text: List[str] = []
+    reasoning: List[str] = []
+    tool_calls: Dict[int, dict] = {}
+    finish, usage = None, None
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            continue  # "[DONE]"
+        if "error" in chunk:
+            error = chunk["error"] or {}
+            raise UpstreamError(error.get("message", "upstream error"), error_type=error.get("type"))
+        head = head or chunk
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text.append(delta.get("content") or "")
+            reasoning.append(delta.get("reasoning_content") or "")
+            for fragment in delta.get("tool_calls") or []:
+                _fold_tool_call(tool_calls, fragment)
+            finish = choice.get("finish_reason") or finish
+    message: Dict[str, Any] = {"role": "assistant", "content": "".join(text) or None, "refusal": None}
+    if "".join(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
+    if tool_calls:
+        message["tool_calls"] = [tool_calls[k] for k in sorted(tool_calls)]
+    completion = {"id": head.get("id"), "object": "chat.completion", "created": head.get("created"),
+                  "model": head.get("model"),
+                  "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
+    if usage:
+        completion["usage"] = usage
+    return completion
+
+
+def _block_events(index: int, block: dict) -> List[dict]:
+    """One finished Anthropic content block -> its start / delta / stop events."""
+    kind = block.get("type")
+    if kind == "text":
+        start, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block.get("text", "")}]
+    elif kind == "thinking":
+        start = {"type": "thinking", "thinking": "", "signature": ""}
+        deltas = [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
+                  {"type": "signature_delta", "signature": block.get("signature", "")}]
+    elif kind == "tool_use":
+        start = dict(block, input={})
+        deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block.get("input") or {})}]
+    else:  # redacted_thinking, server tool blocks: complete in the start event (B.7)
+        start, deltas = block, []
+    return ([{"type": "content_block_start", "index": index, "content_block": start}]
+            + [{"type": "content_block_delta", "index": index, "delta": d} for d in deltas]
+            + [{"type": "content_block_stop", "index": index}])
+
+
+def anthropic_message_as_events(anthropic_message: dict) -> List[dict]:
+    """A non-streaming Anthropic message (or error body) -> the equivalent stream events."""
+    if anthropic_message.get("type") == "error":
+        return [anthropic_message]
+    start = dict(anthropic_message, content=[], stop_reason=None, stop_sequence=None)
+    events = [{"type": "message_start", "message": start}]
+    for i, block in enumerate(anthropic_message.get("content") or []):
+        events += _block_events(i, block)
+    events.append({"type": "message_delta",
+                   "delta": {"stop_reason": anthropic_message.get("stop_reason"),
+                             "stop_sequence": anthropic_message.get("stop_sequence")},
+                   "usage": anthropic_message.get("usage") or {}})
+    return events + [{"type": "message_stop"}]
+
+
+def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any) -> dict:
+    """Non-streaming Anthropic message -> chat.completion, via the stream machine and the fold."""
+    machine = AnthropicToOpenAIStream(model, include_usage=True, **kw)
+    chunks: List[Any] = []
+    for event in anthropic_message_as_events(anthropic_message):
+        chunks += machine.feed(event)
+    return fold_openai_chunks(chunks + machine.close())
+
+# =============================================================================================
+# 10. OAuth
+# =============================================================================================
+
+# How the subscription path works, and what it deliberately does not do.
+#
+# Login is OAuth 2.0 authorization code + PKCE (RFC 7636) against Anthropic's public Claude Code
+# client: `login` prints an authorize URL, the user approves in a browser, the callback page shows
+# `CODE#STATE`, the user pastes it, and we POST a JSON (not form) body to the token endpoint
+# (PROTOCOLS.md A.2-A.4). The answer is normalised into one token record
+# `{access_token, refresh_token, expires_at, scope, account, source}` and kept in a 0600 file.
+# Access tokens live about 8 h; TokenManager refreshes five minutes early, once per expiry across
+# coroutines (asyncio.Lock) and across proxy processes sharing the store (FileLock + re-read),
+# because refresh tokens rotate: spending one twice logs the user out (A.5).
+#
+# On each request the body gets what the earlier proxies sent and found required for an OAuth
+# token (A.8): `authorization: Bearer`, the `oauth-2025-04-20` beta, and the Claude Code identity
+# as a system block; plus prompt-cache breakpoints, which only save the user money. Nothing
+# here is meant to disguise the traffic: no forged user-agent or x-stainless/x-app headers, no
+# billing-header hashes, no renamed tools, no rewritten system prompts. Anthropic's terms restrict
+# subscription tokens to Anthropic's own clients (PROTOCOLS.md section 0); the CLI says so at login.
+
+# The hosts the current Claude Code CLI uses (PROTOCOLS.md A.1, E.1/E.2): the legacy token host
+# console.anthropic.com now answers non-browser POSTs with a Cloudflare challenge (403), so the
+# platform.claude.com token endpoint and its matching manual-paste redirect are the ones that
+# work today; claude.com/cai/oauth/authorize is what the CLI opens (it forwards to claude.ai).
+# Scope: least privilege, the two scopes both the legacy and the current CLI lists share and that
+# the proxy uses (inference, plus profile for /auth/status); org:create_api_key and the
+# claude_code session/MCP/file scopes are never used here. Every value can be overridden from the
+# config's `oauth` section (e.g. scope, or token_url back to console.anthropic.com).
+OAUTH_DEFAULTS: Dict[str, str] = {
+    "client_id": "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+    "authorize_url": "https://claude.com/cai/oauth/authorize",
+    "token_url": "https://platform.claude.com/v1/oauth/token",
+    "redirect_uri": "https://platform.claude.com/oauth/code/callback",
+    "scope": "user:profile user:inference",
+    "long_lived_scope": "user:inference",
+}
+OAUTH_BETA = "oauth-2025-04-20"
+INTERLEAVED_THINKING_BETA = "interleaved-thinking-2025-05-14"
+CONTEXT_1M_BETA = "context-1m-2025-08-07"
+CLAUDE_CODE_IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
+LONG_LIVED_SECONDS = 31536000          # one year, honoured only with scope user:inference (A.7)
+REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
+MAX_CACHE_BREAKPOINTS = 4              # the API rejects a fifth cache_control
+UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
+EXPLICIT_TOKEN_ENV = ("ANTHROPIC_OAUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+LOGIN_AGAIN = "run `python claude_proxy.py login` again"
+_EXPIRED_TOKEN = re.compile(r"token (has )?expired", re.IGNORECASE)
+
+PostJson = Callable[[str, dict], Awaitable[Tuple[int, Any]]]
+Clock = Callable[[], float]
+
+
+def oauth_settings(overrides: Optional[dict] = None) -> Dict[str, str]:
+    """OAUTH_DEFAULTS with the config's `oauth` section merged over it (known keys only)."""
+    settings = dict(OAUTH_DEFAULTS)
+    for key, value in (overrides or {}).items():
+        if key not in OAUTH_DEFAULTS:
+            raise BadRequest(f"unknown OAuth setting {key!r}", param=f"oauth.{key}")
+        if not isinstance(value, str) or not value.strip():
+            raise BadRequest(f"oauth.{key} must be a non-empty string", param=f"oauth.{key}")
+        settings[key] = value.strip()
+    return settings
+
+
+def explicit_oauth_token(cli_token: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+    """The explicit token in precedence order: --token, then EXPLICIT_TOKEN_ENV (environ passed in)."""
+    for candidate in (cli_token, *(environ.get(name) for name in EXPLICIT_TOKEN_ENV)):
+        if candidate and candidate.strip():
+            return candidate.strip()
+    return None
+
+
+# ---- PKCE and the authorize URL (RFC 7636; PROTOCOLS.md A.2, A.3) ------------------------
+
+def _b64url(raw: bytes) -> str:
+    """base64url without padding."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def pkce_challenge(verifier: str) -> str:
+    """The S256 code challenge: base64url(sha256(verifier)), no padding."""
+    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def new_pkce() -> Tuple[str, str]:
+    """A fresh (verifier, challenge) pair; the verifier is 32 random bytes (43 chars)."""
+    verifier = _b64url(secrets.token_bytes(32))
+    return verifier, pkce_challenge(verifier)
+
+
+def build_authorize_url(settings: dict, challenge: str, state: str, *,
+                        scope: Optional[str] = None) -> str:
+    """The browser URL of the login, parameters in the order every client sends them."""
+    query = [("code", "true"), ("client_id", settings["client_id"]),
+             ("response_type", "code"), ("redirect_uri", settings["redirect_uri"]),
+             ("scope", scope or settings["scope"]), ("code_challenge", challenge),
+             ("code_challenge_method", "S256"), ("state", state)]
+    encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+    return settings["authorize_url"] + "?" + encoded
+
+
+def _split_pasted(text: str) -> Tuple[str, Optional[str]]:
+    """(code, state or None) from CODE#STATE, a bare CODE or a callback URL / query string."""
+    if "code=" not in text and "error=" not in text:
+        code, _, state = text.partition("#")
+        return code.strip(), state.strip() or None
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(text).query or text.lstrip("?"))
+    if "error" in query:
+        raise BadRequest(f"the login was refused: {query['error'][0]}; {LOGIN_AGAIN}")
+    return query.get("code", [""])[0].strip(), query.get("state", [None])[0]
+
+
+def parse_pasted_code(text: str, expected_state: str) -> str:
+    """The authorization code from what the user pasted; a foreign state raises BadRequest."""
+    code, state = _split_pasted((text or "").strip())
+    if not code:
+        raise BadRequest("no authorization code found in the pasted text")
+    if state is not None and state != expected_state:
+        raise BadRequest(f"state mismatch: the pasted code belongs to another login attempt; {LOGIN_AGAIN}")
+    return code
+
+
+class LoginFlow:
+    """One pending login: the PKCE verifier, state and scope the exchange must repeat."""
+
+    def __init__(self, settings: dict, *, long_lived: bool = False,
+                 verifier: Optional[str] = None, state: Optional[str] = None):
+        self.long_lived = long_lived
+        self.scope = settings["long_lived_scope"] if long_lived else settings["scope"]
+        self.verifier = verifier or new_pkce()[0]
+        self.state = state or _b64url(secrets.token_bytes(32))
+
+    def authorize_url(self, settings: dict) -> str:
+        """The URL to open in a browser for this login."""
+        return build_authorize_url(settings, pkce_challenge(self.verifier), self.state, scope=self.scope)
+
+
+# ---- Token endpoint (PROTOCOLS.md A.4-A.6, A.9) -------------------------------------------
+
+def _human_duration(seconds: Optional[float]) -> str:
+    """A log-friendly duration: '8.0h', '365d', 'an unknown time'."""
+    if seconds is None:
+        return "an unknown time"
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f}d"
+    return f"{seconds / 3600:.1f}h" if seconds >= 3600 else f"{max(seconds, 0) / 60:.0f}m"
+
+
+def _lifetime(record: dict, now: float) -> str:
+    """How long a record's token stays valid, in words for a log line."""
+    expires_at = record.get("expires_at")
+    return _human_duration(None if expires_at is None else expires_at - now)
+
+
+def _token_error(status: int, token_body: Any) -> ProxyError:
+    """The error for a token-endpoint answer without an access token."""
+    if not isinstance(token_body, dict):
+        hint = " (a Cloudflare challenge? try another oauth.token_url)" if status == 403 else ""
+        return UpstreamError(f"token endpoint answered HTTP {status} without JSON{hint}")
+    error = token_body.get("error")
+    if isinstance(error, dict):   # Anthropic-style {"type":"error","error":{"type","message"}}
+        error, description = error.get("type"), error.get("message")
+    else:
+        description = token_body.get("error_description")
+    detail = f"{error}: {description}" if description else str(error)
+    if status == 429:
+        return UpstreamError(f"token endpoint rate limited ({detail})", status=429, error_type="rate_limit_error")
+    if error and status < 500:
+        return AuthError(f"Claude login rejected ({detail}); {LOGIN_AGAIN}")
+    return UpstreamError(f"token endpoint answered HTTP {status} ({detail})")
+
+
+def _expires_at(expires_in: Any, now: float) -> Optional[float]:
+    """Epoch seconds of expiry from a relative `expires_in`; None when absent or not a number."""
+    try:
+        return now + float(expires_in)
+    except (TypeError, ValueError):
+        return None
+
+
+def token_record(token_body: dict, *, source: str, now: float,
+                 previous: Optional[dict] = None) -> dict:
+    """Normalise a token response; a missing refresh token or account is kept from `previous`."""
+    previous = previous or {}
+    account = token_body.get("account")
+    if isinstance(account, dict):
+        account = {"email": account.get("email_address") or account.get("email"),
+                   "uuid": account.get("uuid")}
+    return {"access_token": token_body["access_token"],
+            "refresh_token": token_body.get("refresh_token") or previous.get("refresh_token"),
+            "expires_at": _expires_at(token_body.get("expires_in"), now),
+            "scope": token_body.get("scope") or previous.get("scope"),
+            "account": account or previous.get("account"),
+            "source": source}
+
+
+async def _post_token(settings: dict, form: dict, post_json: PostJson) -> dict:
+    """POST a JSON body to the token endpoint; the parsed answer, or the mapped error."""
+    status, token_body = await post_json(settings["token_url"], form)
+    if status == 200 and isinstance(token_body, dict) and token_body.get("access_token"):
+        return token_body
+    raise _token_error(status, token_body)
+
+
+async def exchange_code(settings: dict, code: str, flow: LoginFlow, post_json: PostJson,
+                        clock: Clock = time.time) -> dict:
+    """Trade the pasted authorization code for the first token record."""
+    form = {"grant_type": "authorization_code", "code": code, "state": flow.state,
+            "client_id": settings["client_id"], "redirect_uri": settings["redirect_uri"],
+            "code_verifier": flow.verifier}
+    if flow.long_lived:
+        form["expires_in"] = LONG_LIVED_SECONDS
+    token_body = await _post_token(settings, form, post_json)
+    now = clock()
+    record = token_record(token_body, source="long_lived" if flow.long_lived else "login", now=now)
+    log.info("logged in, token expires in %s", _lifetime(record, now))
+    return record
+
+
+async def exchange_refresh_token(settings: dict, record: dict, post_json: PostJson,
+                                 clock: Clock = time.time) -> dict:
+    """Trade the record's refresh token for a rotated pair (the old one kept if none comes back)."""
+    form = {"grant_type": "refresh_token", "refresh_token": record["refresh_token"],
+            "client_id": settings["client_id"]}
+    token_body = await _post_token(settings, form, post_json)
+    now = clock()
+    fresh = token_record(token_body, source=record.get("source") or "login", now=now, previous=record)
+    log.info("token refreshed, expires in %s", _lifetime(fresh, now))
+    return fresh
+
+
+# ---- Token store and cross-process lock ---------------------------------------------------
+
+class TokenStore:
+    """The token record in one JSON file: mode 0600, written atomically, parent dir 0700."""
+
+    def __init__(self, path: str, *, clock: Clock = time.time):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.clock = clock
+
+    def load(self) -> Optional[dict]:
+        """The saved record, or None when there is none (or it is unreadable)."""
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                document = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("token store %s is unreadable (%s); ignoring it", self.path, type(exc).__name__)
+            return None
+        token = document.get("token") if isinstance(document, dict) else None
+        return token if isinstance(token, dict) and token.get("access_token") else None
+
+    def save(self, record: dict) -> None:
+        """Replace the file atomically: 0600 temp file in the same dir, fsync, os.replace."""
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        document = {"saved_at": self.clock(), "token": record}
+        tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(document, indent=2).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def clear(self) -> None:
+        """Forget the saved token."""
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    """Remove a file that may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class FileLock:
+    """A cross-process lock file (O_CREAT|O_EXCL, works on Linux, macOS, Windows) for `async with`.
+
+    A lock older than `stale_after` seconds (by mtime) is taken to belong to a crashed process and
+    broken. Two waiters breaking the same stale lock at once could both proceed; the refresh that
+    follows re-reads the store, so the worst case is one extra refresh, not a lost token."""
+
+    def __init__(self, path: str, *, stale_after: float = 30.0, poll: float = 0.05):
+        self.path = path
+        self.stale_after = stale_after
+        self.poll = poll
+
+    def _try_create(self) -> bool:
+        """Create the lock file; False when another holder has it."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+    def _break_if_stale(self) -> None:
+        """Remove the lock file when its holder has been silent longer than stale_after."""
+        try:
+            age = time.time() - os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return
+        if age > self.stale_after:
+            log.warning("breaking stale lock %s (%.0fs old)", self.path, age)
+            _unlink_quietly(self.path)
+
+    async def __aenter__(self) -> "FileLock":
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        while not self._try_create():
+            self._break_if_stale()
+            await asyncio.sleep(self.poll)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        _unlink_quietly(self.path)
+
+
+# ---- Token manager ------------------------------------------------------------------------
+
+def _iso(epoch: Optional[float]) -> Optional[str]:
+    """Epoch seconds as ISO 8601 UTC, or None."""
+    return None if epoch is None else iso_time(epoch)
+
+
+def explicit_token_record(token: str) -> dict:
+    """The record for a token passed in by env/--token: no refresh, expiry unknown."""
+    return {"access_token": token, "refresh_token": None, "expires_at": None,
+            "scope": None, "account": None, "source": "env"}
+
+
+class TokenManager:
+    """Hands out a valid access token: refreshes early, once, across coroutines and processes."""
+
+    def __init__(self, store: TokenStore, settings: dict, post_json: PostJson, *,
+                 clock: Clock = time.time, explicit_token: Optional[str] = None,
+                 lock_path: Optional[str] = None, stale_lock_after: float = 30.0):
+        self.store = store
+        self.settings = settings
+        self.post_json = post_json
+        self.clock = clock
+        self.lock_path = lock_path or store.path + ".lock"
+        self.stale_lock_after = stale_lock_after
+        self.last_error: Optional[str] = None
+        self._explicit_token = explicit_token
+        self._cached: Optional[dict] = None
+        self._dead_refresh_token: Optional[str] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
+
+    @staticmethod
+    def pick_record(explicit_token: Optional[str], saved: Optional[dict]) -> Optional[dict]:
+        """Token-source precedence: an explicit token wins over the saved store."""
+        return explicit_token_record(explicit_token) if explicit_token else saved
+
+    def record(self) -> Optional[dict]:
+        """The record in use (explicit token, else the store, cached after the first read)."""
+        if self._explicit_token is None and self._cached is None:
+            self._cached = self.store.load()
+        return self.pick_record(self._explicit_token, self._cached)
+
+    def _async_lock(self) -> asyncio.Lock:
+        """The in-process lock, created inside the running loop (and again for a new loop)."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
+    def _needs_refresh(self, record: Optional[dict], failed_token: Optional[str]) -> bool:
+        """Whether `record` must be refreshed: it is the token that failed, or it expires soon."""
+        if record is None or not record.get("refresh_token"):
+            return False
+        if failed_token is not None:
+            return record["access_token"] == failed_token
+        expires_at = record.get("expires_at")
+        return expires_at is not None and expires_at - self.clock() < REFRESH_MARGIN_SECONDS
+
+    async def access_token(self) -> str:
+        """A valid access token, refreshed first when it expires within five minutes."""
+        record = self.record()
+        if record is None:
+            raise AuthError("not logged in to Claude: run `python claude_proxy.py login`")
+        if self._needs_refresh(record, None):
+            record = await self._refresh(None)
+            if record is None:
+                raise AuthError(f"the saved Claude login was removed; {LOGIN_AGAIN}")
+        expires_at = record.get("expires_at")
+        if expires_at is not None and expires_at <= self.clock():
+            raise AuthError("the Claude token has expired and cannot be refreshed; "
+                            f"{LOGIN_AGAIN} (or import the Claude Code credentials again)")
+        return record["access_token"]
+
+    async def _refresh(self, failed_token: Optional[str]) -> Optional[dict]:
+        """Single-flight refresh: re-check under the asyncio lock, then under the file lock."""
+        async with self._async_lock():
+            record = self.record()
+            if not self._needs_refresh(record, failed_token):
+                return record
+            async with FileLock(self.lock_path, stale_after=self.stale_lock_after):
+                record = self._cached = self.store.load()   # another process may have refreshed
+                if not self._needs_refresh(record, failed_token):
+                    return record
+                fresh = await self._exchange(record)
+                self.store.save(fresh)
+                self._cached = fresh
+                return fresh
+
+    async def _exchange(self, record: dict) -> dict:
+        """Post the refresh, remembering a failure for status() and a dead refresh token."""
+        if record["refresh_token"] == self._dead_refresh_token:
+            raise AuthError(self.last_error or f"the Claude refresh token was rejected; {LOGIN_AGAIN}")
+        try:
+            fresh = await exchange_refresh_token(self.settings, record, self.post_json, self.clock)
+        except ProxyError as exc:
+            self.last_error = exc.message
+            log.warning("token refresh failed: %s", exc.message)
+            if isinstance(exc, AuthError):
+                self._dead_refresh_token = record["refresh_token"]
+            raise
+        self.last_error = None
+        return fresh
+
+    async def on_unauthorized(self, body_text: str, token: Optional[str] = None) -> bool:
+        """After an upstream 401: True when the token had expired and a fresh one is ready.
+
+        Pass `token` (the one the failed request used) so concurrent 401s refresh only once."""
+        if not _EXPIRED_TOKEN.search(body_text or ""):
+            return False
+        record = self.record()
+        if record is None or not record.get("refresh_token"):
+            return False
+        await self._refresh(token or record["access_token"])
+        return True
+
+    async def finish_login(self, flow: LoginFlow, pasted: str) -> dict:
+        """Parse the pasted code, exchange it, save the record; returns it."""
+        code = parse_pasted_code(pasted, flow.state)
+        record = await exchange_code(self.settings, code, flow, self.post_json, self.clock)
+        self.save(record)
+        return record
+
+    def save(self, record: dict) -> None:
+        """Store a new record (from login or import) and use it from now on."""
+        self.store.save(record)
+        self._cached = record
+        self.last_error = None
+
+    def logout(self) -> None:
+        """Forget the saved token (an explicit env/--token token stays in force)."""
+        self.store.clear()
+        self._cached = None
+        self.last_error = None
+
+    def status(self) -> dict:
+        """What GET /auth/status shows: never the token itself."""
+        record = self.record() or {}
+        expires_at = record.get("expires_at")
+        return {"logged_in": bool(record),
+                "source": record.get("source"),
+                "expires_at": _iso(expires_at),
+                "expires_in_seconds": None if expires_at is None else max(0, int(expires_at - self.clock())),
+                "scopes": (record.get("scope") or "").split(),
+                "refreshable": bool(record.get("refresh_token")),
+                "last_error": self.last_error}
+
+
+# ---- Importing Claude Code's credentials (PROTOCOLS.md A.10) ------------------------------
+
+def _read_claude_code_oauth(path: str) -> dict:
+    """The claudeAiOauth object of a Claude Code credentials file; BadRequest when unusable."""
+    try:
+        with open(os.path.expanduser(path), "r", encoding="utf-8") as f:
+            document = json.load(f)
+    except FileNotFoundError:
+        raise BadRequest(f"no Claude Code credentials at {path}: log in with Claude Code first") from None
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"cannot read Claude Code credentials at {path}: {type(exc).__name__}") from None
+    oauth = document.get("claudeAiOauth") if isinstance(document, dict) else None
+    if not isinstance(oauth, dict) or not oauth.get("accessToken"):
+        raise BadRequest(f"{path} holds no claudeAiOauth.accessToken")
+    return oauth
+
+
+def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
+    """Copy Claude Code's access token (not its refresh token) into our store; returns the record.
+
+    The refresh token is deliberately left behind: refresh tokens rotate on use, so spending
+    Claude Code's would invalidate the one Claude Code holds and log it out. When the imported
+    token expires (about 8 h), the user imports again (after Claude Code refreshed) or logs in."""
+    oauth = _read_claude_code_oauth(path)
+    expires_ms = oauth.get("expiresAt")
+    expires_at = float(expires_ms) / 1000.0 if isinstance(expires_ms, (int, float)) else None
+    if expires_at is not None and expires_at <= store.clock():
+        raise BadRequest("the Claude Code token has expired: run Claude Code once, then import again")
+    scopes = oauth.get("scopes")
+    record = {"access_token": oauth["accessToken"], "refresh_token": None, "expires_at": expires_at,
+              "scope": " ".join(scopes) if isinstance(scopes, list) else None,
+              "account": None, "source": "claude_code"}
+    store.save(record)
+    log.info("imported the Claude Code token, expires in %s", _lifetime(record, store.clock()))
+    return record
+
+
+# ---- Request shaping on the OAuth path (pure; PROTOCOLS.md A.8, B.1, B.2) -----------------
+
+def _is_billing_header(block: Any) -> bool:
+    """Whether a system block is Claude Code's per-request `x-anthropic-billing-header:` line."""
+    return isinstance(block, dict) and str(block.get("text", "")).startswith(BILLING_HEADER_PREFIX)
+
+
+def _is_identity(block: Any) -> bool:
+    """Whether a system block is the Claude Code identity text."""
+    return isinstance(block, dict) and block.get("type") == "text" \
+        and str(block.get("text", "")).strip() == CLAUDE_CODE_IDENTITY
+
+
+def with_identity(system: Any) -> List[dict]:
+    """System blocks that start with the identity (after a leading billing-header block, if any).
+
+    Newer Claude Code sends the billing header first and the identity second (A.8); that shape is
+    accepted as is, and where the identity is missing it goes right after such a header, so the
+    client's own block order is kept. The caller's text always follows the identity."""
+    if system is None or system == "":
+        blocks: List[dict] = []
+    elif isinstance(system, str):
+        blocks = [{"type": "text", "text": system}]
+    elif isinstance(system, list):
+        blocks = list(system)
+    else:
+        raise BadRequest("system must be a string or a list of text blocks", param="system")
+    at = 1 if blocks and _is_billing_header(blocks[0]) else 0
+    if len(blocks) > at and _is_identity(blocks[at]):
+        return blocks
+    return blocks[:at] + [{"type": "text", "text": CLAUDE_CODE_IDENTITY}] + blocks[at:]
+
+
+def _count_marks(blocks: Any) -> int:
+    """cache_control marks in a block list, including blocks nested in tool_result content."""
+    if not isinstance(blocks, list):
+        return 0
+    return sum(("cache_control" in b) + _count_marks(b.get("content"))
+               for b in blocks if isinstance(b, dict))
+
+
+def count_cache_breakpoints(anthropic_body: dict) -> int:
+    """Breakpoints the request already sets: top level, system, tools, message content."""
+    messages = anthropic_body.get("messages") or []
+    return (("cache_control" in anthropic_body) + _count_marks(anthropic_body.get("system"))
+            + _count_marks(anthropic_body.get("tools"))
+            + sum(_count_marks(m.get("content")) for m in messages if isinstance(m, dict)))
+
+
+def _cacheable(block: Any) -> bool:
+    """Whether a breakpoint may go on this block (not thinking, not empty text)."""
+    if not isinstance(block, dict) or block.get("type") in UNCACHEABLE_BLOCK_TYPES:
+        return False
+    return block.get("type") != "text" or bool(str(block.get("text") or "").strip())
+
+
+def _mark_last(blocks: List[Any]) -> Optional[List[Any]]:
+    """A copy of `blocks` with the last cacheable block marked; None if nothing to mark."""
+    for i in range(len(blocks) - 1, -1, -1):
+        if _cacheable(blocks[i]):
+            if "cache_control" in blocks[i]:
+                return None
+            return blocks[:i] + [{**blocks[i], "cache_control": {"type": "ephemeral"}}] + blocks[i + 1:]
+    return None
+
+
+def _as_blocks(content: Any) -> List[Any]:
+    """Message content as a block list (a string becomes one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return list(content) if isinstance(content, list) else []
+
+
+def add_cache_breakpoints(anthropic_body: dict) -> dict:
+    """A copy with ephemeral breakpoints on the last system block and the last two user turns,
+    in that priority, counting the client's own so that there are never more than four."""
+    body = dict(anthropic_body)
+    budget = MAX_CACHE_BREAKPOINTS - count_cache_breakpoints(body)
+    system = body.get("system")
+    if budget > 0 and isinstance(system, list):
+        marked = _mark_last(system)
+        if marked is not None:
+            body["system"], budget = marked, budget - 1
+    messages = list(body.get("messages") or [])
+    user_turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    for i in reversed(user_turns[-2:]):
+        if budget <= 0:
+            break
+        marked = _mark_last(_as_blocks(messages[i].get("content")))
+        if marked is not None:
+            messages[i], budget = {**messages[i], "content": marked}, budget - 1
+    if "messages" in body:
+        body["messages"] = messages
+    return body
+
+
+def _split_betas(value: Optional[str]) -> List[str]:
+    """A comma-separated anthropic-beta value as a list."""
+    return [b.strip() for b in (value or "").split(",") if b.strip()]
+
+
+def oauth_betas(client_beta: Optional[str], anthropic_body: dict, *, one_m: bool = False) -> str:
+    """The anthropic-beta value: oauth first, the client's, then thinking/1M as needed; deduped."""
+    betas = [OAUTH_BETA] + _split_betas(client_beta)
+    thinking = anthropic_body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        betas.append(INTERLEAVED_THINKING_BETA)
+    if one_m:
+        betas.append(CONTEXT_1M_BETA)
+    return ",".join(dict.fromkeys(betas))
+
+
+def shape_oauth_request(anthropic_body: dict, client_headers: Dict[str, str], access_token: str,
+                        *, one_m: bool = False) -> Tuple[dict, Dict[str, str]]:
+    """The body and upstream headers for a subscription (OAuth) call; the input is not mutated."""
+    lower = {k.lower(): v for k, v in (client_headers or {}).items()}
+    body = dict(anthropic_body)
+    body["system"] = with_identity(anthropic_body.get("system"))
+    body = add_cache_breakpoints(body)
+    headers = {"authorization": f"Bearer {access_token}",
+               "anthropic-version": lower.get("anthropic-version") or ANTHROPIC_VERSION,
+               "anthropic-beta": oauth_betas(lower.get("anthropic-beta"), body, one_m=one_m),
+               "content-type": "application/json"}
+    return body, headers
+
+# ---- The proxy's side: one OAuthService per server, HTTP login, CLI login ------------------
+
+TERMS_NOTICE = ("Note: Anthropic's terms restrict Claude Pro/Max subscription tokens to Anthropic's own "
+                "clients, and Anthropic may reject or bill other use or act on the account. API keys "
+                "(ANTHROPIC_API_KEY) are the supported way to use Claude through a proxy.")
+MAX_PENDING_LOGINS = 8
+
+
+class OAuthService:
+    """The token manager of one server, plus the HTTP logins in progress."""
+
+    def __init__(self, config: Config, pool: ConnectionPool, redactor: Redactor, *,
+                 clock: Callable[[], float] = time.time):
+        self.settings = oauth_settings(config.oauth)
+        self.pool = pool
+        self.redactor = redactor
+        self.store = TokenStore(os.path.join(config.home, "oauth_token.json"), clock=clock)
+        self.tokens = TokenManager(self.store, self.settings, self.post_json, clock=clock,
+                                   explicit_token=config.settings.get("oauth_token"))
+        self.pending: Dict[str, LoginFlow] = {}
+
+    async def post_json(self, url: str, payload: dict) -> Tuple[int, Any]:
+        """The token endpoint call, over the shared upstream pool."""
+        return await fetch_json(self.pool, url, payload, [("user-agent", f"claude_proxy/{VERSION}")])
+
+    async def available(self) -> bool:
+        """Whether a login or an explicit token exists."""
+        return self.tokens.record() is not None
+
+    async def access_token(self) -> str:
+        """A valid token (refreshed when due), registered with the redactor."""
+        token = await self.tokens.access_token()
+        self.redactor.add(token)
+        return token
+
+    async def on_unauthorized(self, body_text: str) -> bool:
+        """Refresh once when the upstream said the token expired."""
+        return await self.tokens.on_unauthorized(body_text)
+
+    def start_login(self, long_lived: bool = False) -> LoginFlow:
+        """A new pending login (the oldest dropped past MAX_PENDING_LOGINS)."""
+        flow = LoginFlow(self.settings, long_lived=long_lived)
+        self.pending[flow.state] = flow
+        while len(self.pending) > MAX_PENDING_LOGINS:
+            self.pending.pop(next(iter(self.pending)))
+        return flow
+
+    async def finish_login(self, pasted: str) -> dict:
+        """Complete the pending login the pasted CODE#STATE (or callback URL) belongs to."""
+        _, state = _split_pasted(pasted)
+        flow = self.pending.get(state) if state else (
+            next(iter(self.pending.values())) if len(self.pending) == 1 else None)
+        if flow is None:
+            raise BadRequest("no pending login matches this code: start again with GET /auth/start",
+                             param="code")
+        record = await self.tokens.finish_login(flow, pasted)
+        self.pending.pop(flow.state, None)
+        self.redactor.add(record.get("access_token"))
+        self.redactor.add(record.get("refresh_token"))
+        return record
+
+
+def check_auth_access(x: Exchange) -> None:
+    """/auth/* only from loopback clients, or with the proxy key (checked before)."""
+    if not is_loopback(x.req.peer) and not x.config.settings.get("proxy_api_key"):
+        raise PermissionDenied("the login endpoints answer loopback clients only (or set PROXY_API_KEY)")
+
+
+async def handle_auth_start(x: Exchange) -> None:
+    """GET /auth/start -> {"url": authorize URL}; ?long_lived=1 for the one-year token."""
+    check_auth_access(x)
+    long_lived = parse_bool(urllib.parse.parse_qs(x.req.query).get("long_lived", ["0"])[0])
+    flow = x.server.oauth.start_login(long_lived)
+    await x.out.respond_json(200, {"url": flow.authorize_url(x.server.oauth.settings), "state": flow.state,
+                                   "next": "POST /auth/callback with {\"code\": \"CODE#STATE\"}",
+                                   "notice": TERMS_NOTICE})
+
+
+async def handle_auth_callback(x: Exchange) -> None:
+    """POST /auth/callback {"code": "CODE#STATE"} -> the login status."""
+    check_auth_access(x)
+    body = require_fields(parse_json_body(x.req.body), {"code": str}, "anthropic")
+    await x.server.oauth.finish_login(body["code"])
+    await x.out.respond_json(200, x.server.oauth.tokens.status())
+
+
+async def handle_auth_status(x: Exchange) -> None:
+    """GET /auth/status: logged in, source, expiry, scopes, last error; never the token."""
+    check_auth_access(x)
+    await x.out.respond_json(200, x.server.oauth.tokens.status())
+
+
+async def handle_auth_logout(x: Exchange) -> None:
+    """POST /auth/logout: forget the saved login."""
+    check_auth_access(x)
+    x.server.oauth.tokens.logout()
+    await x.out.respond_json(200, x.server.oauth.tokens.status())
+
+
+async def run_oauth_command(command: str, args: argparse.Namespace, config: Config) -> int:
+    """login / logout / status / import-claude-code, on a pool of their own."""
+    pool = ConnectionPool(make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
+                          urllib.request.getproxies_environment(), config.settings["connect_timeout"], 60.0)
+    service = OAuthService(config, pool, Redactor())
+    try:
+        if command == "login":
+            return await cli_login(service, args)
+        if command == "logout":
+            service.tokens.logout()
+            print("Logged out: the saved Claude login is removed.")
+        elif command == "import-claude-code":
+            path = getattr(args, "path", None) or default_claude_credentials_path()
+            record = import_claude_code_credentials(path, service.store)
+            print(f"Imported Claude Code's login from {path} (expires {_iso(record.get('expires_at'))}). "
+                  "Its refresh token stays with Claude Code: import again when it expires.")
+        print(json.dumps(service.tokens.status(), indent=2))
+        return 0
+    finally:
+        pool.close()
+
+
+def default_claude_credentials_path() -> str:
+    """~/.claude/.credentials.json, or under CLAUDE_CONFIG_DIR."""
+    base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
+    return os.path.join(base, ".credentials.json")
+
+
+async def cli_login(service: OAuthService, args: argparse.Namespace) -> int:
+    """The terminal login: print the URL, open a browser, read CODE#STATE from stdin."""
+    print(TERMS_NOTICE + "\n")
+    token = getattr(args, "token", None)
+    if token:
+        service.tokens.save(dict(explicit_token_record(token), source="long_lived"))
+        print("Saved the token.")
+        return 0
+    long_lived = bool(getattr(args, "long_lived", False))
+    flow = service.start_login(long_lived)
+    url = flow.authorize_url(service.settings)
+    print("Open this URL, approve, and paste the code shown (CODE#STATE):\n\n  " + url + "\n")
+    if not getattr(args, "no_browser", False):
+        open_browser(url)
+    pasted = await asyncio.get_running_loop().run_in_executor(None, read_line, "Code: ")
+    record = await service.finish_login(pasted)
+    print(f"Logged in; token saved in {service.store.path} (expires {_iso(record.get('expires_at'))}).")
+    if long_lived:
+        print("\nYour long-lived token (shown once; set ANTHROPIC_OAUTH_TOKEN on other machines):\n\n  "
+              + record["access_token"] + "\n")
+    return 0
+
+
+def read_line(prompt: str) -> str:
+    """One line from stdin (run in a thread: input() blocks)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        raise BadRequest("no code given") from None
+
+
+def open_browser(url: str) -> None:
+    """Best effort: there may be no browser at all."""
+    try:
+        import webbrowser
+        webbrowser.open(url)
+    except Exception:  # noqa: BLE001 - a missing browser must never break login
+        log.debug("could not open a browser")
+
+
+# =============================================================================================
+# 11. Routing and handlers
+#
+# A handler reads as a list of named steps: parse the body, route the model, build the upstream
+# call, send it (retries, fallbacks, OAuth refresh), then relay or convert the answer. Errors are
+# raised, never rendered here: dispatch() is the one per-request boundary that renders them in
+# the client's dialect (and, once a stream has started, as one error event before closing).
+# =============================================================================================
+
+CLAUDE_MODELS = ("claude-opus-4-8", "claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5")
+REASONING_VARIANTS = ("-reasoning-low", "-reasoning-medium", "-reasoning-high")
+SSE_RESPONSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
+                        ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+
+
+class Target:
+    """Where one request goes: the model spec (upstream name filled in), its provider, the route."""
+
+    def __init__(self, spec: dict, provider: dict, route: str, effort: Optional[str] = None,
+                 one_m: bool = False):
+        self.spec = spec
+        self.provider = provider
+        self.route = route
+        self.effort = effort
+        self.one_m = one_m
+
+    def describe(self) -> str:
+        """For the access log: route -> provider/model."""
+        return f"{self.route}->{self.provider['name']}/{self.spec['model']}"
+
+
+def anthropic_thinking_on(anthropic_body: dict) -> bool:
+    """Whether an Anthropic request asks for thinking."""
+    thinking = anthropic_body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def pick_route(config: Config, requested: str, *, thinking: bool = False,
+               input_tokens: int = 0) -> Tuple[str, dict]:
+    """(route name, spec) for a requested model name: exact id, then the routes table."""
+    if requested in config.models:
+        return "model", config.models[requested]
+    routes, lower = config.routes, requested.lower()
+    if thinking and "think" in routes:
+        return "think", routes["think"]
+    if input_tokens > config.settings["long_context_threshold"] and "long_context" in routes:
+        return "long_context", routes["long_context"]
+    if "haiku" in lower and "background" in routes:
+        return "background", routes["background"]
+    for name, spec in routes.items():
+        if name not in SPECIAL_ROUTES and name.lower() in lower:
+            return name, spec
+    if "default" in routes:
+        return "default", routes["default"]
+    raise NotFound(f"model {requested!r} is not configured; configured models: "
+                   f"{', '.join(config.models) or '(none)'}", param="model")
+
+
+def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
+    """Route a model name; a provider route passes the client's model name through."""
+    route, spec = pick_route(config, requested, **hints)
+    if spec["model"] is None:
+        spec = dict(spec, id=requested, model=requested)
+    return Target(spec, config.providers[spec["provider"]], route)
+
+
+def resolve_openai_target(config: Config, requested: str) -> Target:
+    """Route an OpenAI client's model name, understanding -reasoning-* and -1m variants."""
+    if requested in config.models:
+        return resolve_target(config, requested)
+    base, effort, one_m = parse_model_variant(requested)
+    target = resolve_target(config, base, thinking=effort is not None)
+    if target.spec["model"] == base and target.provider["format"] == "openai" and base != requested:
+        target = resolve_target(config, requested)
+        return target
+    target.effort, target.one_m = effort, one_m
+    return target
+
+
+def require_fields(body: Any, fields: Dict[str, type], dialect: str) -> dict:
+    """BadRequest naming the first missing or mistyped field."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    for name, kind in fields.items():
+        if name not in body:
+            raise BadRequest(f"{name}: field required", param=name)
+        if not isinstance(body[name], kind) or isinstance(body[name], bool) and kind is int:
+            raise BadRequest(f"{name}: expected {kind.__name__}", param=name)
+    return body
+
+
+def upstream_error_detail(raw: bytes) -> Tuple[Optional[str], str]:
+    """(error type, message) from an upstream error body in either dialect, or its text."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None, raw[:300].decode("utf-8", "replace").strip() or "upstream error"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return error.get("type") or error.get("code"), str(error.get("message") or error)
+    if isinstance(error, str):
+        return error, str(body.get("error_description") or body.get("message") or error)
+    return None, json_text(body)[:300]
+
+
+def anthropic_error_body(exc: ProxyError, request_id: str) -> dict:
+    """Anthropic's error envelope."""
+    return {"type": "error", "error": {"type": exc.error_type, "message": exc.message},
+            "request_id": request_id}
+
+
+def openai_error_body(exc: ProxyError) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
+                      "code": getattr(exc, "code", None)}}
+
+
+def error_from_upstream(exc: UpstreamStatus) -> ProxyError:
+    """An upstream HTTP error as a ProxyError keeping its status and message."""
+    kind, message = upstream_error_detail(exc.body)
+    error_type = ERROR_TYPE_BY_STATUS.get(exc.status) or kind or "api_error"
+    return ProxyError(message, status=exc.status, error_type=error_type)
+
+
+def relayed_headers(upstream_headers: Headers) -> List[Tuple[str, str]]:
+    """The upstream response headers that matter to a client: ids, retry hints, rate limits."""
+    return [(k, v) for k, v in upstream_headers.items()
+            if k in RELAYED_HEADERS or k.startswith(RELAYED_PREFIXES)]
+
+
+def retry_delay(headers: Headers, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """retry-after-ms / retry-after when given, else exponential backoff with jitter."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers[name]) * scale)
+        except (KeyError, ValueError):
+            pass
+    return min(8.0, 0.5 * 2 ** attempt) * (0.75 + 0.5 * rand())
+
+
+class Relay:
+    """Writes SSE to the client; sends comment keep-alives while the upstream is quiet."""
+
+    def __init__(self, out: ClientStream, interval: float):
+        self.out = out
+        self.interval = interval
+        self._at_boundary = True
+        self._last = 0.0
+        self._task: Optional[asyncio.Task] = None
+
+    def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
+        """Open the chunked response and the keep-alive ticker."""
+        self.out.start(status, headers)
+        self._last = asyncio.get_running_loop().time()
+        if self.interval > 0:
+            self._task = asyncio.ensure_future(self._keepalive())
+
+    async def send(self, data: bytes) -> None:
+        """Relay bytes; remember whether they end on an event boundary."""
+        if data:
+            self._at_boundary = data.endswith(b"\n\n")
+            self._last = asyncio.get_running_loop().time()
+            await self.out.send(data)
+
+    async def _keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.05, self._last + self.interval - loop.time()))
+            if loop.time() - self._last >= self.interval and self._at_boundary:
+                self._last = loop.time()
+                await self.out.send(SSE_KEEPALIVE)
+
+    async def error(self, event: bytes) -> None:
+        """One error event (after a partial event, a blank line first)."""
+        await self.out.send(event if self._at_boundary else b"\n\n" + event)
+
+    def stop(self) -> None:
+        """Stop the ticker."""
+        if self._task:
+            self._task.cancel()
+            self._task = None
+
+
+class Exchange:
+    """One request's context: the server, the request, the response stream, what was decided."""
+
+    def __init__(self, server: "ProxyServer", req: Request, out: ClientStream):
+        self.server = server
+        self.config = server.config
+        self.req = req
+        self.out = out
+        self.target: Optional[Target] = None
+        self.upstream_status: Optional[int] = None
+        self.relay: Optional[Relay] = None
+        self.oauth_used = False
+
+    # -- credentials ---------------------------------------------------------------------------
+
+    def client_credential(self) -> List[Tuple[str, str]]:
+        """The client's own x-api-key / Authorization, unless it is only the proxy key."""
+        proxy_key = self.config.settings.get("proxy_api_key")
+        found = []
+        for name in ("x-api-key", "authorization"):
+            value = self.req.headers.get(name)
+            if value and (not proxy_key or proxy_key not in value):
+                found.append((name, value))
+        return found
+
+    async def auth_mode(self, provider: dict) -> str:
+        """auto resolves to oauth (a login or token exists), api_key, or the client's key."""
+        mode = provider["auth"]
+        if mode != "auto":
+            return mode
+        if await self.server.oauth.available():
+            return "oauth"
+        return "api_key" if provider.get("api_key") else "client"
+
+    def credential_headers(self, provider: dict, mode: str) -> List[Tuple[str, str]]:
+        """Credential headers for api_key / client / none modes, in the provider's dialect."""
+        if mode == "api_key":
+            if not provider.get("api_key"):
+                raise AuthError(f"provider {provider['name']!r} has no api_key configured")
+            key = provider["api_key"]
+            return [("x-api-key", key)] if provider["format"] == "anthropic" else [("authorization", f"Bearer {key}")]
+        if mode == "client":
+            creds = self.client_credential()
+            if provider["format"] == "openai":
+                creds = [("authorization", v if n == "authorization" else f"Bearer {v}") for n, v in creds[:1]]
+            return creds
+        return []
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send(self, build: Callable[[Target], Tuple[str, List[Tuple[str, str]], bytes]]) -> UpstreamResponse:
+        """Send to the target, then its fallbacks on 429/529/5xx; returns the last response."""
+        targets = [self.target] + [Target(self.config.models[m], self.config.providers[self.config.models[m]["provider"]],
+                                          "fallback", self.target.effort, self.target.one_m)
+                                   for m in self.target.spec.get("fallback", [])]
+        for i, target in enumerate(targets):
+            response = await self.send_with_retries(target, build)
+            if response.status in FALLBACK_STATUS and i + 1 < len(targets):
+                log.warning("model %s answered %s; falling back to %s", target.spec["id"],
+                            response.status, targets[i + 1].spec["id"])
+                response.close()
+                continue
+            self.target = target
+            return response
+        raise AssertionError("unreachable")
+
+    async def send_with_retries(self, target: Target, build: Callable) -> UpstreamResponse:
+        """Retries on connection failures and retryable statuses, within the deadline."""
+        settings = self.config.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings["retry_deadline"]
+        for attempt in range(settings["max_retries"] + 1):
+            last = attempt == settings["max_retries"]
+            try:
+                response = await self.send_once(target, build)
+            except UpstreamError as exc:
+                if last or loop.time() + retry_delay({}, attempt) > deadline:
+                    raise
+                log.info("upstream attempt %d failed (%s); retrying", attempt + 1, exc.message)
+                await asyncio.sleep(retry_delay({}, attempt))
+                continue
+            if response.status not in RETRYABLE_STATUS or last or \
+                    response.headers.get("x-should-retry") == "false":
+                return response
+            delay = retry_delay(response.headers, attempt)
+            if loop.time() + delay > deadline:
+                return response
+            response.close()
+            log.info("upstream answered %d; retrying in %.2fs", response.status, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def send_once(self, target: Target, build: Callable) -> UpstreamResponse:
+        """One upstream call; on OAuth, one refresh-and-retry when the token expired."""
+        url, headers, payload = await build(target)
+        response = await self.server.pool.request("POST", url, headers, payload,
+                                                  read_timeout=self.config.settings["read_timeout"])
+        if response.status != 401 or not self.oauth_used:
+            return response
+        text = (await response.read(1 << 20)).decode("utf-8", "replace")
+        if not await self.server.oauth.on_unauthorized(text):
+            return ReplayResponse(response, text.encode())
+        url, headers, payload = await build(target)
+        return await self.server.pool.request("POST", url, headers, payload)
+
+    async def anthropic_call(self, target: Target, anthropic_body: Optional[dict], raw: bytes,
+                             path: str) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        """URL, headers and body for an anthropic-format provider, credentials by auth mode."""
+        provider, req_headers = target.provider, self.req.headers
+        if anthropic_body is not None and anthropic_body.get("model") != target.spec["model"]:
+            anthropic_body = dict(anthropic_body, model=target.spec["model"])
+            raw = b""
+        headers = [(k, v) for k, v in req_headers.items() if k not in CLIENT_HEADERS_DROPPED]
+        headers.append(("content-type", "application/json"))
+        mode = await self.auth_mode(provider)
+        self.oauth_used = mode == "oauth"
+        if mode == "oauth":
+            token = await self.server.oauth.access_token()
+            anthropic_body, oauth_headers = shape_oauth_request(
+                anthropic_body if anthropic_body is not None else parse_json_body(raw),
+                req_headers, token, one_m=target.one_m)
+            headers = [(k, v) for k, v in headers if k not in oauth_headers] + list(oauth_headers.items())
+            raw = b""
+        else:
+            headers = add_beta(headers, CONTEXT_1M_BETA if target.one_m else None)
+            headers += self.credential_headers(provider, mode)
+        if not any(k == "anthropic-version" for k, _ in headers):
+            headers.append(("anthropic-version", ANTHROPIC_VERSION))
+        headers = merge_headers(headers, provider["headers"], target.spec["headers"])
+        body = raw or json_bytes(anthropic_body)
+        return provider["base_url"] + path, headers, body
+
+    async def openai_call(self, target: Target, openai_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        """URL, headers and body for an openai-format provider."""
+        provider = target.provider
+        mode = await self.auth_mode(provider)
+        if mode == "oauth":
+            raise BadRequest(f"provider {provider['name']!r}: OAuth works only with anthropic-format providers")
+        headers = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")]
+        headers += self.credential_headers(provider, mode)
+        headers = merge_headers(headers, provider["headers"], target.spec["headers"])
+        return provider["base_url"] + "/chat/completions", headers, json_bytes(openai_body)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    async def check_status(self, response: UpstreamResponse) -> None:
+        """Raise UpstreamStatus (body kept) unless the upstream answered 2xx."""
+        self.upstream_status = response.status
+        if response.status >= 300:
+            body = await response.read(1 << 20)
+            raise UpstreamStatus(response.status, response.headers, body)
+
+    async def relay_raw(self, response: UpstreamResponse) -> None:
+        """Passthrough: the upstream's bytes to the client as they arrive, no re-serialising."""
+        content_type = response.headers.get("content-type", "application/json")
+        headers = [("content-type", content_type)] + relayed_headers(response.headers)
+        if "text/event-stream" not in content_type:
+            await self.out.respond(response.status, headers, await response.read())
+            return
+        self.relay = Relay(self.out, self.config.settings["keepalive_interval"])
+        self.relay.start(response.status, headers + [("cache-control", "no-cache")])
+        async for data in response.iter_body():
+            await self.relay.send(data)
+        self.relay.stop()
+        await self.out.finish()
+
+    async def relay_converted(self, response: UpstreamResponse, machine: Any,
+                              encode: Callable[[Any], bytes]) -> None:
+        """Conversion: decode upstream SSE, feed the state machine, write its events."""
+        self.relay = Relay(self.out, self.config.settings["keepalive_interval"])
+        self.relay.start(200, SSE_RESPONSE_HEADERS + relayed_headers(response.headers))
+        decoder = SSEDecoder()
+        async for data in response.iter_body():
+            items = feed_events(machine, decoder.feed(data))
+            if items:
+                await self.relay.send(b"".join([encode(item) for item in items]))
+            if machine.finished:
+                response.close()
+                break
+        items = feed_events(machine, decoder.close()) + machine.close()
+        await self.relay.send(b"".join([encode(item) for item in items]))
+        self.relay.stop()
+        await self.out.finish()
+
+
+class ReplayResponse(UpstreamResponse):
+    """An upstream response whose body was already read (kept to relay it)."""
+
+    def __init__(self, original: UpstreamResponse, body: bytes):  # noqa: super not called on purpose
+        self.status, self.headers, self.done = original.status, original.headers, True
+        self._body = body
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def close(self) -> None:
+        pass
+
+
+def feed_events(machine: Any, events: List[Tuple[str, str]]) -> List[Any]:
+    """Parse upstream SSE events and feed them to a converter; [DONE] closes it."""
+    out: List[Any] = []
+    for _, data in events:
+        if data == "[DONE]":
+            out += machine.close()
+            continue
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            raise UpstreamError("upstream sent a malformed stream event") from None
+        if isinstance(parsed, dict):
+            out += machine.feed(parsed)
+    return out
+
+
+def add_beta(headers: List[Tuple[str, str]], beta: Optional[str]) -> List[Tuple[str, str]]:
+    """Add one anthropic-beta value (merged, no duplicates)."""
+    if not beta:
+        return headers
+    current = [v for k, v in headers if k == "anthropic-beta"]
+    values = [b.strip() for b in ",".join(current).split(",") if b.strip()]
+    if beta not in values:
+        values.append(beta)
+    return [(k, v) for k, v in headers if k != "anthropic-beta"] + [("anthropic-beta", ",".join(values))]
+
+
+def merge_headers(headers: List[Tuple[str, str]], *extra: Dict[str, str]) -> List[Tuple[str, str]]:
+    """Configured headers (provider, then model) override the computed ones."""
+    for more in extra:
+        if more:
+            headers = [(k, v) for k, v in headers if k not in more] + list(more.items())
+    return headers
+
+
+def parse_upstream_json(raw: bytes) -> dict:
+    """An upstream's JSON answer, or UpstreamError (never the client's fault)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise UpstreamError("upstream answered with invalid JSON") from None
+    if not isinstance(body, dict):
+        raise UpstreamError("upstream answered with unexpected JSON")
+    return body
+
+
+async def handle_messages(x: Exchange) -> None:
+    """POST /v1/messages: an Anthropic client, to an anthropic- or openai-format provider."""
+    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
+                          "anthropic")
+    needs_estimate = "long_context" in x.config.routes
+    x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body),
+                              input_tokens=estimate_anthropic_tokens(body) if needs_estimate else 0)
+    if x.target.provider["format"] == "anthropic":
+        await anthropic_passthrough(x, body, "/v1/messages")
+    else:
+        await anthropic_via_openai(x, body)
+
+
+async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
+    """Anthropic in, Anthropic out: model name and credentials rewritten, bytes relayed."""
+    async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        return await x.anthropic_call(target, body, x.req.body, path)
+    response = await x.send(build)
+    try:
+        await x.check_status(response)
+        await x.relay_raw(response)
+    finally:
+        response.close()
+
+
+async def anthropic_via_openai(x: Exchange, body: dict) -> None:
+    """Anthropic in, OpenAI-compatible upstream: convert the request and the answer."""
+    server_tools = server_tool_names(body)
+    if server_tools:
+        raise BadRequest(f"server tools ({', '.join(server_tools)}) are not available: model "
+                         f"{body['model']!r} is served by OpenAI-compatible provider "
+                         f"{x.target.provider['name']!r}, which has no Anthropic server tools", param="tools")
+
+    async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        return await x.openai_call(target, anthropic_to_openai_request(body, target.spec))
+    response = await x.send(build)
+    try:
+        await x.check_status(response)
+        if body.get("stream") and "text/event-stream" in response.headers.get("content-type", ""):
+            machine = OpenAIToAnthropicStream(body["model"], input_tokens=estimate_anthropic_tokens(body))
+            await x.relay_converted(response, machine, format_anthropic_event)
+            return
+        message = openai_response_to_anthropic(parse_upstream_json(await response.read()), body["model"])
+        if body.get("stream"):
+            await send_events(x, anthropic_message_as_events(message), format_anthropic_event)
+        else:
+            await x.out.respond_json(200, message, relayed_headers(response.headers))
+    finally:
+        response.close()
+
+
+async def send_events(x: Exchange, events: List[Any], encode: Callable[[Any], bytes]) -> None:
+    """A whole list of stream events as one SSE response."""
+    x.out.start(200, SSE_RESPONSE_HEADERS)
+    await x.out.send(b"".join([encode(e) for e in events]))
+    await x.out.finish()
+
+
+async def handle_count_tokens(x: Exchange) -> None:
+    """POST /v1/messages/count_tokens: the provider's own count, or an honest local estimate."""
+    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list}, "anthropic")
+    x.target = resolve_target(x.config, body["model"])
+    if x.target.provider["format"] == "anthropic":
+        await anthropic_passthrough(x, body, "/v1/messages/count_tokens")
+    else:
+        await x.out.respond_json(200, {"input_tokens": estimate_anthropic_tokens(body)})
+
+
+async def handle_chat_completions(x: Exchange) -> None:
+    """POST /v1/chat/completions: an OpenAI client, to Claude or passed straight through."""
+    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list}, "openai")
+    x.target = resolve_openai_target(x.config, body["model"])
+    if x.target.provider["format"] == "openai":
+        await openai_passthrough(x, body)
+    else:
+        await openai_via_anthropic(x, body)
+
+
+async def openai_passthrough(x: Exchange, body: dict) -> None:
+    """OpenAI in, OpenAI out: only the model name and the credentials rewritten."""
+    async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        url, headers, _ = await x.openai_call(target, {})
+        same = body["model"] == target.spec["model"]
+        return url, headers, x.req.body if same else json_bytes(dict(body, model=target.spec["model"]))
+    response = await x.send(build)
+    try:
+        await x.check_status(response)
+        await x.relay_raw(response)
+    finally:
+        response.close()
+
+
+async def openai_via_anthropic(x: Exchange, body: dict) -> None:
+    """OpenAI in, Claude upstream: convert the request and the answer."""
+    async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        anthropic_body = openai_to_anthropic_request(body, target.spec["model"], variant_effort=target.effort,
+                                                     thinking_style=target.spec["thinking"])
+        return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
+    response = await x.send(build)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    try:
+        await x.check_status(response)
+        if body.get("stream") and "text/event-stream" in response.headers.get("content-type", ""):
+            machine = AnthropicToOpenAIStream(body["model"], include_usage=include_usage)
+            await x.relay_converted(response, machine, format_openai_item)
+            return
+        message = parse_upstream_json(await response.read())
+        if body.get("stream"):
+            machine = AnthropicToOpenAIStream(body["model"], include_usage=include_usage)
+            items = [i for e in anthropic_message_as_events(message) for i in machine.feed(e)] + machine.close()
+            await send_events(x, items, format_openai_item)
+        else:
+            await x.out.respond_json(200, anthropic_response_to_openai(message, body["model"]),
+                                     relayed_headers(response.headers))
+    finally:
+        response.close()
+
+
+def model_entries(config: Config) -> List[Tuple[str, str]]:
+    """(model id, owner) for every configured model, the Claude models and their variants."""
+    entries = [(spec["id"], spec.get("owned_by") or spec["provider"]) for spec in config.models.values()]
+    default = config.routes.get("default")
+    if default and config.providers[default["provider"]]["format"] == "anthropic":
+        for name in CLAUDE_MODELS:
+            entries += [(name + suffix, "anthropic") for suffix in ("",) + REASONING_VARIANTS + ("-1m",)]
+    return list(dict.fromkeys(entries))
+
+
+async def handle_models(x: Exchange) -> None:
+    """GET /v1/models: Anthropic's list shape with anthropic-version, OpenAI's otherwise."""
+    entries = model_entries(x.config)
+    if x.req.dialect == "anthropic":
+        data = [{"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
+                for mid, _ in entries if "-reasoning-" not in mid and not mid.endswith("-1m")]
+        await x.out.respond_json(200, {"data": data, "has_more": False,
+                                       "first_id": data[0]["id"] if data else None,
+                                       "last_id": data[-1]["id"] if data else None})
+        return
+    data = [{"id": mid, "object": "model", "created": 0, "owned_by": owner} for mid, owner in entries]
+    await x.out.respond_json(200, {"object": "list", "data": data})
+
+
+async def handle_model(x: Exchange) -> None:
+    """GET /v1/models/{id}: one model in the client's shape."""
+    model_id = urllib.parse.unquote(x.req.path[len("/v1/models/"):])
+    if model_id not in dict(model_entries(x.config)):
+        raise NotFound(f"model {model_id!r} not found", param="model")
+    if x.req.dialect == "anthropic":
+        await x.out.respond_json(200, {"type": "model", "id": model_id, "display_name": model_id,
+                                       "created_at": "2025-01-01T00:00:00Z"})
+    else:
+        await x.out.respond_json(200, {"id": model_id, "object": "model", "created": 0,
+                                       "owned_by": dict(model_entries(x.config))[model_id]})
+
+
+async def handle_health(x: Exchange) -> None:
+    """GET /health."""
+    await x.out.respond_json(200, {"status": "ok", "version": VERSION})
+
+
+async def handle_root(x: Exchange) -> None:
+    """GET or HEAD /: a short identification, never an error."""
+    await x.out.respond_json(200, {"name": "claude_proxy", "version": VERSION})
+
+
+async def handle_stray(x: Exchange) -> None:
+    """Claude Code's telemetry and other side calls (/api/event_logging/batch ...): accepted."""
+    await x.out.respond_json(200, {})
+
+
+# (method, path, handler, exact): exact=False matches the path as a prefix.
+ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
+    ("POST", "/v1/messages", handle_messages, True),
+    ("POST", "/v1/messages/count_tokens", handle_count_tokens, True),
+    ("POST", "/v1/chat/completions", handle_chat_completions, True),
+    ("POST", "/chat/completions", handle_chat_completions, True),
+    ("GET", "/v1/models", handle_models, True),
+    ("GET", "/v1/models/", handle_model, False),
+    ("GET", "/health", handle_health, True),
+    ("GET", "/", handle_root, True),
+    ("GET", "/api/", handle_stray, False),
+    ("POST", "/api/", handle_stray, False),
+    ("GET", "/auth/start", handle_auth_start, True),
+    ("POST", "/auth/callback", handle_auth_callback, True),
+    ("GET", "/auth/status", handle_auth_status, True),
+    ("POST", "/auth/logout", handle_auth_logout, True),
+]
+PUBLIC_PATHS = ("/", "/health")
+
+
+def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]]:
+    """The handler for a request; 404 for unknown paths, 405 for a known path's wrong method."""
+    method = "GET" if method == "HEAD" else method
+    known = False
+    for route_method, route_path, handler, exact in ROUTES:
+        if path == route_path or (not exact and path.startswith(route_path)):
+            if route_method == method:
+                return handler
+            known = True
+    if known:
+        raise ProxyError(f"method {method} not allowed on {path}", status=405,
+                         error_type="invalid_request_error")
+    raise NotFound(f"no route for {path}")
+
+
+def check_access(settings: dict, req: Request) -> None:
+    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured."""
+    key = settings.get("proxy_api_key")
+    if not key or req.path in PUBLIC_PATHS:
+        return
+    offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
+    if offered.lower().startswith("bearer "):
+        offered = offered[7:]
+    if not hmac.compare_digest(offered.strip().encode(), key.encode()):
+        raise AuthError("invalid proxy key: send PROXY_API_KEY as x-api-key or Bearer token")
+
+
+async def render_error(x: Exchange, exc: ProxyError) -> None:
+    """An error in the client's dialect: a JSON response, or one event if streaming began."""
+    if isinstance(exc, UpstreamStatus):
+        if x.target and x.target.provider["format"] == x.req.dialect and not x.out.started:
+            await x.out.respond(exc.status, [("content-type", "application/json")] +
+                                relayed_headers(exc.headers), exc.body)
+            return
+        exc = error_from_upstream(exc)
+    if x.req.dialect == "openai":
+        body = openai_error_body(exc)
+    else:
+        body = anthropic_error_body(exc, x.req.id)
+    if not x.out.started:
+        await x.out.respond_json(exc.status, body)
+        return
+    x.req.keep_alive = False
+    event = format_sse(json_text(body), "error" if x.req.dialect == "anthropic" else None)
+    await (x.relay.error(event) if x.relay else x.out.send(event))
+    await x.out.finish()
+
+
+async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> None:
+    """The per-request boundary: run the handler, render any error, write the access line."""
+    x = Exchange(server, req, out)
+    started = time.monotonic()
+    try:
+        out.extra_headers = cors_headers(server.config.settings, req)
+        if req.method == "OPTIONS":
+            await out.respond(204 if out.extra_headers else 404, [], b"")
+            return
+        check_access(server.config.settings, req)
+        await find_handler(req.method, req.path)(x)
+    except asyncio.CancelledError:
+        raise
+    except ProxyError as exc:
+        await render_safely(x, exc)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        req.keep_alive = False
+    except Exception:
+        log.exception("unexpected error in request %s", req.id)
+        await render_safely(x, ProxyError(f"internal proxy error (request id {req.id})"))
+    finally:
+        if x.relay:
+            x.relay.stop()
+        access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", req.method, req.path,
+                        x.target.describe() if x.target else "-", x.upstream_status or "-",
+                        out.status or "-", (time.monotonic() - started) * 1000, out.bytes_sent)
+
+
+async def render_safely(x: Exchange, exc: ProxyError) -> None:
+    """render_error, giving up quietly when the client is already gone."""
+    if exc.status >= 500:
+        log.warning("request %s failed: %s", x.req.id, exc.message)
+    try:
+        await render_error(x, exc)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        x.req.keep_alive = False
+
+
+def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
+    """CORS response headers, only for configured origins."""
+    origin, allowed = req.headers.get("origin"), settings["cors_origins"]
+    if not origin or not allowed or (origin not in allowed and "*" not in allowed):
+        return []
+    return [("access-control-allow-origin", origin), ("vary", "origin"),
+            ("access-control-allow-headers", req.headers.get("access-control-request-headers", "*")),
+            ("access-control-allow-methods", "GET, POST, OPTIONS")]
+
+# =============================================================================================
+# 12. Server
+#
+# One asyncio server; a task per connection, none per request or chunk. Each connection loops:
+# wait for the first byte of a request (idle timeout), read the head (slow-header timeout, 414,
+# 431), the body (413, Expect: 100-continue), dispatch. While a handler runs, a watcher reads
+# the socket: end-of-file means the client left, and the handler is cancelled so the upstream
+# connection is closed at once. Shutdown stops accepting, closes idle connections and gives
+# in-flight ones a grace period.
+# =============================================================================================
+
+
+class ClientConnection:
+    """State of one client connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.pending = b""
+        self.busy = False
+        self.task = asyncio.current_task()
+        peer = writer.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else "local"
+
+
+class ProxyServer:
+    """Owns the config, the upstream pool and the token manager; serves connections."""
+
+    def __init__(self, config: Config, *, redactor: Optional[Redactor] = None,
+                 proxies: Optional[Mapping[str, str]] = None, clock: Callable[[], float] = time.time):
+        self.config = config
+        settings = config.settings
+        self.redactor = redactor or Redactor(config.secret_values())
+        self.pool = ConnectionPool(make_ssl_context(settings["ssl_verify"], settings["ca_bundle"]),
+                                   proxies or {}, settings["connect_timeout"], settings["read_timeout"],
+                                   settings["pool_size"])
+        self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
+        self.connections: set = set()
+        self.closing = False
+        self._server: Optional[asyncio.AbstractServer] = None
+
+    async def start(self, host: Optional[str] = None, port: Optional[int] = None) -> Tuple[str, int]:
+        """Bind and start accepting; returns the bound address."""
+        check_exposure(self.config, host or self.config.settings["host"])
+        self._server = await asyncio.start_server(
+            self._serve_connection, host or self.config.settings["host"],
+            self.config.settings["port"] if port is None else port, limit=MAX_HEADER_BYTES)
+        address = self._server.sockets[0].getsockname()
+        return address[0], address[1]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close idle connections, let busy ones finish within the grace period."""
+        self.closing = True
+        if self._server:
+            self._server.close()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.task.cancel()
+        busy = [c.task for c in self.connections if c.busy]
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=self.config.settings["shutdown_grace"])
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.pool.close()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ClientConnection(reader, writer)
+        self.connections.add(conn)
+        try:
+            await self._connection_loop(conn)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            self.connections.discard(conn)
+            writer.close()
+
+    async def _connection_loop(self, conn: ClientConnection) -> None:
+        settings, first_request = self.config.settings, True
+        while not self.closing:
+            timeout = settings["header_timeout"] if first_request else settings["idle_timeout"]
+            first = conn.pending or await wait_or_none(conn.reader.read(1), timeout)
+            conn.pending, first_request = b"", False
+            if not first:
+                return
+            conn.busy = True
+            req = await self._read_request(conn, first)
+            if req is None:
+                return
+            await self._run(conn, req)
+            conn.busy = False
+            if not req.keep_alive:
+                return
+
+    async def _read_request(self, conn: ClientConnection, first: bytes) -> Optional[Request]:
+        """Head and body within the limits; a limit breach is answered and ends the connection."""
+        settings = self.config.settings
+        try:
+            head = await asyncio.wait_for(read_head(conn.reader, first), settings["header_timeout"])
+            method, target, version, headers = parse_request_head(head)
+            body = await asyncio.wait_for(read_body(conn.reader, conn.writer, headers, settings["max_body_bytes"]),
+                                          settings["read_timeout"])
+        except asyncio.TimeoutError:
+            return None
+        except ProxyError as exc:
+            fake = Request("GET", "/", {}, b"", conn.peer)
+            await render_safely(Exchange(self, fake, ClientStream(conn.writer)), exc)
+            return None
+        req = Request(method, target, headers, body, conn.peer)
+        if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+            req.keep_alive = False
+        return req
+
+    async def _run(self, conn: ClientConnection, req: Request) -> None:
+        """Dispatch one request, cancelling it if the client disconnects meanwhile."""
+        handler = asyncio.ensure_future(dispatch(self, req, ClientStream(conn.writer, req.method == "HEAD")))
+        watcher = asyncio.ensure_future(conn.reader.read(1))
+        await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not watcher.done():
+            watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        if not watcher.cancelled():
+            early = b"" if watcher.exception() else watcher.result()
+            if early:
+                conn.pending = early          # a pipelined next request: keep its first byte
+            else:
+                handler.cancel()              # the client left: stop, and drop the upstream
+                req.keep_alive = False
+        await asyncio.gather(handler, return_exceptions=True)
+
+
+async def wait_or_none(awaitable: Awaitable[bytes], timeout: float) -> Optional[bytes]:
+    """The awaitable's result, or None on timeout or a reset connection."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except (asyncio.TimeoutError, ConnectionError):
+        return None
+
+
+def check_exposure(config: Config, host: str) -> None:
+    """Serving an OAuth provider beyond loopback requires PROXY_API_KEY."""
+    uses_oauth = any(p["auth"] in ("oauth", "auto") for p in config.providers.values())
+    if not is_loopback(host) and uses_oauth and not config.settings.get("proxy_api_key"):
+        raise ConfigError(f"refusing to serve on {host}: Claude credentials (OAuth login or token) would be "
+                          "open to the network. Set PROXY_API_KEY, or bind 127.0.0.1.")
+
+
+def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set `stop`; on Windows (no add_signal_handler) through signal.signal."""
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+
+
+async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str]) -> None:
+    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully."""
+    server = ProxyServer(config, redactor=redactor, proxies=proxies)
+    host, port = await server.start()
+    stop = asyncio.Event()
+    install_signal_handlers(asyncio.get_running_loop(), stop)
+    log.info("claude_proxy %s listening on http://%s:%d", VERSION, host, port)
+    await stop.wait()
+    log.info("shutting down (grace %.0fs)", config.settings["shutdown_grace"])
+    await server.shutdown()
+
+# =============================================================================================
+# 13. CLI
+# =============================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """serve (default), check-config, login, logout, status, import-claude-code; --version."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", help="bind address (default 127.0.0.1)")
+    common.add_argument("--port", type=int, help="port (default 8082)")
+    common.add_argument("--config", help="JSON config file (default: CLAUDE_PROXY_CONFIG or ~/.claude-proxy/config.json)")
+    common.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    parser = argparse.ArgumentParser(prog="claude_proxy.py", parents=[common],
+                                     description="LLM API proxy between Anthropic and OpenAI dialects.")
+    parser.add_argument("--version", action="version", version=f"claude_proxy {VERSION}")
+    sub = parser.add_subparsers(dest="command")
+    quiet = argparse.SUPPRESS
+    for name, text in (("serve", "run the proxy (the default)"),
+                       ("check-config", "print the effective config, secrets redacted"),
+                       ("logout", "forget the saved Claude login"),
+                       ("status", "show the saved Claude login (never the token)")):
+        sub.add_parser(name, parents=[common], help=text, argument_default=quiet)
+    login = sub.add_parser("login", parents=[common], help="Claude Pro/Max login (OAuth PKCE)",
+                           argument_default=quiet)
+    login.add_argument("--long-lived", action="store_true", help="a one-year token (scope user:inference)")
+    login.add_argument("--no-browser", action="store_true", help="only print the URL")
+    login.add_argument("--token", help="save this token (e.g. from `claude setup-token`) instead of logging in")
+    imp = sub.add_parser("import-claude-code", parents=[common], argument_default=quiet,
+                         help="import Claude Code's saved login (~/.claude/.credentials.json)")
+    imp.add_argument("--path", help="credentials file")
+    return parser
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    """The settings CLI flags set."""
+    pairs = (("host", args.host), ("port", args.port), ("log_level", getattr(args, "log_level", None)))
+    return {key: value for key, value in pairs if value is not None}
+
+
+def setup_logging(level: str, redactor: Redactor) -> None:
+    """logging to stderr, every record scrubbed of secrets."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(redactor)
+    root = logging.getLogger("claude_proxy")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: parse flags, load config, run the command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("host", "port", "config", "log_level"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    env = dict(os.environ)
+    try:
+        config = load_config(config_path(args.config, env), env, cli_overrides(args))
+    except ConfigError as exc:
+        print(f"claude_proxy: config error: {exc}", file=sys.stderr)
+        return 2
+    redactor = Redactor(config.secret_values())
+    setup_logging(config.settings["log_level"], redactor)
+    command = args.command or "serve"
+    try:
+        return run_command(command, args, config, redactor, env)
+    except ConfigError as exc:
+        print(f"claude_proxy: {exc}", file=sys.stderr)
+        return 2
+    except ProxyError as exc:
+        print(f"claude_proxy: {redactor.scrub(exc.message)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_command(command: str, args: argparse.Namespace, config: Config, redactor: Redactor,
+                env: Mapping[str, str]) -> int:
+    """Dispatch a CLI command."""
+    if command == "check-config":
+        print(json.dumps(redacted_config(config), indent=2))
+        return 0
+    if command == "serve":
+        asyncio.run(serve(config, redactor, urllib.request.getproxies_environment()))
+        return 0
+    return asyncio.run(run_oauth_command(command, args, config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
