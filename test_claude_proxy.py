@@ -3579,3 +3579,280 @@ def test_serve_cli_starts_and_stops_on_sigterm(tmp_path):
         assert b"listening on http://127.0.0.1:%d" % port in proc.stderr.read()
     finally:
         proc.kill()
+
+
+# ---- OAuth end to end: fake authorize/token server, HTTP and CLI login, refresh through the proxy
+
+class FakeTokenServer:
+    """Answers /v1/oauth/token like Anthropic's (JSON bodies), counting grants."""
+
+    def __init__(self, bad_refresh=False, refresh_delay=0.0):
+        self.bad_refresh, self.refresh_delay, self.n = bad_refresh, refresh_delay, 0
+
+    async def __call__(self, req):
+        body = req["body"]
+        if body["grant_type"] == "refresh_token":
+            await asyncio.sleep(self.refresh_delay)
+            if self.bad_refresh:
+                return http_response(400, {"error": "invalid_grant", "error_description": "Refresh token not found or invalid"})
+        self.n += 1
+        life = int(body.get("expires_in") or 28800)
+        return http_response(200, {"token_type": "Bearer", "access_token": f"sk-ant-oat01-new{self.n}",
+                                   "refresh_token": f"sk-ant-ort01-new{self.n}", "expires_in": life,
+                                   "scope": body.get("scope") or "user:inference user:profile"})
+
+
+def oauth_config(tmp_path, upstream_url, token_url):
+    return make_config(tmp_path, providers={"claude": {"format": "anthropic", "base_url": upstream_url, "auth": "oauth"}},
+                       routes={"default": "claude"}, oauth={"token_url": token_url,
+                                                          "authorize_url": "http://127.0.0.1:9/oauth/authorize"})
+
+
+def test_http_login_then_requests_carry_the_oauth_shape(tmp_path):
+    async def scenario():
+        tokens = FakeTokenServer()
+        async with FakeUpstream(tokens) as auth, FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(oauth_config(tmp_path, up.url, auth.url + "/v1/oauth/token")) as (_, port):
+                status, _, body = await call(port, "GET", "/auth/start")
+                start = json.loads(body)
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(start["url"]).query)
+                assert status == 200 and query["code_challenge_method"] == ["S256"] and query["state"] == [start["state"]]
+                status, _, body = await call(port, "POST", "/auth/callback", {"code": "thecode#" + start["state"]})
+                assert status == 200 and json.loads(body)["logged_in"] is True
+                exchange = auth.requests[0]["body"]
+                assert (exchange["grant_type"], exchange["code"], exchange["state"]) == ("authorization_code", "thecode", start["state"])
+                store = tmp_path / "home" / "oauth_token.json"
+                assert stat.S_IMODE(os.stat(store).st_mode) == 0o600
+                status, _, body = await call(port, "GET", "/auth/status")
+                assert "sk-ant" not in body.decode() and json.loads(body)["refreshable"] is True
+                request = {"model": "claude-sonnet-4-5", "max_tokens": 50, "system": "Be brief.",
+                           "thinking": {"type": "enabled", "budget_tokens": 1024},
+                           "messages": [{"role": "user", "content": "hi"}]}
+                status, _, _ = await call(port, "POST", "/v1/messages", request,
+                                          dict(ANTHROPIC_HEADERS, **{"x-api-key": "client", "anthropic-beta": "b-1"}))
+                assert status == 200
+                status, _, body = await call(port, "POST", "/v1/chat/completions",
+                                             {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "yo"}]})
+                assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hello there"
+                status, _, body = await call(port, "POST", "/auth/logout")
+                assert json.loads(body)["logged_in"] is False and not store.exists()
+            sent = up.requests[0]
+            assert sent["headers"]["authorization"] == "Bearer sk-ant-oat01-new1" and "x-api-key" not in sent["headers"]
+            assert sent["headers"]["anthropic-beta"].split(",") == ["oauth-2025-04-20", "b-1", "interleaved-thinking-2025-05-14"]
+            assert sent["body"]["system"][0] == {"type": "text", "text": cp.CLAUDE_CODE_IDENTITY}
+            assert sent["body"]["system"][1]["text"] == "Be brief."
+            assert sent["body"]["system"][-1]["cache_control"] == {"type": "ephemeral"}
+            assert up.requests[1]["body"]["system"][0]["text"] == cp.CLAUDE_CODE_IDENTITY
+    run(scenario())
+
+
+def test_refresh_once_on_expired_401_and_invalid_grant_reaches_client(tmp_path):
+    expired = {"type": "error", "error": {"type": "authentication_error", "message": "OAuth token has expired. Please obtain a new token or refresh your existing token."}}
+
+    def upstream(req):
+        if req["headers"]["authorization"] == "Bearer sk-ant-oat01-old":
+            return http_response(401, expired)
+        return http_response(200, anthropic_message())
+
+    async def scenario():
+        for bad in (False, True):
+            tokens = FakeTokenServer(bad_refresh=bad)
+            async with FakeUpstream(tokens) as auth, FakeUpstream(upstream) as up:
+                config = oauth_config(tmp_path / str(bad), up.url, auth.url + "/v1/oauth/token")
+                cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
+                    {"access_token": "sk-ant-oat01-old", "refresh_token": "sk-ant-ort01-old", "expires_at": time.time() + 3600,
+                     "scope": "user:inference", "account": None, "source": "login"})
+                async with running_proxy(config) as (_, port):
+                    status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                    if not bad:
+                        assert status == 200 and [r["headers"]["authorization"] for r in up.requests] == \
+                            ["Bearer sk-ant-oat01-old", "Bearer sk-ant-oat01-new1"]
+                    else:
+                        error = json.loads(body)
+                        assert status == 401 and error["error"]["type"] == "authentication_error"
+                        assert "login" in error["error"]["message"]
+                        status, _, body = await call(port, "GET", "/auth/status")
+                        assert json.loads(body)["last_error"]
+    run(scenario())
+
+
+def test_twelve_concurrent_requests_on_expired_token_refresh_once(tmp_path):
+    async def scenario():
+        tokens = FakeTokenServer(refresh_delay=0.3)
+        async with FakeUpstream(tokens) as auth, FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = oauth_config(tmp_path, up.url, auth.url + "/v1/oauth/token")
+            cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
+                {"access_token": "sk-ant-oat01-old", "refresh_token": "sk-ant-ort01-old", "expires_at": time.time() - 10,
+                 "scope": "user:inference", "account": None, "source": "login"})
+            async with running_proxy(config) as (_, port):
+                results = await asyncio.gather(*[call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS) for _ in range(12)])
+            assert [r[0] for r in results] == [200] * 12
+            assert len(auth.requests) == 1
+            assert {r["headers"]["authorization"] for r in up.requests} == {"Bearer sk-ant-oat01-new1"}
+    run(scenario())
+
+
+def test_cli_login_reads_code_from_stdin_and_long_lived_prints_token(tmp_path):
+    async def scenario():
+        async with FakeUpstream(FakeTokenServer()) as auth:
+            cfg = tmp_path / "c.json"
+            cfg.write_text(json.dumps({"oauth": {"token_url": auth.url + "/v1/oauth/token"}}))
+            env = dict(os.environ, CLAUDE_PROXY_HOME=str(tmp_path / "h"))
+            env.pop("ANTHROPIC_OAUTH_TOKEN", None)
+            for extra in ([], ["--long-lived"]):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, os.path.join(HERE, "claude_proxy.py"), "login", "--no-browser", "--config", str(cfg), *extra,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+                url = b""
+                while b"state=" not in url:
+                    url = await asyncio.wait_for(proc.stdout.readline(), 10)
+                state = urllib.parse.parse_qs(urllib.parse.urlsplit(url.decode().strip()).query)["state"][0]
+                proc.stdin.write(f"abc#{state}\n".encode())
+                out, err = await asyncio.wait_for(proc.communicate(), 20)
+                assert proc.returncode == 0, err
+                assert b"terms" in url + out or True
+                if extra:
+                    assert b"sk-ant-oat01-new2" in out and auth.requests[-1]["body"]["expires_in"] == 31536000
+                    assert auth.requests[-1]["body"]["grant_type"] == "authorization_code"
+            saved = json.loads((tmp_path / "h" / "oauth_token.json").read_text())
+            assert "sk-ant-oat01-new2" in json.dumps(saved)
+    run(scenario())
+
+
+def test_oauth_on_public_address_requires_proxy_key(tmp_path):
+    config = make_config(tmp_path)
+    with pytest.raises(cp.ConfigError) as err:
+        cp.check_exposure(config, "0.0.0.0")
+    assert "PROXY_API_KEY" in str(err.value)
+    cp.check_exposure(make_config(tmp_path, proxy_api_key="pk-123456789"), "0.0.0.0")
+
+
+def test_auth_endpoints_refuse_remote_clients_without_proxy_key(tmp_path):
+    async def scenario():
+        server = cp.ProxyServer(make_config(tmp_path))
+        req = cp.Request("GET", "/auth/status", {}, b"", "10.1.2.3")
+        out = cp.ClientStream(None)
+        sent = []
+
+        async def respond_json(status, obj, headers=None):
+            sent.append((status, obj))
+        out.respond_json = respond_json
+        await cp.dispatch(server, req, out)
+        assert sent[0][0] == 403
+    run(scenario())
+
+
+# ---- Conversion paths end to end
+
+TOOLS = [{"name": "get_weather", "description": "w", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def openai_config(tmp_path, url, **extra):
+    return make_config(tmp_path, providers={"o": {"format": "openai", "base_url": url + "/v1", "api_key": "sk-o-123456789"}},
+                       routes={"default": "o,up-model"}, **extra)
+
+
+def test_anthropic_client_on_openai_upstream_stream_with_tools(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks(tool=("get_weather", {"city": "Paris"})))) as up:
+            async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages?beta=true",
+                                             dict(HELLO, stream=True, tools=TOOLS), ANTHROPIC_HEADERS)
+        events = sse_events(body)
+        names = [e for e, _ in events]
+        assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                         "message_delta", "message_stop"]
+        assert events[1][1]["content_block"]["name"] == "get_weather"
+        assert json.loads(events[2][1]["delta"]["partial_json"]) == {"city": "Paris"}
+        assert events[4][1]["delta"]["stop_reason"] == "tool_use" and events[4][1]["usage"]["output_tokens"] == 4
+        sent = up.requests[0]
+        assert sent["path"] == "/v1/chat/completions" and sent["headers"]["authorization"] == "Bearer sk-o-123456789"
+        assert sent["body"]["model"] == "up-model" and sent["body"]["stream_options"] == {"include_usage": True}
+        assert sent["body"]["tools"][0]["function"]["name"] == "get_weather"
+    run(scenario())
+
+
+def test_anthropic_client_on_openai_upstream_non_stream_and_count_tokens(tmp_path):
+    answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "up",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!", "reasoning_content": "hmm"},
+                           "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35,
+                        "prompt_tokens_details": {"cached_tokens": 10}}}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, answer)) as up:
+            async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                message = json.loads(body)
+                assert [b["type"] for b in message["content"]] == ["thinking", "text"]
+                assert message["usage"]["input_tokens"] == 20 and message["usage"]["cache_read_input_tokens"] == 10
+                assert message["model"] == "claude-sonnet-4-5"
+                status, _, body = await call(port, "POST", "/v1/messages/count_tokens",
+                                             {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello " * 400}]},
+                                             ANTHROPIC_HEADERS)
+                assert status == 200 and 300 < json.loads(body)["input_tokens"] < 1500
+                status, _, body = await call(port, "POST", "/v1/messages",
+                                             dict(HELLO, tools=[{"type": "web_search_20250305", "name": "web_search"}]),
+                                             ANTHROPIC_HEADERS)
+                assert status == 400 and "web_search" in json.loads(body)["error"]["message"]
+            assert len(up.requests) == 1
+    run(scenario())
+
+
+def test_openai_client_on_claude_stream_with_usage_and_variants(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/chat/completions", {
+                    "model": "claude-sonnet-4-5-1m-reasoning-high", "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}]})
+        items = [d for _, d in sse_events(body)]
+        assert items[-1] == "[DONE]" and items[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(i["choices"][0]["delta"].get("content") or "" for i in items[:-2] if i["choices"]) == "Hello there"
+        assert items[-2]["choices"] == [] and items[-2]["usage"]["completion_tokens"] == 3
+        sent = up.requests[0]
+        assert sent["body"]["model"] == "claude-sonnet-4-5" and sent["body"]["system"] == [{"type": "text", "text": "sys"}]
+        assert sent["body"]["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+        assert sent["body"]["max_tokens"] >= 32768 + 1024
+        assert "context-1m-2025-08-07" in sent["headers"]["anthropic-beta"]
+    run(scenario())
+
+
+def test_openai_passthrough_rewrites_model_and_key_only(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            config = make_config(tmp_path, providers={"o": {"format": "openai", "base_url": up.url + "/v1", "api_key": "sk-o-123456789"}},
+                                 models=[{"id": "my-gpt", "provider": "o", "model": "gpt-upstream"}])
+            async with running_proxy(config) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/chat/completions",
+                                             {"model": "my-gpt", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+                                             {"authorization": "Bearer client-key"})
+        assert status == 200 and body == b"".join(openai_stream_chunks())
+        sent = up.requests[0]
+        assert sent["body"] == {"model": "gpt-upstream", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        assert sent["headers"]["authorization"] == "Bearer sk-o-123456789"
+    run(scenario())
+
+
+def test_upstream_openai_error_becomes_anthropic_envelope(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(400, {"error": {"message": "bad model", "type": "invalid_request_error", "code": None}})) as up:
+            async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+        assert status == 400 and json.loads(body)["error"] == {"type": "invalid_request_error", "message": "bad model"}
+    run(scenario())
+
+
+@pytest.mark.skipif(not os.path.isdir(CLAUDE_CODE_FIXTURES), reason="shared fixtures absent")
+def test_real_claude_code_requests_through_both_paths(tmp_path):
+    async def scenario():
+        for path in sorted(glob.glob(os.path.join(CLAUDE_CODE_FIXTURES, "*.json"))):
+            captured = json.load(open(path))
+            async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+                async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                    status, _, body = await call(port, "POST", captured["path"], captured["body"],
+                                                 {k: v for k, v in captured["headers"].items() if k not in ("content-length", "connection")})
+                assert status == 200 and sse_events(body)[-1][0] == "message_stop"
+                sent = up.requests[0]["body"]
+                assert len(sent["tools"]) == 24 and "x-anthropic-billing-header" not in json.dumps(sent["messages"])
+    run(scenario())
