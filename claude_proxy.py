@@ -3876,14 +3876,13 @@ def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
 
 
 def resolve_openai_target(config: Config, requested: str) -> Target:
-    """Route an OpenAI client's model name, understanding -reasoning-* and -1m variants."""
+    """Route an OpenAI client's model name, understanding Claude's -reasoning-* and -1m variants."""
     if requested in config.models:
         return resolve_target(config, requested)
     base, effort, one_m = parse_model_variant(requested)
     target = resolve_target(config, base, thinking=effort is not None)
-    if target.spec["model"] == base and target.provider["format"] == "openai" and base != requested:
-        target = resolve_target(config, requested)
-        return target
+    if target.provider["format"] == "openai":
+        return resolve_target(config, requested)   # variants are Claude's; other names pass unchanged
     target.effort, target.one_m = effort, one_m
     return target
 

@@ -3539,11 +3539,14 @@ def test_signal_handlers_fall_back_without_add_signal_handler(monkeypatch):
         def call_soon_threadsafe(self, fn):
             fn()
     monkeypatch.setattr(cp.signal, "signal", lambda sig, handler: installed.append((sig, handler)))
-    stop = asyncio.Event()
-    cp.install_signal_handlers(NoSignals(), stop)
-    assert {s for s, _ in installed} >= {cp.signal.SIGINT, cp.signal.SIGTERM}
-    installed[0][1](cp.signal.SIGINT, None)
-    assert stop.is_set()
+
+    async def scenario():
+        stop = asyncio.Event()
+        cp.install_signal_handlers(NoSignals(), stop)
+        assert {s for s, _ in installed} >= {cp.signal.SIGINT, cp.signal.SIGTERM}
+        installed[0][1](cp.signal.SIGINT, None)
+        assert stop.is_set()
+    run(scenario())
 
 
 def test_upstream_errors_are_relayed_in_the_anthropic_envelope(tmp_path):
