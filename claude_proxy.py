@@ -89,13 +89,9 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "cors_origins": ("CORS_ORIGINS", "list", []),
     "pool_size": ("UPSTREAM_POOL_SIZE", "int", 32),
     "long_context_threshold": ("LONG_CONTEXT_THRESHOLD", "int", 60000),
-    "default_max_tokens": ("DEFAULT_MAX_TOKENS", "int", 8192),
     "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
     "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
 }
-# Environment variables that name secrets; their values are redacted everywhere.
-SECRET_ENV = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_OAUTH_TOKEN",
-              "CLAUDE_CODE_OAUTH_TOKEN", "PROXY_API_KEY")
 # Hop-by-hop and credential headers never forwarded from the client to an upstream.
 CLIENT_HEADERS_DROPPED = frozenset((
     "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
@@ -105,6 +101,7 @@ CLIENT_HEADERS_DROPPED = frozenset((
 RELAYED_HEADERS = ("request-id", "x-request-id", "retry-after", "retry-after-ms",
                    "x-should-retry", "anthropic-organization-id")
 RELAYED_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
+OAUTH_KEYS = ("client_id", "authorize_url", "token_url", "redirect_uri", "scope", "long_lived_scope")
 RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
 
@@ -446,9 +443,14 @@ def parse_config(raw: dict, env: Mapping[str, str]) -> Config:
         for j, fallback in enumerate(spec["fallback"]):
             if fallback not in models:
                 raise ConfigError(f"models.{spec['id']}.fallback.{j}: unknown model id {fallback!r}")
+            if providers[models[fallback]["provider"]]["format"] != providers[spec["provider"]]["format"]:
+                raise ConfigError(f"models.{spec['id']}.fallback.{j}: {fallback!r} uses a provider of another format")
     oauth = raw.get("oauth") or {}
     if not isinstance(oauth, dict):
         raise ConfigError("oauth: expected an object")
+    for key, value in oauth.items():
+        if key not in OAUTH_KEYS or not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"oauth.{key}: expected one of {', '.join(OAUTH_KEYS)} with a string value")
     return Config(settings, providers, models, routes, oauth)
 
 
@@ -512,9 +514,8 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
     if fmt == "anthropic" and base_url.endswith("/v1"):
         base_url = base_url[:-3]
     api_key = raw.get("api_key") or (env.get(raw["api_key_env"]) if raw.get("api_key_env") else None)
-    auth = raw.get("auth") or ("api_key" if raw.get("api_key") else
-                               "auto" if fmt == "anthropic" else
-                               "api_key" if raw.get("api_key_env") else "none")
+    # A vendor never gets the Claude login by default: only the built-in provider says "auto".
+    auth = raw.get("auth") or ("api_key" if api_key else "client" if fmt == "anthropic" else "none")
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
     headers = raw.get("headers") or {}
@@ -3741,7 +3742,8 @@ async def handle_auth_logout(x: Exchange) -> None:
     await x.out.respond_json(200, x.server.oauth.tokens.status())
 
 
-async def run_oauth_command(command: str, args: argparse.Namespace, config: Config) -> int:
+async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
+                            env: Mapping[str, str]) -> int:
     """login / logout / status / import-claude-code, on a pool of their own."""
     pool = ConnectionPool(make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
                           urllib.request.getproxies_environment(), config.settings["connect_timeout"], 60.0)
@@ -3753,7 +3755,7 @@ async def run_oauth_command(command: str, args: argparse.Namespace, config: Conf
             service.tokens.logout()
             print("Logged out: the saved Claude login is removed.")
         elif command == "import-claude-code":
-            path = getattr(args, "path", None) or default_claude_credentials_path()
+            path = getattr(args, "path", None) or default_claude_credentials_path(env)
             record = import_claude_code_credentials(path, service.store)
             print(f"Imported Claude Code's login from {path} (expires {_iso(record.get('expires_at'))}). "
                   "Its refresh token stays with Claude Code: import again when it expires.")
@@ -3763,9 +3765,9 @@ async def run_oauth_command(command: str, args: argparse.Namespace, config: Conf
         pool.close()
 
 
-def default_claude_credentials_path() -> str:
+def default_claude_credentials_path(env: Mapping[str, str]) -> str:
     """~/.claude/.credentials.json, or under CLAUDE_CONFIG_DIR."""
-    base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
+    base = env.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
     return os.path.join(base, ".credentials.json")
 
 
@@ -3877,12 +3879,10 @@ def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
 
 def resolve_openai_target(config: Config, requested: str) -> Target:
     """Route an OpenAI client's model name, understanding Claude's -reasoning-* and -1m variants."""
-    if requested in config.models:
-        return resolve_target(config, requested)
     base, effort, one_m = parse_model_variant(requested)
+    if requested in config.models or base == requested:
+        return resolve_target(config, requested)
     target = resolve_target(config, base, thinking=effort is not None)
-    if target.provider["format"] == "openai":
-        return resolve_target(config, requested)   # variants are Claude's; other names pass unchanged
     target.effort, target.one_m = effort, one_m
     return target
 
@@ -4086,8 +4086,7 @@ class Exchange:
     async def send_once(self, target: Target, build: Callable) -> UpstreamResponse:
         """One upstream call; on OAuth, one refresh-and-retry when the token expired."""
         url, headers, payload = await build(target)
-        response = await self.server.pool.request("POST", url, headers, payload,
-                                                  read_timeout=self.config.settings["read_timeout"])
+        response = await self.server.pool.request("POST", url, headers, payload)
         if response.status != 401 or not self.oauth_used:
             return response
         text = (await response.read(1 << 20)).decode("utf-8", "replace")
@@ -4357,11 +4356,18 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
 def model_entries(config: Config) -> List[Tuple[str, str]]:
     """(model id, owner) for every configured model, the Claude models and their variants."""
     entries = [(spec["id"], spec.get("owned_by") or spec["provider"]) for spec in config.models.values()]
-    default = config.routes.get("default")
-    if default and config.providers[default["provider"]]["format"] == "anthropic":
-        for name in CLAUDE_MODELS:
-            entries += [(name + suffix, "anthropic") for suffix in ("",) + REASONING_VARIANTS + ("-1m",)]
+    for name in CLAUDE_MODELS:
+        entries += [(name + suffix, "anthropic") for suffix in ("",) + REASONING_VARIANTS + ("-1m",)
+                    if serves_claude(config, name + suffix)]
     return list(dict.fromkeys(entries))
+
+
+def serves_claude(config: Config, name: str) -> bool:
+    """Whether an OpenAI client asking for this Claude name reaches an anthropic-format provider."""
+    try:
+        return resolve_openai_target(config, name).provider["format"] == "anthropic"
+    except NotFound:
+        return False
 
 
 async def handle_models(x: Exchange) -> None:
@@ -4662,7 +4668,9 @@ async def wait_or_none(awaitable: Awaitable[bytes], timeout: float) -> Optional[
 
 def check_exposure(config: Config, host: str) -> None:
     """Serving an OAuth provider beyond loopback requires PROXY_API_KEY."""
-    uses_oauth = any(p["auth"] in ("oauth", "auto") for p in config.providers.values())
+    login_saved = os.path.exists(os.path.join(config.home, "oauth_token.json"))
+    has_token = bool(config.settings.get("oauth_token")) or login_saved
+    uses_oauth = any(p["auth"] == "oauth" or (p["auth"] == "auto" and has_token) for p in config.providers.values())
     if not is_loopback(host) and uses_oauth and not config.settings.get("proxy_api_key"):
         raise ConfigError(f"refusing to serve on {host}: Claude credentials (OAuth login or token) would be "
                           "open to the network. Set PROXY_API_KEY, or bind 127.0.0.1.")
@@ -4778,7 +4786,7 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
     if command == "serve":
         asyncio.run(serve(config, redactor, urllib.request.getproxies_environment()))
         return 0
-    return asyncio.run(run_oauth_command(command, args, config))
+    return asyncio.run(run_oauth_command(command, args, config, env))
 
 
 if __name__ == "__main__":

@@ -3725,11 +3725,35 @@ def test_cli_login_reads_code_from_stdin_and_long_lived_prints_token(tmp_path):
 
 
 def test_oauth_on_public_address_requires_proxy_key(tmp_path):
-    config = make_config(tmp_path)
+    oauth_provider = {"claude": {"format": "anthropic", "base_url": "http://127.0.0.1:9", "auth": "oauth"}}
+    for config in (make_config(tmp_path, providers=oauth_provider), make_config(tmp_path, oauth_token="sk-ant-oat01-x")):
+        with pytest.raises(cp.ConfigError) as err:
+            cp.check_exposure(config, "0.0.0.0")
+        assert "PROXY_API_KEY" in str(err.value)
+    cp.check_exposure(make_config(tmp_path, providers=oauth_provider, proxy_api_key="pk-123456789"), "0.0.0.0")
+    cp.check_exposure(make_config(tmp_path), "0.0.0.0")    # no login, no token: nothing to protect
+
+
+def test_vendors_never_get_the_claude_login_by_default():
+    config = cp.parse_config({"oauth_token": "sk-ant-oat01-x", "providers": {
+        "kimi": {"format": "anthropic", "base_url": "https://api.moonshot.ai/anthropic", "api_key_env": "KIMI_KEY"},
+        "nokey": {"format": "anthropic", "base_url": "https://vendor.example/anthropic"},
+        "local": {"format": "openai", "base_url": "http://127.0.0.1:11434/v1", "api_key_env": "UNSET_KEY"}}},
+        {"KIMI_KEY": "sk-kimi-123456789"})
+    assert [config.providers[n]["auth"] for n in ("anthropic", "kimi", "nokey", "local")] == ["auto", "api_key", "client", "none"]
+
+
+def test_fallback_across_formats_is_rejected():
     with pytest.raises(cp.ConfigError) as err:
-        cp.check_exposure(config, "0.0.0.0")
-    assert "PROXY_API_KEY" in str(err.value)
-    cp.check_exposure(make_config(tmp_path, proxy_api_key="pk-123456789"), "0.0.0.0")
+        cp.parse_config({"providers": {"o": {"format": "openai", "base_url": "http://h/v1"}},
+                         "models": [{"id": "a", "provider": "anthropic", "fallback": ["b"]}, {"id": "b", "provider": "o"}]}, {})
+    assert "models.a.fallback.0" in str(err.value)
+
+
+def test_unknown_oauth_key_is_a_config_error():
+    with pytest.raises(cp.ConfigError) as err:
+        cp.parse_config({"oauth": {"tokenurl": "x"}}, {})
+    assert "oauth.tokenurl" in str(err.value)
 
 
 def test_auth_endpoints_refuse_remote_clients_without_proxy_key(tmp_path):
