@@ -3885,3 +3885,19 @@ def test_real_claude_code_requests_through_both_paths(tmp_path):
                 sent = up.requests[0]["body"]
                 assert len(sent["tools"]) == 24 and "x-anthropic-billing-header" not in json.dumps(sent["messages"])
     run(scenario())
+
+
+@pytest.mark.parametrize("upstream_kind", ["anthropic", "openai"])
+def test_keepalive_comments_while_waiting_for_the_first_token(tmp_path, upstream_kind):
+    parts = anthropic_stream() if upstream_kind == "anthropic" else openai_stream_chunks()
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream([("sleep", 0.5)] + parts)) as up:
+            config = make_config(tmp_path, up.url) if upstream_kind == "anthropic" else openai_config(tmp_path, up.url)
+            config.settings["keepalive_interval"] = 0.1
+            async with running_proxy(config) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS)
+        assert status == 200 and body.count(b": keep-alive\n\n") >= 3
+        assert body.index(b": keep-alive") < body.index(b"message_start")
+        assert [e for e, _ in sse_events(body)][-1] == "message_stop"
+    run(scenario())
