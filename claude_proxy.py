@@ -48,7 +48,6 @@ import stat
 import sys
 import time
 import urllib.parse
-import urllib.request
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Mapping,
                     Optional, Tuple)
 
@@ -66,6 +65,8 @@ ANTHROPIC_VERSION = "2023-06-01"
 MAX_REQUEST_LINE = 8 * 1024          # longer request line: 414
 MAX_HEADER_BYTES = 64 * 1024         # larger header block: 431
 READ_CHUNK = 64 * 1024
+WRITE_HIGH_WATER = 64 * 1024         # client writes await drain() only past this much buffered
+MAX_CHUNK_LINE = 4096                # a longer chunk-size line is malformed
 
 # Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
 # at its top level; CLI flags override the few that have one.
@@ -87,7 +88,7 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "ssl_verify": ("SSL_VERIFY", "bool", True),
     "ca_bundle": ("CA_BUNDLE", "str", None),
     "cors_origins": ("CORS_ORIGINS", "list", []),
-    "pool_size": ("UPSTREAM_POOL_SIZE", "int", 32),
+    "pool_size": ("UPSTREAM_POOL_SIZE", "int", 128),
     "long_context_threshold": ("LONG_CONTEXT_THRESHOLD", "int", 60000),
     "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
     "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
@@ -676,6 +677,59 @@ def parse_chunk_size(line: bytes) -> int:
     return size
 
 
+class ChunkedDecoder:
+    """Incremental chunked transfer-coding decoder: feed(bytes) -> the payload bytes it completes.
+
+    All complete chunks of one read come back joined, so a relay makes one write per socket
+    read rather than one per chunk. `done` turns true after the last chunk and its trailers."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data_left = 0      # payload bytes still due in the current chunk
+        self._crlf_left = 0      # bytes of the CRLF after that payload still to skip
+        self._trailers = False
+        self.done = False
+        self.excess = b""        # bytes after the end of the body (the connection is then unusable)
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume bytes; return the payload they complete."""
+        buf, self._buf = (self._buf + data if self._buf else data), b""
+        out: List[bytes] = []
+        pos, end = 0, len(buf)
+        while pos < end and not self.done:
+            if self._data_left:
+                take = min(self._data_left, end - pos)
+                out.append(buf[pos:pos + take])
+                pos, self._data_left = pos + take, self._data_left - take
+            elif self._crlf_left:
+                skip = min(self._crlf_left, end - pos)
+                pos, self._crlf_left = pos + skip, self._crlf_left - skip
+            else:
+                pos = self._line(buf, pos, end)
+                if pos < 0:
+                    break
+        if self.done:
+            self.excess = buf[pos:]
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _line(self, buf: bytes, pos: int, end: int) -> int:
+        """Apply one size or trailer line; -1 (tail kept) when it is not complete yet."""
+        newline = buf.find(b"\r\n", pos)
+        if newline < 0:
+            if end - pos > MAX_CHUNK_LINE:
+                raise BadRequest("chunk size line too long")
+            self._buf = buf[pos:]
+            return -1
+        line = buf[pos:newline]
+        if self._trailers:
+            self.done = not line
+        else:
+            size = parse_chunk_size(line)
+            self._trailers = size == 0
+            self._data_left, self._crlf_left = size, 2 if size else 0
+        return newline + 2
+
+
 def body_framing(headers: Headers) -> Tuple[str, int]:
     """How a message body is delimited: ("chunked", 0), ("length", n) or ("close", 0)."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -740,10 +794,13 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> List[Tuple[str, str]]:
         """Events completed by this chunk of bytes."""
+        if not chunk:
+            return []
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = chunk[-1:] == b"\r"
-        lines = _LINE_END.split(self._tail + chunk)
+        data = self._tail + chunk if self._tail else chunk
+        lines = _LINE_END.split(data) if b"\r" in data else data.split(b"\n")
         self._tail = lines.pop()
         events: List[Tuple[str, str]] = []
         for line in lines:
@@ -900,11 +957,14 @@ class ClientStream:
         self.writer.write(format_head(format_status_line(status), headers))
 
     async def send(self, data: bytes) -> None:
-        """One chunk, with backpressure."""
+        """One chunk; waits for the client (backpressure) only when much is buffered."""
         if data:
-            self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+            writer = self.writer
+            writer.write(b"%x\r\n%b\r\n" % (len(data), data))
             self.bytes_sent += len(data)
-            await self.writer.drain()
+            transport = writer.transport
+            if transport.get_write_buffer_size() > WRITE_HIGH_WATER or transport.is_closing():
+                await writer.drain()
 
     async def finish(self) -> None:
         """The terminating chunk."""
@@ -1023,17 +1083,16 @@ class UpstreamResponse:
         self._finish()
 
     async def _iter_chunked(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-        timer = self.timer
-        while True:
-            size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+        timer, decoder = self.timer, ChunkedDecoder()
+        while not decoder.done:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
             timer.touch()
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass
-                return
-            data = await reader.readexactly(size + 2)
-            timer.touch()
-            yield data[:-2]
+            payload = decoder.feed(data)
+            if payload:
+                yield payload
+        self._reusable = self._reusable and not decoder.excess
 
     async def _iter_plain(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         remaining = self._remaining
@@ -1077,9 +1136,10 @@ class UpstreamResponse:
 class ConnectionPool:
     """Keep-alive connections per origin, and the one request function of the upstream side."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, proxies: Mapping[str, str], connect_timeout: float,
-                 read_timeout: float, max_idle: int = 32):
-        self.ssl_context = ssl_context
+    def __init__(self, ssl_context: Callable[[], ssl.SSLContext], proxies: Mapping[str, str],
+                 connect_timeout: float, read_timeout: float, max_idle: int = 128):
+        self._make_ssl_context = ssl_context
+        self._ssl_context: Optional[ssl.SSLContext] = None
         self.proxies = dict(proxies)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -1110,6 +1170,11 @@ class ConnectionPool:
             conn.writer.write(payload)
             await conn.writer.drain()
             status, headers = await self._read_head(conn.reader, timer)
+            return UpstreamResponse(self, conn, status, headers, timer, head_only)
+        except BadRequest:
+            timer.cancel()
+            conn.abort()
+            raise UpstreamError("upstream sent a malformed response framing") from None
         except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError) as exc:
             timer.cancel()
             conn.abort()
@@ -1122,7 +1187,6 @@ class ConnectionPool:
             timer.cancel()
             conn.abort()
             raise
-        return UpstreamResponse(self, conn, status, headers, timer, head_only)
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader, timer: IdleTimer) -> Tuple[int, Headers]:
@@ -1155,7 +1219,7 @@ class ConnectionPool:
         """A new connection, direct or through a CONNECT proxy, within connect_timeout."""
         scheme, host, port = origin
         proxy = self.proxy_for(scheme, host)
-        context = self.ssl_context if scheme == "https" else None
+        context = self.ssl_context() if scheme == "https" else None
         try:
             if proxy:
                 sock = await asyncio.wait_for(open_tunnel(proxy, host, port), self.connect_timeout)
@@ -1172,10 +1236,16 @@ class ConnectionPool:
         self.opened += 1
         return UpstreamConnection(origin, reader, writer)
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context, made on first use (loading the system store takes tens of ms)."""
+        if self._ssl_context is None:
+            self._ssl_context = self._make_ssl_context()
+        return self._ssl_context
+
     def proxy_for(self, scheme: str, host: str) -> Optional[str]:
         """The proxy URL for this target, honouring NO_PROXY; never for loopback."""
         proxy = self.proxies.get(scheme)
-        if not proxy or is_loopback(host) or urllib.request.proxy_bypass_environment(host, self.proxies):
+        if not proxy or is_loopback(host) or bypasses_proxy(host, self.proxies.get("no", "")):
             return None
         return proxy
 
@@ -1185,6 +1255,16 @@ class ConnectionPool:
             for conn in conns:
                 conn.abort()
         self._idle.clear()
+
+
+def bypasses_proxy(host: str, no_proxy: str) -> bool:
+    """NO_PROXY matching: "*", exact host, or a domain suffix (".example.com" or "example.com")."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        entry = entry.split(":")[0].lstrip(".") if entry != "*" else entry
+        if entry and (entry == "*" or host == entry or host.endswith("." + entry)):
+            return True
+    return False
 
 
 class _StaleConnection(Exception):
@@ -1452,7 +1532,7 @@ def _convert_message(message: Any, param: str, spec: dict) -> List[dict]:
     """One Anthropic user/assistant message as zero or more OpenAI messages."""
     _expect(isinstance(message, dict), "message must be an object", param)
     role, content = message.get("role"), message.get("content")
-    _expect(role in ANTHROPIC_ROLES, "unknown role %r" % (role,), f"{param}.role")
+    _expect(isinstance(role, str) and role in ANTHROPIC_ROLES, "unknown role %r" % (role,), f"{param}.role")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     _expect(isinstance(content, list), "content must be a string or a list of blocks",
@@ -2490,10 +2570,10 @@ def _split_messages(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
     for i, msg in enumerate(openai_messages):
         if not isinstance(msg, dict):
             raise BadRequest("message must be an object", param="messages.%d" % i)
-        if msg.get("role") not in ROLE_CONVERTERS:
-            raise BadRequest("unknown role %r" % msg.get("role"), param="messages.%d.role" % i)
-        role, convert = ROLE_CONVERTERS[msg["role"]]
-        blocks = convert(msg, i)
+        if not isinstance(msg.get("role"), str) or msg["role"] not in ROLE_CONVERTERS:
+            raise BadRequest("unknown role %r" % (msg.get("role"),), param="messages.%d.role" % i)
+        role, to_blocks = ROLE_CONVERTERS[msg["role"]]
+        blocks = to_blocks(msg, i)
         if role == "system":
             system += blocks
         else:
@@ -3745,8 +3825,8 @@ async def handle_auth_logout(x: Exchange) -> None:
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
     """login / logout / status / import-claude-code, on a pool of their own."""
-    pool = ConnectionPool(make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
-                          urllib.request.getproxies_environment(), config.settings["connect_timeout"], 60.0)
+    pool = ConnectionPool(lambda: make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
+                          proxies_from_env(env), config.settings["connect_timeout"], 60.0)
     service = OAuthService(config, pool, Redactor())
     try:
         if command == "login":
@@ -3914,8 +3994,11 @@ def upstream_error_detail(raw: bytes) -> Tuple[Optional[str], str]:
 
 
 def anthropic_error_body(exc: ProxyError, request_id: str) -> dict:
-    """Anthropic's error envelope."""
-    return {"type": "error", "error": {"type": exc.error_type, "message": exc.message},
+    """Anthropic's error envelope (it has no `param`: the message names the field)."""
+    message = exc.message
+    if exc.param and not message.startswith(exc.param):
+        message = f"{exc.param}: {message}"
+    return {"type": "error", "error": {"type": exc.error_type, "message": message},
             "request_id": request_id}
 
 
@@ -3955,13 +4038,14 @@ class Relay:
         self.out = out
         self.interval = interval
         self._at_boundary = True
-        self._last = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
         self._task: Optional[asyncio.Task] = None
 
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         """Open the chunked response and the keep-alive ticker."""
         self.out.start(status, headers)
-        self._last = asyncio.get_running_loop().time()
+        self._last = self._loop.time()
         if self.interval > 0:
             self._task = asyncio.ensure_future(self._keepalive())
 
@@ -3969,11 +4053,11 @@ class Relay:
         """Relay bytes; remember whether they end on an event boundary."""
         if data:
             self._at_boundary = data.endswith(b"\n\n")
-            self._last = asyncio.get_running_loop().time()
+            self._last = self._loop.time()
             await self.out.send(data)
 
     async def _keepalive(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while True:
             await asyncio.sleep(max(0.05, self._last + self.interval - loop.time()))
             if loop.time() - self._last >= self.interval and self._at_boundary:
@@ -4161,18 +4245,18 @@ class Exchange:
         """Conversion: decode upstream SSE, feed the state machine, write its events."""
         self.relay = Relay(self.out, self.config.settings["keepalive_interval"])
         self.relay.start(200, SSE_RESPONSE_HEADERS + relayed_headers(response.headers))
-        decoder = SSEDecoder()
-        async for data in response.iter_body():
+        decoder, body = SSEDecoder(), response.iter_body()
+        async for data in body:
             items = feed_events(machine, decoder.feed(data))
             if items:
                 await self.relay.send(b"".join([encode(item) for item in items]))
             if machine.finished:
-                response.close()
                 break
-        items = feed_events(machine, decoder.close()) + machine.close()
+        items = feed_events(machine, decoder.close() + [END_OF_STREAM])   # close() is idempotent
         await self.relay.send(b"".join([encode(item) for item in items]))
         self.relay.stop()
         await self.out.finish()
+        await drain_rest(body)
 
 
 class ReplayResponse(UpstreamResponse):
@@ -4189,19 +4273,38 @@ class ReplayResponse(UpstreamResponse):
         pass
 
 
-def feed_events(machine: Any, events: List[Tuple[str, str]]) -> List[Any]:
-    """Parse upstream SSE events and feed them to a converter; [DONE] closes it."""
+END_OF_STREAM = ("", "[DONE]")
+
+
+async def drain_rest(body: AsyncIterator[bytes], timeout: float = 2.0) -> None:
+    """Read what the upstream still sends after the answer ended, so its connection is reused."""
+    async def consume() -> None:
+        async for _ in body:
+            pass
+    try:
+        await asyncio.wait_for(consume(), timeout)
+    except (asyncio.TimeoutError, UpstreamError):
+        pass
+
+
+def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
+    """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
+    [DONE] closes it; an event of a shape the converter cannot take is an UpstreamError."""
     out: List[Any] = []
-    for _, data in events:
-        if data == "[DONE]":
+    try:
+        for event in events:
+            if parsed:
+                out += machine.feed(event)
+            elif event[1] == "[DONE]":
+                out += machine.close()
+            else:
+                upstream_event = json.loads(event[1])
+                if isinstance(upstream_event, dict):
+                    out += machine.feed(upstream_event)
+        if parsed:
             out += machine.close()
-            continue
-        try:
-            parsed = json.loads(data)
-        except ValueError:
-            raise UpstreamError("upstream sent a malformed stream event") from None
-        if isinstance(parsed, dict):
-            out += machine.feed(parsed)
+    except SHAPE_ERRORS as exc:
+        raise UpstreamError(f"upstream sent a malformed stream event ({exc.__class__.__name__})") from None
     return out
 
 
@@ -4224,6 +4327,19 @@ def merge_headers(headers: List[Tuple[str, str]], *extra: Dict[str, str]) -> Lis
     return headers
 
 
+SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
+
+
+def convert(error: type, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run a converter; a shape it did not expect is the sender's fault: BadRequest for a
+    client's request, UpstreamError for an upstream's answer (never a 500)."""
+    try:
+        return fn(*args, **kw)
+    except SHAPE_ERRORS as exc:
+        log.debug("converter %s failed on %s: %r", fn.__name__, what, exc)
+        raise error(f"malformed {what}: {exc.__class__.__name__}: {exc}") from None
+
+
 def parse_upstream_json(raw: bytes) -> dict:
     """An upstream's JSON answer, or UpstreamError (never the client's fault)."""
     try:
@@ -4240,8 +4356,8 @@ async def handle_messages(x: Exchange) -> None:
     body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
                           "anthropic")
     needs_estimate = "long_context" in x.config.routes
-    x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body),
-                              input_tokens=estimate_anthropic_tokens(body) if needs_estimate else 0)
+    estimate = convert(BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
+    x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body), input_tokens=estimate)
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages")
     else:
@@ -4262,14 +4378,14 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
 
 async def anthropic_via_openai(x: Exchange, body: dict) -> None:
     """Anthropic in, OpenAI-compatible upstream: convert the request and the answer."""
-    server_tools = server_tool_names(body)
+    server_tools = convert(BadRequest, "request", server_tool_names, body)
     if server_tools:
         raise BadRequest(f"server tools ({', '.join(server_tools)}) are not available: model "
                          f"{body['model']!r} is served by OpenAI-compatible provider "
                          f"{x.target.provider['name']!r}, which has no Anthropic server tools", param="tools")
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        return await x.openai_call(target, anthropic_to_openai_request(body, target.spec))
+        return await x.openai_call(target, convert(BadRequest, "request", anthropic_to_openai_request, body, target.spec))
     response = await x.send(build)
     try:
         await x.check_status(response)
@@ -4277,9 +4393,11 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
             machine = OpenAIToAnthropicStream(body["model"], input_tokens=estimate_anthropic_tokens(body))
             await x.relay_converted(response, machine, format_anthropic_event)
             return
-        message = openai_response_to_anthropic(parse_upstream_json(await response.read()), body["model"])
+        message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic,
+                          parse_upstream_json(await response.read()), body["model"])
         if body.get("stream"):
-            await send_events(x, anthropic_message_as_events(message), format_anthropic_event)
+            await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
+                              format_anthropic_event)
         else:
             await x.out.respond_json(200, message, relayed_headers(response.headers))
     finally:
@@ -4300,7 +4418,7 @@ async def handle_count_tokens(x: Exchange) -> None:
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages/count_tokens")
     else:
-        await x.out.respond_json(200, {"input_tokens": estimate_anthropic_tokens(body)})
+        await x.out.respond_json(200, {"input_tokens": convert(BadRequest, "request", estimate_anthropic_tokens, body)})
 
 
 async def handle_chat_completions(x: Exchange) -> None:
@@ -4330,8 +4448,8 @@ async def openai_passthrough(x: Exchange, body: dict) -> None:
 async def openai_via_anthropic(x: Exchange, body: dict) -> None:
     """OpenAI in, Claude upstream: convert the request and the answer."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        anthropic_body = openai_to_anthropic_request(body, target.spec["model"], variant_effort=target.effort,
-                                                     thinking_style=target.spec["thinking"])
+        anthropic_body = convert(BadRequest, "request", openai_to_anthropic_request, body, target.spec["model"],
+                                 variant_effort=target.effort, thinking_style=target.spec["thinking"])
         return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
     response = await x.send(build)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -4344,11 +4462,11 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
         message = parse_upstream_json(await response.read())
         if body.get("stream"):
             machine = AnthropicToOpenAIStream(body["model"], include_usage=include_usage)
-            items = [i for e in anthropic_message_as_events(message) for i in machine.feed(e)] + machine.close()
-            await send_events(x, items, format_openai_item)
+            events = convert(UpstreamError, "upstream answer", anthropic_message_as_events, message)
+            await send_events(x, feed_events(machine, events, parsed=True), format_openai_item)
         else:
-            await x.out.respond_json(200, anthropic_response_to_openai(message, body["model"]),
-                                     relayed_headers(response.headers))
+            answer = convert(UpstreamError, "upstream answer", anthropic_response_to_openai, message, body["model"])
+            await x.out.respond_json(200, answer, relayed_headers(response.headers))
     finally:
         response.close()
 
@@ -4466,13 +4584,16 @@ async def render_error(x: Exchange, exc: ProxyError) -> None:
             await x.out.respond(exc.status, [("content-type", "application/json")] +
                                 relayed_headers(exc.headers), exc.body)
             return
+        extra = relayed_headers(exc.headers)
         exc = error_from_upstream(exc)
+    else:
+        extra = []
     if x.req.dialect == "openai":
         body = openai_error_body(exc)
     else:
         body = anthropic_error_body(exc, x.req.id)
     if not x.out.started:
-        await x.out.respond_json(exc.status, body)
+        await x.out.respond_json(exc.status, body, extra)
         return
     x.req.keep_alive = False
     event = format_sse(json_text(body), "error" if x.req.dialect == "anthropic" else None)
@@ -4560,7 +4681,7 @@ class ProxyServer:
         self.config = config
         settings = config.settings
         self.redactor = redactor or Redactor(config.secret_values())
-        self.pool = ConnectionPool(make_ssl_context(settings["ssl_verify"], settings["ca_bundle"]),
+        self.pool = ConnectionPool(lambda: make_ssl_context(settings["ssl_verify"], settings["ca_bundle"]),
                                    proxies or {}, settings["connect_timeout"], settings["read_timeout"],
                                    settings["pool_size"])
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
@@ -4738,6 +4859,16 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return {key: value for key, value in pairs if value is not None}
 
 
+def proxies_from_env(env: Mapping[str, str]) -> Dict[str, str]:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (either case) as {"https": ..., "http": ..., "no": ...}."""
+    proxies = {}
+    for scheme in ("https", "http", "no"):
+        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+        if value:
+            proxies[scheme] = value
+    return proxies
+
+
 def setup_logging(level: str, redactor: Redactor) -> None:
     """logging to stderr, every record scrubbed of secrets."""
     handler = logging.StreamHandler()
@@ -4784,7 +4915,7 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
         print(json.dumps(redacted_config(config), indent=2))
         return 0
     if command == "serve":
-        asyncio.run(serve(config, redactor, urllib.request.getproxies_environment()))
+        asyncio.run(serve(config, redactor, proxies_from_env(env)))
         return 0
     return asyncio.run(run_oauth_command(command, args, config, env))
 
