@@ -201,6 +201,19 @@ ERROR_TYPE_BY_STATUS = {
 
 _TOOL_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_json_scan = json.JSONDecoder().scan_once
+
+
+def _c_json_encoder() -> Optional[Callable[[Any, int], Any]]:
+    """CPython's C encoder configured like _json_encoder, or None where it is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    return make(None, _json_encoder.default, json.encoder.encode_basestring, None, ":", ",",
+                False, False, True)
+
+
+_json_c_encode = _c_json_encoder()
 
 
 def new_id(prefix: str) -> str:
@@ -216,8 +229,21 @@ def sanitize_tool_id(tool_id: Optional[str]) -> str:
 
 
 def json_text(obj: Any) -> str:
-    """Compact JSON text, UTF-8 kept as is."""
-    return _json_encoder.encode(obj)
+    """Compact JSON text, UTF-8 kept as is (the C encoder straight, on the per-chunk path)."""
+    if _json_c_encode is None or not isinstance(obj, dict):
+        return _json_encoder.encode(obj)
+    return "".join(_json_c_encode(obj, 0))
+
+
+def loads_event(text: str) -> Any:
+    """json.loads for one stream event: the C scanner first, json.loads for anything unusual."""
+    try:
+        value, end = _json_scan(text, 0)
+        if end == len(text):
+            return value
+    except (StopIteration, ValueError):
+        pass
+    return json.loads(text)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -803,8 +829,20 @@ class SSEDecoder:
         lines = _LINE_END.split(data) if b"\r" in data else data.split(b"\n")
         self._tail = lines.pop()
         events: List[Tuple[str, str]] = []
-        for line in lines:
-            self._line(line, events)
+        pending = self._data
+        for line in lines:                                   # the common lines inline, rare ones in _line
+            if line[:6] == b"data: ":
+                pending.append(line[6:].decode("utf-8", "replace"))
+            elif not line:
+                if pending:
+                    events.append((self._event, pending[0] if len(pending) == 1 else "\n".join(pending)))
+                    pending = self._data = []
+                self._event = ""
+            elif line[:7] == b"event: ":
+                self._event = line[7:].decode("utf-8", "replace")
+            else:
+                self._line(line, events)
+                pending = self._data
         return events
 
     def close(self) -> List[Tuple[str, str]]:
@@ -1065,46 +1103,48 @@ class UpstreamResponse:
         self._framing = framing
         self._reusable = framing != "close" and headers.get("connection", "").lower() != "close"
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
+    def iter_body(self) -> AsyncIterator[bytes]:
         """The body as it arrives; the connection goes back to the pool at its end."""
+        return self._iter_chunked() if self._framing == "chunked" else self._iter_plain()
+
+    def _failure(self) -> UpstreamError:
+        """The error for a body that broke off: a timeout if the idle timer fired."""
+        self.close()
+        if self.timer.fired:
+            return UpstreamTimeout("upstream read timed out")
+        return UpstreamError("upstream connection lost mid-response")
+
+    async def _iter_chunked(self) -> AsyncIterator[bytes]:
+        reader, timer, decoder = self.conn.reader, self.timer, ChunkedDecoder()
         try:
-            reader = self.conn.reader
-            if self._framing == "chunked":
-                async for data in self._iter_chunked(reader):
-                    yield data
-            else:
-                async for data in self._iter_plain(reader):
-                    yield data
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError, BadRequest):
-            self.close()
-            if self.timer.fired:
-                raise UpstreamTimeout("upstream read timed out") from None
-            raise UpstreamError("upstream connection lost mid-response") from None
+            while not decoder.done:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    raise ConnectionResetError()
+                timer.touch()
+                payload = decoder.feed(data)
+                if payload:
+                    yield payload
+        except (ConnectionError, OSError, BadRequest):
+            raise self._failure() from None
+        self._reusable = self._reusable and not decoder.excess
         self._finish()
 
-    async def _iter_chunked(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-        timer, decoder = self.timer, ChunkedDecoder()
-        while not decoder.done:
-            data = await reader.read(READ_CHUNK)
-            if not data:
-                raise asyncio.IncompleteReadError(b"", None)
-            timer.touch()
-            payload = decoder.feed(data)
-            if payload:
-                yield payload
-        self._reusable = self._reusable and not decoder.excess
-
-    async def _iter_plain(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-        remaining = self._remaining
-        while self._framing == "close" or remaining > 0:
-            data = await reader.read(READ_CHUNK if self._framing == "close" else min(remaining, READ_CHUNK))
-            if not data:
-                if self._framing == "close":
-                    return
-                raise asyncio.IncompleteReadError(b"", remaining)
-            self.timer.touch()
-            remaining -= len(data)
-            yield data
+    async def _iter_plain(self) -> AsyncIterator[bytes]:
+        reader, remaining, until_close = self.conn.reader, self._remaining, self._framing == "close"
+        try:
+            while until_close or remaining > 0:
+                data = await reader.read(READ_CHUNK if until_close else min(remaining, READ_CHUNK))
+                if not data:
+                    if until_close:
+                        break
+                    raise ConnectionResetError()
+                self.timer.touch()
+                remaining -= len(data)
+                yield data
+        except (ConnectionError, OSError):
+            raise self._failure() from None
+        self._finish()
 
     async def read(self, limit: int = 64 * 1024 * 1024) -> bytes:
         """The whole body (bounded)."""
@@ -1830,6 +1870,8 @@ def _reasoning_pieces(delta: dict) -> List[Tuple[str, Any]]:
     reasoning.text / reasoning.summary text -> thinking; any non-empty `signature` -> a
     signature for the open thinking block; reasoning.encrypted is ignored (its opaque data is
     OpenRouter's, not a Claude redacted_thinking payload that an Anthropic client could replay)."""
+    if "reasoning_details" not in delta and "reasoning_content" not in delta and "reasoning" not in delta:
+        return []
     pieces: List[Tuple[str, Any]] = []
     details = delta.get("reasoning_details")
     for detail in details if isinstance(details, list) else []:
@@ -4298,7 +4340,7 @@ def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[A
             elif event[1] == "[DONE]":
                 out += machine.close()
             else:
-                upstream_event = json.loads(event[1])
+                upstream_event = loads_event(event[1])
                 if isinstance(upstream_event, dict):
                     out += machine.feed(upstream_event)
         if parsed:
