@@ -2241,6 +2241,16 @@ class _AnthropicFold:
         return self.message
 
 
+FOLD_HANDLERS: Dict[str, Callable[[_AnthropicFold, dict], None]] = {
+    "message_start": _AnthropicFold.on_message_start,
+    "content_block_start": _AnthropicFold.on_content_block_start,
+    "content_block_delta": _AnthropicFold.on_content_block_delta,
+    "content_block_stop": _AnthropicFold.on_content_block_stop,
+    "message_delta": _AnthropicFold.on_message_delta,
+    "error": _AnthropicFold.on_error,
+}
+
+
 def fold_anthropic_events(events: List[dict]) -> dict:
     """The non-streaming Anthropic message equivalent to a list of Anthropic stream events.
 
@@ -2248,10 +2258,12 @@ def fold_anthropic_events(events: List[dict]) -> dict:
     Unknown event types (ping, future ones) are ignored, as B.7 requires."""
     fold = _AnthropicFold()
     for event in events:
-        handler = getattr(fold, "on_" + str(event.get("type")), None)
+        kind = event.get("type")
+        handler = FOLD_HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is not None:
-            handler(event)
+            handler(fold, event)
     return fold.result()
+
 
 
 # ---- OpenAI non-streaming answer -> Anthropic message -----------------------------------

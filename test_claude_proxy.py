@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import glob
 import json
 import logging
@@ -5735,3 +5736,72 @@ def test_benchmark(request):
     if os.environ.get("CLAUDE_PROXY_BENCH_STRICT"):
         missed = [r["name"] for r in rows if r["verdict"] == "MISS"]
         assert not missed and startup["median"] <= 0.150 and peak <= 40, f"targets missed: {missed}"
+
+
+async def _requests_on_keepalive(port, n, bodies):
+    """n requests over one keep-alive connection, cycling through (path, body) pairs."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(n):
+        path, body = bodies[i % len(bodies)]
+        data = json.dumps(body).encode()
+        writer.write(b"POST %s HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\n\r\n%s"
+                     % (path.encode(), len(data), data))
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"chunked" in head:
+            while not (await reader.readuntil(b"\r\n")).startswith(b"0\r\n"):
+                await reader.readuntil(b"\r\n")
+            await reader.readuntil(b"\r\n")
+        else:
+            await reader.readexactly(int(re.search(rb"content-length: (\d+)", head).group(1)))
+        assert head.startswith(b"HTTP/1.1 200"), head
+    writer.close()
+
+
+def memory_growth(tmp_path, total, warmup):
+    """Bytes traced by tracemalloc that stay allocated between `warmup` and `total` requests."""
+    import tracemalloc
+
+    def script(req):
+        if req["path"].startswith("/v1/chat"):
+            return Stream(openai_stream_chunks()) if req["body"].get("stream") else http_response(200, {
+                "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        return Stream(anthropic_stream()) if req["body"].get("stream") else http_response(200, anthropic_message())
+    bodies = [("/v1/messages", HELLO), ("/v1/messages", dict(HELLO, model="conv", stream=True)),
+              ("/v1/chat/completions", {"model": "claude-x", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+              ("/v1/messages", dict(HELLO, model="conv"))]
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            config = make_config(tmp_path, up.url, providers={"o": {"format": "openai", "base_url": up.url + "/v1"}},
+                                 models=[{"id": "conv", "provider": "o"}])
+            async with running_proxy(config) as (_, port):
+                await asyncio.gather(*[_requests_on_keepalive(port, warmup // 4, bodies) for _ in range(4)])
+                up.requests.clear()
+                tracemalloc.start()
+                gc.collect()
+                before = tracemalloc.take_snapshot()
+                await asyncio.gather(*[_requests_on_keepalive(port, (total - warmup) // 4, bodies) for _ in range(4)])
+                up.requests.clear()
+                gc.collect()
+                after = tracemalloc.take_snapshot()
+                tracemalloc.stop()
+        module = os.path.abspath(cp.__file__)
+        return sum(stat.size_diff for stat in after.compare_to(before, "filename")
+                   if os.path.abspath(stat.traceback[0].filename) == module)
+    return run(scenario())
+
+
+def test_no_memory_kept_per_request(tmp_path):
+    growth = memory_growth(tmp_path, total=1200, warmup=400)
+    assert growth < 64 * 1024, f"claude_proxy.py kept {growth} bytes over 800 requests"
+
+
+@_bench_mark
+def test_benchmark_memory_10000_requests(request, tmp_path):
+    if not re.search(r"(?<!not )\bbench\b", request.config.getoption("-m") or ""):
+        pytest.skip("benchmark: run with -m bench")
+    growth = memory_growth(tmp_path, total=11000, warmup=1000)
+    print(f"\ntracemalloc: claude_proxy.py allocations retained over 10,000 requests: {growth} bytes")
+    assert growth < 64 * 1024
