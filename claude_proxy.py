@@ -424,7 +424,10 @@ def quickstart_layer(env: Mapping[str, str]) -> dict:
         middle, small = env.get("MIDDLE_MODEL", big), env.get("SMALL_MODEL", "gpt-4o-mini")
         raw["providers"] = {"openai": {"format": "openai", "api_key_env": "OPENAI_API_KEY",
                                        "base_url": env.get("OPENAI_BASE_URL", DEFAULT_OPENAI_URL)}}
-        raw["models"] = [{"id": name, "provider": "openai"} for name in dict.fromkeys((big, middle, small))]
+        limit = env.get("MAX_TOKENS_LIMIT", "16k")
+        reasoning = env.get("OPENAI_REASONING_PARAM") or None    # gpt-4o & co. reject reasoning_effort
+        raw["models"] = [{"id": name, "provider": "openai", "max_tokens": limit, "reasoning_param": reasoning}
+                         for name in dict.fromkeys((big, middle, small))]
         raw["routes"] = {"opus": big, "sonnet": middle, "haiku": small, "background": small,
                          "default": big}
     for route in SPECIAL_ROUTES:
@@ -541,8 +544,11 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
     if fmt == "anthropic" and base_url.endswith("/v1"):
         base_url = base_url[:-3]
     api_key = raw.get("api_key") or (env.get(raw["api_key_env"]) if raw.get("api_key_env") else None)
-    # A vendor never gets the Claude login by default: only the built-in provider says "auto".
-    auth = raw.get("auth") or ("api_key" if api_key else "client" if fmt == "anthropic" else "none")
+    # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
+    # only the built-in provider says "auto", and "client" must be written out.
+    auth = raw.get("auth") or ("api_key" if api_key else "none")
+    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
+        log.warning("%s.api_key_env: %s is not set; sending no credentials", path, raw["api_key_env"])
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
     headers = raw.get("headers") or {}
@@ -2115,7 +2121,9 @@ class OpenAIToAnthropicStream:
             known = self._tool_by_index[index]
             tool = known if not raw_id or not known["raw_id"] else None
         if tool is None and index is None and not raw_id and self._tools:
-            tool = self._tools[-1]
+            last, function = self._tools[-1], call.get("function")
+            named = isinstance(function, dict) and function.get("name")
+            tool = None if named and last["name"] else last     # a second name is a second call
         return tool or self._new_tool(index, raw_id)
 
     def _new_tool(self, index: Any, raw_id: Optional[str]) -> dict:
@@ -3812,9 +3820,9 @@ class OAuthService:
         self.redactor.add(token)
         return token
 
-    async def on_unauthorized(self, body_text: str) -> bool:
-        """Refresh once when the upstream said the token expired."""
-        return await self.tokens.on_unauthorized(body_text)
+    async def on_unauthorized(self, body_text: str, failed_token: Optional[str] = None) -> bool:
+        """Refresh once when the upstream said the token expired (keyed on the token that failed)."""
+        return await self.tokens.on_unauthorized(body_text, failed_token)
 
     def start_login(self, long_lived: bool = False) -> LoginFlow:
         """A new pending login (the oldest dropped past MAX_PENDING_LOGINS)."""
@@ -4159,7 +4167,7 @@ class Exchange:
         mode = provider["auth"]
         if mode != "auto":
             return mode
-        if await self.server.oauth.available():
+        if await self.server.oauth.available() and not self.server.exposed:
             return "oauth"
         return "api_key" if provider.get("api_key") else "client"
 
@@ -4228,7 +4236,8 @@ class Exchange:
         if response.status != 401 or not self.oauth_used:
             return response
         text = (await response.read(1 << 20)).decode("utf-8", "replace")
-        if not await self.server.oauth.on_unauthorized(text):
+        failed = next((v[7:] for n, v in headers if n == "authorization" and v.startswith("Bearer ")), None)
+        if not await self.server.oauth.on_unauthorized(text, failed):
             return ReplayResponse(response, text.encode())
         url, headers, payload = await build(target)
         return await self.server.pool.request("POST", url, headers, payload)
@@ -4634,7 +4643,8 @@ def check_access(settings: dict, req: Request) -> None:
 async def render_error(x: Exchange, exc: ProxyError) -> None:
     """An error in the client's dialect: a JSON response, or one event if streaming began."""
     if isinstance(exc, UpstreamStatus):
-        if x.target and x.target.provider["format"] == x.req.dialect and not x.out.started:
+        if x.target and x.target.provider["format"] == x.req.dialect and not x.out.started \
+                and upstream_error_detail(exc.body)[0] is not None:
             await x.out.respond(exc.status, [("content-type", "application/json")] +
                                 relayed_headers(exc.headers), exc.body)
             return
@@ -4741,13 +4751,16 @@ class ProxyServer:
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
         self.connections: set = set()
         self.closing = False
+        self.exposed = False          # bound beyond loopback without a proxy key: no OAuth via auto
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, host: Optional[str] = None, port: Optional[int] = None) -> Tuple[str, int]:
         """Bind and start accepting; returns the bound address."""
-        check_exposure(self.config, host or self.config.settings["host"])
+        host = host or self.config.settings["host"]
+        check_exposure(self.config, host)
+        self.exposed = not is_loopback(host) and not self.config.settings.get("proxy_api_key")
         self._server = await asyncio.start_server(
-            self._serve_connection, host or self.config.settings["host"],
+            self._serve_connection, host,
             self.config.settings["port"] if port is None else port, limit=MAX_HEADER_BYTES)
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
