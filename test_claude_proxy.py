@@ -3656,6 +3656,24 @@ def oauth_config(tmp_path, upstream_url, token_url):
                                                           "authorize_url": "http://127.0.0.1:9/oauth/authorize"})
 
 
+EXPIRED_401 = {"type": "error", "error": {"type": "authentication_error",
+                                          "message": "OAuth token has expired. Please obtain a new token or refresh your existing token."}}
+
+
+def expired_token_upstream(req):
+    """An Anthropic upstream that rejects the token sk-ant-oat01-old as expired."""
+    if req["headers"]["authorization"] == "Bearer sk-ant-oat01-old":
+        return http_response(401, EXPIRED_401)
+    return http_response(200, anthropic_message())
+
+
+def seed_login(config, expires_in=3600.0):
+    """A saved login with access token sk-ant-oat01-old in the config's state directory."""
+    cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
+        {"access_token": "sk-ant-oat01-old", "refresh_token": "sk-ant-ort01-old", "expires_at": time.time() + expires_in,
+         "scope": "user:inference", "account": None, "source": "login"})
+
+
 def test_http_login_then_requests_carry_the_oauth_shape(tmp_path):
     async def scenario():
         tokens = FakeTokenServer()
@@ -3695,21 +3713,12 @@ def test_http_login_then_requests_carry_the_oauth_shape(tmp_path):
 
 
 def test_refresh_once_on_expired_401_and_invalid_grant_reaches_client(tmp_path):
-    expired = {"type": "error", "error": {"type": "authentication_error", "message": "OAuth token has expired. Please obtain a new token or refresh your existing token."}}
-
-    def upstream(req):
-        if req["headers"]["authorization"] == "Bearer sk-ant-oat01-old":
-            return http_response(401, expired)
-        return http_response(200, anthropic_message())
-
     async def scenario():
         for bad in (False, True):
             tokens = FakeTokenServer(bad_refresh=bad)
-            async with FakeUpstream(tokens) as auth, FakeUpstream(upstream) as up:
+            async with FakeUpstream(tokens) as auth, FakeUpstream(expired_token_upstream) as up:
                 config = oauth_config(tmp_path / str(bad), up.url, auth.url + "/v1/oauth/token")
-                cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
-                    {"access_token": "sk-ant-oat01-old", "refresh_token": "sk-ant-ort01-old", "expires_at": time.time() + 3600,
-                     "scope": "user:inference", "account": None, "source": "login"})
+                seed_login(config)
                 async with running_proxy(config) as (_, port):
                     status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
                     if not bad:
@@ -3729,9 +3738,7 @@ def test_twelve_concurrent_requests_on_expired_token_refresh_once(tmp_path):
         tokens = FakeTokenServer(refresh_delay=0.3)
         async with FakeUpstream(tokens) as auth, FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
             config = oauth_config(tmp_path, up.url, auth.url + "/v1/oauth/token")
-            cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
-                {"access_token": "sk-ant-oat01-old", "refresh_token": "sk-ant-ort01-old", "expires_at": time.time() - 10,
-                 "scope": "user:inference", "account": None, "source": "login"})
+            seed_login(config, expires_in=-10)
             async with running_proxy(config) as (_, port):
                 results = await asyncio.gather(*[call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS) for _ in range(12)])
             assert [r[0] for r in results] == [200] * 12
@@ -5869,20 +5876,11 @@ def test_non_json_upstream_error_becomes_an_error_envelope(tmp_path):
 
 
 def test_concurrent_401s_for_one_expired_token_refresh_once(tmp_path):
-    expired = {"type": "error", "error": {"type": "authentication_error", "message": "OAuth token has expired."}}
-
-    def upstream(req):
-        if req["headers"]["authorization"] == "Bearer sk-ant-oat01-old":
-            return http_response(401, expired)
-        return http_response(200, anthropic_message())
-
     async def scenario():
         tokens = FakeTokenServer(refresh_delay=0.05)
-        async with FakeUpstream(tokens) as auth, FakeUpstream(upstream) as up:
+        async with FakeUpstream(tokens) as auth, FakeUpstream(expired_token_upstream) as up:
             config = oauth_config(tmp_path, up.url, auth.url + "/v1/oauth/token")
-            cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
-                {"access_token": "sk-ant-oat01-old", "refresh_token": "sk-ant-ort01-old", "expires_at": time.time() + 3600,
-                 "scope": "user:inference", "account": None, "source": "login"})
+            seed_login(config)
             async with running_proxy(config) as (_, port):
                 async def later(delay):
                     await asyncio.sleep(delay)
