@@ -3847,43 +3847,6 @@ class OAuthService:
         return record
 
 
-def check_auth_access(x: Exchange) -> None:
-    """/auth/* only from loopback clients, or with the proxy key (checked before)."""
-    if not is_loopback(x.req.peer) and not x.config.settings.get("proxy_api_key"):
-        raise PermissionDenied("the login endpoints answer loopback clients only (or set PROXY_API_KEY)")
-
-
-async def handle_auth_start(x: Exchange) -> None:
-    """GET /auth/start -> {"url": authorize URL}; ?long_lived=1 for the one-year token."""
-    check_auth_access(x)
-    long_lived = parse_bool(urllib.parse.parse_qs(x.req.query).get("long_lived", ["0"])[0])
-    flow = x.server.oauth.start_login(long_lived)
-    await x.out.respond_json(200, {"url": flow.authorize_url(x.server.oauth.settings), "state": flow.state,
-                                   "next": "POST /auth/callback with {\"code\": \"CODE#STATE\"}",
-                                   "notice": TERMS_NOTICE})
-
-
-async def handle_auth_callback(x: Exchange) -> None:
-    """POST /auth/callback {"code": "CODE#STATE"} -> the login status."""
-    check_auth_access(x)
-    body = require_fields(parse_json_body(x.req.body), {"code": str}, "anthropic")
-    await x.server.oauth.finish_login(body["code"])
-    await x.out.respond_json(200, x.server.oauth.tokens.status())
-
-
-async def handle_auth_status(x: Exchange) -> None:
-    """GET /auth/status: logged in, source, expiry, scopes, last error; never the token."""
-    check_auth_access(x)
-    await x.out.respond_json(200, x.server.oauth.tokens.status())
-
-
-async def handle_auth_logout(x: Exchange) -> None:
-    """POST /auth/logout: forget the saved login."""
-    check_auth_access(x)
-    x.server.oauth.tokens.logout()
-    await x.out.respond_json(200, x.server.oauth.tokens.status())
-
-
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
     """login / logout / status / import-claude-code, on a pool of their own."""
@@ -4070,10 +4033,18 @@ def openai_error_body(exc: ProxyError) -> dict:
                       "code": getattr(exc, "code", None)}}
 
 
+_CONTEXT_OVERFLOW = re.compile(r"context[_ ]length|context window|maximum context|too many tokens|"
+                               r"prompt is too long|reduce the length", re.IGNORECASE)
+
+
 def error_from_upstream(exc: UpstreamStatus) -> ProxyError:
-    """An upstream HTTP error as a ProxyError keeping its status and message."""
+    """An upstream HTTP error as a ProxyError keeping its status and message. A context overflow
+    is worded as Anthropic words it ("prompt is too long"), which Claude Code compacts on."""
     kind, message = upstream_error_detail(exc.body)
     error_type = ERROR_TYPE_BY_STATUS.get(exc.status) or kind or "api_error"
+    if exc.status == 400 and (_CONTEXT_OVERFLOW.search(message) or kind == "context_length_exceeded") \
+            and not message.startswith("prompt is too long"):
+        message = f"prompt is too long: {message}"
     return ProxyError(message, status=exc.status, error_type=error_type)
 
 
@@ -4124,7 +4095,10 @@ class Relay:
             await asyncio.sleep(max(0.05, self._last + self.interval - loop.time()))
             if loop.time() - self._last >= self.interval and self._at_boundary:
                 self._last = loop.time()
-                await self.out.send(SSE_KEEPALIVE)
+                try:
+                    await self.out.send(SSE_KEEPALIVE)
+                except ConnectionError:
+                    return                      # the client left; the relay notices on its own
 
     async def error(self, event: bytes) -> None:
         """One error event (after a partial event, a blank line first)."""
@@ -4158,7 +4132,7 @@ class Exchange:
         found = []
         for name in ("x-api-key", "authorization"):
             value = self.req.headers.get(name)
-            if value and (not proxy_key or proxy_key not in value):
+            if value and (not proxy_key or value not in (proxy_key, f"Bearer {proxy_key}")):
                 found.append((name, value))
         return found
 
@@ -4591,6 +4565,43 @@ async def handle_root(x: Exchange) -> None:
 async def handle_stray(x: Exchange) -> None:
     """Claude Code's telemetry and other side calls (/api/event_logging/batch ...): accepted."""
     await x.out.respond_json(200, {})
+
+
+def check_auth_access(x: Exchange) -> None:
+    """/auth/* only from loopback clients, or with the proxy key (checked before)."""
+    if not is_loopback(x.req.peer) and not x.config.settings.get("proxy_api_key"):
+        raise PermissionDenied("the login endpoints answer loopback clients only (or set PROXY_API_KEY)")
+
+
+async def handle_auth_start(x: Exchange) -> None:
+    """GET /auth/start -> {"url": authorize URL}; ?long_lived=1 for the one-year token."""
+    check_auth_access(x)
+    long_lived = parse_bool(urllib.parse.parse_qs(x.req.query).get("long_lived", ["0"])[0])
+    flow = x.server.oauth.start_login(long_lived)
+    await x.out.respond_json(200, {"url": flow.authorize_url(x.server.oauth.settings), "state": flow.state,
+                                   "next": "POST /auth/callback with {\"code\": \"CODE#STATE\"}",
+                                   "notice": TERMS_NOTICE})
+
+
+async def handle_auth_callback(x: Exchange) -> None:
+    """POST /auth/callback {"code": "CODE#STATE"} -> the login status."""
+    check_auth_access(x)
+    body = require_fields(parse_json_body(x.req.body), {"code": str}, "anthropic")
+    await x.server.oauth.finish_login(body["code"])
+    await x.out.respond_json(200, x.server.oauth.tokens.status())
+
+
+async def handle_auth_status(x: Exchange) -> None:
+    """GET /auth/status: logged in, source, expiry, scopes, last error; never the token."""
+    check_auth_access(x)
+    await x.out.respond_json(200, x.server.oauth.tokens.status())
+
+
+async def handle_auth_logout(x: Exchange) -> None:
+    """POST /auth/logout: forget the saved login."""
+    check_auth_access(x)
+    x.server.oauth.tokens.logout()
+    await x.out.respond_json(200, x.server.oauth.tokens.status())
 
 
 # (method, path, handler, exact): exact=False matches the path as a prefix.

@@ -5889,3 +5889,30 @@ def test_concurrent_401s_for_one_expired_token_refresh_once(tmp_path):
             assert [r[0] for r in results] == [200] * 12
             assert len(auth.requests) == 1
     run(scenario())
+
+
+@pytest.mark.parametrize("upstream_error, expected", [
+    ({"error": {"message": "This model's maximum context length is 128000 tokens.", "type": "invalid_request_error",
+                "code": "context_length_exceeded"}}, "prompt is too long: This model's maximum context length is 128000 tokens."),
+    ({"error": {"message": "bad temperature", "type": "invalid_request_error"}}, "bad temperature"),
+])
+def test_context_overflow_is_worded_for_claude_code(tmp_path, upstream_error, expected):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(400, upstream_error)) as up:
+            async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+        assert status == 400 and json.loads(body)["error"]["message"] == expected
+    run(scenario())
+
+
+def test_client_key_containing_the_proxy_key_is_still_forwarded(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, proxy_api_key="pk-123456789",
+                                 providers={"anthropic": {"format": "anthropic", "base_url": up.url, "auth": "client"}})
+            async with running_proxy(config) as (_, port):
+                await call(port, "POST", "/v1/messages", HELLO,
+                           dict(ANTHROPIC_HEADERS, **{"x-api-key": "pk-123456789", "authorization": "Bearer sk-own-pk-123456789"}))
+        assert up.requests[0]["headers"].get("authorization") == "Bearer sk-own-pk-123456789"
+        assert "x-api-key" not in up.requests[0]["headers"]
+    run(scenario())
