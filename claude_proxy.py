@@ -1303,6 +1303,16 @@ class ConnectionPool:
         self._idle.clear()
 
 
+def proxies_from_env(env: Mapping[str, str]) -> Dict[str, str]:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (either case) as {"https": ..., "http": ..., "no": ...}."""
+    proxies = {}
+    for scheme in ("https", "http", "no"):
+        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+        if value:
+            proxies[scheme] = value
+    return proxies
+
+
 def bypasses_proxy(host: str, no_proxy: str) -> bool:
     """NO_PROXY matching: "*", exact host, or a domain suffix (".example.com" or "example.com")."""
     host = host.lower().strip("[]")
@@ -4064,6 +4074,98 @@ def retry_delay(headers: Headers, attempt: int, rand: Callable[[], float] = rand
     return min(8.0, 0.5 * 2 ** attempt) * (0.75 + 0.5 * rand())
 
 
+class ReplayResponse(UpstreamResponse):
+    """An upstream response whose body was already read (kept to relay it)."""
+
+    def __init__(self, original: UpstreamResponse, body: bytes):  # noqa: super not called on purpose
+        self.status, self.headers, self.done = original.status, original.headers, True
+        self._body = body
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def close(self) -> None:
+        pass
+
+
+END_OF_STREAM = ("", "[DONE]")
+
+
+async def drain_rest(body: AsyncIterator[bytes], timeout: float = 2.0) -> None:
+    """Read what the upstream still sends after the answer ended, so its connection is reused."""
+    async def consume() -> None:
+        async for _ in body:
+            pass
+    try:
+        await asyncio.wait_for(consume(), timeout)
+    except (asyncio.TimeoutError, UpstreamError):
+        pass
+
+
+def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
+    """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
+    [DONE] closes it; an event of a shape the converter cannot take is an UpstreamError."""
+    out: List[Any] = []
+    try:
+        for event in events:
+            if parsed:
+                out += machine.feed(event)
+            elif event[1] == "[DONE]":
+                out += machine.close()
+            else:
+                upstream_event = loads_event(event[1])
+                if isinstance(upstream_event, dict):
+                    out += machine.feed(upstream_event)
+        if parsed:
+            out += machine.close()
+    except SHAPE_ERRORS as exc:
+        raise UpstreamError(f"upstream sent a malformed stream event ({exc.__class__.__name__})") from None
+    return out
+
+
+def add_beta(headers: List[Tuple[str, str]], beta: Optional[str]) -> List[Tuple[str, str]]:
+    """Add one anthropic-beta value (merged, no duplicates)."""
+    if not beta:
+        return headers
+    current = [v for k, v in headers if k == "anthropic-beta"]
+    values = [b.strip() for b in ",".join(current).split(",") if b.strip()]
+    if beta not in values:
+        values.append(beta)
+    return [(k, v) for k, v in headers if k != "anthropic-beta"] + [("anthropic-beta", ",".join(values))]
+
+
+def merge_headers(headers: List[Tuple[str, str]], *extra: Dict[str, str]) -> List[Tuple[str, str]]:
+    """Configured headers (provider, then model) override the computed ones."""
+    for more in extra:
+        if more:
+            headers = [(k, v) for k, v in headers if k not in more] + list(more.items())
+    return headers
+
+
+SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
+
+
+def convert(error: type, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run a converter; a shape it did not expect is the sender's fault: BadRequest for a
+    client's request, UpstreamError for an upstream's answer (never a 500)."""
+    try:
+        return fn(*args, **kw)
+    except SHAPE_ERRORS as exc:
+        log.debug("converter %s failed on %s: %r", fn.__name__, what, exc)
+        raise error(f"malformed {what}: {exc.__class__.__name__}: {exc}") from None
+
+
+def parse_upstream_json(raw: bytes) -> dict:
+    """An upstream's JSON answer, or UpstreamError (never the client's fault)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise UpstreamError("upstream answered with invalid JSON") from None
+    if not isinstance(body, dict):
+        raise UpstreamError("upstream answered with unexpected JSON")
+    return body
+
+
 class Relay:
     """Writes SSE to the client; sends comment keep-alives while the upstream is quiet."""
 
@@ -4294,98 +4396,6 @@ class Exchange:
         self.relay.stop()
         await self.out.finish()
         await drain_rest(body)
-
-
-class ReplayResponse(UpstreamResponse):
-    """An upstream response whose body was already read (kept to relay it)."""
-
-    def __init__(self, original: UpstreamResponse, body: bytes):  # noqa: super not called on purpose
-        self.status, self.headers, self.done = original.status, original.headers, True
-        self._body = body
-
-    async def iter_body(self) -> AsyncIterator[bytes]:
-        yield self._body
-
-    def close(self) -> None:
-        pass
-
-
-END_OF_STREAM = ("", "[DONE]")
-
-
-async def drain_rest(body: AsyncIterator[bytes], timeout: float = 2.0) -> None:
-    """Read what the upstream still sends after the answer ended, so its connection is reused."""
-    async def consume() -> None:
-        async for _ in body:
-            pass
-    try:
-        await asyncio.wait_for(consume(), timeout)
-    except (asyncio.TimeoutError, UpstreamError):
-        pass
-
-
-def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
-    """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
-    [DONE] closes it; an event of a shape the converter cannot take is an UpstreamError."""
-    out: List[Any] = []
-    try:
-        for event in events:
-            if parsed:
-                out += machine.feed(event)
-            elif event[1] == "[DONE]":
-                out += machine.close()
-            else:
-                upstream_event = loads_event(event[1])
-                if isinstance(upstream_event, dict):
-                    out += machine.feed(upstream_event)
-        if parsed:
-            out += machine.close()
-    except SHAPE_ERRORS as exc:
-        raise UpstreamError(f"upstream sent a malformed stream event ({exc.__class__.__name__})") from None
-    return out
-
-
-def add_beta(headers: List[Tuple[str, str]], beta: Optional[str]) -> List[Tuple[str, str]]:
-    """Add one anthropic-beta value (merged, no duplicates)."""
-    if not beta:
-        return headers
-    current = [v for k, v in headers if k == "anthropic-beta"]
-    values = [b.strip() for b in ",".join(current).split(",") if b.strip()]
-    if beta not in values:
-        values.append(beta)
-    return [(k, v) for k, v in headers if k != "anthropic-beta"] + [("anthropic-beta", ",".join(values))]
-
-
-def merge_headers(headers: List[Tuple[str, str]], *extra: Dict[str, str]) -> List[Tuple[str, str]]:
-    """Configured headers (provider, then model) override the computed ones."""
-    for more in extra:
-        if more:
-            headers = [(k, v) for k, v in headers if k not in more] + list(more.items())
-    return headers
-
-
-SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
-
-
-def convert(error: type, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Run a converter; a shape it did not expect is the sender's fault: BadRequest for a
-    client's request, UpstreamError for an upstream's answer (never a 500)."""
-    try:
-        return fn(*args, **kw)
-    except SHAPE_ERRORS as exc:
-        log.debug("converter %s failed on %s: %r", fn.__name__, what, exc)
-        raise error(f"malformed {what}: {exc.__class__.__name__}: {exc}") from None
-
-
-def parse_upstream_json(raw: bytes) -> dict:
-    """An upstream's JSON answer, or UpstreamError (never the client's fault)."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise UpstreamError("upstream answered with invalid JSON") from None
-    if not isinstance(body, dict):
-        raise UpstreamError("upstream answered with unexpected JSON")
-    return body
 
 
 async def handle_messages(x: Exchange) -> None:
@@ -4949,16 +4959,6 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     """The settings CLI flags set."""
     pairs = (("host", args.host), ("port", args.port), ("log_level", getattr(args, "log_level", None)))
     return {key: value for key, value in pairs if value is not None}
-
-
-def proxies_from_env(env: Mapping[str, str]) -> Dict[str, str]:
-    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (either case) as {"https": ..., "http": ..., "no": ...}."""
-    proxies = {}
-    for scheme in ("https", "http", "no"):
-        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
-        if value:
-            proxies[scheme] = value
-    return proxies
 
 
 def setup_logging(level: str, redactor: Redactor) -> None:
