@@ -5916,3 +5916,25 @@ def test_client_key_containing_the_proxy_key_is_still_forwarded(tmp_path):
         assert up.requests[0]["headers"].get("authorization") == "Bearer sk-own-pk-123456789"
         assert "x-api-key" not in up.requests[0]["headers"]
     run(scenario())
+
+
+def test_cli_import_status_logout_and_token(tmp_path):
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps({"claudeAiOauth": {"accessToken": "sk-ant-oat01-cc", "refreshToken": "sk-ant-ort01-cc",
+                                                   "expiresAt": int((time.time() + 3600) * 1000), "scopes": ["user:inference"]}}))
+    env = dict(os.environ, CLAUDE_PROXY_HOME=str(tmp_path / "h"))
+    env.pop("ANTHROPIC_OAUTH_TOKEN", None)
+    env.pop("CLAUDE_CODE_OAUTH_TOKEN", None)
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), *args], capture_output=True,
+                             text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    assert '"source": "claude_code"' in cli("import-claude-code", "--path", str(creds))
+    store = tmp_path / "h" / "oauth_token.json"
+    assert stat.S_IMODE(os.stat(store).st_mode) == 0o600 and "sk-ant-ort01-cc" not in store.read_text()
+    assert "sk-ant" not in cli("status")
+    assert '"logged_in": false' in cli("logout") and not store.exists()
+    cli("login", "--token", "sk-ant-oat01-longlived-abc")
+    assert '"source": "long_lived"' in cli("status")
