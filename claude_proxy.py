@@ -4091,7 +4091,7 @@ class ReplayResponse(UpstreamResponse):
 END_OF_STREAM = ("", "[DONE]")
 
 
-async def drain_rest(body: AsyncIterator[bytes], timeout: float = 2.0) -> None:
+async def drain_rest(body: AsyncIterator[bytes], timeout: float = 0.5) -> None:
     """Read what the upstream still sends after the answer ended, so its connection is reused."""
     async def consume() -> None:
         async for _ in body:
