@@ -1419,6 +1419,7 @@ EFFORT_FROM_BUDGET = ((1024, "low"), (8192, "medium"))
 GEMINI_SCHEMA_DROP = frozenset({"$schema", "additionalProperties", "propertyNames", "$defs",
                                 "$ref", "definitions", "title", "examples", "default"})
 GEMINI_STRING_FORMATS = frozenset({"enum", "date-time"})
+GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
 
 ANTHROPIC_ROLES = frozenset({"user", "assistant"})  # "system" is merged by _openai_messages
 
@@ -1568,8 +1569,11 @@ def _assistant_message(content: list, param: str, spec: dict) -> Optional[dict]:
             _expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
                     "tool_use needs an id and a name", f"{param}.{i}")
             arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
-            tool_calls.append({"id": sanitize_tool_id(block["id"]), "type": "function",
-                               "function": {"name": block["name"], "arguments": arguments}})
+            call = {"id": sanitize_tool_id(block["id"]), "type": "function",
+                    "function": {"name": block["name"], "arguments": arguments}}
+            if spec.get("schema") == "gemini":     # Gemini 3 400s a replayed call without one (C.7)
+                call["extra_content"] = {"google": {"thought_signature": GEMINI_SKIP_SIGNATURE}}
+            tool_calls.append(call)
         else:
             log.debug("dropping assistant block of type %r at %s", kind, param)
     message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
@@ -1737,8 +1741,9 @@ def _max_tokens_fields(anthropic_body: dict, spec: dict) -> dict:
     value = anthropic_body.get("max_tokens", spec.get("max_tokens"))
     if value is None:
         return {}
-    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            "max_tokens must be a non-negative integer", "max_tokens")
+    _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            "max_tokens must be a positive integer (0, cache pre-warming, needs an Anthropic upstream)",
+            "max_tokens")
     if spec.get("max_tokens"):
         value = min(value, spec["max_tokens"])
     return {"max_completion_tokens" if spec.get("max_completion_tokens") else "max_tokens": value}
@@ -1978,6 +1983,11 @@ class OpenAIToAnthropicStream:
     def finished(self) -> bool:
         """True once close() ran or an upstream error was relayed."""
         return self._finished
+
+    @property
+    def saw_finish(self) -> bool:
+        """Whether the upstream said it finished (a finish_reason), as a complete answer does."""
+        return self._finish_reason is not None
 
     def feed(self, openai_chunk: Any) -> List[dict]:
         """Anthropic events for one parsed OpenAI chunk (the string "[DONE]" means close())."""
@@ -2511,6 +2521,7 @@ def _image_block(part: dict, param: str) -> dict:
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     media_type, data = _parse_data_url(url, param + ".image_url.url")
+    media_type = "image/jpeg" if media_type == "image/jpg" else media_type
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
@@ -2709,7 +2720,19 @@ def openai_messages_to_anthropic(openai_messages: Any) -> Tuple[List[dict], List
         raise BadRequest("messages need at least one non-system message with content", param="messages")
     if turns[0]["role"] != "user":
         turns.insert(0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_FIRST_USER}]})
+    if turns[-1]["role"] == "assistant":
+        prefill = _trim_prefill(turns.pop())
+        turns += [prefill] if prefill else []
     return system, turns
+
+
+def _trim_prefill(turn: dict) -> Optional[dict]:
+    """A final assistant turn (a prefill) may not end in whitespace (a 400); None if nothing is left."""
+    blocks = list(turn["content"])
+    if blocks and blocks[-1].get("type") == "text":
+        text = blocks[-1]["text"].rstrip()
+        blocks[-1:] = [dict(blocks[-1], text=text)] if text else []
+    return dict(turn, content=blocks) if blocks else None
 
 # ---- request: tools, sampling, response_format -----------------------------------------------
 
@@ -2814,17 +2837,27 @@ def _apply_response_format(openai_body: dict, anthropic_body: dict) -> None:
     kind = rf.get("type") if isinstance(rf, dict) else rf
     if kind in (None, "text"):
         return
-    if kind == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise BadRequest("json_schema.schema must be an object",
-                             param="response_format.json_schema.schema")
-    elif kind == "json_object":
-        schema = {"type": "object"}
+    if kind == "json_object":       # no schema fits "any object" under strict rules: instruct instead
         anthropic_body.setdefault("system", []).append({"type": "text", "text": JSON_OBJECT_INSTRUCTION})
-    else:
+        return
+    if kind != "json_schema":
         raise BadRequest("unsupported response_format %r" % kind, param="response_format")
-    anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": schema}
+    schema = (rf.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise BadRequest("json_schema.schema must be an object", param="response_format.json_schema.schema")
+    anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": strict_schema(schema)}
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy where every object schema forbids additional properties, as Anthropic requires."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_schema(value) for key, value in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out["additionalProperties"] = False
+    return out
 
 # ---- request: reasoning ----------------------------------------------------------------------
 
@@ -2874,6 +2907,21 @@ def _apply_thinking(anthropic_body: dict, effort: Optional[str], style: str, exp
         anthropic_body["max_tokens"] = needed
 
 
+OUTPUT_LIMIT = {("opus", (4, 0)): 32000, ("opus", (4, 1)): 32000}    # others: 64000 or more
+
+
+def _fit_output_limit(anthropic_body: dict, model: str) -> None:
+    """Clamp max_tokens (and a thinking budget under it) to the model's output limit."""
+    version = claude_version(model)
+    limit = OUTPUT_LIMIT.get(version) if version else None
+    if not limit or anthropic_body["max_tokens"] <= limit:
+        return
+    anthropic_body["max_tokens"] = limit
+    thinking = anthropic_body.get("thinking") or {}
+    if thinking.get("budget_tokens", 0) > limit - THINKING_HEADROOM:
+        anthropic_body["thinking"] = dict(thinking, budget_tokens=limit - THINKING_HEADROOM)
+
+
 def _restrict_sampling(anthropic_body: dict, model: str) -> None:
     """Drop or clamp sampling parameters the model or thinking mode rejects (B.2)."""
     if _since(ADAPTIVE_ONLY_SINCE, model):  # Opus 4.7+ / Claude 5: non-default values are a 400
@@ -2914,6 +2962,7 @@ def openai_to_anthropic_request(openai_body: dict, model: str, *, variant_effort
     style = thinking_style_for(model, thinking_style)
     _apply_thinking(anthropic_body, _requested_effort(openai_body, variant_effort), style,
                     explicit_max is not None)
+    _fit_output_limit(anthropic_body, model)
     _restrict_sampling(anthropic_body, model)
     dropped = [k for k in OPENAI_DROPPED_FIELDS if openai_body.get(k) is not None]
     if dropped:
@@ -2968,6 +3017,11 @@ class AnthropicToOpenAIStream:
         if handler is None:  # ping, content_block_stop, unknown (B.7: ignore)
             return []
         return getattr(self, handler)(anthropic_event)
+
+    @property
+    def saw_finish(self) -> bool:
+        """Whether the upstream said it finished (a stop_reason), as a complete answer does."""
+        return self._stop_reason is not None
 
     def close(self) -> List[Any]:
         """End of upstream: finish chunk (if not sent), usage chunk, "[DONE]"; then nothing."""
@@ -3100,7 +3154,8 @@ def fold_openai_chunks(chunks: List[Any]) -> dict:
             for fragment in delta.get("tool_calls") or []:
                 _fold_tool_call(tool_calls, fragment)
             finish = choice.get("finish_reason") or finish
-    message: Dict[str, Any] = {"role": "assistant", "content": "".join(text) or None, "refusal": None}
+    message: Dict[str, Any] = {"role": "assistant", "content": "".join(text) or (None if tool_calls else ""),
+                               "refusal": None}
     if "".join(reasoning):
         message["reasoning_content"] = "".join(reasoning)
     if tool_calls:
@@ -3711,6 +3766,17 @@ def _count_marks(blocks: Any) -> int:
                for b in blocks if isinstance(b, dict))
 
 
+def cache_marks(node: Any) -> List[Any]:
+    """Every cache_control value in a request, in processing order (tools, system, messages)."""
+    if isinstance(node, list):
+        return [mark for item in node for mark in cache_marks(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [node["cache_control"]] if "cache_control" in node else []
+    keys = ("tools", "system", "messages") if "messages" in node else ("content",)
+    return own + [mark for key in keys for mark in cache_marks(node.get(key))]
+
+
 def count_cache_breakpoints(anthropic_body: dict) -> int:
     """Breakpoints the request already sets: top level, system, tools, message content."""
     messages = anthropic_body.get("messages") or []
@@ -3747,6 +3813,8 @@ def add_cache_breakpoints(anthropic_body: dict) -> dict:
     """A copy with ephemeral breakpoints on the last system block and the last two user turns,
     in that priority, counting the client's own so that there are never more than four."""
     body = dict(anthropic_body)
+    if '"ttl":"1h"' in json_text(cache_marks(body)):
+        return body        # a 5m mark before the client's 1h ones would be rejected (TTL order)
     budget = MAX_CACHE_BREAKPOINTS - count_cache_breakpoints(body)
     system = body.get("system")
     if budget > 0 and isinstance(system, list):
@@ -4391,7 +4459,11 @@ class Exchange:
                 await self.relay.send(b"".join([encode(item) for item in items]))
             if machine.finished:
                 break
-        items = feed_events(machine, decoder.close() + [END_OF_STREAM])   # close() is idempotent
+        items = feed_events(machine, decoder.close())
+        if not machine.finished and not machine.saw_finish:   # the body ended, the answer did not
+            await self.relay.send(b"".join([encode(item) for item in items]))
+            raise UpstreamError("upstream stream ended before its answer finished")
+        items += feed_events(machine, [END_OF_STREAM])         # close() is idempotent
         await self.relay.send(b"".join([encode(item) for item in items]))
         self.relay.stop()
         await self.out.finish()

@@ -2400,13 +2400,24 @@ REQUEST_TABLE = [
           {"role": "function", "name": "f", "content": "42"}),
      expected(U("hi"), A(TU("fn_1", "f", {})), {"role": "user", "content": [TR("fn_1", "42")]})),
     ("user -> metadata.user_id", body(HI, user="u-1"), expected(U("hi"), metadata={"user_id": "u-1"})),
-    ("response_format json_schema -> output_config.format",
-     body(HI, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {}}}}),
-     expected(U("hi"), output_config={"format": {"type": "json_schema", "schema": {"type": "object", "properties": {}}}})),
-    ("response_format json_object -> permissive schema + instruction",
+    ("response_format json_schema -> output_config.format, objects made strict",
+     body(HI, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+         "type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                          "c": {"type": "array", "items": {"type": "object", "properties": {}}}}}}}),
+     expected(U("hi"), output_config={"format": {"type": "json_schema", "schema": {
+         "type": "object", "additionalProperties": False, "properties": {
+             "a": {"type": "object", "properties": {"b": {"type": "string"}}, "additionalProperties": False},
+             "c": {"type": "array", "items": {"type": "object", "properties": {}, "additionalProperties": False}}}}}})),
+    ("response_format json_object -> instruction only (no schema is strict and open)",
      body(HI, response_format={"type": "json_object"}),
-     expected(U("hi"), system=[T("Respond with a single valid JSON object and nothing else.")],
-              output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}})),
+     expected(U("hi"), system=[T("Respond with a single valid JSON object and nothing else.")])),
+    ("image/jpg data URL -> image/jpeg",
+     body({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpg;base64,QUJD"}}]}),
+     expected({"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                                                                        "data": "QUJD"}}]})),
+    ("final assistant prefill loses trailing whitespace",
+     body(HI, {"role": "assistant", "content": "Answer: "}),
+     expected(U("hi"), {"role": "assistant", "content": [T("Answer:")]})),
     ("response_format text -> nothing", body(HI, response_format={"type": "text"}), expected(U("hi"))),
     ("unsupported OpenAI fields dropped",
      body(HI, n=1, logprobs=True, top_logprobs=2, seed=1, logit_bias={"1": 2}, presence_penalty=0.1,
@@ -5938,3 +5949,55 @@ def test_cli_import_status_logout_and_token(tmp_path):
     assert '"logged_in": false' in cli("logout") and not store.exists()
     cli("login", "--token", "sk-ant-oat01-longlived-abc")
     assert '"source": "long_lived"' in cli("status")
+
+
+
+def test_opus_4_1_thinking_fits_its_32000_output_limit():
+    sent = openai_to_anthropic_request({"model": "x", "reasoning_effort": "high",
+                                        "messages": [{"role": "user", "content": "hi"}]}, "claude-opus-4-1")
+    assert sent["max_tokens"] == 32000 and sent["thinking"]["budget_tokens"] == 32000 - 1024
+
+
+def test_gemini_replayed_tool_calls_carry_the_signature_sentinel():
+    spec = dict(cp.MODEL_DEFAULTS, id="g", provider="o", model="gemini-3-pro", schema="gemini")
+    sent = cp.anthropic_to_openai_request({"model": "g", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]}, spec)
+    call = [m for m in sent["messages"] if m["role"] == "assistant"][0]["tool_calls"][0]
+    assert call["extra_content"] == {"google": {"thought_signature": "skip_thought_signature_validator"}}
+
+
+def test_oauth_shaping_leaves_clients_with_1h_cache_marks_alone():
+    body = {"model": "m", "max_tokens": 10, "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                         {"role": "user", "content": [{"type": "text", "text": "c"}]}]}
+    shaped, _ = cp.shape_oauth_request(body, {}, "sk-ant-oat01-x")
+    ttls = [m.get("ttl", "5m") for m in cp.cache_marks(shaped)]
+    assert ttls == ["1h"]
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_stream_that_ends_before_its_finish_is_an_error_not_an_answer(tmp_path, client):
+    if client == "anthropic":     # a tool call cut mid-arguments, then the connection closes cleanly
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        parts = [openai_sse(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
+                 "type": "function", "function": {"name": "Bash", "arguments": '{"command": "rm -rf /tmp/bu'}}]},
+                 "finish_reason": None}]))]
+        path, body = "/v1/messages", dict(HELLO, stream=True)
+    else:
+        parts, path, body = anthropic_stream()[:3], "/v1/chat/completions", {
+            "model": "claude-x", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(parts)) as up:
+            config = openai_config(tmp_path, up.url) if client == "anthropic" else make_config(tmp_path, up.url)
+            async with running_proxy(config) as (_, port):
+                return await call(port, "POST", path, body, ANTHROPIC_HEADERS)
+    status, _, raw = run(scenario())
+    events = sse_events(raw)
+    if client == "anthropic":
+        assert events[-1][0] == "error" and "message_stop" not in [e for e, _ in events]
+        assert not any(d.get("delta", {}).get("stop_reason") == "tool_use" for _, d in events if isinstance(d, dict))
+    else:
+        assert "error" in events[-1][1] and "[DONE]" not in [d for _, d in events]
