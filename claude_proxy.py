@@ -1617,9 +1617,31 @@ def _openai_messages(anthropic_body: dict, spec: dict) -> List[dict]:
             system_texts += _system_texts(message.get("content"), f"messages.{i}.content")
         else:
             turns += _convert_message(message, f"messages.{i}", spec)
+    turns = _merge_user_neighbours(turns)
     if system_texts:
         return [{"role": "system", "content": "\n\n".join(system_texts)}] + turns
     return turns
+
+
+def _as_parts(content: Any) -> List[dict]:
+    """OpenAI message content as a list of parts."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+
+
+def _merge_user_neighbours(turns: List[dict]) -> List[dict]:
+    """Adjacent user messages (left by a dropped thinking-only turn, say) become one: chat
+    templates that require alternating roles (Mistral, Gemma) reject two in a row."""
+    merged: List[dict] = []
+    for turn in turns:
+        if merged and turn["role"] == "user" and merged[-1]["role"] == "user":
+            previous = merged[-1]
+            if isinstance(previous["content"], str) and isinstance(turn["content"], str):
+                merged[-1] = dict(previous, content=previous["content"] + "\n\n" + turn["content"])
+            else:
+                merged[-1] = dict(previous, content=_as_parts(previous["content"]) + _as_parts(turn["content"]))
+        else:
+            merged.append(turn)
+    return merged
 
 
 def clean_gemini_schema(schema: Any) -> Any:

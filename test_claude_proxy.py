@@ -6001,3 +6001,12 @@ def test_stream_that_ends_before_its_finish_is_an_error_not_an_answer(tmp_path, 
         assert not any(d.get("delta", {}).get("stop_reason") == "tool_use" for _, d in events if isinstance(d, dict))
     else:
         assert "error" in events[-1][1] and "[DONE]" not in [d for _, d in events]
+
+
+def test_user_neighbours_left_by_a_dropped_thinking_turn_are_merged():
+    spec = dict(cp.MODEL_DEFAULTS, id="m", provider="o", model="m")
+    sent = cp.anthropic_to_openai_request({"model": "m", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"}]},
+        {"role": "user", "content": "two"}]}, spec)
+    assert [m["role"] for m in sent["messages"]] == ["user"] and sent["messages"][0]["content"] == "one\n\ntwo"
