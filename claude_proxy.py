@@ -1998,6 +1998,7 @@ class OpenAIToAnthropicStream:
         self._tool_by_index: Dict[int, dict] = {}
         self._tool_by_id: Dict[str, dict] = {}
         self._finish_reason: Optional[str] = None
+        self._held_space = ""           # whitespace that would open a text block on its own
         self._usage: Optional[dict] = None
         self._think = ThinkTagSplitter()
 
@@ -2101,6 +2102,7 @@ class OpenAIToAnthropicStream:
         """Open block `kind` at the next index (caller closed the previous one)."""
         self._open, self._open_index, self._signature = kind, self._next_index, ""
         self._next_index += 1
+        self._held_space = ""
         return [{"type": "content_block_start", "index": self._open_index,
                  "content_block": content_block}]
 
@@ -2137,6 +2139,10 @@ class OpenAIToAnthropicStream:
             return []
         events: List[dict] = []
         if self._open != kind:
+            if kind == "text" and text.isspace():   # a whitespace-only text block is a 400 when replayed
+                self._held_space += text
+                return []
+            text, self._held_space = (self._held_space + text if kind == "text" else text), ""
             events += self._settle()
             block = {"type": "text", "text": ""} if kind == "text" else \
                 {"type": "thinking", "thinking": "", "signature": ""}

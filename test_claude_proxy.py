@@ -6010,3 +6010,20 @@ def test_user_neighbours_left_by_a_dropped_thinking_turn_are_merged():
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"}]},
         {"role": "user", "content": "two"}]}, spec)
     assert [m["role"] for m in sent["messages"]] == ["user"] and sent["messages"][0]["content"] == "one\n\ntwo"
+
+
+@pytest.mark.parametrize("contents, expected_blocks", [
+    (["\n\n"], []),                                                  # whitespace alone opens nothing
+    (["\n\n", "Hello"], [("text", "\n\nHello")]),                    # leading whitespace kept with its text
+    (["Hi", "\n\n"], [("text", "Hi\n\n")]),                          # inside an open block: plain text
+])
+def test_whitespace_only_text_opens_no_block(contents, expected_blocks):
+    machine = cp.OpenAIToAnthropicStream("m", message_id="msg_x")
+    events = []
+    for text in contents:
+        events += machine.feed({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+    events += machine.feed({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {
+        "name": "f", "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]}) + machine.close()
+    folded = cp.fold_anthropic_events(events)
+    assert [(b["type"], b.get("text")) for b in folded["content"] if b["type"] == "text"] == expected_blocks
+    assert folded["content"][-1]["type"] == "tool_use"
