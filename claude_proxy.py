@@ -4365,7 +4365,14 @@ class Exchange:
                                           "fallback", self.target.effort, self.target.one_m)
                                    for m in self.target.spec.get("fallback", [])]
         for i, target in enumerate(targets):
-            response = await self.send_with_retries(target, build)
+            try:
+                response = await self.send_with_retries(target, build)
+            except UpstreamError as exc:        # unreachable after its retries: like a 502
+                if i + 1 == len(targets):
+                    raise
+                log.warning("model %s failed (%s); falling back to %s", target.spec["id"], exc.message,
+                            targets[i + 1].spec["id"])
+                continue
             if response.status in FALLBACK_STATUS and i + 1 < len(targets):
                 log.warning("model %s answered %s; falling back to %s", target.spec["id"],
                             response.status, targets[i + 1].spec["id"])
@@ -4385,10 +4392,11 @@ class Exchange:
             try:
                 response = await self.send_once(target, build)
             except UpstreamError as exc:
-                if last or loop.time() + retry_delay({}, attempt) > deadline:
+                delay = retry_delay({}, attempt)
+                if last or loop.time() + delay > deadline:
                     raise
                 log.info("upstream attempt %d failed (%s); retrying", attempt + 1, exc.message)
-                await asyncio.sleep(retry_delay({}, attempt))
+                await asyncio.sleep(delay)
                 continue
             if response.status not in RETRYABLE_STATUS or last or \
                     response.headers.get("x-should-retry") == "false":

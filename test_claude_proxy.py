@@ -6027,3 +6027,29 @@ def test_whitespace_only_text_opens_no_block(contents, expected_blocks):
     folded = cp.fold_anthropic_events(events)
     assert [(b["type"], b.get("text")) for b in folded["content"] if b["type"] == "text"] == expected_blocks
     assert folded["content"][-1]["type"] == "tool_use"
+
+
+@pytest.mark.parametrize("primary", ["529", "unreachable"])
+def test_fallback_model_on_overload_and_on_an_unreachable_upstream(tmp_path, primary):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message(text=req["body"]["model"]))) as good:
+            if primary == "529":
+                bad = FakeUpstream(lambda req: http_response(529, {"type": "error", "error": {"type": "overloaded_error", "message": "o"}}))
+                await bad.__aenter__()
+                bad_url = bad.url
+            else:
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", 0))
+                bad_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+                sock.close()
+            config = make_config(tmp_path, providers={
+                "primary": {"format": "anthropic", "base_url": bad_url, "api_key": "k-1234567890"},
+                "backup": {"format": "anthropic", "base_url": good.url, "api_key": "k-1234567890"}},
+                models=[{"id": "main", "provider": "primary", "model": "m-primary", "fallback": ["spare"]},
+                        {"id": "spare", "provider": "backup", "model": "m-backup"}])
+            async with running_proxy(config) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model="main"), ANTHROPIC_HEADERS)
+            if primary == "529":
+                await bad.__aexit__()
+        assert status == 200 and json.loads(body)["content"][0]["text"] == "m-backup"
+    run(scenario())
