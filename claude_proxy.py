@@ -916,6 +916,7 @@ class Request:
         self.peer = peer
         self.id = new_id("req_")
         self.keep_alive = headers.get("connection", "").lower() != "close"
+        self.http10 = False
 
     @property
     def dialect(self) -> str:
@@ -970,11 +971,14 @@ async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
 
 
 class ClientStream:
-    """The response side of one client connection: whole responses or a chunked stream."""
+    """The response side of one client connection: whole responses or a stream, chunked for
+    HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 ones (no chunks there)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False):
+    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False, chunked: bool = True):
         self.writer = writer
         self.head_only = head_only
+        self.chunked = chunked
+        self.must_close = False       # a close-delimited stream was sent
         self.started = False
         self.status = 0
         self.bytes_sent = 0
@@ -995,24 +999,26 @@ class ClientStream:
         await self.respond(status, [("content-type", "application/json")] + (headers or []), json_bytes(obj))
 
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
-        """Begin a chunked response (written with the first data)."""
+        """Begin a streamed response (written with the first data)."""
         self.started, self.status = True, status
-        headers = headers + self.extra_headers + [("transfer-encoding", "chunked")]
-        self.writer.write(format_head(format_status_line(status), headers))
+        framing = ("transfer-encoding", "chunked") if self.chunked else ("connection", "close")
+        self.must_close = not self.chunked
+        self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + [framing]))
 
     async def send(self, data: bytes) -> None:
         """One chunk; waits for the client (backpressure) only when much is buffered."""
         if data:
             writer = self.writer
-            writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+            writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
             self.bytes_sent += len(data)
             transport = writer.transport
             if transport.get_write_buffer_size() > WRITE_HIGH_WATER or transport.is_closing():
                 await writer.drain()
 
     async def finish(self) -> None:
-        """The terminating chunk."""
-        self.writer.write(LAST_CHUNK)
+        """The terminating chunk (HTTP/1.0: the connection closes after this response)."""
+        if self.chunked:
+            self.writer.write(LAST_CHUNK)
         await self.writer.drain()
 
 # =============================================================================================
@@ -4953,13 +4959,15 @@ class ProxyServer:
             await render_safely(Exchange(self, fake, ClientStream(conn.writer)), exc)
             return None
         req = Request(method, target, headers, body, conn.peer)
-        if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+        req.http10 = version == "HTTP/1.0"
+        if req.http10 and headers.get("connection", "").lower() != "keep-alive":
             req.keep_alive = False
         return req
 
     async def _run(self, conn: ClientConnection, req: Request) -> None:
         """Dispatch one request, cancelling it if the client disconnects meanwhile."""
-        handler = asyncio.ensure_future(dispatch(self, req, ClientStream(conn.writer, req.method == "HEAD")))
+        out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10)
+        handler = asyncio.ensure_future(dispatch(self, req, out))
         watcher = asyncio.ensure_future(conn.reader.read(1))
         await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not watcher.done():
@@ -4973,6 +4981,8 @@ class ProxyServer:
                 handler.cancel()              # the client left: stop, and drop the upstream
                 req.keep_alive = False
         await asyncio.gather(handler, return_exceptions=True)
+        if out.must_close:
+            req.keep_alive = False
 
 
 async def wait_or_none(awaitable: Awaitable[bytes], timeout: float) -> Optional[bytes]:

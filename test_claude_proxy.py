@@ -6053,3 +6053,18 @@ def test_fallback_model_on_overload_and_on_an_unreachable_upstream(tmp_path, pri
                 await bad.__aexit__()
         assert status == 200 and json.loads(body)["content"][0]["text"] == "m-backup"
     run(scenario())
+
+
+def test_http10_client_gets_a_close_delimited_stream(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                body = json.dumps(dict(HELLO, stream=True)).encode()
+                writer.write(b"POST /v1/messages HTTP/1.0\r\nconnection: keep-alive\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                data = await asyncio.wait_for(reader.read(), 5)          # ends because the proxy closes
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+        assert rest == b"".join(anthropic_stream())
+    run(scenario())
