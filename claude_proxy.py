@@ -4365,7 +4365,30 @@ class Exchange:
 
     # -- sending -------------------------------------------------------------------------------
 
-    async def send(self, build: Callable[[Target], Tuple[str, List[Tuple[str, str]], bytes]]) -> UpstreamResponse:
+    def open_stream(self, status: int, headers: List[Tuple[str, str]]) -> Relay:
+        """The client's SSE response with its keep-alive ticker, opened once."""
+        if self.relay is None:
+            self.relay = Relay(self.out, self.config.settings["keepalive_interval"])
+            self.relay.start(status, headers)
+        return self.relay
+
+    async def send(self, build: Callable, stream: bool = False) -> UpstreamResponse:
+        """send_to_targets(); for a streaming client whose upstream is slow to answer at all, the
+        SSE response opens after one keep-alive interval, so front proxies and clients see
+        keep-alives (an upstream error then arrives as one error event, as mid-stream)."""
+        interval = self.config.settings["keepalive_interval"]
+        pending = asyncio.ensure_future(self.send_to_targets(build))
+        try:
+            if stream and interval > 0:
+                done, _ = await asyncio.wait({pending}, timeout=interval)
+                if not done:
+                    await self.open_stream(200, SSE_RESPONSE_HEADERS).send(SSE_KEEPALIVE)
+            return await pending
+        finally:
+            if not pending.done():
+                pending.cancel()
+
+    async def send_to_targets(self, build: Callable) -> UpstreamResponse:
         """Send to the target, then its fallbacks on 429/529/5xx; returns the last response."""
         targets = [self.target] + [Target(self.config.models[m], self.config.providers[self.config.models[m]["provider"]],
                                           "fallback", self.target.effort, self.target.one_m)
@@ -4479,11 +4502,10 @@ class Exchange:
         """Passthrough: the upstream's bytes to the client as they arrive, no re-serialising."""
         content_type = response.headers.get("content-type", "application/json")
         headers = [("content-type", content_type)] + relayed_headers(response.headers)
-        if "text/event-stream" not in content_type:
+        if "text/event-stream" not in content_type and self.relay is None:
             await self.out.respond(response.status, headers, await response.read())
             return
-        self.relay = Relay(self.out, self.config.settings["keepalive_interval"])
-        self.relay.start(response.status, headers + [("cache-control", "no-cache")])
+        self.open_stream(response.status, headers + [("cache-control", "no-cache")])
         async for data in response.iter_body():
             await self.relay.send(data)
         self.relay.stop()
@@ -4492,8 +4514,7 @@ class Exchange:
     async def relay_converted(self, response: UpstreamResponse, machine: Any,
                               encode: Callable[[Any], bytes]) -> None:
         """Conversion: decode upstream SSE, feed the state machine, write its events."""
-        self.relay = Relay(self.out, self.config.settings["keepalive_interval"])
-        self.relay.start(200, SSE_RESPONSE_HEADERS + relayed_headers(response.headers))
+        self.open_stream(200, SSE_RESPONSE_HEADERS + relayed_headers(response.headers))
         decoder, body = SSEDecoder(), response.iter_body()
         async for data in body:
             items = feed_events(machine, decoder.feed(data))
@@ -4529,7 +4550,7 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     """Anthropic in, Anthropic out: model name and credentials rewritten, bytes relayed."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         return await x.anthropic_call(target, body, x.req.body, path)
-    response = await x.send(build)
+    response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
         await x.relay_raw(response)
@@ -4547,7 +4568,7 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         return await x.openai_call(target, convert(BadRequest, "request", anthropic_to_openai_request, body, target.spec))
-    response = await x.send(build)
+    response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
         if body.get("stream") and "text/event-stream" in response.headers.get("content-type", ""):
@@ -4567,8 +4588,9 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
 
 async def send_events(x: Exchange, events: List[Any], encode: Callable[[Any], bytes]) -> None:
     """A whole list of stream events as one SSE response."""
-    x.out.start(200, SSE_RESPONSE_HEADERS)
-    await x.out.send(b"".join([encode(e) for e in events]))
+    x.open_stream(200, SSE_RESPONSE_HEADERS)
+    await x.relay.send(b"".join([encode(e) for e in events]))
+    x.relay.stop()
     await x.out.finish()
 
 
@@ -4598,7 +4620,7 @@ async def openai_passthrough(x: Exchange, body: dict) -> None:
         url, headers, _ = await x.openai_call(target, {})
         same = body["model"] == target.spec["model"]
         return url, headers, x.req.body if same else json_bytes(dict(body, model=target.spec["model"]))
-    response = await x.send(build)
+    response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
         await x.relay_raw(response)
@@ -4612,7 +4634,7 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
         anthropic_body = convert(BadRequest, "request", openai_to_anthropic_request, body, target.spec["model"],
                                  variant_effort=target.effort, thinking_style=target.spec["thinking"])
         return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
-    response = await x.send(build)
+    response = await x.send(build, stream=bool(body.get("stream")))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     try:
         await x.check_status(response)

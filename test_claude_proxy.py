@@ -6068,3 +6068,28 @@ def test_http10_client_gets_a_close_delimited_stream(tmp_path):
         assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
         assert rest == b"".join(anthropic_stream())
     run(scenario())
+
+
+@pytest.mark.parametrize("answer", ["stream", "529"])
+def test_slow_upstream_head_gets_an_early_sse_response_with_keepalives(tmp_path, answer):
+    async def slow(req):
+        await asyncio.sleep(0.6)
+        if answer == "529":
+            return http_response(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        return Stream(anthropic_stream())
+
+    async def scenario():
+        async with FakeUpstream(slow) as up:
+            config = make_config(tmp_path, up.url)
+            config.settings["keepalive_interval"] = 0.15
+            async with running_proxy(config) as (_, port):
+                return await call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS)
+    status, headers, body = run(scenario())
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.startswith(b": keep-alive\n\n") and body.count(b": keep-alive") >= 2
+    events = sse_events(body)
+    if answer == "stream":
+        assert [e for e, _ in events][-1] == "message_stop"
+    else:
+        assert events[-1] == ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
+                                        "request_id": events[-1][1]["request_id"]})
