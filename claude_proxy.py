@@ -411,8 +411,10 @@ def env_layer(env: Mapping[str, str]) -> dict:
     for key, (var, _, _) in SETTINGS.items():
         if env.get(var):
             raw[key] = env[var]
-    if not raw.get("oauth_token") and env.get("CLAUDE_CODE_OAUTH_TOKEN"):
-        raw["oauth_token"] = env["CLAUDE_CODE_OAUTH_TOKEN"]
+    token = (env.get("ANTHROPIC_OAUTH_TOKEN") or "").strip() or (env.get("CLAUDE_CODE_OAUTH_TOKEN") or "").strip()
+    raw.pop("oauth_token", None)
+    if token:
+        raw["oauth_token"] = token
     return merge_raw(raw, quickstart_layer(env))
 
 
@@ -792,9 +794,6 @@ def format_status_line(status: int) -> str:
     return f"HTTP/1.1 {status} {reason}"
 
 
-def format_chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body (never the terminating zero chunk)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -3290,7 +3289,6 @@ LONG_LIVED_SECONDS = 31536000          # one year, honoured only with scope user
 REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
 MAX_CACHE_BREAKPOINTS = 4              # the API rejects a fifth cache_control
 UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
-EXPLICIT_TOKEN_ENV = ("ANTHROPIC_OAUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 LOGIN_AGAIN = "run `python claude_proxy.py login` again"
 _EXPIRED_TOKEN = re.compile(r"token (has )?expired", re.IGNORECASE)
 
@@ -3310,12 +3308,6 @@ def oauth_settings(overrides: Optional[dict] = None) -> Dict[str, str]:
     return settings
 
 
-def explicit_oauth_token(cli_token: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
-    """The explicit token in precedence order: --token, then EXPLICIT_TOKEN_ENV (environ passed in)."""
-    for candidate in (cli_token, *(environ.get(name) for name in EXPLICIT_TOKEN_ENV)):
-        if candidate and candidate.strip():
-            return candidate.strip()
-    return None
 
 
 # ---- PKCE and the authorize URL (RFC 7636; PROTOCOLS.md A.2, A.3) ------------------------
@@ -5077,10 +5069,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claude_proxy.py", parents=[common],
                                      description="LLM API proxy between Anthropic and OpenAI dialects.")
     parser.add_argument("--version", action="version", version=f"claude_proxy {VERSION}")
+    token_help = "a Claude OAuth token to serve with (as ANTHROPIC_OAUTH_TOKEN; not saved)"
+    parser.add_argument("--token", help=token_help)
     sub = parser.add_subparsers(dest="command")
     quiet = argparse.SUPPRESS
-    for name, text in (("serve", "run the proxy (the default)"),
-                       ("check-config", "print the effective config, secrets redacted"),
+    serve = sub.add_parser("serve", parents=[common], help="run the proxy (the default)", argument_default=quiet)
+    serve.add_argument("--token", help=token_help)
+    for name, text in (("check-config", "print the effective config, secrets redacted"),
                        ("logout", "forget the saved Claude login"),
                        ("status", "show the saved Claude login (never the token)")):
         sub.add_parser(name, parents=[common], help=text, argument_default=quiet)
@@ -5096,8 +5091,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
-    """The settings CLI flags set."""
-    pairs = (("host", args.host), ("port", args.port), ("log_level", getattr(args, "log_level", None)))
+    """The settings CLI flags set (serve's --token is the headless Claude token)."""
+    serve_token = getattr(args, "token", None) if args.command in (None, "serve") else None
+    pairs = (("host", args.host), ("port", args.port), ("log_level", getattr(args, "log_level", None)),
+             ("oauth_token", serve_token))
     return {key: value for key, value in pairs if value is not None}
 
 

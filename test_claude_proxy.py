@@ -2915,15 +2915,21 @@ def test_settings_merge_and_reject_unknown():
     assert err.value.param == "oauth.tokenurl"
 
 
-@pytest.mark.parametrize("cli, environ, expected", [
-    (None, {}, None),
-    ("tok-cli", {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "tok-cli"),
-    (None, {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "a"),
-    (None, {"CLAUDE_CODE_OAUTH_TOKEN": " c \n"}, "c"),
-    ("", {"ANTHROPIC_OAUTH_TOKEN": ""}, None),
+@pytest.mark.parametrize("argv, environ, expected", [
+    ([], {}, None),
+    (["--token", "tok-cli"], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "tok-cli"),
+    (["serve", "--token", "tok-cli"], {}, "tok-cli"),
+    ([], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "a"),
+    ([], {"CLAUDE_CODE_OAUTH_TOKEN": " c \n"}, "c"),
+    ([], {"ANTHROPIC_OAUTH_TOKEN": ""}, None),
+    (["login", "--token", "saved-not-served"], {}, None),
 ])
-def test_explicit_token_precedence(cli, environ, expected):
-    assert cp.explicit_oauth_token(cli, environ) == expected
+def test_explicit_token_precedence(argv, environ, expected):
+    args = cp.build_parser().parse_args(argv)
+    for name in ("host", "port", "config", "log_level"):
+        setattr(args, name, getattr(args, name, None))
+    config = cp.parse_config(cp.merge_raw(cp.env_layer(environ), cp.cli_overrides(args)), environ)
+    assert config.settings["oauth_token"] == expected
 
 
 # ---- PKCE, authorize URL, pasted code -----------------------------------------------------
