@@ -67,6 +67,10 @@ MAX_HEADER_BYTES = 64 * 1024         # larger header block: 431
 READ_CHUNK = 64 * 1024
 WRITE_HIGH_WATER = 64 * 1024         # client writes await drain() only past this much buffered
 MAX_CHUNK_LINE = 4096                # a longer chunk-size line is malformed
+MAX_CHUNKS = 16384                   # a request body in more chunks is refused (CPU per chunk)
+MAX_SSE_LINE = 8 * 1024 * 1024       # an upstream SSE line or event beyond this fails the stream
+MAX_INTERIM_RESPONSES = 8            # upstream 1xx responses tolerated before the real one
+OFF_LOOP_BODY_BYTES = 256 * 1024     # request bodies this large are parsed and converted in a thread
 
 # Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
 # at its top level; CLI flags override the few that have one.
@@ -81,6 +85,10 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "idle_timeout": ("IDLE_TIMEOUT", "float", 75.0),
     "connect_timeout": ("CONNECT_TIMEOUT", "float", 10.0),
     "read_timeout": ("READ_TIMEOUT", "float", 600.0),
+    "body_timeout": ("BODY_TIMEOUT", "float", 30.0),
+    "max_connections": ("MAX_CONNECTIONS", "int", 0),
+    "max_buffered_bytes": ("MAX_BUFFERED_BYTES", "int", 128 * 1024 * 1024),
+    "allowed_hosts": ("ALLOWED_HOSTS", "list", []),
     "shutdown_grace": ("SHUTDOWN_GRACE", "float", 10.0),
     "max_retries": ("MAX_RETRIES", "int", 2),
     "retry_deadline": ("RETRY_DEADLINE", "float", 60.0),
@@ -93,11 +101,10 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
     "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
 }
-# Hop-by-hop and credential headers never forwarded from the client to an upstream.
-CLIENT_HEADERS_DROPPED = frozenset((
-    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
-    "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "expect",
-    "x-api-key", "authorization", "cookie", "content-type", "origin", "referer"))
+# Client request headers forwarded to an anthropic-format upstream: an allow-list, so nothing a
+# client invents (hop-by-hop, credentials, cookies, proxy or framing headers) reaches it.
+CLIENT_HEADERS_FORWARDED = frozenset(("accept", "user-agent", "x-app", "idempotency-key"))
+CLIENT_HEADER_PREFIXES_FORWARDED = ("anthropic-", "x-stainless-", "x-claude-code-")
 # Upstream response headers relayed to the client.
 RELAYED_HEADERS = ("request-id", "x-request-id", "retry-after", "retry-after-ms",
                    "x-should-retry", "anthropic-organization-id")
@@ -163,6 +170,11 @@ class HeaderTooLarge(ProxyError):
 
 class URITooLong(ProxyError):
     status = 414
+    error_type = "invalid_request_error"
+
+
+class HTTPVersionNotSupported(ProxyError):
+    status = 505
     error_type = "invalid_request_error"
 
 
@@ -247,16 +259,63 @@ def loads_event(text: str) -> Any:
 
 
 def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes."""
-    return _json_encoder.encode(obj).encode("utf-8")
+    """Compact JSON as UTF-8 bytes; text holding lone surrogates is sent \\u-escaped, as received."""
+    text = _json_encoder.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _reject_constant(name: str) -> Any:
+    """json parse_constant hook: NaN and Infinity are not JSON (RFC 8259)."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_json_body(raw: bytes, what: str = "request body") -> Any:
-    """Parse JSON bytes or raise BadRequest naming what was malformed."""
+    """Parse JSON bytes or raise BadRequest naming what was malformed (NaN, over-deep nesting)."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
+
+
+def token_count(value: Any) -> int:
+    """A usage counter as a sane int: negative, non-finite, huge or non-numeric values count 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if value != value or not 0 <= value < 1 << 53:
+        return 0
+    return int(value)
+
+
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    """One control character or lone surrogate as a visible escape."""
+    code = ord(match.group())
+    return {10: "\\n", 13: "\\r"}.get(code) or ("\\x%02x" % code if code < 256 else "\\u%04x" % code)
+
+
+def log_safe(text: str) -> str:
+    """Text with control characters (CR, LF, ESC, ...) and lone surrogates escaped, for one log line."""
+    return _CONTROL_CHARS.sub(_escape_char, text) if _CONTROL_CHARS.search(text) else text
+
+
+_SECRET_KEY = re.compile(r"key|token|secret|passw|auth|credential|cookie|session|signature",
+                         re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"^(?:(?:bearer|basic)\s+\S+|(?:sk|pk|rk|ak)-\S{8,}|eyJ[\w-]+\.[\w-]+\.[\w-]+"
+                           r"|(?=[^-]*(?:-[^-]*){0,2}$)(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,})$", re.IGNORECASE)
+
+
+def looks_secret(key: str, value: Any) -> bool:
+    """Whether a configured header or body value is likely a credential (by its key or its shape)."""
+    if not isinstance(value, str) or not value:
+        return False
+    return bool(_SECRET_KEY.search(key) or _SECRET_VALUE.match(value.strip()))
 
 
 def mask(secret: str) -> str:
@@ -286,8 +345,8 @@ class Redactor(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """logging.Filter hook: render the message once, scrubbed."""
-        message = record.getMessage()
+        """logging.Filter hook: render the message once, scrubbed and on one line."""
+        message = log_safe(record.getMessage())
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -362,10 +421,32 @@ class Config:
         return os.path.expanduser(self.settings["home"])
 
     def secret_values(self) -> List[str]:
-        """Every secret the config holds, for the redactor."""
+        """Every secret the config holds, for the redactor: keys, tokens, secret-looking
+        header and extra_body values."""
         values = [p["api_key"] for p in self.providers.values() if p.get("api_key")]
         values += [self.settings.get("proxy_api_key"), self.settings.get("oauth_token")]
+        for item in list(self.providers.values()) + list(self.models.values()):
+            values += [v for _, v in secret_leaves(item.get("headers"))]
+            values += [v for _, v in secret_leaves(item.get("extra_body"))]
         return [v for v in values if v]
+
+
+def secret_leaves(node: Any, key: str = "") -> List[Tuple[str, str]]:
+    """(key, value) of every string under node that looks like a credential."""
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in secret_leaves(v, str(k))]
+    if isinstance(node, list):
+        return [leaf for v in node for leaf in secret_leaves(v, key)]
+    return [(key, node)] if looks_secret(key, node) else []
+
+
+def masked_copy(node: Any, key: str = "") -> Any:
+    """A copy of a headers / extra_body value with every secret-looking string masked."""
+    if isinstance(node, dict):
+        return {k: masked_copy(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [masked_copy(v, key) for v in node]
+    return mask(node) if looks_secret(key, node) else node
 
 
 def read_dotenv(path: str) -> Dict[str, str]:
@@ -648,8 +729,10 @@ def redacted_config(config: Config) -> dict:
     providers = {name: dict(p, api_key=mask(p["api_key"]) if p.get("api_key") else None,
                             headers={k: mask(v) for k, v in p["headers"].items()})
                  for name, p in config.providers.items()}
+    models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
+                   extra_body=masked_copy(m["extra_body"])) for m in config.models.values()]
     routes = {name: (t["id"] or t["provider"]) for name, t in config.routes.items()}
-    return {"settings": settings, "providers": providers, "models": list(config.models.values()),
+    return {"settings": settings, "providers": providers, "models": models,
             "routes": routes, "oauth": config.oauth}
 
 # =============================================================================================
@@ -661,54 +744,77 @@ def redacted_config(config: Config) -> dict:
 
 Headers = Dict[str, str]
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")     # CTLs but HTAB (RFC 9110 5.5)
+_HTTP_VERSION = re.compile(rb"^HTTP/1\.[01]$")
+_STATUS_CODE = re.compile(rb"^[1-5][0-9][0-9]$")
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,15}$")
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
+SINGLETON_HEADERS = frozenset(("host", "content-length"))   # a repeat is a desync attempt (RFC 9112)
 
 
 def parse_header_lines(lines: List[bytes]) -> Headers:
-    """Header field lines to a dict; BadRequest on a malformed line."""
+    """Header field lines to a dict; BadRequest on a malformed line, a control character in a
+    value (CR, LF and NUL included: RFC 9112 section 5) or a repeated Host / Content-Length."""
     headers: Headers = {}
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.match(name) or _BAD_FIELD_VALUE.search(value):
             raise BadRequest("malformed header line")
         key = name.decode("ascii").lower()
-        text = value.strip().decode("latin-1")
+        text = value.strip(b" \t").decode("latin-1")
+        if key in headers and key in SINGLETON_HEADERS:
+            raise BadRequest(f"repeated {key} header")
         headers[key] = headers[key] + ", " + text if key in headers else text
     return headers
 
 
+def split_head(head: bytes) -> List[bytes]:
+    """A head's lines; BadRequest when a line ends in a bare LF or holds a lone CR."""
+    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.rstrip(b"\r\n").split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        raise BadRequest("bare CR or LF in the message head")
+    return lines
+
+
 def parse_request_head(head: bytes) -> Tuple[str, str, str, Headers]:
     """Request head (up to the blank line) -> (method, target, version, headers)."""
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    lines = split_head(head)
     if len(lines[0]) > MAX_REQUEST_LINE:
         raise URITooLong("request line too long")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not _TOKEN.match(parts[0]):
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or _BAD_FIELD_VALUE.search(parts[1]):
         raise BadRequest("malformed request line")
+    if not _HTTP_VERSION.match(parts[2]):
+        raise HTTPVersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
     method, target, version = (p.decode("latin-1") for p in parts)
-    return method, target, version, parse_header_lines(lines[1:])
+    headers = parse_header_lines(lines[1:])
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise BadRequest("missing Host header")
+    return method, target, version, headers
 
 
 def parse_response_head(head: bytes) -> Tuple[int, Headers]:
-    """Response head -> (status, headers); UpstreamError when malformed."""
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise UpstreamError("upstream sent a malformed status line")
+    """Response head -> (status, headers); UpstreamError when malformed. An HTTP/1.0 answer
+    gets `connection: close` unless it says keep-alive, so its connection is never reused."""
     try:
-        return int(parts[1]), parse_header_lines(lines[1:])
+        lines = split_head(head)
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not _HTTP_VERSION.match(parts[0]) or not _STATUS_CODE.match(parts[1]):
+            raise UpstreamError("upstream sent a malformed status line")
+        headers = parse_header_lines(lines[1:])
     except BadRequest:
         raise UpstreamError("upstream sent a malformed header") from None
+    if parts[0] == b"HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+        headers["connection"] = "close"
+    return int(parts[1]), headers
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size of a chunk from its size line (extensions ignored)."""
-    try:
-        size = int(line.split(b";", 1)[0].strip(), 16)
-    except ValueError:
-        raise BadRequest("malformed chunk size") from None
-    if size < 0:
+    """The size of a chunk from its size line (extensions ignored; hex digits only, RFC 9112 7.1)."""
+    size = line.split(b";", 1)[0].rstrip(b" \t")
+    if not _CHUNK_SIZE.match(size):
         raise BadRequest("malformed chunk size")
-    return size
+    return int(size, 16)
 
 
 class ChunkedDecoder:
@@ -737,6 +843,8 @@ class ChunkedDecoder:
                 pos, self._data_left = pos + take, self._data_left - take
             elif self._crlf_left:
                 skip = min(self._crlf_left, end - pos)
+                if buf[pos:pos + skip] != b"\r\n"[2 - self._crlf_left:2 - self._crlf_left + skip]:
+                    raise BadRequest("chunk data not followed by CRLF")
                 pos, self._crlf_left = pos + skip, self._crlf_left - skip
             else:
                 pos = self._line(buf, pos, end)
@@ -765,14 +873,19 @@ class ChunkedDecoder:
 
 
 def body_framing(headers: Headers) -> Tuple[str, int]:
-    """How a message body is delimited: ("chunked", 0), ("length", n) or ("close", 0)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+    """How a message body is delimited: ("chunked", 0), ("length", n) or ("close", 0).
+
+    Only the plain `chunked` coding is accepted: `chunked, gzip`, `xchunkedx` or any other coding
+    is a BadRequest, as is a Transfer-Encoding beside a Content-Length (RFC 9112 6.1, 6.3)."""
+    if "transfer-encoding" in headers:
+        if headers["transfer-encoding"].lower() != "chunked":
+            raise BadRequest("unsupported Transfer-Encoding (only chunked)")
         if "content-length" in headers:
             raise BadRequest("both Transfer-Encoding and Content-Length")
         return "chunked", 0
     if "content-length" in headers:
         value = headers["content-length"]
-        if not value.isdigit():
+        if not _DIGITS.match(value):
             raise BadRequest("malformed Content-Length")
         return "length", int(value)
     return "close", 0
@@ -928,23 +1041,47 @@ class Request:
 
 
 async def read_head(reader: asyncio.StreamReader, first: bytes) -> bytes:
-    """The rest of a head after its first byte; 414/431 when over the limits."""
+    """The rest of a head after its first byte, read line by line so that a bare-LF line is a
+    400 at once (not a wait for a CRLFCRLF that never comes); 414/431 past the limits. Up to
+    four empty lines before the request line are skipped (RFC 9112 2.2)."""
+    lines, size, line = [], 0, first
+    for _ in range(5):
+        line = await _read_head_line(reader, line, not lines)
+        if line != b"\r\n":
+            break
+        line = b""
+    while line != b"\r\n":
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise HeaderTooLarge("request header block over 64 KiB")
+        lines.append(line)
+        line = await _read_head_line(reader, b"", False)
+    return b"".join(lines) + b"\r\n"
+
+
+async def _read_head_line(reader: asyncio.StreamReader, start: bytes, request_line: bool) -> bytes:
+    """One CRLF-terminated head line (start: bytes of it already read)."""
     try:
-        return first + await reader.readuntil(b"\r\n\r\n")
+        line = start + await reader.readuntil(b"\n") if start != b"\n" else start
     except asyncio.LimitOverrunError:
-        peek = await reader.read(MAX_REQUEST_LINE)
-        if b"\r\n" not in first + peek:
+        if request_line:
             raise URITooLong("request line too long") from None
         raise HeaderTooLarge("request header block over 64 KiB") from None
+    if request_line and len(line) > MAX_REQUEST_LINE:
+        raise URITooLong("request line too long")
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        raise BadRequest("bare CR or LF in the request head")
+    return line
 
 
 async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    headers: Headers, limit: int) -> bytes:
-    """A request body by Content-Length or chunked; answers Expect: 100-continue; 413 past limit."""
+                    headers: Headers, limit: int, http11: bool = True) -> bytes:
+    """A request body by Content-Length or chunked; answers Expect: 100-continue (HTTP/1.1
+    only, RFC 9110 10.1.1); 413 past limit."""
     framing, length = body_framing(headers)
     if framing == "length" and length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
-    if headers.get("expect", "").lower() == "100-continue" and framing != "close":
+    if http11 and headers.get("expect", "").lower() == "100-continue" and framing != "close":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if framing == "length":
         return await reader.readexactly(length) if length else b""
@@ -954,19 +1091,34 @@ async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """A chunked body, trailers discarded."""
+    """A chunked body (trailers discarded), strictly framed: hex sizes, CRLF after each chunk,
+    at most MAX_CHUNKS chunks and MAX_CHUNK_LINE bytes per size or trailer line."""
     parts, total = [], 0
-    while True:
-        size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+    for _ in range(MAX_CHUNKS):
+        size = parse_chunk_size((await _read_chunk_line(reader))[:-2])
         total += size
         if total > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
         if size == 0:
-            break
-        parts.append((await reader.readexactly(size + 2))[:-2])
-    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-        pass
-    return b"".join(parts)
+            while await _read_chunk_line(reader) != b"\r\n":
+                pass
+            return b"".join(parts)
+        data = await reader.readexactly(size + 2)
+        if data[-2:] != b"\r\n":
+            raise BadRequest("chunk data not followed by CRLF")
+        parts.append(data[:-2])
+    raise BadRequest(f"request body in more than {MAX_CHUNKS} chunks")
+
+
+async def _read_chunk_line(reader: asyncio.StreamReader) -> bytes:
+    """One CRLF-terminated chunk-size or trailer line, at most MAX_CHUNK_LINE bytes."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise BadRequest("chunk size or trailer line too long") from None
+    if len(line) > MAX_CHUNK_LINE or not line.endswith(b"\r\n"):
+        raise BadRequest("malformed chunk size or trailer line")
+    return line
 
 
 class ClientStream:
@@ -4152,6 +4304,12 @@ def error_from_upstream(exc: UpstreamStatus) -> ProxyError:
     return ProxyError(message, status=exc.status, error_type=error_type)
 
 
+def forwarded_client_headers(client_headers: Headers) -> List[Tuple[str, str]]:
+    """The client's headers an anthropic-format upstream gets: the allow-list only."""
+    return [(k, v) for k, v in client_headers.items()
+            if k in CLIENT_HEADERS_FORWARDED or k.startswith(CLIENT_HEADER_PREFIXES_FORWARDED)]
+
+
 def relayed_headers(upstream_headers: Headers) -> List[Tuple[str, str]]:
     """The upstream response headers that matter to a client: ids, retry hints, rate limits."""
     return [(k, v) for k, v in upstream_headers.items()
@@ -4450,7 +4608,7 @@ class Exchange:
         if anthropic_body is not None and anthropic_body.get("model") != target.spec["model"]:
             anthropic_body = dict(anthropic_body, model=target.spec["model"])
             raw = b""
-        headers = [(k, v) for k, v in req_headers.items() if k not in CLIENT_HEADERS_DROPPED]
+        headers = forwarded_client_headers(req_headers)
         headers.append(("content-type", "application/json"))
         mode = await self.auth_mode(provider)
         self.oauth_used = mode == "oauth"

@@ -430,13 +430,41 @@ def test_parse_request_head():
 
 @pytest.mark.parametrize("head, error", [
     (b"GARBAGE\r\n\r\n", cp.BadRequest),
-    (b"GET / HTTP/2\r\n\r\n", cp.BadRequest),
+    (b"GET / HTTP/2\r\nHost: x\r\n\r\n", cp.HTTPVersionNotSupported),
+    (b"GET / HTTP/1.9\r\nHost: x\r\n\r\n", cp.HTTPVersionNotSupported),
     (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", cp.BadRequest),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", cp.URITooLong),
+    # smuggling: bare LF, lone CR or NUL inside a field value (RFC 9112 5)
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Trace: a\ncontent-length: 0\r\n\r\n", cp.BadRequest),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Trace: a\rb\r\n\r\n", cp.BadRequest),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Trace: a\x00b\r\n\r\n", cp.BadRequest),
+    (b"GET / HTTP/1.1\nHost: x\n\n", cp.BadRequest),
+    (b"GET / HTTP/1.1\r\n\r\n", cp.BadRequest),                                  # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", cp.BadRequest),           # two Hosts
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", cp.BadRequest),
+    (b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n", cp.BadRequest),
 ])
 def test_parse_request_head_errors(head, error):
     with pytest.raises(error):
         cp.parse_request_head(head)
+
+
+def test_http10_request_needs_no_host_and_tabs_are_kept():
+    assert cp.parse_request_head(b"GET / HTTP/1.0\r\nX: a\tb\r\n\r\n") == ("GET", "/", "HTTP/1.0", {"x": "a\tb"})
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 999 Odd\r\n\r\n", b"HTTP/1.1 20 OK\r\n\r\n", b"HTTP/2 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nrequest-id: a\nset-cookie: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+])
+def test_parse_response_head_rejects_what_would_inject_or_desync(head):
+    with pytest.raises(UpstreamError):
+        cp.parse_response_head(head)
+
+
+def test_http10_upstream_answer_is_never_kept_alive():
+    assert cp.parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n") == (200, {"connection": "close"})
 
 
 @pytest.mark.parametrize("headers, framing", [
@@ -448,11 +476,33 @@ def test_body_framing(headers, framing):
     assert cp.body_framing(headers) == framing
 
 
-def test_body_framing_rejects_smuggling():
+@pytest.mark.parametrize("headers", [
+    {"transfer-encoding": "chunked", "content-length": "3"}, {"content-length": "-1"},
+    {"content-length": "\u00b2"}, {"content-length": "1 2"}, {"content-length": "+5"},
+    {"transfer-encoding": "chunked, gzip"}, {"transfer-encoding": "xchunkedx"},
+    {"transfer-encoding": "gzip"}, {"transfer-encoding": "chunked, chunked"},
+])
+def test_body_framing_rejects_smuggling(headers):
     with pytest.raises(cp.BadRequest):
-        cp.body_framing({"transfer-encoding": "chunked", "content-length": "3"})
+        cp.body_framing(headers)
+
+
+@pytest.mark.parametrize("line", [b"0x10", b"+10", b"1_0", b" 10", b"-1", b"", b"g", b"1" * 16])
+def test_chunk_size_is_hex_digits_only(line):
     with pytest.raises(cp.BadRequest):
-        cp.body_framing({"content-length": "-1"})
+        cp.parse_chunk_size(line)
+
+
+def test_chunk_size_allows_extensions_and_bws():
+    assert cp.parse_chunk_size(b"1A ; name=value") == 26 and cp.parse_chunk_size(b"0") == 0
+
+
+def test_chunked_decoder_requires_crlf_after_data():
+    for data in (b"3\r\nabcXY0\r\n\r\n", b"3\r\nabc\n0\r\n\r\n"):
+        with pytest.raises(cp.BadRequest):
+            decode_chunked(data, [len(data)])
+        with pytest.raises(cp.BadRequest):
+            decode_chunked(data, list(range(1, len(data) + 1)))
 
 
 CHUNKED_SAMPLE = b"3\r\nabc\r\n5;ext=1\r\nde\r\nf\r\n0\r\nx-trailer: 1\r\n\r\n"
@@ -3526,7 +3576,7 @@ def test_keep_alive_chunked_body_and_expect_continue(tmp_path):
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\n" + b"x-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"POST /v1/messages HTTP/1.1\r\ncontent-length: 2000\r\n\r\n", 413),
+    (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 2000\r\n\r\n", 413),
     (b"NOT HTTP\r\n\r\n", 400),
 ])
 def test_request_limits(tmp_path, request_bytes, status):
