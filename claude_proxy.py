@@ -927,13 +927,20 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class SSEDecoder:
-    """Incremental SSE decoder: feed(bytes) -> [(event, data)], close() -> [(event, data)]."""
+    """Incremental SSE decoder: feed(bytes) -> [(event, data)], close() -> [(event, data)].
 
-    def __init__(self) -> None:
+    A line or an event longer than MAX_SSE_LINE is an UpstreamError: an upstream that never
+    sends a newline must not grow memory (or re-scan a growing tail) without bound."""
+
+    def __init__(self, max_line: int = MAX_SSE_LINE) -> None:
         self._tail = b""
+        self._parts: List[bytes] = []    # pieces of a line that has not ended yet
+        self._parts_size = 0
         self._skip_lf = False
         self._event = ""
         self._data: List[str] = []
+        self._data_size = 0
+        self._max = max_line
         self.comments = 0
 
     def feed(self, chunk: bytes) -> List[Tuple[str, str]]:
@@ -943,29 +950,52 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = chunk[-1:] == b"\r"
+        if b"\n" not in chunk and b"\r" not in chunk:
+            return self._hold(chunk)
+        if self._parts:
+            chunk, self._parts, self._parts_size = b"".join(self._parts) + chunk, [], 0
         data = self._tail + chunk if self._tail else chunk
         lines = _LINE_END.split(data) if b"\r" in data else data.split(b"\n")
         self._tail = lines.pop()
+        if len(self._tail) > self._max:
+            raise UpstreamError(f"upstream sent an SSE line over {self._max} bytes")
         events: List[Tuple[str, str]] = []
         pending = self._data
         for line in lines:                                   # the common lines inline, rare ones in _line
             if line[:6] == b"data: ":
                 pending.append(line[6:].decode("utf-8", "replace"))
+                self._data_size += len(line)
             elif not line:
                 if pending:
                     events.append((self._event, pending[0] if len(pending) == 1 else "\n".join(pending)))
                     pending = self._data = []
+                    self._data_size = 0
                 self._event = ""
             elif line[:7] == b"event: ":
                 self._event = line[7:].decode("utf-8", "replace")
             else:
                 self._line(line, events)
                 pending = self._data
+        if self._data_size > self._max:
+            raise UpstreamError(f"upstream sent an SSE event over {self._max} bytes")
         return events
+
+    def _hold(self, piece: bytes) -> List[Tuple[str, str]]:
+        """Keep a piece of an unfinished line (joined once, when the line ends)."""
+        if self._tail:
+            self._parts, self._tail = [self._tail], b""
+            self._parts_size = len(self._parts[0])
+        self._parts.append(piece)
+        self._parts_size += len(piece)
+        if self._parts_size > self._max:
+            raise UpstreamError(f"upstream sent an SSE line over {self._max} bytes")
+        return []
 
     def close(self) -> List[Tuple[str, str]]:
         """Flush a last unterminated line and event at end of stream."""
         events: List[Tuple[str, str]] = []
+        if self._parts:
+            self._tail, self._parts, self._parts_size = self._tail + b"".join(self._parts), [], 0
         if self._tail:
             self._line(self._tail, events)
             self._tail = b""
@@ -977,7 +1007,7 @@ class SSEDecoder:
         if not line:
             if self._data:
                 events.append((self._event, "\n".join(self._data)))
-            self._event, self._data = "", []
+            self._event, self._data, self._data_size = "", [], 0
             return
         if line[:1] == b":":
             self.comments += 1
@@ -987,6 +1017,7 @@ class SSEDecoder:
             value = value[1:]
         if name == b"data":
             self._data.append(value.decode("utf-8", "replace"))
+            self._data_size += len(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
 
@@ -1251,6 +1282,29 @@ class UpstreamConnection:
         self.writer.transport.abort()
 
 
+# content-encoding -> zlib wbits (the proxy asks for identity; some upstreams compress anyway)
+CONTENT_DECODERS = {"identity": 0, "gzip": 31, "x-gzip": 31, "deflate": 15}
+MAX_INFLATED_PIECE = 1 << 20
+
+
+async def decode_body(body: AsyncIterator[bytes], encoding: str) -> AsyncIterator[bytes]:
+    """A gzip/deflate body inflated as it arrives, in pieces of at most 1 MiB (no zip bomb at once)."""
+    import zlib
+    inflater = zlib.decompressobj(CONTENT_DECODERS[encoding])
+    try:
+        async for data in body:
+            while data:
+                piece = inflater.decompress(data, MAX_INFLATED_PIECE)
+                data = inflater.unconsumed_tail
+                if piece:
+                    yield piece
+        tail = inflater.flush()
+    except zlib.error:
+        raise UpstreamError(f"upstream sent a corrupt {encoding} body") from None
+    if tail:
+        yield tail
+
+
 class UpstreamResponse:
     """Status and headers of an upstream response; the body is read on demand."""
 
@@ -1265,10 +1319,16 @@ class UpstreamResponse:
         framing, self._remaining = ("length", 0) if head_only or status in (204, 304) else body_framing(headers)
         self._framing = framing
         self._reusable = framing != "close" and headers.get("connection", "").lower() != "close"
+        self._encoding = headers.pop("content-encoding", "identity").strip().lower()
+        if self._encoding not in CONTENT_DECODERS:
+            raise UpstreamError(f"upstream answered in content-encoding {self._encoding!r}, "
+                                "which the proxy did not ask for and cannot decode")
 
     def iter_body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; the connection goes back to the pool at its end."""
-        return self._iter_chunked() if self._framing == "chunked" else self._iter_plain()
+        """The body as it arrives (decoded when the upstream compressed it anyway); the
+        connection goes back to the pool at its end."""
+        body = self._iter_chunked() if self._framing == "chunked" else self._iter_plain()
+        return body if self._encoding == "identity" else decode_body(body, self._encoding)
 
     def _failure(self) -> UpstreamError:
         """The error for a body that broke off: a timeout if the idle timer fired."""
@@ -1393,11 +1453,17 @@ class ConnectionPool:
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader, timer: IdleTimer) -> Tuple[int, Headers]:
-        while True:
+        """The final response head. Interim 1xx heads are skipped without resetting the read
+        timer (an upstream sending 100s forever still times out) and at most a few are taken;
+        101 is an error, since the proxy never asks to switch protocols."""
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
             status, headers = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
-            timer.touch()
-            if status >= 200 or status == 101:
+            if status == 101:
+                raise UpstreamError("upstream switched protocols (101) unasked")
+            if status >= 200:
+                timer.touch()
                 return status, headers
+        raise UpstreamError("upstream sent too many interim (1xx) responses")
 
     async def acquire(self, origin: Origin) -> UpstreamConnection:
         """An idle usable connection to origin, or a new one."""
@@ -1787,18 +1853,29 @@ def _as_parts(content: Any) -> List[dict]:
 
 def _merge_user_neighbours(turns: List[dict]) -> List[dict]:
     """Adjacent user messages (left by a dropped thinking-only turn, say) become one: chat
-    templates that require alternating roles (Mistral, Gemma) reject two in a row."""
+    templates that require alternating roles (Mistral, Gemma) reject two in a row. Linear:
+    each run of user messages is joined once."""
     merged: List[dict] = []
-    for turn in turns:
-        if merged and turn["role"] == "user" and merged[-1]["role"] == "user":
-            previous = merged[-1]
-            if isinstance(previous["content"], str) and isinstance(turn["content"], str):
-                merged[-1] = dict(previous, content=previous["content"] + "\n\n" + turn["content"])
-            else:
-                merged[-1] = dict(previous, content=_as_parts(previous["content"]) + _as_parts(turn["content"]))
-        else:
+    run: List[dict] = []
+    for turn in turns + [{"role": ""}]:
+        if turn["role"] == "user":
+            run.append(turn)
+            continue
+        if run:
+            merged.append(_join_user_run(run))
+            run = []
+        if turn["role"]:
             merged.append(turn)
     return merged
+
+
+def _join_user_run(run: List[dict]) -> dict:
+    """One user message from consecutive ones: texts joined by a blank line, else all parts."""
+    if len(run) == 1:
+        return run[0]
+    if all(isinstance(turn["content"], str) for turn in run):
+        return dict(run[0], content="\n\n".join(turn["content"] for turn in run))
+    return dict(run[0], content=[part for turn in run for part in _as_parts(turn["content"])])
 
 
 def clean_gemini_schema(schema: Any) -> Any:
@@ -2003,12 +2080,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 def anthropic_usage_from_openai(openai_usage: dict) -> dict:
     """OpenAI usage as Anthropic usage: input_tokens excludes cached and cache-written tokens."""
-    details = openai_usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or openai_usage.get("prompt_cache_hit_tokens") or 0
-    written = details.get("cache_write_tokens") or 0
-    prompt = openai_usage.get("prompt_tokens") or 0
+    details = openai_usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = token_count(details.get("cached_tokens")) or token_count(openai_usage.get("prompt_cache_hit_tokens"))
+    written = token_count(details.get("cache_write_tokens"))
+    prompt = token_count(openai_usage.get("prompt_tokens"))
     return {"input_tokens": max(prompt - cached - written, 0),
-            "output_tokens": openai_usage.get("completion_tokens") or 0,
+            "output_tokens": token_count(openai_usage.get("completion_tokens")),
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
@@ -2030,26 +2108,24 @@ class ThinkTagSplitter:
     """Splits raw `<think>...</think>` reasoning (llama.cpp --reasoning-format none) out of
     streamed content. Only a `<think>` at the very start of the reply counts (leading
     whitespace allowed), so a model writing about the tag later is left alone. Tags split
-    across chunks are handled by carrying at most len(tag)-1 characters to the next chunk."""
+    across chunks are handled by carrying at most len(tag)-1 characters to the next chunk;
+    leading whitespace is kept aside as it comes (never re-stripped: a stuck model sending
+    newlines for ever costs linear time)."""
 
     def __init__(self) -> None:
         self.state = "start"  # start -> think -> text, or start -> text
         self.carry = ""
+        self._lead: List[str] = []     # whitespace before the first visible character
 
     def split(self, text: str) -> List[Tuple[str, str]]:
         """(kind, text) pieces for one content fragment; kind is "thinking" or "text"."""
-        buf, self.carry = self.carry + text, ""
         if self.state == "start":
-            stripped = buf.lstrip()
-            if stripped.startswith(THINK_OPEN):
-                self.state, buf = "think", stripped[len(THINK_OPEN):]
-            elif THINK_OPEN.startswith(stripped):
-                self.carry = buf
+            text = self._start(text)
+            if self.state == "start":
                 return []
-            else:
-                self.state = "text"
+        buf, self.carry = self.carry + text, ""
         if self.state == "text":
-            return [("text", buf)]
+            return [("text", buf)] if buf else []
         end = buf.find(THINK_CLOSE)
         if end >= 0:
             self.state = "text"
@@ -2058,9 +2134,28 @@ class ThinkTagSplitter:
         self.carry = buf[len(buf) - keep:] if keep else ""
         return [("thinking", buf[:len(buf) - keep])]
 
+    def _start(self, text: str) -> str:
+        """Before the first visible character: decide think or text; returns what is left."""
+        if not self.carry:
+            visible = text.lstrip()
+            if len(visible) < len(text):
+                self._lead.append(text[:len(text) - len(visible)])
+            text = visible
+        buf = self.carry + text
+        if buf.startswith(THINK_OPEN):
+            self.state, self.carry, self._lead = "think", "", []
+            return buf[len(THINK_OPEN):]
+        if THINK_OPEN.startswith(buf):
+            self.carry = buf
+            return ""
+        self.state, self.carry = "text", ""
+        lead, self._lead = "".join(self._lead), []
+        return lead + buf
+
     def flush(self) -> List[Tuple[str, str]]:
         """Whatever is still carried, as the kind of the current state."""
-        carry, self.carry = self.carry, ""
+        carry, self.carry = "".join(self._lead) + self.carry, ""
+        self._lead = []
         return [("thinking" if self.state == "think" else "text", carry)] if carry else []
 
 
@@ -2107,13 +2202,46 @@ def _content_part_pieces(parts: list) -> List[Tuple[str, Any]]:
     return pieces
 
 
-def _json_complete(text: str) -> bool:
-    """True when text is a whole JSON document (a streamed tool call is done)."""
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+
+
+class JsonScan:
+    """Whether streamed JSON fragments have closed their top-level value: a bracket and string
+    scanner run lazily over the fragments it has not seen, so asking after every fragment of
+    another tool call costs linear time in all (a json.loads per question was quadratic)."""
+
+    def __init__(self) -> None:
+        self.seen = 0            # fragments scanned so far
+        self.depth = 0
+        self.opened = False
+        self.in_string = False
+        self.escaped = False     # a backslash ended the last fragment
+
+    def complete(self, fragments: List[str]) -> bool:
+        """True when the fragments so far form one whole JSON object or array."""
+        for fragment in fragments[self.seen:]:
+            self._scan(fragment)
+        self.seen = len(fragments)
+        return self.opened and self.depth <= 0 and not self.in_string
+
+    def _scan(self, text: str) -> None:
+        skip = 1 if self.escaped and text else 0
+        self.escaped = self.escaped and not text
+        for match in _JSON_SPECIAL.finditer(text, skip):
+            at, char = match.start(), match.group()
+            if at < skip:
+                continue
+            if self.in_string:
+                if char == "\\":
+                    skip, self.escaped = at + 2, at + 1 == len(text)
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "[{":
+                self.depth, self.opened = self.depth + 1, True
+            else:
+                self.depth -= 1
 
 
 class OpenAIToAnthropicStream:
@@ -2155,7 +2283,7 @@ class OpenAIToAnthropicStream:
         self._tool_by_index: Dict[int, dict] = {}
         self._tool_by_id: Dict[str, dict] = {}
         self._finish_reason: Optional[str] = None
-        self._held_space = ""           # whitespace that would open a text block on its own
+        self._held_space: List[str] = []    # whitespace that would open a text block on its own
         self._usage: Optional[dict] = None
         self._think = ThinkTagSplitter()
 
@@ -2259,7 +2387,7 @@ class OpenAIToAnthropicStream:
         """Open block `kind` at the next index (caller closed the previous one)."""
         self._open, self._open_index, self._signature = kind, self._next_index, ""
         self._next_index += 1
-        self._held_space = ""
+        self._held_space = []
         return [{"type": "content_block_start", "index": self._open_index,
                  "content_block": content_block}]
 
@@ -2297,9 +2425,11 @@ class OpenAIToAnthropicStream:
         events: List[dict] = []
         if self._open != kind:
             if kind == "text" and text.isspace():   # a whitespace-only text block is a 400 when replayed
-                self._held_space += text
+                self._held_space.append(text)
                 return []
-            text, self._held_space = (self._held_space + text if kind == "text" else text), ""
+            if kind == "text" and self._held_space:
+                text = "".join(self._held_space) + text
+            self._held_space = []
             events += self._settle()
             block = {"type": "text", "text": ""} if kind == "text" else \
                 {"type": "thinking", "thinking": "", "signature": ""}
@@ -2333,8 +2463,8 @@ class OpenAIToAnthropicStream:
 
     def _new_tool(self, index: Any, raw_id: Optional[str]) -> dict:
         """Register a tool call seen for the first time."""
-        tool = {"raw_id": raw_id, "id": sanitize_tool_id(raw_id), "name": "", "arguments": "",
-                "block": None}
+        tool = {"raw_id": raw_id, "id": sanitize_tool_id(raw_id), "name": "", "arguments": [],
+                "scan": JsonScan(), "block": None}
         self._tools.append(tool)
         if isinstance(index, int):
             self._tool_by_index[index] = tool
@@ -2352,14 +2482,16 @@ class OpenAIToAnthropicStream:
         if isinstance(arguments, (dict, list)):
             arguments = json.dumps(arguments, ensure_ascii=False)
         arguments = arguments if isinstance(arguments, str) else ""
-        tool["arguments"] += arguments
+        if arguments:
+            tool["arguments"].append(arguments)
         if tool is self._open_tool:
             return [self._delta({"type": "input_json_delta", "partial_json": arguments})] \
                 if arguments else []
         if tool["block"] is not None:
             log.debug("dropping late arguments for closed tool call %s", tool["id"])
             return []
-        if not tool["name"] or (self._open_tool and not _json_complete(self._open_tool["arguments"])):
+        open_tool = self._open_tool
+        if not tool["name"] or (open_tool and not open_tool["scan"].complete(open_tool["arguments"])):
             return []  # no name yet, or interleaved with the open call: buffer
         return self._settle(skip=tool) + self._open_tool_block(tool)
 
@@ -2369,8 +2501,9 @@ class OpenAIToAnthropicStream:
                                             "name": tool["name"], "input": {}})
         tool["block"], self._open_tool = self._open_index, tool
         if tool["arguments"]:
+            tool["arguments"] = ["".join(tool["arguments"])]
             events.append(self._delta({"type": "input_json_delta",
-                                       "partial_json": tool["arguments"]}))
+                                       "partial_json": tool["arguments"][0]}))
         return events
 
 
@@ -2850,13 +2983,13 @@ def _split_messages(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
 
 
 def _merge_turns(turns: List[dict]) -> List[dict]:
-    """Drop empty turns and merge same-role neighbours."""
+    """Drop empty turns and merge same-role neighbours (in place on our own copies: linear)."""
     merged: List[dict] = []
     for turn in turns:
         if not turn["content"]:
             continue
         if merged and merged[-1]["role"] == turn["role"]:
-            merged[-1] = {"role": turn["role"], "content": merged[-1]["content"] + turn["content"]}
+            merged[-1]["content"].extend(turn["content"])
         else:
             merged.append({"role": turn["role"], "content": list(turn["content"])})
     return merged
@@ -3292,15 +3425,16 @@ class AnthropicToOpenAIStream:
 def openai_usage_from_anthropic(anthropic_usage: dict) -> dict:
     """Anthropic usage -> OpenAI usage (prompt includes cache reads and writes; D.3)."""
     def count(key: str) -> int:
-        return int(anthropic_usage.get(key) or 0)
+        return token_count(anthropic_usage.get(key))
     cache_read = count("cache_read_input_tokens")
     prompt = count("input_tokens") + cache_read + count("cache_creation_input_tokens")
     completion = count("output_tokens")
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
              "prompt_tokens_details": {"cached_tokens": cache_read}}
-    thinking = (anthropic_usage.get("output_tokens_details") or {}).get("thinking_tokens")
+    details = anthropic_usage.get("output_tokens_details")
+    thinking = details.get("thinking_tokens") if isinstance(details, dict) else None
     if thinking is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": thinking}
+        usage["completion_tokens_details"] = {"reasoning_tokens": token_count(thinking)}
     return usage
 
 # ---- response: non-streaming, folded from the same machine -------------------------------------
@@ -3373,9 +3507,12 @@ def _block_events(index: int, block: dict) -> List[dict]:
 
 
 def anthropic_message_as_events(anthropic_message: dict) -> List[dict]:
-    """A non-streaming Anthropic message (or error body) -> the equivalent stream events."""
+    """A non-streaming Anthropic message (or error body) -> the equivalent stream events;
+    anything else (`{}`, a list, a message without content) is an UpstreamError, not an answer."""
     if anthropic_message.get("type") == "error":
         return [anthropic_message]
+    if anthropic_message.get("type") != "message" or not isinstance(anthropic_message.get("content"), list):
+        raise UpstreamError("upstream answered 200 without an Anthropic message")
     start = dict(anthropic_message, content=[], stop_reason=None, stop_sequence=None)
     events = [{"type": "message_start", "message": start}]
     for i, block in enumerate(anthropic_message.get("content") or []):
@@ -4785,7 +4922,10 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
                                  variant_effort=target.effort, thinking_style=target.spec["thinking"])
         return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
     response = await x.send(build, stream=bool(body.get("stream")))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise BadRequest("stream_options must be an object", param="stream_options")
+    include_usage = bool(stream_options.get("include_usage"))
     try:
         await x.check_status(response)
         if body.get("stream") and "text/event-stream" in response.headers.get("content-type", ""):

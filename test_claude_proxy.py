@@ -582,6 +582,25 @@ def test_sse_format_round_trip():
 
 
 @pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="shared fixtures absent")
+def test_sse_decoder_bounds_a_line_without_newline_in_linear_time():
+    decoder = cp.SSEDecoder(max_line=1 << 20)
+    piece = b"data: " + b"x" * 4090
+    with pytest.raises(UpstreamError, match="over 1048576 bytes"):
+        for _ in range(10_000):            # 40 MB offered; joined once per line, refused at 1 MiB
+            decoder.feed(piece)
+    decoder = cp.SSEDecoder(max_line=100)
+    assert decoder.feed(b"data: " + b"y" * 50 + b"\n") == []
+    with pytest.raises(UpstreamError, match="event over 100"):
+        decoder.feed(b"data: " + b"y" * 60 + b"\n")        # two data lines: the event is too big
+
+
+def test_sse_decoder_joins_a_line_split_over_many_reads():
+    decoder = cp.SSEDecoder()
+    parts = [b"event: a\nda", b"ta: ", b"1", b"2", b"3\r", b"\n\r\n", b"data: tail"]
+    events = [e for part in parts for e in decoder.feed(part)] + decoder.close()
+    assert events == [("a", "123"), ("", "tail")]
+
+
 def test_sse_decoder_on_every_real_fixture_any_split():
     for path in sorted(glob.glob(os.path.join(FIXTURES, "*.sse"))):
         data = open(path, "rb").read()
