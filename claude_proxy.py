@@ -379,6 +379,36 @@ def iso_time(epoch: float) -> str:
         "%Y-%m-%dT%H:%M:%SZ")
 
 
+async def run_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking work (disk, database, a big conversion) in the default thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args))
+
+
+def ensure_private_dir(path: str) -> str:
+    """The state directory, created 0700, or tightened to 0700 when it already exists with
+    looser modes (0777 stays 0777 otherwise); returns the path."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path)
+    owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    if info.st_mode & 0o077 and owned and os.name == "posix":
+        os.chmod(path, 0o700)
+        log.warning("%s was mode %o; tightened to 0700 (it holds credentials)", path, stat.S_IMODE(info.st_mode))
+    elif info.st_mode & 0o077 and os.name == "posix":
+        log.warning("%s is mode %o and owned by another user: others may read its credentials",
+                    path, stat.S_IMODE(info.st_mode))
+    return path
+
+
+def open_no_follow(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open that refuses a symbolic link at `path` (a planted link must not be followed)."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise PermissionError(f"{path} is a symbolic link; refusing to follow it") from None
+        raise exc
+
+
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost."""
     host = host.strip("[]")
@@ -3768,24 +3798,26 @@ class TokenStore:
         self.clock = clock
 
     def load(self) -> Optional[dict]:
-        """The saved record, or None when there is none (or it is unreadable)."""
+        """The saved record, or None when there is none, it is unreadable, a symlink, or in
+        another program's shape (each of those said in a warning)."""
         try:
-            with open(self.path, "r", encoding="utf-8") as f:
+            with os.fdopen(open_no_follow(self.path, os.O_RDONLY), "r", encoding="utf-8") as f:
                 document = json.load(f)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.warning("token store %s is unreadable (%s); ignoring it", self.path, type(exc).__name__)
+            log.warning("token store %s is unreadable (%s); ignoring it", self.path, exc)
             return None
         token = document.get("token") if isinstance(document, dict) else None
-        return token if isinstance(token, dict) and token.get("access_token") else None
+        if isinstance(token, dict) and token.get("access_token"):
+            return token
+        log.warning("token store %s is not in claude_proxy's shape (a file of another proxy? "
+                    "`python3 claude_proxy.py import FILE` reads those); ignoring it", self.path)
+        return None
 
     def save(self, record: dict) -> None:
         """Replace the file atomically: 0600 temp file in the same dir, fsync, os.replace."""
-        directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
+        ensure_private_dir(os.path.dirname(self.path))
         document = {"saved_at": self.clock(), "token": record}
         tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
@@ -3813,46 +3845,66 @@ def _unlink_quietly(path: str) -> None:
 
 
 class FileLock:
-    """A cross-process lock file (O_CREAT|O_EXCL, works on Linux, macOS, Windows) for `async with`.
+    """A cross-process lock for `async with`, held by the kernel: flock(2) on POSIX, msvcrt
+    byte-range locking on Windows. The kernel drops it when its holder exits, so a crashed
+    process leaves no stale lock, and a live holder is never judged stale however slow its
+    token endpoint is; each holder releases only its own lock. The wait is bounded: past
+    `timeout` seconds an UpstreamError says another process holds it. The lock file itself
+    stays (deleting it would let a third process lock a new file while a waiter holds the old)."""
 
-    A lock older than `stale_after` seconds (by mtime) is taken to belong to a crashed process and
-    broken. Two waiters breaking the same stale lock at once could both proceed; the refresh that
-    follows re-reads the store, so the worst case is one extra refresh, not a lost token."""
-
-    def __init__(self, path: str, *, stale_after: float = 30.0, poll: float = 0.05):
+    def __init__(self, path: str, *, timeout: float = 60.0, poll: float = 0.05):
         self.path = path
-        self.stale_after = stale_after
+        self.timeout = timeout
         self.poll = poll
-
-    def _try_create(self) -> bool:
-        """Create the lock file; False when another holder has it."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-
-    def _break_if_stale(self) -> None:
-        """Remove the lock file when its holder has been silent longer than stale_after."""
-        try:
-            age = time.time() - os.stat(self.path).st_mtime
-        except FileNotFoundError:
-            return
-        if age > self.stale_after:
-            log.warning("breaking stale lock %s (%.0fs old)", self.path, age)
-            _unlink_quietly(self.path)
+        self._fd: Optional[int] = None
 
     async def __aenter__(self) -> "FileLock":
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        while not self._try_create():
-            self._break_if_stale()
+        ensure_private_dir(os.path.dirname(os.path.abspath(self.path)))
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
+        deadline = time.monotonic() + self.timeout
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise UpstreamError(f"another claude_proxy process has held {self.path} for "
+                                    f"over {self.timeout:.0f}s; try again")
             await asyncio.sleep(self.poll)
+        self._fd = fd
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        _unlink_quietly(self.path)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            _unlock(fd)
+            os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the kernel lock on fd without waiting; False when another holder has it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as exc:
+        if exc.errno in (11, 13, 35, 36):          # EAGAIN / EACCES / EWOULDBLOCK / EDEADLK
+            return False
+        raise
+
+
+def _unlock(fd: int) -> None:
+    """Release the kernel lock taken by _try_lock."""
+    if os.name == "nt":
+        import msvcrt
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # ---- Token manager ------------------------------------------------------------------------
@@ -3873,17 +3925,20 @@ class TokenManager:
 
     def __init__(self, store: TokenStore, settings: dict, post_json: PostJson, *,
                  clock: Clock = time.time, explicit_token: Optional[str] = None,
-                 lock_path: Optional[str] = None, stale_lock_after: float = 30.0):
+                 lock_path: Optional[str] = None, lock_timeout: float = 60.0):
         self.store = store
         self.settings = settings
         self.post_json = post_json
         self.clock = clock
         self.lock_path = lock_path or store.path + ".lock"
-        self.stale_lock_after = stale_lock_after
+        self.lock_timeout = lock_timeout
         self.last_error: Optional[str] = None
         self._explicit_token = explicit_token
         self._cached: Optional[dict] = None
         self._dead_refresh_token: Optional[str] = None
+        self._spent: set = set()                  # refresh tokens this process exchanged
+        self._unsaved: Optional[dict] = None      # a rotated pair whose write failed
+        self._retry_save_at = 0.0
         self._lock: Optional[asyncio.Lock] = None
         self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -3895,7 +3950,7 @@ class TokenManager:
     def record(self) -> Optional[dict]:
         """The record in use (explicit token, else the store, cached after the first read)."""
         if self._explicit_token is None and self._cached is None:
-            self._cached = self.store.load()
+            self._cached = self._newest(self.store.load())
         return self.pick_record(self._explicit_token, self._cached)
 
     def _async_lock(self) -> asyncio.Lock:
@@ -3927,6 +3982,8 @@ class TokenManager:
         if expires_at is not None and expires_at <= self.clock():
             raise AuthError("the Claude token has expired and cannot be refreshed; "
                             f"{LOGIN_AGAIN} (or import the Claude Code credentials again)")
+        if self._unsaved is not None and self.clock() >= self._retry_save_at:
+            await self._persist(self._unsaved)
         return record["access_token"]
 
     async def _refresh(self, failed_token: Optional[str]) -> Optional[dict]:
@@ -3935,14 +3992,38 @@ class TokenManager:
             record = self.record()
             if not self._needs_refresh(record, failed_token):
                 return record
-            async with FileLock(self.lock_path, stale_after=self.stale_lock_after):
-                record = self._cached = self.store.load()   # another process may have refreshed
+            async with FileLock(self.lock_path, timeout=self.lock_timeout):
+                saved = await run_off_loop(self.store.load)      # another process may have refreshed
+                record = self._cached = self._newest(saved)
                 if not self._needs_refresh(record, failed_token):
                     return record
-                fresh = await self._exchange(record)
-                self.store.save(fresh)
-                self._cached = fresh
+                fresh = self._cached = await self._exchange(record)
+                self._spent.add(record["refresh_token"])
+                await self._persist(fresh)
                 return fresh
+
+    def _newest(self, saved: Optional[dict]) -> Optional[dict]:
+        """The saved record, unless it holds a refresh token this process already spent (its
+        rotated pair could not be written): then that pair, kept in memory. A refresh token is
+        never sent twice: the second use would get invalid_grant and end the login."""
+        if self._unsaved is not None and (saved is None or saved.get("refresh_token") in self._spent):
+            return self._unsaved
+        return saved
+
+    async def _persist(self, record: dict) -> None:
+        """Write a rotated pair; on failure keep it in memory, say so, and retry in 30 s."""
+        try:
+            await run_off_loop(self.store.save, record)
+        except OSError as exc:
+            self._unsaved, self._retry_save_at = record, self.clock() + 30.0
+            self.last_error = (f"the refreshed Claude token could not be saved to {self.store.path} "
+                               f"({exc.strerror or exc}); it is kept in memory and the write is retried")
+            log.warning("%s", self.last_error)
+            return
+        if self._unsaved is not None:
+            log.info("the refreshed Claude token is saved now")
+            self.last_error = None
+        self._unsaved = None
 
     async def _exchange(self, record: dict) -> dict:
         """Post the refresh, remembering a failure for status() and a dead refresh token."""

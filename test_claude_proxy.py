@@ -3137,7 +3137,7 @@ def test_store_ignores_garbage(tmp_path):
     assert TokenStore(str(path)).load() is None
 
 
-def test_file_lock_excludes_and_breaks_stale(tmp_path):
+def test_file_lock_excludes_and_a_dead_holder_leaves_no_stale_lock(tmp_path):
     lock_path = str(tmp_path / "x.lock")
     order = []
 
@@ -3152,12 +3152,82 @@ def test_file_lock_excludes_and_breaks_stale(tmp_path):
 
     asyncio.run(main())
     assert order in (["a-in", "a-out", "b-in", "b-out"], ["b-in", "b-out", "a-in", "a-out"])
-    assert not os.path.exists(lock_path)
-    with open(lock_path, "w") as f:                  # a crashed holder's leftover
+    with open(lock_path, "w") as f:                  # a crashed holder's leftover file: no lock in it
         f.write("99999")
     os.utime(lock_path, (0, 0))
     asyncio.run(hold("c", 0.0))
-    assert order[-2:] == ["c-in", "c-out"] and not os.path.exists(lock_path)
+    assert order[-2:] == ["c-in", "c-out"]
+
+
+HOLD_LOCK = """
+import asyncio, sys, time
+import claude_proxy as cp
+async def main():
+    async with cp.FileLock(sys.argv[1]):
+        print("held", flush=True)
+        await asyncio.sleep(float(sys.argv[2]))
+asyncio.run(main())
+"""
+
+
+def test_file_lock_held_by_a_live_slow_process_is_never_broken_and_the_wait_is_bounded(tmp_path):
+    lock_path = str(tmp_path / "x.lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock_path, "3"], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.utime(lock_path, (0, 0))                   # looks ancient: a mtime rule would break it
+
+        async def wait(timeout):
+            async with FileLock(lock_path, timeout=timeout, poll=0.01):
+                return time.monotonic()
+        with pytest.raises(UpstreamError, match="another claude_proxy process"):
+            asyncio.run(wait(0.3))
+        started = time.monotonic()
+        acquired = asyncio.run(wait(30))
+        assert acquired - started > 1.0 and holder.wait(10) == 0        # only once the holder let go
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.skipif(not POSIX, reason="symlinks")
+def test_symlinks_at_the_token_and_lock_paths_are_refused(tmp_path, caplog):
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text(json.dumps({"token": saved_record()}))
+    store_path = tmp_path / "home" / "oauth_token.json"
+    store_path.parent.mkdir()
+    os.symlink(str(secret), str(store_path))
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert TokenStore(str(store_path)).load() is None
+    assert "symbolic link" in caplog.text
+    lock_path = tmp_path / "home" / "oauth_token.json.lock"
+    os.symlink(str(tmp_path / "missing"), str(lock_path))        # dangling: used to wait forever
+
+    async def take():
+        async with FileLock(str(lock_path), timeout=1):
+            pass
+    with pytest.raises(PermissionError, match="symbolic link"):
+        asyncio.run(asyncio.wait_for(take(), 5))
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(not POSIX, reason="modes")
+def test_loose_state_directory_is_tightened(tmp_path, caplog):
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(str(home), 0o777)
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        TokenStore(str(home / "oauth_token.json")).save(saved_record())
+    assert stat.S_IMODE(os.stat(str(home)).st_mode) == 0o700 and "tightened" in caplog.text
+
+
+def test_token_file_in_another_shape_is_named_in_a_warning(tmp_path, caplog):
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"access_token": "sk-ant-oat01-x", "refresh_token": "r", "expires_at": 1}))
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert TokenStore(str(path)).load() is None
+    assert "not in claude_proxy's shape" in caplog.text and "import" in caplog.text
 
 
 # ---- token manager ------------------------------------------------------------------------
@@ -3216,7 +3286,61 @@ def test_two_processes_one_refresh(tmp_path):
 
     assert asyncio.run(main()) == ["sk-ant-oat01-new1"] * 6
     assert len(calls) == 1
-    assert not os.path.exists(str(store_path) + ".lock")
+
+
+SLOW_REFRESH = """
+import asyncio, json, sys
+import claude_proxy as cp
+async def post(url, body):
+    print("posting", body["refresh_token"], flush=True)
+    await asyncio.sleep(float(sys.argv[2]))
+    return 200, {"access_token": "sk-ant-oat01-from-slow", "refresh_token": "sk-ant-ort01-rotated",
+                 "expires_in": 28800}
+async def main():
+    manager = cp.TokenManager(cp.TokenStore(sys.argv[1]), cp.oauth_settings({}), post)
+    print(await manager.access_token(), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_slow_token_endpoint_never_makes_a_second_process_spend_the_same_refresh_token(tmp_path):
+    store_path = str(tmp_path / "token.json")
+    TokenStore(store_path).save(saved_record(expires_at=time.time() - 10))
+    first = subprocess.Popen([sys.executable, "-c", SLOW_REFRESH, store_path, "2.5"], cwd=HERE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().split() == ["posting", "sk-ant-ort01-old"]
+        calls = []
+        second = TokenManager(TokenStore(store_path), SETTINGS, FakeTokenEndpoint(calls=calls),
+                              lock_timeout=30)
+        assert asyncio.run(second.access_token()) == "sk-ant-oat01-from-slow"
+        assert calls == [] and first.wait(10) == 0
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_refresh_whose_write_fails_keeps_the_rotated_pair_and_never_spends_a_token_twice(tmp_path, monkeypatch):
+    store = TokenStore(str(tmp_path / "token.json"))
+    store.save(saved_record(expires_at=T0 - 10))
+    calls, clock = [], FakeClock()
+    manager = TokenManager(store, SETTINGS, FakeTokenEndpoint(calls=calls), clock=clock)
+    real_save, failures = TokenStore.save, [OSError(28, "No space left on device")] * 2
+
+    def flaky_save(self, record):
+        if failures:
+            raise failures.pop()
+        real_save(self, record)
+    monkeypatch.setattr(TokenStore, "save", flaky_save)
+    assert asyncio.run(manager.access_token()) == "sk-ant-oat01-new1"
+    assert "No space left" in manager.status()["last_error"] and manager.status()["refreshable"]
+    manager._cached = None                             # as after a re-read: the disk holds the spent pair
+    assert asyncio.run(manager.access_token()) == "sk-ant-oat01-new1"
+    assert asyncio.run(manager.on_unauthorized("OAuth token has expired", "sk-ant-oat01-new1"))
+    assert [body["refresh_token"] for _, body in calls] == ["sk-ant-ort01-old", "sk-ant-ort01-new1"]
+    clock.now += 31                                    # the retried write succeeds
+    assert asyncio.run(manager.access_token()) == "sk-ant-oat01-new2"
+    assert store.load()["refresh_token"] == "sk-ant-ort01-new2" and manager.status()["last_error"] is None
 
 
 @pytest.mark.parametrize("message, refreshed", [
