@@ -163,6 +163,11 @@ class PayloadTooLarge(ProxyError):
     error_type = "request_too_large"
 
 
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    error_type = "invalid_request_error"
+
+
 class HeaderTooLarge(ProxyError):
     status = 431
     error_type = "invalid_request_error"
@@ -937,6 +942,12 @@ def format_status_line(status: int) -> str:
     return f"HTTP/1.1 {status} {reason}"
 
 
+def http_error_bytes(status: int, error_type: str, message: str) -> bytes:
+    """A whole error response (an envelope both SDKs read) that closes the connection."""
+    body = json_bytes({"type": "error", "error": {"type": error_type, "message": message}})
+    return format_head(format_status_line(status), [
+        ("content-type", "application/json"), ("connection", "close"), ("retry-after", "1"),
+        ("content-length", str(len(body)))]) + body
 
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -1090,6 +1101,7 @@ class Request:
         self.id = new_id("req_")
         self.keep_alive = headers.get("connection", "").lower() != "close"
         self.http10 = False
+        self.reserved = 0          # body bytes counted against the server's in-flight bound
 
     @property
     def dialect(self) -> str:
@@ -1135,23 +1147,32 @@ async def _read_head_line(reader: asyncio.StreamReader, start: bytes, request_li
     return line
 
 
-async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    headers: Headers, limit: int, http11: bool = True) -> bytes:
+def _no_budget(size: int) -> None:
+    """The default reserve(): every body size is fine."""
+
+
+async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: Headers,
+                    limit: int, http11: bool = True,
+                    reserve: Callable[[int], None] = _no_budget) -> bytes:
     """A request body by Content-Length or chunked; answers Expect: 100-continue (HTTP/1.1
-    only, RFC 9110 10.1.1); 413 past limit."""
+    only, RFC 9110 10.1.1); 413 past limit. reserve(n) is called before n more bytes are
+    buffered (the server's bound on all bodies in flight; it raises to refuse)."""
     framing, length = body_framing(headers)
     if framing == "length" and length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
+    if framing == "length":
+        reserve(length)
     if http11 and headers.get("expect", "").lower() == "100-continue" and framing != "close":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if framing == "length":
         return await reader.readexactly(length) if length else b""
     if framing == "chunked":
-        return await read_chunked(reader, limit)
+        return await read_chunked(reader, limit, reserve)
     return b""
 
 
-async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
+async def read_chunked(reader: asyncio.StreamReader, limit: int,
+                       reserve: Callable[[int], None] = _no_budget) -> bytes:
     """A chunked body (trailers discarded), strictly framed: hex sizes, CRLF after each chunk,
     at most MAX_CHUNKS chunks and MAX_CHUNK_LINE bytes per size or trailer line."""
     parts, total = [], 0
@@ -1164,6 +1185,7 @@ async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
             while await _read_chunk_line(reader) != b"\r\n":
                 pass
             return b"".join(parts)
+        reserve(size)
         data = await reader.readexactly(size + 2)
         if data[-2:] != b"\r\n":
             raise BadRequest("chunk data not followed by CRLF")
@@ -1192,6 +1214,8 @@ class ClientStream:
         self.chunked = chunked
         self.must_close = False       # a close-delimited stream was sent
         self.started = False
+        self.streaming = False        # start() opened a stream (SSE)
+        self.at_boundary = True       # what was sent ends on an SSE event boundary
         self.status = 0
         self.bytes_sent = 0
         self.extra_headers: List[Tuple[str, str]] = []
@@ -1212,7 +1236,7 @@ class ClientStream:
 
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         """Begin a streamed response (written with the first data)."""
-        self.started, self.status = True, status
+        self.started, self.streaming, self.status = True, True, status
         framing = ("transfer-encoding", "chunked") if self.chunked else ("connection", "close")
         self.must_close = not self.chunked
         self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + [framing]))
@@ -1223,9 +1247,20 @@ class ClientStream:
             writer = self.writer
             writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
             self.bytes_sent += len(data)
+            self.at_boundary = data.endswith(b"\n\n")
             transport = writer.transport
             if transport.get_write_buffer_size() > WRITE_HIGH_WATER or transport.is_closing():
                 await writer.drain()
+
+    def probe(self) -> None:
+        """Whether the client is still there: an SSE comment on an open stream (a closed socket
+        answers it with a reset, which ends the connection); nothing outside a stream."""
+        if self.streaming and self.at_boundary and not self.head_only:
+            self.write_now(SSE_KEEPALIVE)
+
+    def write_now(self, data: bytes) -> None:
+        """Bytes framed as one chunk, buffered without waiting (for a response cut short)."""
+        self.writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
     async def finish(self) -> None:
         """The terminating chunk (HTTP/1.0: the connection closes after this response)."""
@@ -4642,7 +4677,6 @@ class Relay:
     def __init__(self, out: ClientStream, interval: float):
         self.out = out
         self.interval = interval
-        self._at_boundary = True
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
         self._task: Optional[asyncio.Task] = None
@@ -4655,9 +4689,8 @@ class Relay:
             self._task = asyncio.ensure_future(self._keepalive())
 
     async def send(self, data: bytes) -> None:
-        """Relay bytes; remember whether they end on an event boundary."""
+        """Relay bytes (the stream remembers whether they end on an event boundary)."""
         if data:
-            self._at_boundary = data.endswith(b"\n\n")
             self._last = self._loop.time()
             await self.out.send(data)
 
@@ -4665,7 +4698,7 @@ class Relay:
         loop = self._loop
         while True:
             await asyncio.sleep(max(0.05, self._last + self.interval - loop.time()))
-            if loop.time() - self._last >= self.interval and self._at_boundary:
+            if loop.time() - self._last >= self.interval and self.out.at_boundary:
                 self._last = loop.time()
                 try:
                     await self.out.send(SSE_KEEPALIVE)
@@ -4674,7 +4707,7 @@ class Relay:
 
     async def error(self, event: bytes) -> None:
         """One error event (after a partial event, a blank line first)."""
-        await self.out.send(event if self._at_boundary else b"\n\n" + event)
+        await self.out.send(event if self.out.at_boundary else b"\n\n" + event)
 
     def stop(self) -> None:
         """Stop the ticker."""
@@ -4695,6 +4728,7 @@ class Exchange:
         self.upstream_status: Optional[int] = None
         self.relay: Optional[Relay] = None
         self.oauth_used = False
+        self.error_type: Optional[str] = None
 
     # -- credentials ---------------------------------------------------------------------------
 
@@ -5157,9 +5191,10 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
 
 
 def check_access(settings: dict, req: Request) -> None:
-    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured."""
+    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
+    which never carry credentials, and the public paths excepted)."""
     key = settings.get("proxy_api_key")
-    if not key or req.path in PUBLIC_PATHS:
+    if not key or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
         return
     offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
     if offered.lower().startswith("bearer "):
@@ -5168,29 +5203,57 @@ def check_access(settings: dict, req: Request) -> None:
         raise AuthError("invalid proxy key: send PROXY_API_KEY as x-api-key or Bearer token")
 
 
+def error_body(x: Exchange, exc: ProxyError) -> dict:
+    """The error envelope of the client's dialect."""
+    return openai_error_body(exc) if x.req.dialect == "openai" else anthropic_error_body(exc, x.req.id)
+
+
+def error_event(x: Exchange, exc: ProxyError) -> bytes:
+    """The error as one SSE event of the client's dialect."""
+    return format_sse(json_text(error_body(x, exc)), "error" if x.req.dialect == "anthropic" else None)
+
+
 async def render_error(x: Exchange, exc: ProxyError) -> None:
-    """An error in the client's dialect: a JSON response, or one event if streaming began."""
+    """An error in the client's dialect: a JSON response, or one event if streaming began. An
+    upstream's own error body is relayed (same dialect) or converted, with every secret the
+    proxy knows scrubbed from it (an upstream may quote the credential it rejected)."""
+    x.error_type = exc.error_type
     if isinstance(exc, UpstreamStatus):
+        scrubbed = x.server.redactor.scrub(exc.body.decode("utf-8", "replace")).encode("utf-8")
         if x.target and x.target.provider["format"] == x.req.dialect and not x.out.started \
-                and upstream_error_detail(exc.body)[0] is not None:
+                and upstream_error_detail(scrubbed)[0] is not None:
             await x.out.respond(exc.status, [("content-type", "application/json")] +
-                                relayed_headers(exc.headers), exc.body)
+                                relayed_headers(exc.headers), scrubbed)
             return
         extra = relayed_headers(exc.headers)
-        exc = error_from_upstream(exc)
+        exc = error_from_upstream(UpstreamStatus(exc.status, exc.headers, scrubbed))
     else:
         extra = []
-    if x.req.dialect == "openai":
-        body = openai_error_body(exc)
-    else:
-        body = anthropic_error_body(exc, x.req.id)
     if not x.out.started:
-        await x.out.respond_json(exc.status, body, extra)
+        await x.out.respond_json(exc.status, error_body(x, exc), extra)
         return
     x.req.keep_alive = False
-    event = format_sse(json_text(body), "error" if x.req.dialect == "anthropic" else None)
+    event = error_event(x, exc)
     await (x.relay.error(event) if x.relay else x.out.send(event))
     await x.out.finish()
+
+
+SHUTDOWN_CUT = ProxyError("the proxy is shutting down and cut this answer short; retry",
+                          status=503, error_type="overloaded_error")
+
+
+def cut_at_shutdown(x: Exchange) -> None:
+    """Past the shutdown grace: end the answer at once (no await) with an error in the client's
+    dialect, so a cut stream is never mistaken for a complete one."""
+    x.error_type, x.req.keep_alive = "shutdown", False
+    if not x.out.started:
+        x.out.started, x.out.status = True, 503
+        x.out.writer.write(http_error_bytes(503, SHUTDOWN_CUT.error_type, SHUTDOWN_CUT.message))
+        return
+    event = error_event(x, SHUTDOWN_CUT)
+    x.out.write_now(event if x.out.at_boundary else b"\n\n" + event)
+    if x.out.chunked:
+        x.out.writer.write(LAST_CHUNK)
 
 
 async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> None:
@@ -5202,12 +5265,15 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
         if req.method == "OPTIONS":
             await out.respond(204 if out.extra_headers else 404, [], b"")
             return
-        check_access(server.config.settings, req)
         await find_handler(req.method, req.path)(x)
     except asyncio.CancelledError:
+        if server.closing:
+            cut_at_shutdown(x)
         raise
     except ProxyError as exc:
         await render_safely(x, exc)
+    except RecursionError:
+        await render_safely(x, BadRequest("request nested too deeply"))
     except (ConnectionError, asyncio.IncompleteReadError):
         req.keep_alive = False
     except Exception:
@@ -5216,9 +5282,15 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
     finally:
         if x.relay:
             x.relay.stop()
-        access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", req.method, req.path,
-                        x.target.describe() if x.target else "-", x.upstream_status or "-",
-                        out.status or "-", (time.monotonic() - started) * 1000, out.bytes_sent)
+        write_access_line(x, time.monotonic() - started)
+
+
+def write_access_line(x: Exchange, elapsed: float) -> None:
+    """The one access line of a request (client-controlled parts escaped by the log filter)."""
+    status = f"{x.out.status or '-'}" + (f" error={x.error_type}" if x.error_type else "")
+    access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method, x.req.path[:300],
+                    x.target.describe() if x.target else "-", x.upstream_status or "-",
+                    status, elapsed * 1000, x.out.bytes_sent)
 
 
 async def render_safely(x: Exchange, exc: ProxyError) -> None:
@@ -5229,6 +5301,47 @@ async def render_safely(x: Exchange, exc: ProxyError) -> None:
         await render_error(x, exc)
     except (ConnectionError, asyncio.IncompleteReadError):
         x.req.keep_alive = False
+
+
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+BROWSER_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def host_name(host_header: str) -> str:
+    """A Host header without its port, lower-cased ("[::1]:8082" -> "[::1]")."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def cors_allowed(settings: dict, origin: str) -> bool:
+    """Whether CORS was configured for this origin."""
+    return origin in settings["cors_origins"] or "*" in settings["cors_origins"]
+
+
+def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> None:
+    """What a web page in the user's browser must not be able to do (DNS rebinding, CSRF):
+    on a loopback bind a Host that is not this machine's (unless ALLOWED_HOSTS names it); an
+    Origin other than the proxy's own or a CORS-configured one; a cross-site or same-site
+    fetch without such an Origin (Sec-Fetch-Site, sent by every current browser); a form or
+    text/plain body on a JSON endpoint. Clients that send none of these (curl, the SDKs,
+    Claude Code, Codex) are unaffected. Exposed binds rely on the proxy key for the rest."""
+    host = req.headers.get("host")
+    if loopback_bind and host is not None and host_name(host) not in LOCAL_HOST_NAMES \
+            and host not in settings["allowed_hosts"] and host_name(host) not in settings["allowed_hosts"]:
+        raise PermissionDenied(f"Host {log_safe(host)!r} is not this proxy's (a DNS-rebinding page?); "
+                               "list it in ALLOWED_HOSTS if a reverse proxy serves the proxy under it")
+    origin = req.headers.get("origin")
+    own = origin is not None and host is not None and origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
+    if origin is not None and not own and not cors_allowed(settings, origin):
+        raise PermissionDenied(f"requests from the web origin {log_safe(origin)!r} are refused (set CORS_ORIGINS to allow it)")
+    fetch_site = req.headers.get("sec-fetch-site", "").lower()
+    if fetch_site in ("cross-site", "same-site") and not (origin and (own or cors_allowed(settings, origin))):
+        raise PermissionDenied("requests made by another web site are refused")
+    media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if req.method == "POST" and media_type in BROWSER_FORM_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {media_type} is not accepted here: send application/json")
 
 
 def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
@@ -5261,8 +5374,25 @@ class ClientConnection:
         self.pending = b""
         self.busy = False
         self.task = asyncio.current_task()
+        self.handler: Optional[asyncio.Task] = None
         peer = writer.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "local"
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit less a reserve (each client may hold an upstream socket too)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return 10000
+    return max(16, (soft - 64) // 2)
+
+
+TOO_MANY_CONNECTIONS = http_error_bytes(503, "overloaded_error",
+                                        "too many open connections to the proxy; retry shortly")
 
 
 class ProxyServer:
@@ -5278,23 +5408,47 @@ class ProxyServer:
                                    settings["pool_size"])
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
         self.connections: set = set()
+        self.max_connections = settings["max_connections"] or default_max_connections()
+        self.buffered = 0             # request body bytes held by all connections
         self.closing = False
         self.exposed = False          # bound beyond loopback without a proxy key: no OAuth via auto
+        self.loopback_bind = True
+        self.log_limits: Dict[str, Tuple[float, int]] = {}    # message -> (last logged, suppressed)
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, host: Optional[str] = None, port: Optional[int] = None) -> Tuple[str, int]:
-        """Bind and start accepting; returns the bound address."""
+        """Bind and start accepting; returns the bound address (ConfigError when it cannot)."""
         host = host or self.config.settings["host"]
+        port = self.config.settings["port"] if port is None else port
         check_exposure(self.config, host)
         self.exposed = not is_loopback(host) and not self.config.settings.get("proxy_api_key")
-        self._server = await asyncio.start_server(
-            self._serve_connection, host,
-            self.config.settings["port"] if port is None else port, limit=MAX_HEADER_BYTES)
+        self.loopback_bind = is_loopback(host)
+        await run_off_loop(self.oauth.tokens.record)          # read the saved login once, off the loop
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
+        try:
+            self._server = await asyncio.start_server(self._serve_connection, host, port, limit=MAX_HEADER_BYTES)
+        except OSError as exc:
+            raise ConfigError(listen_error(host, port, exc)) from None
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The event loop's error hook: a repeated message (accept() out of file descriptors,
+        say) is logged once per 10 s with a count, not once per event."""
+        message = context.get("message", "event loop error")
+        now, (last, suppressed) = time.monotonic(), self.log_limits.get(message, (0.0, 0))
+        if now - last < 10.0:
+            self.log_limits[message] = (last, suppressed + 1)
+            return
+        self.log_limits[message] = (now, 0)
+        exc = context.get("exception")
+        detail = f": {type(exc).__name__}: {exc}" if exc else ""
+        more = f" ({suppressed} more like it suppressed)" if suppressed else ""
+        log.error("%s%s%s", message, detail, more)
+
     async def shutdown(self) -> None:
-        """Stop accepting, close idle connections, let busy ones finish within the grace period."""
+        """Stop accepting, close idle connections, let busy ones finish within the grace period;
+        what is still running then is cut with an error in its client's dialect."""
         self.closing = True
         if self._server:
             self._server.close()
@@ -5304,12 +5458,18 @@ class ProxyServer:
         busy = [c.task for c in self.connections if c.busy]
         if busy:
             _, pending = await asyncio.wait(busy, timeout=self.config.settings["shutdown_grace"])
-            for task in pending:
-                task.cancel()
+            for conn in [c for c in self.connections if c.task in pending]:
+                (conn.handler or conn.task).cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self.pool.close()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= self.max_connections and not self._make_room():
+            writer.write(TOO_MANY_CONNECTIONS)
+            writer.close()
+            self._loop_exception(asyncio.get_running_loop(), {"message": f"connection limit "
+                                 f"({self.max_connections}, MAX_CONNECTIONS) reached; refusing clients"})
+            return
         conn = ClientConnection(reader, writer)
         self.connections.add(conn)
         try:
@@ -5319,6 +5479,14 @@ class ProxyServer:
         finally:
             self.connections.discard(conn)
             writer.close()
+
+    def _make_room(self) -> bool:
+        """Close one idle keep-alive connection so a new client can be served."""
+        idle = next((c for c in self.connections if not c.busy), None)
+        if idle is not None:
+            self.connections.discard(idle)
+            idle.task.cancel()
+        return idle is not None
 
     async def _connection_loop(self, conn: ClientConnection) -> None:
         settings, first_request = self.config.settings, True
@@ -5330,37 +5498,77 @@ class ProxyServer:
                 return
             conn.busy = True
             req = await self._read_request(conn, first)
-            if req is None:
-                return
-            await self._run(conn, req)
+            try:
+                if req is None or not await self._read_body(conn, req):
+                    return
+                await self._run(conn, req)
+            finally:
+                self.buffered -= req.reserved if req else 0
             conn.busy = False
             if not req.keep_alive:
                 return
 
     async def _read_request(self, conn: ClientConnection, first: bytes) -> Optional[Request]:
-        """Head and body within the limits; a limit breach is answered and ends the connection."""
+        """The head within its limits, checked before any body byte is read (the browser guard
+        and the proxy key); a refusal is answered and ends the connection."""
         settings = self.config.settings
         try:
             head = await asyncio.wait_for(read_head(conn.reader, first), settings["header_timeout"])
             method, target, version, headers = parse_request_head(head)
-            body = await asyncio.wait_for(read_body(conn.reader, conn.writer, headers, settings["max_body_bytes"]),
-                                          settings["read_timeout"])
         except asyncio.TimeoutError:
             return None
         except ProxyError as exc:
-            fake = Request("GET", "/", {}, b"", conn.peer)
-            await render_safely(Exchange(self, fake, ClientStream(conn.writer)), exc)
+            await self._refuse(conn, Request("GET", "/", {}, b"", conn.peer), exc)
             return None
-        req = Request(method, target, headers, body, conn.peer)
+        req = Request(method, target, headers, b"", conn.peer)
         req.http10 = version == "HTTP/1.0"
         if req.http10 and headers.get("connection", "").lower() != "keep-alive":
             req.keep_alive = False
+        try:
+            check_browser_guard(settings, req, self.loopback_bind)
+            check_access(settings, req)
+        except ProxyError as exc:
+            await self._refuse(conn, req, exc)
+            return None
         return req
 
+    async def _read_body(self, conn: ClientConnection, req: Request) -> bool:
+        """The body within BODY_TIMEOUT and the in-flight bound; False when refused."""
+        settings = self.config.settings
+        try:
+            req.body = await asyncio.wait_for(read_body(
+                conn.reader, conn.writer, req.headers, settings["max_body_bytes"], not req.http10,
+                lambda size: self._reserve(req, size)), settings["body_timeout"])
+            return True
+        except asyncio.TimeoutError:
+            exc = ProxyError(f"the request body did not arrive within {settings['body_timeout']:.0f}s "
+                             "(BODY_TIMEOUT)", status=408, error_type="timeout_error")
+        except ProxyError as refusal:
+            exc = refusal
+        await self._refuse(conn, req, exc)
+        return False
+
+    def _reserve(self, req: Request, size: int) -> None:
+        """Count size more body bytes in flight, or refuse with 503 past MAX_BUFFERED_BYTES."""
+        if self.buffered + size > self.config.settings["max_buffered_bytes"]:
+            raise ProxyError("the proxy holds too many large request bodies right now; retry shortly",
+                             status=503, error_type="overloaded_error")
+        self.buffered += size
+        req.reserved += size
+
+    async def _refuse(self, conn: ClientConnection, req: Request, exc: ProxyError) -> None:
+        """Answer a request that will not be served, then end the connection."""
+        req.keep_alive = False
+        await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
+        access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
+                        log_safe(exc.message[:200]))
+
     async def _run(self, conn: ClientConnection, req: Request) -> None:
-        """Dispatch one request, cancelling it if the client disconnects meanwhile."""
+        """Dispatch one request. End of input from the client is not taken as leaving: one that
+        half-closed after its request (`nc -N`) is answered; the handler is cancelled only when
+        the connection is reset or lost (a write fails)."""
         out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10)
-        handler = asyncio.ensure_future(dispatch(self, req, out))
+        handler = conn.handler = asyncio.ensure_future(dispatch(self, req, out))
         watcher = asyncio.ensure_future(conn.reader.read(1))
         await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not watcher.done():
@@ -5370,12 +5578,41 @@ class ProxyServer:
             early = b"" if watcher.exception() else watcher.result()
             if early:
                 conn.pending = early          # a pipelined next request: keep its first byte
+            elif watcher.exception():
+                handler.cancel()              # reset: the client is gone; stop, drop the upstream
             else:
-                handler.cancel()              # the client left: stop, and drop the upstream
-                req.keep_alive = False
+                await self._until_lost(conn, handler, out)
+            req.keep_alive = req.keep_alive and bool(early)
         await asyncio.gather(handler, return_exceptions=True)
+        conn.handler = None
         if out.must_close:
             req.keep_alive = False
+
+    @staticmethod
+    async def _until_lost(conn: ClientConnection, handler: asyncio.Task, out: ClientStream) -> None:
+        """After the client's end of input: let the handler finish unless the connection is lost
+        (an open stream is probed with SSE comments: the second write to a socket the client
+        closed entirely fails, so such a client is noticed within about a tenth of a second)."""
+        lost = asyncio.ensure_future(conn.writer.wait_closed())
+        pause = 0.02
+        while not handler.done() and not lost.done():
+            out.probe()
+            await asyncio.wait((handler, lost), timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+            pause = min(pause * 2, 1.0)
+        if not handler.done():
+            handler.cancel()
+        lost.cancel()
+        await asyncio.gather(lost, return_exceptions=True)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line for a bind that failed."""
+    if exc.errno in (48, 98, 10048):                 # EADDRINUSE on macOS, Linux, Windows
+        return (f"cannot listen on {host}:{port}: the port is already in use (another claude_proxy?); "
+                "stop it or choose another port with --port")
+    if exc.errno in (13, 10013):
+        return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 async def wait_or_none(awaitable: Awaitable[bytes], timeout: float) -> Optional[bytes]:

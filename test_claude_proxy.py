@@ -224,7 +224,7 @@ async def call(port, method, path, body=None, headers=None, raw=None):
     """One request on a fresh connection; returns (status, headers, body bytes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body or b"")
-    head = [f"{method} {path} HTTP/1.1", "host: test", "connection: close", f"content-length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close", f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
@@ -3688,7 +3688,7 @@ def test_head_request_has_no_body(tmp_path):
     async def scenario():
         async with running_proxy(make_config(tmp_path)) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            writer.write(b"HEAD /health HTTP/1.1\r\nhost: localhost\r\n\r\nGET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
             data = await reader.read()
             assert data.count(b"HTTP/1.1 200") == 2 and data.count(b'"status":"ok"') == 1
     run(scenario())
@@ -3700,12 +3700,12 @@ def test_keep_alive_chunked_body_and_expect_continue(tmp_path):
             async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 body = json.dumps(HELLO).encode()
-                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" +
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n" +
                              b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
                 first = await reader.readuntil(b"\r\n\r\n")
                 length = int(re.search(rb"content-length: (\d+)", first).group(1))
                 await reader.readexactly(length)
-                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n" +
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\n" +
                              b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
                 await writer.drain()
                 assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -3719,7 +3719,7 @@ def test_keep_alive_chunked_body_and_expect_continue(tmp_path):
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\n" + b"x-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 2000\r\n\r\n", 413),
+    (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: 2000\r\n\r\n", 413),
     (b"NOT HTTP\r\n\r\n", 400),
 ])
 def test_request_limits(tmp_path, request_bytes, status):
@@ -3737,12 +3737,12 @@ def test_slow_headers_and_idle_connections_are_dropped(tmp_path):
     async def scenario():
         async with running_proxy(make_config(tmp_path, header_timeout=0.3, idle_timeout=0.3)) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n")   # never finishes its head
+            writer.write(b"GET /health HTTP/1.1\r\nhost: localhost\r\n")   # never finishes its head
             started = time.monotonic()
             assert await asyncio.wait_for(reader.read(), 5) == b""
             assert time.monotonic() - started < 2
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            writer.write(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
             await reader.readuntil(b"}")
             assert await asyncio.wait_for(reader.read(), 5) == b""     # idle keep-alive closed
     run(scenario())
@@ -3754,7 +3754,7 @@ def test_client_disconnect_closes_the_upstream_at_once(tmp_path):
             async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 body = json.dumps(dict(HELLO, stream=True)).encode()
-                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                 await reader.readuntil(b"message_start")
                 writer.transport.abort()
                 started = time.monotonic()
@@ -4239,7 +4239,7 @@ async def call_raw(port, method, path, body=None, headers=None, raw=None, extra_
     """Like call(), but also returns the raw response bytes (to check chunked framing)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
-    head = [f"{method} {path} HTTP/1.1", "host: test", "connection: close", f"content-length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close", f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()] + list(extra_head)
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
@@ -4833,8 +4833,9 @@ def test_host_header_and_absolute_targets_never_change_the_upstream(tmp_path):
 
     async def scenario():
         async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
-            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
-                # Host: evil.example -> the configured upstream, with its own Host
+            async with running_proxy(make_config(tmp_path, up.url, allowed_hosts=["evil.example"])) as (_, port):
+                # Host: evil.example (allowed here, as behind a reverse proxy) -> the configured
+                # upstream, with its own Host
                 data = await _raw_exchange(port, request(b"/v1/messages", b"evil.example",
                                                          extra=b"x-forwarded-host: evil.example\r\n"))
                 assert data.startswith(b"HTTP/1.1 200")
@@ -4854,8 +4855,8 @@ def test_host_header_and_absolute_targets_never_change_the_upstream(tmp_path):
                         assert up.requests[-1]["path"] == "/v1/messages"
                     assert len(up.requests) == count
                 assert (await call(port, "GET", "/health"))[0] == 200
-            for sent in up.requests:   # (other client headers, e.g. x-forwarded-host, are forwarded as is)
-                assert sent["headers"]["host"] == f"127.0.0.1:{up.port}"
+            for sent in up.requests:   # x-forwarded-host is not on the forwarding allow-list
+                assert sent["headers"]["host"] == f"127.0.0.1:{up.port}" and "x-forwarded-host" not in sent["headers"]
     run(asyncio.wait_for(scenario(), 10))
 
 
@@ -5539,7 +5540,7 @@ def _bench_reset_peak(pid: int) -> bool:
 
 def _bench_http_get(port: int, path: str, timeout: float = 0.5) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n".encode())
         data = sock.recv(65536)
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else 0
 
@@ -5971,7 +5972,7 @@ async def _requests_on_keepalive(port, n, bodies):
     for i in range(n):
         path, body = bodies[i % len(bodies)]
         data = json.dumps(body).encode()
-        writer.write(b"POST %s HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\n\r\n%s"
+        writer.write(b"POST %s HTTP/1.1\r\nhost: localhost\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\n\r\n%s"
                      % (path.encode(), len(data), data))
         head = await reader.readuntil(b"\r\n\r\n")
         if b"chunked" in head:
