@@ -4300,6 +4300,7 @@ TERMS_NOTICE = ("Note: Anthropic's terms restrict Claude Pro/Max subscription to
                 "clients, and Anthropic may reject or bill other use or act on the account. API keys "
                 "(ANTHROPIC_API_KEY) are the supported way to use Claude through a proxy.")
 MAX_PENDING_LOGINS = 8
+PENDING_LOGIN_SECONDS = 600
 
 
 class OAuthService:
@@ -4314,6 +4315,8 @@ class OAuthService:
         self.tokens = TokenManager(self.store, self.settings, self.post_json, clock=clock,
                                    explicit_token=config.settings.get("oauth_token"))
         self.pending: Dict[str, LoginFlow] = {}
+        self.pending_since: Dict[str, float] = {}
+        self.clock = clock
 
     async def post_json(self, url: str, payload: dict) -> Tuple[int, Any]:
         """The token endpoint call, over the shared upstream pool."""
@@ -4334,11 +4337,19 @@ class OAuthService:
         return await self.tokens.on_unauthorized(body_text, failed_token)
 
     def start_login(self, long_lived: bool = False) -> LoginFlow:
-        """A new pending login (the oldest dropped past MAX_PENDING_LOGINS)."""
+        """A new pending login. Nobody's pending login is ever evicted for it: past
+        MAX_PENDING_LOGINS (each expiring after PENDING_LOGIN_SECONDS) a new one is a 429."""
+        now = self.clock()
+        for state, started in list(self.pending_since.items()):
+            if now - started > PENDING_LOGIN_SECONDS:
+                self.pending.pop(state, None)
+                self.pending_since.pop(state, None)
+        if len(self.pending) >= MAX_PENDING_LOGINS:
+            raise ProxyError(f"{len(self.pending)} logins are already in progress; finish one or wait "
+                             f"{PENDING_LOGIN_SECONDS // 60} minutes", status=429, error_type="rate_limit_error")
         flow = LoginFlow(self.settings, long_lived=long_lived)
         self.pending[flow.state] = flow
-        while len(self.pending) > MAX_PENDING_LOGINS:
-            self.pending.pop(next(iter(self.pending)))
+        self.pending_since[flow.state] = now
         return flow
 
     async def finish_login(self, pasted: str) -> dict:
@@ -4351,6 +4362,7 @@ class OAuthService:
                              param="code")
         record = await self.tokens.finish_login(flow, pasted)
         self.pending.pop(flow.state, None)
+        self.pending_since.pop(flow.state, None)
         self.redactor.add(record.get("access_token"))
         self.redactor.add(record.get("refresh_token"))
         return record
@@ -4730,6 +4742,19 @@ class Exchange:
         self.oauth_used = False
         self.error_type: Optional[str] = None
 
+    # -- work off the loop ----------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """fn(*args) now, or in a worker thread when the request body is large, so that no one
+        request's parsing or conversion holds the event loop (and every other client)."""
+        if len(self.req.body) < OFF_LOOP_BODY_BYTES:
+            return fn(*args, **kw)
+        return await run_off_loop(lambda: fn(*args, **kw))
+
+    async def json_body(self, fields: Dict[str, type]) -> dict:
+        """The request body parsed (off the loop when large), required fields checked."""
+        return require_fields(await self.run(parse_json_body, self.req.body), fields, self.req.dialect)
+
     # -- credentials ---------------------------------------------------------------------------
 
     def client_credential(self) -> List[Tuple[str, str]]:
@@ -4866,9 +4891,9 @@ class Exchange:
         self.oauth_used = mode == "oauth"
         if mode == "oauth":
             token = await self.server.oauth.access_token()
-            anthropic_body, oauth_headers = shape_oauth_request(
-                anthropic_body if anthropic_body is not None else parse_json_body(raw),
-                req_headers, token, one_m=target.one_m)
+            anthropic_body = anthropic_body if anthropic_body is not None else parse_json_body(raw)
+            anthropic_body, oauth_headers = await self.run(convert, BadRequest, "request", shape_oauth_request,
+                                                           anthropic_body, req_headers, token, one_m=target.one_m)
             headers = [(k, v) for k, v in headers if k not in oauth_headers] + list(oauth_headers.items())
             raw = b""
         else:
@@ -4877,7 +4902,7 @@ class Exchange:
         if not any(k == "anthropic-version" for k, _ in headers):
             headers.append(("anthropic-version", ANTHROPIC_VERSION))
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        body = raw or json_bytes(anthropic_body)
+        body = raw or await self.run(json_bytes, anthropic_body)
         return provider["base_url"] + path, headers, body
 
     async def openai_call(self, target: Target, openai_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
@@ -4889,7 +4914,7 @@ class Exchange:
         headers = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")]
         headers += self.credential_headers(provider, mode)
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        return provider["base_url"] + "/chat/completions", headers, json_bytes(openai_body)
+        return provider["base_url"] + "/chat/completions", headers, await self.run(json_bytes, openai_body)
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -4937,10 +4962,9 @@ class Exchange:
 
 async def handle_messages(x: Exchange) -> None:
     """POST /v1/messages: an Anthropic client, to an anthropic- or openai-format provider."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
-                          "anthropic")
+    body = await x.json_body({"model": str, "messages": list, "max_tokens": int})
     needs_estimate = "long_context" in x.config.routes
-    estimate = convert(BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
+    estimate = await x.run(convert, BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
     x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body), input_tokens=estimate)
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages")
@@ -4969,7 +4993,8 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
                          f"{x.target.provider['name']!r}, which has no Anthropic server tools", param="tools")
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        return await x.openai_call(target, convert(BadRequest, "request", anthropic_to_openai_request, body, target.spec))
+        openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, body, target.spec)
+        return await x.openai_call(target, openai_body)
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
@@ -4998,17 +5023,18 @@ async def send_events(x: Exchange, events: List[Any], encode: Callable[[Any], by
 
 async def handle_count_tokens(x: Exchange) -> None:
     """POST /v1/messages/count_tokens: the provider's own count, or an honest local estimate."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list}, "anthropic")
+    body = await x.json_body({"model": str, "messages": list})
     x.target = resolve_target(x.config, body["model"])
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages/count_tokens")
     else:
-        await x.out.respond_json(200, {"input_tokens": convert(BadRequest, "request", estimate_anthropic_tokens, body)})
+        estimate = await x.run(convert, BadRequest, "request", estimate_anthropic_tokens, body)
+        await x.out.respond_json(200, {"input_tokens": estimate})
 
 
 async def handle_chat_completions(x: Exchange) -> None:
     """POST /v1/chat/completions: an OpenAI client, to Claude or passed straight through."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list}, "openai")
+    body = await x.json_body({"model": str, "messages": list})
     x.target = resolve_openai_target(x.config, body["model"])
     if x.target.provider["format"] == "openai":
         await openai_passthrough(x, body)
@@ -5021,7 +5047,7 @@ async def openai_passthrough(x: Exchange, body: dict) -> None:
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         url, headers, _ = await x.openai_call(target, {})
         same = body["model"] == target.spec["model"]
-        return url, headers, x.req.body if same else json_bytes(dict(body, model=target.spec["model"]))
+        return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
@@ -5033,8 +5059,9 @@ async def openai_passthrough(x: Exchange, body: dict) -> None:
 async def openai_via_anthropic(x: Exchange, body: dict) -> None:
     """OpenAI in, Claude upstream: convert the request and the answer."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        anthropic_body = convert(BadRequest, "request", openai_to_anthropic_request, body, target.spec["model"],
-                                 variant_effort=target.effort, thinking_style=target.spec["thinking"])
+        anthropic_body = await x.run(convert, BadRequest, "request", openai_to_anthropic_request, body,
+                                     target.spec["model"], variant_effort=target.effort,
+                                     thinking_style=target.spec["thinking"])
         return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
     response = await x.send(build, stream=bool(body.get("stream")))
     stream_options = body.get("stream_options") or {}
