@@ -449,6 +449,7 @@ class Config:
         self.models = models
         self.routes = routes
         self.oauth = oauth
+        self.origins: Dict[str, str] = {}      # "settings.port" / "providers.x.base_url" -> where from
 
     @property
     def home(self) -> str:
@@ -674,7 +675,15 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
         raise ConfigError(f"{path}.headers: expected an object of strings")
     return {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
             "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
-            "api_key_env": raw.get("api_key_env")}
+            "api_key_env": raw.get("api_key_env"), "oauth_trusted": oauth_host_trusted(base_url)}
+
+
+def oauth_host_trusted(base_url: str) -> bool:
+    """Whether `auth: auto` may send the Claude login to this host: Anthropic's own, or this
+    machine. Elsewhere it takes an explicit `"auth": "oauth"` on the provider (a `.env` left
+    in a working directory must not be able to send the login to another host)."""
+    host = (urllib.parse.urlsplit(base_url).hostname or "").lower()
+    return host == "anthropic.com" or host.endswith(".anthropic.com") or is_loopback(host)
 
 
 def parse_models(raw: Any, providers: Dict[str, dict]) -> Dict[str, dict]:
@@ -750,9 +759,35 @@ def load_config(path: Optional[str], env: Mapping[str, str], cli: Optional[dict]
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
         except ValueError as exc:
             raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
-    env = dict(read_dotenv(".env"), **env)
-    raw = merge_raw(merge_raw(raw, env_layer(env)), cli or {})
-    return parse_config(raw, env)
+    dotenv = read_dotenv(".env")
+    merged_env = dict(dotenv, **env)
+    config = parse_config(merge_raw(merge_raw(raw, env_layer(merged_env)), cli or {}), merged_env)
+    config.origins = value_origins(config, raw, path, dotenv, env, cli or {})
+    return config
+
+
+def value_origins(config: Config, file_raw: dict, path: Optional[str], dotenv: Mapping[str, str],
+                  environ: Mapping[str, str], cli: dict) -> Dict[str, str]:
+    """Where each setting and each provider's base_url came from, for check-config and start."""
+    def origin(key: str, var: str) -> str:
+        if key in cli:
+            return "the command line"
+        if environ.get(var):
+            return f"environment ${var}"
+        if dotenv.get(var):
+            return f".env ${var} ({os.path.abspath('.env')})"
+        return f"config file {path}" if key in file_raw else "default"
+    origins = {f"settings.{key}": origin(key, var) for key, (var, _, _) in SETTINGS.items()}
+    file_providers = file_raw.get("providers") if isinstance(file_raw.get("providers"), dict) else {}
+    for name in config.providers:
+        if isinstance(file_providers.get(name), dict) and "base_url" in file_providers[name]:
+            where = f"config file {path}"
+        elif name == "anthropic":
+            where = origins["settings.anthropic_url"]
+        else:
+            where = origin("", "OPENAI_BASE_URL") if name == "openai" else f"config file {path}"
+        origins[f"providers.{name}.base_url"] = where
+    return origins
 
 
 def redacted_config(config: Config) -> dict:
@@ -4772,7 +4807,7 @@ class Exchange:
         mode = provider["auth"]
         if mode != "auto":
             return mode
-        if await self.server.oauth.available() and not self.server.exposed:
+        if provider["oauth_trusted"] and not self.server.exposed and await self.server.oauth.available():
             return "oauth"
         return "api_key" if provider.get("api_key") else "client"
 
@@ -5660,6 +5695,22 @@ def check_exposure(config: Config, host: str) -> None:
                           "open to the network. Set PROXY_API_KEY, or bind 127.0.0.1.")
 
 
+def upstream_notes(config: Config, has_login: bool) -> List[Tuple[int, str]]:
+    """(level, line) for the start: every upstream URL not from the built-in defaults and where
+    it came from (a .env one as a warning), and a login auto will not send to a foreign host."""
+    notes = []
+    for name, provider in config.providers.items():
+        where = config.origins.get(f"providers.{name}.base_url", "default")
+        if where != "default":
+            level = logging.WARNING if where.startswith(".env") else logging.INFO
+            notes.append((level, f"provider {name}: upstream {provider['base_url']} (from {where})"))
+        if provider["auth"] == "auto" and not provider["oauth_trusted"] and has_login:
+            notes.append((logging.WARNING, f"provider {name}: the Claude login is NOT sent to "
+                          f"{provider['base_url']} (not an Anthropic host); to send it there, set "
+                          f"\"auth\": \"oauth\" on provider {name} in the config file"))
+    return notes
+
+
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """SIGINT/SIGTERM set `stop`; on Windows (no add_signal_handler) through signal.signal."""
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
@@ -5693,6 +5744,8 @@ async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str]) 
     stop = asyncio.Event()
     install_signal_handlers(asyncio.get_running_loop(), stop)
     log.info("claude_proxy %s listening on http://%s:%d", VERSION, host, port)
+    for level, line in upstream_notes(config, server.oauth.tokens.record() is not None):
+        log.log(level, "%s", line)
     await stop.wait()
     log.info("shutting down (grace %.0fs)", config.settings["shutdown_grace"])
     await server.shutdown()
