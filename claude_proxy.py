@@ -464,6 +464,7 @@ class Config:
         for item in list(self.providers.values()) + list(self.models.values()):
             values += [v for _, v in secret_leaves(item.get("headers"))]
             values += [v for _, v in secret_leaves(item.get("extra_body"))]
+        values += [v.split(None, 1)[1] for v in values if v and re.match(r"(?i)(bearer|basic)\s+\S", v)]
         return [v for v in values if v]
 
 
@@ -1008,7 +1009,7 @@ class SSEDecoder:
     A line or an event longer than MAX_SSE_LINE is an UpstreamError: an upstream that never
     sends a newline must not grow memory (or re-scan a growing tail) without bound."""
 
-    def __init__(self, max_line: int = MAX_SSE_LINE) -> None:
+    def __init__(self, max_line: Optional[int] = None) -> None:
         self._tail = b""
         self._parts: List[bytes] = []    # pieces of a line that has not ended yet
         self._parts_size = 0
@@ -1016,7 +1017,7 @@ class SSEDecoder:
         self._event = ""
         self._data: List[str] = []
         self._data_size = 0
-        self._max = max_line
+        self._max = max_line or MAX_SSE_LINE
         self.comments = 0
 
     def feed(self, chunk: bytes) -> List[Tuple[str, str]]:
@@ -2011,7 +2012,7 @@ def server_tool_names(anthropic_body: dict) -> List[str]:
     tools = anthropic_body.get("tools") if isinstance(anthropic_body, dict) else None
     if not isinstance(tools, list):
         return []
-    return [t.get("name") or t.get("type") for t in tools if isinstance(t, dict) and _is_server_tool(t)]
+    return [str(t.get("name") or t.get("type")) for t in tools if isinstance(t, dict) and _is_server_tool(t)]
 
 
 def _openai_tools(tools: Any, spec: dict) -> List[dict]:
@@ -5528,6 +5529,7 @@ class ProxyServer:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self.connections) >= self.max_connections and not self._make_room():
             writer.write(TOO_MANY_CONNECTIONS)
+            await linger(reader, writer, 0.2, 1 << 16)
             writer.close()
             self._loop_exception(asyncio.get_running_loop(), {"message": f"connection limit "
                                  f"({self.max_connections}, MAX_CONNECTIONS) reached; refusing clients"})
@@ -5624,6 +5626,8 @@ class ProxyServer:
         await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
         access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
                         log_safe(exc.message[:200]))
+        conn.busy = False                               # nothing left to finish at shutdown
+        await linger(conn.reader, conn.writer, 1.0, 16 << 20)
 
     async def _run(self, conn: ClientConnection, req: Request) -> None:
         """Dispatch one request. End of input from the client is not taken as leaving: one that
@@ -5665,6 +5669,26 @@ class ProxyServer:
             handler.cancel()
         lost.cancel()
         await asyncio.gather(lost, return_exceptions=True)
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float,
+                 most: int) -> None:
+    """After an answer to a request whose body was not read: stop sending, then read and drop
+    what the client still sends for a moment, so that closing does not reset the answer away
+    before the client read it (a lingering close, RFC 9112 9.6)."""
+    loop, taken = asyncio.get_running_loop(), 0
+    deadline = loop.time() + seconds
+    try:
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        while taken < most and loop.time() < deadline:
+            data = await asyncio.wait_for(reader.read(1 << 16), deadline - loop.time())
+            if not data:
+                return
+            taken += len(data)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        return
 
 
 def listen_error(host: str, port: int, exc: OSError) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import gc
 import glob
+import io
 import json
 import logging
 import os
@@ -5279,6 +5280,698 @@ def test_500_concurrent_streaming_clients(tmp_path, route):
         assert not errors, errors[:5]
         assert len(up.requests) == clients
     run(asyncio.wait_for(scenario(), 90))
+
+# =============================================================================================
+# 7. Hardening, round 2: what an attacker, a browser tab and a broken upstream did (issue 10)
+# =============================================================================================
+
+async def raw_request(port, data, *, half_close=False, timeout=5):
+    """Send raw bytes on a fresh connection; everything the proxy answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)                  # buffered: the answer is read while the data goes out
+    if half_close:
+        writer.write_eof()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def head_bytes(method, path, headers, body=b""):
+    """A request with the given header lines (a list of "name: value" strings) and body."""
+    return (f"{method} {path} HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode() + body
+
+
+class ScriptedRaw:
+    """A loopback upstream that answers each connection's first request with raw bytes."""
+
+    def __init__(self, answer):
+        self.answer, self.connections, self.requests = answer, 0, []
+
+    async def __aenter__(self):
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+
+    async def _handle(self, reader, writer):
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answer(len(self.requests))
+                for part in answer if isinstance(answer, list) else [answer]:
+                    if isinstance(part, float):
+                        await asyncio.sleep(part)
+                    else:
+                        writer.write(part)
+                        await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, AttributeError):
+            pass
+        finally:
+            writer.close()
+
+
+# ---- 1. smuggling: CR/LF/NUL in heads, an allow-list of forwarded headers, pool doubt -------
+
+def test_smuggled_request_in_a_header_value_is_a_400_and_never_reaches_the_upstream(tmp_path):
+    body = json.dumps(HELLO).encode()
+    smuggle = (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nX-Trace: a\ncontent-length: 0\n\n"
+               b"POST /v1/messages HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                for data in (smuggle, smuggle.replace(b"a\ncontent", b"a\rcontent"),
+                             smuggle.replace(b"a\ncontent", b"a\x00content")):
+                    answer = await raw_request(port, data)
+                    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+                assert up.requests == []
+    run(scenario())
+
+
+def test_only_allow_listed_client_headers_reach_an_anthropic_upstream(tmp_path):
+    sent = {"anthropic-beta": "b1", "anthropic-dangerous-direct-browser-access": "true", "user-agent": "claude-cli/2",
+            "x-app": "cli", "x-stainless-os": "Linux", "x-claude-code-session-id": "s1", "cookie": "c=1",
+            "x-forwarded-for": "1.2.3.4", "x-evil": "1", "proxy-authorization": "Basic x", "te": "trailers",
+            "x-api-key": "sk-client-key-000000"}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, dict(ANTHROPIC_HEADERS, **sent))
+                assert status == 200
+            got = up.requests[0]["headers"]
+            for name in ("anthropic-beta", "anthropic-dangerous-direct-browser-access", "user-agent", "x-app",
+                         "x-stainless-os", "x-claude-code-session-id"):
+                assert got[name] == sent[name]
+            for name in ("cookie", "x-forwarded-for", "x-evil", "proxy-authorization", "te"):
+                assert name not in got
+            assert got["x-api-key"] == "sk-ant-api03-testkey-0123456789"
+    run(scenario())
+
+
+@pytest.mark.parametrize("answer", [
+    # a response with a second one glued behind its body, and a close-delimited HTTP/1.0 answer
+    http_response(200, anthropic_message("first")) + http_response(200, anthropic_message("SMUGGLED")),
+    b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+    % (len(json.dumps(anthropic_message("first"))), json.dumps(anthropic_message("first")).encode()),
+])
+def test_a_connection_whose_framing_is_in_doubt_is_never_reused(tmp_path, answer):
+    async def scenario():
+        async with ScriptedRaw(lambda n: answer if n == 1 else http_response(200, anthropic_message("second"))) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                first = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                second = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+            assert json.loads(first[2])["content"][0]["text"] == "first"
+            assert json.loads(second[2])["content"][0]["text"] == "second"
+            assert up.connections == 2
+    run(scenario())
+
+
+# ---- 2. cross-site requests and DNS rebinding ----------------------------------------------
+
+@pytest.mark.parametrize("headers, status", [
+    ({"host": "evil.example:8082"}, 403),                                   # rebinding
+    ({"host": "evil.example"}, 403),
+    ({"host": "localhost:1234"}, 200), ({"host": "[::1]:8082"}, 200), ({"host": "127.0.0.1"}, 200),
+    ({"host": "127.0.0.1:8082", "origin": "https://evil.example"}, 403),  # a page on another site
+    ({"host": "127.0.0.1:8082", "origin": "null"}, 403),
+    ({"host": "127.0.0.1:8082", "origin": "http://localhost:3000"}, 403),  # another local app's page
+    ({"host": "127.0.0.1:8082", "origin": "http://127.0.0.1:8082"}, 200),  # the proxy's own
+    ({"host": "127.0.0.1:8082", "origin": "https://app.example"}, 200),    # CORS-configured
+    ({"host": "127.0.0.1:8082", "sec-fetch-site": "cross-site"}, 403),     # <img src=...> GET
+    ({"host": "127.0.0.1:8082", "sec-fetch-site": "same-site"}, 403),
+    ({"host": "127.0.0.1:8082", "sec-fetch-site": "none"}, 200),           # typed in the address bar
+    ({"host": "app.internal:8082"}, 200),                                  # ALLOWED_HOSTS
+])
+def test_browser_guard_on_a_loopback_bind(tmp_path, headers, status):
+    settings = dict(make_config(tmp_path).settings, cors_origins=["https://app.example"],
+                    allowed_hosts=["app.internal:8082"])
+    req = cp.Request("GET", "/auth/status", headers, b"", "127.0.0.1")
+    if status == 200:
+        cp.check_browser_guard(settings, req, loopback_bind=True)
+    else:
+        with pytest.raises(cp.PermissionDenied):
+            cp.check_browser_guard(settings, req, loopback_bind=True)
+
+
+def test_exposed_bind_serves_container_names_and_still_refuses_foreign_origins(tmp_path):
+    settings = make_config(tmp_path, proxy_api_key="pk-123456789").settings
+    cp.check_browser_guard(settings, cp.Request("POST", "/v1/messages", {"host": "anthropic_max_proxy:8100"}, b"",
+                                                "10.0.0.5"), loopback_bind=False)
+    with pytest.raises(cp.PermissionDenied):
+        cp.check_browser_guard(settings, cp.Request("POST", "/v1/messages", {
+            "host": "anthropic_max_proxy:8100", "origin": "https://evil.example"}, b"", "10.0.0.5"), loopback_bind=False)
+
+
+def test_browser_style_requests_cannot_use_the_login_or_end_it(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, None, providers={"anthropic": {"format": "anthropic", "base_url": up.url}})
+            seed_login(config)
+            token_file = os.path.join(config.home, "oauth_token.json")
+            async with running_proxy(config) as (_, port):
+                h = f"host: 127.0.0.1:{port}"
+                body = json.dumps(HELLO).encode()
+                text_plain = head_bytes("POST", "/v1/messages", [h, "content-type: text/plain", "origin: https://evil.example",
+                                                                 f"content-length: {len(body)}"], body)
+                assert (await raw_request(port, text_plain)).startswith(b"HTTP/1.1 403")
+                same_origin_form = head_bytes("POST", "/v1/messages", [h, "content-type: text/plain;charset=UTF-8",
+                                                                       f"content-length: {len(body)}"], body)
+                assert (await raw_request(port, same_origin_form)).startswith(b"HTTP/1.1 415")
+                form = b"a=1"
+                logout = head_bytes("POST", "/auth/logout", [h, "content-type: application/x-www-form-urlencoded",
+                                                             f"content-length: {len(form)}"], form)
+                assert (await raw_request(port, logout)).startswith(b"HTTP/1.1 415")
+                rebound = head_bytes("GET", "/auth/status", [f"host: evil.example:{port}"])
+                assert (await raw_request(port, rebound)).startswith(b"HTTP/1.1 403")
+                assert up.requests == [] and os.path.exists(token_file)
+                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)   # a real client
+                assert status == 200 and up.requests[0]["headers"]["authorization"] == "Bearer sk-ant-oat01-old"
+    run(scenario())
+
+
+def test_http_login_starts_never_evict_a_pending_login(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (server, port):
+            first = json.loads((await call(port, "GET", "/auth/start"))[2])
+            statuses = [(await call(port, "GET", "/auth/start"))[0] for _ in range(9)]
+            assert statuses == [200] * 7 + [429, 429]
+            assert first["state"] in server.oauth.pending
+    run(scenario())
+
+
+# ---- 3. no request holds the event loop ------------------------------------------------------
+
+def test_merging_120k_consecutive_messages_is_linear():
+    openai_body = {"model": "m", "messages": [{"role": "user", "content": f"m{i}"} for i in range(120_000)]}
+    anthropic_body = {"model": "m", "max_tokens": 5, "messages": (
+        [{"role": "user", "content": [{"type": "text", "text": f"m{i}"}]} for i in range(50_000)]
+        + [{"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"}]}] * 50_000)}
+    started = time.process_time()
+    converted = openai_to_anthropic_request(openai_body, "claude-sonnet-4-5")
+    assert len(converted["messages"]) == 1 and len(converted["messages"][0]["content"]) == 120_000
+    openai = anthropic_to_openai_request(anthropic_body, make_spec())
+    assert len(openai["messages"]) == 1 and openai["messages"][0]["content"].endswith("m49999")
+    assert time.process_time() - started < 10      # quadratic merging took minutes here
+
+
+def test_health_answers_while_a_huge_request_converts(tmp_path):
+    huge = {"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "x" * 30} for _ in range(120_000)]}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            async with running_proxy(config_for(tmp_path, "openai", up.url)) as (_, port):
+                pending = asyncio.ensure_future(call(port, "POST", "/v1/messages", dict(huge, stream=True), ANTHROPIC_HEADERS))
+                await asyncio.sleep(0.3)                    # the body is in, conversion under way
+                started = time.monotonic()
+                assert (await call(port, "GET", "/health"))[0] == 200
+                health_wait = time.monotonic() - started
+                assert (await pending)[0] == 200
+        assert health_wait < 2.0, health_wait
+    run(scenario())
+
+
+# ---- 4/5. access on the head, bounded bodies, connections and body time ----------------------
+
+def test_keyless_client_is_refused_before_its_body_is_read(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key="pk-123456789")) as (server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 30000000"]) + b"{")
+            answer = await asyncio.wait_for(reader.read(), 3)   # no need to send the 30 MB
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 401") and server.buffered == 0
+    run(scenario())
+
+
+def test_bodies_in_flight_are_bounded(tmp_path):
+    async def scenario():
+        config = make_config(tmp_path, max_buffered_bytes=1000)
+        async with running_proxy(config) as (server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 900"]) + b"{")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            assert server.buffered == 900
+            second = await raw_request(port, head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 200"]))
+            assert second.startswith(b"HTTP/1.1 503") and b"retry" in second
+            writer.close()
+            await asyncio.sleep(0.1)
+            assert server.buffered == 0
+    run(scenario())
+
+
+def test_slow_bodies_time_out_and_connections_are_limited(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, max_connections=3, body_timeout=0.4)) as (server, port):
+            slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            for _, writer in slow:
+                writer.write(head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 100"]) + b"{")
+                await writer.drain()
+            await asyncio.sleep(0.1)
+            refused = await raw_request(port, head_bytes("GET", "/health", ["host: localhost"]))
+            assert refused.startswith(b"HTTP/1.1 503") and b"too many open connections" in refused
+            answers = [await asyncio.wait_for(reader.read(), 3) for reader, _ in slow]
+            assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers
+            for _, writer in slow:
+                writer.close()
+            await asyncio.sleep(0.1)
+            assert (await call(port, "GET", "/health"))[0] == 200
+    run(scenario())
+
+
+def test_idle_keepalive_connections_make_room_for_new_clients(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, max_connections=2)) as (_, port):
+            idle = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head_bytes("GET", "/health", ["host: localhost"]))
+                await reader.readuntil(b"}")
+                idle.append(writer)
+            assert (await call(port, "GET", "/health"))[0] == 200
+            for writer in idle:
+                writer.close()
+    run(scenario())
+
+
+def test_repeated_loop_errors_are_logged_once_per_interval(tmp_path, caplog):
+    server = cp.ProxyServer(make_config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="claude_proxy"):
+        for _ in range(5000):
+            server._loop_exception(None, {"message": "socket.accept() out of system resource",
+                                          "exception": OSError(24, "Too many open files")})
+    assert len(caplog.records) == 1 and "Too many open files" in caplog.text
+    server.log_limits["socket.accept() out of system resource"] = (0.0, 4999)
+    with caplog.at_level(logging.ERROR, logger="claude_proxy"):
+        server._loop_exception(None, {"message": "socket.accept() out of system resource"})
+    assert "4999 more like it suppressed" in caplog.records[-1].getMessage()
+
+
+# ---- 6/7. upstream-driven growth and quadratic paths -------------------------------------------
+
+def test_an_endless_sse_line_fails_the_stream_in_the_clients_dialect(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "MAX_SSE_LINE", 64 * 1024)
+    endless = Stream([b"data: " + b"x" * 16384] * 20 + [("stall",)])
+
+    async def scenario():
+        async with FakeUpstream(lambda req: endless) as up:
+            async with running_proxy(config_for(tmp_path, "openai", up.url)) as (_, port):
+                status, _, body, raw = await call_raw(port, "POST", "/v1/messages", dict(HELLO, stream=True),
+                                                      ANTHROPIC_HEADERS)
+        assert status == 200
+        assert_stream_ends_with_one_error("anthropic", raw, body, "api_error")
+        assert b"SSE line over 65536 bytes" in body
+    run(asyncio.wait_for(scenario(), 10))
+
+
+def test_interleaved_tool_fragments_never_reparse_the_open_call(monkeypatch):
+    loads = []
+    real_loads = json.loads
+    monkeypatch.setattr(cp.json, "loads", lambda *a, **k: loads.append(1) or real_loads(*a, **k))
+    machine = OpenAIToAnthropicStream("m")
+    events = machine.feed(chunk({"tool_calls": [tool(0, "call_a", "a", '{"blob": "' + "y" * (1 << 20))]}))
+    for i in range(20_000):
+        events += machine.feed(chunk({"tool_calls": [tool(1, "call_b" if i == 0 else None, "b" if i == 0 else None,
+                                                          "{" if i == 0 else " ")]}))
+    events += machine.feed(chunk({"tool_calls": [tool(0, None, None, '"}')]}))
+    events += machine.feed(chunk({"tool_calls": [tool(1, None, None, "}")]}, finish="tool_calls")) + machine.close()
+    assert len(loads) == 0
+    uses = [e["content_block"]["name"] for e in events if e["type"] == "content_block_start"]
+    assert uses == ["a", "b"]
+
+
+def test_a_stuck_model_sending_newlines_costs_linear_time():
+    machine = OpenAIToAnthropicStream("m")
+    started = time.process_time()
+    events = []
+    for _ in range(60_000):
+        events += machine.feed(chunk({"content": "\n" * 20}))
+    events += machine.feed(chunk({"content": "done"}, finish="stop")) + machine.close()
+    assert time.process_time() - started < 10       # re-stripping the prefix took ~25 s
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text == "\n" * 1_200_000 + "done"
+
+
+def test_json_scan_tracks_strings_escapes_and_nesting():
+    for whole in ['{"a": "}"}', '{"a": "\\"}"}', '[{"x": [1, {"y": "\\\\"}]}]', '{"k": "a\\\\"}']:
+        for cut in range(1, len(whole)):
+            scan = cp.JsonScan()
+            fragments = [whole[:cut]]
+            assert not scan.complete(fragments) or json.loads(whole[:cut]) is not None
+            fragments.append(whole[cut:])
+            assert scan.complete(fragments), (whole, cut)
+
+
+# ---- 10/11/14. secrets and log lines -------------------------------------------------------------
+
+def test_check_config_masks_model_headers_and_extra_body_and_the_redactor_knows_them(tmp_path):
+    config = make_config(tmp_path, providers={"o": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+                         models=[{"id": "m", "provider": "o", "headers": {"authorization": "Bearer sk-model-header-secret1"},
+                                  "extra_body": {"api_key": "body-secret-value-9", "nested": {"token": "nested-secret-77"},
+                                                 "temperature": 0.1, "provider": {"order": ["a"]}}}])
+    shown = json.dumps(cp.redacted_config(config))
+    for secret in ("sk-model-header-secret1", "body-secret-value-9", "nested-secret-77"):
+        assert secret not in shown
+        assert secret not in cp.Redactor(config.secret_values()).scrub(f"upstream said {secret}")
+    assert '"temperature": 0.1' in shown and '"order": ["a"]' in shown
+
+
+def test_log_lines_cannot_be_forged_or_paint_the_terminal(tmp_path):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(cp.Redactor())
+    logger = logging.getLogger("claude_proxy")
+    logger.addHandler(handler)
+    try:
+        async def scenario():
+            async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+                async with running_proxy(make_config(tmp_path, up.url, routes={"default": "anthropic"})) as (_, port):
+                    evil = dict(HELLO, model="x\r\n2026-12-01 INFO claude_proxy: token refreshed\x1b[2J\ud800")
+                    await call(port, "POST", "/v1/messages", evil, ANTHROPIC_HEADERS)
+        with caplog_level(logger, logging.INFO):
+            run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert "\x1b" not in output and "\r" not in output and "\\x1b[2J" in output
+    assert all(not line.startswith("2026-12-01 INFO") for line in output.splitlines())
+
+
+@contextlib.contextmanager
+def caplog_level(logger, level):
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@pytest.mark.parametrize("client, provider", [("anthropic", "anthropic"), ("openai", "anthropic"),
+                                              ("anthropic", "openai"), ("openai", "openai")])
+def test_an_upstream_quoting_the_rejected_credential_never_hands_it_to_the_client(tmp_path, client, provider):
+    def script(req):
+        seen = req["headers"].get("x-api-key") or req["headers"].get("authorization")
+        body = {"type": "error", "error": {"type": "authentication_error", "message": f"invalid key: {seen}"}} \
+            if provider == "anthropic" else {"error": {"message": f"Incorrect API key provided: {seen}",
+                                                       "type": "invalid_request_error", "code": "invalid_api_key"}}
+        return http_response(401, body)
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                path, body, headers = client_request(client, False)
+                status, _, answer = await call(port, "POST", path, body, headers)
+        assert status == 401 and b"key" in answer.lower()
+        for secret in ("sk-ant-api03-testkey-0123456789", OPENAI_PROVIDER_KEY):
+            assert secret.encode() not in answer
+    run(scenario())
+
+
+# ---- 12/13. fuzzed input classes through the whole request path: never a 500 ----------------
+
+class FuzzTransport:
+    def get_write_buffer_size(self):
+        return 0
+
+    def is_closing(self):
+        return False
+
+
+class FuzzWriter:
+    """A StreamWriter stand-in that keeps what the proxy writes."""
+
+    def __init__(self):
+        self.data, self.transport = bytearray(), FuzzTransport()
+
+    def write(self, data):
+        self.data += data
+
+    async def drain(self):
+        pass
+
+
+def nested_json(depth):
+    """JSON text nested `depth` levels deep (objects and arrays alternating)."""
+    opens = "".join('{"k":' if i % 2 else "[" for i in range(depth))
+    return opens + '"x"' + "".join("}" if i % 2 else "]" for i in reversed(range(depth)))
+
+
+def fuzz_bodies(rand):
+    """Request bodies of the classes that used to get a 500, plus generic mutations."""
+    anthropic = rand.choice(ANTHROPIC_BODIES)
+    openai = rand.choice(OPENAI_BODIES)
+    pick = rand.randrange(9)
+    if pick == 0:
+        deep = nested_json(rand.choice([50, 500, 990, 5000]))
+        return "/v1/messages", json.dumps(dict(anthropic, metadata="@")).replace('"@"', deep).encode()
+    if pick == 1:
+        deep = nested_json(rand.choice([990, 3000]))
+        return "/v1/chat/completions", json.dumps(dict(openai, user="@")).replace('"@"', deep).encode()
+    if pick == 2:
+        text = json.dumps(anthropic if rand.random() < 0.5 else openai)
+        at = rand.randrange(len(text))
+        at = text.rfind('"', 0, at)
+        return rand.choice(["/v1/messages", "/v1/chat/completions"]), (text[:at + 1] + "\\ud800" + text[at + 1:]).encode() \
+            if at > 0 and text[at - 1] != "\\" else text.encode()
+    if pick == 3:
+        return "/v1/chat/completions", json.dumps(dict(openai, stream=True, stream_options=rand.choice(
+            ["x", 1, [], True, None, {"include_usage": "yes"}]))).encode()
+    if pick == 4:
+        blocks = [{"type": rand.choice([{}, [], 1, None, "text"]), "text": "t"}]
+        return "/v1/messages", json.dumps(dict(anthropic, system=blocks, messages=[
+            {"role": "user", "content": blocks}])).encode()
+    if pick == 5:
+        return rand.choice(["/v1/messages", "/v1/chat/completions"]), \
+            json.dumps(anthropic).replace('"max_tokens": 100', '"max_tokens": NaN').replace("0.5", "Infinity").encode() \
+            if rand.random() < 0.5 else b'{"model": "m", "max_tokens": -Infinity, "messages": []}'
+    if pick == 6:
+        return "/v1/messages", json.dumps(mutate(anthropic, rand, rate=rand.choice([0.1, 0.3]))).encode()
+    if pick == 7:
+        return "/v1/chat/completions", json.dumps(mutate(openai, rand, rate=rand.choice([0.1, 0.3]))).encode()
+    raw = json.dumps(anthropic).encode()
+    cut = rand.randrange(len(raw))
+    return "/v1/messages", raw[:cut] + bytes([rand.randrange(256)]) + raw[cut + 1:]
+
+
+def test_fuzzed_requests_never_get_a_500(tmp_path, monkeypatch):
+    rand = random.Random(FUZZ_SEED + 10)
+    statuses = {}
+    dead = f"http://127.0.0.1:{free_port()}"      # nothing listens: what passes validation fails fast (502)
+
+    async def scenario():
+        configs = [make_config(tmp_path, dead), make_config(tmp_path / "o", None, oauth_token="sk-ant-oat01-fuzz",
+                                                            providers={"anthropic": {"base_url": dead, "auth": "oauth",
+                                                                                     "format": "anthropic"}}),
+                   config_for(tmp_path / "p", "openai", dead)]
+        servers = [cp.ProxyServer(c) for c in configs]
+        for i in range(20_000):
+            path, raw = fuzz_bodies(rand)
+            req = cp.Request("POST", path, {"content-type": "application/json", "host": "localhost",
+                                            "anthropic-version": "2023-06-01"}, raw, "127.0.0.1")
+            writer = FuzzWriter()
+            await cp.dispatch(servers[i % 3], req, cp.ClientStream(writer))
+            status = int(bytes(writer.data[9:12]))
+            statuses[status] = statuses.get(status, 0) + 1
+            assert status != 500, (path, raw[:300], bytes(writer.data[:600]))
+        for server in servers:
+            server.pool.close()
+    logging.getLogger("claude_proxy").disabled = True
+    try:
+        run(scenario())
+    finally:
+        logging.getLogger("claude_proxy").disabled = False
+    assert sum(statuses.values()) == 20_000 and statuses.get(400, 0) > 5000, statuses
+
+
+@pytest.mark.parametrize("data, status", [
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: \u00b2".encode("utf-8").decode("latin-1")]), 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"1;" + b"e" * 70000 + b"\r\n", 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"0\r\nx-t: " + b"t" * 70000, 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked, gzip"]), 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: xchunkedx"]), 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"0x5\r\nhello\r\n0\r\n\r\n", 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"+5\r\nhello\r\n0\r\n\r\n", 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"5\r\nhelloXX0\r\n\r\n", 400),
+    (b"GET /health HTTP/1.9\r\nhost: localhost\r\n\r\n", 505),
+    (b"GET /health HTTP/1.1\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\nhost: localhost\n\n", 400),
+])
+def test_lenient_framing_is_refused_with_a_status_not_a_dropped_connection(tmp_path, data, status):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, header_timeout=5)) as (_, port):
+            started = time.monotonic()
+            answer = await raw_request(port, data)
+            assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+            assert time.monotonic() - started < 2              # at once, not after the header timeout
+            assert (await call(port, "GET", "/health"))[0] == 200
+    run(scenario())
+
+
+def test_two_million_one_byte_chunks_are_refused_early(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            chunks = b"1\r\nx\r\n" * 2_000_000
+            answer = await raw_request(port, head_bytes("POST", "/v1/messages", ["host: localhost",
+                                                                                 "transfer-encoding: chunked"]) + chunks)
+            assert answer.startswith(b"HTTP/1.1 400") and b"more than 16384 chunks" in answer
+    run(scenario())
+
+
+def test_http10_client_gets_no_100_continue(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                body = json.dumps(HELLO).encode()
+                answer = await raw_request(port, b"POST /v1/messages HTTP/1.0\r\nexpect: 100-continue\r\n"
+                                           b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                assert answer.startswith(b"HTTP/1.1 200") and b"100 Continue" not in answer
+    run(scenario())
+
+
+# ---- 15. odd upstream answers -------------------------------------------------------------------
+
+def gz(obj):
+    import gzip
+    return gzip.compress(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("name, answer, status, check", [
+    ("1xx forever", [b"HTTP/1.1 100 Continue\r\n\r\n", 0.15] * 40, 502, b"interim"),
+    ("101 unasked", b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\nbody", 502, b"switched"),
+    ("status 999", b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\n\r\n{}", 502, b"malformed"),
+    ("bare LF header", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nrequest-id: a\nset-cookie: s=1\r\n\r\n{}", 502, b"malformed"),
+    ("content-length \u00b2", b"HTTP/1.1 200 OK\r\ncontent-length: \xc2\xb2\r\n\r\n{}", 502, b"framing"),
+    ("gzip anyway", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(gz(anthropic_message())), gz(anthropic_message())), 200, b"Hello"),
+    ("brotli anyway", b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 2\r\n\r\nxx", 502, b"content-encoding"),
+])
+def test_odd_upstream_answers(tmp_path, name, answer, status, check):
+    async def scenario():
+        async with ScriptedRaw(lambda n: answer) as up:
+            async with running_proxy(make_config(tmp_path, up.url, read_timeout=3)) as (_, port):
+                got_status, headers, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+        assert got_status == status and check in body, (got_status, body[:300])
+        assert "set-cookie" not in headers and "content-encoding" not in headers
+    run(asyncio.wait_for(scenario(), 15))
+
+
+def test_absurd_usage_numbers_never_become_infinity_or_a_500(tmp_path):
+    openai_answer = json.dumps(dict(OPENAI_COMPLETION, usage={"prompt_tokens": 1e400, "completion_tokens": "7"})
+                               ).replace("Infinity", "1e400").encode()
+    claude_answer = json.dumps(dict(anthropic_message(), usage={"input_tokens": 1e400, "output_tokens": -5})
+                               ).replace("Infinity", "1e400").encode()
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, openai_answer)) as up_o, \
+                FakeUpstream(lambda req: http_response(200, claude_answer)) as up_a:
+            async with running_proxy(config_for(tmp_path, "openai", up_o.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                assert status == 200 and json.loads(body)["usage"]["input_tokens"] == 0
+            async with running_proxy(config_for(tmp_path / "a", "anthropic", up_a.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/chat/completions", OPENAI_HELLO, OPENAI_HEADERS)
+                assert status == 200 and b"Infinity" not in body
+                assert json.loads(body)["usage"]["prompt_tokens"] == 0
+    run(scenario())
+
+
+@pytest.mark.parametrize("answer", [{}, [], {"type": "message"}, {"type": "message", "content": "x"}])
+def test_a_200_that_is_not_a_claude_message_is_a_502(tmp_path, answer):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, answer)) as up:
+            async with running_proxy(config_for(tmp_path, "anthropic", up.url)) as (_, port):
+                for stream in (False, True):
+                    status, _, body = await call(port, "POST", "/v1/chat/completions",
+                                                 dict(OPENAI_HELLO, stream=stream), OPENAI_HEADERS)
+                    assert status == 502, body[:200]
+    run(scenario())
+
+
+# ---- 18. half-closed clients; shutdown deadline ---------------------------------------------------
+
+def test_a_client_that_half_closes_after_its_request_is_answered(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream()[:2] + [("sleep", 0.3)] + anthropic_stream()[2:])) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                body = json.dumps(dict(HELLO, stream=True)).encode()
+                answer = await raw_request(port, head_bytes("POST", "/v1/messages", [
+                    "host: localhost", "content-type: application/json", f"content-length: {len(body)}"], body),
+                    half_close=True)
+                status, _, streamed = parse_http(answer)
+                assert status == 200 and streamed.endswith(anthropic_stream()[-1])
+                body = json.dumps(HELLO).encode()
+                answer = await raw_request(port, head_bytes("POST", "/v1/messages", [
+                    "host: localhost", f"content-length: {len(body)}"], body), half_close=True)
+                assert answer.startswith(b"HTTP/1.1 200") and b"Hello there" in answer
+    run(scenario())
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_streams_cut_at_the_shutdown_deadline_end_with_an_error_event(tmp_path, client, caplog):
+    def script(req):
+        if client == "anthropic":
+            return Stream(anthropic_stream()[:3] + [("stall",)])
+        return Stream(anthropic_stream()[:3] + [("stall",)])
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            server = cp.ProxyServer(config_for(tmp_path, "anthropic", up.url, shutdown_grace=0.3))
+            _, port = await server.start("127.0.0.1", 0)
+            path, body, headers = client_request(client, True)
+            pending = asyncio.ensure_future(call_raw(port, "POST", path, body, headers))
+            await asyncio.sleep(0.3)
+            with caplog.at_level(logging.INFO, logger="claude_proxy.access"):
+                await server.shutdown()
+            status, _, streamed, raw = await asyncio.wait_for(pending, 5)
+        assert status == 200
+        assert_stream_ends_with_one_error(client, raw, streamed, "overloaded_error")
+        assert "error=shutdown" in caplog.text
+    run(scenario())
+
+
+# ---- 19/20. planted .env, busy port --------------------------------------------------------------
+
+def test_a_planted_env_file_cannot_send_the_login_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("ANTHROPIC_UPSTREAM_URL=https://collector.evil.example\n")
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path / "home")})
+    assert config.origins["providers.anthropic.base_url"].startswith(".env $ANTHROPIC_UPSTREAM_URL")
+    assert not config.providers["anthropic"]["oauth_trusted"]
+    notes = cp.upstream_notes(config, has_login=True)
+    assert [level for level, _ in notes] == [logging.WARNING, logging.WARNING]
+    assert "collector.evil.example (from .env" in notes[0][1] and "NOT sent" in notes[1][1]
+    seed_login(config)
+    x = cp.Exchange(cp.ProxyServer(config), cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"), None)
+    assert run(x.auth_mode(config.providers["anthropic"])) == "client"
+    named = cp.parse_config({"home": str(tmp_path / "home"), "providers": {"anthropic": {
+        "base_url": "https://gateway.example", "auth": "oauth"}}}, {})
+    assert named.providers["anthropic"]["auth"] == "oauth"          # a config file may name a host
+
+
+def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=20,
+                                env=dict(os.environ, CLAUDE_PROXY_HOME=str(tmp_path)), cwd=str(tmp_path))
+    finally:
+        sock.close()
+    assert result.returncode == 2
+    assert "already in use" in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "claude_proxy:" in line and "in use" in line]) == 1
 
 # =============================================================================================
 # Benchmark (opt-in: python -m pytest -m bench -s test_claude_proxy.py)
