@@ -100,7 +100,25 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "long_context_threshold": ("LONG_CONTEXT_THRESHOLD", "int", 60000),
     "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
     "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
+    "min_tokens_limit": ("MIN_TOKENS_LIMIT", "int", None),
+    "log_file": ("CLAUDE_PROXY_LOG_FILE", "str", None),
+    "models_file": ("CLAUDE_PROXY_MODELS_FILE", "str", None),
+    "import_token_file": ("CLAUDE_PROXY_IMPORT_TOKEN_FILE", "str", None),
+    "custom_headers": ("CUSTOM_HEADER_*", "dict", {}),
+    "strict": ("CLAUDE_PROXY_STRICT", "bool", False),
 }
+# The earlier proxies' environment names (after the project's own, which wins), in order.
+SEED_ENV_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "host": ("HOST", "BIND_ADDRESS", "ANTHROPIC_PROXY_HOST"),        # seeds 001/002/004, 000, 003
+    "port": ("PORT", "ANTHROPIC_PROXY_PORT"),                        # PORT: also container platforms
+    "log_level": ("ANTHROPIC_PROXY_LOG_LEVEL",),                     # seed 003
+    "read_timeout": ("REQUEST_TIMEOUT",),                            # seeds 000, 002
+    "ca_bundle": ("CA_BUNDLE_PATH",),                                # seed 002
+    "log_file": ("LOG_FILE_PATH",),                                  # seeds 001, 004
+    "models_file": ("CUSTOM_MODELS_FILE",),                          # seeds 001, 004
+    "import_token_file": ("ANTHROPIC_PROXY_TOKEN_FILE", "TOKEN_FILE"),   # seeds 003, 000
+}
+CUSTOM_HEADER_PREFIX = "CUSTOM_HEADER_"                              # seed 002: CUSTOM_HEADER_X_A -> X-A
 # Client request headers forwarded to an anthropic-format upstream: an allow-list, so nothing a
 # client invents (hop-by-hop, credentials, cookies, proxy or framing headers) reaches it.
 CLIENT_HEADERS_FORWARDED = frozenset(("accept", "user-agent", "x-app", "idempotency-key"))
@@ -126,6 +144,7 @@ class ProxyError(Exception):
     """Base of every error the proxy renders; carries HTTP status and API error type."""
     status = 500
     error_type = "api_error"
+    retryable: Optional[bool] = None      # False: rendered with x-should-retry: false
 
     def __init__(self, message: str, *, param: Optional[str] = None,
                  status: Optional[int] = None, error_type: Optional[str] = None):
@@ -146,6 +165,19 @@ class BadRequest(ProxyError):
 class AuthError(ProxyError):
     status = 401
     error_type = "authentication_error"
+
+
+class LoginDead(AuthError):
+    """The Claude login expired or was revoked: retrying cannot help (the user must log in)."""
+    retryable = False
+
+
+class CredentialMissing(ProxyError):
+    """The proxy itself lacks a credential a route needs. A 400 that says not to retry: Claude
+    Code shows it at once (a 401 it retries silently for about three minutes)."""
+    status = 400
+    error_type = "invalid_request_error"
+    retryable = False
 
 
 class PermissionDenied(ProxyError):
@@ -435,7 +467,20 @@ MODEL_DEFAULTS: Dict[str, Any] = {
     "max_tokens": None, "max_completion_tokens": False, "reasoning_param": "reasoning_effort",
     "replay_reasoning": None, "reasoning_effort": None, "schema": None, "extra_body": {},
     "context": None, "thinking": None, "headers": {}, "fallback": [], "owned_by": None,
+    "min_tokens": None, "max_input_tokens": None, "can_stream": True, "thinking_effort": None,
+    "input_cost_per_token": None, "output_cost_per_token": None,
+    "cache_read_cost_per_token": None, "cache_write_cost_per_token": None,
 }
+PROVIDER_KEYS = frozenset({"format", "base_url", "api_key", "api_key_env", "auth", "headers",
+                           "azure", "api_version"})
+CUSTOM_MODEL_KEYS = frozenset({"id", "base_url", "api_key", "context_length", "max_completion_tokens",
+                               "supports_reasoning", "owned_by", "vision", "supports_vision"})
+CONFIG_SECTIONS = frozenset({"providers", "models", "routes", "oauth", "custom_models", "aliases",
+                             "plugins", "filter_tools"})
+# What a key from one of the earlier proxies is called here (for "did you mean" hints).
+SEED_KEY_HINTS = {"model_name": "model", "model_id": "id", "api_base": "base_url (on its provider)",
+                  "api_key_name": "api_key_env (on its provider)", "extra_headers": "headers",
+                  "direct": "a provider with \"format\": \"anthropic\""}
 BUILTIN_PROVIDER = {"format": "anthropic", "api_key_env": "ANTHROPIC_API_KEY", "auth": "auto"}
 
 
@@ -450,6 +495,8 @@ class Config:
         self.routes = routes
         self.oauth = oauth
         self.origins: Dict[str, str] = {}      # "settings.port" / "providers.x.base_url" -> where from
+        self.files: Dict[str, Optional[str]] = {"config": None, "dotenv": None, "models": None}
+        self.warnings: List[str] = []          # unknown keys, missing keys, notes for the start
 
     @property
     def home(self) -> str:
@@ -487,7 +534,8 @@ def masked_copy(node: Any, key: str = "") -> Any:
 
 
 def read_dotenv(path: str) -> Dict[str, str]:
-    """KEY=VALUE lines of a .env file (comments, `export`, quotes handled); {} when absent."""
+    """KEY=VALUE lines of a .env file, read as python-dotenv reads them: `export`, quotes (double
+    with escapes, single literal) and comments, also after a value (` # note`); {} when absent."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -501,11 +549,25 @@ def read_dotenv(path: str) -> Dict[str, str]:
         key, _, value = line.partition("=")
         key = key.strip()
         key = key[7:].strip() if key.startswith("export ") else key
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
+        values[key] = _dotenv_value(value.strip())
     return values
+
+
+_DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def _dotenv_value(value: str) -> str:
+    """One .env value: a quoted string up to its closing quote, or plain text before ` #`."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        while value[0] == '"' and end > 0 and value[end - 1] == "\\":
+            end = value.find('"', end + 1)
+        if end > 0:
+            inner = value[1:end]
+            if value[0] == '"':
+                inner = re.sub(r"\\(.)", lambda m: _DOTENV_ESCAPES.get(m.group(1), "\\" + m.group(1)), inner)
+            return inner
+    return re.split(r"\s+#", value, 1)[0].strip()
 
 
 def merge_raw(base: dict, over: dict) -> dict:
@@ -523,16 +585,30 @@ def merge_raw(base: dict, over: dict) -> dict:
     return merged
 
 
+def setting_var(key: str, env: Mapping[str, str]) -> Optional[str]:
+    """The environment variable that sets `key`: the project's own name, else a seed's alias."""
+    for var in (SETTINGS[key][0],) + SEED_ENV_ALIASES.get(key, ()):
+        if env.get(var, "").strip():
+            return var
+    return None
+
+
 def env_layer(env: Mapping[str, str]) -> dict:
-    """The raw config the environment describes: settings plus the OpenAI quick start."""
+    """The raw config the environment describes: settings (seed aliases included), the extra
+    headers of CUSTOM_HEADER_*, plus the OpenAI quick start."""
     raw: Dict[str, Any] = {}
-    for key, (var, _, _) in SETTINGS.items():
-        if env.get(var):
-            raw[key] = env[var]
+    for key in SETTINGS:
+        var = setting_var(key, env)
+        if var:
+            raw[key] = env[var].strip()
     token = (env.get("ANTHROPIC_OAUTH_TOKEN") or "").strip() or (env.get("CLAUDE_CODE_OAUTH_TOKEN") or "").strip()
     raw.pop("oauth_token", None)
     if token:
         raw["oauth_token"] = token
+    headers = {var[len(CUSTOM_HEADER_PREFIX):].replace("_", "-"): value for var, value in env.items()
+               if var.startswith(CUSTOM_HEADER_PREFIX) and len(var) > len(CUSTOM_HEADER_PREFIX)}
+    if headers:
+        raw["custom_headers"] = headers
     return merge_raw(raw, quickstart_layer(env))
 
 
@@ -544,6 +620,8 @@ def quickstart_layer(env: Mapping[str, str]) -> dict:
         middle, small = env.get("MIDDLE_MODEL", big), env.get("SMALL_MODEL", "gpt-4o-mini")
         raw["providers"] = {"openai": {"format": "openai", "api_key_env": "OPENAI_API_KEY",
                                        "base_url": env.get("OPENAI_BASE_URL", DEFAULT_OPENAI_URL)}}
+        if env.get("AZURE_API_VERSION"):          # seed 002: Azure OpenAI deployment URL, api-key header
+            raw["providers"]["openai"].update(azure=True, api_version=env["AZURE_API_VERSION"])
         limit = env.get("MAX_TOKENS_LIMIT", "16k")
         reasoning = env.get("OPENAI_REASONING_PARAM") or None    # gpt-4o & co. reject reasoning_effort
         raw["models"] = [{"id": name, "provider": "openai", "max_tokens": limit, "reasoning_param": reasoning}
@@ -578,30 +656,85 @@ def expand_custom_models(raw: dict) -> dict:
     return raw
 
 
-def parse_config(raw: dict, env: Mapping[str, str]) -> Config:
-    """Validate a stacked raw config; ConfigError names the first bad key path."""
+def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -> Config:
+    """Validate a stacked raw config; ConfigError names the first bad key path. Unknown keys
+    and other doubts become `config.warnings` (errors with `strict`)."""
     if not isinstance(raw, dict):
-        raise ConfigError("config: expected a JSON object")
+        raise ConfigError("config: expected a JSON object at the top level")
+    warnings = list(notes) + unknown_key_warnings(raw)
     raw = expand_custom_models(raw)
     settings = parse_settings(raw)
-    providers = parse_providers(raw.get("providers") or {}, env, settings)
-    models = parse_models(raw.get("models") or [], providers)
+    providers = parse_providers(raw.get("providers") or {}, env, settings, warnings)
+    models = parse_models(raw.get("models") or [], providers, settings)
     routes_raw = raw.get("routes")
     routes = parse_routes({"default": "anthropic"} if routes_raw is None else routes_raw,
                           models, providers)
+    check_fallbacks(models, providers)
+    config = Config(settings, providers, models, routes, parse_oauth(raw.get("oauth")))
+    config.warnings = warnings
+    adopt_seed_client_key(config, env)
+    if settings["strict"] and warnings:
+        raise ConfigError("strict config: " + "; ".join(warnings))
+    return config
+
+
+def check_fallbacks(models: Dict[str, dict], providers: Dict[str, dict]) -> None:
+    """Every fallback names a known model served in the same format."""
     for spec in models.values():
         for j, fallback in enumerate(spec["fallback"]):
             if fallback not in models:
                 raise ConfigError(f"models.{spec['id']}.fallback.{j}: unknown model id {fallback!r}")
             if providers[models[fallback]["provider"]]["format"] != providers[spec["provider"]]["format"]:
                 raise ConfigError(f"models.{spec['id']}.fallback.{j}: {fallback!r} uses a provider of another format")
-    oauth = raw.get("oauth") or {}
+
+
+def parse_oauth(oauth: Any) -> dict:
+    """The `oauth` overrides: known keys with string values only."""
+    oauth = oauth or {}
     if not isinstance(oauth, dict):
         raise ConfigError("oauth: expected an object")
     for key, value in oauth.items():
         if key not in OAUTH_KEYS or not isinstance(value, str) or not value.strip():
             raise ConfigError(f"oauth.{key}: expected one of {', '.join(OAUTH_KEYS)} with a string value")
-    return Config(settings, providers, models, routes, oauth)
+    return oauth
+
+
+def unknown_key_warnings(raw: dict) -> List[str]:
+    """One line per key nothing reads, with the nearest known key (keys starting with _ or $
+    are comments)."""
+    found = _unknown(raw, set(SETTINGS) | CONFIG_SECTIONS, "")
+    for name, provider in (raw.get("providers") or {}).items() if isinstance(raw.get("providers"), dict) else ():
+        found += _unknown(provider, PROVIDER_KEYS, f"providers.{name}.") if isinstance(provider, dict) else []
+    for key, known in (("models", set(MODEL_DEFAULTS) | {"id", "provider", "model"}), ("custom_models", CUSTOM_MODEL_KEYS)):
+        items = raw.get(key) if isinstance(raw.get(key), list) else []
+        for i, item in enumerate(items):
+            found += _unknown(item, known, f"{key}.{i}.") if isinstance(item, dict) else []
+    return found
+
+
+def _unknown(node: dict, known: Iterable[str], path: str) -> List[str]:
+    """Warnings for the unknown keys of one object."""
+    out = []
+    for key in node:
+        if key in known or str(key).startswith(("_", "$")):
+            continue
+        import difflib
+        near = SEED_KEY_HINTS.get(key) or next(iter(difflib.get_close_matches(key, list(known), 1, 0.6)), None)
+        out.append(f"{path}{key}: unknown key, ignored" + (f" (did you mean {near}?)" if near else ""))
+    return out
+
+
+def adopt_seed_client_key(config: Config, env: Mapping[str, str]) -> None:
+    """Seed 002's client check: when no route can reach the built-in `anthropic` provider and no
+    PROXY_API_KEY is set, ANTHROPIC_API_KEY is the key clients must send (as that proxy did)."""
+    if config.settings.get("proxy_api_key") or not env.get("ANTHROPIC_API_KEY"):
+        return
+    targets = list(config.routes.values()) + list(config.models.values())
+    if any(spec["provider"] == "anthropic" for spec in targets):
+        return
+    config.settings["proxy_api_key"] = env["ANTHROPIC_API_KEY"]
+    config.warnings.append("no route reaches Anthropic, so ANTHROPIC_API_KEY is the key clients must "
+                           "send (x-api-key or Bearer), as in claude-code-proxy; set PROXY_API_KEY to choose another")
 
 
 def parse_settings(raw: dict) -> Dict[str, Any]:
@@ -629,31 +762,45 @@ def coerce_setting(key: str, kind: str, value: Any) -> Any:
             return parse_bool(value)
         if kind == "list":
             return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        if kind == "dict":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise TypeError
+            return {str(k).lower(): v for k, v in value.items()}
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
 
 
 def check_url(url: Any, path: str) -> str:
-    """An http(s) URL without trailing slash, or ConfigError."""
-    if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") \
-            or not urllib.parse.urlsplit(url).hostname:
-        raise ConfigError(f"{path}: expected an http(s) URL")
+    """An http(s) URL without trailing slash, or ConfigError (whitespace or control characters
+    in it, a ` # note` left from a .env line say, are refused, not sent in a request line)."""
+    if not isinstance(url, str) or re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ConfigError(f"{path}: expected an http(s) URL without spaces, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}: expected an http(s) URL, got {url!r}")
     return url.rstrip("/")
 
 
-def parse_providers(raw: Any, env: Mapping[str, str], settings: dict) -> Dict[str, dict]:
-    """Providers by name, with the built-in `anthropic` unless the config redefines it."""
+def parse_providers(raw: Any, env: Mapping[str, str], settings: dict,
+                    warnings: Optional[List[str]] = None) -> Dict[str, dict]:
+    """Providers by name, with the built-in `anthropic` unless the config redefines it;
+    CUSTOM_HEADER_* headers go to every one (its own headers win)."""
     if not isinstance(raw, dict):
         raise ConfigError("providers: expected an object")
     raw = dict(raw)
     builtin = dict(BUILTIN_PROVIDER, base_url=settings["anthropic_url"])
     raw["anthropic"] = merge_raw(builtin, raw["anthropic"]) if "anthropic" in raw else builtin
-    return {name: parse_provider(name, value, env) for name, value in raw.items()}
+    providers = {name: parse_provider(name, value, env, warnings if warnings is not None else [])
+                 for name, value in raw.items()}
+    for provider in providers.values():
+        provider["headers"] = dict(settings["custom_headers"], **provider["headers"])
+    return providers
 
 
-def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
-    """One provider: format, base_url, resolved api_key, auth mode, extra headers."""
+def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[str]) -> dict:
+    """One provider: format, base_url, resolved api_key, auth mode, extra headers (Azure
+    OpenAI: `"azure": true` and its `api_version`)."""
     path = f"providers.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected an object")
@@ -667,16 +814,23 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
     # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
     # only the built-in provider says "auto", and "client" must be written out.
     auth = raw.get("auth") or ("api_key" if api_key else "none")
-    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
-        log.warning("%s.api_key_env: %s is not set; sending no credentials", path, raw["api_key_env"])
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
+    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
+        warnings.append(f"{path}.api_key_env: ${raw['api_key_env']} is not set; sending no credentials")
+    elif auth == "api_key" and not api_key:
+        where = f"${raw['api_key_env']} is not set" if raw.get("api_key_env") else "no api_key is configured"
+        warnings.append(f"{path}: auth api_key but {where}; its requests will be refused until it is")
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ConfigError(f"{path}.headers: expected an object of strings")
+    azure = parse_bool(raw.get("azure", False))
+    if azure and not raw.get("api_version"):
+        raise ConfigError(f"{path}.api_version: an Azure OpenAI provider needs its api_version")
     return {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
             "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
-            "api_key_env": raw.get("api_key_env"), "oauth_trusted": oauth_host_trusted(base_url)}
+            "api_key_env": raw.get("api_key_env"), "oauth_trusted": oauth_host_trusted(base_url),
+            "azure": azure, "api_version": raw.get("api_version")}
 
 
 def oauth_host_trusted(base_url: str) -> bool:
@@ -687,13 +841,15 @@ def oauth_host_trusted(base_url: str) -> bool:
     return host == "anthropic.com" or host.endswith(".anthropic.com") or is_loopback(host)
 
 
-def parse_models(raw: Any, providers: Dict[str, dict]) -> Dict[str, dict]:
-    """Model specs by client-facing id."""
+def parse_models(raw: Any, providers: Dict[str, dict], settings: Optional[dict] = None) -> Dict[str, dict]:
+    """Model specs by client-facing id (MIN_TOKENS_LIMIT is every model's default floor)."""
     if not isinstance(raw, list):
         raise ConfigError("models: expected a list")
     models = {}
     for i, item in enumerate(raw):
         spec = parse_model(f"models.{i}", item, providers)
+        if spec["min_tokens"] is None and settings:
+            spec["min_tokens"] = settings.get("min_tokens_limit")
         models[spec["id"]] = spec
     return models
 
@@ -707,8 +863,13 @@ def parse_model(path: str, raw: Any, providers: Dict[str, dict]) -> dict:
     spec = dict(MODEL_DEFAULTS, **{k: v for k, v in raw.items()
                                    if v is not None or not isinstance(MODEL_DEFAULTS.get(k), (dict, list))})
     spec["model"] = spec.get("model") or spec["id"]
-    spec["max_tokens"] = parse_size(spec["max_tokens"], f"{path}.max_tokens")
-    spec["context"] = parse_size(spec["context"], f"{path}.context")
+    for key in ("max_tokens", "context", "max_input_tokens", "min_tokens"):
+        spec[key] = parse_size(spec[key], f"{path}.{key}")
+    spec["can_stream"] = parse_bool(spec["can_stream"])
+    for key in ("input_cost_per_token", "output_cost_per_token", "cache_read_cost_per_token",
+                "cache_write_cost_per_token"):
+        if spec[key] is not None and not _is_price(spec[key]):
+            raise ConfigError(f"{path}.{key}: expected a number (US dollars per token)")
     for key, kind in (("extra_body", dict), ("headers", dict), ("fallback", list)):
         if not isinstance(spec[key], kind):
             raise ConfigError(f"{path}.{key}: expected {'an object' if kind is dict else 'a list'}")
@@ -718,6 +879,11 @@ def parse_model(path: str, raw: Any, providers: Dict[str, dict]) -> dict:
         raise ConfigError(f"{path}.schema: expected \"gemini\"")
     spec["headers"] = {k.lower(): str(v) for k, v in spec["headers"].items()}
     return spec
+
+
+def _is_price(value: Any) -> bool:
+    """A finite, non-negative number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
 
 
 def parse_routes(raw: Any, models: Dict[str, dict], providers: Dict[str, dict]) -> Dict[str, dict]:
@@ -732,12 +898,225 @@ def route_target(path: str, value: Any, models: Dict[str, dict], providers: Dict
     """The spec a route value names; model None means the client's model name passes through."""
     if not isinstance(value, str):
         raise ConfigError(f"{path}: expected a model id or provider name")
+    if value.startswith("custom/") and value[7:] in models:      # seed 004: ROUTER_X=custom/<model_id>
+        value = value[7:]
     if value in models:
         return models[value]
     provider, _, model = value.partition(",")
     if provider in providers:
         return dict(MODEL_DEFAULTS, id=model or None, provider=provider, model=model or None)
     raise ConfigError(f"{path}: {value!r} is neither a model id nor a provider")
+
+
+# ---- The seeds' model files: a YAML subset, and seed 000's models.json ----------------------
+#
+# Seeds 001 and 004 describe models in a YAML list (models.yaml / custom_models.yaml) and the
+# standard library has no YAML. parse_yaml_models reads exactly the subset those files use: a
+# top-level list of mappings whose values are scalars (plain, 'single' or "double" quoted, with
+# YAML 1.1 booleans and null, as the seeds' yaml.safe_load read them), `#` comments, and one
+# nested mapping level (extra_body, extra_headers). Anything beyond it (flow collections,
+# anchors, tags, block scalars, deeper nesting) is a ConfigError naming the line, never a guess.
+
+_YAML_KEY = re.compile(r"^(?P<key>[A-Za-z_][\w.\-]*|\"[^\"]*\"|'[^']*')\s*:(?:\s+(?P<value>.*))?$")
+_YAML_INT = re.compile(r"^[-+]?[0-9]+$")
+_YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+YAML_CONSTANTS = {"null": None, "~": None, "true": True, "false": False, "yes": True, "no": False,
+                  "on": True, "off": False}
+
+
+def _yaml_uncomment(line: str) -> str:
+    """A line without its comment (a # at the start or after a space, outside quotes)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"" and (i == 0 or line[i - 1] in " \t:-"):
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _yaml_scalar(text: str, where: str) -> Any:
+    """One scalar value; ConfigError for syntax outside the subset."""
+    if not text:
+        return None
+    if text[0] in "[{&*!|>%@`":
+        raise ConfigError(f"{where}: {text[:20]!r} is YAML beyond what claude_proxy reads "
+                          "(plain or quoted scalars, one nested mapping); write it as JSON instead")
+    if text[0] == '"' and text.endswith('"') and len(text) > 1:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ConfigError(f"{where}: malformed double-quoted string") from None
+    if text[0] == "'" and text.endswith("'") and len(text) > 1:
+        return text[1:-1].replace("''", "'")
+    if text[0] in "'\"":
+        raise ConfigError(f"{where}: unterminated quoted string")
+    lower = text.lower()
+    if lower in YAML_CONSTANTS:
+        return YAML_CONSTANTS[lower]
+    if _YAML_INT.match(text):
+        return int(text)
+    return float(text) if _YAML_FLOAT.match(text) else text
+
+
+def _yaml_key(text: str) -> str:
+    """A mapping key, unquoted."""
+    return text[1:-1] if text[:1] in "'\"" else text
+
+
+def _yaml_lines(text: str, path: str) -> List[Tuple[int, int, str]]:
+    """(line number, indent, content) of the meaningful lines; tabs in indentation refused."""
+    out = []
+    for number, raw_line in enumerate(text.splitlines(), 1):
+        line = _yaml_uncomment(raw_line)
+        if not line.strip() or (line.strip() == "---" and not out):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if line[indent:indent + 1] == "\t":
+            raise ConfigError(f"{path}:{number}: a tab in the indentation (YAML allows spaces only)")
+        out.append((number, indent, line.strip()))
+    return out
+
+
+def parse_yaml_models(text: str, path: str) -> List[dict]:
+    """The mappings of a seed model file (see the essay above)."""
+    items: List[dict] = []
+    state: Dict[str, Any] = {"item_indent": -1, "nested": None, "nested_indent": None}
+    for number, indent, line in _yaml_lines(text, path):
+        where = f"{path}:{number}"
+        if line.startswith("- ") or line == "-":
+            if items and indent != state["item_indent"]:
+                raise ConfigError(f"{where}: a list item at another indentation than the first")
+            items.append({})
+            state.update(item_indent=indent, nested=None, nested_indent=None)
+            line, indent = line[1:].strip(), indent + 2
+            if not line:
+                continue
+        elif not items:
+            raise ConfigError(f"{where}: expected a list of models (lines starting with \"- \")")
+        _yaml_entry(items[-1], state, indent, line, where)
+    return items
+
+
+def _yaml_entry(item: dict, state: dict, indent: int, line: str, where: str) -> None:
+    """Apply one `key: value` line to the current item, or to its open nested mapping."""
+    match = _YAML_KEY.match(line)
+    if not match:
+        raise ConfigError(f"{where}: expected `key: value`, got {line[:40]!r}")
+    key, value = _yaml_key(match.group("key")), (match.group("value") or "").strip()
+    key_indent = state["item_indent"] + 2
+    if indent == key_indent:
+        target, state["nested"], state["nested_indent"] = item, None, None
+    elif indent > key_indent and state["nested"] is not None and state["nested_indent"] in (None, indent):
+        target, state["nested_indent"] = state["nested"], indent
+    else:
+        raise ConfigError(f"{where}: unexpected indentation (one nested mapping level at most)")
+    if key in target:
+        raise ConfigError(f"{where}: {key!r} appears twice")
+    if not value and target is item:
+        target[key] = state["nested"] = {}     # a nested mapping may follow (or it stays {})
+        return
+    target[key] = _yaml_scalar(value, where)
+
+
+# seed 001/004 model-file keys -> what they become (None: handled in seed_model_entry)
+SEED_MODEL_KEYS = frozenset({
+    "model_id", "model_name", "api_base", "api_key_name", "direct", "can_stream", "max_tokens",
+    "max_input_tokens", "context", "reasoning_effort", "extra_body", "extra_headers",
+    "input_cost_per_token", "output_cost_per_token", "input_cost_per_million_tokens",
+    "output_cost_per_million_tokens", "enable_thinking", "temperature", "api_key", "format"})
+
+
+def seed_models_layer(entries: List[dict], path: str) -> dict:
+    """A raw config layer (providers + models) from a seed 001/004 model list."""
+    layer: Dict[str, Any] = {"providers": {}, "models": [], "_notes": []}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("model_id"), str) or not entry.get("api_base"):
+            raise ConfigError(f"{path}: model {i + 1}: model_id and api_base are required")
+        provider_name, provider = seed_provider(entry)
+        if provider_name in layer["providers"] and layer["providers"][provider_name] != provider:
+            provider_name = f"{provider_name}:{entry['model_id']}"
+        layer["providers"][provider_name] = provider
+        layer["models"].append(seed_model(entry, provider_name, f"{path}: {entry['model_id']}", layer["_notes"]))
+    return layer
+
+
+def seed_provider(entry: dict) -> Tuple[str, dict]:
+    """(name, provider) for a seed model entry: `direct` (or an anthropic.com api_base, as the
+    seed decided) is an Anthropic-format passthrough; the key comes from $api_key_name."""
+    base = str(entry["api_base"])
+    anthropic = bool(entry.get("direct")) or "anthropic.com" in base or entry.get("format") == "anthropic"
+    provider: Dict[str, Any] = {"format": "anthropic" if anthropic else "openai", "base_url": base}
+    if entry.get("api_key"):
+        provider["api_key"] = entry["api_key"]
+    else:
+        provider.update(api_key_env=entry.get("api_key_name") or "OPENAI_API_KEY", auth="api_key")
+    return (urllib.parse.urlsplit(base).hostname or base), provider
+
+
+def seed_model(entry: dict, provider: str, where: str, notes: List[str]) -> dict:
+    """Our model spec for one seed model entry."""
+    model: Dict[str, Any] = {"id": entry["model_id"], "provider": provider,
+                             "model": entry.get("model_name") or entry["model_id"]}
+    for key in ("max_tokens", "max_input_tokens", "context", "extra_body", "input_cost_per_token",
+                "output_cost_per_token"):
+        if entry.get(key) is not None:
+            model[key] = entry[key]
+    for key, scale in (("input_cost_per_million_tokens", 1e-6), ("output_cost_per_million_tokens", 1e-6)):
+        if isinstance(entry.get(key), (int, float)):
+            model[key.replace("_per_million_tokens", "_per_token")] = entry[key] * scale
+    if isinstance(entry.get("extra_headers"), dict):
+        model["headers"] = {k: str(v) for k, v in entry["extra_headers"].items()}
+    if entry.get("can_stream") is False:
+        model["can_stream"] = False
+    effort = entry.get("reasoning_effort")
+    if effort == "minimal":                        # seed 001: minimal = no thinking
+        model["reasoning_effort"] = "none"
+    elif effort:
+        model["thinking_effort"] = effort          # sent when the client asks for thinking
+    if entry.get("temperature") is not None:
+        model.setdefault("extra_body", {})
+        model["extra_body"] = dict(model["extra_body"], temperature=entry["temperature"])
+    for key in sorted(set(entry) - SEED_MODEL_KEYS):
+        notes.append(f"{where}: key {key!r} is not a seed model-file key claude_proxy knows; ignored")
+    if entry.get("enable_thinking") is not None:
+        notes.append(f"{where}: enable_thinking is not used (thinking follows the client's request)")
+    return model
+
+
+def read_models_file(path: str) -> Tuple[dict, List[str]]:
+    """(raw config layer, notes) from a seed model file: YAML (seeds 001/004) or JSON (seed
+    000's `custom_models`, or a file in claude_proxy's own shape)."""
+    text = read_text(path, "model file")
+    if path.lower().endswith(".json") or text.lstrip().startswith("{"):
+        return parse_json_config(text, path), []
+    layer = seed_models_layer(parse_yaml_models(text, path), path)
+    return layer, layer.pop("_notes")
+
+
+def read_text(path: str, what: str) -> str:
+    """A whole text file, or ConfigError in one line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
+
+
+def parse_json_config(text: str, path: str) -> dict:
+    """A JSON config file's object, or ConfigError naming the line (or the wrong top level)."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object at the top level, found "
+                          f"{type(raw).__name__ if raw is not None else 'null'}")
+    return raw
 
 
 def config_path(cli_path: Optional[str], env: Mapping[str, str]) -> Optional[str]:
@@ -749,44 +1128,69 @@ def config_path(cli_path: Optional[str], env: Mapping[str, str]) -> Optional[str
     return candidate if os.path.exists(candidate) else None
 
 
+MODEL_FILE_NAMES = ("models.yaml", "models.yml", "custom_models.yaml", "models.json")
+
+
+def find_models_file(config_file: Optional[str], file_raw: dict, env: Mapping[str, str]) -> Optional[str]:
+    """A seed model file: --config naming a .yaml, else CUSTOM_MODELS_FILE (or our own name, or
+    `models_file` in the config file), else models.yaml / custom_models.yaml / models.json in
+    the working directory, as the seeds looked for them."""
+    if config_file and config_file.lower().endswith((".yaml", ".yml")):
+        return config_file
+    var = setting_var("models_file", env)
+    if var or file_raw.get("models_file"):
+        return env[var] if var else str(file_raw["models_file"])
+    return next((name for name in MODEL_FILE_NAMES if os.path.isfile(name)), None)
+
+
 def load_config(path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None) -> Config:
-    """The whole flow: file < .env < environment < CLI, parsed once."""
-    raw: dict = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                raw = json.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
+    """The whole flow: seed model file < config file < .env < environment < CLI, parsed once.
+    Without a `routes` table in a file, `default` goes to Anthropic (a lone ROUTER_* adds to
+    that table; it never empties it)."""
     dotenv = read_dotenv(".env")
     merged_env = dict(dotenv, **env)
-    config = parse_config(merge_raw(merge_raw(raw, env_layer(merged_env)), cli or {}), merged_env)
-    config.origins = value_origins(config, raw, path, dotenv, env, cli or {})
+    is_yaml = bool(path) and path.lower().endswith((".yaml", ".yml"))
+    file_raw = parse_json_config(read_text(path, "config file"), path) if path and not is_yaml else {}
+    models_path = find_models_file(path, file_raw, merged_env)
+    models_raw, notes = read_models_file(models_path) if models_path else ({}, [])
+    raw = {} if "routes" in file_raw or "routes" in models_raw else {"routes": {"default": "anthropic"}}
+    for layer in (models_raw, file_raw, env_layer(merged_env), cli or {}):
+        raw = merge_raw(raw, layer)
+    config = parse_config(raw, merged_env, notes)
+    config.files = {"config": os.path.abspath(path) if path and not is_yaml else None,
+                    "dotenv": os.path.abspath(".env") if dotenv else None,
+                    "models": os.path.abspath(models_path) if models_path else None}
+    config.origins = value_origins(config, file_raw, models_raw, dotenv, env, cli or {})
     return config
 
 
-def value_origins(config: Config, file_raw: dict, path: Optional[str], dotenv: Mapping[str, str],
+def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapping[str, str],
                   environ: Mapping[str, str], cli: dict) -> Dict[str, str]:
     """Where each setting and each provider's base_url came from, for check-config and start."""
-    def origin(key: str, var: str) -> str:
+    files = config.files
+
+    def origin(key: str) -> str:
+        var = setting_var(key, environ) if key in SETTINGS else (key if environ.get(key) else None)
+        dot = setting_var(key, dotenv) if key in SETTINGS else (key if dotenv.get(key) else None)
         if key in cli:
             return "the command line"
-        if environ.get(var):
+        if var:
             return f"environment ${var}"
-        if dotenv.get(var):
-            return f".env ${var} ({os.path.abspath('.env')})"
-        return f"config file {path}" if key in file_raw else "default"
-    origins = {f"settings.{key}": origin(key, var) for key, (var, _, _) in SETTINGS.items()}
-    file_providers = file_raw.get("providers") if isinstance(file_raw.get("providers"), dict) else {}
+        if dot:
+            return f".env ${dot} ({files['dotenv']})"
+        return f"config file {files['config']}" if key in file_raw else "default"
+    origins = {f"settings.{key}": origin(key) for key in SETTINGS}
     for name in config.providers:
-        if isinstance(file_providers.get(name), dict) and "base_url" in file_providers[name]:
-            where = f"config file {path}"
+        if isinstance((file_raw.get("providers") or {}).get(name), dict) and "base_url" in file_raw["providers"][name]:
+            where = f"config file {files['config']}"
+        elif name in (models_raw.get("providers") or {}):
+            where = f"model file {files['models']}"
         elif name == "anthropic":
             where = origins["settings.anthropic_url"]
+        elif name == "openai":
+            where = origin("OPENAI_BASE_URL")
         else:
-            where = origin("", "OPENAI_BASE_URL") if name == "openai" else f"config file {path}"
+            where = f"config file {files['config'] or files['models']}"
         origins[f"providers.{name}.base_url"] = where
     return origins
 
@@ -1601,8 +2005,11 @@ class ConnectionPool:
                     host, port, ssl=context, limit=MAX_HEADER_BYTES * 4), self.connect_timeout)
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from None
+        except socket.gaierror:
+            raise UpstreamError(f"cannot resolve {host} (no network, or a wrong base_url?)") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.__class__.__name__}") from None
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.__class__.__name__}"
+                                f"{': ' + exc.strerror if getattr(exc, 'strerror', None) else ''}") from None
         self.opened += 1
         return UpstreamConnection(origin, reader, writer)
 
@@ -2070,6 +2477,8 @@ def reasoning_effort_for(anthropic_body: dict, spec: dict) -> Optional[str]:
     if pinned:
         return None if pinned == "none" else pinned
     thinking = anthropic_body.get("thinking") or {}
+    if spec.get("thinking_effort") and isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        return spec["thinking_effort"]            # seed 001's reasoning_effort: sent with thinking only
     output_config = anthropic_body.get("output_config") or {}
     asked = EFFORT_TO_OPENAI.get(output_config.get("effort")) if isinstance(output_config, dict) else None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
@@ -2101,6 +2510,8 @@ def _max_tokens_fields(anthropic_body: dict, spec: dict) -> dict:
     _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
             "max_tokens must be a positive integer (0, cache pre-warming, needs an Anthropic upstream)",
             "max_tokens")
+    if spec.get("min_tokens"):
+        value = max(value, spec["min_tokens"])    # seed 002's MIN_TOKENS_LIMIT
     if spec.get("max_tokens"):
         value = min(value, spec["max_tokens"])
     return {"max_completion_tokens" if spec.get("max_completion_tokens") else "max_tokens": value}
@@ -4044,14 +4455,15 @@ class TokenManager:
         """A valid access token, refreshed first when it expires within five minutes."""
         record = self.record()
         if record is None:
-            raise AuthError("not logged in to Claude: run `python claude_proxy.py login`")
+            raise CredentialMissing("claude_proxy: not logged in to Claude: run `python3 claude_proxy.py login` "
+                                    "(or give a token with ANTHROPIC_OAUTH_TOKEN)")
         if self._needs_refresh(record, None):
             record = await self._refresh(None)
             if record is None:
-                raise AuthError(f"the saved Claude login was removed; {LOGIN_AGAIN}")
+                raise LoginDead(f"the saved Claude login was removed; {LOGIN_AGAIN}")
         expires_at = record.get("expires_at")
         if expires_at is not None and expires_at <= self.clock():
-            raise AuthError("the Claude token has expired and cannot be refreshed; "
+            raise LoginDead("the Claude token has expired and cannot be refreshed; "
                             f"{LOGIN_AGAIN} (or import the Claude Code credentials again)")
         if self._unsaved is not None and self.clock() >= self._retry_save_at:
             await self._persist(self._unsaved)
@@ -4099,7 +4511,7 @@ class TokenManager:
     async def _exchange(self, record: dict) -> dict:
         """Post the refresh, remembering a failure for status() and a dead refresh token."""
         if record["refresh_token"] == self._dead_refresh_token:
-            raise AuthError(self.last_error or f"the Claude refresh token was rejected; {LOGIN_AGAIN}")
+            raise LoginDead(self.last_error or f"the Claude refresh token was rejected; {LOGIN_AGAIN}")
         try:
             fresh = await exchange_refresh_token(self.settings, record, self.post_json, self.clock)
         except ProxyError as exc:
@@ -4107,6 +4519,7 @@ class TokenManager:
             log.warning("token refresh failed: %s", exc.message)
             if isinstance(exc, AuthError):
                 self._dead_refresh_token = record["refresh_token"]
+                raise LoginDead(exc.message) from None
             raise
         self.last_error = None
         return fresh
@@ -4516,10 +4929,10 @@ def pick_route(config: Config, requested: str, *, thinking: bool = False,
     if requested in config.models:
         return "model", config.models[requested]
     routes, lower = config.routes, requested.lower()
+    if input_tokens > config.settings["long_context_threshold"] and "long_context" in routes:
+        return "long_context", routes["long_context"]      # first: a long think request overflows
     if thinking and "think" in routes:
         return "think", routes["think"]
-    if input_tokens > config.settings["long_context_threshold"] and "long_context" in routes:
-        return "long_context", routes["long_context"]
     if "haiku" in lower and "background" in routes:
         return "background", routes["background"]
     for name, spec in routes.items():
@@ -4816,9 +5229,13 @@ class Exchange:
         """Credential headers for api_key / client / none modes, in the provider's dialect."""
         if mode == "api_key":
             if not provider.get("api_key"):
-                raise AuthError(f"provider {provider['name']!r} has no api_key configured")
+                where = f"${provider['api_key_env']} is not set" if provider.get("api_key_env") else "no api_key is configured"
+                raise CredentialMissing(f"claude_proxy: provider {provider['name']!r} has no API key ({where}); "
+                                        "set it and restart the proxy (or reload its config)")
             key = provider["api_key"]
-            return [("x-api-key", key)] if provider["format"] == "anthropic" else [("authorization", f"Bearer {key}")]
+            if provider["format"] == "anthropic":
+                return [("x-api-key", key)]
+            return [("api-key", key)] if provider.get("azure") else [("authorization", f"Bearer {key}")]
         if mode == "client":
             creds = self.client_credential()
             if provider["format"] == "openai":
@@ -4950,7 +5367,10 @@ class Exchange:
         headers = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")]
         headers += self.credential_headers(provider, mode)
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        return provider["base_url"] + "/chat/completions", headers, await self.run(json_bytes, openai_body)
+        url = provider["base_url"] + "/chat/completions"
+        if provider.get("azure"):             # Azure OpenAI: the deployment is in base_url
+            url += "?api-version=" + urllib.parse.quote(provider["api_version"])
+        return url, headers, await self.run(json_bytes, openai_body)
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -4959,6 +5379,8 @@ class Exchange:
         self.upstream_status = response.status
         if response.status >= 300:
             body = await response.read(1 << 20)
+            log.debug("request %s: %s answered %d: %s", self.req.id, self.target.describe() if self.target else "upstream",
+                      response.status, self.server.redactor.scrub(body[:2000].decode("utf-8", "replace")))
             raise UpstreamStatus(response.status, response.headers, body)
 
     async def relay_raw(self, response: UpstreamResponse) -> None:
@@ -5281,6 +5703,8 @@ async def render_error(x: Exchange, exc: ProxyError) -> None:
     upstream's own error body is relayed (same dialect) or converted, with every secret the
     proxy knows scrubbed from it (an upstream may quote the credential it rejected)."""
     x.error_type = exc.error_type
+    if exc.retryable is False:
+        x.out.extra_headers = x.out.extra_headers + [("x-should-retry", "false")]
     if isinstance(exc, UpstreamStatus):
         scrubbed = x.server.redactor.scrub(exc.body.decode("utf-8", "replace")).encode("utf-8")
         if x.target and x.target.provider["format"] == x.req.dialect and not x.out.started \
@@ -5358,7 +5782,7 @@ def write_access_line(x: Exchange, elapsed: float) -> None:
 
 async def render_safely(x: Exchange, exc: ProxyError) -> None:
     """render_error, giving up quietly when the client is already gone."""
-    if exc.status >= 500:
+    if exc.status >= 500 or exc.retryable is False:
         log.warning("request %s failed: %s", x.req.id, exc.message)
     try:
         await render_error(x, exc)

@@ -3389,7 +3389,7 @@ def test_status_and_logout(tmp_path):
                                 "refreshable": True, "last_error": None}
     manager.logout()
     assert manager.status()["logged_in"] is False
-    with pytest.raises(AuthError):
+    with pytest.raises(cp.CredentialMissing, match="not logged in"):
         asyncio.run(manager.access_token())
 
 
