@@ -92,6 +92,8 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "long_context_threshold": ("LONG_CONTEXT_THRESHOLD", "int", 60000),
     "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
     "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
+    "responses_store_mb": ("RESPONSES_STORE_MB", "float", 256.0),     # stored /v1/responses, oldest evicted
+    "responses_store_days": ("RESPONSES_STORE_DAYS", "float", 30.0),
 }
 # Hop-by-hop and credential headers never forwarded from the client to an upstream.
 CLIENT_HEADERS_DROPPED = frozenset((
@@ -556,9 +558,12 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ConfigError(f"{path}.headers: expected an object of strings")
+    responses = raw.get("responses", False)     # serves /responses itself: relayed, not converted
+    if not isinstance(responses, bool) or (responses and fmt != "openai"):
+        raise ConfigError(f"{path}.responses: expected true or false (true only on an openai-format provider)")
     return {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
             "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
-            "api_key_env": raw.get("api_key_env")}
+            "api_key_env": raw.get("api_key_env"), "responses": responses}
 
 
 def parse_models(raw: Any, providers: Dict[str, dict]) -> Dict[str, dict]:
@@ -902,6 +907,8 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 # 7. Stream I/O
 # =============================================================================================
 
+OPENAI_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/responses", "/responses")
+
 
 class Request:
     """One client request, head and body read."""
@@ -920,7 +927,7 @@ class Request:
     @property
     def dialect(self) -> str:
         """Which API's error envelope the client expects."""
-        if self.path.startswith("/v1/chat/completions") or self.path.startswith("/chat/completions"):
+        if self.path.startswith(OPENAI_PATHS):
             return "openai"
         if self.path.startswith("/v1/models") and "anthropic-version" not in self.headers:
             return "openai"
@@ -2456,6 +2463,7 @@ def estimate_anthropic_tokens(anthropic_body: dict) -> int:
 
 DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
 THINKING_HEADROOM = 1024            # max_tokens >= budget + this (Pimzino)
+THINKING_BLOCK_TYPES = ("thinking", "redacted_thinking")
 PLACEHOLDER_FIRST_USER = "(continued)"
 PLACEHOLDER_TOOL_RESULT = "(no result)"
 JSON_OBJECT_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
@@ -2748,15 +2756,20 @@ def _pair_tool_results(turns: List[dict]) -> List[dict]:
 def openai_messages_to_anthropic(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
     """OpenAI messages -> (Anthropic system blocks, repaired Anthropic messages)."""
     system, turns = _split_messages(openai_messages)
+    return system, _repair_turns(turns, "messages")
+
+
+def _repair_turns(turns: List[dict], param: str) -> List[dict]:
+    """Turns merged and paired, starting with a user turn, without a whitespace-ended prefill."""
     turns = _pair_tool_results(_merge_turns(turns))
     if not turns:
-        raise BadRequest("messages need at least one non-system message with content", param="messages")
+        raise BadRequest(f"{param} need at least one non-system message with content", param=param)
     if turns[0]["role"] != "user":
         turns.insert(0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_FIRST_USER}]})
     if turns[-1]["role"] == "assistant":
         prefill = _trim_prefill(turns.pop())
         turns += [prefill] if prefill else []
-    return system, turns
+    return turns
 
 
 def _trim_prefill(turn: dict) -> Optional[dict]:
@@ -2875,9 +2888,14 @@ def _apply_response_format(openai_body: dict, anthropic_body: dict) -> None:
         return
     if kind != "json_schema":
         raise BadRequest("unsupported response_format %r" % kind, param="response_format")
-    schema = (rf.get("json_schema") or {}).get("schema")
+    _set_schema_format((rf.get("json_schema") or {}).get("schema"), anthropic_body,
+                       "response_format.json_schema.schema")
+
+
+def _set_schema_format(schema: Any, anthropic_body: dict, param: str) -> None:
+    """output_config.format for a client's JSON Schema, made strict as Anthropic requires."""
     if not isinstance(schema, dict):
-        raise BadRequest("json_schema.schema must be an object", param="response_format.json_schema.schema")
+        raise BadRequest("json_schema.schema must be an object", param=param)
     anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": strict_schema(schema)}
 
 
@@ -2913,7 +2931,8 @@ def _thinking_blocked(anthropic_body: dict) -> Optional[str]:
     if (anthropic_body.get("tool_choice") or {}).get("type") in ("any", "tool"):
         return "tool_choice forces a tool"
     assistants = [m for m in anthropic_body["messages"] if m["role"] == "assistant"]
-    if assistants and any(b["type"] == "tool_use" for b in assistants[-1]["content"]):
+    last = assistants[-1]["content"] if assistants else []
+    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in THINKING_BLOCK_TYPES:
         return "the last assistant turn has tool_use without a signed thinking block"
     return None
 
@@ -4086,12 +4105,12 @@ def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
     return Target(spec, config.providers[spec["provider"]], route)
 
 
-def resolve_openai_target(config: Config, requested: str) -> Target:
+def resolve_openai_target(config: Config, requested: str, thinking: bool = False) -> Target:
     """Route an OpenAI client's model name, understanding Claude's -reasoning-* and -1m variants."""
     base, effort, one_m = parse_model_variant(requested)
     if requested in config.models or base == requested:
-        return resolve_target(config, requested)
-    target = resolve_target(config, base, thinking=effort is not None)
+        return resolve_target(config, requested, thinking=thinking)
+    target = resolve_target(config, base, thinking=thinking or effort is not None)
     target.effort, target.one_m = effort, one_m
     return target
 
@@ -4470,7 +4489,8 @@ class Exchange:
         body = raw or json_bytes(anthropic_body)
         return provider["base_url"] + path, headers, body
 
-    async def openai_call(self, target: Target, openai_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    async def openai_call(self, target: Target, openai_body: dict,
+                          path: str = "/chat/completions") -> Tuple[str, List[Tuple[str, str]], bytes]:
         """URL, headers and body for an openai-format provider."""
         provider = target.provider
         mode = await self.auth_mode(provider)
@@ -4479,7 +4499,7 @@ class Exchange:
         headers = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")]
         headers += self.credential_headers(provider, mode)
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        return provider["base_url"] + "/chat/completions", headers, json_bytes(openai_body)
+        return provider["base_url"] + path, headers, json_bytes(openai_body)
 
     # -- answering -----------------------------------------------------------------------------
 
