@@ -2866,6 +2866,639 @@ def test_replay_recorded_fixture(name, include_usage):
         assert chunks[-2]["usage"]["completion_tokens"] == last_delta["usage"]["output_tokens"]
 
 # =============================================================================================
+# 9c. Converters: Responses client -> Claude
+# =============================================================================================
+
+CODEX_FIXTURES = os.path.join(SHARED, "fixtures", "codex")
+ORIGIN = "anthropic/claude-sonnet-4-5"
+
+# ---- the two real Codex 0.171.0 requests (fixtures/codex), trimmed: prompts cut, 4 of 9 tools -----
+
+CODEX_EXEC_COMMAND = {
+    "type": "function", "name": "exec_command", "strict": False,
+    "description": "Runs a command in a PTY, returning output or a session ID for ongoing interaction.",
+    "parameters": {"type": "object", "properties": {
+        "cmd": {"type": "string", "description": "Shell command to execute."},
+        "workdir": {"type": "string", "description": "Working directory for the command. Defaults to the turn cwd."},
+        "yield_time_ms": {"type": "number", "description": "Wait before yielding output."}},
+        "required": ["cmd"], "additionalProperties": False}}
+CODEX_TOOLS = [
+    CODEX_EXEC_COMMAND,
+    {"type": "function", "name": "view_image", "strict": False,
+     "description": "View a local image file from the filesystem when visual inspection is needed.",
+     "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "Local filesystem path to an image file."}},
+                    "required": ["path"], "additionalProperties": False}},
+    {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for spawning and managing sub-agents.",
+     "tools": [{"type": "function", "name": "close_agent", "strict": False,
+                "description": "Close an agent and any open descendants when they are no longer needed.",
+                "parameters": {"type": "object", "properties": {"target": {"type": "string", "description": "Agent id to close (from spawn_agent)."}},
+                               "required": ["target"], "additionalProperties": False}}]},
+    {"type": "web_search", "external_web_access": False}]
+CODEX_INPUT = [
+    {"type": "message", "id": "msg_bc5690cd-bb05-5d06-86f4-441c85693549", "role": "developer", "content": [
+        {"type": "input_text", "text": "You are a coding agent running in the Codex CLI, a terminal-based coding assistant."}]},
+    {"type": "message", "id": "msg_01a23304-e3ca-71e3-9b24-b47a15f37740", "role": "developer", "content": [
+        {"type": "input_text", "text": "<skills_instructions>\n## Skills\n</skills_instructions>"},
+        {"type": "input_text", "text": "<permissions instructions>\nFilesystem sandboxing: workspace-write.\n</permissions instructions>"}]},
+    {"type": "message", "id": "msg_01a23304-e3ca-71e3-9b24-b48bdbd83fa1", "role": "user", "content": [
+        {"type": "input_text", "text": "<environment_context>\n  <shell>bash</shell>\n</environment_context>"}]},
+    {"type": "message", "id": "msg_01a23304-e3da-75d1-bde9-7049d3a9a45f", "role": "user", "content": [
+        {"type": "input_text", "text": "create the file hello.txt with hi"}]}]
+CODEX_TURN1 = {
+    "model": "claude-sonnet-4-5", "stream": True, "input": CODEX_INPUT, "tools": CODEX_TOOLS, "tool_choice": "auto",
+    "parallel_tool_calls": True, "reasoning": {"effort": "high", "summary": "auto"}, "store": False,
+    "include": ["reasoning.encrypted_content"], "prompt_cache_key": "01a23304-e37b-7d70-a24d-2783e75bff08",
+    "client_metadata": {"session_id": "01a23304-e37b-7d70-a24d-2783e75bff08", "turn_id": "01a23304-e39a-72a3-8304-989122b87a1c"}}
+CODEX_TURN2_TAIL = [
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "I will write the file."}],
+     "content": None, "encrypted_content": "ENC-OPAQUE-123"},
+    {"type": "function_call", "status": "completed", "id": "fc_1", "name": "exec_command",
+     "arguments": "{\"cmd\": \"printf hi > hello.txt\"}", "call_id": "call_abc"},
+    {"type": "function_call_output", "id": "fco_01a23304-e488-73a0-9c05-5fb41a1fa3a7", "call_id": "call_abc",
+     "output": "Chunk ID: ecc6b8\nWall time: 0.0000 seconds\nProcess exited with code 0\nOriginal token count: 0\nOutput:\n"}]
+CODEX_TURN2 = dict(CODEX_TURN1, input=CODEX_INPUT + CODEX_TURN2_TAIL)
+
+CLAUDE_CODEX_TOOLS = [
+    {"name": "exec_command", "description": CODEX_EXEC_COMMAND["description"], "input_schema": CODEX_EXEC_COMMAND["parameters"]},
+    {"name": "view_image", "description": CODEX_TOOLS[1]["description"], "input_schema": CODEX_TOOLS[1]["parameters"]},
+    {"name": "multi_agent_v1__close_agent", "description": CODEX_TOOLS[2]["tools"][0]["description"],
+     "input_schema": CODEX_TOOLS[2]["tools"][0]["parameters"]}]
+CLAUDE_CODEX_SYSTEM = [{"type": "text", "text": CODEX_INPUT[0]["content"][0]["text"]},
+                       {"type": "text", "text": CODEX_INPUT[1]["content"][0]["text"]},
+                       {"type": "text", "text": CODEX_INPUT[1]["content"][1]["text"]}]
+CLAUDE_CODEX_USER = {"role": "user", "content": [{"type": "text", "text": CODEX_INPUT[2]["content"][0]["text"]},
+                                                 {"type": "text", "text": "create the file hello.txt with hi"}]}
+
+
+def test_codex_turn1_exact():
+    assert cp.responses_to_anthropic_request(CODEX_TURN1, "claude-sonnet-4-5", origin=ORIGIN) == {
+        "model": "claude-sonnet-4-5", "messages": [CLAUDE_CODEX_USER], "max_tokens": 32768 + 1024,
+        "system": CLAUDE_CODEX_SYSTEM, "stream": True, "tools": CLAUDE_CODEX_TOOLS, "tool_choice": {"type": "auto"},
+        "thinking": {"type": "enabled", "budget_tokens": 32768}}
+    assert cp.responses_tools(CODEX_TURN1)[1:] == ({
+        "exec_command": {"type": "function", "name": "exec_command"},
+        "view_image": {"type": "function", "name": "view_image"},
+        "multi_agent_v1__close_agent": {"type": "function", "name": "close_agent", "namespace": "multi_agent_v1"}},
+        ["web_search"])
+
+
+def test_codex_turn2_exact_foreign_reasoning_dropped_and_thinking_off():
+    """FX2's reasoning blob is another server's: dropped, so the tool turn has no signed thinking and
+    thinking goes off for this request rather than failing at Anthropic."""
+    assert cp.responses_to_anthropic_request(CODEX_TURN2, "claude-sonnet-4-5", origin=ORIGIN) == {
+        "model": "claude-sonnet-4-5", "max_tokens": 8192, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
+        "tools": CLAUDE_CODEX_TOOLS, "tool_choice": {"type": "auto"}, "messages": [
+            CLAUDE_CODEX_USER,
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_abc", "name": "exec_command",
+                                               "input": {"cmd": "printf hi > hello.txt"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_abc",
+                                          "content": CODEX_TURN2_TAIL[2]["output"]}]}]}
+
+
+def test_codex_turn2_with_our_reasoning_keeps_thinking_before_the_tool_result():
+    blob = cp.encode_reasoning(ORIGIN, [{"type": "thinking", "thinking": "I will write it.", "signature": "sig"}])
+    tail = [dict(CODEX_TURN2_TAIL[0], encrypted_content=blob)] + CODEX_TURN2_TAIL[1:]
+    body = cp.responses_to_anthropic_request(dict(CODEX_TURN1, input=CODEX_INPUT + tail), "claude-sonnet-4-5",
+                                             origin=ORIGIN)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+    assert body["messages"][1]["content"][0] == {"type": "thinking", "thinking": "I will write it.", "signature": "sig"}
+    assert [b["type"] for b in body["messages"][1]["content"]] == ["thinking", "tool_use"]
+    other = cp.responses_to_anthropic_request(dict(CODEX_TURN1, input=CODEX_INPUT + tail), "claude-opus-4-5",
+                                              origin="anthropic/claude-opus-4-5")
+    assert "thinking" not in other and [b["type"] for b in other["messages"][1]["content"]] == ["tool_use"]
+
+
+@pytest.mark.skipif(not os.path.isdir(CODEX_FIXTURES), reason="shared fixtures absent")
+@pytest.mark.parametrize("name", sorted(os.listdir(CODEX_FIXTURES)) if os.path.isdir(CODEX_FIXTURES) else ["none"])
+def test_codex_fixture_requests_whole(name):
+    with open(os.path.join(CODEX_FIXTURES, name), encoding="utf-8") as fh:
+        body = json.load(fh)["body"]
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN)
+    tools, table, dropped = cp.responses_tools(body)
+    assert dropped == ["web_search"] and anthropic_body["tools"] == tools and len(tools) == 12
+    assert table["multi_agent_v1__spawn_agent"] == {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}
+    assert [m["role"] for m in anthropic_body["messages"]][0] == "user" and len(anthropic_body["system"]) == 3
+    assert cp.anthropic_to_openai_request(anthropic_body, make_spec())["tools"][0]["function"]["name"] == "exec_command"
+
+
+# ---- request conversion: table tests (PROTOCOLS G.2-G.4, G.9) -----------------------------------
+
+def R(**fields):
+    """A Responses body."""
+    return dict({"model": "claude-sonnet-4-5"}, **fields)
+
+
+def C(*messages, **fields):
+    """The Anthropic body expected for it."""
+    return dict({"model": "claude-sonnet-4-5", "messages": list(messages), "max_tokens": 8192}, **fields)
+
+
+def UT(*texts):
+    return {"role": "user", "content": [{"type": "text", "text": t} for t in texts]}
+
+
+FN = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CLAUDE_FN = {"name": "get_weather", "input_schema": FN["parameters"]}
+PNG_DATA = "iVBORw0KGgo="
+PDF_DATA = base64.b64encode(b"%PDF-1.4 /Type /Page").decode()
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: patch"}}
+CLAUDE_APPLY_PATCH = {"name": "apply_patch", "description": "Edit files.\n\nPass the tool's raw free-form input as the "
+                      "`input` string, exactly as the tool expects it. It must match this lark grammar:\nstart: patch",
+                      "input_schema": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}
+
+
+def blob(*blocks, origin=ORIGIN):
+    return cp.encode_reasoning(origin, list(blocks))
+
+
+THINK = {"type": "thinking", "thinking": "Paris first.", "signature": "sig-1"}
+REDACTED = {"type": "redacted_thinking", "data": "opaque"}
+FCALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+FCALL_USE = {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}
+
+RESPONSES_CASES = [
+    ("a string input is one user message", R(input="hi"), C(UT("hi"))),
+    ("instructions, then developer and system messages, make the system prompt",
+     R(instructions="Be brief.", input=[{"role": "developer", "content": "dev"}, {"role": "user", "content": "hi"},
+                                        {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "sys"}]}]),
+     C(UT("hi"), system=[{"type": "text", "text": t} for t in ("Be brief.", "dev", "sys")])),
+    ("images by URL and data URL, a PDF_DATA by data and by URL",
+     R(input=[{"role": "user", "content": [
+         {"type": "input_text", "text": "look"}, {"type": "input_image", "detail": "auto", "image_url": "https://x/cat.png"},
+         {"type": "input_image", "detail": "high", "image_url": "data:image/png;base64," + PNG_DATA},
+         {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_DATA},
+         {"type": "input_file", "file_url": "https://x/b.pdf"}]}]),
+     C({"role": "user", "content": [
+         {"type": "text", "text": "look"}, {"type": "image", "source": {"type": "url", "url": "https://x/cat.png"}},
+         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_DATA}},
+         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}, "title": "a.pdf"},
+         {"type": "document", "source": {"type": "url", "url": "https://x/b.pdf"}}]})),
+    ("assistant replays: output_text and refusal parts, string content, phase ignored",
+     R(input=[{"role": "user", "content": "hi"},
+              {"type": "message", "id": "msg_9", "role": "assistant", "status": "completed", "phase": "final_answer",
+               "content": [{"type": "output_text", "text": "Hello", "annotations": []}, {"type": "refusal", "refusal": "no"}]},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": "Sure"}]),
+     C(UT("hi"), {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "no"}]},
+       UT("again"), {"role": "assistant", "content": [{"type": "text", "text": "Sure"}]})),
+    ("function_call and its output, string and parts; a bad arguments string kept as _raw",
+     R(tools=[FN], input=[{"role": "user", "content": "weather?"}, FCALL,
+                          dict(FCALL, call_id="call_2", arguments="not json"),
+                          {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+                          {"type": "function_call_output", "call_id": "call_2", "output": [
+                              {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "https://x/m.png"}]}]),
+     C(UT("weather?"), {"role": "assistant", "content": [
+         FCALL_USE, {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"_raw": "not json"}}]},
+       {"role": "user", "content": [
+           {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+           {"type": "tool_result", "tool_use_id": "call_2", "content": [
+               {"type": "text", "text": "see"}, {"type": "image", "source": {"type": "url", "url": "https://x/m.png"}}]}]},
+       tools=[CLAUDE_FN])),
+    ("a custom tool becomes one string argument; its call and output replay",
+     R(tools=[APPLY_PATCH], input=[{"role": "user", "content": "fix"},
+                                   {"type": "custom_tool_call", "call_id": "call_p", "name": "apply_patch", "input": "*** Begin Patch"},
+                                   {"type": "custom_tool_call_output", "call_id": "call_p", "output": "Done!"}]),
+     C(UT("fix"), {"role": "assistant", "content": [
+         {"type": "tool_use", "id": "call_p", "name": "apply_patch", "input": {"input": "*** Begin Patch"}}]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_p", "content": "Done!"}]},
+       tools=[CLAUDE_APPLY_PATCH])),
+    ("namespace tools flattened, a namespaced call too; built-ins dropped",
+     R(tools=[{"type": "namespace", "name": "ns", "description": "d", "tools": [FN]}, {"type": "web_search"},
+              {"type": "file_search", "vector_store_ids": ["v"]}, {"type": "local_shell"}],
+       input=[{"role": "user", "content": "go"}, dict(FCALL, namespace="ns"),
+              {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]),
+     C(UT("go"), {"role": "assistant", "content": [dict(FCALL_USE, name="ns__get_weather")]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "ok"}]},
+       tools=[dict(CLAUDE_FN, name="ns__get_weather")])),
+    ("only built-in tools: no tools and no tool_choice", R(input="hi", tools=[{"type": "web_search"}], tool_choice="auto"),
+     C(UT("hi"))),
+    ("tool_choice required, parallel_tool_calls false, strict and description kept",
+     R(input="hi", tools=[dict(FN, strict=True, description="Weather.")], tool_choice="required", parallel_tool_calls=False),
+     C(UT("hi"), tools=[{"name": "get_weather", "description": "Weather.", "input_schema": FN["parameters"], "strict": True}],
+       tool_choice={"type": "any", "disable_parallel_tool_use": True})),
+    ("tool_choice none, a named function, a named namespaced one",
+     R(input="hi", tools=[FN], tool_choice="none"), C(UT("hi"), tools=[CLAUDE_FN], tool_choice={"type": "none"})),
+    ("tool_choice a named function", R(input="hi", tools=[FN], tool_choice={"type": "function", "name": "get_weather"}),
+     C(UT("hi"), tools=[CLAUDE_FN], tool_choice={"type": "tool", "name": "get_weather"})),
+    ("tool_choice allowed_tools narrows the tools",
+     R(input="hi", tools=[FN, dict(FN, name="other")],
+       tool_choice={"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "other"}]}),
+     C(UT("hi"), tools=[dict(CLAUDE_FN, name="other")], tool_choice={"type": "any"})),
+    ("reasoning effort on a budget model; summary changes nothing in the request",
+     R(input="hi", reasoning={"effort": "medium", "summary": "detailed"}),
+     C(UT("hi"), max_tokens=16384 + 1024, thinking={"type": "enabled", "budget_tokens": 16384})),
+    ("reasoning effort none: no thinking", R(input="hi", reasoning={"effort": "none"}), C(UT("hi"))),
+    ("reasoning on an adaptive model, sampling dropped there",
+     dict(R(input="hi", reasoning={"effort": "xhigh"}, temperature=0.5), model="claude-opus-4-7"),
+     dict(C(UT("hi"), thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), model="claude-opus-4-7")),
+    ("replayed reasoning of ours: thinking and redacted blocks lead the tool turn",
+     R(input=[{"role": "user", "content": "weather?"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK)},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": blob(REDACTED)},
+              FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+       tools=[FN], reasoning={"effort": "low"}),
+     C(UT("weather?"), {"role": "assistant", "content": [THINK, REDACTED, FCALL_USE]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]},
+       tools=[CLAUDE_FN], max_tokens=8192 + 1024, thinking={"type": "enabled", "budget_tokens": 8192})),
+    ("reasoning from another model or not ours is dropped, and with it thinking for a tool turn",
+     R(input=[{"role": "user", "content": "weather?"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK, origin="x/other")},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "gAAAAABo-openai"},
+              {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "cp1.!!!"},
+              FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+       tools=[FN], reasoning={"effort": "low"}),
+     C(UT("weather?"), {"role": "assistant", "content": [FCALL_USE]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]},
+       tools=[CLAUDE_FN])),
+    ("replayed thinking is removed when thinking is off (a thinking-only turn with it)",
+     R(input=[{"role": "user", "content": "a"}, {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK)},
+              {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": blob(THINK)},
+              {"role": "user", "content": "d"}]),
+     C(UT("a"), {"role": "assistant", "content": [{"type": "text", "text": "b"}]}, UT("c", "d"))),
+    ("text.format json_schema made strict; verbosity dropped",
+     R(input="hi", text={"format": {"type": "json_schema", "name": "a", "strict": True,
+                                    "schema": {"type": "object", "properties": {"x": {"type": "string"}}}},
+                         "verbosity": "low"}),
+     C(UT("hi"), output_config={"format": {"type": "json_schema", "schema": {
+         "type": "object", "properties": {"x": {"type": "string"}}, "additionalProperties": False}}})),
+    ("text.format json_object asks in the system prompt",
+     R(input="hi", instructions="I", text={"format": {"type": "json_object"}}),
+     C(UT("hi"), system=[{"type": "text", "text": "I"}, {"type": "text", "text": cp.JSON_OBJECT_INSTRUCTION}])),
+    ("max_output_tokens, temperature clamped (top_p then dropped: exclusive on Sonnet 4.5), safety_identifier, "
+     "fields without a form dropped",
+     R(input="hi", max_output_tokens=100, temperature=1.5, top_p=0.9, safety_identifier="u-1", metadata={"a": "b"},
+       truncation="auto", service_tier="flex", store=True, prompt_cache_key="k", include=["message.output_text.logprobs"],
+       background=False, stream_options={"include_obfuscation": False}, max_tool_calls=3, top_logprobs=2),
+     C(UT("hi"), max_tokens=100, temperature=1.0, metadata={"user_id": "u-1"})),
+    ("top_p alone, user as the metadata user_id", R(input="hi", top_p=0.9, user="u-2"),
+     C(UT("hi"), top_p=0.9, metadata={"user_id": "u-2"})),
+    ("unknown input item types are dropped; a first assistant turn gets a user placeholder",
+     R(input=[{"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search"}},
+              {"role": "assistant", "content": "earlier"}, {"role": "user", "content": "now"}]),
+     C(UT(cp.PLACEHOLDER_FIRST_USER), {"role": "assistant", "content": [{"type": "text", "text": "earlier"}]}, UT("now"))),
+]
+
+
+@pytest.mark.parametrize("name, responses_body, anthropic_body", RESPONSES_CASES, ids=[c[0] for c in RESPONSES_CASES])
+def test_responses_to_anthropic_request(name, responses_body, anthropic_body):
+    before = copy.deepcopy(responses_body)
+    assert cp.responses_to_anthropic_request(responses_body, responses_body["model"], origin=ORIGIN) == anthropic_body
+    assert responses_body == before
+
+
+@pytest.mark.parametrize("responses_body, param", [
+    (R(input="hi", conversation="conv_1"), "conversation"),
+    (R(input="hi", prompt={"id": "pmpt_1"}), "prompt"),
+    (R(input=[{"role": "tool", "content": "x"}]), "input.0.role"),
+    (R(input=[{"role": "user", "content": [{"type": "input_audio"}]}]), "input.0.content.0.type"),
+    (R(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]), "input.0.content.0.file_id"),
+    (R(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]), "input.0.content.0"),
+    (R(input=[{"role": "developer", "content": [{"type": "input_image", "image_url": "https://x/a.png"}]}]), "input.0.content"),
+    (R(input=[{"role": "user", "content": "hi"}, {"type": "function_call", "name": "f", "arguments": "{}"}]), "input.1.call_id"),
+    (R(input=[{"type": "function_call_output", "output": "x"}]), "input.0.call_id"),
+    (R(input="hi", tools=[{"type": "web_search"}], tool_choice={"type": "web_search_preview"}), "tool_choice.type"),
+    (R(input="hi", tools=[FN], tool_choice={"type": "function", "name": "nope"}), "tool_choice.name"),
+    (R(input="hi", tools=[FN, FN]), "tools.1"),
+    (R(input="hi", tools=[{"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}]), "tools.0.tools.0"),
+    (R(input="hi", text={"format": {"type": "yaml"}}), "text.format.type"),
+    (R(input="hi", text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema"),
+    (R(input="hi", max_output_tokens=0), "max_output_tokens"),
+    (R(input=5), "input"),
+    (R(input=[{"role": "system", "content": "only system"}]), "input"),
+])
+def test_responses_bad_requests_name_the_field(responses_body, param):
+    with pytest.raises(BadRequest) as info:
+        cp.responses_to_anthropic_request(responses_body, "claude-sonnet-4-5", origin=ORIGIN)
+    assert info.value.param == param
+
+
+def test_dropped_fields_each_leave_one_debug_line(caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    cp.responses_to_anthropic_request(R(input="hi", metadata={"a": "b"}, truncation="auto", client_metadata={},
+                                        text={"verbosity": "high"}), "claude-sonnet-4-5")
+    lines = [r.getMessage() for r in caplog.records]
+    for field in ("'client_metadata'", "'metadata'", "'truncation'", "text.verbosity"):
+        assert sum(field in line for line in lines) == 1, (field, lines)
+
+
+def test_responses_on_a_chat_provider_compose_with_9a():
+    body = R(input=[{"role": "user", "content": "weather?"},
+                    {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK, origin="o/up-model")},
+                    FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+             instructions="Be brief.", tools=[FN, APPLY_PATCH], reasoning={"effort": "high"}, stream=True)
+    spec = make_spec(replay_reasoning="reasoning_content")
+    assert cp.responses_to_openai_request(body, spec, origin="o/up-model") == {
+        "model": "up-model", "stream": True, "stream_options": {"include_usage": True}, "reasoning_effort": "high",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+                     {"role": "assistant", "content": None, "reasoning_content": "Paris first.", "tool_calls": [
+                         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": FN["parameters"]}},
+                  {"type": "function", "function": {"name": "apply_patch", "parameters": CLAUDE_APPLY_PATCH["input_schema"],
+                                                    "description": CLAUDE_APPLY_PATCH["description"]}}]}
+    assert "max_tokens" not in cp.responses_to_openai_request(R(input="hi"), spec)
+    assert cp.responses_to_openai_request(R(input="hi", max_output_tokens=50), spec)["max_tokens"] == 50
+
+
+def test_reasoning_blob_round_trip_and_versioning():
+    value = blob(THINK, REDACTED)
+    assert value.startswith("cp1.") and "Paris" not in value
+    assert cp.decode_reasoning(value, ORIGIN, "x") == [THINK, REDACTED]
+    assert cp.decode_reasoning(value, "anthropic/claude-opus-4-5", "x") == []
+    assert cp.decode_reasoning("cp1." + base64.urlsafe_b64encode(b'{"o":"%s","b":[{"type":"thinking"}]}'
+                                                                  % ORIGIN.encode()).decode(), ORIGIN, "x") == []
+    assert cp.decode_reasoning(None, ORIGIN, "x") == [] and cp.decode_reasoning("cp2.abc", ORIGIN, "x") == []
+
+
+# ---- stream machine: the Responses grammar, event by event (PROTOCOLS G.6) --------------------
+
+def counter_ids():
+    """Deterministic item ids: msg_1, rs_2, fc_3 ..."""
+    n = iter(range(1, 10 ** 6))
+    return lambda prefix: f"{prefix}{next(n)}"
+
+
+SHELL = cp.responses_shell({"model": "claude-sonnet-4-5"}, "resp_1", 1700000000)
+CONTENT_EVENTS = {"response.content_part.added", "response.content_part.done", "response.output_text.delta",
+                  "response.output_text.done", "response.output_text.annotation.added"}
+SUMMARY_EVENTS = {"response.reasoning_summary_part.added", "response.reasoning_summary_text.delta",
+                  "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"}
+CALL_EVENTS = {"response.function_call_arguments.delta": "function_call", "response.function_call_arguments.done": "function_call",
+               "response.custom_tool_call_input.delta": "custom_tool_call", "response.custom_tool_call_input.done": "custom_tool_call"}
+
+
+def _check_open_item_event(event, state):
+    """One event about the open item: ids, indices, and the text it accumulates."""
+    kind, item = event["type"], state["item"]
+    assert event["item_id"] == item["id"] and event["output_index"] == state["index"]
+    if kind in CONTENT_EVENTS:
+        assert item["type"] == "message" and event["content_index"] == 0
+        if kind == "response.content_part.added":
+            assert event["part"] == {"type": "output_text", "text": "", "annotations": []} and not state["parts"]
+            state["parts"] = 1
+        else:
+            assert state["parts"] == 1
+        if kind == "response.output_text.delta":
+            assert event["logprobs"] == [] and event["delta"]
+            state["text"] += event["delta"]
+        if kind == "response.output_text.done":
+            assert event["text"] == state["text"] and event["logprobs"] == []
+        if kind == "response.output_text.annotation.added":
+            assert event["annotation_index"] == len(state["annotations"])
+            state["annotations"].append(event["annotation"])
+        if kind == "response.content_part.done":
+            assert event["part"] == {"type": "output_text", "text": state["text"], "annotations": state["annotations"]}
+    elif kind in SUMMARY_EVENTS:
+        assert item["type"] == "reasoning" and event["summary_index"] == 0
+        if kind == "response.reasoning_summary_part.added":
+            assert event["part"] == {"type": "summary_text", "text": ""} and not state["parts"]
+            state["parts"] = 1
+        if kind == "response.reasoning_summary_text.delta":
+            state["text"] += event["delta"]
+        if kind == "response.reasoning_summary_text.done":
+            assert event["text"] == state["text"]
+        if kind == "response.reasoning_summary_part.done":
+            assert event["part"] == {"type": "summary_text", "text": state["text"]}
+    else:
+        assert CALL_EVENTS[kind] == item["type"]
+        if kind.endswith(".delta"):
+            state["text"] += event["delta"]
+        else:
+            assert event.get("arguments", event.get("input")) == state["text"]
+
+
+def _check_done_item(event, state):
+    """output_item.done carries the complete item, with the identity it was added with."""
+    added, done = state["item"], event["item"]
+    assert event["output_index"] == state["index"]
+    assert (done["type"], done.get("id"), done.get("call_id")) == (added["type"], added.get("id"), added.get("call_id"))
+    if done["type"] == "message":
+        assert done["content"] == [{"type": "output_text", "text": state["text"], "annotations": state["annotations"]}]
+        assert done["status"] in ("completed", "incomplete") and done["role"] == "assistant"
+    elif done["type"] == "reasoning":
+        assert done["summary"] == ([{"type": "summary_text", "text": state["text"]}] if state["parts"] else [])
+        assert done["encrypted_content"].startswith("cp1.")
+    elif done["type"] == "function_call":
+        assert done["arguments"] == state["text"] and done["status"] in ("completed", "incomplete")
+        assert done["call_id"] and done["name"]
+    else:
+        assert done["input"] == state["text"] and done["call_id"] and done["name"]
+
+
+def check_responses_grammar(events):
+    """Assert the Responses stream grammar (G.6) and what the openai SDK and Codex need; the final response."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    rid = events[0]["response"]["id"]
+    assert events[0]["response"]["output"] == [] and events[0]["response"]["status"] == "in_progress"
+    terminal = events[-1]
+    assert terminal["type"] in ("response.completed", "response.incomplete", "response.failed")
+    assert sum(e["type"].split(".")[-1] in ("completed", "incomplete", "failed") and e["type"].count(".") == 1
+               for e in events) == 1
+    done_items, state = [], None
+    for event in events[2:-1]:
+        kind = event["type"]
+        assert kind.startswith("response.") and kind not in ("response.created", "response.in_progress")
+        if kind == "response.output_item.added":
+            assert state is None and event["output_index"] == len(done_items)
+            item = event["item"]
+            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call") and item["id"]
+            assert item.get("content", []) == [] and item.get("arguments", "") == "" and item.get("input", "") == ""
+            assert item.get("status", "in_progress") == "in_progress" and item.get("summary", []) == []
+            state = {"item": item, "index": event["output_index"], "text": "", "parts": 0, "annotations": []}
+        elif kind == "response.output_item.done":
+            assert state is not None
+            _check_done_item(event, state)
+            done_items.append(event["item"])
+            state = None
+        else:
+            assert state is not None, kind
+            _check_open_item_event(event, state)
+    response = terminal["response"]
+    assert response["id"] == rid and response["object"] == "response"
+    assert response["status"] == terminal["type"].split(".")[1]
+    if response["status"] != "failed":
+        assert state is None and response["output"] == done_items
+    usage = response["usage"]
+    assert all(isinstance(usage[k], int) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert isinstance(usage["input_tokens_details"]["cached_tokens"], int)
+    assert isinstance(usage["output_tokens_details"]["reasoning_tokens"], int)
+    return response
+
+
+def responses_replay(anthropic_events, **kw):
+    """Feed Anthropic events through a fresh machine (deterministic ids) and close it."""
+    kw.setdefault("origin", ORIGIN)
+    machine = cp.AnthropicToResponsesStream(SHELL, ids=counter_ids(), **kw)
+    out = []
+    for event in anthropic_events:
+        out += machine.feed(event)
+    return out + machine.close()
+
+
+INLINE_ANTHROPIC = {"text": TEXT_BASIC, "tool_use": TOOL_USE, "truncated": TRUNCATED_TOOL_JSON,
+                    "thinking": THINKING_SIGNATURE, "redacted": REDACTED_THINKING, "citations": WEB_SEARCH_CITATIONS}
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_ANTHROPIC))
+@pytest.mark.parametrize("summaries", [True, False])
+def test_recorded_claude_streams_follow_the_responses_grammar(name, summaries):
+    check_responses_grammar(responses_replay(anthropic_sse_payloads(INLINE_ANTHROPIC[name]), summaries=summaries))
+
+
+def test_text_stream_exact():
+    events = responses_replay(anthropic_sse_payloads(TEXT_BASIC))
+    message = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    part = {"type": "output_text", "text": "2", "annotations": []}
+    usage = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 25}
+    done = dict(message, status="completed", content=[part])
+    at = {"item_id": "msg_1", "output_index": 0}
+    assert events == [
+        {"type": "response.created", "sequence_number": 0, "response": SHELL},
+        {"type": "response.in_progress", "sequence_number": 1, "response": SHELL},
+        {"type": "response.output_item.added", "sequence_number": 2, "output_index": 0, "item": message},
+        dict(type="response.content_part.added", sequence_number=3, **at, content_index=0, part=dict(part, text="")),
+        dict(type="response.output_text.delta", sequence_number=4, **at, content_index=0, delta="2", logprobs=[]),
+        dict(type="response.output_text.done", sequence_number=5, **at, content_index=0, text="2", logprobs=[]),
+        dict(type="response.content_part.done", sequence_number=6, **at, content_index=0, part=part),
+        {"type": "response.output_item.done", "sequence_number": 7, "output_index": 0, "item": done},
+        {"type": "response.completed", "sequence_number": 8,
+         "response": dict(SHELL, status="completed", output=[done], usage=usage, incomplete_details=None)}]
+
+
+def test_tool_use_truncation_and_citations():
+    tool = check_responses_grammar(responses_replay(anthropic_sse_payloads(TOOL_USE)))
+    assert tool["status"] == "completed" and tool["output"][1] == {
+        "id": "fc_2", "type": "function_call", "status": "completed", "arguments": "{\"location\": \"Paris\"}",
+        "call_id": "toolu_01NRLabsLyVHZPKxbKvkfSMn", "name": "get_weather"}
+    cut = check_responses_grammar(responses_replay(anthropic_sse_payloads(TRUNCATED_TOOL_JSON)))
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [i["status"] for i in cut["output"]] == ["completed", "incomplete"]
+    cited = check_responses_grammar(responses_replay(anthropic_sse_payloads(WEB_SEARCH_CITATIONS)))
+    (message,) = [i for i in cited["output"] if i["type"] == "message"]
+    text = message["content"][0]["text"]
+    (annotation,) = message["content"][0]["annotations"]
+    assert text == "Based on the search results, I can seetoday (September 16) shows a high of 76°F and low of 59°F"
+    assert annotation == {"type": "url_citation", "start_index": 38, "end_index": len(text), "title":
+                          "San Francisco, CA Monthly Weather | AccuWeather",
+                          "url": "https://www.accuweather.com/en/us/san-francisco/94103/september-weather/347629"}
+
+
+def test_thinking_becomes_reasoning_that_replays_as_the_same_blocks():
+    reasoning = [i for text in (THINKING_SIGNATURE, REDACTED_THINKING)
+                 for i in responses_replay(anthropic_sse_payloads(text))[-1]["response"]["output"] if i["type"] == "reasoning"]
+    assert reasoning[0]["summary"] == [{"type": "summary_text", "text": "This is a straightforward question about pedest accidents."}]
+    replayed = cp.responses_to_anthropic_request(R(input=[{"role": "user", "content": "q"}] + reasoning), "claude-sonnet-4-5",
+                                                 origin=ORIGIN, variant_effort="low")
+    assert replayed["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "This is a straightforward question about pedest accidents.",
+         "signature": "EvMCCkYICxgCKkCHP2cS..."},
+        {"type": "redacted_thinking", "data": "EqkECkYIBxgCKkA8AZ4n..."},
+        {"type": "redacted_thinking", "data": "EtgBCkYIBxgCKkDQfGkw..."}]
+    hidden = responses_replay(anthropic_sse_payloads(THINKING_SIGNATURE), summaries=False)[-1]["response"]
+    assert hidden["output"][0]["summary"] == [] and hidden["output"][0]["encrypted_content"] == reasoning[0]["encrypted_content"]
+
+
+def anthropic_tool_events(name, partial_json, block_id="toolu_9"):
+    """A small Anthropic answer that calls one tool."""
+    message = {"id": "msg_9", "type": "message", "role": "assistant", "model": "m", "content": [
+        {"type": "tool_use", "id": block_id, "name": name, "input": json.loads(partial_json)}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
+    return cp.anthropic_message_as_events(message)
+
+
+def test_custom_and_namespaced_calls_map_back_to_the_client_tools():
+    _, table, _ = cp.responses_tools(R(tools=[APPLY_PATCH, {"type": "namespace", "name": "ns", "tools": [FN]}]))
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+    custom = responses_replay(anthropic_tool_events("apply_patch", json.dumps({"input": patch})), tools=table)
+    check_responses_grammar(custom)
+    assert custom[-1]["response"]["output"] == [
+        {"id": "ctc_1", "type": "custom_tool_call", "call_id": "toolu_9", "name": "apply_patch", "input": patch}]
+    spaced = responses_replay(anthropic_tool_events("ns__get_weather", "{}"), tools=table)
+    check_responses_grammar(spaced)
+    assert spaced[-1]["response"]["output"] == [
+        {"id": "fc_1", "type": "function_call", "status": "completed", "arguments": "{}", "call_id": "toolu_9",
+         "name": "get_weather", "namespace": "ns"}]
+
+
+@pytest.mark.parametrize("first", [[], ["message_start"]])
+def test_failures_end_with_one_response_failed(first):
+    events = anthropic_sse_payloads(TOOL_USE)[:6 if first else 0]
+    events.append({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    out = responses_replay(events + [anthropic_sse_payloads(TEXT_BASIC)[1]])
+    response = check_responses_grammar(out)
+    assert response["status"] == "failed" and response["error"] == {"code": "server_is_overloaded", "message": "Overloaded"}
+    machine = cp.AnthropicToResponsesStream(SHELL)
+    failed = machine.fail("prompt is too long: 300000 tokens", "invalid_request_error")
+    assert [e["type"] for e in failed] == ["response.created", "response.in_progress", "response.failed"]
+    assert failed[-1]["response"]["error"]["code"] == "context_length_exceeded"
+    assert machine.fail("again") == [] and machine.close() == [] and machine.feed({"type": "message_stop"}) == []
+
+
+def test_no_stop_reason_is_not_a_finish():
+    machine = cp.AnthropicToResponsesStream(SHELL)
+    for event in anthropic_sse_payloads(TEXT_BASIC)[:4]:
+        machine.feed(event)
+    assert not machine.saw_finish and not machine.finished
+
+
+@pytest.mark.parametrize("name", sorted(set(INLINE_ANTHROPIC) - {"truncated"}))   # a cut tool input folds to {}
+def test_non_stream_response_is_the_fold_of_the_stream(name):
+    events = anthropic_sse_payloads(INLINE_ANTHROPIC[name])
+    streamed = responses_replay(events)[-1]["response"]
+    message = fold_anthropic_events(events)
+    machine = cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids())
+    folded = cp.anthropic_to_responses_response(message, machine)
+    assert folded == streamed == cp.fold_responses_events(responses_replay(events))
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_ANTHROPIC))
+def test_same_responses_events_whole_and_byte_by_byte(name):
+    raw = INLINE_ANTHROPIC[name].encode()
+    whole = responses_replay(anthropic_sse_payloads(INLINE_ANTHROPIC[name]))
+    decoder, machine, out = cp.SSEDecoder(), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()), []
+    for i in range(len(raw)):
+        out += cp.feed_events(machine, decoder.feed(raw[i:i + 1]))
+    out += cp.feed_events(machine, decoder.close()) + machine.close()
+    assert out == whole
+
+
+def test_fold_of_a_failed_stream_raises():
+    with pytest.raises(UpstreamError):
+        cp.fold_responses_events(responses_replay([{"type": "error", "error": {"type": "api_error", "message": "x"}}]))
+    with pytest.raises(UpstreamError):
+        cp.fold_responses_events([])
+
+
+def test_chat_provider_stream_through_both_machines():
+    machine = cp.AnthropicToResponsesStream(SHELL, origin="o/up", ids=counter_ids())
+    chained = cp.ChainedStream(OpenAIToAnthropicStream("m", message_id="msg_x"), machine)
+    out = []
+    for chunk in sse_chunks(OPENAI_PARALLEL_TOOLS):
+        out += chained.feed(chunk)
+    out += chained.feed("[DONE]") + chained.close()
+    response = check_responses_grammar(out)
+    assert [i["type"] for i in response["output"]] == ["function_call", "function_call"]
+    assert all(json.loads(i["arguments"]) for i in response["output"]) and chained.finished and chained.saw_finish
+
+
+FIXTURE_STREAMS = sorted(glob.glob(os.path.join(FIXTURES, "anthropic_stream_*.sse")))
+
+
+@pytest.mark.skipif(not FIXTURE_STREAMS, reason="shared fixtures absent")
+@pytest.mark.parametrize("path", FIXTURE_STREAMS or ["none"], ids=os.path.basename)
+def test_every_recorded_claude_stream_is_grammatical_as_responses(path):
+    with open(path, encoding="utf-8") as fh:
+        events = anthropic_sse_payloads(fh.read())
+    response = check_responses_grammar(responses_replay(events))
+    if "truncated" not in path:         # a cut tool input folds to {}
+        assert response == cp.anthropic_to_responses_response(
+            fold_anthropic_events(events), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()))
+
+# =============================================================================================
 # 10. OAuth
 # =============================================================================================
 
