@@ -5397,8 +5397,11 @@ class ResponseStore:
 
     # -- blocking side (executor threads)
 
-    def _run(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
-        """work(db) on a fresh connection; the file (0600, dir 0700) and schema made on first use."""
+    def _run(self, work: Callable[[sqlite3.Connection], Any], write: bool = False, absent: Any = None) -> Any:
+        """work(db) on a fresh connection; the file (0600, dir 0700) and schema made by the first write
+        (a read before any write answers `absent`)."""
+        if not self._ready and not write and not os.path.exists(self.path):
+            return absent
         if not self._ready:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -5428,7 +5431,7 @@ class ResponseStore:
                 (response["id"], seq, item_id, kind, text) for seq, (kind, item_id, text) in enumerate(texts)])
             self._delete(db, self._doomed(db))
             db.execute("COMMIT")
-        self._run(work)
+        self._run(work, write=True)
 
     def _doomed(self, db: sqlite3.Connection) -> List[str]:
         """Ids past the age limit, then the oldest until the rest fits the size limit."""
@@ -5467,7 +5470,7 @@ class ResponseStore:
             gone = self._delete(db, [response_id])
             db.execute("COMMIT")
             return gone
-        return bool(self._run(work))
+        return bool(self._run(work, absent=0))
 
     def input_items(self, response_id: str) -> Optional[List[dict]]:
         """A stored response's own input items, or None when it is unknown."""
@@ -5503,7 +5506,7 @@ class ResponseStore:
                 if row:
                     found[item_id] = json.loads(row[0])
             return found
-        return self._run(work)
+        return self._run(work, absent={})
 
     # -- event-loop side
 

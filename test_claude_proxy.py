@@ -4622,6 +4622,288 @@ def test_converted_streams_reuse_the_upstream_connection(tmp_path, client):
             assert (len(up.requests), up.connections) == (3, 1)
     run(scenario())
 
+# ---- The Responses API end to end: the openai SDK on a Claude route, a chat route, a native one ------
+
+def claude_message(anthropic_body):
+    """The fake Claude's answer: the next tool while tools remain uncalled, then text (JSON when a
+    schema is asked for), thinking first when it is on."""
+    calls = sum(b.get("type") == "tool_result" for m in anthropic_body["messages"] if isinstance(m["content"], list)
+                for b in m["content"])
+    tools = anthropic_body.get("tools") or []
+    content = [{"type": "thinking", "thinking": "Let me think.", "signature": "sig-%d" % calls}] \
+        if anthropic_body.get("thinking") else []
+    if calls < len(tools):
+        tool = tools[calls]
+        tool_input = {"input": "*** Begin Patch"} if tool["name"] == "apply_patch" else {"city": "Paris"}
+        content.append({"type": "tool_use", "id": "toolu_%d" % calls, "name": tool["name"], "input": tool_input})
+    else:
+        schema = (anthropic_body.get("output_config") or {}).get("format")
+        content.append({"type": "text", "text": '{"answer": "Hello"}' if schema else "Done." if calls else "Hello there"})
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": anthropic_body["model"], "content": content,
+            "stop_reason": "tool_use" if content[-1]["type"] == "tool_use" else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}
+
+
+def fake_claude(req):
+    """A scripted Claude: SSE when asked to stream, JSON otherwise."""
+    message = claude_message(req["body"])
+    if req["body"].get("stream"):
+        return Stream([sse_event(e["type"], e) for e in cp.anthropic_message_as_events(message)])
+    return http_response(200, message)
+
+
+def fake_chat(req):
+    """A scripted chat-completions provider over the same script (through the 9a request converter's view)."""
+    body = req["body"]
+    calls = sum(m["role"] == "tool" for m in body["messages"])
+    tools = body.get("tools") or []
+    tool = (tools[calls]["function"]["name"], {"city": "Paris"}) if calls < len(tools) else None
+    if body.get("stream"):
+        return Stream(openai_stream_chunks("Done." if calls else "Hello there", tool=tool))
+    message = {"role": "assistant", "content": None if tool else ("Done." if calls else "Hello there")}
+    if tool:
+        message["tool_calls"] = [{"id": "call_%d" % calls, "type": "function",
+                                  "function": {"name": tool[0], "arguments": json.dumps(tool[1])}}]
+    return http_response(200, {"id": "c", "object": "chat.completion", "created": 1, "model": "up", "choices": [
+        {"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
+
+
+RESP_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@contextlib.asynccontextmanager
+async def responses_client(tmp_path, route="claude", **raw):
+    """(openai.AsyncOpenAI at the proxy, the fake upstream, the proxy's port) for a Claude, chat or native route."""
+    openai = pytest.importorskip("openai")
+    script = {"claude": fake_claude, "chat": fake_chat}.get(route, lambda req: http_response(200, {"id": "resp_up"}))
+    async with FakeUpstream(script) as up:
+        if route == "claude":
+            config = make_config(tmp_path, up.url, **raw)
+        else:
+            provider = {"format": "openai", "base_url": up.url + "/v1", "api_key": "sk-o-123456789",
+                        "responses": route == "native"}
+            config = make_config(tmp_path, providers={"o": provider}, routes={"default": "o,up-model"}, **raw)
+        async with running_proxy(config) as (_, port):
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-client", max_retries=0)
+            try:
+                yield client, up, port
+            finally:
+                await client.close()
+
+
+@pytest.mark.parametrize("route", ["claude", "chat"])
+def test_openai_sdk_responses_text_stream_tools_and_state(tmp_path, route):
+    async def scenario():
+        async with responses_client(tmp_path, route) as (client, up, _):
+            first = await client.responses.create(model="claude-sonnet-4-5", instructions="Be brief.", input="hi")
+            assert first.output_text == "Hello there" and first.status == "completed" and first.id.startswith("resp_")
+            assert first.usage.input_tokens == 12 and first.usage.total_tokens == 15 + (1 if route == "chat" else 0)
+            async with client.responses.stream(model="claude-sonnet-4-5", input="hi") as stream:
+                final = await stream.get_final_response()
+            assert final.output_text == "Hello there"
+            calls = await client.responses.create(model="claude-sonnet-4-5", input="weather in Paris?",
+                                                  tools=[RESP_WEATHER], store=False)
+            (call,) = [o for o in calls.output if o.type == "function_call"]
+            assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+            items = [{"role": "user", "content": "weather in Paris?"}] + [o.model_dump(exclude_none=True) for o in calls.output]
+            items.append({"type": "function_call_output", "call_id": call.call_id, "output": "sunny"})
+            done = await client.responses.create(model="claude-sonnet-4-5", input=items, tools=[RESP_WEATHER])
+            assert done.output_text == "Done."
+            chained = await client.responses.create(model="claude-sonnet-4-5", input="and tomorrow?",
+                                                    previous_response_id=done.id, tools=[RESP_WEATHER])
+            assert chained.previous_response_id == done.id
+            with pytest.raises(Exception) as missing:
+                await client.responses.retrieve(calls.id)
+            assert getattr(missing.value, "status_code", None) == 404
+        system = up.requests[0]["body"]["system"] if route == "claude" else up.requests[0]["body"]["messages"][0]
+        assert "Be brief." in json.dumps(system)
+        history = up.requests[-1]["body"]["messages"]
+        assert "weather in Paris?" in json.dumps(history) and "and tomorrow?" in json.dumps(history[-1])
+        assert up.requests[1]["body"]["stream"] is True
+    run(scenario())
+
+
+def test_openai_sdk_responses_image_schema_retrieve_delete_and_input_items(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            seen = await client.responses.create(model="claude-sonnet-4-5", input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "what is this?"},
+                {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "auto"}]}])
+            structured = await client.responses.create(model="claude-sonnet-4-5", input="answer in JSON", text={
+                "format": {"type": "json_schema", "name": "answer", "strict": True,
+                           "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}})
+            assert json.loads(structured.output_text) == {"answer": "Hello"}
+            again = await client.responses.retrieve(seen.id)
+            assert again.id == seen.id and again.output_text == seen.output_text
+            page = await client.responses.input_items.list(seen.id, order="asc")
+            assert [i.type for i in page.data] == ["message"] and page.data[0].id.startswith("msg_")
+            assert page.data[0].content[1].type == "input_image"
+            await client.responses.delete(seen.id)
+            with pytest.raises(Exception) as gone:
+                await client.responses.retrieve(seen.id)
+            assert getattr(gone.value, "status_code", None) == 404
+        image = up.requests[0]["body"]["messages"][0]["content"][1]
+        assert image == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+        assert up.requests[1]["body"]["output_config"]["format"]["schema"]["additionalProperties"] is False
+    run(scenario())
+
+
+def test_reasoning_round_trip_through_the_proxy_and_cache_marks(tmp_path):
+    """With store false (Codex's way), the reasoning item a client replays becomes the signed thinking block
+    Claude requires before the tool result; prompt_cache_key adds stable cache breakpoints."""
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            ask = dict(model="claude-sonnet-4-5", tools=[RESP_WEATHER], store=False, reasoning={"effort": "low", "summary": "auto"},
+                       include=["reasoning.encrypted_content"], prompt_cache_key="session-1")
+            first = await client.responses.create(input="weather?", **ask)
+            assert [o.type for o in first.output] == ["reasoning", "function_call"]
+            assert first.output[0].summary[0].text == "Let me think." and first.output[0].encrypted_content.startswith("cp1.")
+            items = [{"role": "user", "content": "weather?"}] + [o.model_dump(exclude_none=True) for o in first.output]
+            items.append({"type": "function_call_output", "call_id": first.output[1].call_id, "output": "sunny"})
+            second = await client.responses.create(input=items, **ask)
+            assert second.output_text == "Done."
+        replayed = up.requests[1]["body"]
+        assert replayed["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+        assert replayed["messages"][1]["content"][:2] == [
+            {"type": "thinking", "thinking": "Let me think.", "signature": "sig-0"},
+            {"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {"city": "Paris"}}]
+        assert replayed["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    run(scenario())
+
+
+def test_responses_stream_wire_format_and_custom_tool_on_claude(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            status, headers, body = await call(port, "POST", "/v1/responses", {
+                "model": "claude-sonnet-4-5", "stream": True, "input": "patch it", "store": False,
+                "tools": [APPLY_PATCH, {"type": "web_search"}]})
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        events = sse_events(body)
+        assert all(name == data["type"] for name, data in events)
+        response = check_responses_grammar([data for _, data in events])
+        assert response["output"][0] == {"id": response["output"][0]["id"], "type": "custom_tool_call",
+                                          "call_id": "toolu_0", "name": "apply_patch", "input": "*** Begin Patch"}
+        assert [t["name"] for t in up.requests[0]["body"]["tools"]] == ["apply_patch"]
+    run(scenario())
+
+
+def test_native_responses_provider_is_relayed_as_is(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path, "native") as (_, up, port):
+            sent = {"model": "gpt-5-codex", "input": "hi", "previous_response_id": "resp_upstream", "store": True}
+            status, _, body = await call(port, "POST", "/v1/responses", sent, {"authorization": "Bearer sk-client"})
+        assert status == 200 and json.loads(body) == {"id": "resp_up"}
+        (req,) = up.requests
+        assert req["path"] == "/v1/responses" and req["headers"]["authorization"] == "Bearer sk-o-123456789"
+        assert req["body"] == dict(sent, model="up-model")
+    run(scenario())
+
+
+def test_responses_errors_in_openai_shape(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            answers = [await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                  "previous_response_id": "resp_nope"}),
+                       await call(port, "GET", "/v1/responses/resp_nope"),
+                       await call(port, "DELETE", "/v1/responses/resp_nope"),
+                       await call(port, "GET", "/v1/responses/resp_nope/input_items"),
+                       await call(port, "GET", "/v1/responses/x/input_items?limit=0"),
+                       await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": 3}),
+                       await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                  "tools": [{"type": "web_search"}],
+                                                                  "tool_choice": {"type": "web_search_preview"}}),
+                       await call(port, "POST", "/v1/responses/resp_1/cancel")]
+            started = time.monotonic()
+            ws = await call(port, "GET", "/v1/responses", headers={"upgrade": "websocket", "connection": "Upgrade",
+                                                                   "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                                   "sec-websocket-version": "13"})
+            assert time.monotonic() - started < 1.0
+        statuses = [a[0] for a in answers] + [ws[0]]
+        assert statuses == [404, 404, 404, 404, 400, 400, 400, 405, 400]
+        for _, _, body in answers + [ws]:
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert "resp_nope" in json.loads(answers[0][2])["error"]["message"]
+        assert json.loads(answers[0][2])["error"]["param"] == "previous_response_id"
+        assert not up.requests
+    run(scenario())
+
+
+def test_responses_upstream_failure_mid_stream_is_one_response_failed(tmp_path):
+    parts = anthropic_stream()[:3] + [("reset",)]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(parts) if req["body"].get("stream") else
+                                http_response(529, {"type": "error", "error": {"type": "overloaded_error",
+                                                                               "message": "Overloaded"}})) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses",
+                                             {"model": "claude-sonnet-4-5", "input": "hi", "stream": True})
+                plain = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"})
+        events = [data for _, data in sse_events(body)]
+        assert status == 200 and [e["type"] for e in events][-1] == "response.failed"
+        response = check_responses_grammar(events)
+        assert response["error"]["code"] == "server_error" and response["output"] == []
+        assert plain[0] == 529 and json.loads(plain[2])["error"]["type"] == "overloaded_error"
+    run(scenario())
+
+
+def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
+    store = cp.ResponseStore(str(tmp_path / "home" / "responses.db"), max_bytes=2400, max_age=100.0,
+                             clock=lambda: now[0])
+    now = [1000.0]
+    big = {"id": "", "output": [{"type": "message", "id": "msg_o", "content": [{"type": "output_text", "text": "x" * 400}]}]}
+    for i in range(5):
+        store.put(dict(big, id=f"resp_{i}", previous_response_id=f"resp_{i - 1}" if i else None),
+                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}])
+        now[0] += 1
+    kept = [i for i in range(5) if store.get(f"resp_{i}")]
+    assert kept == [3, 4]                          # each ~1100 bytes: the oldest went first
+    assert [i["id"] for i in store.history("resp_4")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
+    other = cp.ResponseStore(store.path, max_bytes=10 ** 6, max_age=100.0, clock=lambda: now[0])
+    assert other.get("resp_4")["id"] == "resp_4" and other.items(["msg_4", "nope"]).keys() == {"msg_4"}
+    now[0] += 200
+    other.put(dict(big, id="resp_new"), [])
+    assert store.get("resp_4") is None and store.get("resp_new") is not None
+    assert os.stat(store.path).st_mode & 0o777 == 0o600 if POSIX else True
+    assert store.delete("resp_new") and not store.delete("resp_new") and store.input_items("resp_new") is None
+
+    async def scenario():
+        async with responses_client(tmp_path / "p") as (client, _, _):
+            answer = await client.responses.create(model="claude-sonnet-4-5", input="hi", store=False)
+            with pytest.raises(Exception):
+                await client.responses.retrieve(answer.id)
+    run(scenario())
+    assert not os.path.exists(tmp_path / "p" / "home" / "responses.db")
+
+
+def test_list_page_cursor():
+    items = [{"id": f"i{k}"} for k in range(5)]
+    assert cp.list_page(items, 2, "desc", None) == {"object": "list", "data": [{"id": "i4"}, {"id": "i3"}],
+                                                    "first_id": "i4", "last_id": "i3", "has_more": True}
+    assert cp.list_page(items, 2, "asc", "i2")["data"] == [{"id": "i3"}, {"id": "i4"}]
+    assert cp.list_page(items, 2, "asc", "i3")["has_more"] is False and cp.list_page([], 5, "asc", None)["first_id"] is None
+
+
+def test_responses_routes_reasoning_to_the_think_route_and_variants(tmp_path):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            config = make_config(tmp_path, up.url, routes={"default": "anthropic", "think": "anthropic,claude-opus-4-8"})
+            async with running_proxy(config) as (_, port):
+                for body in ({"model": "claude-sonnet-4-5", "input": "hi", "reasoning": {"effort": "high"}},
+                             {"model": "claude-sonnet-4-5", "input": "hi"},
+                             {"model": "claude-sonnet-4-5-reasoning-low", "input": "hi"}):
+                    status, _, _ = await call(port, "POST", "/v1/responses", body)
+                    assert status == 200
+        models = [r["body"]["model"] for r in up.requests]
+        assert models == ["claude-opus-4-8", "claude-sonnet-4-5", "claude-opus-4-8"]
+        assert up.requests[0]["body"]["thinking"] == {"type": "adaptive"}
+        assert up.requests[2]["body"]["output_config"] == {"effort": "low"}
+    run(scenario())
+
+
 # =============================================================================================
 # Hardening: fault matrix, bad input, access, secrets, fuzz, load
 # =============================================================================================
