@@ -3661,11 +3661,15 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, variant_
 def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_effort: Optional[str] = None,
                                 origin: str = "") -> dict:
     """A Responses body -> chat.completions body, through the hub (9c then 9a). Without
-    max_output_tokens the provider's own default applies, not Claude's."""
+    max_output_tokens the provider's own default applies, not Claude's; the effort asked for
+    is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
     anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
                                                     thinking_style=spec["thinking"], origin=origin)
     if responses_body.get("max_output_tokens") is None:
         del anthropic_body["max_tokens"]
+    effort = _requested_effort(responses_body, variant_effort)
+    if "thinking" not in anthropic_body and effort not in (None, "none"):
+        anthropic_body.setdefault("output_config", {})["effort"] = effort
     return anthropic_to_openai_request(anthropic_body, spec)
 
 # ---- response: the response object -----------------------------------------------------------
@@ -5805,9 +5809,11 @@ async def handle_delete_response(x: Exchange) -> None:
 
 
 async def handle_responses_websocket(x: Exchange) -> None:
-    """GET /v1/responses, a WebSocket upgrade: refused at once so the client falls back to HTTP."""
+    """GET /v1/responses, a WebSocket upgrade: refused at once with 426, which Codex answers by
+    falling back to HTTP without a retry (a 404 or 501 costs it a retry round, a 400 ends its turn)."""
     x.req.keep_alive = False
-    raise BadRequest("WebSocket is not supported here: POST /v1/responses over HTTP (SSE when streaming)")
+    raise ProxyError("WebSocket is not supported here: POST /v1/responses over HTTP (SSE when streaming)",
+                     status=426, error_type="invalid_request_error")
 
 
 def model_entries(config: Config) -> List[Tuple[str, str]]:

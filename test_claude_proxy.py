@@ -278,13 +278,13 @@ def anthropic_message(text="Hello there", model="claude-x"):
             "usage": {"input_tokens": 10, "output_tokens": 3}}
 
 
-def openai_stream_chunks(text="Hi", tool=None):
+def openai_stream_chunks(text="Hi", tool=None, call_id="call_1"):
     """A small OpenAI SSE answer with a trailing usage chunk."""
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up"}
     parts = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
     if tool:
         parts.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
-            {"index": 0, "id": "call_1", "type": "function", "function": {"name": tool[0], "arguments": ""}}]},
+            {"index": 0, "id": call_id, "type": "function", "function": {"name": tool[0], "arguments": ""}}]},
             "finish_reason": None}]))
         parts.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
             {"index": 0, "function": {"arguments": json.dumps(tool[1])}}]}, "finish_reason": None}]))
@@ -3197,6 +3197,8 @@ def test_responses_on_a_chat_provider_compose_with_9a():
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": FN["parameters"]}},
                   {"type": "function", "function": {"name": "apply_patch", "parameters": CLAUDE_APPLY_PATCH["input_schema"],
                                                     "description": CLAUDE_APPLY_PATCH["description"]}}]}
+    tool_turn = dict(body, input=body["input"][:1] + body["input"][2:])      # no reasoning replayed
+    assert cp.responses_to_openai_request(tool_turn, spec, origin="o/up-model")["reasoning_effort"] == "high"
     assert "max_tokens" not in cp.responses_to_openai_request(R(input="hi"), spec)
     assert cp.responses_to_openai_request(R(input="hi", max_output_tokens=50), spec)["max_tokens"] == 50
 
@@ -4659,7 +4661,7 @@ def fake_chat(req):
     tools = body.get("tools") or []
     tool = (tools[calls]["function"]["name"], {"city": "Paris"}) if calls < len(tools) else None
     if body.get("stream"):
-        return Stream(openai_stream_chunks("Done." if calls else "Hello there", tool=tool))
+        return Stream(openai_stream_chunks("Done." if calls else "Hello there", tool=tool, call_id="call_%d" % calls))
     message = {"role": "assistant", "content": None if tool else ("Done." if calls else "Hello there")}
     if tool:
         message["tool_calls"] = [{"id": "call_%d" % calls, "type": "function",
@@ -4821,7 +4823,7 @@ def test_responses_errors_in_openai_shape(tmp_path):
                                                                    "sec-websocket-version": "13"})
             assert time.monotonic() - started < 1.0
         statuses = [a[0] for a in answers] + [ws[0]]
-        assert statuses == [404, 404, 404, 404, 400, 400, 400, 405, 400]
+        assert statuses == [404, 404, 404, 404, 400, 400, 400, 405, 426]
         for _, _, body in answers + [ws]:
             error = json.loads(body)["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
