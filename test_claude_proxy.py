@@ -2968,6 +2968,50 @@ def test_codex_turn2_with_our_reasoning_keeps_thinking_before_the_tool_result():
     assert "thinking" not in other and [b["type"] for b in other["messages"][1]["content"]] == ["tool_use"]
 
 
+# Codex 0.171.0 with model slug gpt-5.5 (recorded through the proxy, trimmed): the freeform apply_patch
+# custom tool, a client-run tool_search, text.verbosity, and its second turn replaying our reasoning item.
+APPLY_PATCH_LARK = ("start: begin_patch hunk+ end_patch\nbegin_patch: \"*** Begin Patch\" LF\nend_patch: \"*** End Patch\" LF?\n\n"
+                    "hunk: add_hunk | delete_hunk | update_hunk\nadd_hunk: \"*** Add File: \" filename LF add_line+\n%import common.LF\n")
+CODEX_55_TOOLS = [
+    CODEX_EXEC_COMMAND,
+    {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark", "definition": APPLY_PATCH_LARK},
+     "description": "The `apply_patch` tool can be used to edit files. This is a FREEFORM tool, so do not wrap the patch in JSON."},
+    {"type": "tool_search", "execution": "client", "description": "# Tool discovery\n\nSearches over deferred tool metadata.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"], "additionalProperties": False}},
+    {"type": "web_search", "external_web_access": False}]
+CODEX_55_PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n*** End Patch\n"
+CODEX_55_TURN2 = {
+    "model": "gpt-5.5", "stream": True, "tools": CODEX_55_TOOLS, "tool_choice": "auto", "parallel_tool_calls": True,
+    "reasoning": {"effort": "high"}, "store": False, "include": ["reasoning.encrypted_content"], "text": {"verbosity": "low"},
+    "prompt_cache_key": "01a23346-228d-7141-b212-61838a51854e", "client_metadata": {"session_id": "01a23346"},
+    "input": CODEX_INPUT + [
+        {"type": "reasoning", "id": "rs_53243b9de65f63e5393a509d", "summary": [], "content": None,
+         "encrypted_content": "cp1.eyJvIjoiYW50aHJvcGljL2dwdC01LjUiLCJiIjpbeyJ0eXBlIjoidGhpbmtpbmciLCJ0aGlua2luZyI6IlR1cm4g"
+                              "MDogcGxhbi4iLCJzaWduYXR1cmUiOiJTSUctMCJ9XX0"},
+        {"type": "custom_tool_call", "id": "ctc_f513203aaa83ed63e8295fc5", "call_id": "toolu_A", "name": "apply_patch",
+         "input": CODEX_55_PATCH},
+        {"type": "custom_tool_call_output", "id": "ctco_01a23346-2379-77c3-bd8f-f6d52420a930", "call_id": "toolu_A",
+         "output": "Exit code: 0\nWall time: 0 seconds\nOutput:\nSuccess. Updated the following files:\nA hello.txt\n"}]}
+
+
+def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
+    note = ("\n\nPass the tool's raw free-form input as the `input` string, exactly as the tool expects it. "
+            "It must match this lark grammar:\n" + APPLY_PATCH_LARK)
+    assert cp.responses_to_anthropic_request(CODEX_55_TURN2, "claude-sonnet-4-5", origin="anthropic/gpt-5.5") == {
+        "model": "claude-sonnet-4-5", "max_tokens": 32768 + 1024, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
+        "thinking": {"type": "enabled", "budget_tokens": 32768}, "tool_choice": {"type": "auto"},
+        "tools": [CLAUDE_CODEX_TOOLS[0], {"name": "apply_patch", "description": (CODEX_55_TOOLS[1]["description"] + note).strip(),
+                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]}],
+        "messages": [
+            CLAUDE_CODEX_USER,
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Turn 0: plan.", "signature": "SIG-0"},
+                {"type": "tool_use", "id": "toolu_A", "name": "apply_patch", "input": {"input": CODEX_55_PATCH}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_A",
+                                          "content": CODEX_55_TURN2["input"][-1]["output"]}]}]}
+    assert cp.responses_tools(CODEX_55_TURN2)[2] == ["tool_search", "web_search"]
+
+
 @pytest.mark.skipif(not os.path.isdir(CODEX_FIXTURES), reason="shared fixtures absent")
 @pytest.mark.parametrize("name", sorted(os.listdir(CODEX_FIXTURES)) if os.path.isdir(CODEX_FIXTURES) else ["none"])
 def test_codex_fixture_requests_whole(name):
@@ -4879,6 +4923,37 @@ def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
                 await client.responses.retrieve(answer.id)
     run(scenario())
     assert not os.path.exists(tmp_path / "p" / "home" / "responses.db")
+
+
+def test_agents_sdk_default_runner_with_two_tools_on_claude(tmp_path):
+    """The OpenAI Agents SDK's default model class (Responses) runs a two-tool agent through the proxy."""
+    agents = pytest.importorskip("agents")
+    called = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        called.append(("weather", city))
+        return f"sunny in {city}"
+
+    @agents.function_tool
+    def get_time(city: str) -> str:
+        """Local time of a city."""
+        called.append(("time", city))
+        return f"12:00 in {city}"
+
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            model = agents.OpenAIResponsesModel(model="claude-sonnet-4-5", openai_client=client)
+            agent = agents.Agent(name="w", instructions="Use both tools.", model=model, tools=[get_weather, get_time],
+                                 model_settings=agents.ModelSettings(reasoning={"effort": "low", "summary": "auto"}))
+            result = await agents.Runner.run(agent, "Weather and time in Paris?",
+                                             run_config=agents.RunConfig(tracing_disabled=True))
+        assert result.final_output == "Done." and called == [("weather", "Paris"), ("time", "Paris")]
+        last = up.requests[-1]["body"]
+        assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+        assert last["messages"][3]["content"][0] == {"type": "thinking", "thinking": "Let me think.", "signature": "sig-1"}
+    run(scenario())
 
 
 def test_list_page_cursor():
