@@ -6510,6 +6510,11 @@ def _openai_body(model: str, stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
+def _responses_body(model: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "max_output_tokens": 1024, "stream": stream, "store": False,
+                       "instructions": "You are a helpful assistant. " * 10, "input": _BENCH_MESSAGES}).encode()
+
+
 # (client path, body, headers, response must contain) for the proxy and for the direct baseline.
 def _bench_calls(kind: str, model: str, stream: bool):
     anth = ("/v1/messages", _anthropic_body(model, stream), _ANTH_HEADERS)
@@ -6518,6 +6523,9 @@ def _bench_calls(kind: str, model: str, stream: bool):
         proxy, direct, mark = anth, oai, b"message_stop" if stream else b'"type":"message"'
     elif kind == "a2o":  # OpenAI client -> Anthropic upstream (converted)
         proxy, direct, mark = oai, anth, b"[DONE]" if stream else b"chat.completion"
+    elif kind == "r2a":  # Responses client -> Anthropic upstream (converted)
+        proxy = ("/v1/responses", _responses_body(model, stream), _OAI_HEADERS)
+        direct, mark = anth, b"response.completed" if stream else b'"object":"response"'
     else:                # Anthropic passthrough
         proxy, direct, mark = anth, anth, b"message_stop" if stream else b'"type":"message"'
     return proxy, direct, mark
@@ -6624,8 +6632,9 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
     # Streams at concurrency 1: latency, CPU per chunk; 50/400-event streams for the marginal cost.
     for kind, label, limit in (("o2a", "stream OpenAI->Anthropic (o2a)", 15.0),
                                ("a2o", "stream Anthropic->OpenAI (a2o)", 15.0),
+                               ("r2a", "stream Anthropic->Responses (r2a)", 15.0),
                                ("pass", "stream Anthropic passthrough", 5.0)):
-        prefix = "anth" if kind in ("a2o", "pass") else "oai"
+        prefix = "anth" if kind in ("a2o", "r2a", "pass") else "oai"
         r = await b.measure(kind, f"{prefix}-200", True, 1, count=30, warm=5)
         small = await b.measure(kind, f"{prefix}-50", True, 1, count=30, direct=False, warm=2)
         large = await b.measure(kind, f"{prefix}-400", True, 1, count=30, direct=False, warm=2)
@@ -6634,7 +6643,8 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
         added = (r["p50"] - r["direct_p50"]) * 1000
         ok = r["cpu_chunk_us"] <= limit and added <= 2.0 and not r["errors"]
         row(label + ", 200 chunks", 1, r, target=f"CPU<={limit:g}us/chunk, added<=2ms", ok=ok)
-    for kind, label in (("o2a", "tool-call stream o2a, 200 frags"), ("a2o", "tool-call stream a2o, 200 frags")):
+    for kind, label in (("o2a", "tool-call stream o2a, 200 frags"), ("a2o", "tool-call stream a2o, 200 frags"),
+                        ("r2a", "tool-call stream r2a, 200 frags")):
         r = await b.measure(kind, ("oai" if kind == "o2a" else "anth") + "-tool-200", True, 1, count=30, warm=3)
         row(label, 1, r, target="(info)")
 
@@ -6712,7 +6722,7 @@ def _bench_profile(procs: _BenchProcs, out_dir: str) -> str:
     import pstats
     os.makedirs(out_dir, exist_ok=True)
     report = []
-    for kind, model in (("o2a", "oai-200"), ("pass", "anth-200"), ("a2o", "anth-200")):
+    for kind, model in (("o2a", "oai-200"), ("pass", "anth-200"), ("a2o", "anth-200"), ("r2a", "anth-200")):
         out = os.path.join(out_dir, f"prof_{kind}.out")
         procs.start_proxy(profile_out=out)
         b = _Bench(procs)
