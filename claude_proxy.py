@@ -2771,7 +2771,7 @@ def _repair_turns(turns: List[dict], param: str) -> List[dict]:
     """Turns merged and paired, starting with a user turn, without a whitespace-ended prefill."""
     turns = _pair_tool_results(_merge_turns(turns))
     if not turns:
-        raise BadRequest(f"{param} need at least one non-system message with content", param=param)
+        raise BadRequest(f"{param}: at least one non-system message with content is required", param=param)
     if turns[0]["role"] != "user":
         turns.insert(0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_FIRST_USER}]})
     if turns[-1]["role"] == "assistant":
@@ -5515,11 +5515,15 @@ class ResponseStore:
     # -- event-loop side
 
     async def call(self, method: Callable[..., Any], *args: Any) -> Any:
-        """One blocking method in the executor, after any write still pending for args[0]."""
+        """One blocking method in the executor, after any write still pending for args[0]; a
+        database that fails is a 500 naming the file."""
         pending = self._pending.get(args[0]) if args and isinstance(args[0], str) else None
         if pending is not None:
             await asyncio.shield(pending)
-        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise ProxyError(f"response store {self.path}: {exc.__class__.__name__}: {exc}") from None
 
     def reserve(self, response_id: str) -> None:
         """Mark a response as being answered: reads of its id wait until release()."""
@@ -5695,8 +5699,8 @@ async def handle_responses(x: Exchange) -> None:
     if dropped:
         log.info("built-in tools without an equivalent on %s dropped: %s", x.target.describe(), ", ".join(dropped))
     store, response_id = x.server.responses, new_id("resp_")
-    machine = AnthropicToResponsesStream(responses_shell(body, response_id, int(time.time())), tools=tools,
-                                         summaries=(body.get("reasoning") or {}).get("summary") is not None)
+    shell = responses_shell(body, response_id, int(time.time()))
+    machine = AnthropicToResponsesStream(shell, tools=tools, summaries=shell["reasoning"]["summary"] is not None)
     if body.get("store") is not False:
         store.reserve(response_id)
     try:
@@ -5768,8 +5772,8 @@ async def store_response(store: ResponseStore, response: dict, own_input: List[d
     """Keep a finished response; a store that fails costs the client nothing but a warning."""
     try:
         await store.call(store.put, response, own_input)
-    except (sqlite3.Error, OSError) as exc:
-        log.warning("response %s not stored: %s", response["id"], exc)
+    except ProxyError as exc:
+        log.warning("response %s not stored: %s", response["id"], exc.message)
 
 
 def stored_response_path(x: Exchange) -> Tuple[str, str]:

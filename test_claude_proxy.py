@@ -4956,6 +4956,21 @@ def test_agents_sdk_default_runner_with_two_tools_on_claude(tmp_path):
     run(scenario())
 
 
+def test_a_broken_store_is_a_500_on_reads_and_a_warning_on_writes(tmp_path, caplog):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                (tmp_path / "home").mkdir(exist_ok=True)
+                (tmp_path / "home" / "responses.db").write_bytes(b"this is not a database" * 100)
+                read = await call(port, "GET", "/v1/responses/resp_1")
+                written = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                     "reasoning": "high"})
+        assert read[0] == 500 and "response store" in json.loads(read[2])["error"]["message"]
+        assert written[0] == 200 and json.loads(written[2])["output"][0]["content"][0]["text"] == "Hello there"
+        assert any("not stored" in r.getMessage() for r in caplog.records)
+    run(scenario())
+
+
 def test_list_page_cursor():
     items = [{"id": f"i{k}"} for k in range(5)]
     assert cp.list_page(items, 2, "desc", None) == {"object": "list", "data": [{"id": "i4"}, {"id": "i3"}],
