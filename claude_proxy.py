@@ -5797,6 +5797,8 @@ async def handle_stored_response(x: Exchange) -> None:
             raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
         await x.out.respond_json(200, list_page(items, int(limit), order, query.get("after")))
         return
+    if parse_bool(urllib.parse.parse_qs(x.req.query).get("stream", ["false"])[-1]):
+        raise BadRequest("stream=true is not supported here: a stored response is answered as JSON", param="stream")
     response = await store.call(store.get, response_id) if not tail else None
     if response is None:
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
@@ -5810,6 +5812,12 @@ async def handle_delete_response(x: Exchange) -> None:
     if tail or not await store.call(store.delete, response_id):
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
     await x.out.respond_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+
+async def handle_responses_other(x: Exchange) -> None:
+    """POST /v1/responses/{id}/cancel, /compact, /input_tokens: OpenAI server features, not kept here."""
+    raise NotFound(f"{x.req.path} is not supported by this proxy (no background, compaction or token "
+                   "counting for Responses)")
 
 
 async def handle_responses_websocket(x: Exchange) -> None:
@@ -5927,6 +5935,7 @@ ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
     ("GET", "/v1/responses", handle_responses_websocket, True),
     ("GET", "/v1/responses/", handle_stored_response, False),
     ("DELETE", "/v1/responses/", handle_delete_response, False),
+    ("POST", "/v1/responses/", handle_responses_other, False),
     ("GET", "/v1/models", handle_models, True),
     ("GET", "/v1/models/", handle_model, False),
     ("GET", "/health", handle_health, True),

@@ -4860,14 +4860,15 @@ def test_responses_errors_in_openai_shape(tmp_path):
                        await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
                                                                   "tools": [{"type": "web_search"}],
                                                                   "tool_choice": {"type": "web_search_preview"}}),
-                       await call(port, "POST", "/v1/responses/resp_1/cancel")]
+                       await call(port, "POST", "/v1/responses/resp_1/cancel"),
+                       await call(port, "GET", "/v1/responses/resp_1?stream=true")]
             started = time.monotonic()
             ws = await call(port, "GET", "/v1/responses", headers={"upgrade": "websocket", "connection": "Upgrade",
                                                                    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
                                                                    "sec-websocket-version": "13"})
             assert time.monotonic() - started < 1.0
         statuses = [a[0] for a in answers] + [ws[0]]
-        assert statuses == [404, 404, 404, 404, 400, 400, 400, 405, 426]
+        assert statuses == [404, 404, 404, 404, 400, 400, 400, 404, 400, 426]
         for _, _, body in answers + [ws]:
             error = json.loads(body)["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
