@@ -3635,8 +3635,11 @@ def _screen_fields(responses_body: dict) -> None:
 
 
 def responses_to_anthropic_request(responses_body: dict, model: str, *, variant_effort: Optional[str] = None,
-                                   thinking_style: Optional[str] = None, origin: str = "") -> dict:
-    """A Responses body (its input already expanded) -> Anthropic /v1/messages body (pure; G.9)."""
+                                   thinking_style: Optional[str] = None, origin: str = "",
+                                   for_chat: bool = False) -> dict:
+    """A Responses body (its input already expanded) -> Anthropic /v1/messages body (pure; G.9).
+    for_chat: the body goes on to 9a, where replayed thinking is the provider's replay_reasoning
+    field, so it is kept even with thinking off."""
     _expect(isinstance(responses_body, dict), "request body must be a JSON object", "body")
     _screen_fields(responses_body)
     system, turns = _responses_turns(responses_input_items(responses_body), origin)
@@ -3652,7 +3655,8 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, variant_
     _apply_text_format(responses_body, anthropic_body)
     _apply_thinking(anthropic_body, _requested_effort(responses_body, variant_effort),
                     thinking_style_for(model, thinking_style), explicit_max is not None)
-    _drop_thinking_when_off(anthropic_body)
+    if not for_chat:
+        _drop_thinking_when_off(anthropic_body)
     _fit_output_limit(anthropic_body, model)
     _restrict_sampling(anthropic_body, model)
     return anthropic_body
@@ -3664,7 +3668,7 @@ def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_eff
     max_output_tokens the provider's own default applies, not Claude's; the effort asked for
     is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
     anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
-                                                    thinking_style=spec["thinking"], origin=origin)
+                                                    thinking_style=spec["thinking"], origin=origin, for_chat=True)
     if responses_body.get("max_output_tokens") is None:
         del anthropic_body["max_tokens"]
     effort = _requested_effort(responses_body, variant_effort)

@@ -3243,6 +3243,8 @@ def test_responses_on_a_chat_provider_compose_with_9a():
                                                     "description": CLAUDE_APPLY_PATCH["description"]}}]}
     tool_turn = dict(body, input=body["input"][:1] + body["input"][2:])      # no reasoning replayed
     assert cp.responses_to_openai_request(tool_turn, spec, origin="o/up-model")["reasoning_effort"] == "high"
+    no_effort = cp.responses_to_openai_request(dict(body, reasoning=None), spec, origin="o/up-model")
+    assert "reasoning_effort" not in no_effort and no_effort["messages"][2]["reasoning_content"] == "Paris first."
     assert "max_tokens" not in cp.responses_to_openai_request(R(input="hi"), spec)
     assert cp.responses_to_openai_request(R(input="hi", max_output_tokens=50), spec)["max_tokens"] == 50
 
