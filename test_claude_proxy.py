@@ -4974,6 +4974,23 @@ def test_a_broken_store_is_a_500_on_reads_and_a_warning_on_writes(tmp_path, capl
     run(scenario())
 
 
+def test_responses_on_the_subscription_login_get_its_request_shape(tmp_path):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            config = oauth_config(tmp_path, up.url, "http://127.0.0.1:9/token")
+            seed_login(config)
+            async with running_proxy(config) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", dict(CODEX_TURN1, stream=False),
+                                             {"authorization": "Bearer codex-key"})
+        assert status == 200 and json.loads(body)["output"][0]["type"] == "reasoning"
+        sent = up.requests[0]
+        assert sent["headers"]["authorization"] == "Bearer sk-ant-oat01-old" and "x-api-key" not in sent["headers"]
+        assert sent["headers"]["anthropic-beta"] == "oauth-2025-04-20,interleaved-thinking-2025-05-14"
+        assert sent["body"]["system"][0] == {"type": "text", "text": CLAUDE_CODE_IDENTITY}
+        assert 0 < count_marks(sent["body"]) <= 4
+    run(scenario())
+
+
 def test_list_page_cursor():
     items = [{"id": f"i{k}"} for k in range(5)]
     assert cp.list_page(items, 2, "desc", None) == {"object": "list", "data": [{"id": "i4"}, {"id": "i3"}],
