@@ -5748,12 +5748,12 @@ async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: 
         answer = parse_upstream_json(await response.read())
         message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic, answer, body["model"]) \
             if via_chat else answer
-        events = convert(UpstreamError, "upstream answer", anthropic_message_as_events, message)
-        responses_events = feed_events(machine, events, parsed=True)
         if stream:
-            await send_events(x, responses_events, format_responses_event)
+            events = convert(UpstreamError, "upstream answer", anthropic_message_as_events, message)
+            await send_events(x, feed_events(machine, events, parsed=True), format_responses_event)
         else:
-            await x.out.respond_json(200, fold_responses_events(responses_events), relayed_headers(response.headers))
+            answer = convert(UpstreamError, "upstream answer", anthropic_to_responses_response, message, machine)
+            await x.out.respond_json(200, answer, relayed_headers(response.headers))
     finally:
         response.close()
 
