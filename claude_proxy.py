@@ -20,8 +20,10 @@ Sections, leaves first, so nothing refers forward:
    7. Stream I/O         requests read from / responses written to asyncio streams
    8. Upstream client    keep-alive pool, TLS, CONNECT proxies, idle timeouts
    9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds
+                         (9a Anthropic client -> OpenAI, 9b OpenAI client -> Claude,
+                          9c Responses client -> Claude, Anthropic Messages the hub)
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
-  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering
+  11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error rendering
   12. Server             connection loop, keep-alive, limits, graceful shutdown
   13. CLI                argparse entry point
 """
@@ -43,6 +45,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import sys
@@ -106,6 +109,8 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "import_token_file": ("CLAUDE_PROXY_IMPORT_TOKEN_FILE", "str", None),
     "custom_headers": ("CUSTOM_HEADER_*", "dict", {}),
     "strict": ("CLAUDE_PROXY_STRICT", "bool", False),
+    "responses_store_mb": ("RESPONSES_STORE_MB", "float", 256.0),     # stored /v1/responses, oldest evicted
+    "responses_store_days": ("RESPONSES_STORE_DAYS", "float", 30.0),
 }
 # The earlier proxies' environment names (after the project's own, which wins), in order.
 SEED_ENV_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -827,10 +832,13 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     azure = parse_bool(raw.get("azure", False))
     if azure and not raw.get("api_version"):
         raise ConfigError(f"{path}.api_version: an Azure OpenAI provider needs its api_version")
+    responses = raw.get("responses", False)     # serves /responses itself: relayed, not converted
+    if not isinstance(responses, bool) or (responses and fmt != "openai"):
+        raise ConfigError(f"{path}.responses: expected true or false (true only on an openai-format provider)")
     return {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
             "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
             "api_key_env": raw.get("api_key_env"), "oauth_trusted": oauth_host_trusted(base_url),
-            "azure": azure, "api_version": raw.get("api_version")}
+            "azure": azure, "api_version": raw.get("api_version"), "responses": responses}
 
 
 def oauth_host_trusted(base_url: str) -> bool:
@@ -1521,11 +1529,18 @@ def format_openai_item(openai_item: Any) -> bytes:
     return format_sse(openai_item if isinstance(openai_item, str) else json_text(openai_item))
 
 
+def format_responses_event(responses_event: dict) -> bytes:
+    """A Responses stream event: its type is the SSE event name, as OpenAI sends it."""
+    return format_sse(json_text(responses_event), responses_event["type"])
+
+
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
 # =============================================================================================
 # 7. Stream I/O
 # =============================================================================================
+
+OPENAI_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/responses", "/responses")
 
 
 class Request:
@@ -1546,7 +1561,7 @@ class Request:
     @property
     def dialect(self) -> str:
         """Which API's error envelope the client expects."""
-        if self.path.startswith("/v1/chat/completions") or self.path.startswith("/chat/completions"):
+        if self.path.startswith(OPENAI_PATHS):
             return "openai"
         if self.path.startswith("/v1/models") and "anthropic-version" not in self.headers:
             return "openai"
@@ -3253,6 +3268,7 @@ def estimate_anthropic_tokens(anthropic_body: dict) -> int:
 
 DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
 THINKING_HEADROOM = 1024            # max_tokens >= budget + this (Pimzino)
+THINKING_BLOCK_TYPES = ("thinking", "redacted_thinking")
 PLACEHOLDER_FIRST_USER = "(continued)"
 PLACEHOLDER_TOOL_RESULT = "(no result)"
 JSON_OBJECT_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
@@ -3545,15 +3561,20 @@ def _pair_tool_results(turns: List[dict]) -> List[dict]:
 def openai_messages_to_anthropic(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
     """OpenAI messages -> (Anthropic system blocks, repaired Anthropic messages)."""
     system, turns = _split_messages(openai_messages)
+    return system, _repair_turns(turns, "messages")
+
+
+def _repair_turns(turns: List[dict], param: str) -> List[dict]:
+    """Turns merged and paired, starting with a user turn, without a whitespace-ended prefill."""
     turns = _pair_tool_results(_merge_turns(turns))
     if not turns:
-        raise BadRequest("messages need at least one non-system message with content", param="messages")
+        raise BadRequest(f"{param}: at least one non-system message with content is required", param=param)
     if turns[0]["role"] != "user":
         turns.insert(0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_FIRST_USER}]})
     if turns[-1]["role"] == "assistant":
         prefill = _trim_prefill(turns.pop())
         turns += [prefill] if prefill else []
-    return system, turns
+    return turns
 
 
 def _trim_prefill(turn: dict) -> Optional[dict]:
@@ -3623,9 +3644,9 @@ def _apply_tools(openai_body: dict, anthropic_body: dict) -> None:
         anthropic_body["tool_choice"] = tool_choice
 
 
-def _max_tokens(openai_body: dict) -> Optional[int]:
-    """The client's max_completion_tokens or max_tokens, validated; None when absent."""
-    for key in ("max_completion_tokens", "max_tokens"):
+def _max_tokens(openai_body: dict, keys: Tuple[str, ...] = ("max_completion_tokens", "max_tokens")) -> Optional[int]:
+    """The client's max_completion_tokens or max_tokens (or the keys given), validated; None when absent."""
+    for key in keys:
         value = openai_body.get(key)
         if value is None:
             continue
@@ -3665,16 +3686,21 @@ def _apply_response_format(openai_body: dict, anthropic_body: dict) -> None:
     """response_format json_schema / json_object -> output_config.format (never dropped)."""
     rf = openai_body.get("response_format")
     kind = rf.get("type") if isinstance(rf, dict) else rf
+    schema = (rf.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    _set_output_format(kind, schema, anthropic_body, "response_format", "response_format.json_schema.schema")
+
+
+def _set_output_format(kind: Any, schema: Any, anthropic_body: dict, param: str, schema_param: str) -> None:
+    """text: nothing; json_object: a system line; json_schema: output_config.format, made strict."""
     if kind in (None, "text"):
         return
     if kind == "json_object":       # no schema fits "any object" under strict rules: instruct instead
         anthropic_body.setdefault("system", []).append({"type": "text", "text": JSON_OBJECT_INSTRUCTION})
         return
     if kind != "json_schema":
-        raise BadRequest("unsupported response_format %r" % kind, param="response_format")
-    schema = (rf.get("json_schema") or {}).get("schema")
+        raise BadRequest("unsupported %s %r" % (param, kind), param=param)
     if not isinstance(schema, dict):
-        raise BadRequest("json_schema.schema must be an object", param="response_format.json_schema.schema")
+        raise BadRequest("json_schema.schema must be an object", param=schema_param)
     anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": strict_schema(schema)}
 
 
@@ -3710,7 +3736,8 @@ def _thinking_blocked(anthropic_body: dict) -> Optional[str]:
     if (anthropic_body.get("tool_choice") or {}).get("type") in ("any", "tool"):
         return "tool_choice forces a tool"
     assistants = [m for m in anthropic_body["messages"] if m["role"] == "assistant"]
-    if assistants and any(b["type"] == "tool_use" for b in assistants[-1]["content"]):
+    last = assistants[-1]["content"] if assistants else []
+    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in THINKING_BLOCK_TYPES:
         return "the last assistant turn has tool_use without a signed thinking block"
     return None
 
@@ -4002,8 +4029,10 @@ def fold_openai_chunks(chunks: List[Any]) -> dict:
 def _block_events(index: int, block: dict) -> List[dict]:
     """One finished Anthropic content block -> its start / delta / stop events."""
     kind = block.get("type")
-    if kind == "text":
-        start, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block.get("text", "")}]
+    if kind == "text":      # citations first, as a stream sends them
+        start = {"type": "text", "text": ""}
+        deltas = [{"type": "citations_delta", "citation": c} for c in block.get("citations") or []]
+        deltas.append({"type": "text_delta", "text": block.get("text", "")})
     elif kind == "thinking":
         start = {"type": "thinking", "thinking": "", "signature": ""}
         deltas = [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
@@ -4043,6 +4072,823 @@ def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any)
     for event in anthropic_message_as_events(anthropic_message):
         chunks += machine.feed(event)
     return fold_openai_chunks(chunks + machine.close())
+
+# ---------------------------------------------------------------------------------------------
+# 9c. Responses client -> Claude (request), Claude -> Responses client (response, stream)
+# ---------------------------------------------------------------------------------------------
+#
+# The OpenAI Responses API (PROTOCOLS G) joins the hub here: one request converter to an
+# Anthropic body and one machine from Anthropic stream events. A chat-completions provider
+# composes them with 9a (responses_to_openai_request, ChainedStream); a provider that serves
+# /responses itself is relayed untouched (section 11). State (store, previous_response_id,
+# item_reference) is I/O, so the handler resolves it into `input` before this converter runs.
+# Decisions taken here, each in one place:
+# - instructions, then system and developer messages, become the system prompt (text only).
+# - a custom tool (Codex's apply_patch) becomes a tool with one string property `input`; its
+#   grammar goes into the description, since Claude cannot be held to it. The call comes back as
+#   a custom_tool_call whose `input` is that string.
+# - namespace tools are flattened to `<namespace>__<name>` and their calls mapped back by the tool
+#   table, so the client sees `namespace` again.
+# - built-in tools (web_search, file_search, computer*, code_interpreter, image_generation,
+#   local_shell, shell, mcp, ...) are dropped and their types returned for the handler's INFO
+#   line; a tool_choice forcing one is a BadRequest.
+# - reasoning items carry Claude's thinking blocks (thinking + signature, redacted data) in
+#   encrypted_content as `cp1.` + base64url JSON {"o": origin, "b": blocks}, origin being the
+#   producing provider/model. A blob of another origin, or not ours, is dropped (debug), never
+#   sent. It is always filled, as OpenAI now does by default, so a client replaying items
+#   without `include` still hands back the signed thinking Claude needs before a tool result.
+# - replayed thinking is removed again when thinking ends up off for the request.
+# - fields with no Anthropic form (text.verbosity, metadata, truncation, service_tier, ...) are
+#   dropped with a debug line; `conversation` and `prompt` (server-side objects) are BadRequests.
+
+NAMESPACE_SEPARATOR = "__"
+CUSTOM_TOOL_FIELD = "input"
+REASONING_BLOB_PREFIX = "cp1."
+RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+RESPONSES_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
+RESPONSES_REJECTED_FIELDS = {
+    "conversation": "conversations are not kept here: send previous_response_id or the whole input",
+    "prompt": "prompt templates live on OpenAI's servers: send instructions and input instead"}
+# Fields this section maps, and the ones the handler owns; any other is dropped with a debug line.
+RESPONSES_MAPPED_FIELDS = frozenset({
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning",
+    "text", "max_output_tokens", "temperature", "top_p", "user", "safety_identifier", "stream",
+    "store", "previous_response_id", "prompt_cache_key", "include"})
+# Anthropic stop_reason -> (status, incomplete_details.reason) (PROTOCOLS G.9).
+RESPONSES_STATUS = {
+    "end_turn": ("completed", None), "stop_sequence": ("completed", None), "tool_use": ("completed", None),
+    "pause_turn": ("completed", None), "max_tokens": ("incomplete", "max_output_tokens"),
+    "model_context_window_exceeded": ("incomplete", "max_output_tokens"),
+    "refusal": ("incomplete", "content_filter")}
+RESPONSES_TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete",
+                      "failed": "response.failed"}
+# Anthropic error type -> response.error.code, the field Codex classifies failures by (G.8).
+RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded",
+                         "invalid_request_error": "invalid_prompt"}
+
+
+# ---- request: reasoning blobs --------------------------------------------------------------
+
+def encode_reasoning(origin: str, blocks: List[dict]) -> str:
+    """Thinking blocks as an opaque, versioned encrypted_content tagged with their origin."""
+    payload = json_text({"o": origin, "b": blocks}).encode("utf-8")
+    return REASONING_BLOB_PREFIX + base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
+
+
+def _thinking_block(block: Any) -> Optional[dict]:
+    """A well-formed thinking / redacted_thinking block rebuilt from a blob, else None."""
+    if not isinstance(block, dict):
+        return None
+    if block.get("type") == "thinking" and isinstance(block.get("thinking"), str) \
+            and isinstance(block.get("signature"), str):
+        return {"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]}
+    if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+        return {"type": "redacted_thinking", "data": block["data"]}
+    return None
+
+
+def decode_reasoning(blob: Any, origin: str, param: str) -> List[dict]:
+    """The thinking blocks of one of our blobs made by `origin`; [] (debug) for any other."""
+    if not isinstance(blob, str) or not blob.startswith(REASONING_BLOB_PREFIX):
+        log.debug("dropping reasoning item at %s: its encrypted_content is not the proxy's", param)
+        return []
+    text = blob[len(REASONING_BLOB_PREFIX):]
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, TypeError):
+        log.debug("dropping reasoning item at %s: unreadable encrypted_content", param)
+        return []
+    blocks = payload.get("b") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("o") != origin or not isinstance(blocks, list):
+        log.debug("dropping reasoning item at %s: made by another provider or model", param)
+        return []
+    rebuilt = [_thinking_block(b) for b in blocks]
+    return [b for b in rebuilt if b is not None]
+
+# ---- request: input items ------------------------------------------------------------------
+
+
+def _responses_file(part: dict, param: str) -> dict:
+    """input_file: a file_url becomes a URL document, file_data a PDF or text document."""
+    if isinstance(part.get("file_url"), str):
+        return {"type": "document", "source": {"type": "url", "url": part["file_url"]}}
+    if not isinstance(part.get("file_data"), str):
+        raise BadRequest("input_file needs file_data or file_url (file_id needs OpenAI's file store)",
+                         param=param)
+    return _file_block({"file": {"file_data": part["file_data"], "filename": part.get("filename")}}, param)
+
+
+def _responses_image(part: dict, param: str) -> dict:
+    """input_image with an image_url (URL or data URL) as an image block."""
+    if part.get("image_url") is None and part.get("file_id"):
+        raise BadRequest("input_image.file_id needs OpenAI's file store: send image_url", param=param + ".file_id")
+    return _image_block({"image_url": part.get("image_url")}, param)
+
+
+RESPONSES_PART_CONVERTERS = {
+    "input_text": lambda p, param: _text_block(p.get("text"), param + ".text"),
+    "output_text": lambda p, param: _text_block(p.get("text"), param + ".text"),
+    "refusal": lambda p, param: _text_block(p.get("refusal"), param + ".refusal"),
+    "input_image": lambda p, param: [_responses_image(p, param)],
+    "input_file": lambda p, param: [_responses_file(p, param)]}
+
+
+def _responses_blocks(content: Any, param: str) -> List[dict]:
+    """Message content or a call output (string or parts) as Anthropic blocks."""
+    if isinstance(content, str):
+        return _text_block(content, param)
+    _expect(isinstance(content, list), "content must be a string or a list of parts", param)
+    blocks: List[dict] = []
+    for i, part in enumerate(content):
+        _expect(isinstance(part, dict), "content part must be an object", f"{param}.{i}")
+        convert_part = RESPONSES_PART_CONVERTERS.get(part.get("type"))
+        if convert_part is None:
+            raise BadRequest("content part type %r is not supported" % part.get("type"), param=f"{param}.{i}.type")
+        blocks += convert_part(part, f"{param}.{i}")
+    return blocks
+
+
+def _responses_message(item: dict, param: str, origin: str) -> List[dict]:
+    """A message item as one turn; system and developer messages as a "system" turn."""
+    role = RESPONSES_ROLES.get(item.get("role"))
+    _expect(role is not None, "unknown role %r" % (item.get("role"),), param + ".role")
+    blocks = _responses_blocks(item.get("content"), param + ".content")
+    _expect(role != "system" or all(b["type"] == "text" for b in blocks),
+            "system and developer messages take text only", param + ".content")
+    return [{"role": role, "content": blocks}]
+
+
+def _flat_tool_name(namespace: Any, name: Any, param: str) -> str:
+    """The tool name Claude sees: a namespaced tool flattened to <namespace>__<name>."""
+    _expect(isinstance(name, str) and name != "", "a tool name is required", param + ".name")
+    return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if isinstance(namespace, str) and namespace else name
+
+
+def _responses_call(item: dict, param: str, origin: str) -> List[dict]:
+    """function_call / custom_tool_call as an assistant tool_use (custom input wrapped)."""
+    call_id = item.get("call_id") or item.get("id")
+    _expect(isinstance(call_id, str) and call_id != "", "a call needs its call_id", param + ".call_id")
+    if item["type"] == "custom_tool_call":
+        _expect(isinstance(item.get("input"), str), "input must be a string", param + ".input")
+        tool_input = {CUSTOM_TOOL_FIELD: item["input"]}
+    else:
+        tool_input = _tool_input(item.get("arguments"), param + ".arguments")
+    name = _flat_tool_name(item.get("namespace"), item.get("name"), param)
+    return [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": sanitize_tool_id(call_id), "name": name, "input": tool_input}]}]
+
+
+def _responses_call_output(item: dict, param: str, origin: str) -> List[dict]:
+    """function_call_output / custom_tool_call_output as a user tool_result."""
+    call_id = item.get("call_id")
+    _expect(isinstance(call_id, str) and call_id != "", "a call output needs its call_id", param + ".call_id")
+    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": sanitize_tool_id(call_id)}
+    output = item.get("output")
+    content = output if isinstance(output, str) else _responses_blocks(output, param + ".output")
+    if content:
+        block["content"] = content
+    return [{"role": "user", "content": [block]}]
+
+
+def _responses_reasoning(item: dict, param: str, origin: str) -> List[dict]:
+    """A reasoning item as the thinking blocks its encrypted_content carries (or nothing)."""
+    return [{"role": "assistant", "content": decode_reasoning(item.get("encrypted_content"), origin, param)}]
+
+
+RESPONSES_ITEM_CONVERTERS: Dict[str, Callable[[dict, str, str], List[dict]]] = {
+    "message": _responses_message, "function_call": _responses_call, "custom_tool_call": _responses_call,
+    "function_call_output": _responses_call_output, "custom_tool_call_output": _responses_call_output,
+    "reasoning": _responses_reasoning}
+
+
+def responses_input_items(responses_body: dict) -> List[dict]:
+    """The input as a list of items: a string is one user message; a missing type means message."""
+    value = responses_body.get("input")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    _expect(isinstance(value, list), "input must be a string or a list of items", "input")
+    for i, item in enumerate(value):
+        _expect(isinstance(item, dict), "input item must be an object", f"input.{i}")
+    return [item if item.get("type") else dict(item, type="message") for item in value]
+
+
+def _responses_turns(items: List[dict], origin: str) -> Tuple[List[dict], List[dict]]:
+    """Input items -> (system text blocks, Anthropic turns before repair)."""
+    system: List[dict] = []
+    turns: List[dict] = []
+    for i, item in enumerate(items):
+        convert_item = RESPONSES_ITEM_CONVERTERS.get(item["type"])
+        if convert_item is None:
+            log.debug("dropping input item of type %r at input.%d: no Anthropic form", item["type"], i)
+            continue
+        for turn in convert_item(item, f"input.{i}", origin):
+            if turn["role"] == "system":
+                system += turn["content"]
+            else:
+                turns.append(turn)
+    return system, turns
+
+# ---- request: tools ------------------------------------------------------------------------
+
+
+def _custom_tool_description(tool: dict) -> str:
+    """A custom tool's description plus what its one `input` string must hold."""
+    fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    note = "Pass the tool's raw free-form input as the `input` string, exactly as the tool expects it."
+    if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
+        note += " It must match this %s grammar:\n%s" % (fmt.get("syntax") or "", fmt["definition"])
+    return ((tool.get("description") or "") + "\n\n" + note).strip()
+
+
+def _responses_tool(tool: Any, param: str, namespace: Optional[str] = None) -> Tuple[dict, dict]:
+    """A function or custom tool -> (Anthropic tool, its entry in the tool table)."""
+    _expect(isinstance(tool, dict) and tool.get("type") in ("function", "custom"),
+            "expected a function or custom tool", param)
+    name = _flat_tool_name(namespace, tool.get("name"), param)
+    entry = {"type": tool["type"], "name": tool["name"]}
+    if namespace:
+        entry["namespace"] = namespace
+    if tool["type"] == "custom":
+        schema = {"type": "object", "properties": {CUSTOM_TOOL_FIELD: {"type": "string"}},
+                  "required": [CUSTOM_TOOL_FIELD]}
+        return {"name": name, "description": _custom_tool_description(tool), "input_schema": schema}, entry
+    schema = tool.get("parameters") or {"type": "object", "properties": {}}
+    _expect(isinstance(schema, dict), "parameters must be a JSON Schema object", param + ".parameters")
+    out = {"name": name, "description": tool["description"]} if tool.get("description") else {"name": name}
+    out["input_schema"] = schema
+    if tool.get("strict") is True:
+        out["strict"] = True
+    return out, entry
+
+
+def _expand_tool(tool: Any, param: str) -> Optional[List[Tuple[dict, dict]]]:
+    """One client tool as (Anthropic tool, table entry) pairs; None for a tool with no Claude form."""
+    _expect(isinstance(tool, dict), "tool must be an object", param)
+    if tool.get("type") in ("function", "custom"):
+        return [_responses_tool(tool, param)]
+    if tool.get("type") != "namespace":
+        return None
+    inner = tool.get("tools")
+    _expect(isinstance(tool.get("name"), str) and isinstance(inner, list),
+            "a namespace needs a name and a list of tools", param)
+    return [_responses_tool(t, f"{param}.tools.{k}", tool["name"]) for k, t in enumerate(inner)]
+
+
+def responses_tools(responses_body: dict) -> Tuple[List[dict], Dict[str, dict], List[str]]:
+    """Client tools -> (Anthropic tools, tool table by Anthropic name, types of built-ins dropped)."""
+    tools = responses_body.get("tools") or []
+    _expect(isinstance(tools, list), "tools must be a list", "tools")
+    anthropic_tools: List[dict] = []
+    table: Dict[str, dict] = {}
+    dropped: List[str] = []
+    for i, tool in enumerate(tools):
+        pairs = _expand_tool(tool, f"tools.{i}")
+        if pairs is None:
+            dropped.append(str(tool.get("type")))
+        for anthropic_tool, entry in pairs or []:
+            _expect(anthropic_tool["name"] not in table, "two tools are named %r" % anthropic_tool["name"], f"tools.{i}")
+            anthropic_tools.append(anthropic_tool)
+            table[anthropic_tool["name"]] = entry
+    return anthropic_tools, table, dropped
+
+
+def _responses_tool_choice(choice: Any, table: Dict[str, dict]) -> Optional[dict]:
+    """tool_choice -> Anthropic tool_choice; a forced built-in tool is a BadRequest."""
+    if choice is None or isinstance(choice, str):
+        _expect(choice is None or choice in RESPONSES_TOOL_CHOICE,
+                "tool_choice must be auto, required, none or a tool", "tool_choice")
+        return dict(RESPONSES_TOOL_CHOICE[choice]) if choice else None
+    _expect(isinstance(choice, dict), "tool_choice must be a string or an object", "tool_choice")
+    kind = choice.get("type")
+    if kind == "allowed_tools":
+        return dict(RESPONSES_TOOL_CHOICE.get(choice.get("mode"), {"type": "auto"}))
+    if kind not in ("function", "custom"):
+        raise BadRequest("tool_choice forces the built-in tool %r, which this route cannot run" % kind,
+                         param="tool_choice.type")
+    name = _flat_tool_name(choice.get("namespace"), choice.get("name"), "tool_choice")
+    _expect(name in table, "tool_choice names %r, which is not among the tools" % name, "tool_choice.name")
+    return {"type": "tool", "name": name}
+
+
+def _allowed_tool_names(choice: Any) -> Optional[set]:
+    """The Anthropic names a tool_choice of type allowed_tools lets through, else None."""
+    if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
+        return None
+    allowed = choice.get("tools")
+    _expect(isinstance(allowed, list), "allowed_tools needs a list of tools", "tool_choice.tools")
+    return {_flat_tool_name(t.get("namespace"), t.get("name"), "tool_choice.tools")
+            for t in allowed if isinstance(t, dict) and t.get("type") in ("function", "custom")}
+
+
+def _apply_responses_tools(responses_body: dict, anthropic_body: dict) -> None:
+    """tools (flattened, built-ins dropped), tool_choice, parallel_tool_calls."""
+    tools, table, _ = responses_tools(responses_body)
+    choice = responses_body.get("tool_choice")
+    tool_choice = _responses_tool_choice(choice, table)
+    allowed = _allowed_tool_names(choice)
+    tools = [t for t in tools if allowed is None or t["name"] in allowed]
+    if not tools:
+        return
+    anthropic_body["tools"] = tools
+    if responses_body.get("parallel_tool_calls") is False and (tool_choice or {}).get("type") != "none":
+        tool_choice = dict(tool_choice or {"type": "auto"}, disable_parallel_tool_use=True)
+    if tool_choice:
+        anthropic_body["tool_choice"] = tool_choice
+
+# ---- request: entry points -----------------------------------------------------------------
+
+
+def _apply_text_format(responses_body: dict, anthropic_body: dict) -> None:
+    """text.format -> output_config.format (strict) or the JSON-object line; verbosity dropped."""
+    text = responses_body.get("text")
+    if text is None:
+        return
+    _expect(isinstance(text, dict), "text must be an object", "text")
+    fmt = text.get("format") if isinstance(text.get("format"), dict) else {}
+    _set_output_format(fmt.get("type"), fmt.get("schema"), anthropic_body, "text.format.type", "text.format.schema")
+    if text.get("verbosity") is not None:
+        log.debug("dropping text.verbosity %r: no Anthropic equivalent", text["verbosity"])
+
+
+def _drop_thinking_when_off(anthropic_body: dict) -> None:
+    """Replayed thinking blocks removed (and the turns repaired) when thinking is not on."""
+    if "thinking" in anthropic_body:
+        return
+    messages = anthropic_body["messages"]
+    kept = [dict(m, content=[b for b in m["content"] if b["type"] not in THINKING_BLOCK_TYPES]) for m in messages]
+    if kept != messages:
+        log.debug("replayed thinking blocks dropped: thinking is off for this request")
+        anthropic_body["messages"] = _repair_turns(kept, "input")
+
+
+def _screen_fields(responses_body: dict) -> None:
+    """One debug line per top-level field with no Anthropic form; BadRequest for server-side objects."""
+    for key, reason in RESPONSES_REJECTED_FIELDS.items():
+        if responses_body.get(key) is not None:
+            raise BadRequest(f"{key} is not supported: {reason}", param=key)
+    for key in sorted(responses_body.keys() - RESPONSES_MAPPED_FIELDS):
+        log.debug("dropping field %r: no Anthropic equivalent", key)
+    extras = [i for i in responses_body.get("include") or [] if i != "reasoning.encrypted_content"]
+    if extras:
+        log.debug("dropping include values %s: nothing to include on this route", extras)
+
+
+def responses_to_anthropic_request(responses_body: dict, model: str, *, variant_effort: Optional[str] = None,
+                                   thinking_style: Optional[str] = None, origin: str = "",
+                                   for_chat: bool = False) -> dict:
+    """A Responses body (its input already expanded) -> Anthropic /v1/messages body (pure; G.9).
+    for_chat: the body goes on to 9a, where replayed thinking is the provider's replay_reasoning
+    field, so it is kept even with thinking off."""
+    _expect(isinstance(responses_body, dict), "request body must be a JSON object", "body")
+    _screen_fields(responses_body)
+    system, turns = _responses_turns(responses_input_items(responses_body), origin)
+    instructions = responses_body.get("instructions")
+    system = (_text_block(instructions, "instructions") if instructions is not None else []) + system
+    explicit_max = _max_tokens(responses_body, ("max_output_tokens",))
+    anthropic_body: Dict[str, Any] = {"model": model, "messages": _repair_turns(turns, "input"),
+                                      "max_tokens": explicit_max or DEFAULT_ANTHROPIC_MAX_TOKENS}
+    if system:
+        anthropic_body["system"] = system
+    _apply_sampling_fields(responses_body, anthropic_body)
+    _apply_responses_tools(responses_body, anthropic_body)
+    _apply_text_format(responses_body, anthropic_body)
+    _apply_thinking(anthropic_body, _requested_effort(responses_body, variant_effort),
+                    thinking_style_for(model, thinking_style), explicit_max is not None)
+    if not for_chat:
+        _drop_thinking_when_off(anthropic_body)
+    _fit_output_limit(anthropic_body, model)
+    _restrict_sampling(anthropic_body, model)
+    return anthropic_body
+
+
+def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_effort: Optional[str] = None,
+                                origin: str = "") -> dict:
+    """A Responses body -> chat.completions body, through the hub (9c then 9a). Without
+    max_output_tokens the provider's own default applies, not Claude's; the effort asked for
+    is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
+    anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
+                                                    thinking_style=spec["thinking"], origin=origin, for_chat=True)
+    if responses_body.get("max_output_tokens") is None:
+        del anthropic_body["max_tokens"]
+    effort = _requested_effort(responses_body, variant_effort)
+    if "thinking" not in anthropic_body and effort not in (None, "none"):
+        anthropic_body.setdefault("output_config", {})["effort"] = effort
+    return anthropic_to_openai_request(anthropic_body, spec)
+
+# ---- response: the response object -----------------------------------------------------------
+
+
+def responses_shell(responses_body: dict, response_id: str, created_at: int) -> dict:
+    """The response object before any output: the request's settings echoed (PROTOCOLS G.5)."""
+    body = responses_body
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    shell = {"id": response_id, "object": "response", "created_at": created_at, "status": "in_progress",
+             "background": False, "error": None, "incomplete_details": None,
+             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+             "max_tool_calls": body.get("max_tool_calls"), "model": body.get("model"), "output": [],
+             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+             "previous_response_id": body.get("previous_response_id"),
+             "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+             "service_tier": "default", "store": body.get("store") is not False,
+             "temperature": body.get("temperature"),
+             "text": body.get("text") or {"format": {"type": "text"}, "verbosity": "medium"},
+             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+             "top_p": body.get("top_p"), "truncation": body.get("truncation") or "disabled",
+             "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {}}
+    for key in ("safety_identifier", "prompt_cache_key"):
+        if body.get(key) is not None:
+            shell[key] = body[key]
+    return shell
+
+
+def responses_usage(anthropic_usage: dict) -> dict:
+    """Anthropic usage -> Responses usage: input counts cache reads and writes (G.5, G.9)."""
+    usage = openai_usage_from_anthropic(anthropic_usage)
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {"input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": int(anthropic_usage.get("cache_creation_input_tokens") or 0)},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": int(reasoning)},
+            "total_tokens": usage["total_tokens"]}
+
+
+def responses_error(error_type: Optional[str], message: str) -> dict:
+    """response.error for an upstream failure, with the code Codex classifies by."""
+    if message.startswith("prompt is too long"):
+        return {"code": "context_length_exceeded", "message": message}
+    return {"code": RESPONSES_ERROR_CODES.get(error_type or "", "server_error"), "message": message}
+
+
+def _url_annotation(citation: Any, start: int, end: int) -> Optional[dict]:
+    """A Claude citation with a web URL as a url_citation annotation over [start, end)."""
+    url = citation.get("url") or citation.get("source") if isinstance(citation, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        log.debug("dropping citation without a web URL: %.80r", citation)
+        return None
+    return {"type": "url_citation", "start_index": start, "end_index": end, "url": url,
+            "title": citation.get("title") or ""}
+
+# ---- response: Anthropic stream -> Responses events ------------------------------------------
+
+
+class AnthropicToResponsesStream:
+    """Anthropic stream events in, Responses stream events out (PROTOCOLS B.7 in, G.6 out).
+
+    Theory of operation. Responses frames an answer as response.created and .in_progress, then
+    output items, each output_item.added -> its deltas -> output_item.done with the complete
+    item (Codex builds its history from .done alone), then one terminal event carrying the whole
+    response. Items follow Anthropic blocks, one open at a time: thinking and redacted_thinking
+    -> reasoning (summary text streamed when the client asked for summaries; the blocks packed
+    into encrypted_content at the end), tool_use -> function_call, or custom_tool_call when the
+    tool table says the client's tool was custom (its wrapped JSON is parsed at the block stop,
+    so its input goes out as one delta), text -> message. Consecutive text blocks (Claude
+    splits an answer at each citation) share one message and one output_text part; a citation
+    becomes a url_citation over the text of its block, announced at that block's stop. Blocks
+    with no Responses form (server tools and their results) are skipped without closing the
+    message. message_delta records stop_reason and usage; message_stop (or close(), for a
+    stream that ended after its stop_reason) closes the open item (incomplete after max_tokens)
+    and sends response.completed or .incomplete (RESPONSES_STATUS). An error event, or fail()
+    from the handler when the upstream broke off, sends response.failed; the machine is then
+    finished. Every event carries the next sequence_number; the same response object, with
+    status and output filled, is the terminal event's payload and the non-streaming answer."""
+
+    _HANDLERS = {"message_start": "_on_message_start", "content_block_start": "_on_block_start",
+                 "content_block_delta": "_on_block_delta", "content_block_stop": "_on_block_stop",
+                 "message_delta": "_on_message_delta", "message_stop": "_on_message_stop",
+                 "error": "_on_error"}
+    _OPENERS = {"text": "_open_text", "thinking": "_open_reasoning", "redacted_thinking": "_open_reasoning",
+                "tool_use": "_open_call"}
+    _DELTAS = {("message", "text_delta"): "_text_delta", ("message", "citations_delta"): "_citation",
+               ("reasoning", "thinking_delta"): "_thinking_delta", ("reasoning", "signature_delta"): "_signature",
+               ("function_call", "input_json_delta"): "_arguments_delta",
+               ("custom_tool_call", "input_json_delta"): "_custom_input_delta"}
+    _CLOSERS = {"message": "_close_message", "reasoning": "_close_reasoning",
+                "function_call": "_close_function_call", "custom_tool_call": "_close_custom_call"}
+
+    def __init__(self, shell: dict, *, tools: Optional[Dict[str, dict]] = None, origin: str = "",
+                 summaries: bool = True, ids: Callable[[str], str] = new_id):
+        self.shell = shell
+        self.tools = tools or {}
+        self.origin = origin
+        self.summaries = summaries
+        self._ids = ids
+        self.finished = False
+        self.response: Optional[dict] = None     # the terminal event's response object
+        self.output: List[dict] = []             # finished items, in output_index order
+        self._seq = 0
+        self._started = False
+        self._item: Optional[dict] = None        # the open item's state (see _open)
+        self._block: Optional[int] = None        # the Anthropic block that feeds it
+        self._stop_reason: Optional[str] = None
+        self._usage: Dict[str, Any] = {}
+
+    def feed(self, anthropic_event: dict) -> List[dict]:
+        """Consume one Anthropic event; return the Responses events it produces."""
+        if self.finished or not isinstance(anthropic_event, dict):
+            return []
+        handler = self._HANDLERS.get(anthropic_event.get("type"))
+        return getattr(self, handler)(anthropic_event) if handler else []    # ping, unknown: B.7
+
+    def close(self) -> List[dict]:
+        """End of upstream: the open item closed and the terminal event; [] when finished."""
+        return [] if self.finished else self._finish()
+
+    @property
+    def saw_finish(self) -> bool:
+        """Whether the upstream said it finished (a stop_reason), as a complete answer does."""
+        return self._stop_reason is not None
+
+    def fail(self, message: str, error_type: Optional[str] = None) -> List[dict]:
+        """response.failed for an upstream failure (after response.created if still due)."""
+        if self.finished:
+            return []
+        events = self._start()
+        self.finished = True
+        self.response = self._snapshot("failed", error=responses_error(error_type, message))
+        return events + [self._event("response.failed", response=self.response)]
+
+    # -- events and snapshots
+
+    def _event(self, kind: str, **fields: Any) -> dict:
+        """One event with the next sequence number."""
+        event = {"type": kind, "sequence_number": self._seq}
+        event.update(fields)
+        self._seq += 1
+        return event
+
+    def _snapshot(self, status: str, **fields: Any) -> dict:
+        """The response object now: shell, status, finished output, usage."""
+        usage = responses_usage(self._usage) if status != "in_progress" else None
+        return dict(self.shell, status=status, output=list(self.output), usage=usage, **fields)
+
+    def _start(self) -> List[dict]:
+        """response.created and response.in_progress, once."""
+        if self._started:
+            return []
+        self._started = True
+        return [self._event("response.created", response=self._snapshot("in_progress")),
+                self._event("response.in_progress", response=self._snapshot("in_progress"))]
+
+    def _finish(self) -> List[dict]:
+        """Close the open item, then response.completed or response.incomplete."""
+        status, reason = RESPONSES_STATUS.get(self._stop_reason or "end_turn", ("completed", None))
+        events = self._start() + self._close_item("incomplete" if status == "incomplete" else "completed")
+        self.finished = True
+        self.response = self._snapshot(status, incomplete_details={"reason": reason} if reason else None)
+        return events + [self._event(RESPONSES_TERMINAL[status], response=self.response)]
+
+    # -- items
+
+    def _open(self, item: dict, **state: Any) -> List[dict]:
+        """Make `item` the open one at the next output index; output_item.added."""
+        self._item = dict(state, item=item, index=len(self.output), id=item.get("id"))
+        return [self._event("response.output_item.added", output_index=len(self.output), item=dict(item))]
+
+    def _close_item(self, status: str = "completed") -> List[dict]:
+        """Finish the open item: its closing events, then output_item.done with the whole item."""
+        state, self._item, self._block = self._item, None, None
+        if state is None:
+            return []
+        events, item = getattr(self, self._CLOSERS[state["item"]["type"]])(state)
+        if "status" in item:
+            item["status"] = status
+        self.output.append(item)
+        return events + [self._event("response.output_item.done", output_index=state["index"], item=item)]
+
+    def _part_event(self, kind: str, state: dict, **fields: Any) -> dict:
+        """An event about the open item (item_id and output_index filled)."""
+        return self._event(kind, item_id=state["id"], output_index=state["index"], **fields)
+
+    # -- handlers
+
+    def _on_message_start(self, event: dict) -> List[dict]:
+        self._usage.update((event.get("message") or {}).get("usage") or {})
+        return self._start()
+
+    def _on_block_start(self, event: dict) -> List[dict]:
+        block = event.get("content_block") or {}
+        opener = self._OPENERS.get(block.get("type"))
+        events = self._start()
+        if opener is None:              # server tools and their results have no Responses form
+            log.debug("dropping %r block: no Responses form", block.get("type"))
+            self._block = None
+            return events
+        events += getattr(self, opener)(block)
+        self._block = event.get("index")
+        return events
+
+    def _on_block_delta(self, event: dict) -> List[dict]:
+        state = self._item
+        if state is None or event.get("index") != self._block:
+            return []
+        delta = event.get("delta") or {}
+        handler = self._DELTAS.get((state["item"]["type"], delta.get("type")))
+        return getattr(self, handler)(state, delta) if handler else []
+
+    def _on_block_stop(self, event: dict) -> List[dict]:
+        state = self._item
+        if state is None or event.get("index") != self._block:
+            return []
+        if state["item"]["type"] == "message":      # the message may go on in the next text block
+            self._block = None
+            return self._annotate(state)
+        return self._close_item()
+
+    def _on_message_delta(self, event: dict) -> List[dict]:
+        self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
+        self._usage.update(event.get("usage") or {})
+        return []
+
+    def _on_message_stop(self, event: dict) -> List[dict]:
+        return self._finish()
+
+    def _on_error(self, event: dict) -> List[dict]:
+        error = event.get("error") or {}
+        return self.fail(str(error.get("message") or "upstream error"), error.get("type"))
+
+    # -- message (text blocks)
+
+    def _open_text(self, block: dict) -> List[dict]:
+        """A text block: opens a message, or goes on in the open one."""
+        events: List[dict] = []
+        if self._item is None or self._item["item"]["type"] != "message":
+            events = self._close_item() + self._open(
+                {"id": self._ids("msg_"), "type": "message", "status": "in_progress", "content": [],
+                 "role": "assistant"}, text=[], length=0, annotations=[])
+            events.append(self._part_event("response.content_part.added", self._item, content_index=0,
+                                           part={"type": "output_text", "text": "", "annotations": []}))
+        self._item.update(block_start=self._item["length"], citations=[])
+        if block.get("text"):
+            events += self._text_delta(self._item, block)
+        return events
+
+    def _text_delta(self, state: dict, delta: dict) -> List[dict]:
+        text = delta.get("text")
+        if not text:
+            return []
+        state["text"].append(text)
+        state["length"] += len(text)
+        return [self._part_event("response.output_text.delta", state, content_index=0, delta=text, logprobs=[])]
+
+    def _citation(self, state: dict, delta: dict) -> List[dict]:
+        state["citations"].append(delta.get("citation"))
+        return []
+
+    def _annotate(self, state: dict) -> List[dict]:
+        """The citations of the text block that just stopped, as annotations over its text."""
+        events: List[dict] = []
+        for citation in state.pop("citations", []):
+            annotation = _url_annotation(citation, state["block_start"], state["length"])
+            if annotation:
+                events.append(self._part_event("response.output_text.annotation.added", state, content_index=0,
+                                               annotation_index=len(state["annotations"]), annotation=annotation))
+                state["annotations"].append(annotation)
+        return events
+
+    def _close_message(self, state: dict) -> Tuple[List[dict], dict]:
+        events = self._annotate(state)
+        part = {"type": "output_text", "text": "".join(state["text"]), "annotations": state["annotations"]}
+        events += [self._part_event("response.output_text.done", state, content_index=0, text=part["text"],
+                                    logprobs=[]),
+                   self._part_event("response.content_part.done", state, content_index=0, part=part)]
+        return events, dict(state["item"], content=[part])
+
+    # -- reasoning (thinking and redacted_thinking blocks)
+
+    def _open_reasoning(self, block: dict) -> List[dict]:
+        events = self._close_item() + self._open({"id": self._ids("rs_"), "type": "reasoning", "summary": []},
+                                                 thinking=[], signature=[], summary=False)
+        if block.get("type") == "redacted_thinking":
+            self._item["redacted"] = block.get("data", "")
+        elif block.get("thinking"):
+            events += self._thinking_delta(self._item, block)
+        return events
+
+    def _thinking_delta(self, state: dict, delta: dict) -> List[dict]:
+        text = delta.get("thinking")
+        if not text:
+            return []
+        state["thinking"].append(text)
+        if not self.summaries:
+            return []
+        events = [] if state["summary"] else [self._part_event(
+            "response.reasoning_summary_part.added", state, summary_index=0, part={"type": "summary_text", "text": ""})]
+        state["summary"] = True
+        return events + [self._part_event("response.reasoning_summary_text.delta", state, summary_index=0, delta=text)]
+
+    def _signature(self, state: dict, delta: dict) -> List[dict]:
+        state["signature"].append(delta.get("signature") or "")
+        return []
+
+    def _close_reasoning(self, state: dict) -> Tuple[List[dict], dict]:
+        text = "".join(state["thinking"])
+        block = {"type": "redacted_thinking", "data": state["redacted"]} if "redacted" in state else \
+            {"type": "thinking", "thinking": text, "signature": "".join(state["signature"])}
+        item = dict(state["item"], summary=[{"type": "summary_text", "text": text}] if state["summary"] else [],
+                    encrypted_content=encode_reasoning(self.origin, [block]))
+        if not state["summary"]:
+            return [], item
+        part = {"type": "summary_text", "text": text}
+        return [self._part_event("response.reasoning_summary_text.done", state, summary_index=0, text=text),
+                self._part_event("response.reasoning_summary_part.done", state, summary_index=0, part=part)], item
+
+    # -- tool calls (function_call, custom_tool_call)
+
+    def _open_call(self, block: dict) -> List[dict]:
+        name = block.get("name") or ""
+        entry = self.tools.get(name) or {"type": "function", "name": name}
+        item: Dict[str, Any]
+        if entry["type"] == "custom":
+            item = {"id": self._ids("ctc_"), "type": "custom_tool_call", "call_id": block.get("id"),
+                    "name": entry["name"], "input": ""}
+        else:
+            item = {"id": self._ids("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
+                    "call_id": block.get("id"), "name": entry["name"]}
+        if entry.get("namespace"):
+            item["namespace"] = entry["namespace"]
+        return self._close_item() + self._open(item, json=[])
+
+    def _arguments_delta(self, state: dict, delta: dict) -> List[dict]:
+        fragment = delta.get("partial_json")
+        if not fragment:
+            return []
+        state["json"].append(fragment)
+        return [self._part_event("response.function_call_arguments.delta", state, delta=fragment)]
+
+    def _custom_input_delta(self, state: dict, delta: dict) -> List[dict]:
+        state["json"].append(delta.get("partial_json") or "")
+        return []
+
+    def _close_function_call(self, state: dict) -> Tuple[List[dict], dict]:
+        arguments = "".join(state["json"])
+        events = [] if arguments else [self._part_event("response.function_call_arguments.delta", state, delta="{}")]
+        arguments = arguments or "{}"
+        events.append(self._part_event("response.function_call_arguments.done", state, arguments=arguments))
+        return events, dict(state["item"], arguments=arguments)
+
+    def _close_custom_call(self, state: dict) -> Tuple[List[dict], dict]:
+        wrapped = _parse_tool_input("".join(state["json"]))
+        raw = wrapped.get(CUSTOM_TOOL_FIELD) if isinstance(wrapped, dict) else None
+        raw = raw if isinstance(raw, str) else "".join(state["json"])
+        return [self._part_event("response.custom_tool_call_input.delta", state, delta=raw),
+                self._part_event("response.custom_tool_call_input.done", state, input=raw)], \
+            dict(state["item"], input=raw)
+
+
+class ChainedStream:
+    """Two stream machines in series: OpenAI chunks -> Anthropic events -> Responses events."""
+
+    def __init__(self, first: Any, second: Any):
+        self.first = first
+        self.second = second
+
+    @property
+    def finished(self) -> bool:
+        """Finished when the last machine is."""
+        return self.second.finished
+
+    @property
+    def saw_finish(self) -> bool:
+        """Whether the upstream said it finished."""
+        return self.first.saw_finish
+
+    def feed(self, upstream_event: Any) -> List[Any]:
+        """The last machine's events for one upstream event."""
+        out: List[Any] = []
+        for middle in self.first.feed(upstream_event):
+            out += self.second.feed(middle)
+        return out
+
+    def close(self) -> List[Any]:
+        """Close both, in order."""
+        out: List[Any] = []
+        for middle in self.first.close():
+            out += self.second.feed(middle)
+        return out + self.second.close()
+
+# ---- response: non-streaming, folded from the same machine -------------------------------------
+
+
+def fold_responses_events(responses_events: List[dict]) -> dict:
+    """The response object of a finished Responses stream; a failed one raises UpstreamError."""
+    terminal = next((e for e in reversed(responses_events) if e.get("type") in RESPONSES_TERMINAL.values()), None)
+    if terminal is None:
+        raise UpstreamError("the answer ended before it finished")
+    response = terminal["response"]
+    if response["status"] == "failed":
+        raise UpstreamError(response["error"]["message"])
+    return response
+
+
+def anthropic_to_responses_response(anthropic_message: dict, machine: AnthropicToResponsesStream) -> dict:
+    """A non-streaming Anthropic message as a response object, through the stream machine."""
+    events: List[dict] = []
+    for event in anthropic_message_as_events(anthropic_message):
+        events += machine.feed(event)
+    return fold_responses_events(events + machine.close())
 
 # =============================================================================================
 # 10. OAuth
@@ -4952,12 +5798,12 @@ def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
     return Target(spec, config.providers[spec["provider"]], route)
 
 
-def resolve_openai_target(config: Config, requested: str) -> Target:
+def resolve_openai_target(config: Config, requested: str, thinking: bool = False) -> Target:
     """Route an OpenAI client's model name, understanding Claude's -reasoning-* and -1m variants."""
     base, effort, one_m = parse_model_variant(requested)
     if requested in config.models or base == requested:
-        return resolve_target(config, requested)
-    target = resolve_target(config, base, thinking=effort is not None)
+        return resolve_target(config, requested, thinking=thinking)
+    target = resolve_target(config, base, thinking=thinking or effort is not None)
     target.effort, target.one_m = effort, one_m
     return target
 
@@ -5190,6 +6036,7 @@ class Exchange:
         self.relay: Optional[Relay] = None
         self.oauth_used = False
         self.error_type: Optional[str] = None
+        self.stream_error: Optional[Callable[[ProxyError], bytes]] = None  # an error in the stream's own grammar
 
     # -- work off the loop ----------------------------------------------------------------------
 
@@ -5358,7 +6205,8 @@ class Exchange:
         body = raw or await self.run(json_bytes, anthropic_body)
         return provider["base_url"] + path, headers, body
 
-    async def openai_call(self, target: Target, openai_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    async def openai_call(self, target: Target, openai_body: dict,
+                          path: str = "/chat/completions") -> Tuple[str, List[Tuple[str, str]], bytes]:
         """URL, headers and body for an openai-format provider."""
         provider = target.provider
         mode = await self.auth_mode(provider)
@@ -5367,7 +6215,7 @@ class Exchange:
         headers = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")]
         headers += self.credential_headers(provider, mode)
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        url = provider["base_url"] + "/chat/completions"
+        url = provider["base_url"] + path
         if provider.get("azure"):             # Azure OpenAI: the deployment is in base_url
             url += "?api-version=" + urllib.parse.quote(provider["api_version"])
         return url, headers, await self.run(json_bytes, openai_body)
@@ -5416,6 +6264,189 @@ class Exchange:
         self.relay.stop()
         await self.out.finish()
         await drain_rest(body)
+
+
+# ---- stored responses (POST /v1/responses with store; sqlite3 off the event loop) -------------
+
+RESPONSES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, previous TEXT,
+                                      size INTEGER NOT NULL, response TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);
+CREATE TABLE IF NOT EXISTS items (response_id TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT,
+                                  kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (response_id, seq));
+CREATE INDEX IF NOT EXISTS items_by_id ON items (id);
+"""
+SQLITE_BUSY_TIMEOUT = 10.0          # seconds another process may hold the write lock
+MAX_RESPONSE_CHAIN = 1000           # previous_response_id links followed at most
+ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                  "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
+
+
+class ResponseStore:
+    """Stored responses in one sqlite3 file (WAL: several proxy processes share it), bounded by
+    size and age with the oldest evicted at each write. The blocking methods each open their own
+    connection and run in the loop's executor through `call`; a response is reserved while it is
+    being answered, so a request naming it as previous_response_id waits for its write."""
+
+    def __init__(self, path: str, *, max_bytes: int, max_age: float, clock: Clock = time.time):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.clock = clock
+        self._ready = False
+        self._pending: Dict[str, asyncio.Future] = {}
+
+    # -- blocking side (executor threads)
+
+    def _run(self, work: Callable[[sqlite3.Connection], Any], write: bool = False, absent: Any = None) -> Any:
+        """work(db) on a fresh connection; the file (0600, dir 0700) and schema made by the first write
+        (a read before any write answers `absent`)."""
+        if not self._ready and not write and not os.path.exists(self.path):
+            return absent
+        if not self._ready:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
+        try:
+            if not self._ready:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(RESPONSES_SCHEMA)
+                self._ready = True
+            return work(db)
+        finally:
+            db.close()
+
+    def put(self, response: dict, input_items: List[dict]) -> None:
+        """Store a response with its own input items (replacing one of the same id), then evict."""
+        rows = [("input", item) for item in input_items] + [("output", item) for item in response["output"]]
+        texts = [(kind, item.get("id"), json_text(item)) for kind, item in rows]
+        response_text = json_text(response)
+        size = len(response_text) + sum(len(text) for _, _, text in texts)
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            self._delete(db, [response["id"]])
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (
+                response["id"], self.clock(), response.get("previous_response_id"), size, response_text))
+            db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)", [
+                (response["id"], seq, item_id, kind, text) for seq, (kind, item_id, text) in enumerate(texts)])
+            self._delete(db, self._doomed(db))
+            db.execute("COMMIT")
+        self._run(work, write=True)
+
+    def _doomed(self, db: sqlite3.Connection) -> List[str]:
+        """Ids past the age limit, then the oldest until the rest fits the size limit."""
+        cutoff = self.clock() - self.max_age
+        doomed = [rid for (rid,) in db.execute("SELECT id FROM responses WHERE created < ?", (cutoff,))]
+        (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses WHERE created >= ?", (cutoff,)).fetchone()
+        excess = total - self.max_bytes
+        if excess <= 0:
+            return doomed
+        for rid, size in db.execute("SELECT id, size FROM responses WHERE created >= ? ORDER BY created",
+                                    (cutoff,)).fetchall():
+            if excess <= 0:
+                break
+            doomed.append(rid)
+            excess -= size
+        return doomed
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, response_ids: List[str]) -> int:
+        """Remove responses and their items; how many responses there were."""
+        gone = 0
+        for rid in response_ids:
+            gone += db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
+            db.execute("DELETE FROM items WHERE response_id = ?", (rid,))
+        return gone
+
+    def get(self, response_id: str) -> Optional[dict]:
+        """A stored response object, or None."""
+        row = self._run(lambda db: db.execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone())
+        return json.loads(row[0]) if row else None
+
+    def delete(self, response_id: str) -> bool:
+        """Forget one response (the chain through it is then cut there, as at OpenAI)."""
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            gone = self._delete(db, [response_id])
+            db.execute("COMMIT")
+            return gone
+        return bool(self._run(work, absent=0))
+
+    def input_items(self, response_id: str) -> Optional[List[dict]]:
+        """A stored response's own input items, or None when it is unknown."""
+        def work(db: sqlite3.Connection) -> Optional[List[dict]]:
+            if db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone() is None:
+                return None
+            return [json.loads(text) for (text,) in db.execute(
+                "SELECT item FROM items WHERE response_id = ? AND kind = 'input' ORDER BY seq", (response_id,))]
+        return self._run(work)
+
+    def history(self, response_id: str) -> Optional[List[dict]]:
+        """Input and output items of a response and its predecessors, oldest first; None if unknown."""
+        def work(db: sqlite3.Connection) -> Optional[List[dict]]:
+            chain, current = [], response_id
+            while current and len(chain) < MAX_RESPONSE_CHAIN:
+                row = db.execute("SELECT previous FROM responses WHERE id = ?", (current,)).fetchone()
+                if row is None:
+                    break
+                chain.append(current)
+                current = row[0]
+            if not chain:
+                return None
+            return [json.loads(text) for rid in reversed(chain) for (text,) in db.execute(
+                "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))]
+        return self._run(work)
+
+    def items(self, item_ids: List[str]) -> Dict[str, dict]:
+        """Stored items by id (for item_reference); unknown ids are absent."""
+        def work(db: sqlite3.Connection) -> Dict[str, dict]:
+            found = {}
+            for item_id in item_ids:
+                row = db.execute("SELECT item FROM items WHERE id = ? LIMIT 1", (item_id,)).fetchone()
+                if row:
+                    found[item_id] = json.loads(row[0])
+            return found
+        return self._run(work, absent={})
+
+    # -- event-loop side
+
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """One blocking method in the executor, after any write still pending for args[0]; a
+        database that fails is a 500 naming the file."""
+        pending = self._pending.get(args[0]) if args and isinstance(args[0], str) else None
+        if pending is not None:
+            await asyncio.shield(pending)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise ProxyError(f"response store {self.path}: {exc.__class__.__name__}: {exc}") from None
+
+    def reserve(self, response_id: str) -> None:
+        """Mark a response as being answered: reads of its id wait until release()."""
+        self._pending[response_id] = asyncio.get_running_loop().create_future()
+
+    def release(self, response_id: str) -> None:
+        """The response was stored (or will not be): let waiting reads go on."""
+        future = self._pending.pop(response_id, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+def with_item_ids(items: List[dict]) -> List[dict]:
+    """Input items as stored: each with an id (listings need one), minted where the client sent none."""
+    return [item if item.get("id") else dict(item, id=new_id(ITEM_ID_PREFIX.get(item.get("type"), "item_")))
+            for item in items]
+
+
+def list_page(items: List[dict], limit: int, order: str, after: Optional[str]) -> dict:
+    """One cursor page of items (`limit`, `order` asc|desc, `after` an item id), OpenAI's list shape."""
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item.get("id") for item in ordered]
+    start = ids.index(after) + 1 if after in ids else 0
+    data = ordered[start:start + limit]
+    return {"object": "list", "data": data, "first_id": data[0].get("id") if data else None,
+            "last_id": data[-1].get("id") if data else None, "has_more": start + limit < len(ordered)}
 
 
 async def handle_messages(x: Exchange) -> None:
@@ -5500,10 +6531,11 @@ async def handle_chat_completions(x: Exchange) -> None:
         await openai_via_anthropic(x, body)
 
 
-async def openai_passthrough(x: Exchange, body: dict) -> None:
-    """OpenAI in, OpenAI out: only the model name and the credentials rewritten."""
+async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/completions") -> None:
+    """OpenAI in, OpenAI out (chat completions, or Responses to a provider serving them): only
+    the model name and the credentials rewritten."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        url, headers, _ = await x.openai_call(target, {})
+        url, headers, _ = await x.openai_call(target, {}, path)
         same = body["model"] == target.spec["model"]
         return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
@@ -5542,6 +6574,161 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
             await x.out.respond_json(200, answer, relayed_headers(response.headers))
     finally:
         response.close()
+
+
+def responses_reasoning_on(responses_body: dict) -> bool:
+    """Whether a Responses request asks for reasoning (it then takes the think route)."""
+    reasoning = responses_body.get("reasoning")
+    return isinstance(reasoning, dict) and reasoning.get("effort") not in (None, "none")
+
+
+def reasoning_origin(target: Target) -> str:
+    """Who made a reasoning blob: its thinking is replayed only to the same provider and model."""
+    return f"{target.provider['name']}/{target.spec['model']}"
+
+
+async def handle_responses(x: Exchange) -> None:
+    """POST /v1/responses: a Responses client, to Claude or a chat provider (converted through the
+    hub), or relayed to a provider that serves /responses itself."""
+    body = await x.json_body({"model": str})
+    x.target = resolve_openai_target(x.config, body["model"], thinking=responses_reasoning_on(body))
+    if x.target.provider.get("responses"):
+        await openai_passthrough(x, body, "/responses")
+        return
+    own_input = with_item_ids(await x.run(convert, BadRequest, "request", responses_input_items, body))
+    expanded = dict(body, input=await responses_history(x, body, own_input))
+    _, tools, dropped = convert(BadRequest, "request", responses_tools, body)
+    if dropped:
+        log.info("built-in tools without an equivalent on %s dropped: %s", x.target.describe(), ", ".join(dropped))
+    store, response_id = x.server.responses, new_id("resp_")
+    shell = responses_shell(body, response_id, int(time.time()))
+    machine = AnthropicToResponsesStream(shell, tools=tools, summaries=shell["reasoning"]["summary"] is not None)
+    if body.get("store") is not False:
+        store.reserve(response_id)
+    try:
+        await responses_converted(x, body, expanded, machine)
+        if body.get("store") is not False and machine.response:
+            await store_response(store, machine.response, own_input)
+    finally:
+        store.release(response_id)
+
+
+async def responses_history(x: Exchange, body: dict, own_input: List[dict]) -> List[dict]:
+    """The input with the stored chain of previous_response_id in front and item references resolved."""
+    previous = body.get("previous_response_id")
+    history: List[dict] = []
+    if previous is not None:
+        found = await x.server.responses.call(x.server.responses.history, str(previous))
+        if found is None:
+            raise NotFound(f"Previous response with id {previous!r} not found.", param="previous_response_id")
+        history = found
+    references = [str(item.get("id")) for item in own_input if item["type"] == "item_reference"]
+    stored = await x.server.responses.call(x.server.responses.items, references) if references else {}
+    for item_id in references:
+        if item_id not in stored:
+            raise NotFound(f"Item with id {item_id!r} not found.", param="input")
+    return history + [stored[item["id"]] if item["type"] == "item_reference" else item for item in own_input]
+
+
+async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: AnthropicToResponsesStream) -> None:
+    """Convert the request for the target, then the answer (stream or not) through the machine."""
+    stream = bool(body.get("stream"))
+    x.stream_error = lambda exc: b"".join([format_responses_event(e) for e in machine.fail(exc.message, exc.error_type)])
+    response = await x.send(lambda target: responses_call(x, target, expanded), stream=stream)
+    try:
+        await x.check_status(response)
+        machine.origin = reasoning_origin(x.target)
+        via_chat = x.target.provider["format"] == "openai"
+        upstream = ChainedStream(OpenAIToAnthropicStream(body["model"]), machine) if via_chat else machine
+        if stream and "text/event-stream" in response.headers.get("content-type", ""):
+            await x.relay_converted(response, upstream, format_responses_event)
+            return
+        answer = parse_upstream_json(await response.read())
+        message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic, answer, body["model"]) \
+            if via_chat else answer
+        if stream:
+            events = convert(UpstreamError, "upstream answer", anthropic_message_as_events, message)
+            await send_events(x, feed_events(machine, events, parsed=True), format_responses_event)
+        else:
+            answer = convert(UpstreamError, "upstream answer", anthropic_to_responses_response, message, machine)
+            await x.out.respond_json(200, answer, relayed_headers(response.headers))
+    finally:
+        response.close()
+
+
+async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    """URL, headers and body of the upstream call for a Responses request on this target."""
+    origin = reasoning_origin(target)
+    if target.provider["format"] == "openai":
+        openai_body = await x.run(convert, BadRequest, "request", responses_to_openai_request, expanded,
+                                  target.spec, variant_effort=target.effort, origin=origin)
+        return await x.openai_call(target, openai_body)
+    anthropic_body = await x.run(convert, BadRequest, "request", responses_to_anthropic_request, expanded,
+                                 target.spec["model"], variant_effort=target.effort,
+                                 thinking_style=target.spec["thinking"], origin=origin)
+    if expanded.get("prompt_cache_key"):       # the client asked for caching: stable breakpoints
+        anthropic_body = add_cache_breakpoints(anthropic_body)
+    return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
+
+
+async def store_response(store: ResponseStore, response: dict, own_input: List[dict]) -> None:
+    """Keep a finished response; a store that fails costs the client nothing but a warning."""
+    try:
+        await store.call(store.put, response, own_input)
+    except ProxyError as exc:
+        log.warning("response %s not stored: %s", response["id"], exc.message)
+
+
+def stored_response_path(x: Exchange) -> Tuple[str, str]:
+    """(response id, rest of the path) of /v1/responses/{id}[/...]."""
+    rest = x.req.path.split("/responses/", 1)[1]
+    response_id, _, tail = rest.partition("/")
+    return urllib.parse.unquote(response_id), tail
+
+
+async def handle_stored_response(x: Exchange) -> None:
+    """GET /v1/responses/{id} and GET /v1/responses/{id}/input_items (limit, order, after)."""
+    response_id, tail = stored_response_path(x)
+    store = x.server.responses
+    if tail == "input_items":
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(x.req.query).items()}
+        limit, order = query.get("limit", "20"), query.get("order", "desc")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100 or order not in ("asc", "desc"):
+            raise BadRequest("limit must be 1-100 and order asc or desc", param="limit" if order in ("asc", "desc") else "order")
+        items = await store.call(store.input_items, response_id)
+        if items is None:
+            raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+        await x.out.respond_json(200, list_page(items, int(limit), order, query.get("after")))
+        return
+    if parse_bool(urllib.parse.parse_qs(x.req.query).get("stream", ["false"])[-1]):
+        raise BadRequest("stream=true is not supported here: a stored response is answered as JSON", param="stream")
+    response = await store.call(store.get, response_id) if not tail else None
+    if response is None:
+        raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+    await x.out.respond_json(200, response)
+
+
+async def handle_delete_response(x: Exchange) -> None:
+    """DELETE /v1/responses/{id}."""
+    response_id, tail = stored_response_path(x)
+    store = x.server.responses
+    if tail or not await store.call(store.delete, response_id):
+        raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+    await x.out.respond_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+
+async def handle_responses_other(x: Exchange) -> None:
+    """POST /v1/responses/{id}/cancel, /compact, /input_tokens: OpenAI server features, not kept here."""
+    raise NotFound(f"{x.req.path} is not supported by this proxy (no background, compaction or token "
+                   "counting for Responses)")
+
+
+async def handle_responses_websocket(x: Exchange) -> None:
+    """GET /v1/responses, a WebSocket upgrade: refused at once with 426, which Codex answers by
+    falling back to HTTP without a retry (a 404 or 501 costs it a retry round, a 400 ends its turn)."""
+    x.req.keep_alive = False
+    raise ProxyError("WebSocket is not supported here: POST /v1/responses over HTTP (SSE when streaming)",
+                     status=426, error_type="invalid_request_error")
 
 
 def model_entries(config: Config) -> List[Tuple[str, str]]:
@@ -5646,6 +6833,12 @@ ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
     ("POST", "/v1/messages/count_tokens", handle_count_tokens, True),
     ("POST", "/v1/chat/completions", handle_chat_completions, True),
     ("POST", "/chat/completions", handle_chat_completions, True),
+    ("POST", "/v1/responses", handle_responses, True),
+    ("POST", "/responses", handle_responses, True),
+    ("GET", "/v1/responses", handle_responses_websocket, True),
+    ("GET", "/v1/responses/", handle_stored_response, False),
+    ("DELETE", "/v1/responses/", handle_delete_response, False),
+    ("POST", "/v1/responses/", handle_responses_other, False),
     ("GET", "/v1/models", handle_models, True),
     ("GET", "/v1/models/", handle_model, False),
     ("GET", "/health", handle_health, True),
@@ -5720,7 +6913,7 @@ async def render_error(x: Exchange, exc: ProxyError) -> None:
         await x.out.respond_json(exc.status, error_body(x, exc), extra)
         return
     x.req.keep_alive = False
-    event = error_event(x, exc)
+    event = x.stream_error(exc) if x.stream_error else error_event(x, exc)
     await (x.relay.error(event) if x.relay else x.out.send(event))
     await x.out.finish()
 
@@ -5894,6 +7087,9 @@ class ProxyServer:
                                    proxies or {}, settings["connect_timeout"], settings["read_timeout"],
                                    settings["pool_size"])
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
+        self.responses = ResponseStore(os.path.join(config.home, "responses.db"),
+                                       max_bytes=int(settings["responses_store_mb"] * 1024 * 1024),
+                                       max_age=settings["responses_store_days"] * 86400, clock=clock)
         self.connections: set = set()
         self.max_connections = settings["max_connections"] or default_max_connections()
         self.buffered = 0             # request body bytes held by all connections

@@ -279,13 +279,13 @@ def anthropic_message(text="Hello there", model="claude-x"):
             "usage": {"input_tokens": 10, "output_tokens": 3}}
 
 
-def openai_stream_chunks(text="Hi", tool=None):
+def openai_stream_chunks(text="Hi", tool=None, call_id="call_1"):
     """A small OpenAI SSE answer with a trailing usage chunk."""
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up"}
     parts = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
     if tool:
         parts.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
-            {"index": 0, "id": "call_1", "type": "function", "function": {"name": tool[0], "arguments": ""}}]},
+            {"index": 0, "id": call_id, "type": "function", "function": {"name": tool[0], "arguments": ""}}]},
             "finish_reason": None}]))
         parts.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
             {"index": 0, "function": {"arguments": json.dumps(tool[1])}}]}, "finish_reason": None}]))
@@ -2936,6 +2936,687 @@ def test_replay_recorded_fixture(name, include_usage):
         assert chunks[-2]["usage"]["completion_tokens"] == last_delta["usage"]["output_tokens"]
 
 # =============================================================================================
+# 9c. Converters: Responses client -> Claude
+# =============================================================================================
+
+CODEX_FIXTURES = os.path.join(SHARED, "fixtures", "codex")
+ORIGIN = "anthropic/claude-sonnet-4-5"
+
+# ---- the two real Codex 0.171.0 requests (fixtures/codex), trimmed: prompts cut, 4 of 9 tools -----
+
+CODEX_EXEC_COMMAND = {
+    "type": "function", "name": "exec_command", "strict": False,
+    "description": "Runs a command in a PTY, returning output or a session ID for ongoing interaction.",
+    "parameters": {"type": "object", "properties": {
+        "cmd": {"type": "string", "description": "Shell command to execute."},
+        "workdir": {"type": "string", "description": "Working directory for the command. Defaults to the turn cwd."},
+        "yield_time_ms": {"type": "number", "description": "Wait before yielding output."}},
+        "required": ["cmd"], "additionalProperties": False}}
+CODEX_TOOLS = [
+    CODEX_EXEC_COMMAND,
+    {"type": "function", "name": "view_image", "strict": False,
+     "description": "View a local image file from the filesystem when visual inspection is needed.",
+     "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "Local filesystem path to an image file."}},
+                    "required": ["path"], "additionalProperties": False}},
+    {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for spawning and managing sub-agents.",
+     "tools": [{"type": "function", "name": "close_agent", "strict": False,
+                "description": "Close an agent and any open descendants when they are no longer needed.",
+                "parameters": {"type": "object", "properties": {"target": {"type": "string", "description": "Agent id to close (from spawn_agent)."}},
+                               "required": ["target"], "additionalProperties": False}}]},
+    {"type": "web_search", "external_web_access": False}]
+CODEX_INPUT = [
+    {"type": "message", "id": "msg_bc5690cd-bb05-5d06-86f4-441c85693549", "role": "developer", "content": [
+        {"type": "input_text", "text": "You are a coding agent running in the Codex CLI, a terminal-based coding assistant."}]},
+    {"type": "message", "id": "msg_01a23304-e3ca-71e3-9b24-b47a15f37740", "role": "developer", "content": [
+        {"type": "input_text", "text": "<skills_instructions>\n## Skills\n</skills_instructions>"},
+        {"type": "input_text", "text": "<permissions instructions>\nFilesystem sandboxing: workspace-write.\n</permissions instructions>"}]},
+    {"type": "message", "id": "msg_01a23304-e3ca-71e3-9b24-b48bdbd83fa1", "role": "user", "content": [
+        {"type": "input_text", "text": "<environment_context>\n  <shell>bash</shell>\n</environment_context>"}]},
+    {"type": "message", "id": "msg_01a23304-e3da-75d1-bde9-7049d3a9a45f", "role": "user", "content": [
+        {"type": "input_text", "text": "create the file hello.txt with hi"}]}]
+CODEX_TURN1 = {
+    "model": "claude-sonnet-4-5", "stream": True, "input": CODEX_INPUT, "tools": CODEX_TOOLS, "tool_choice": "auto",
+    "parallel_tool_calls": True, "reasoning": {"effort": "high", "summary": "auto"}, "store": False,
+    "include": ["reasoning.encrypted_content"], "prompt_cache_key": "01a23304-e37b-7d70-a24d-2783e75bff08",
+    "client_metadata": {"session_id": "01a23304-e37b-7d70-a24d-2783e75bff08", "turn_id": "01a23304-e39a-72a3-8304-989122b87a1c"}}
+CODEX_TURN2_TAIL = [
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "I will write the file."}],
+     "content": None, "encrypted_content": "ENC-OPAQUE-123"},
+    {"type": "function_call", "status": "completed", "id": "fc_1", "name": "exec_command",
+     "arguments": "{\"cmd\": \"printf hi > hello.txt\"}", "call_id": "call_abc"},
+    {"type": "function_call_output", "id": "fco_01a23304-e488-73a0-9c05-5fb41a1fa3a7", "call_id": "call_abc",
+     "output": "Chunk ID: ecc6b8\nWall time: 0.0000 seconds\nProcess exited with code 0\nOriginal token count: 0\nOutput:\n"}]
+CODEX_TURN2 = dict(CODEX_TURN1, input=CODEX_INPUT + CODEX_TURN2_TAIL)
+
+CLAUDE_CODEX_TOOLS = [
+    {"name": "exec_command", "description": CODEX_EXEC_COMMAND["description"], "input_schema": CODEX_EXEC_COMMAND["parameters"]},
+    {"name": "view_image", "description": CODEX_TOOLS[1]["description"], "input_schema": CODEX_TOOLS[1]["parameters"]},
+    {"name": "multi_agent_v1__close_agent", "description": CODEX_TOOLS[2]["tools"][0]["description"],
+     "input_schema": CODEX_TOOLS[2]["tools"][0]["parameters"]}]
+CLAUDE_CODEX_SYSTEM = [{"type": "text", "text": CODEX_INPUT[0]["content"][0]["text"]},
+                       {"type": "text", "text": CODEX_INPUT[1]["content"][0]["text"]},
+                       {"type": "text", "text": CODEX_INPUT[1]["content"][1]["text"]}]
+CLAUDE_CODEX_USER = {"role": "user", "content": [{"type": "text", "text": CODEX_INPUT[2]["content"][0]["text"]},
+                                                 {"type": "text", "text": "create the file hello.txt with hi"}]}
+
+
+def test_codex_turn1_exact():
+    assert cp.responses_to_anthropic_request(CODEX_TURN1, "claude-sonnet-4-5", origin=ORIGIN) == {
+        "model": "claude-sonnet-4-5", "messages": [CLAUDE_CODEX_USER], "max_tokens": 32768 + 1024,
+        "system": CLAUDE_CODEX_SYSTEM, "stream": True, "tools": CLAUDE_CODEX_TOOLS, "tool_choice": {"type": "auto"},
+        "thinking": {"type": "enabled", "budget_tokens": 32768}}
+    assert cp.responses_tools(CODEX_TURN1)[1:] == ({
+        "exec_command": {"type": "function", "name": "exec_command"},
+        "view_image": {"type": "function", "name": "view_image"},
+        "multi_agent_v1__close_agent": {"type": "function", "name": "close_agent", "namespace": "multi_agent_v1"}},
+        ["web_search"])
+
+
+def test_codex_turn2_exact_foreign_reasoning_dropped_and_thinking_off():
+    """FX2's reasoning blob is another server's: dropped, so the tool turn has no signed thinking and
+    thinking goes off for this request rather than failing at Anthropic."""
+    assert cp.responses_to_anthropic_request(CODEX_TURN2, "claude-sonnet-4-5", origin=ORIGIN) == {
+        "model": "claude-sonnet-4-5", "max_tokens": 8192, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
+        "tools": CLAUDE_CODEX_TOOLS, "tool_choice": {"type": "auto"}, "messages": [
+            CLAUDE_CODEX_USER,
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_abc", "name": "exec_command",
+                                               "input": {"cmd": "printf hi > hello.txt"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_abc",
+                                          "content": CODEX_TURN2_TAIL[2]["output"]}]}]}
+
+
+def test_codex_turn2_with_our_reasoning_keeps_thinking_before_the_tool_result():
+    blob = cp.encode_reasoning(ORIGIN, [{"type": "thinking", "thinking": "I will write it.", "signature": "sig"}])
+    tail = [dict(CODEX_TURN2_TAIL[0], encrypted_content=blob)] + CODEX_TURN2_TAIL[1:]
+    body = cp.responses_to_anthropic_request(dict(CODEX_TURN1, input=CODEX_INPUT + tail), "claude-sonnet-4-5",
+                                             origin=ORIGIN)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+    assert body["messages"][1]["content"][0] == {"type": "thinking", "thinking": "I will write it.", "signature": "sig"}
+    assert [b["type"] for b in body["messages"][1]["content"]] == ["thinking", "tool_use"]
+    other = cp.responses_to_anthropic_request(dict(CODEX_TURN1, input=CODEX_INPUT + tail), "claude-opus-4-5",
+                                              origin="anthropic/claude-opus-4-5")
+    assert "thinking" not in other and [b["type"] for b in other["messages"][1]["content"]] == ["tool_use"]
+
+
+# Codex 0.171.0 with model slug gpt-5.5 (recorded through the proxy, trimmed): the freeform apply_patch
+# custom tool, a client-run tool_search, text.verbosity, and its second turn replaying our reasoning item.
+APPLY_PATCH_LARK = ("start: begin_patch hunk+ end_patch\nbegin_patch: \"*** Begin Patch\" LF\nend_patch: \"*** End Patch\" LF?\n\n"
+                    "hunk: add_hunk | delete_hunk | update_hunk\nadd_hunk: \"*** Add File: \" filename LF add_line+\n%import common.LF\n")
+CODEX_55_TOOLS = [
+    CODEX_EXEC_COMMAND,
+    {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark", "definition": APPLY_PATCH_LARK},
+     "description": "The `apply_patch` tool can be used to edit files. This is a FREEFORM tool, so do not wrap the patch in JSON."},
+    {"type": "tool_search", "execution": "client", "description": "# Tool discovery\n\nSearches over deferred tool metadata.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"], "additionalProperties": False}},
+    {"type": "web_search", "external_web_access": False}]
+CODEX_55_PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n*** End Patch\n"
+CODEX_55_TURN2 = {
+    "model": "gpt-5.5", "stream": True, "tools": CODEX_55_TOOLS, "tool_choice": "auto", "parallel_tool_calls": True,
+    "reasoning": {"effort": "high"}, "store": False, "include": ["reasoning.encrypted_content"], "text": {"verbosity": "low"},
+    "prompt_cache_key": "01a23346-228d-7141-b212-61838a51854e", "client_metadata": {"session_id": "01a23346"},
+    "input": CODEX_INPUT + [
+        {"type": "reasoning", "id": "rs_53243b9de65f63e5393a509d", "summary": [], "content": None,
+         "encrypted_content": "cp1.eyJvIjoiYW50aHJvcGljL2dwdC01LjUiLCJiIjpbeyJ0eXBlIjoidGhpbmtpbmciLCJ0aGlua2luZyI6IlR1cm4g"
+                              "MDogcGxhbi4iLCJzaWduYXR1cmUiOiJTSUctMCJ9XX0"},
+        {"type": "custom_tool_call", "id": "ctc_f513203aaa83ed63e8295fc5", "call_id": "toolu_A", "name": "apply_patch",
+         "input": CODEX_55_PATCH},
+        {"type": "custom_tool_call_output", "id": "ctco_01a23346-2379-77c3-bd8f-f6d52420a930", "call_id": "toolu_A",
+         "output": "Exit code: 0\nWall time: 0 seconds\nOutput:\nSuccess. Updated the following files:\nA hello.txt\n"}]}
+
+
+def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
+    note = ("\n\nPass the tool's raw free-form input as the `input` string, exactly as the tool expects it. "
+            "It must match this lark grammar:\n" + APPLY_PATCH_LARK)
+    assert cp.responses_to_anthropic_request(CODEX_55_TURN2, "claude-sonnet-4-5", origin="anthropic/gpt-5.5") == {
+        "model": "claude-sonnet-4-5", "max_tokens": 32768 + 1024, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
+        "thinking": {"type": "enabled", "budget_tokens": 32768}, "tool_choice": {"type": "auto"},
+        "tools": [CLAUDE_CODEX_TOOLS[0], {"name": "apply_patch", "description": (CODEX_55_TOOLS[1]["description"] + note).strip(),
+                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]}],
+        "messages": [
+            CLAUDE_CODEX_USER,
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Turn 0: plan.", "signature": "SIG-0"},
+                {"type": "tool_use", "id": "toolu_A", "name": "apply_patch", "input": {"input": CODEX_55_PATCH}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_A",
+                                          "content": CODEX_55_TURN2["input"][-1]["output"]}]}]}
+    assert cp.responses_tools(CODEX_55_TURN2)[2] == ["tool_search", "web_search"]
+
+
+@pytest.mark.skipif(not os.path.isdir(CODEX_FIXTURES), reason="shared fixtures absent")
+@pytest.mark.parametrize("name", sorted(os.listdir(CODEX_FIXTURES)) if os.path.isdir(CODEX_FIXTURES) else ["none"])
+def test_codex_fixture_requests_whole(name):
+    with open(os.path.join(CODEX_FIXTURES, name), encoding="utf-8") as fh:
+        body = json.load(fh)["body"]
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN)
+    tools, table, dropped = cp.responses_tools(body)
+    assert dropped == ["web_search"] and anthropic_body["tools"] == tools and len(tools) == 12
+    assert table["multi_agent_v1__spawn_agent"] == {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}
+    assert [m["role"] for m in anthropic_body["messages"]][0] == "user" and len(anthropic_body["system"]) == 3
+    assert cp.anthropic_to_openai_request(anthropic_body, make_spec())["tools"][0]["function"]["name"] == "exec_command"
+
+
+# ---- request conversion: table tests (PROTOCOLS G.2-G.4, G.9) -----------------------------------
+
+def R(**fields):
+    """A Responses body."""
+    return dict({"model": "claude-sonnet-4-5"}, **fields)
+
+
+def C(*messages, **fields):
+    """The Anthropic body expected for it."""
+    return dict({"model": "claude-sonnet-4-5", "messages": list(messages), "max_tokens": 8192}, **fields)
+
+
+def UT(*texts):
+    return {"role": "user", "content": [{"type": "text", "text": t} for t in texts]}
+
+
+FN = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CLAUDE_FN = {"name": "get_weather", "input_schema": FN["parameters"]}
+PNG_DATA = "iVBORw0KGgo="
+PDF_DATA = base64.b64encode(b"%PDF-1.4 /Type /Page").decode()
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: patch"}}
+CLAUDE_APPLY_PATCH = {"name": "apply_patch", "description": "Edit files.\n\nPass the tool's raw free-form input as the "
+                      "`input` string, exactly as the tool expects it. It must match this lark grammar:\nstart: patch",
+                      "input_schema": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}
+
+
+def blob(*blocks, origin=ORIGIN):
+    return cp.encode_reasoning(origin, list(blocks))
+
+
+THINK = {"type": "thinking", "thinking": "Paris first.", "signature": "sig-1"}
+REDACTED = {"type": "redacted_thinking", "data": "opaque"}
+FCALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+FCALL_USE = {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}
+
+RESPONSES_CASES = [
+    ("a string input is one user message", R(input="hi"), C(UT("hi"))),
+    ("instructions, then developer and system messages, make the system prompt",
+     R(instructions="Be brief.", input=[{"role": "developer", "content": "dev"}, {"role": "user", "content": "hi"},
+                                        {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "sys"}]}]),
+     C(UT("hi"), system=[{"type": "text", "text": t} for t in ("Be brief.", "dev", "sys")])),
+    ("images by URL and data URL, a PDF_DATA by data and by URL",
+     R(input=[{"role": "user", "content": [
+         {"type": "input_text", "text": "look"}, {"type": "input_image", "detail": "auto", "image_url": "https://x/cat.png"},
+         {"type": "input_image", "detail": "high", "image_url": "data:image/png;base64," + PNG_DATA},
+         {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_DATA},
+         {"type": "input_file", "file_url": "https://x/b.pdf"}]}]),
+     C({"role": "user", "content": [
+         {"type": "text", "text": "look"}, {"type": "image", "source": {"type": "url", "url": "https://x/cat.png"}},
+         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_DATA}},
+         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}, "title": "a.pdf"},
+         {"type": "document", "source": {"type": "url", "url": "https://x/b.pdf"}}]})),
+    ("assistant replays: output_text and refusal parts, string content, phase ignored",
+     R(input=[{"role": "user", "content": "hi"},
+              {"type": "message", "id": "msg_9", "role": "assistant", "status": "completed", "phase": "final_answer",
+               "content": [{"type": "output_text", "text": "Hello", "annotations": []}, {"type": "refusal", "refusal": "no"}]},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": "Sure"}]),
+     C(UT("hi"), {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "no"}]},
+       UT("again"), {"role": "assistant", "content": [{"type": "text", "text": "Sure"}]})),
+    ("function_call and its output, string and parts; a bad arguments string kept as _raw",
+     R(tools=[FN], input=[{"role": "user", "content": "weather?"}, FCALL,
+                          dict(FCALL, call_id="call_2", arguments="not json"),
+                          {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+                          {"type": "function_call_output", "call_id": "call_2", "output": [
+                              {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "https://x/m.png"}]}]),
+     C(UT("weather?"), {"role": "assistant", "content": [
+         FCALL_USE, {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"_raw": "not json"}}]},
+       {"role": "user", "content": [
+           {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+           {"type": "tool_result", "tool_use_id": "call_2", "content": [
+               {"type": "text", "text": "see"}, {"type": "image", "source": {"type": "url", "url": "https://x/m.png"}}]}]},
+       tools=[CLAUDE_FN])),
+    ("a custom tool becomes one string argument; its call and output replay",
+     R(tools=[APPLY_PATCH], input=[{"role": "user", "content": "fix"},
+                                   {"type": "custom_tool_call", "call_id": "call_p", "name": "apply_patch", "input": "*** Begin Patch"},
+                                   {"type": "custom_tool_call_output", "call_id": "call_p", "output": "Done!"}]),
+     C(UT("fix"), {"role": "assistant", "content": [
+         {"type": "tool_use", "id": "call_p", "name": "apply_patch", "input": {"input": "*** Begin Patch"}}]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_p", "content": "Done!"}]},
+       tools=[CLAUDE_APPLY_PATCH])),
+    ("namespace tools flattened, a namespaced call too; built-ins dropped",
+     R(tools=[{"type": "namespace", "name": "ns", "description": "d", "tools": [FN]}, {"type": "web_search"},
+              {"type": "file_search", "vector_store_ids": ["v"]}, {"type": "local_shell"}],
+       input=[{"role": "user", "content": "go"}, dict(FCALL, namespace="ns"),
+              {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]),
+     C(UT("go"), {"role": "assistant", "content": [dict(FCALL_USE, name="ns__get_weather")]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "ok"}]},
+       tools=[dict(CLAUDE_FN, name="ns__get_weather")])),
+    ("only built-in tools: no tools and no tool_choice", R(input="hi", tools=[{"type": "web_search"}], tool_choice="auto"),
+     C(UT("hi"))),
+    ("tool_choice required, parallel_tool_calls false, strict and description kept",
+     R(input="hi", tools=[dict(FN, strict=True, description="Weather.")], tool_choice="required", parallel_tool_calls=False),
+     C(UT("hi"), tools=[{"name": "get_weather", "description": "Weather.", "input_schema": FN["parameters"], "strict": True}],
+       tool_choice={"type": "any", "disable_parallel_tool_use": True})),
+    ("tool_choice none, a named function, a named namespaced one",
+     R(input="hi", tools=[FN], tool_choice="none"), C(UT("hi"), tools=[CLAUDE_FN], tool_choice={"type": "none"})),
+    ("tool_choice a named function", R(input="hi", tools=[FN], tool_choice={"type": "function", "name": "get_weather"}),
+     C(UT("hi"), tools=[CLAUDE_FN], tool_choice={"type": "tool", "name": "get_weather"})),
+    ("tool_choice allowed_tools narrows the tools",
+     R(input="hi", tools=[FN, dict(FN, name="other")],
+       tool_choice={"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "other"}]}),
+     C(UT("hi"), tools=[dict(CLAUDE_FN, name="other")], tool_choice={"type": "any"})),
+    ("reasoning effort on a budget model; summary changes nothing in the request",
+     R(input="hi", reasoning={"effort": "medium", "summary": "detailed"}),
+     C(UT("hi"), max_tokens=16384 + 1024, thinking={"type": "enabled", "budget_tokens": 16384})),
+    ("reasoning effort none: no thinking", R(input="hi", reasoning={"effort": "none"}), C(UT("hi"))),
+    ("reasoning on an adaptive model, sampling dropped there",
+     dict(R(input="hi", reasoning={"effort": "xhigh"}, temperature=0.5), model="claude-opus-4-7"),
+     dict(C(UT("hi"), thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), model="claude-opus-4-7")),
+    ("replayed reasoning of ours: thinking and redacted blocks lead the tool turn",
+     R(input=[{"role": "user", "content": "weather?"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK)},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": blob(REDACTED)},
+              FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+       tools=[FN], reasoning={"effort": "low"}),
+     C(UT("weather?"), {"role": "assistant", "content": [THINK, REDACTED, FCALL_USE]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]},
+       tools=[CLAUDE_FN], max_tokens=8192 + 1024, thinking={"type": "enabled", "budget_tokens": 8192})),
+    ("reasoning from another model or not ours is dropped, and with it thinking for a tool turn",
+     R(input=[{"role": "user", "content": "weather?"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK, origin="x/other")},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "gAAAAABo-openai"},
+              {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "cp1.!!!"},
+              FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+       tools=[FN], reasoning={"effort": "low"}),
+     C(UT("weather?"), {"role": "assistant", "content": [FCALL_USE]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]},
+       tools=[CLAUDE_FN])),
+    ("replayed thinking is removed when thinking is off (a thinking-only turn with it)",
+     R(input=[{"role": "user", "content": "a"}, {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK)},
+              {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": blob(THINK)},
+              {"role": "user", "content": "d"}]),
+     C(UT("a"), {"role": "assistant", "content": [{"type": "text", "text": "b"}]}, UT("c", "d"))),
+    ("text.format json_schema made strict; verbosity dropped",
+     R(input="hi", text={"format": {"type": "json_schema", "name": "a", "strict": True,
+                                    "schema": {"type": "object", "properties": {"x": {"type": "string"}}}},
+                         "verbosity": "low"}),
+     C(UT("hi"), output_config={"format": {"type": "json_schema", "schema": {
+         "type": "object", "properties": {"x": {"type": "string"}}, "additionalProperties": False}}})),
+    ("text.format json_object asks in the system prompt",
+     R(input="hi", instructions="I", text={"format": {"type": "json_object"}}),
+     C(UT("hi"), system=[{"type": "text", "text": "I"}, {"type": "text", "text": cp.JSON_OBJECT_INSTRUCTION}])),
+    ("max_output_tokens, temperature clamped (top_p then dropped: exclusive on Sonnet 4.5), safety_identifier, "
+     "fields without a form dropped",
+     R(input="hi", max_output_tokens=100, temperature=1.5, top_p=0.9, safety_identifier="u-1", metadata={"a": "b"},
+       truncation="auto", service_tier="flex", store=True, prompt_cache_key="k", include=["message.output_text.logprobs"],
+       background=False, stream_options={"include_obfuscation": False}, max_tool_calls=3, top_logprobs=2),
+     C(UT("hi"), max_tokens=100, temperature=1.0, metadata={"user_id": "u-1"})),
+    ("top_p alone, user as the metadata user_id", R(input="hi", top_p=0.9, user="u-2"),
+     C(UT("hi"), top_p=0.9, metadata={"user_id": "u-2"})),
+    ("unknown input item types are dropped; a first assistant turn gets a user placeholder",
+     R(input=[{"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search"}},
+              {"role": "assistant", "content": "earlier"}, {"role": "user", "content": "now"}]),
+     C(UT(cp.PLACEHOLDER_FIRST_USER), {"role": "assistant", "content": [{"type": "text", "text": "earlier"}]}, UT("now"))),
+]
+
+
+@pytest.mark.parametrize("name, responses_body, anthropic_body", RESPONSES_CASES, ids=[c[0] for c in RESPONSES_CASES])
+def test_responses_to_anthropic_request(name, responses_body, anthropic_body):
+    before = copy.deepcopy(responses_body)
+    assert cp.responses_to_anthropic_request(responses_body, responses_body["model"], origin=ORIGIN) == anthropic_body
+    assert responses_body == before
+
+
+@pytest.mark.parametrize("responses_body, param", [
+    (R(input="hi", conversation="conv_1"), "conversation"),
+    (R(input="hi", prompt={"id": "pmpt_1"}), "prompt"),
+    (R(input=[{"role": "tool", "content": "x"}]), "input.0.role"),
+    (R(input=[{"role": "user", "content": [{"type": "input_audio"}]}]), "input.0.content.0.type"),
+    (R(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]), "input.0.content.0.file_id"),
+    (R(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]), "input.0.content.0"),
+    (R(input=[{"role": "developer", "content": [{"type": "input_image", "image_url": "https://x/a.png"}]}]), "input.0.content"),
+    (R(input=[{"role": "user", "content": "hi"}, {"type": "function_call", "name": "f", "arguments": "{}"}]), "input.1.call_id"),
+    (R(input=[{"type": "function_call_output", "output": "x"}]), "input.0.call_id"),
+    (R(input="hi", tools=[{"type": "web_search"}], tool_choice={"type": "web_search_preview"}), "tool_choice.type"),
+    (R(input="hi", tools=[FN], tool_choice={"type": "function", "name": "nope"}), "tool_choice.name"),
+    (R(input="hi", tools=[FN, FN]), "tools.1"),
+    (R(input="hi", tools=[{"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}]), "tools.0.tools.0"),
+    (R(input="hi", text={"format": {"type": "yaml"}}), "text.format.type"),
+    (R(input="hi", text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema"),
+    (R(input="hi", max_output_tokens=0), "max_output_tokens"),
+    (R(input=5), "input"),
+    (R(input=[{"role": "system", "content": "only system"}]), "input"),
+])
+def test_responses_bad_requests_name_the_field(responses_body, param):
+    with pytest.raises(BadRequest) as info:
+        cp.responses_to_anthropic_request(responses_body, "claude-sonnet-4-5", origin=ORIGIN)
+    assert info.value.param == param
+
+
+def test_dropped_fields_each_leave_one_debug_line(caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    cp.responses_to_anthropic_request(R(input="hi", metadata={"a": "b"}, truncation="auto", client_metadata={},
+                                        text={"verbosity": "high"}), "claude-sonnet-4-5")
+    lines = [r.getMessage() for r in caplog.records]
+    for field in ("'client_metadata'", "'metadata'", "'truncation'", "text.verbosity"):
+        assert sum(field in line for line in lines) == 1, (field, lines)
+
+
+def test_responses_on_a_chat_provider_compose_with_9a():
+    body = R(input=[{"role": "user", "content": "weather?"},
+                    {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK, origin="o/up-model")},
+                    FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+             instructions="Be brief.", tools=[FN, APPLY_PATCH], reasoning={"effort": "high"}, stream=True)
+    spec = make_spec(replay_reasoning="reasoning_content")
+    assert cp.responses_to_openai_request(body, spec, origin="o/up-model") == {
+        "model": "up-model", "stream": True, "stream_options": {"include_usage": True}, "reasoning_effort": "high",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+                     {"role": "assistant", "content": None, "reasoning_content": "Paris first.", "tool_calls": [
+                         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": FN["parameters"]}},
+                  {"type": "function", "function": {"name": "apply_patch", "parameters": CLAUDE_APPLY_PATCH["input_schema"],
+                                                    "description": CLAUDE_APPLY_PATCH["description"]}}]}
+    tool_turn = dict(body, input=body["input"][:1] + body["input"][2:])      # no reasoning replayed
+    assert cp.responses_to_openai_request(tool_turn, spec, origin="o/up-model")["reasoning_effort"] == "high"
+    no_effort = cp.responses_to_openai_request(dict(body, reasoning=None), spec, origin="o/up-model")
+    assert "reasoning_effort" not in no_effort and no_effort["messages"][2]["reasoning_content"] == "Paris first."
+    assert "max_tokens" not in cp.responses_to_openai_request(R(input="hi"), spec)
+    assert cp.responses_to_openai_request(R(input="hi", max_output_tokens=50), spec)["max_tokens"] == 50
+
+
+def test_reasoning_blob_round_trip_and_versioning():
+    value = blob(THINK, REDACTED)
+    assert value.startswith("cp1.") and "Paris" not in value
+    assert cp.decode_reasoning(value, ORIGIN, "x") == [THINK, REDACTED]
+    assert cp.decode_reasoning(value, "anthropic/claude-opus-4-5", "x") == []
+    assert cp.decode_reasoning("cp1." + base64.urlsafe_b64encode(b'{"o":"%s","b":[{"type":"thinking"}]}'
+                                                                  % ORIGIN.encode()).decode(), ORIGIN, "x") == []
+    assert cp.decode_reasoning(None, ORIGIN, "x") == [] and cp.decode_reasoning("cp2.abc", ORIGIN, "x") == []
+
+
+# ---- stream machine: the Responses grammar, event by event (PROTOCOLS G.6) --------------------
+
+def counter_ids():
+    """Deterministic item ids: msg_1, rs_2, fc_3 ..."""
+    n = iter(range(1, 10 ** 6))
+    return lambda prefix: f"{prefix}{next(n)}"
+
+
+SHELL = cp.responses_shell({"model": "claude-sonnet-4-5"}, "resp_1", 1700000000)
+CONTENT_EVENTS = {"response.content_part.added", "response.content_part.done", "response.output_text.delta",
+                  "response.output_text.done", "response.output_text.annotation.added"}
+SUMMARY_EVENTS = {"response.reasoning_summary_part.added", "response.reasoning_summary_text.delta",
+                  "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"}
+CALL_EVENTS = {"response.function_call_arguments.delta": "function_call", "response.function_call_arguments.done": "function_call",
+               "response.custom_tool_call_input.delta": "custom_tool_call", "response.custom_tool_call_input.done": "custom_tool_call"}
+
+
+def _check_open_item_event(event, state):
+    """One event about the open item: ids, indices, and the text it accumulates."""
+    kind, item = event["type"], state["item"]
+    assert event["item_id"] == item["id"] and event["output_index"] == state["index"]
+    if kind in CONTENT_EVENTS:
+        assert item["type"] == "message" and event["content_index"] == 0
+        if kind == "response.content_part.added":
+            assert event["part"] == {"type": "output_text", "text": "", "annotations": []} and not state["parts"]
+            state["parts"] = 1
+        else:
+            assert state["parts"] == 1
+        if kind == "response.output_text.delta":
+            assert event["logprobs"] == [] and event["delta"]
+            state["text"] += event["delta"]
+        if kind == "response.output_text.done":
+            assert event["text"] == state["text"] and event["logprobs"] == []
+        if kind == "response.output_text.annotation.added":
+            assert event["annotation_index"] == len(state["annotations"])
+            state["annotations"].append(event["annotation"])
+        if kind == "response.content_part.done":
+            assert event["part"] == {"type": "output_text", "text": state["text"], "annotations": state["annotations"]}
+    elif kind in SUMMARY_EVENTS:
+        assert item["type"] == "reasoning" and event["summary_index"] == 0
+        if kind == "response.reasoning_summary_part.added":
+            assert event["part"] == {"type": "summary_text", "text": ""} and not state["parts"]
+            state["parts"] = 1
+        if kind == "response.reasoning_summary_text.delta":
+            state["text"] += event["delta"]
+        if kind == "response.reasoning_summary_text.done":
+            assert event["text"] == state["text"]
+        if kind == "response.reasoning_summary_part.done":
+            assert event["part"] == {"type": "summary_text", "text": state["text"]}
+    else:
+        assert CALL_EVENTS[kind] == item["type"]
+        if kind.endswith(".delta"):
+            state["text"] += event["delta"]
+        else:
+            assert event.get("arguments", event.get("input")) == state["text"]
+
+
+def _check_done_item(event, state):
+    """output_item.done carries the complete item, with the identity it was added with."""
+    added, done = state["item"], event["item"]
+    assert event["output_index"] == state["index"]
+    assert (done["type"], done.get("id"), done.get("call_id")) == (added["type"], added.get("id"), added.get("call_id"))
+    if done["type"] == "message":
+        assert done["content"] == [{"type": "output_text", "text": state["text"], "annotations": state["annotations"]}]
+        assert done["status"] in ("completed", "incomplete") and done["role"] == "assistant"
+    elif done["type"] == "reasoning":
+        assert done["summary"] == ([{"type": "summary_text", "text": state["text"]}] if state["parts"] else [])
+        assert done["encrypted_content"].startswith("cp1.")
+    elif done["type"] == "function_call":
+        assert done["arguments"] == state["text"] and done["status"] in ("completed", "incomplete")
+        assert done["call_id"] and done["name"]
+    else:
+        assert done["input"] == state["text"] and done["call_id"] and done["name"]
+
+
+def check_responses_grammar(events):
+    """Assert the Responses stream grammar (G.6) and what the openai SDK and Codex need; the final response."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    rid = events[0]["response"]["id"]
+    assert events[0]["response"]["output"] == [] and events[0]["response"]["status"] == "in_progress"
+    terminal = events[-1]
+    assert terminal["type"] in ("response.completed", "response.incomplete", "response.failed")
+    assert sum(e["type"].split(".")[-1] in ("completed", "incomplete", "failed") and e["type"].count(".") == 1
+               for e in events) == 1
+    done_items, state = [], None
+    for event in events[2:-1]:
+        kind = event["type"]
+        assert kind.startswith("response.") and kind not in ("response.created", "response.in_progress")
+        if kind == "response.output_item.added":
+            assert state is None and event["output_index"] == len(done_items)
+            item = event["item"]
+            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call") and item["id"]
+            assert item.get("content", []) == [] and item.get("arguments", "") == "" and item.get("input", "") == ""
+            assert item.get("status", "in_progress") == "in_progress" and item.get("summary", []) == []
+            state = {"item": item, "index": event["output_index"], "text": "", "parts": 0, "annotations": []}
+        elif kind == "response.output_item.done":
+            assert state is not None
+            _check_done_item(event, state)
+            done_items.append(event["item"])
+            state = None
+        else:
+            assert state is not None, kind
+            _check_open_item_event(event, state)
+    response = terminal["response"]
+    assert response["id"] == rid and response["object"] == "response"
+    assert response["status"] == terminal["type"].split(".")[1]
+    if response["status"] != "failed":
+        assert state is None and response["output"] == done_items
+    usage = response["usage"]
+    assert all(isinstance(usage[k], int) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert isinstance(usage["input_tokens_details"]["cached_tokens"], int)
+    assert isinstance(usage["output_tokens_details"]["reasoning_tokens"], int)
+    return response
+
+
+def responses_replay(anthropic_events, **kw):
+    """Feed Anthropic events through a fresh machine (deterministic ids) and close it."""
+    kw.setdefault("origin", ORIGIN)
+    machine = cp.AnthropicToResponsesStream(SHELL, ids=counter_ids(), **kw)
+    out = []
+    for event in anthropic_events:
+        out += machine.feed(event)
+    return out + machine.close()
+
+
+INLINE_ANTHROPIC = {"text": TEXT_BASIC, "tool_use": TOOL_USE, "truncated": TRUNCATED_TOOL_JSON,
+                    "thinking": THINKING_SIGNATURE, "redacted": REDACTED_THINKING, "citations": WEB_SEARCH_CITATIONS}
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_ANTHROPIC))
+@pytest.mark.parametrize("summaries", [True, False])
+def test_recorded_claude_streams_follow_the_responses_grammar(name, summaries):
+    check_responses_grammar(responses_replay(anthropic_sse_payloads(INLINE_ANTHROPIC[name]), summaries=summaries))
+
+
+def test_text_stream_exact():
+    events = responses_replay(anthropic_sse_payloads(TEXT_BASIC))
+    message = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    part = {"type": "output_text", "text": "2", "annotations": []}
+    usage = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 25}
+    done = dict(message, status="completed", content=[part])
+    at = {"item_id": "msg_1", "output_index": 0}
+    assert events == [
+        {"type": "response.created", "sequence_number": 0, "response": SHELL},
+        {"type": "response.in_progress", "sequence_number": 1, "response": SHELL},
+        {"type": "response.output_item.added", "sequence_number": 2, "output_index": 0, "item": message},
+        dict(type="response.content_part.added", sequence_number=3, **at, content_index=0, part=dict(part, text="")),
+        dict(type="response.output_text.delta", sequence_number=4, **at, content_index=0, delta="2", logprobs=[]),
+        dict(type="response.output_text.done", sequence_number=5, **at, content_index=0, text="2", logprobs=[]),
+        dict(type="response.content_part.done", sequence_number=6, **at, content_index=0, part=part),
+        {"type": "response.output_item.done", "sequence_number": 7, "output_index": 0, "item": done},
+        {"type": "response.completed", "sequence_number": 8,
+         "response": dict(SHELL, status="completed", output=[done], usage=usage, incomplete_details=None)}]
+
+
+def test_tool_use_truncation_and_citations():
+    tool = check_responses_grammar(responses_replay(anthropic_sse_payloads(TOOL_USE)))
+    assert tool["status"] == "completed" and tool["output"][1] == {
+        "id": "fc_2", "type": "function_call", "status": "completed", "arguments": "{\"location\": \"Paris\"}",
+        "call_id": "toolu_01NRLabsLyVHZPKxbKvkfSMn", "name": "get_weather"}
+    cut = check_responses_grammar(responses_replay(anthropic_sse_payloads(TRUNCATED_TOOL_JSON)))
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [i["status"] for i in cut["output"]] == ["completed", "incomplete"]
+    cited = check_responses_grammar(responses_replay(anthropic_sse_payloads(WEB_SEARCH_CITATIONS)))
+    (message,) = [i for i in cited["output"] if i["type"] == "message"]
+    text = message["content"][0]["text"]
+    (annotation,) = message["content"][0]["annotations"]
+    assert text == "Based on the search results, I can seetoday (September 16) shows a high of 76°F and low of 59°F"
+    assert annotation == {"type": "url_citation", "start_index": 38, "end_index": len(text), "title":
+                          "San Francisco, CA Monthly Weather | AccuWeather",
+                          "url": "https://www.accuweather.com/en/us/san-francisco/94103/september-weather/347629"}
+
+
+def test_thinking_becomes_reasoning_that_replays_as_the_same_blocks():
+    reasoning = [i for text in (THINKING_SIGNATURE, REDACTED_THINKING)
+                 for i in responses_replay(anthropic_sse_payloads(text))[-1]["response"]["output"] if i["type"] == "reasoning"]
+    assert reasoning[0]["summary"] == [{"type": "summary_text", "text": "This is a straightforward question about pedest accidents."}]
+    replayed = cp.responses_to_anthropic_request(R(input=[{"role": "user", "content": "q"}] + reasoning), "claude-sonnet-4-5",
+                                                 origin=ORIGIN, variant_effort="low")
+    assert replayed["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "This is a straightforward question about pedest accidents.",
+         "signature": "EvMCCkYICxgCKkCHP2cS..."},
+        {"type": "redacted_thinking", "data": "EqkECkYIBxgCKkA8AZ4n..."},
+        {"type": "redacted_thinking", "data": "EtgBCkYIBxgCKkDQfGkw..."}]
+    hidden = responses_replay(anthropic_sse_payloads(THINKING_SIGNATURE), summaries=False)[-1]["response"]
+    assert hidden["output"][0]["summary"] == [] and hidden["output"][0]["encrypted_content"] == reasoning[0]["encrypted_content"]
+
+
+def anthropic_tool_events(name, partial_json, block_id="toolu_9"):
+    """A small Anthropic answer that calls one tool."""
+    message = {"id": "msg_9", "type": "message", "role": "assistant", "model": "m", "content": [
+        {"type": "tool_use", "id": block_id, "name": name, "input": json.loads(partial_json)}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
+    return cp.anthropic_message_as_events(message)
+
+
+def test_custom_and_namespaced_calls_map_back_to_the_client_tools():
+    _, table, _ = cp.responses_tools(R(tools=[APPLY_PATCH, {"type": "namespace", "name": "ns", "tools": [FN]}]))
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+    custom = responses_replay(anthropic_tool_events("apply_patch", json.dumps({"input": patch})), tools=table)
+    check_responses_grammar(custom)
+    assert custom[-1]["response"]["output"] == [
+        {"id": "ctc_1", "type": "custom_tool_call", "call_id": "toolu_9", "name": "apply_patch", "input": patch}]
+    spaced = responses_replay(anthropic_tool_events("ns__get_weather", "{}"), tools=table)
+    check_responses_grammar(spaced)
+    assert spaced[-1]["response"]["output"] == [
+        {"id": "fc_1", "type": "function_call", "status": "completed", "arguments": "{}", "call_id": "toolu_9",
+         "name": "get_weather", "namespace": "ns"}]
+
+
+@pytest.mark.parametrize("first", [[], ["message_start"]])
+def test_failures_end_with_one_response_failed(first):
+    events = anthropic_sse_payloads(TOOL_USE)[:6 if first else 0]
+    events.append({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    out = responses_replay(events + [anthropic_sse_payloads(TEXT_BASIC)[1]])
+    response = check_responses_grammar(out)
+    assert response["status"] == "failed" and response["error"] == {"code": "server_is_overloaded", "message": "Overloaded"}
+    machine = cp.AnthropicToResponsesStream(SHELL)
+    failed = machine.fail("prompt is too long: 300000 tokens", "invalid_request_error")
+    assert [e["type"] for e in failed] == ["response.created", "response.in_progress", "response.failed"]
+    assert failed[-1]["response"]["error"]["code"] == "context_length_exceeded"
+    assert machine.fail("again") == [] and machine.close() == [] and machine.feed({"type": "message_stop"}) == []
+
+
+def test_no_stop_reason_is_not_a_finish():
+    machine = cp.AnthropicToResponsesStream(SHELL)
+    for event in anthropic_sse_payloads(TEXT_BASIC)[:4]:
+        machine.feed(event)
+    assert not machine.saw_finish and not machine.finished
+
+
+@pytest.mark.parametrize("name", sorted(set(INLINE_ANTHROPIC) - {"truncated"}))   # a cut tool input folds to {}
+def test_non_stream_response_is_the_fold_of_the_stream(name):
+    events = anthropic_sse_payloads(INLINE_ANTHROPIC[name])
+    streamed = responses_replay(events)[-1]["response"]
+    message = fold_anthropic_events(events)
+    machine = cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids())
+    folded = cp.anthropic_to_responses_response(message, machine)
+    assert folded == streamed == cp.fold_responses_events(responses_replay(events))
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_ANTHROPIC))
+def test_same_responses_events_whole_and_byte_by_byte(name):
+    raw = INLINE_ANTHROPIC[name].encode()
+    whole = responses_replay(anthropic_sse_payloads(INLINE_ANTHROPIC[name]))
+    decoder, machine, out = cp.SSEDecoder(), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()), []
+    for i in range(len(raw)):
+        out += cp.feed_events(machine, decoder.feed(raw[i:i + 1]))
+    out += cp.feed_events(machine, decoder.close()) + machine.close()
+    assert out == whole
+
+
+def test_fold_of_a_failed_stream_raises():
+    with pytest.raises(UpstreamError):
+        cp.fold_responses_events(responses_replay([{"type": "error", "error": {"type": "api_error", "message": "x"}}]))
+    with pytest.raises(UpstreamError):
+        cp.fold_responses_events([])
+
+
+def test_chat_provider_stream_through_both_machines():
+    machine = cp.AnthropicToResponsesStream(SHELL, origin="o/up", ids=counter_ids())
+    chained = cp.ChainedStream(OpenAIToAnthropicStream("m", message_id="msg_x"), machine)
+    out = []
+    for chunk in sse_chunks(OPENAI_PARALLEL_TOOLS):
+        out += chained.feed(chunk)
+    out += chained.feed("[DONE]") + chained.close()
+    response = check_responses_grammar(out)
+    assert [i["type"] for i in response["output"]] == ["function_call", "function_call"]
+    assert all(json.loads(i["arguments"]) for i in response["output"]) and chained.finished and chained.saw_finish
+
+
+FIXTURE_STREAMS = sorted(glob.glob(os.path.join(FIXTURES, "anthropic_stream_*.sse")))
+
+
+@pytest.mark.skipif(not FIXTURE_STREAMS, reason="shared fixtures absent")
+@pytest.mark.parametrize("path", FIXTURE_STREAMS or ["none"], ids=os.path.basename)
+def test_every_recorded_claude_stream_is_grammatical_as_responses(path):
+    with open(path, encoding="utf-8") as fh:
+        events = anthropic_sse_payloads(fh.read())
+    response = check_responses_grammar(responses_replay(events))
+    if "truncated" not in path:         # a cut tool input folds to {}
+        assert response == cp.anthropic_to_responses_response(
+            fold_anthropic_events(events), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()))
+
+# =============================================================================================
 # 10. OAuth
 # =============================================================================================
 
@@ -4182,6 +4863,352 @@ def test_converted_streams_reuse_the_upstream_connection(tmp_path, client):
                     assert status == 200
             assert (len(up.requests), up.connections) == (3, 1)
     run(scenario())
+
+# ---- The Responses API end to end: the openai SDK on a Claude route, a chat route, a native one ------
+
+def claude_message(anthropic_body):
+    """The fake Claude's answer: the next tool while tools remain uncalled, then text (JSON when a
+    schema is asked for), thinking first when it is on."""
+    calls = sum(b.get("type") == "tool_result" for m in anthropic_body["messages"] if isinstance(m["content"], list)
+                for b in m["content"])
+    tools = anthropic_body.get("tools") or []
+    content = [{"type": "thinking", "thinking": "Let me think.", "signature": "sig-%d" % calls}] \
+        if anthropic_body.get("thinking") else []
+    if calls < len(tools):
+        tool = tools[calls]
+        tool_input = {"input": "*** Begin Patch"} if tool["name"] == "apply_patch" else {"city": "Paris"}
+        content.append({"type": "tool_use", "id": "toolu_%d" % calls, "name": tool["name"], "input": tool_input})
+    else:
+        schema = (anthropic_body.get("output_config") or {}).get("format")
+        content.append({"type": "text", "text": '{"answer": "Hello"}' if schema else "Done." if calls else "Hello there"})
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": anthropic_body["model"], "content": content,
+            "stop_reason": "tool_use" if content[-1]["type"] == "tool_use" else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}
+
+
+def fake_claude(req):
+    """A scripted Claude: SSE when asked to stream, JSON otherwise."""
+    message = claude_message(req["body"])
+    if req["body"].get("stream"):
+        return Stream([sse_event(e["type"], e) for e in cp.anthropic_message_as_events(message)])
+    return http_response(200, message)
+
+
+def fake_chat(req):
+    """A scripted chat-completions provider over the same script (through the 9a request converter's view)."""
+    body = req["body"]
+    calls = sum(m["role"] == "tool" for m in body["messages"])
+    tools = body.get("tools") or []
+    tool = (tools[calls]["function"]["name"], {"city": "Paris"}) if calls < len(tools) else None
+    if body.get("stream"):
+        return Stream(openai_stream_chunks("Done." if calls else "Hello there", tool=tool, call_id="call_%d" % calls))
+    message = {"role": "assistant", "content": None if tool else ("Done." if calls else "Hello there")}
+    if tool:
+        message["tool_calls"] = [{"id": "call_%d" % calls, "type": "function",
+                                  "function": {"name": tool[0], "arguments": json.dumps(tool[1])}}]
+    return http_response(200, {"id": "c", "object": "chat.completion", "created": 1, "model": "up", "choices": [
+        {"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
+
+
+RESP_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@contextlib.asynccontextmanager
+async def responses_client(tmp_path, route="claude", **raw):
+    """(openai.AsyncOpenAI at the proxy, the fake upstream, the proxy's port) for a Claude, chat or native route."""
+    openai = pytest.importorskip("openai")
+    script = {"claude": fake_claude, "chat": fake_chat}.get(route, lambda req: http_response(200, {"id": "resp_up"}))
+    async with FakeUpstream(script) as up:
+        if route == "claude":
+            config = make_config(tmp_path, up.url, **raw)
+        else:
+            provider = {"format": "openai", "base_url": up.url + "/v1", "api_key": "sk-o-123456789",
+                        "responses": route == "native"}
+            config = make_config(tmp_path, providers={"o": provider}, routes={"default": "o,up-model"}, **raw)
+        async with running_proxy(config) as (_, port):
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-client", max_retries=0)
+            try:
+                yield client, up, port
+            finally:
+                await client.close()
+
+
+@pytest.mark.parametrize("route", ["claude", "chat"])
+def test_openai_sdk_responses_text_stream_tools_and_state(tmp_path, route):
+    async def scenario():
+        async with responses_client(tmp_path, route) as (client, up, _):
+            first = await client.responses.create(model="claude-sonnet-4-5", instructions="Be brief.", input="hi")
+            assert first.output_text == "Hello there" and first.status == "completed" and first.id.startswith("resp_")
+            assert first.usage.input_tokens == 12 and first.usage.total_tokens == 15 + (1 if route == "chat" else 0)
+            async with client.responses.stream(model="claude-sonnet-4-5", input="hi") as stream:
+                final = await stream.get_final_response()
+            assert final.output_text == "Hello there"
+            calls = await client.responses.create(model="claude-sonnet-4-5", input="weather in Paris?",
+                                                  tools=[RESP_WEATHER], store=False)
+            (call,) = [o for o in calls.output if o.type == "function_call"]
+            assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+            items = [{"role": "user", "content": "weather in Paris?"}] + [o.model_dump(exclude_none=True) for o in calls.output]
+            items.append({"type": "function_call_output", "call_id": call.call_id, "output": "sunny"})
+            done = await client.responses.create(model="claude-sonnet-4-5", input=items, tools=[RESP_WEATHER])
+            assert done.output_text == "Done."
+            chained = await client.responses.create(model="claude-sonnet-4-5", input="and tomorrow?",
+                                                    previous_response_id=done.id, tools=[RESP_WEATHER])
+            assert chained.previous_response_id == done.id
+            with pytest.raises(Exception) as missing:
+                await client.responses.retrieve(calls.id)
+            assert getattr(missing.value, "status_code", None) == 404
+        system = up.requests[0]["body"]["system"] if route == "claude" else up.requests[0]["body"]["messages"][0]
+        assert "Be brief." in json.dumps(system)
+        history = up.requests[-1]["body"]["messages"]
+        assert "weather in Paris?" in json.dumps(history) and "and tomorrow?" in json.dumps(history[-1])
+        assert up.requests[1]["body"]["stream"] is True
+    run(scenario())
+
+
+def test_openai_sdk_responses_image_schema_retrieve_delete_and_input_items(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            seen = await client.responses.create(model="claude-sonnet-4-5", input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "what is this?"},
+                {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "auto"}]}])
+            structured = await client.responses.create(model="claude-sonnet-4-5", input="answer in JSON", text={
+                "format": {"type": "json_schema", "name": "answer", "strict": True,
+                           "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}})
+            assert json.loads(structured.output_text) == {"answer": "Hello"}
+            again = await client.responses.retrieve(seen.id)
+            assert again.id == seen.id and again.output_text == seen.output_text
+            page = await client.responses.input_items.list(seen.id, order="asc")
+            assert [i.type for i in page.data] == ["message"] and page.data[0].id.startswith("msg_")
+            assert page.data[0].content[1].type == "input_image"
+            await client.responses.delete(seen.id)
+            with pytest.raises(Exception) as gone:
+                await client.responses.retrieve(seen.id)
+            assert getattr(gone.value, "status_code", None) == 404
+        image = up.requests[0]["body"]["messages"][0]["content"][1]
+        assert image == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+        assert up.requests[1]["body"]["output_config"]["format"]["schema"]["additionalProperties"] is False
+    run(scenario())
+
+
+def test_reasoning_round_trip_through_the_proxy_and_cache_marks(tmp_path):
+    """With store false (Codex's way), the reasoning item a client replays becomes the signed thinking block
+    Claude requires before the tool result; prompt_cache_key adds stable cache breakpoints."""
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            ask = dict(model="claude-sonnet-4-5", tools=[RESP_WEATHER], store=False, reasoning={"effort": "low", "summary": "auto"},
+                       include=["reasoning.encrypted_content"], prompt_cache_key="session-1")
+            first = await client.responses.create(input="weather?", **ask)
+            assert [o.type for o in first.output] == ["reasoning", "function_call"]
+            assert first.output[0].summary[0].text == "Let me think." and first.output[0].encrypted_content.startswith("cp1.")
+            items = [{"role": "user", "content": "weather?"}] + [o.model_dump(exclude_none=True) for o in first.output]
+            items.append({"type": "function_call_output", "call_id": first.output[1].call_id, "output": "sunny"})
+            second = await client.responses.create(input=items, **ask)
+            assert second.output_text == "Done."
+        replayed = up.requests[1]["body"]
+        assert replayed["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+        assert replayed["messages"][1]["content"][:2] == [
+            {"type": "thinking", "thinking": "Let me think.", "signature": "sig-0"},
+            {"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {"city": "Paris"}}]
+        assert replayed["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    run(scenario())
+
+
+def test_responses_stream_wire_format_and_custom_tool_on_claude(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            status, headers, body = await call(port, "POST", "/v1/responses", {
+                "model": "claude-sonnet-4-5", "stream": True, "input": "patch it", "store": False,
+                "tools": [APPLY_PATCH, {"type": "web_search"}]})
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        events = sse_events(body)
+        assert all(name == data["type"] for name, data in events)
+        response = check_responses_grammar([data for _, data in events])
+        assert response["output"][0] == {"id": response["output"][0]["id"], "type": "custom_tool_call",
+                                          "call_id": "toolu_0", "name": "apply_patch", "input": "*** Begin Patch"}
+        assert [t["name"] for t in up.requests[0]["body"]["tools"]] == ["apply_patch"]
+    run(scenario())
+
+
+def test_native_responses_provider_is_relayed_as_is(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path, "native") as (_, up, port):
+            sent = {"model": "gpt-5-codex", "input": "hi", "previous_response_id": "resp_upstream", "store": True}
+            status, _, body = await call(port, "POST", "/v1/responses", sent, {"authorization": "Bearer sk-client"})
+        assert status == 200 and json.loads(body) == {"id": "resp_up"}
+        (req,) = up.requests
+        assert req["path"] == "/v1/responses" and req["headers"]["authorization"] == "Bearer sk-o-123456789"
+        assert req["body"] == dict(sent, model="up-model")
+    run(scenario())
+
+
+def test_responses_errors_in_openai_shape(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            answers = [await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                  "previous_response_id": "resp_nope"}),
+                       await call(port, "GET", "/v1/responses/resp_nope"),
+                       await call(port, "DELETE", "/v1/responses/resp_nope"),
+                       await call(port, "GET", "/v1/responses/resp_nope/input_items"),
+                       await call(port, "GET", "/v1/responses/x/input_items?limit=0"),
+                       await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": 3}),
+                       await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                  "tools": [{"type": "web_search"}],
+                                                                  "tool_choice": {"type": "web_search_preview"}}),
+                       await call(port, "POST", "/v1/responses/resp_1/cancel"),
+                       await call(port, "GET", "/v1/responses/resp_1?stream=true")]
+            started = time.monotonic()
+            ws = await call(port, "GET", "/v1/responses", headers={"upgrade": "websocket", "connection": "Upgrade",
+                                                                   "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                                   "sec-websocket-version": "13"})
+            assert time.monotonic() - started < 1.0
+        statuses = [a[0] for a in answers] + [ws[0]]
+        assert statuses == [404, 404, 404, 404, 400, 400, 400, 404, 400, 426]
+        for _, _, body in answers + [ws]:
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert "resp_nope" in json.loads(answers[0][2])["error"]["message"]
+        assert json.loads(answers[0][2])["error"]["param"] == "previous_response_id"
+        assert not up.requests
+    run(scenario())
+
+
+def test_responses_upstream_failure_mid_stream_is_one_response_failed(tmp_path):
+    parts = anthropic_stream()[:3] + [("reset",)]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(parts) if req["body"].get("stream") else
+                                http_response(529, {"type": "error", "error": {"type": "overloaded_error",
+                                                                               "message": "Overloaded"}})) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses",
+                                             {"model": "claude-sonnet-4-5", "input": "hi", "stream": True})
+                plain = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"})
+        events = [data for _, data in sse_events(body)]
+        assert status == 200 and [e["type"] for e in events][-1] == "response.failed"
+        response = check_responses_grammar(events)
+        assert response["error"]["code"] == "server_error" and response["output"] == []
+        assert plain[0] == 529 and json.loads(plain[2])["error"]["type"] == "overloaded_error"
+    run(scenario())
+
+
+def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
+    store = cp.ResponseStore(str(tmp_path / "home" / "responses.db"), max_bytes=2400, max_age=100.0,
+                             clock=lambda: now[0])
+    now = [1000.0]
+    big = {"id": "", "output": [{"type": "message", "id": "msg_o", "content": [{"type": "output_text", "text": "x" * 400}]}]}
+    for i in range(5):
+        store.put(dict(big, id=f"resp_{i}", previous_response_id=f"resp_{i - 1}" if i else None),
+                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}])
+        now[0] += 1
+    kept = [i for i in range(5) if store.get(f"resp_{i}")]
+    assert kept == [3, 4]                          # each ~1100 bytes: the oldest went first
+    assert [i["id"] for i in store.history("resp_4")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
+    other = cp.ResponseStore(store.path, max_bytes=10 ** 6, max_age=100.0, clock=lambda: now[0])
+    assert other.get("resp_4")["id"] == "resp_4" and other.items(["msg_4", "nope"]).keys() == {"msg_4"}
+    now[0] += 200
+    other.put(dict(big, id="resp_new"), [])
+    assert store.get("resp_4") is None and store.get("resp_new") is not None
+    assert os.stat(store.path).st_mode & 0o777 == 0o600 if POSIX else True
+    assert store.delete("resp_new") and not store.delete("resp_new") and store.input_items("resp_new") is None
+
+    async def scenario():
+        async with responses_client(tmp_path / "p") as (client, _, _):
+            answer = await client.responses.create(model="claude-sonnet-4-5", input="hi", store=False)
+            with pytest.raises(Exception):
+                await client.responses.retrieve(answer.id)
+    run(scenario())
+    assert not os.path.exists(tmp_path / "p" / "home" / "responses.db")
+
+
+def test_agents_sdk_default_runner_with_two_tools_on_claude(tmp_path):
+    """The OpenAI Agents SDK's default model class (Responses) runs a two-tool agent through the proxy."""
+    agents = pytest.importorskip("agents")
+    called = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        called.append(("weather", city))
+        return f"sunny in {city}"
+
+    @agents.function_tool
+    def get_time(city: str) -> str:
+        """Local time of a city."""
+        called.append(("time", city))
+        return f"12:00 in {city}"
+
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            model = agents.OpenAIResponsesModel(model="claude-sonnet-4-5", openai_client=client)
+            agent = agents.Agent(name="w", instructions="Use both tools.", model=model, tools=[get_weather, get_time],
+                                 model_settings=agents.ModelSettings(reasoning={"effort": "low", "summary": "auto"}))
+            result = await agents.Runner.run(agent, "Weather and time in Paris?",
+                                             run_config=agents.RunConfig(tracing_disabled=True))
+        assert result.final_output == "Done." and called == [("weather", "Paris"), ("time", "Paris")]
+        last = up.requests[-1]["body"]
+        assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+        assert last["messages"][3]["content"][0] == {"type": "thinking", "thinking": "Let me think.", "signature": "sig-1"}
+    run(scenario())
+
+
+def test_a_broken_store_is_a_500_on_reads_and_a_warning_on_writes(tmp_path, caplog):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                (tmp_path / "home").mkdir(exist_ok=True)
+                (tmp_path / "home" / "responses.db").write_bytes(b"this is not a database" * 100)
+                read = await call(port, "GET", "/v1/responses/resp_1")
+                written = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                     "reasoning": "high"})
+        assert read[0] == 500 and "response store" in json.loads(read[2])["error"]["message"]
+        assert written[0] == 200 and json.loads(written[2])["output"][0]["content"][0]["text"] == "Hello there"
+        assert any("not stored" in r.getMessage() for r in caplog.records)
+    run(scenario())
+
+
+def test_responses_on_the_subscription_login_get_its_request_shape(tmp_path):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            config = oauth_config(tmp_path, up.url, "http://127.0.0.1:9/token")
+            seed_login(config)
+            async with running_proxy(config) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", dict(CODEX_TURN1, stream=False),
+                                             {"authorization": "Bearer codex-key"})
+        assert status == 200 and json.loads(body)["output"][0]["type"] == "reasoning"
+        sent = up.requests[0]
+        assert sent["headers"]["authorization"] == "Bearer sk-ant-oat01-old" and "x-api-key" not in sent["headers"]
+        assert sent["headers"]["anthropic-beta"] == "oauth-2025-04-20,interleaved-thinking-2025-05-14"
+        assert sent["body"]["system"][0] == {"type": "text", "text": CLAUDE_CODE_IDENTITY}
+        assert 0 < count_marks(sent["body"]) <= 4
+    run(scenario())
+
+
+def test_list_page_cursor():
+    items = [{"id": f"i{k}"} for k in range(5)]
+    assert cp.list_page(items, 2, "desc", None) == {"object": "list", "data": [{"id": "i4"}, {"id": "i3"}],
+                                                    "first_id": "i4", "last_id": "i3", "has_more": True}
+    assert cp.list_page(items, 2, "asc", "i2")["data"] == [{"id": "i3"}, {"id": "i4"}]
+    assert cp.list_page(items, 2, "asc", "i3")["has_more"] is False and cp.list_page([], 5, "asc", None)["first_id"] is None
+
+
+def test_responses_routes_reasoning_to_the_think_route_and_variants(tmp_path):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            config = make_config(tmp_path, up.url, routes={"default": "anthropic", "think": "anthropic,claude-opus-4-8"})
+            async with running_proxy(config) as (_, port):
+                for body in ({"model": "claude-sonnet-4-5", "input": "hi", "reasoning": {"effort": "high"}},
+                             {"model": "claude-sonnet-4-5", "input": "hi"},
+                             {"model": "claude-sonnet-4-5-reasoning-low", "input": "hi"}):
+                    status, _, _ = await call(port, "POST", "/v1/responses", body)
+                    assert status == 200
+        models = [r["body"]["model"] for r in up.requests]
+        assert models == ["claude-opus-4-8", "claude-sonnet-4-5", "claude-opus-4-8"]
+        assert up.requests[0]["body"]["thinking"] == {"type": "adaptive"}
+        assert up.requests[2]["body"]["output_config"] == {"effort": "low"}
+    run(scenario())
+
 
 # =============================================================================================
 # Hardening: fault matrix, bad input, access, secrets, fuzz, load
@@ -6405,6 +7432,11 @@ def _openai_body(model: str, stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
+def _responses_body(model: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "max_output_tokens": 1024, "stream": stream, "store": False,
+                       "instructions": "You are a helpful assistant. " * 10, "input": _BENCH_MESSAGES}).encode()
+
+
 # (client path, body, headers, response must contain) for the proxy and for the direct baseline.
 def _bench_calls(kind: str, model: str, stream: bool):
     anth = ("/v1/messages", _anthropic_body(model, stream), _ANTH_HEADERS)
@@ -6413,6 +7445,9 @@ def _bench_calls(kind: str, model: str, stream: bool):
         proxy, direct, mark = anth, oai, b"message_stop" if stream else b'"type":"message"'
     elif kind == "a2o":  # OpenAI client -> Anthropic upstream (converted)
         proxy, direct, mark = oai, anth, b"[DONE]" if stream else b"chat.completion"
+    elif kind == "r2a":  # Responses client -> Anthropic upstream (converted)
+        proxy = ("/v1/responses", _responses_body(model, stream), _OAI_HEADERS)
+        direct, mark = anth, b"response.completed" if stream else b'"object":"response"'
     else:                # Anthropic passthrough
         proxy, direct, mark = anth, anth, b"message_stop" if stream else b'"type":"message"'
     return proxy, direct, mark
@@ -6519,8 +7554,9 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
     # Streams at concurrency 1: latency, CPU per chunk; 50/400-event streams for the marginal cost.
     for kind, label, limit in (("o2a", "stream OpenAI->Anthropic (o2a)", 15.0),
                                ("a2o", "stream Anthropic->OpenAI (a2o)", 15.0),
+                               ("r2a", "stream Anthropic->Responses (r2a)", 15.0),
                                ("pass", "stream Anthropic passthrough", 5.0)):
-        prefix = "anth" if kind in ("a2o", "pass") else "oai"
+        prefix = "anth" if kind in ("a2o", "r2a", "pass") else "oai"
         r = await b.measure(kind, f"{prefix}-200", True, 1, count=30, warm=5)
         small = await b.measure(kind, f"{prefix}-50", True, 1, count=30, direct=False, warm=2)
         large = await b.measure(kind, f"{prefix}-400", True, 1, count=30, direct=False, warm=2)
@@ -6529,7 +7565,8 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
         added = (r["p50"] - r["direct_p50"]) * 1000
         ok = r["cpu_chunk_us"] <= limit and added <= 2.0 and not r["errors"]
         row(label + ", 200 chunks", 1, r, target=f"CPU<={limit:g}us/chunk, added<=2ms", ok=ok)
-    for kind, label in (("o2a", "tool-call stream o2a, 200 frags"), ("a2o", "tool-call stream a2o, 200 frags")):
+    for kind, label in (("o2a", "tool-call stream o2a, 200 frags"), ("a2o", "tool-call stream a2o, 200 frags"),
+                        ("r2a", "tool-call stream r2a, 200 frags")):
         r = await b.measure(kind, ("oai" if kind == "o2a" else "anth") + "-tool-200", True, 1, count=30, warm=3)
         row(label, 1, r, target="(info)")
 
@@ -6607,7 +7644,7 @@ def _bench_profile(procs: _BenchProcs, out_dir: str) -> str:
     import pstats
     os.makedirs(out_dir, exist_ok=True)
     report = []
-    for kind, model in (("o2a", "oai-200"), ("pass", "anth-200"), ("a2o", "anth-200")):
+    for kind, model in (("o2a", "oai-200"), ("pass", "anth-200"), ("a2o", "anth-200"), ("r2a", "anth-200")):
         out = os.path.join(out_dir, f"prof_{kind}.out")
         procs.start_proxy(profile_out=out)
         b = _Bench(procs)
