@@ -5,9 +5,12 @@ Anthropic clients (Claude Code, the Anthropic SDKs) and OpenAI clients (the open
 LangChain, Open WebUI) talk to it; it forwards to Anthropic, to Anthropic-compatible vendors
 or to any OpenAI-compatible provider, converting between the two dialects where needed.
 
-Run:    python claude_proxy.py                 serve on 127.0.0.1:8082
+Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browser there sees its status)
         python claude_proxy.py check-config    print the effective config, secrets redacted
         python claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
+        python claude_proxy.py stats           usage and cost from the ledger
+        python claude_proxy.py doctor          can every provider in use be reached and authenticated?
+        python claude_proxy.py menu            start, log in, token, status, stats, log out: a numbered menu
 Tests:  python -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
@@ -21,9 +24,10 @@ Sections, leaves first, so nothing refers forward:
    8. Upstream client    keep-alive pool, TLS, CONNECT proxies, idle timeouts
    9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
-  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering
-  12. Server             connection loop, keep-alive, limits, graceful shutdown
-  13. CLI                argparse entry point
+  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering, usage meter
+  12. Operations         usage ledger and cost, stats, plugins, hot reload, doctor, status page
+  13. Server             connection loop, keep-alive, limits, graceful shutdown
+  14. CLI                argparse entry point, stats / doctor / menu
 """
 from __future__ import annotations
 
@@ -4442,8 +4446,11 @@ class UsageMeter:
             self.take(body.get("usage") or (body.get("response") or {}).get("usage"))
 
     def tokens(self) -> Tuple[Optional[int], ...]:
-        """The five counters, or Nones when the upstream reported no usage."""
-        return tuple(getattr(self, name) if self.seen else None for name in METER_FIELDS)
+        """The five counters (METER_FIELDS order), or Nones when the upstream reported no usage."""
+        if not self.seen:
+            return (None,) * 5
+        return (self.input_tokens, self.output_tokens, self.cache_read_input_tokens,
+                self.cache_creation_input_tokens, self.reasoning_tokens)
 
 
 def _event_usage(event: Any) -> Any:
@@ -4475,7 +4482,10 @@ class UsageScanner:
         self._tail = buf[end:] if end < len(buf) and len(buf) - end < MAX_SCAN_LINE else b""
         at = buf.find(USAGE_MARKER, 0, end)
         while at >= 0:
-            at = buf.find(USAGE_MARKER, self._take_line(buf, at), end)
+            if buf.startswith(b":null", at + len(USAGE_MARKER)):     # OpenAI's, on every chunk
+                at = buf.find(USAGE_MARKER, at + len(USAGE_MARKER), end)
+            else:
+                at = buf.find(USAGE_MARKER, self._take_line(buf, at), end)
 
     def _take_line(self, buf: bytes, at: int) -> int:
         """Parse the data line holding the marker at `at` if its value is an object; returns
@@ -5191,7 +5201,7 @@ def request_cost(prices: Optional[Prices], tokens: Tuple[Optional[int], ...]) ->
     """Estimated USD for one request's tokens (reasoning is billed inside output); None if unknown."""
     if prices is None or tokens[0] is None:
         return None
-    return sum(n * price for n, price in zip(tokens[:4], prices))
+    return tokens[0] * prices[0] + tokens[1] * prices[1] + tokens[2] * prices[2] + tokens[3] * prices[3]
 
 # ---- Records and totals ---------------------------------------------------------------------
 
@@ -5201,8 +5211,9 @@ UsageRecord = collections.namedtuple("UsageRecord", LEDGER_COLUMNS)
 
 
 def is_error(status: Optional[int], error_type: Optional[str]) -> bool:
-    """An error status, or an error after the response began (a stream's error event)."""
-    return (status or 0) >= 400 or error_type is not None
+    """An error status, or an error after the response began (a stream's error event); a
+    request the client gave up on ("cancelled") is not the proxy's or the provider's error."""
+    return error_type != "cancelled" and ((status or 0) >= 400 or error_type is not None)
 
 
 def record_counts(record: UsageRecord) -> list:
@@ -5219,14 +5230,17 @@ def utc_day(epoch: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(epoch))
 
 
-def _accumulate(into: list, counts: Iterable[Any]) -> None:
+def _accumulate(into: list, counts: List[Any]) -> None:
     """Add counts to a COUNTERS list; a cost stays None until one is known."""
-    for i, value in enumerate(counts):
-        if i == 7:
-            if value is not None:
-                into[7] = value if into[7] is None else into[7] + value
-        else:
-            into[i] += value or 0
+    into[:7] = [total + (n or 0) for total, n in zip(into[:7], counts[:7])]
+    if counts[7] is not None:
+        into[7] = counts[7] if into[7] is None else into[7] + counts[7]
+    into[8] += counts[8] or 0
+
+
+def _zero_counts() -> list:
+    """COUNTERS at zero (cost unknown)."""
+    return [0] * 7 + [None, 0]
 
 
 def _counts_dict(counts: list) -> dict:
@@ -5238,18 +5252,20 @@ def _counts_dict(counts: list) -> dict:
 
 
 class UsageTotals:
-    """Counters in all and by model (as the client named it), route and UTC day."""
+    """Counters per (model as the client named it, route, UTC day); the total and the by_model,
+    by_route and by_day views are folded from these groups when asked for."""
 
     def __init__(self) -> None:
-        self.total = [0] * 7 + [None, 0]
-        self.groups: Dict[str, Dict[str, list]] = {group: {} for group in GROUPS}
+        self.groups: Dict[Tuple[str, str, str], list] = {}
 
     def add(self, model: Optional[str], route: Optional[str], day: str, counts: Iterable[Any]) -> None:
         """Add one record's counts, or one ledger group's sums."""
+        key = (model or "-", route or "-", day)
         counts = list(counts)
-        _accumulate(self.total, counts)
-        for group, key in zip(GROUPS, (model, route, day)):
-            _accumulate(self.groups[group].setdefault(key or "-", [0] * 7 + [None, 0]), counts)
+        into = self.groups.get(key)
+        if into is None:
+            self.groups[key] = into = _zero_counts()
+        _accumulate(into, counts)
 
     def add_record(self, record: UsageRecord) -> None:
         """Add one request."""
@@ -5257,9 +5273,14 @@ class UsageTotals:
 
     def as_dict(self) -> dict:
         """The T object of /v1/stats."""
-        out = _counts_dict(self.total)
+        total, views = _zero_counts(), {group: {} for group in GROUPS}
+        for key, counts in self.groups.items():
+            _accumulate(total, counts)
+            for group, name in zip(GROUPS, key):
+                _accumulate(views[group].setdefault(name, _zero_counts()), counts)
+        out = _counts_dict(total)
         for group in GROUPS:
-            out[group] = {key: _counts_dict(counts) for key, counts in sorted(self.groups[group].items())}
+            out[group] = {name: _counts_dict(counts) for name, counts in sorted(views[group].items())}
         return out
 
 
@@ -5319,7 +5340,8 @@ LEDGER_INSERT = (f"INSERT INTO usage ({', '.join(LEDGER_COLUMNS)}) "
 # One group per (model, route, day), its sums in COUNTERS order.
 LEDGER_GROUPS = """
 SELECT requested_model, route, strftime('%Y-%m-%d', ts, 'unixepoch'), COUNT(*),
-       SUM(status >= 400 OR error_type IS NOT NULL), SUM(input_tokens), SUM(output_tokens),
+       SUM(COALESCE(error_type, '') != 'cancelled' AND (status >= 400 OR error_type IS NOT NULL)),
+       SUM(input_tokens), SUM(output_tokens),
        SUM(cache_read_input_tokens), SUM(cache_creation_input_tokens), SUM(reasoning_tokens),
        SUM(cost_usd),
        SUM(cost_usd IS NULL AND COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0)
@@ -6166,12 +6188,15 @@ def check_login(x: "Exchange") -> Optional[dict]:
 
 
 async def run_doctor(x: "Exchange", deep: bool = False) -> List[dict]:
-    """Every check, in order."""
+    """Every check, in order; details scrubbed of secrets (a provider may echo a key)."""
     checks: List[dict] = []
     for provider in used_providers(x.config):
         checks += await check_provider(x, provider, deep)
     login = check_login(x)
-    return checks + ([login] if login else [])
+    checks += [login] if login else []
+    for check in checks:
+        check["detail"] = x.server.redactor.scrub(check["detail"])
+    return checks
 
 
 def doctor_exchange(server: "ProxyServer") -> "Exchange":

@@ -4147,6 +4147,22 @@ def test_usage_totals_and_stats_table():
     assert table.splitlines()[3].split()[-1] == "n/a" and "1 request(s) on models without a known price" in table
 
 
+def test_ledger_and_session_totals_follow_the_same_rules(tmp_path):
+    rows = [usage_row(86400 * 2, "a"), usage_row(86400 * 2 + 1, "b", route="default", cost=None),
+            usage_row(86400 * 3, "a", status=529, tokens=(None,) * 5, cost=None, error="overloaded_error"),
+            usage_row(86400 * 3, "a", status=200, error="api_error"),               # an error event mid-stream
+            usage_row(86400 * 3, "c", status=499, tokens=(None,) * 5, cost=None, error="cancelled"),
+            usage_row(86400 * 3, None, route=None, status=404, tokens=(None,) * 5, cost=None, error="not_found_error")]
+    session, ledger = cp.UsageTotals(), cp.UsageLedger(str(tmp_path / "usage.db"), clock=lambda: 86400 * 4)
+    for row in rows:
+        session.add_record(row)
+        ledger.add(row)
+    ledger.close()
+    assert ledger.totals() == session.as_dict()
+    assert (session.as_dict()["requests"], session.as_dict()["errors"]) == (6, 3)
+    assert session.as_dict()["by_model"]["c"]["errors"] == 0 and "-" in session.as_dict()["by_route"]
+
+
 def test_ledger_writes_in_batches_reads_groups_and_prunes(tmp_path):
     clock = [86400.0 * 100]
     ledger = cp.UsageLedger(str(tmp_path / "h" / "usage.db"), max_age_days=10, max_rows=3,
@@ -6252,13 +6268,13 @@ class _BenchProcs:
         with open(self.config_path, "w") as fh:
             json.dump(config, fh)
 
-    def start_proxy(self, profile_out: str = None) -> float:
+    def start_proxy(self, profile_out: str = None, **extra_env: str) -> float:
         """Spawn the proxy; seconds from spawn to the first /health 200."""
         self.proxy_port = _bench_free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("LOG_LEVEL", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
                             "ANTHROPIC_API_KEY", "OPENAI_API_KEY", "PROXY_API_KEY", "CLAUDE_PROXY_CONFIG")}
-        env.update(CLAUDE_PROXY_HOME=os.path.join(self.tmp, "home"), LOG_LEVEL="WARNING")
+        env.update(CLAUDE_PROXY_HOME=os.path.join(self.tmp, "home"), LOG_LEVEL="WARNING", **extra_env)
         prefix = [sys.executable] + (["-m", "cProfile", "-o", profile_out] if profile_out else [])
         cmd = prefix + [_bench_script(), "serve", "--port", str(self.proxy_port), "--config", self.config_path]
         t0 = time.perf_counter()
@@ -6541,6 +6557,64 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
     return rows
 
 
+LEDGER_SCENARIOS = (("non-stream passthrough", "pass", "anth-1", False, {"concurrency": 16, "count": 2000, "warm": 32}),
+                    ("50-chunk stream passthrough", "pass", "anth-50", True, {"concurrency": 1, "count": 200, "warm": 5}),
+                    ("non-stream o2a", "o2a", "oai-1", False, {"concurrency": 16, "count": 2000, "warm": 32}))
+
+
+async def _bench_ledger(procs: _BenchProcs, rounds: int = 3) -> list:
+    """The ledger's price: the same requests with USAGE_LEDGER on and off, the proxy restarted for
+    each, alternating `rounds` times; rows for the table with the median CPU per request."""
+    results: dict = {}
+    for ledger in ("true", "false") * rounds:
+        procs.stop_proxy()
+        procs.start_proxy(USAGE_LEDGER=ledger)
+        b = _Bench(procs)
+        for label, kind, model, stream, kw in LEDGER_SCENARIOS:
+            results.setdefault((label, ledger), []).append(
+                await b.measure(kind, model, stream, direct=False, runs=1, **kw))
+        if b.stats_conn:
+            b.stats_conn.close()
+    rows = []
+    for (label, ledger), runs in results.items():
+        r = dict(runs[0], cpu_req_us=statistics.median(x["cpu_req_us"] for x in runs),
+                 errors=[e for x in runs for e in x["errors"]])
+        rows.append({"name": f"ledger {'on ' if ledger == 'true' else 'off'}: {label}", "conc": _bench_ledger_concurrency(label),
+                     **r, "target": "us/req: ledger on vs off", "verdict": "", "extra": ""})
+    return rows
+
+
+def _bench_ledger_concurrency(label: str) -> int:
+    """The concurrency of a LEDGER_SCENARIOS row."""
+    return next(kw["concurrency"] for name, _, _, _, kw in LEDGER_SCENARIOS if name == label)
+
+
+def _bench_ledger_micro(tmp: str, n: int = 20000) -> str:
+    """CPU of Operations.request_done on the event loop's thread, with the ledger on and off, and
+    the writer thread's CPU per row."""
+    import types
+    lines = []
+    for on in (False, True):
+        config = cp.parse_config({"home": os.path.join(tmp, f"micro-{on}"), "usage_ledger": on}, {})
+        server = cp.ProxyServer(config)
+        x = cp.Exchange(server, cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"),
+                        types.SimpleNamespace(status=200))
+        x.target = cp.resolve_target(config, "claude-sonnet-4-5")
+        x.meter.requested = "claude-sonnet-4-5"
+        x.meter.take({"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 100})
+        t0, p0 = time.thread_time(), time.process_time()
+        for _ in range(n):
+            server.ops.request_done(x, time.monotonic())
+        on_loop = (time.thread_time() - t0) / n * 1e6
+        if server.ops.ledger is not None:
+            server.ops.ledger.flush(120)
+            server.ops.ledger.close()
+        total = (time.process_time() - p0) / n * 1e6
+        lines.append(f"ledger {'on ' if on else 'off'}: request_done {on_loop:.1f} us/request on the loop's thread, "
+                     f"{total:.1f} us/request with the writer thread ({n} requests)")
+    return "\n".join(lines)
+
+
 def _bench_table(rows: list, startup: dict, peak: float) -> str:
     head = (f"{'scenario':38} {'c':>3} {'n':>5} {'p50ms':>8} {'p99ms':>8} {'dir50':>8} {'added':>7} "
             f"{'req/s':>7} {'dir r/s':>7} {'us/chk':>7} {'marg':>6} {'us/req':>7} {'RSSpk':>6} {'err':>4} "
@@ -6625,10 +6699,12 @@ def test_benchmark(request):
             rows = asyncio.run(_bench_scenarios(procs))
             peak = max([_bench_status(procs.proxy.pid, "VmHWM")] +
                        [r["rss_peak"] for r in rows if r["rss_peak"] == r["rss_peak"]])
+            rows += asyncio.run(_bench_ledger(procs))
             procs.stop_proxy()
             table = _bench_table(rows, startup, peak)
             print("\n\nclaude_proxy benchmark (proxy pinned to cpu %s; fake+client on %s; medians of 3 runs)\n"
                   % (procs.cpus[:1] or "-", procs.cpus[1:] or "-") + table)
+            print("\n" + _bench_ledger_micro(tmp))
             if os.environ.get("CLAUDE_PROXY_BENCH_PROFILE"):
                 out_dir = os.environ["CLAUDE_PROXY_BENCH_PROFILE"]
                 os.makedirs(out_dir, exist_ok=True)
