@@ -5795,6 +5795,11 @@ def file_signature(path: str) -> Optional[Tuple[int, int]]:
     return info.st_mtime_ns, info.st_size
 
 
+def watched_signatures(server: "ProxyServer") -> Dict[str, Optional[Tuple[int, int]]]:
+    """Each watched file's signature now (one stat each)."""
+    return {path: file_signature(path) for path in server.source.files(server.config)}
+
+
 def restart_needed(boot: Config, config: Config) -> List[str]:
     """The settings that differ from the ones the server started with and need a restart."""
     keys = [key for key in RESTART_SETTINGS if boot.settings.get(key) != config.settings.get(key)]
@@ -5822,30 +5827,31 @@ async def reload_config(server: "ProxyServer", reason: str) -> bool:
     """Load the config again, exactly as at start, and swap it in when it is valid; an invalid
     one keeps the old generation and is logged and shown with its key path."""
     async with server.ops.reload_lock():
-        loop = asyncio.get_running_loop()
+        loop, before = asyncio.get_running_loop(), watched_signatures(server)
         try:
             config = await loop.run_in_executor(None, server.source.load)
             check_exposure(config, server.host or config.settings["host"])
             plugins = await loop.run_in_executor(None, load_plugins, config, server.source.base_dir())
         except (ConfigError, OSError) as exc:
             server.ops.config_failed(str(exc))
+            server.ops.file_signatures = before
             log.error("config reload (%s) failed; generation %d stays: %s", reason, server.generation, exc)
             return False
         apply_config(server, config, plugins)
+        # The files as they were read; one the new config adds to the watch is taken as it is now.
+        server.ops.file_signatures = {path: before.get(path, signature)
+                                      for path, signature in watched_signatures(server).items()}
         log.info("config reloaded (%s): generation %d", reason, server.generation)
         return True
 
 
 class ConfigWatcher:
-    """Polls the config's files (one stat each per reload_interval) and reloads on a change."""
+    """Polls the config's files (one stat each per reload_interval) and reloads on a change;
+    every reload (SIGHUP too) records the signatures of the files it read."""
 
     def __init__(self, server: "ProxyServer"):
         self.server = server
-        self.signatures = self.current()
-
-    def current(self) -> Dict[str, Optional[Tuple[int, int]]]:
-        """Each watched file's signature now."""
-        return {path: file_signature(path) for path in self.server.source.files(self.server.config)}
+        server.ops.file_signatures = watched_signatures(server)
 
     async def run(self) -> None:
         """Poll until cancelled (reload_interval 0 pauses polling; SIGHUP still reloads)."""
@@ -5856,13 +5862,10 @@ class ConfigWatcher:
                 await self.check()
 
     async def check(self) -> bool:
-        """Reload if a file changed since the last look; True when one did."""
-        current = self.current()
-        if current == self.signatures:
+        """Reload if a file changed since the last reload read it; True when one did."""
+        if watched_signatures(self.server) == self.server.ops.file_signatures:
             return False
-        self.signatures = current
         await reload_config(self.server, "a watched file changed")
-        self.signatures = self.current()            # the new config may watch other files
         return True
 
 
@@ -5894,6 +5897,7 @@ class Operations:
         self.config_loaded_at = self.started_at
         self.config_error: Optional[dict] = None
         self.restart_needed: List[str] = []
+        self.file_signatures: Dict[str, Optional[Tuple[int, int]]] = {}
         self.watcher: Optional[asyncio.Future] = None
         self._reload_lock: Optional[asyncio.Lock] = None
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
@@ -6526,6 +6530,12 @@ def recent_rows(ops: Operations) -> List[dict]:
     return [dict(record._asdict(), time=iso_time(record.ts)) for record in reversed(ops.recent)]
 
 
+def config_file_shown(server: "ProxyServer") -> Optional[str]:
+    """The config file in use, as an absolute path."""
+    path = server.source.path() if server.source else None
+    return os.path.abspath(path) if path else None
+
+
 def status_document(server: "ProxyServer", usage: dict) -> dict:
     """Everything the status page shows; no secret."""
     config, ops, now = server.config, server.ops, server.ops.clock()
@@ -6537,7 +6547,7 @@ def status_document(server: "ProxyServer", usage: dict) -> dict:
         "version": VERSION, "now": iso_time(now), "started_at": iso_time(ops.started_at),
         "uptime_seconds": int(now - ops.started_at),
         "config": {"generation": server.generation, "loaded_at": iso_time(ops.config_loaded_at),
-                   "path": server.source.path() if server.source else None, "error": ops.config_error,
+                   "path": config_file_shown(server), "error": ops.config_error,
                    "restart_needed": ops.restart_needed},
         "routes": route_rows(config), "providers": providers, "login": login,
         "counters": {"in_flight": max(0, sum(c.busy for c in server.connections) - 1),

@@ -4573,6 +4573,9 @@ def test_reload_keeps_cli_overrides_and_the_original_environment_and_watches_dot
         assert await watcher.check() and "extra" in server.config.models
         models.write_text(json.dumps([{"id": "extra2", "provider": "anthropic"}]))
         assert await watcher.check() and "extra2" in server.config.models and server.generation == 4
+        (tmp_path / ".env").write_text("MAX_BODY_BYTES=4321\n")
+        assert await cp.reload_config(server, "SIGHUP") and server.generation == 5
+        assert not await watcher.check() and server.config.settings["max_body_bytes"] == 4321
     run(scenario())
 
 
