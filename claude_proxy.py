@@ -6407,6 +6407,7 @@ async function refresh() {
   catch (e) { problem("The proxy does not answer (stopped?); retrying."); return; }
   if (response.status === 401) {
     $("login").hidden = false;
+    $("meta").textContent = "locked: enter the proxy key";
     if (location.hash === "#wrong-key") $("login-text").textContent = "That key was not accepted; try again.";
     return;
   }
