@@ -1283,8 +1283,9 @@ def redacted_config(config: Config) -> dict:
     models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
                    extra_body=masked_copy(m["extra_body"])) for m in config.models.values()]
     routes = {name: (t["id"] or t["provider"]) for name, t in config.routes.items()}
-    return {"settings": settings, "providers": providers, "models": models,
-            "routes": routes, "oauth": config.oauth}
+    origins = {key: where for key, where in config.origins.items() if where != "default"}
+    return {"files": config.files, "settings": settings, "providers": providers, "models": models,
+            "routes": routes, "oauth": config.oauth, "origins": origins, "warnings": config.warnings}
 
 # =============================================================================================
 # 5. HTTP wire format (sans-IO)
@@ -5499,6 +5500,12 @@ def _read_claude_code_oauth(path: str) -> dict:
     return oauth
 
 
+def default_claude_credentials_path(env: Mapping[str, str]) -> str:
+    """~/.claude/.credentials.json, or under CLAUDE_CONFIG_DIR."""
+    base = env.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
+    return os.path.join(base, ".credentials.json")
+
+
 def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
     """Copy Claude Code's access token (not its refresh token) into our store; returns the record.
 
@@ -5517,6 +5524,66 @@ def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
     store.save(record)
     log.info("imported the Claude Code token, expires in %s", _lifetime(record, store.clock()))
     return record
+
+
+OAUTH_TOKEN_SHAPE = re.compile(r"^sk-ant-oat01-[A-Za-z0-9_\-]{8,}$")
+# Where the earlier proxies kept their login (read-only here): seed 003, then seed 000.
+SEED_TOKEN_FILES = ("~/.config/anthropic-max-proxy/tokens.json", "~/.anthropic-claude-max-proxy/tokens.json")
+
+
+def check_token_shape(token: str) -> str:
+    """A Claude subscription token as `claude setup-token` prints it, or BadRequest saying why."""
+    token = token.strip()
+    if not OAUTH_TOKEN_SHAPE.match(token):
+        kind = "an API key (use ANTHROPIC_API_KEY for it)" if token.startswith("sk-ant-api") else "not one"
+        raise BadRequest(f"that is not a Claude subscription token (sk-ant-oat01-...; it is {kind})")
+    return token
+
+
+def seed_token_record(document: Any, path: str, now: float) -> dict:
+    """Our token record from seed 000's or seed 003's tokens.json (expires_at in seconds; the
+    refresh token comes along: the proxy takes over that login)."""
+    if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
+        raise BadRequest(f"{path} holds no access_token: not a token file claude_proxy can read")
+    expires = document.get("expires_at")
+    expires_at = float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
+    if expires_at is not None and expires_at > 1e12:          # milliseconds
+        expires_at /= 1000.0
+    refresh = document.get("refresh_token") if document.get("token_type") != "long_term" else None
+    if expires_at is not None and expires_at <= now and not refresh:
+        raise BadRequest(f"the token in {path} has expired and cannot be refreshed: log in again")
+    source = "anthropic-claude-max-proxy" if "token_type" in document else "anthropic-max-proxy"
+    return {"access_token": document["access_token"], "refresh_token": refresh, "expires_at": expires_at,
+            "scope": None, "account": None, "source": f"import:{source}"}
+
+
+def import_token_file(path: str, store: TokenStore) -> dict:
+    """Import a saved login into our store, whatever wrote it: Claude Code's credentials, seed
+    000's or seed 003's tokens.json, or another claude_proxy's token file. The file is only read."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            document = json.load(fh)
+    except FileNotFoundError:
+        raise BadRequest(f"no token file at {path}") from None
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"cannot read {path}: {type(exc).__name__}") from None
+    if isinstance(document, dict) and "claudeAiOauth" in document:
+        return import_claude_code_credentials(path, store)
+    if isinstance(document, dict) and isinstance(document.get("token"), dict):
+        record = dict(document["token"], source="import:claude_proxy")
+    else:
+        record = seed_token_record(document, path, store.clock())
+    store.save(record)
+    log.info("imported the login from %s, expires in %s", path, _lifetime(record, store.clock()))
+    return record
+
+
+def default_token_file(env: Mapping[str, str]) -> Optional[str]:
+    """The saved login `import` reads when no file is named: a seed's token file (by its env
+    name or default place), else Claude Code's credentials."""
+    named = [env.get(var) for var in SEED_ENV_ALIASES["import_token_file"]]
+    candidates = [p for p in named if p] + list(SEED_TOKEN_FILES) + [default_claude_credentials_path(env)]
+    return next((p for p in candidates if os.path.isfile(os.path.expanduser(p))), None)
 
 
 # ---- Request shaping on the OAuth path (pure; PROTOCOLS.md A.8, B.1, B.2) -----------------
@@ -5733,31 +5800,55 @@ class OAuthService:
 
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
-    """login / logout / status / import-claude-code, on a pool of their own."""
+    """login / logout / status / import / import-claude-code / verify-login, on a pool of their own."""
     pool = ConnectionPool(lambda: make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
                           proxies_from_env(env), config.settings["connect_timeout"], 60.0)
     service = OAuthService(config, pool, Redactor())
     try:
         if command == "login":
             return await cli_login(service, args)
+        if command == "verify-login":
+            return await cli_verify_login(service)
         if command == "logout":
+            had = service.store.load() is not None
             service.tokens.logout()
-            print("Logged out: the saved Claude login is removed.")
-        elif command == "import-claude-code":
-            path = getattr(args, "path", None) or default_claude_credentials_path(env)
-            record = import_claude_code_credentials(path, service.store)
-            print(f"Imported Claude Code's login from {path} (expires {_iso(record.get('expires_at'))}). "
-                  "Its refresh token stays with Claude Code: import again when it expires.")
+            print("Logged out: the saved Claude login is removed." if had else
+                  f"There was no saved Claude login to remove ({service.store.path}).")
+        elif command in ("import", "import-claude-code"):
+            cli_import(service, command, getattr(args, "path", None), env)
         print(json.dumps(service.tokens.status(), indent=2))
         return 0
     finally:
         pool.close()
 
 
-def default_claude_credentials_path(env: Mapping[str, str]) -> str:
-    """~/.claude/.credentials.json, or under CLAUDE_CONFIG_DIR."""
-    base = env.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
-    return os.path.join(base, ".credentials.json")
+def cli_import(service: OAuthService, command: str, path: Optional[str], env: Mapping[str, str]) -> None:
+    """`import [FILE]` (any saved login) and `import-claude-code [--path FILE]`."""
+    if command == "import-claude-code":
+        path = path or default_claude_credentials_path(env)
+        record = import_claude_code_credentials(path, service.store)
+    else:
+        path = path or default_token_file(env)
+        if path is None:
+            raise BadRequest("no saved login found to import: name the file (`import FILE`)")
+        record = import_token_file(path, service.store)
+    print(f"Imported the login from {path} (expires {_iso(record.get('expires_at'))}); {path} was only read.")
+    if record.get("source") == "claude_code":
+        print("Its refresh token stays with Claude Code: import again when it expires.")
+    elif record.get("refresh_token"):
+        print("claude_proxy refreshes it from now on; the program that saved it will need a new login.")
+
+
+async def cli_verify_login(service: OAuthService) -> int:
+    """--headless --no-auto-start: check (and refresh when due) the login, print it, serve nothing."""
+    try:
+        await service.access_token()
+    except ProxyError as exc:
+        print(f"claude_proxy: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(service.tokens.status(), indent=2))
+    print("Auto-start disabled: the login is valid; the proxy was not started.")
+    return 0
 
 
 async def cli_login(service: OAuthService, args: argparse.Namespace) -> int:
@@ -5765,8 +5856,8 @@ async def cli_login(service: OAuthService, args: argparse.Namespace) -> int:
     print(TERMS_NOTICE + "\n")
     token = getattr(args, "token", None)
     if token:
-        service.tokens.save(dict(explicit_token_record(token), source="long_lived"))
-        print("Saved the token.")
+        service.tokens.save(dict(explicit_token_record(check_token_shape(token)), source="long_lived"))
+        print(f"Saved the token in {service.store.path}.")
         return 0
     long_lived = bool(getattr(args, "long_lived", False))
     flow = service.start_login(long_lived)
@@ -9233,90 +9324,125 @@ async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str],
 # =============================================================================================
 
 
+# Flags every command takes, before or after its name: (names, argparse keywords).
+GLOBAL_FLAGS: Tuple[Tuple[Tuple[str, ...], dict], ...] = (
+    (("--host", "--bind", "-b"), {"dest": "host", "metavar": "ADDR", "help": "bind address (default 127.0.0.1)"}),
+    (("--port", "-p"), {"type": int, "help": "port (default 8082)"}),
+    (("--config",), {"metavar": "FILE", "help": "config file: claude_proxy's JSON, or a seed's models.yaml / "
+                                                "models.json (default: CLAUDE_PROXY_CONFIG or ~/.claude-proxy/config.json)"}),
+    (("--log-level",), {"metavar": "LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}),
+    (("--debug", "-d"), {"dest": "log_level", "action": "store_const", "const": "DEBUG", "help": "= --log-level DEBUG"}),
+    (("--strict",), {"action": "store_const", "const": True, "help": "unknown config keys are errors, not warnings"}),
+)
+TOKEN_HELP = "a Claude subscription token to serve with (as ANTHROPIC_OAUTH_TOKEN; not saved)"
+# command -> (one-line description, its own flags)
+CLI_COMMANDS: Dict[str, Tuple[str, Tuple[Tuple[Tuple[str, ...], dict], ...]]] = {
+    "serve": ("run the proxy (the default command)", ((("--token",), {"help": TOKEN_HELP}),)),
+    "check-config": ("print the effective config and where each value came from, secrets masked", ()),
+    "login": ("log in with a Claude Pro/Max subscription (OAuth PKCE)", (
+        (("--long-lived",), {"action": "store_true", "help": "a one-year token (scope user:inference)"}),
+        (("--no-browser",), {"action": "store_true", "help": "only print the URL"}),
+        (("--token",), {"help": "save this token (from `claude setup-token`) instead of logging in"}))),
+    "logout": ("forget the saved Claude login", ()),
+    "status": ("show the saved Claude login (never the token)", ()),
+    "import": ("import a saved login: Claude Code's, or an earlier proxy's tokens.json (read only)",
+               ((("path",), {"nargs": "?", "metavar": "FILE", "help": "the file (default: the first found)"}),)),
+    "import-claude-code": ("import Claude Code's saved login (~/.claude/.credentials.json)",
+                           ((("--path",), {"help": "credentials file"}),)),
+    "stats": ("usage and cost from the ledger (CLAUDE_PROXY_HOME/usage.db)", (
+        (("--since",), {"help": "30m, 24h, 7d, 2w or an ISO date (default: all)"}),
+        (("--by",), {"choices": ("model", "route", "day"), "default": "model", "help": "one row per (default model)"}),
+        (("--json",), {"action": "store_true", "help": "print the /v1/stats object instead of a table"}))),
+    "doctor": ("check DNS, TCP, TLS, credentials and the Claude login of every provider in use",
+               ((("--deep",), {"action": "store_true", "help": "also send a 1-token request to each provider"}),)),
+    "menu": ("an interactive menu: start, log in, long-lived token, status, stats, log out", ()),
+}
+SEED_FLAGS_EPILOG = ("Flags of anthropic-claude-max-proxy also work: --headless (serve), --setup-token "
+                     "(= login --long-lived), --headless --no-auto-start (check the login and exit).")
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Iterable[Tuple[Tuple[str, ...], dict]], default: Any) -> None:
+    """Add flags; `default` is None at the top level and SUPPRESS in a subcommand, so that a flag
+    given before the subcommand is not overwritten by the subcommand's default."""
+    for names, options in flags:
+        extra = {} if names[0][0] != "-" else {"default": default}
+        parser.add_argument(*names, **dict(extra, **options) if "default" not in options else options)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """serve (default), check-config, login, logout, status, import-claude-code, stats, doctor,
-    menu; --version."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--host", help="bind address (default 127.0.0.1)")
-    common.add_argument("--port", type=int, help="port (default 8082)")
-    common.add_argument("--config", help="JSON config file (default: CLAUDE_PROXY_CONFIG or ~/.claude-proxy/config.json)")
-    common.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
-    parser = argparse.ArgumentParser(prog="claude_proxy.py", parents=[common],
-                                     description="LLM API proxy between Anthropic and OpenAI dialects.")
+    """The commands of CLI_COMMANDS (serve by default), the global flags before or after them,
+    and anthropic-claude-max-proxy's top-level flags."""
+    parser = argparse.ArgumentParser(prog="claude_proxy.py", epilog=SEED_FLAGS_EPILOG,
+                                     description="LLM API proxy between the Anthropic and OpenAI dialects.")
+    add_flags(parser, GLOBAL_FLAGS, None)
     parser.add_argument("--version", action="version", version=f"claude_proxy {VERSION}")
-    token_help = "a Claude OAuth token to serve with (as ANTHROPIC_OAUTH_TOKEN; not saved)"
-    parser.add_argument("--token", help=token_help)
-    sub = parser.add_subparsers(dest="command")
-    quiet = argparse.SUPPRESS
-    serve = sub.add_parser("serve", parents=[common], help="run the proxy (the default)", argument_default=quiet)
-    serve.add_argument("--token", help=token_help)
-    for name, text in (("check-config", "print the effective config, secrets redacted"),
-                       ("logout", "forget the saved Claude login"),
-                       ("status", "show the saved Claude login (never the token)")):
-        sub.add_parser(name, parents=[common], help=text, argument_default=quiet)
-    login = sub.add_parser("login", parents=[common], help="Claude Pro/Max login (OAuth PKCE)",
-                           argument_default=quiet)
-    login.add_argument("--long-lived", action="store_true", help="a one-year token (scope user:inference)")
-    login.add_argument("--no-browser", action="store_true", help="only print the URL")
-    login.add_argument("--token", help="save this token (e.g. from `claude setup-token`) instead of logging in")
-    imp = sub.add_parser("import-claude-code", parents=[common], argument_default=quiet,
-                         help="import Claude Code's saved login (~/.claude/.credentials.json)")
-    imp.add_argument("--path", help="credentials file")
-    add_operations_commands(sub, common)
+    parser.add_argument("--token", help=TOKEN_HELP)
+    parser.add_argument("--headless", action="store_true", help="serve without prompting (anthropic-claude-max-proxy)")
+    parser.add_argument("--setup-token", action="store_true", help="= login --long-lived")
+    parser.add_argument("--no-auto-start", action="store_true", help="with --headless: check the login, do not serve")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (text, flags) in CLI_COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text)
+        add_flags(command, GLOBAL_FLAGS, argparse.SUPPRESS)
+        add_flags(command, flags, argparse.SUPPRESS)
     return parser
 
 
-def add_operations_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """stats, doctor and menu."""
-    quiet = argparse.SUPPRESS
-    stats = sub.add_parser("stats", parents=[common], argument_default=quiet,
-                           help="usage and cost from the ledger (CLAUDE_PROXY_HOME/usage.db)")
-    stats.add_argument("--since", help="30m, 24h, 7d, 2w or an ISO date (default: all)")
-    stats.add_argument("--by", choices=("model", "route", "day"), default="model", help="one row per (default model)")
-    stats.add_argument("--json", action="store_true", help="print the /v1/stats object instead of a table")
-    doctor = sub.add_parser("doctor", parents=[common], argument_default=quiet,
-                            help="check DNS, TCP, TLS, credentials and the Claude login of every provider in use")
-    doctor.add_argument("--deep", action="store_true", help="also send a 1-token request to each provider")
-    sub.add_parser("menu", parents=[common], argument_default=quiet,
-                   help="an interactive menu: start, log in, long-lived token, status, stats, log out")
+def resolve_command(args: argparse.Namespace) -> str:
+    """The command to run, the seed flags mapped: --setup-token is `login --long-lived`,
+    --headless --no-auto-start checks the login, --headless (or nothing) serves."""
+    if args.command:
+        return args.command
+    if getattr(args, "setup_token", False):
+        args.long_lived, args.no_browser = True, False
+        return "login"
+    return "verify-login" if getattr(args, "no_auto_start", False) else "serve"
 
 
-def cli_overrides(args: argparse.Namespace) -> dict:
-    """The settings CLI flags set (serve's --token is the headless Claude token)."""
-    serve_token = getattr(args, "token", None) if args.command in (None, "serve") else None
-    pairs = (("host", args.host), ("port", args.port), ("log_level", getattr(args, "log_level", None)),
-             ("oauth_token", serve_token))
+def cli_overrides(args: argparse.Namespace, command: str) -> dict:
+    """The settings CLI flags set (serve's --token is the headless Claude token, its shape checked)."""
+    token = getattr(args, "token", None) if command in ("serve", "verify-login") else None
+    pairs = (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)),
+             ("log_level", getattr(args, "log_level", None)), ("strict", getattr(args, "strict", None)),
+             ("oauth_token", check_token_shape(token) if token else None))
     return {key: value for key, value in pairs if value is not None}
 
 
-def setup_logging(level: str, redactor: Redactor) -> None:
-    """logging to stderr, every record scrubbed of secrets."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(redactor)
+def setup_logging(level: str, redactor: Redactor, log_file: Optional[str] = None) -> None:
+    """logging to stderr (and to LOG_FILE_PATH, rotated at 10 MB, 3 kept), every record
+    scrubbed of secrets and kept on one line."""
+    handlers: List[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        from logging.handlers import RotatingFileHandler
+        path = os.path.expanduser(log_file)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handlers.append(RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(redactor)
     root = logging.getLogger("claude_proxy")
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: parse flags, load config, run the command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("host", "port", "config", "log_level"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
+    """Entry point: parse flags, load config, run the command; one line and exit 2 for a
+    config problem, exit 1 for a failed command, never a traceback for either."""
+    args = build_parser().parse_args(argv)
+    command = resolve_command(args)
     env = dict(os.environ)
-    source = ConfigSource(args.config, env, cli_overrides(args))
     try:
+        source = ConfigSource(getattr(args, "config", None), env, cli_overrides(args, command))
         config = source.load()
     except ConfigError as exc:
         print(f"claude_proxy: config error: {exc}", file=sys.stderr)
         return 2
+    except BadRequest as exc:
+        print(f"claude_proxy: {exc.message}", file=sys.stderr)
+        return 2
     redactor = Redactor(config.secret_values())
-    setup_logging(config.settings["log_level"], redactor)
-    command = args.command or "serve"
+    setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
     try:
         return run_command(command, args, config, redactor, env, source)
     except ConfigError as exc:
@@ -9334,6 +9460,8 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
     """Dispatch a CLI command."""
     if command == "check-config":
         print(json.dumps(redacted_config(config), indent=2))
+        for line in config.warnings:
+            print(f"warning: {line}", file=sys.stderr)
         return 0
     if command == "serve":
         asyncio.run(serve(config, redactor, proxies_from_env(env), source))

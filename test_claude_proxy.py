@@ -3668,20 +3668,23 @@ def test_settings_merge_and_reject_unknown():
     assert err.value.param == "oauth.tokenurl"
 
 
+CLI_TOKEN = "sk-ant-oat01-" + "c" * 30
+
+
 @pytest.mark.parametrize("argv, environ, expected", [
     ([], {}, None),
-    (["--token", "tok-cli"], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "tok-cli"),
-    (["serve", "--token", "tok-cli"], {}, "tok-cli"),
+    (["--token", CLI_TOKEN], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, CLI_TOKEN),
+    (["serve", "--token", CLI_TOKEN], {}, CLI_TOKEN),
+    (["--headless", "--token", CLI_TOKEN], {}, CLI_TOKEN),
     ([], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "a"),
     ([], {"CLAUDE_CODE_OAUTH_TOKEN": " c \n"}, "c"),
     ([], {"ANTHROPIC_OAUTH_TOKEN": ""}, None),
-    (["login", "--token", "saved-not-served"], {}, None),
+    (["login", "--token", CLI_TOKEN], {}, None),
 ])
 def test_explicit_token_precedence(argv, environ, expected):
     args = cp.build_parser().parse_args(argv)
-    for name in ("host", "port", "config", "log_level"):
-        setattr(args, name, getattr(args, name, None))
-    config = cp.parse_config(cp.merge_raw(cp.env_layer(environ), cp.cli_overrides(args)), environ)
+    overrides = cp.cli_overrides(args, cp.resolve_command(args))
+    config = cp.parse_config(cp.merge_raw(cp.env_layer(environ), overrides), environ)
     assert config.settings["oauth_token"] == expected
 
 
@@ -8829,6 +8832,13 @@ def test_cli_import_status_logout_and_token(tmp_path):
     assert '"logged_in": false' in cli("logout") and not store.exists()
     cli("login", "--token", "sk-ant-oat01-longlived-abc")
     assert '"source": "long_lived"' in cli("status")
+    assert "There was no saved Claude login" not in cli("logout")
+    assert "There was no saved Claude login to remove" in cli("logout")
+    for wrong in ("notatoken", "sk-ant-api03-abcdefghijklmnop"):
+        refused = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "login", "--token", wrong],
+                                 capture_output=True, text=True, env=env, timeout=30)
+        assert refused.returncode == 1 and "not a Claude subscription token" in refused.stderr
+        assert "Traceback" not in refused.stderr and not store.exists()
 
 
 
