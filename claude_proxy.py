@@ -730,6 +730,9 @@ def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -
                           models, providers)
     check_fallbacks(models, providers)
     config = Config(settings, providers, models, routes, parse_oauth(raw.get("oauth")))
+    if env.get("OPENAI_API_KEY") and not any(p.get("api_key_env") == "OPENAI_API_KEY" for p in providers.values()):
+        warnings.append("OPENAI_API_KEY is set but nothing uses it: set BIG_MODEL (and OPENAI_BASE_URL) to send "
+                        "Claude Code to an OpenAI-compatible provider; OpenAI clients are served by Claude")
     config.warnings = warnings
     adopt_seed_client_key(config, env)
     if settings["strict"] and warnings:
@@ -791,6 +794,8 @@ def adopt_seed_client_key(config: Config, env: Mapping[str, str]) -> None:
     targets = list(config.routes.values()) + list(config.models.values())
     if any(spec["provider"] == "anthropic" for spec in targets):
         return
+    if any(p.get("api_key_env") == "ANTHROPIC_API_KEY" for name, p in config.providers.items() if name != "anthropic"):
+        return                                    # another provider's upstream key (a seed model file's)
     config.settings["proxy_api_key"] = env["ANTHROPIC_API_KEY"]
     config.warnings.append("no route reaches Anthropic, so ANTHROPIC_API_KEY is the key clients must "
                            "send (x-api-key or Bearer), as in claude-code-proxy; set PROXY_API_KEY to choose another")
@@ -3290,6 +3295,11 @@ def _content_cost(content: Any) -> float:
     if isinstance(content, list):
         return sum(_block_cost(block) for block in content)
     return _block_cost(content) if content is not None else 0.0
+
+
+def estimate_json_tokens(value: Any) -> int:
+    """A rough token count of any JSON value (OpenAI-shaped requests), at JSON density."""
+    return int(len(json_text(value)) / CHARS_PER_TOKEN_JSON)
 
 
 def estimate_anthropic_tokens(anthropic_body: dict) -> int:
@@ -6797,19 +6807,45 @@ async def handle_messages(x: Exchange) -> None:
     needs_estimate = "long_context" in x.config.routes
     estimate = await x.run(convert, BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
     x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body), input_tokens=estimate)
+    if x.target.spec.get("max_input_tokens"):
+        check_input_limit(x.target, estimate or await x.run(convert, BadRequest, "request",
+                                                            estimate_anthropic_tokens, body))
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages")
     else:
         await anthropic_via_openai(x, body)
 
 
+def streams_upstream(target: Target, body: dict) -> bool:
+    """Whether the upstream call streams: the client asked, and the model can (can_stream: false
+    models are called whole and the proxy streams the answer to the client itself)."""
+    return bool(body.get("stream")) and target.spec["can_stream"]
+
+
+def check_input_limit(target: Target, estimate: int) -> None:
+    """A model's max_input_tokens, enforced before the upstream is called ("prompt is too long"
+    is what Claude Code compacts on)."""
+    limit = target.spec.get("max_input_tokens")
+    if limit and estimate > limit:
+        raise BadRequest(f"prompt is too long: about {estimate} tokens, over the {limit} max_input_tokens "
+                         f"of model {target.spec['id']!r}", param="messages")
+
+
 async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
-    """Anthropic in, Anthropic out: model name and credentials rewritten, bytes relayed."""
+    """Anthropic in, Anthropic out: model name and credentials rewritten, bytes relayed (a
+    whole answer to a streaming client, from a can_stream: false model, streamed by us)."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        if body.get("stream") and not streams_upstream(target, body):
+            return await x.anthropic_call(target, dict(body, stream=False), b"", path)
         return await x.anthropic_call(target, body, x.req.body, path)
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
+        if body.get("stream") and "text/event-stream" not in response.headers.get("content-type", ""):
+            message = await x.read_upstream_json(response)
+            await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
+                              format_anthropic_event)
+            return
         await x.relay_raw(response)
     finally:
         response.close()
@@ -6825,6 +6861,9 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, body, target.spec)
+        if not streams_upstream(target, body):
+            openai_body.pop("stream", None)
+            openai_body.pop("stream_options", None)
         return await x.openai_call(target, openai_body)
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
@@ -6870,6 +6909,8 @@ async def handle_chat_completions(x: Exchange) -> None:
     body = await x.json_body({"model": str, "messages": list})
     x.meter.requested = body["model"]
     x.target = resolve_openai_target(x.config, body["model"])
+    if x.target.spec.get("max_input_tokens"):
+        check_input_limit(x.target, await x.run(estimate_json_tokens, [body.get("messages"), body.get("tools")]))
     if x.target.provider["format"] == "openai":
         await openai_passthrough(x, body)
     else:
@@ -6881,11 +6922,20 @@ async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/complet
     the model name and the credentials rewritten."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         url, headers, _ = await x.openai_call(target, {}, path)
+        if body.get("stream") and not streams_upstream(target, body):
+            whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+            return url, headers, await x.run(json_bytes, dict(whole, model=target.spec["model"]))
         same = body["model"] == target.spec["model"]
         return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
+        if body.get("stream") and path == "/chat/completions" \
+                and "text/event-stream" not in response.headers.get("content-type", ""):
+            answer = await x.read_upstream_json(response)
+            chunk = convert(UpstreamError, "upstream answer", openai_message_as_chunk, answer)
+            await send_events(x, [chunk, "[DONE]"], format_openai_item)
+            return
         await x.relay_raw(response)
     finally:
         response.close()
@@ -6897,11 +6947,12 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
         anthropic_body = await x.run(convert, BadRequest, "request", openai_to_anthropic_request, body,
                                      target.spec["model"], variant_effort=target.effort,
                                      thinking_style=target.spec["thinking"])
+        anthropic_body["stream"] = streams_upstream(target, body)
         return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
-    response = await x.send(build, stream=bool(body.get("stream")))
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise BadRequest("stream_options must be an object", param="stream_options")
+    response = await x.send(build, stream=bool(body.get("stream")))
     include_usage = bool(stream_options.get("include_usage"))
     try:
         await x.check_status(response)
@@ -7007,10 +7058,14 @@ async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[s
     if target.provider["format"] == "openai":
         openai_body = await x.run(convert, BadRequest, "request", responses_to_openai_request, expanded,
                                   target.spec, variant_effort=target.effort, origin=origin)
+        if not streams_upstream(target, expanded):
+            openai_body.pop("stream", None)
+            openai_body.pop("stream_options", None)
         return await x.openai_call(target, openai_body)
     anthropic_body = await x.run(convert, BadRequest, "request", responses_to_anthropic_request, expanded,
                                  target.spec["model"], variant_effort=target.effort,
                                  thinking_style=target.spec["thinking"], origin=origin)
+    anthropic_body["stream"] = streams_upstream(target, expanded)
     if expanded.get("prompt_cache_key"):       # the client asked for caching: stable breakpoints
         anthropic_body = add_cache_breakpoints(anthropic_body)
     return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
@@ -8747,7 +8802,8 @@ def credential_source(server: "ProxyServer", provider: dict, logged_in: bool) ->
     """Where a provider's credentials come from, never the credential."""
     mode, suffix = provider["auth"], ""
     if mode == "auto":
-        mode = "oauth" if logged_in and not server.exposed else ("api_key" if provider.get("api_key") else "client")
+        oauth = logged_in and not server.exposed and provider["oauth_trusted"]
+        mode = "oauth" if oauth else ("api_key" if provider.get("api_key") else "client")
         suffix = " (auth auto)"
     if mode != "api_key":
         return CREDENTIAL_TEXT[mode] + suffix
@@ -9278,6 +9334,53 @@ def upstream_notes(config: Config, has_login: bool) -> List[Tuple[int, str]]:
     return notes
 
 
+async def adopt_seed_login(server: "ProxyServer") -> None:
+    """A seed's token file named in the environment (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE) is
+    imported, read only, when the proxy has no login of its own: the seed's users keep theirs."""
+    path = server.config.settings.get("import_token_file")
+    if not path or await run_off_loop(server.oauth.tokens.record) is not None:
+        return
+    try:
+        record = await run_off_loop(import_token_file, path, server.oauth.store)
+    except BadRequest as exc:
+        log.warning("the login in %s (%s) was not imported: %s", path,
+                    server.config.origins.get("settings.import_token_file"), exc.message)
+        return
+    server.oauth.tokens.save(record)
+    log.info("using the login imported from %s (read only)", path)
+
+
+def startup_summary(server: "ProxyServer", host: str, port: int) -> List[Tuple[int, str]]:
+    """(level, line) of what the first run explains: where it listens, which files it read,
+    each route, each provider's credential source (never the secret), warnings, and the
+    line to paste for Claude Code."""
+    config, logged_in = server.config, server.oauth.tokens.record() is not None
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    files = config.files
+    lines = [(logging.INFO, f"claude_proxy {VERSION} listening on {url}"
+              + ("" if is_loopback(host) else f" (reachable from the network: {host} from {config.origins.get('settings.host', 'default')})")),
+             (logging.INFO, "files: config " + (files["config"] or "none (built-in defaults)") + ", .env "
+              + (files["dotenv"] or "none") + (f", model file {files['models']}" if files["models"] else ""))]
+    for row in route_rows(config)[:40]:
+        lines.append((logging.INFO, f"  {row['route']:<22} -> {row['provider']}/{row['model']} ({row['format']})"))
+    for name, provider in config.providers.items():
+        if name == "anthropic" or any(row["provider"] == name for row in route_rows(config)):
+            lines.append((logging.INFO, f"  provider {name}: {public_url(provider['base_url'])}, "
+                          f"credentials: {credential_source(server, provider, logged_in)}"))
+    lines += [(logging.WARNING, line) for line in config.warnings]
+    lines += [note for note in upstream_notes(config, logged_in) if note[0] >= logging.WARNING]
+    lines += [(logging.INFO, line) for line in client_hints(config, url)]
+    return lines
+
+
+def client_hints(config: Config, url: str) -> List[str]:
+    """The lines to paste for the clients."""
+    key = " ANTHROPIC_AUTH_TOKEN=$PROXY_API_KEY" if config.settings.get("proxy_api_key") else ""
+    local = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
+    return [f"Claude Code: ANTHROPIC_BASE_URL={local}{key} claude",
+            f"OpenAI SDKs and Codex: base_url {local}/v1"]
+
+
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """SIGINT/SIGTERM set `stop`; on Windows (no add_signal_handler) through signal.signal."""
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
@@ -9308,12 +9411,12 @@ async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str],
     """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully."""
     server = ProxyServer(config, redactor=redactor, proxies=proxies, source=source)
     install_reload_signal(asyncio.get_running_loop(), server)
+    await adopt_seed_login(server)
     host, port = await server.start()
     release_freed_memory()
     stop = asyncio.Event()
     install_signal_handlers(asyncio.get_running_loop(), stop)
-    log.info("claude_proxy %s listening on http://%s:%d", VERSION, host, port)
-    for level, line in upstream_notes(config, server.oauth.tokens.record() is not None):
+    for level, line in startup_summary(server, host, port):
         log.log(level, "%s", line)
     await stop.wait()
     log.info("shutting down (grace %.0fs)", config.settings["shutdown_grace"])

@@ -7894,6 +7894,426 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert len([line for line in result.stderr.splitlines() if "claude_proxy:" in line and "in use" in line]) == 1
 
 # =============================================================================================
+# 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
+# =============================================================================================
+
+@contextlib.asynccontextmanager
+async def proxy_process(cwd, args=(), env=None, port=None):
+    """`python3 claude_proxy.py ARGS` in `cwd` with only `env` (plus PATH, HOME); yields
+    (port, stderr lines so far) once /health answers."""
+    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), "CLAUDE_PROXY_HOME": str(cwd / "home")}
+    full_env.update(env or {})
+    process = await asyncio.create_subprocess_exec(sys.executable, os.path.join(HERE, "claude_proxy.py"), *args,
+                                                   cwd=str(cwd), env=full_env, stderr=asyncio.subprocess.PIPE)
+    lines = []
+
+    async def pump():
+        async for line in process.stderr:
+            lines.append(line.decode("utf-8", "replace").rstrip("\n"))
+    pumping = asyncio.ensure_future(pump())
+    try:
+        deadline = time.monotonic() + 15
+        while not any("listening on" in line for line in lines):
+            assert process.returncode is None and time.monotonic() < deadline, "\n".join(lines)
+            await asyncio.sleep(0.05)
+        listening = next(line for line in lines if "listening on" in line)
+        yield int(re.search(r":(\d+)\b", listening.split("listening on", 1)[1]).group(1)), lines
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 15)
+        await pumping
+
+
+def cli_run(cwd, *args, env=None):
+    """`python3 claude_proxy.py ARGS` to completion: (exit code, stdout, stderr)."""
+    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), "CLAUDE_PROXY_HOME": str(cwd / "home")}
+    full_env.update(env or {})
+    done = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), *args], cwd=str(cwd),
+                          env=full_env, capture_output=True, text=True, timeout=30)
+    return done.returncode, done.stdout, done.stderr
+
+
+# ---- observed failures -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--port", "{port}", "serve"], ["serve", "--port", "{port}"],
+                                  ["-p", "{port}"], ["--bind", "127.0.0.1", "--port", "{port}", "--headless"]])
+def test_global_flags_work_before_or_after_the_command(tmp_path, argv):
+    port = free_port()
+
+    async def scenario():
+        async with proxy_process(tmp_path, [a.format(port=port) for a in argv]) as (listening, _):
+            assert listening == port
+    run(scenario())
+
+
+def test_config_given_before_serve_is_read(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"providers": {"o": {"base_url": "http://127.0.0.1:9/v1"}},
+                                                 "routes": {"default": "o"}}))
+    code, out, _ = cli_run(tmp_path, "--config", "a.json", "check-config")
+    assert code == 0 and json.loads(out)["routes"] == {"default": "o"}
+    code, out, _ = cli_run(tmp_path, "--config", "a.json", "--debug", "check-config", "--port", "9001")
+    shown = json.loads(out)
+    assert shown["settings"]["log_level"] == "DEBUG" and shown["settings"]["port"] == 9001
+
+
+def test_help_lists_every_command_with_a_line_and_the_seed_flags(tmp_path):
+    code, out, _ = cli_run(tmp_path, "--help")
+    assert code == 0
+    for command in cp.CLI_COMMANDS:
+        assert re.search(rf"^\s+{re.escape(command)}\s+\S", out, re.M), command
+    for flag in ("--bind", "--headless", "--debug", "--setup-token", "--no-auto-start"):
+        assert flag in out
+
+
+def test_a_lone_router_variable_keeps_the_default_route(tmp_path):
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), "ROUTER_BACKGROUND": "anthropic,claude-haiku-4-5"})
+    assert set(config.routes) == {"default", "background"}
+    assert cp.resolve_target(config, "claude-opus-4-5").provider["name"] == "anthropic"
+    assert cp.resolve_target(config, "claude-haiku-4-5").route == "background"
+
+
+def test_dotenv_inline_comments_and_urls_with_spaces(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text('OPENAI_BASE_URL=http://127.0.0.1:9/v1 # my local vllm\nBIG_MODEL="qwen3"  # big\n')
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path)})
+    assert config.providers["openai"]["base_url"] == "http://127.0.0.1:9/v1" and "qwen3" in config.models
+    with pytest.raises(cp.ConfigError, match="without spaces"):
+        cp.parse_config({"providers": {"x": {"base_url": "http://host/v1 # note"}}}, {})
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[1, 2]", "expected a JSON object at the top level, found list"),
+    ('"x"', "expected a JSON object at the top level, found str"),
+    ("{nope", "invalid JSON"),
+])
+def test_bad_config_files_are_one_line_and_exit_2(tmp_path, content, words):
+    (tmp_path / "c.json").write_text(content)
+    code, _, err = cli_run(tmp_path, "--config", "c.json", "check-config")
+    assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli_run(tmp_path, "--config", "missing.json")
+    assert code == 2 and "missing.json" in err and "Traceback" not in err
+
+
+def test_unknown_keys_are_named_with_the_nearest_known_key_and_strict_refuses_them(tmp_path):
+    raw = {"provders": {}, "models": [{"id": "m", "provider": "anthropic", "model_name": "x", "direct": True,
+                                        "can_stream": False}], "providers": {"anthropic": {"base_ur": "x"}}}
+    config = cp.parse_config(raw, {})
+    assert "provders: unknown key, ignored (did you mean providers?)" in config.warnings
+    assert "models.0.model_name: unknown key, ignored (did you mean model?)" in config.warnings
+    assert any(w.startswith("models.0.direct: unknown key") and "format" in w for w in config.warnings)
+    assert any(w.startswith("providers.anthropic.base_ur:") and "base_url" in w for w in config.warnings)
+    assert not any("can_stream" in w for w in config.warnings)          # a key claude_proxy reads
+    with pytest.raises(cp.ConfigError, match="strict config: provders"):
+        cp.parse_config(dict(raw, strict=True), {})
+    (tmp_path / "c.json").write_text(json.dumps({"provders": {}}))
+    code, _, err = cli_run(tmp_path, "--config", "c.json", "--strict", "check-config")
+    assert code == 2 and "did you mean providers" in err
+
+
+def test_a_provider_without_its_key_is_reported_at_start_and_refused_at_once(tmp_path, caplog):
+    config = make_config(tmp_path, providers={"v": {"format": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                    "auth": "api_key", "api_key_env": "VENDOR_KEY"}},
+                         routes={"default": "v"})
+    assert any("$VENDOR_KEY is not set" in w for w in config.warnings)
+
+    async def scenario():
+        async with running_proxy(config) as (server, port):
+            lines = "\n".join(line for _, line in cp.startup_summary(server, "127.0.0.1", port))
+            assert "$VENDOR_KEY is not set" in lines and "API key missing" in lines
+            with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+                status, headers, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+            assert status == 400 and headers["x-should-retry"] == "false"
+            assert "provider 'v' has no API key ($VENDOR_KEY is not set)" in json.loads(body)["error"]["message"]
+            assert "$VENDOR_KEY is not set" in caplog.text
+    run(scenario())
+
+
+def test_dns_failures_read_as_such(tmp_path):
+    async def scenario():
+        pool = cp.ConnectionPool(lambda: None, {}, 5.0, 5.0)
+        with pytest.raises(UpstreamError, match=r"cannot resolve nonexistent\.invalid \(no network, or a wrong base_url\?\)"):
+            await pool.connect(("http", "nonexistent.invalid", 80))
+    run(scenario())
+
+
+def test_first_run_summary(tmp_path):
+    config = make_config(tmp_path, providers=dict(openai_provider("http://127.0.0.1:9"),
+                                                  k={"format": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                     "api_key": "sk-secret-in-config-0000"}),
+                         routes={"default": "anthropic", "haiku": "o,small"})
+
+    async def scenario():
+        async with running_proxy(config) as (server, port):
+            return "\n".join(line for _, line in cp.startup_summary(server, "127.0.0.1", port))
+    text = run(scenario())
+    assert f"listening on http://127.0.0.1:" in text and "files: config none (built-in defaults), .env none" in text
+    assert "haiku" in text and "-> o/small" in text and "API key in the config" in text
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:" in text and "claude" in text
+    assert "sk-secret-in-config" not in text and OPENAI_PROVIDER_KEY not in text
+
+
+def test_openai_api_key_alone_is_explained(tmp_path):
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), "OPENAI_API_KEY": "sk-o-123456789"})
+    assert any(w.startswith("OPENAI_API_KEY is set but nothing uses it") for w in config.warnings)
+
+
+def test_seed_yaml_subset_reader():
+    text = """---
+# a comment
+- model_id: deepseek-v3   # trailing comment
+  model_name: "deepseek-chat"
+  api_base: 'https://api.deepseek.com/v1'
+  max_tokens: 8k
+  can_stream: no
+  input_cost_per_token: 0.00000027
+  extra_body:
+    temperature: 0.7
+    tag: "a # not a comment"
+  direct: false
+-
+  model_id: x
+  api_base: http://h
+"""
+    assert cp.parse_yaml_models(text, "m.yaml") == [
+        {"model_id": "deepseek-v3", "model_name": "deepseek-chat", "api_base": "https://api.deepseek.com/v1",
+         "max_tokens": "8k", "can_stream": False, "input_cost_per_token": 2.7e-07,
+         "extra_body": {"temperature": 0.7, "tag": "a # not a comment"}, "direct": False},
+        {"model_id": "x", "api_base": "http://h"}]
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("model_id: x\n", 1, "expected a list of models"),
+    ("- model_id: x\n  tools: [a, b]\n", 2, "beyond what claude_proxy reads"),
+    ("- model_id: &a x\n", 1, "beyond"),
+    ("- model_id: x\n  note: |\n    text\n", 2, "beyond"),
+    ("- model_id: x\n  extra_body:\n    a:\n      b: 1\n", 4, "one nested mapping level"),
+    ("- model_id: x\n\tapi_base: h\n", 2, "tab"),
+    ("- model_id: x\n  model_id: y\n", 2, "appears twice"),
+    ("- model_id: 'x\n", 1, "unterminated"),
+])
+def test_seed_yaml_beyond_the_subset_is_refused_with_its_line(text, line, words):
+    with pytest.raises(cp.ConfigError) as err:
+        cp.parse_yaml_models(text, "m.yaml")
+    assert f"m.yaml:{line}:" in str(err.value) and words in str(err.value)
+
+
+def test_max_input_tokens_is_a_400_before_the_upstream_is_called(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            config = make_config(tmp_path, None, providers=openai_provider(up.url),
+                                 models=[{"id": "small-ctx", "provider": "o", "max_input_tokens": 100}])
+            async with running_proxy(config) as (_, port):
+                big = dict(HELLO, model="small-ctx", messages=[{"role": "user", "content": "word " * 2000}])
+                status, _, body = await call(port, "POST", "/v1/messages", big, ANTHROPIC_HEADERS)
+                assert status == 400 and "prompt is too long" in body.decode() and "100 max_input_tokens" in body.decode()
+                status, _, _ = await call(port, "POST", "/v1/chat/completions",
+                                          dict(big, messages=[{"role": "user", "content": "w " * 2000}]), OPENAI_HEADERS)
+                assert status == 400 and up.requests == []
+    run(scenario())
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_can_stream_false_calls_the_upstream_whole_and_streams_to_the_client(tmp_path, client, provider):
+    def script(req):
+        assert not req["body"].get("stream") and "stream_options" not in req["body"]
+        return http_response(200, anthropic_message() if provider == "anthropic" else OPENAI_COMPLETION)
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            providers = {"p": {"format": provider, "base_url": up.url + ("/v1" if provider == "openai" else ""),
+                               "api_key": "k-123456789"}}
+            config = make_config(tmp_path, None, providers=providers, routes={"default": "whole"},
+                                 models=[{"id": "whole", "provider": "p", "can_stream": False}])
+            async with running_proxy(config) as (_, port):
+                path, body, headers = client_request(client, True)
+                status, resp_headers, streamed = await call(port, "POST", path, dict(body, model="whole"), headers)
+            assert_success(client, True, status, resp_headers, streamed)
+            assert len(up.requests) == 1
+    run(scenario())
+
+
+# ---- the five systems, started as their READMEs tell their users --------------------------------
+
+def test_seed_000_anthropic_claude_max_proxy_user(tmp_path):
+    """cp models.example.json models.json; python cli.py --headless --bind 127.0.0.1 (TOKEN_FILE kept)."""
+    now = time.time()
+    (tmp_path / "tokens.json").write_text(json.dumps({"token_type": "oauth_flow", "access_token": "sk-ant-oat01-seed000tok",
+                                                      "refresh_token": "sk-ant-ort01-seed000", "expires_at": int(now + 3600)}))
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude, \
+                FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as glm:
+            (tmp_path / "models.json").write_text(json.dumps({"_comment": "seed 000", "custom_models": [
+                {"id": "glm-4.6", "base_url": glm.url + "/api/paas/v4", "api_key": "zai-key-0123456789",
+                 "context_length": 200000, "max_completion_tokens": 8192, "supports_reasoning": True, "owned_by": "zai"}]}))
+            env = {"TOKEN_FILE": str(tmp_path / "tokens.json"), "ANTHROPIC_UPSTREAM_URL": claude.url}
+            async with proxy_process(tmp_path, ["--headless", "--bind", "127.0.0.1", "--port", str(free_port())],
+                                     env) as (port, lines):
+                status, _, _ = await call(port, "POST", "/v1/chat/completions",
+                                          dict(OPENAI_HELLO, model="glm-4.6"), OPENAI_HEADERS)
+                assert status == 200 and glm.requests[0]["path"] == "/api/paas/v4/chat/completions"
+                assert glm.requests[0]["headers"]["authorization"] == "Bearer zai-key-0123456789"
+                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                assert status == 200 and claude.requests[0]["headers"]["authorization"] == "Bearer sk-ant-oat01-seed000tok"
+                assert any("model file" in line and "models.json" in line for line in lines)
+    run(scenario())
+    assert json.loads((tmp_path / "tokens.json").read_text())["access_token"] == "sk-ant-oat01-seed000tok"   # read only
+
+
+def test_seed_001_models_yaml_user(tmp_path):
+    """.env with ROUTER_* and keys; models.yaml with direct, can_stream and reasoning_effort: minimal."""
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as ds, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message())) as direct:
+            (tmp_path / "models.yaml").write_text(f"""# Required fields: model_id, api_base, api_key_name
+- model_id: deepseek-v3
+  model_name: deepseek-chat
+  api_base: {ds.url}/v1
+  api_key_name: DEEPSEEK_API_KEY
+  can_stream: false
+  max_tokens: 8k
+  max_input_tokens: 128k
+  reasoning_effort: "minimal"   # minimal = no thinking
+  input_cost_per_token: 0.00000027
+  output_cost_per_token: 0.00000055
+  extra_headers:
+    X-Title: "Claude Code"
+
+- model_id: claude-direct
+  model_name: claude-sonnet-4-5-20250929
+  api_base: {direct.url}/v1
+  api_key_name: ANTHROPIC_API_KEY
+  direct: true
+""")
+            (tmp_path / ".env").write_text('DEEPSEEK_API_KEY="ds-key-0123456789"\nANTHROPIC_API_KEY=sk-ant-direct-0123456\n'
+                                           'ROUTER_BACKGROUND="deepseek-v3"  # haiku\nROUTER_DEFAULT="claude-direct"\n'
+                                           'ROUTER_THINK=deepseek-v3\n')
+            async with proxy_process(tmp_path, ["--port", str(free_port())]) as (port, _):
+                haiku = dict(HELLO, model="claude-haiku-4-5", max_tokens=32000, stream=True,
+                             thinking={"type": "enabled", "budget_tokens": 2048})
+                status, headers, body = await call(port, "POST", "/v1/messages", haiku, ANTHROPIC_HEADERS)
+                assert_success("anthropic", True, status, headers, body)
+                sent = ds.requests[0]
+                assert sent["body"]["model"] == "deepseek-chat" and sent["body"]["max_tokens"] == 8192
+                assert "stream" not in sent["body"] and "reasoning_effort" not in sent["body"]
+                assert sent["headers"]["authorization"] == "Bearer ds-key-0123456789" and sent["headers"]["x-title"] == "Claude Code"
+                status, _, _ = await call(port, "POST", "/v1/messages", dict(HELLO, model="claude-opus-4-5"), ANTHROPIC_HEADERS)
+                assert status == 200 and direct.requests[0]["body"]["model"] == "claude-sonnet-4-5-20250929"
+                assert direct.requests[0]["headers"]["x-api-key"] == "sk-ant-direct-0123456"
+    run(scenario())
+
+
+@pytest.mark.parametrize("azure", [False, True])
+def test_seed_002_claude_code_proxy_user(tmp_path, azure):
+    """cp .env.example .env; python start_proxy.py; ANTHROPIC_API_KEY=exact-matching-key claude."""
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            port = free_port()
+            base = f"{up.url}/openai/deployments/gpt4o" if azure else f"{up.url}/v1"
+            (tmp_path / ".env").write_text(
+                f'OPENAI_API_KEY="sk-your-openai-api-key-here"\nANTHROPIC_API_KEY="client-key-0123456789"\n'
+                f'OPENAI_BASE_URL="{base}"\nBIG_MODEL="gpt-4o"\nMIDDLE_MODEL="gpt-4o"\nSMALL_MODEL="gpt-4o-mini"    \n'
+                f'HOST="127.0.0.1"\nPORT="{port}"\nLOG_LEVEL="INFO"  \nMAX_TOKENS_LIMIT="4096"\nMIN_TOKENS_LIMIT="1000"\n'
+                f'REQUEST_TIMEOUT="90"\nCUSTOM_HEADER_X_ORG_ID=org-7\n' + ('AZURE_API_VERSION="2024-03-01-preview"\n' if azure else ""))
+            async with proxy_process(tmp_path) as (listening, lines):
+                assert listening == port
+                assert any("ANTHROPIC_API_KEY is the key clients must send" in line for line in lines)
+                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, dict(ANTHROPIC_HEADERS, **{"x-api-key": "wrong"}))
+                assert status == 401 and up.requests == []
+                request = dict(HELLO, model="claude-sonnet-4-5", max_tokens=50, stream=True)
+                status, _, _ = await call(port, "POST", "/v1/messages", request,
+                                          dict(ANTHROPIC_HEADERS, **{"x-api-key": "client-key-0123456789"}))
+                assert status == 200
+            sent = up.requests[0]
+            assert sent["body"]["model"] == "gpt-4o" and sent["body"]["max_tokens"] == 1000   # MIN_TOKENS_LIMIT floor
+            assert sent["headers"]["x-org-id"] == "org-7"
+            if azure:
+                assert sent["path"] == "/openai/deployments/gpt4o/chat/completions?api-version=2024-03-01-preview"
+                assert sent["headers"]["api-key"] == "sk-your-openai-api-key-here" and "authorization" not in sent["headers"]
+            else:
+                assert sent["headers"]["authorization"] == "Bearer sk-your-openai-api-key-here"
+            assert "client-key-0123456789" not in json.dumps(sent["headers"])
+    run(scenario())
+
+
+def test_seed_003_anthropic_max_proxy_user(tmp_path):
+    """ANTHROPIC_PROXY_* env, its tokens.json kept, an OpenAI client asking for claude-sonnet-4."""
+    token_file = tmp_path / "anthropic-max-proxy" / "tokens.json"
+    token_file.parent.mkdir()
+    token_file.write_text(json.dumps({"access_token": "sk-ant-oat01-seed003tok", "refresh_token": "sk-ant-ort01-s3",
+                                      "expires_at": time.time() + 3600.5}))
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude:
+            port = free_port()
+            env = {"ANTHROPIC_PROXY_HOST": "127.0.0.1", "ANTHROPIC_PROXY_PORT": str(port),
+                   "ANTHROPIC_PROXY_LOG_LEVEL": "INFO", "ANTHROPIC_PROXY_TOKEN_FILE": str(token_file),
+                   "ANTHROPIC_UPSTREAM_URL": claude.url}
+            async with proxy_process(tmp_path, env=env) as (listening, lines):
+                assert listening == port
+                status, _, body = await call(port, "POST", "/v1/chat/completions",
+                                             dict(OPENAI_HELLO, model="claude-sonnet-4"), OPENAI_HEADERS)
+                assert status == 200, body
+                sent = claude.requests[0]
+                assert sent["headers"]["authorization"] == "Bearer sk-ant-oat01-seed003tok"
+                assert "oauth-2025-04-20" in sent["headers"]["anthropic-beta"]
+                assert any("imported" in line and str(token_file) in line for line in lines)
+    run(scenario())
+
+
+def test_seed_004_router_user(tmp_path):
+    """.env with ROUTER_*="custom/<model_id>" and LONG_CONTEXT_THRESHOLD, custom_models.yaml via
+    CUSTOM_MODELS_FILE, LOG_FILE_PATH; a long thinking request goes to long_context, not think."""
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as up:
+            (tmp_path / "custom_models.yaml").write_text("".join(f"""
+- model_id: {name}
+  model_name: {name}-upstream
+  api_base: "{up.url}/v1"
+  can_stream: true
+  api_key_name: MY_API_KEY
+  max_tokens: 16384
+  input_cost_per_token: 0.0000025  # $ per token
+""" for name in ("bg", "think", "long", "main")))
+            (tmp_path / ".env").write_text(
+                'MY_API_KEY="my-key-0123456789"\nROUTER_BACKGROUND="custom/bg"  # Default for haiku\n'
+                'ROUTER_THINK="custom/think"\nROUTER_LONG_CONTEXT="custom/long"\nROUTER_DEFAULT="custom/main"\n'
+                'LONG_CONTEXT_THRESHOLD="1000"  # Tokens\nCUSTOM_MODELS_FILE="custom_models.yaml"\n'
+                'LOG_FILE_PATH="logs/server.log"\n')
+            async with proxy_process(tmp_path, ["--port", str(free_port())]) as (port, _):
+                thinking = {"type": "enabled", "budget_tokens": 2048}
+                long_request = dict(HELLO, thinking=thinking, messages=[{"role": "user", "content": "word " * 4000}])
+                for body in (long_request, dict(HELLO, thinking=thinking), dict(HELLO, model="claude-3-5-haiku")):
+                    status, _, _ = await call(port, "POST", "/v1/messages", body, ANTHROPIC_HEADERS)
+                    assert status == 200
+            assert [r["body"]["model"] for r in up.requests] == ["long-upstream", "think-upstream", "bg-upstream"]
+            assert "listening on" in (tmp_path / "logs" / "server.log").read_text()
+    run(scenario())
+
+
+def test_import_reads_seed_token_files_without_writing_them(tmp_path):
+    seed000 = tmp_path / "000.json"
+    seed000.write_text(json.dumps({"token_type": "long_term", "access_token": "sk-ant-oat01-longterm000",
+                                   "expires_at": int(time.time() + 86400)}))
+    before = seed000.read_text()
+    code, out, err = cli_run(tmp_path, "import", str(seed000))
+    assert code == 0 and '"source": "import:anthropic-claude-max-proxy"' in out and '"refreshable": false' in out
+    assert seed000.read_text() == before
+    expired = tmp_path / "old.json"
+    expired.write_text(json.dumps({"access_token": "sk-ant-oat01-x", "expires_at": 1.0}))
+    code, _, err = cli_run(tmp_path, "import", str(expired))
+    assert code == 1 and "expired" in err and "Traceback" not in err
+
+
+def test_no_auto_start_checks_the_login_and_exits(tmp_path):
+    code, _, err = cli_run(tmp_path, "--headless", "--no-auto-start")
+    assert code == 1 and "not logged in" in err
+    code, out, _ = cli_run(tmp_path, "--headless", "--no-auto-start", "--token", "sk-ant-oat01-" + "t" * 30)
+    assert code == 0 and "Auto-start disabled" in out
+
+# =============================================================================================
 # Benchmark (opt-in: python -m pytest -m bench -s test_claude_proxy.py)
 # =============================================================================================
 
