@@ -41,10 +41,10 @@ from claude_proxy import (  # noqa: E402
     DEFAULT_ANTHROPIC_MAX_TOKENS, EFFORT_BUDGET, FileLock, LoginFlow, OAUTH_DEFAULTS,
     OpenAIToAnthropicStream, STOP_REASON_FROM_FINISH, ThinkTagSplitter, TokenManager, TokenStore,
     UpstreamError, anthropic_message_as_events, anthropic_response_to_openai,
-    anthropic_to_openai_request, claude_version, clean_gemini_schema, effort_from_budget,
+    anthropic_to_openai_request, claude_id_parts, clean_gemini_schema, effort_from_budget,
     estimate_anthropic_tokens, fold_anthropic_events, fold_openai_chunks, openai_message_as_chunk,
     openai_response_to_anthropic, openai_to_anthropic_request, parse_model_variant,
-    server_tool_names, thinking_style_for,)
+    server_tool_names, model_facts,)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared")
@@ -1086,12 +1086,23 @@ REQUEST_ROWS = [
                  {"type": "text", "text": ""}, {"type": "text", "text": "Rule two."}]), {},
      out(messages=[{"role": "system", "content": "You are Claude.\n\nRule two."},
                    {"role": "user", "content": "hi"}])),
-    ("system role message merged into the leading system",
+    ("mid-conversation system messages become user text at their position",
      req(system="S", messages=[{"role": "user", "content": "hi"},
                                {"role": "system", "content": "Agents: a, b"},
-                               {"role": "system", "content": [{"type": "text", "text": "More"}]}]), {},
-     out(messages=[{"role": "system", "content": "S\n\nAgents: a, b\n\nMore"},
-                   {"role": "user", "content": "hi"}])),
+                               {"role": "system", "content": [{"type": "text", "text": "More"}]},
+                               {"role": "assistant", "content": "ok"}]), {},
+     out(messages=[{"role": "system", "content": "S"},
+                   {"role": "user", "content": "hi\n\n<system-reminder>\nAgents: a, b\n\nMore\n</system-reminder>"},
+                   {"role": "assistant", "content": "ok"}])),
+    ("mid-conversation system messages kept in place where the provider takes them",
+     req(system="S", messages=[{"role": "user", "content": "hi"},
+                               {"role": "system", "content": "Agents: a, b", "output_config": {"effort": "low"}},
+                               {"role": "assistant", "content": "ok"}]), {"mid_system": True},
+     out(messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                   {"role": "system", "content": "Agents: a, b"}, {"role": "assistant", "content": "ok"}])),
+    ("system messages before the first turn join the system prompt",
+     req(system="S", messages=[{"role": "system", "content": "T"}, {"role": "user", "content": "hi"}]), {},
+     out(messages=[{"role": "system", "content": "S\n\nT"}, {"role": "user", "content": "hi"}])),
     ("user text blocks collapse to a string; empty text dropped",
      req(messages=[{"role": "user", "content": [
          {"type": "text", "text": "<system-reminder>r</system-reminder>"}, {"type": "text", "text": ""},
@@ -1167,8 +1178,11 @@ REQUEST_ROWS = [
      out(reasoning={"effort": "medium"})),
     ("thinking budget 10000 -> high", req(thinking={"type": "enabled", "budget_tokens": 10000}), {},
      out(reasoning_effort="high")),
-    ("adaptive + output_config.effort xhigh -> high",
-     req(thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), {}, out(reasoning_effort="high")),
+    ("adaptive + output_config.effort xhigh -> xhigh (the openai SDK allows it)",
+     req(thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), {}, out(reasoning_effort="xhigh")),
+    ("effort max -> max", req(output_config={"effort": "max"}), {}, out(reasoning_effort="max")),
+    ("effort the model lacks -> the nearest lower one it has",
+     req(output_config={"effort": "max"}), {"efforts": ["low", "medium", "high"]}, out(reasoning_effort="high")),
     ("adaptive without effort -> medium", req(thinking={"type": "adaptive"}), {}, out(reasoning_effort="medium")),
     ("output_config.effort alone -> effort", req(output_config={"effort": "low"}), {}, out(reasoning_effort="low")),
     ("thinking disabled -> nothing", req(thinking={"type": "disabled"}, output_config={"effort": "low"}), {}, out()),
@@ -1178,10 +1192,13 @@ REQUEST_ROWS = [
     ("pinned none never sends", req(thinking={"type": "adaptive"}), {"reasoning_effort": "none"}, out()),
     ("stream -> stream_options.include_usage", req(stream=True), {},
      out(stream=True, stream_options={"include_usage": True})),
-    ("output_config.format json_schema -> response_format",
-     req(output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}}), {},
-     out(response_format={"type": "json_schema",
-                          "json_schema": {"name": "structured_output", "schema": {"type": "object"}}})),
+    ("output_config.format json_schema -> strict response_format",
+     req(output_config={"format": {"type": "json_schema", "schema": {
+         "type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}, "required": ["a"]}}}), {},
+     out(response_format={"type": "json_schema", "json_schema": {
+         "name": "structured_output", "strict": True, "schema": {
+             "type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+             "required": ["a", "b"], "additionalProperties": False}}})),
     ("extra_body merged last", req(temperature=0.5), {"extra_body": {"temperature": 1, "top_k": 20}},
      out(temperature=1, top_k=20)),
     ("unknown top-level fields dropped",
@@ -1302,9 +1319,11 @@ def check_openai_request(openai_body, tool_count):
 def test_claude_code_shaped_request():
     openai_body = anthropic_to_openai_request(CLAUDE_CODE_BODY, make_spec(max_tokens=8192))
     check_openai_request(openai_body, 4)
-    assert openai_body["messages"][0] == {
-        "role": "system",
-        "content": "You are a Claude agent.\n\nAvailable agent types for the Agent tool: ..."}
+    assert openai_body["messages"][0] == {"role": "system", "content": "You are a Claude agent."}
+    # the mid-conversation system message is user text where it stood: after the first user turn
+    assert openai_body["messages"][1] == {
+        "role": "user", "content": "<system-reminder>ctx</system-reminder>\n\ncreate hello.txt\n\n"
+                                   "<system-reminder>\nAvailable agent types for the Agent tool: ...\n</system-reminder>"}
     assert openai_body["max_tokens"] == 8192 and openai_body["reasoning_effort"] == "high"
 
 
@@ -1334,6 +1353,16 @@ def final_usage(events):
     return events[-2]["usage"]
 
 
+def usage_of(input_tokens, output_tokens, read=0, written=0, thinking=None):
+    """The Anthropic usage the stream machine reports (cache_creation object, thinking when counted)."""
+    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_read_input_tokens": read,
+             "cache_creation_input_tokens": written,
+             "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}}
+    if thinking is not None:
+        usage["output_tokens_details"] = {"thinking_tokens": thinking}
+    return usage
+
+
 def test_parallel_tools():
     events = run_stream(sse_chunks(OPENAI_PARALLEL_TOOLS))
     assert block_types(events) == ["tool_use", "tool_use"]
@@ -1344,8 +1373,7 @@ def test_parallel_tools():
         {"type": "tool_use", "id": "call_DNYTawLBoN8fj3KN6qU9N1Ou", "name": "get_stock_price",
          "input": {"ticker": "AAPL", "exchange": "NASDAQ"}}]
     assert message["stop_reason"] == "tool_use"
-    assert message["usage"] == {"input_tokens": 149, "output_tokens": 60,
-                                "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert message["usage"] == usage_of(149, 60, thinking=0)
     # streamed as it came: more than one input_json_delta per block
     assert sum(1 for e in events if e["type"] == "content_block_delta") > 4
 
@@ -1356,16 +1384,14 @@ def test_deepseek_reasoning_then_text_usage_on_finish_chunk():
     message = fold_anthropic_events(events)
     assert message["content"][0] == {"type": "thinking", "thinking": "Hmm,", "signature": ""}
     assert message["content"][1]["text"].endswith(" today?")
-    assert final_usage(events) == {"input_tokens": 6, "output_tokens": 212,
-                                   "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert final_usage(events) == usage_of(6, 212, thinking=198)
 
 
 def test_deepseek_cache_hit_tokens():
     chunks = [{"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
                "usage": {"prompt_tokens": 100, "completion_tokens": 3, "prompt_cache_hit_tokens": 64,
                          "prompt_cache_miss_tokens": 36}}]
-    assert final_usage(run_stream(chunks)) == {"input_tokens": 36, "output_tokens": 3,
-                                               "cache_read_input_tokens": 64, "cache_creation_input_tokens": 0}
+    assert final_usage(run_stream(chunks)) == usage_of(36, 3, read=64)
 
 
 def test_openai_cached_tokens():
@@ -1382,10 +1408,10 @@ def test_openrouter_reasoning_details_signature_and_late_usage():
     message = fold_anthropic_events(events)
     thinking = message["content"][0]
     assert thinking["thinking"] == "This is a simple arithmetic question. 2+2 equals 4."
-    assert thinking["signature"].startswith("Et0BCkgIChACGAIqQA2s")
+    # another provider's signature, tagged so that no Anthropic-format upstream is sent it as its own
+    assert thinking["signature"].startswith("claude-proxy:openai:Et0BCkgIChACGAIqQA2s")
     assert message["content"][1] == {"type": "text", "text": "2 + 2 = 4"}
-    assert final_usage(events) == {"input_tokens": 43, "output_tokens": 36,
-                                   "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert final_usage(events) == usage_of(43, 36, thinking=13)
 
 
 def test_groq_whole_tool_call_in_one_chunk():
@@ -1530,13 +1556,13 @@ def test_message_start_and_events_exact():
             "id": "msg_test", "type": "message", "role": "assistant", "model": "claude-client", "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 7, "output_tokens": 0, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0}}},
+                      "cache_read_input_tokens": 0,
+                      "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}}},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
         {"type": "content_block_stop", "index": 0},
         {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-         "usage": {"input_tokens": 9, "output_tokens": 2, "cache_read_input_tokens": 0,
-                   "cache_creation_input_tokens": 0}},
+         "usage": usage_of(9, 2)},
         {"type": "message_stop"}]
 
 
@@ -1778,7 +1804,8 @@ PARALLEL_TOOLS_BODY = {
                 "name": "GetWeatherArgs", "arguments": '{"city": "Edinburgh", "country": "GB", "units": "c"}'}},
             {"id": "call_DNYTawLBoN8fj3KN6qU9N1Ou", "type": "function", "function": {
                 "name": "get_stock_price", "arguments": '{"ticker": "AAPL", "exchange": "NASDAQ"}'}}]}}],
-    "usage": {"prompt_tokens": 149, "completion_tokens": 60, "total_tokens": 209}}
+    "usage": {"prompt_tokens": 149, "completion_tokens": 60, "total_tokens": 209,
+              "completion_tokens_details": {"reasoning_tokens": 0}}}
 
 
 def test_round_trip_openai_stream_fold_equals_non_stream():
@@ -1804,8 +1831,7 @@ def test_non_stream_exact():
         "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-client",
         "content": [{"type": "thinking", "thinking": "hm", "signature": ""}, {"type": "text", "text": "Hello"}],
         "stop_reason": "end_turn", "stop_sequence": None,
-        "usage": {"input_tokens": 6, "output_tokens": 2, "cache_read_input_tokens": 4,
-                  "cache_creation_input_tokens": 0}}
+        "usage": usage_of(6, 2, read=4)}
 
 
 def test_non_stream_gemini_tool_calls_without_index():
@@ -2280,9 +2306,9 @@ def test_parse_model_variant(name, expected):
     ("claude-haiku-5-1-20270101", ("haiku", (5, 1)), "adaptive"),
     ("my-alias", None, "budget"),
 ])
-def test_claude_version_and_thinking_style(model, version, style):
-    assert claude_version(model) == version
-    assert thinking_style_for(model) == style
+def test_claude_id_parts_and_thinking_style(model, version, style):
+    assert claude_id_parts(model) == version
+    assert model_facts(model)["thinking"] == style
 
 
 # ---- 2. request conversion (D.2) ----------------------------------------------------------------
@@ -2339,10 +2365,11 @@ WEATHER_A = {"name": "get_weather", "description": "Weather",
 
 REQUEST_TABLE = [
     ("minimal", body(HI), expected(U("hi"))),
-    ("system and developer anywhere -> system blocks in order",
-     body({"role": "system", "content": "S1"}, HI, {"role": "developer", "content": [{"type": "text", "text": "D"}]},
+    ("leading system/developer -> system; a later one -> user text at its position (the model takes none mid-list)",
+     body({"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"}, HI,
+          {"role": "developer", "content": [{"type": "text", "text": "D"}]},
           {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}),
-     expected(U("hi"), A(T("a")), U("b"), system=[T("S1"), T("D")])),
+     expected(U("hi", "<system-reminder>\nD\n</system-reminder>"), A(T("a")), U("b"), system=[T("S1"), T("S2")])),
     ("consecutive user turns merged", body(HI, {"role": "user", "content": [{"type": "text", "text": "there"}]}),
      expected(U("hi", "there"))),
     ("tool messages -> one user turn, following user text appended",
@@ -2585,7 +2612,8 @@ REASONING_KEYS = ("thinking", "output_config", "max_tokens", "temperature", "top
 @pytest.mark.parametrize("model, fields, variant, style, want", REASONING_TABLE)
 def test_reasoning_table(model, fields, variant, style, want):
     openai_body = dict({"messages": [HI]}, **fields)
-    anthropic_body = openai_to_anthropic_request(openai_body, model, variant_effort=variant, thinking_style=style)
+    anthropic_body = openai_to_anthropic_request(openai_body, model, variant_effort=variant,
+                                                 facts=model_facts(model, {"thinking": style}))
     assert {k: anthropic_body[k] for k in REASONING_KEYS if k in anthropic_body} == want
 
 
@@ -2594,14 +2622,14 @@ def test_budget_table_covers_every_effort():
     assert all(b >= 1024 for b in EFFORT_BUDGET.values())
 
 
-def test_raising_an_explicit_max_tokens_warns(caplog):
+def test_raising_an_explicit_max_tokens_is_a_note_and_converters_log_only_debug(caplog):
+    notes = []
     with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
-        openai_to_anthropic_request(body(HI, max_tokens=100, reasoning_effort="low"), M)
-    assert [r.levelname for r in caplog.records if r.levelno > logging.DEBUG] == ["WARNING"]
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
-        openai_to_anthropic_request(body(HI, reasoning_effort="low", seed=3), M)
-    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+        openai_to_anthropic_request(body(HI, max_tokens=100, reasoning_effort="low"), M, notes=notes)
+        openai_to_anthropic_request(body(HI, reasoning_effort="low", seed=3), M, notes=notes)
+    assert notes == [("max_tokens", "rewritten: 100 raised to 9216 to fit the thinking budget"),
+                     ("seed", "dropped: Claude has no seeded sampling")]
+    assert caplog.records and all(r.levelno == logging.DEBUG for r in caplog.records)
 
 
 # ---- 4. stream machine ---------------------------------------------------------------------------
@@ -3414,7 +3442,7 @@ def test_passthrough_non_stream_rewrites_only_credentials(tmp_path):
             assert status == 200 and json.loads(body) == anthropic_message()
             assert headers["request-id"] == "req_up1" and headers["anthropic-ratelimit-requests-remaining"] == "9"
             sent = up.requests[0]
-            assert sent["path"] == "/v1/messages"
+            assert sent["path"] == "/v1/messages?beta=true"     # the query string is the client's too
             assert sent["headers"]["x-api-key"] == "sk-ant-api03-testkey-0123456789"
             assert sent["headers"]["anthropic-beta"] == "x-1" and sent["headers"]["anthropic-version"] == "2023-06-01"
             assert "authorization" not in sent["headers"]
@@ -3474,7 +3502,7 @@ def test_count_tokens_and_models_and_stray_endpoints(tmp_path):
                                              {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]},
                                              ANTHROPIC_HEADERS)
                 assert (status, json.loads(body)) == (200, {"input_tokens": 42})
-                assert up.requests[0]["path"] == "/v1/messages/count_tokens"
+                assert up.requests[0]["path"] == "/v1/messages/count_tokens?beta=true"
                 status, _, body = await call(port, "GET", "/v1/models", headers=ANTHROPIC_HEADERS)
                 listing = json.loads(body)
                 assert status == 200 and listing["data"][0]["type"] == "model" and listing["has_more"] is False
