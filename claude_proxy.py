@@ -1583,10 +1583,11 @@ def _note(notes: Optional[Notes], path: str, why: str) -> None:
         notes.append((path, why))
 
 
-def _note_extra_keys(obj: dict, mapped: Iterable[str], param: str, notes: Optional[Notes], why: str) -> None:
-    """Note each key of obj that the converter does not map."""
-    for key in obj.keys() - set(mapped):
-        _note(notes, f"{param}.{key}", why)
+def _note_extra_keys(obj: dict, mapped: Iterable[str], param: str, notes: Optional[Notes], why: str,
+                     reasons: Optional[Mapping[str, str]] = None) -> None:
+    """Note each key of obj that the converter does not map (why, or the key's own reason)."""
+    for key in sorted(obj.keys() - set(mapped)):
+        _note(notes, f"{param}.{key}", (reasons or {}).get(key, why))
 
 
 def tag_signature(provider: str, signature: str) -> str:
@@ -1611,14 +1612,19 @@ def join_tool_id(tool_id: str, signature: Optional[str]) -> str:
 
 
 def split_tool_id(tool_id: str) -> Tuple[str, Optional[str]]:
-    """(the tool id as the upstream issued it, its thought signature or None)."""
-    base, mark, encoded = tool_id.partition(TOOL_ID_SIGNATURE)
-    if not mark:
-        return tool_id, None
-    try:
-        return base, base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return tool_id, None
+    """(the tool id as the upstream issued it, its thought signature or None): the first mark
+    followed by a clean encoding wins, so an upstream id that holds the mark itself still splits."""
+    at = tool_id.find(TOOL_ID_SIGNATURE)
+    while at >= 0:
+        encoded = tool_id[at + len(TOOL_ID_SIGNATURE):]
+        try:
+            signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+            if join_tool_id("", signature) == TOOL_ID_SIGNATURE + encoded:
+                return tool_id[:at], signature
+        except (ValueError, UnicodeDecodeError):
+            pass
+        at = tool_id.find(TOOL_ID_SIGNATURE, at + 1)
+    return tool_id, None
 
 
 def anthropic_thinking_on(anthropic_body: dict) -> bool:
@@ -1797,6 +1803,7 @@ USER_BLOCK_KEYS = {"text": ("type", "text"), "image": ("type", "source"), "docum
                    "search_result": ("type", "source", "title", "content"), "tool_reference": ("type", "tool_name"),
                    "tool_result": ("type", "tool_use_id", "content", "is_error")}
 TOOL_KEYS = ("type", "name", "description", "input_schema", "strict")
+MESSAGE_REASONS = {"output_config": "dropped: a per-message effort has no OpenAI form (the request's is sent)"}
 # Why a top-level Anthropic field has no place in an OpenAI request (default: NO_OPENAI_FORM).
 ANTHROPIC_DROP_REASONS = {
     "top_k": "dropped: OpenAI has no top_k",
@@ -2024,7 +2031,7 @@ def _convert_message(message: Any, param: str, spec: dict, notes: Optional[Notes
     _expect(isinstance(message, dict), "message must be an object", param)
     role, content = message.get("role"), message.get("content")
     _expect(isinstance(role, str) and role in ANTHROPIC_ROLES, "unknown role %r" % (role,), f"{param}.role")
-    _note_extra_keys(message, ("role", "content"), param, notes, NO_OPENAI_FORM)
+    _note_extra_keys(message, ("role", "content"), param, notes, NO_OPENAI_FORM, MESSAGE_REASONS)
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     _expect(isinstance(content, list), "content must be a string or a list of blocks",
@@ -2038,13 +2045,16 @@ def _convert_message(message: Any, param: str, spec: dict, notes: Optional[Notes
     return [assistant] if assistant else []
 
 
-def _system_messages(texts: List[str], spec: dict, param: str, notes: Optional[Notes]) -> List[dict]:
-    """Mid-conversation system texts in place, or as user text where the provider takes no such message."""
+def _system_messages(pending: List[Tuple[str, List[str]]], spec: dict, notes: Optional[Notes]) -> List[dict]:
+    """Mid-conversation system messages ((path, texts) each) in place, or as user text where the
+    provider takes no such message."""
+    texts = [text for _, message_texts in pending for text in message_texts]
     if not texts:
         return []
     if spec.get("mid_system"):
         return [{"role": "system", "content": "\n\n".join(texts)}]
-    _note(notes, param, "rewritten: a mid-conversation system message sent as user text at its position")
+    for path, _ in pending:
+        _note(notes, path, "rewritten: a mid-conversation system message sent as user text at its position")
     return [{"role": "user", "content": FOLDED_SYSTEM % "\n\n".join(texts)}]
 
 
@@ -2062,23 +2072,23 @@ def _openai_messages(anthropic_body: dict, spec: dict, notes: Optional[Notes] = 
     _expect(isinstance(messages, list), "messages must be a list", "messages")
     system_texts = _system_texts(anthropic_body.get("system"), "system", notes)
     turns: List[dict] = []
-    pending: List[str] = []
+    pending: List[Tuple[str, List[str]]] = []
     for i, message in enumerate(messages):
         if isinstance(message, dict) and message.get("role") == "system":
-            _note_extra_keys(message, ("role", "content"), f"messages.{i}", notes, NO_OPENAI_FORM)
+            _note_extra_keys(message, ("role", "content"), f"messages.{i}", notes, NO_OPENAI_FORM, MESSAGE_REASONS)
             texts = _system_texts(message.get("content"), f"messages.{i}.content", notes)
             if turns:
-                pending += texts
+                pending.append((f"messages.{i}", texts))
             else:
                 system_texts += texts
             continue
         converted = _convert_message(message, f"messages.{i}", spec, notes)
         if pending and converted:
             at = _after_tool_results(turns, converted)
-            converted = converted[:at] + _system_messages(pending, spec, f"messages.{i - 1}", notes) + converted[at:]
+            converted = converted[:at] + _system_messages(pending, spec, notes) + converted[at:]
             pending = []
         turns += converted
-    turns = _merge_user_neighbours(turns + _system_messages(pending, spec, f"messages.{len(messages) - 1}", notes))
+    turns = _merge_user_neighbours(turns + _system_messages(pending, spec, notes))
     if system_texts:
         return [{"role": "system", "content": "\n\n".join(system_texts)}] + turns
     return turns
