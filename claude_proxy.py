@@ -11,17 +11,19 @@ Run:    python claude_proxy.py                 serve on 127.0.0.1:8082
 Tests:  python -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
-   1. Constants          every tunable in one DEFAULT_* block
+   1. Constants          every tunable in one DEFAULT_* block; the Claude model table
    2. Errors             one ProxyError tree; each error knows its HTTP status and API type
-   3. Utilities          ids, JSON, redaction of secrets
+   3. Utilities          ids, JSON, redaction of secrets, model_facts() over the model table
    4. Config             defaults < JSON file < .env < environment < CLI, one pure parse
    5. HTTP wire format   sans-IO parsing and formatting of HTTP/1.1 heads and chunks
    6. SSE                sans-IO incremental decoder and the one encoder
    7. Stream I/O         requests read from / responses written to asyncio streams
    8. Upstream client    keep-alive pool, TLS, CONNECT proxies, idle timeouts
-   9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds
+   9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds; notes
+                         of every dropped field; thinking signatures across routes
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
-  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering
+  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering,
+                         the models listing
   12. Server             connection loop, keep-alive, limits, graceful shutdown
   13. CLI                argparse entry point
 """
@@ -1627,6 +1629,21 @@ def split_tool_id(tool_id: str) -> Tuple[str, Optional[str]]:
     return tool_id, None
 
 
+def strict_schema(schema: Any, all_required: bool = False) -> Any:
+    """A copy where every object schema forbids additional properties, as Anthropic requires
+    (all_required: and requires every property, as OpenAI's strict mode does)."""
+    if isinstance(schema, list):
+        return [strict_schema(item, all_required) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_schema(value, all_required) for key, value in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out["additionalProperties"] = False
+        if all_required and isinstance(out.get("properties"), dict):
+            out["required"] = list(out["properties"])
+    return out
+
+
 def anthropic_thinking_on(anthropic_body: dict) -> bool:
     """Whether an Anthropic request asks for thinking."""
     thinking = anthropic_body.get("thinking")
@@ -2138,20 +2155,6 @@ def clean_gemini_schema(schema: Any) -> Any:
     return cleaned
 
 
-def openai_strict_schema(schema: Any) -> Any:
-    """A copy fit for OpenAI's strict mode: every object closed and every property required."""
-    if isinstance(schema, list):
-        return [openai_strict_schema(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: openai_strict_schema(value) for key, value in schema.items()}
-    if out.get("type") == "object" or "properties" in out:
-        out["additionalProperties"] = False
-        if isinstance(out.get("properties"), dict):
-            out["required"] = list(out["properties"])
-    return out
-
-
 def _is_server_tool(tool: dict) -> bool:
     """Server tools (web_search_*, web_fetch_*, code_execution_*...) carry a versioned type."""
     return tool.get("type") not in (None, "custom")
@@ -2312,7 +2315,7 @@ def _response_format_fields(anthropic_body: dict) -> dict:
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return {}
     return {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "structured_output", "schema": openai_strict_schema(fmt.get("schema") or {}), "strict": True}}}
+        "name": "structured_output", "schema": strict_schema(fmt.get("schema") or {}, all_required=True), "strict": True}}}
 
 
 def _note_nested_fields(anthropic_body: dict, notes: Optional[Notes]) -> None:
@@ -3482,18 +3485,6 @@ def _apply_response_format(openai_body: dict, anthropic_body: dict, notes: Optio
     _note_extra_keys(json_schema, ("schema", "strict"), "response_format.json_schema", notes,
                      "dropped: Anthropic's output format has no name or description")
     anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": strict_schema(schema)}
-
-
-def strict_schema(schema: Any) -> Any:
-    """A copy where every object schema forbids additional properties, as Anthropic requires."""
-    if isinstance(schema, list):
-        return [strict_schema(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: strict_schema(value) for key, value in schema.items()}
-    if out.get("type") == "object" or "properties" in out:
-        out["additionalProperties"] = False
-    return out
 
 # ---- request: reasoning ----------------------------------------------------------------------
 

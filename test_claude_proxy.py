@@ -892,7 +892,7 @@ def signature_deltas_before_stop(events):
     return True
 
 
-# ---- inline fixture streams (trimmed copies of /work/shared/fixtures/real) -------------------
+# ---- inline fixture streams (trimmed copies of ../shared/fixtures/real) -------------------
 
 # openai_stream_parallel_tools.sse, trimmed (noise keys id/model/created/... removed)
 OPENAI_PARALLEL_TOOLS = r'''data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null},"finish_reason":null}]}
