@@ -1694,14 +1694,20 @@ def _thinking_off_without_lead(anthropic_body: dict, notes: Optional[Notes]) -> 
         return anthropic_body
     _note(notes, "thinking", "left off for this request: the last assistant turn's tool call has no "
                              "thinking block this provider issued (another route answered it)")
-    body = {k: v for k, v in anthropic_body.items() if k != "thinking"}
-    edits = (body.get("context_management") or {}).get("edits") if isinstance(body.get("context_management"), dict) else None
-    if isinstance(edits, list):
-        kept = [e for e in edits if not str((e or {}).get("type", "")).startswith("clear_thinking")]
-        if len(kept) < len(edits):
-            _note(notes, "context_management.edits", "clear_thinking edits removed with thinking")
-        body["context_management"] = dict(body["context_management"], edits=kept)
-    return body
+    return _without_clear_thinking({k: v for k, v in anthropic_body.items() if k != "thinking"}, notes)
+
+
+def _without_clear_thinking(anthropic_body: dict, notes: Optional[Notes]) -> dict:
+    """The body without context_management's clear_thinking edits (they need thinking on)."""
+    management = anthropic_body.get("context_management")
+    edits = management.get("edits") if isinstance(management, dict) else None
+    if not isinstance(edits, list):
+        return anthropic_body
+    kept = [e for e in edits if not (isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking"))]
+    if len(kept) == len(edits):
+        return anthropic_body
+    _note(notes, "context_management.edits", "clear_thinking edits removed with thinking")
+    return dict(anthropic_body, context_management=dict(management, edits=kept))
 
 
 def own_thinking_only(anthropic_body: dict, provider: dict, notes: Optional[Notes] = None) -> dict:
