@@ -1727,6 +1727,52 @@ def own_thinking_only(anthropic_body: dict, provider: dict, notes: Optional[Note
     return _thinking_off_without_lead(body, notes)
 
 
+def _as_blocks(content: Any) -> List[Any]:
+    """Message content as a block list (a string becomes one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return list(content) if isinstance(content, list) else []
+
+
+def _as_user_turn(message: Any, param: str, notes: Optional[Notes]) -> Any:
+    """A role "system" message as a user turn holding its text as FOLDED_SYSTEM (others as they are)."""
+    if not isinstance(message, dict) or message.get("role") != "system":
+        return message
+    content = message.get("content")
+    texts = [content] if isinstance(content, str) else \
+        [b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text"]
+    _note(notes, param, "rewritten: a mid-conversation system message sent as user text (the model takes none)")
+    _note_extra_keys(message, ("role", "content"), param, notes, "dropped with the system message it was on")
+    text = "\n\n".join(t for t in texts if t.strip())
+    return {"role": "user", "content": [{"type": "text", "text": FOLDED_SYSTEM % text}] if text else []}
+
+
+def _merge_user_turns(messages: List[Any]) -> List[Any]:
+    """Adjacent user turns as one, tool_result blocks first (an empty turn disappears)."""
+    merged: List[Any] = []
+    for message in messages:
+        if not (isinstance(message, dict) and message.get("role") == "user"):
+            merged.append(message)
+            continue
+        blocks = _as_blocks(message.get("content"))
+        if merged and isinstance(merged[-1], dict) and merged[-1].get("role") == "user":
+            blocks = _as_blocks(merged.pop().get("content")) + blocks
+        blocks.sort(key=lambda b: not (isinstance(b, dict) and b.get("type") == "tool_result"))
+        merged.append(dict(message, content=blocks))
+    return [m for m in merged if not (isinstance(m, dict) and m.get("role") == "user" and not m["content"])]
+
+
+def fold_system_messages(anthropic_body: dict, notes: Optional[Notes] = None) -> dict:
+    """The request with its role "system" messages as user text at their position, for a model that
+    takes no mid-conversation system message (a routed Claude Code session; PROTOCOLS H.2). Returns
+    the same object when there is none."""
+    messages = anthropic_body.get("messages")
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        return anthropic_body
+    turns = [_as_user_turn(m, f"messages.{i}", notes) for i, m in enumerate(messages)]
+    return dict(anthropic_body, messages=_merge_user_turns(turns))
+
+
 def _tag_block(block: Any, provider: str) -> Any:
     """A response content block with its thinking signature (or redacted data) tagged."""
     if not isinstance(block, dict) or block.get("type") not in THINKING_BLOCKS:
@@ -4459,13 +4505,6 @@ def _mark_last(blocks: List[Any]) -> Optional[List[Any]]:
     return None
 
 
-def _as_blocks(content: Any) -> List[Any]:
-    """Message content as a block list (a string becomes one text block)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    return list(content) if isinstance(content, list) else []
-
-
 def add_cache_breakpoints(anthropic_body: dict) -> dict:
     """A copy with ephemeral breakpoints on the last system block and the last two user turns,
     in that priority, counting the client's own so that there are never more than four."""
@@ -4733,6 +4772,13 @@ def resolve_openai_target(config: Config, requested: str) -> Target:
     target = resolve_target(config, base, thinking=effort is not None)
     target.effort, target.one_m = effort, one_m
     return target
+
+
+def takes_mid_system(target: Target) -> bool:
+    """Whether the upstream model takes role "system" messages mid-conversation (the model table,
+    else the provider's switch)."""
+    facts = target.facts()["mid_system"]
+    return bool(target.provider.get("mid_system") if facts is None else facts)
 
 
 def upstream_spec(target: Target) -> dict:
@@ -5306,12 +5352,15 @@ async def handle_messages(x: Exchange) -> None:
 async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     """Anthropic in, Anthropic out: model name and credentials rewritten, the query string and
     every field kept, bytes relayed; thinking blocks the provider did not issue are removed
-    (own_thinking_only), and a vendor's own signatures are tagged on the way back."""
+    (own_thinking_only), mid-conversation system messages become user text for a model that takes
+    none (a session routed to another model), and a vendor's own signatures are tagged on the way back."""
     target_path = path + ("?" + x.req.query if x.req.query else "")
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         notes: Notes = []
         own = own_thinking_only(body, target.provider, notes)
+        if not takes_mid_system(target):
+            own = fold_system_messages(own, notes)
         x.say(notes)
         return await x.anthropic_call(target, own, x.req.body if own is body else b"", target_path)
     response = await x.send(build, stream=bool(body.get("stream")))

@@ -3341,6 +3341,21 @@ def test_a_turn_left_empty_is_removed():
     assert cp.own_thinking_only(history, NATIVE)["messages"] == [U("q"), U("again")]
 
 
+def test_system_messages_fold_into_user_text_for_a_model_that_takes_none():
+    history = {"model": "m", "messages": [
+        U("q"), {"role": "system", "content": "Env", "output_config": {"effort": "low"}}, A(TU("t1", "Read", {})),
+        {"role": "system", "content": [T("Careful")]}, {"role": "user", "content": [TR("t1", "r")]},
+        A(T("done")), {"role": "system", "content": []}]}
+    notes = []
+    body = cp.fold_system_messages(history, notes)
+    assert body["messages"] == [
+        U("q", "<system-reminder>\nEnv\n</system-reminder>"), A(TU("t1", "Read", {})),
+        {"role": "user", "content": [TR("t1", "r"), T("<system-reminder>\nCareful\n</system-reminder>")]}, A(T("done"))]
+    assert [path for path, _ in notes] == ["messages.1", "messages.1.output_config", "messages.3", "messages.6"]
+    plain = {"model": "m", "messages": [U("q")]}
+    assert cp.fold_system_messages(plain) is plain
+
+
 def test_vendor_signatures_are_tagged_in_streams_and_answers():
     tagger = cp.SignatureTagger("kimi")
     events = [{"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
@@ -4709,6 +4724,23 @@ def test_a_session_alternating_between_an_openai_route_and_claude_gets_no_400(tm
     assert "thinking" not in first and [b["type"] for b in first["messages"][1]["content"]] == ["tool_use"]
     assert second["thinking"] == {"type": "adaptive"}
     assert second["messages"][3]["content"][0] == {"type": "thinking", "thinking": "", "signature": "sig-1"}
+
+
+def test_a_session_routed_to_an_older_model_gets_its_system_messages_as_user_text(tmp_path):
+    body = dict(HELLO, model="claude-opus-5-5", messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "# Environment"}])
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, up.url, routes={"default": "anthropic", "opus": "anthropic,claude-sonnet-4-5"})
+            async with running_proxy(config) as (_, port):
+                await call(port, "POST", "/v1/messages", body, ANTHROPIC_HEADERS)
+                await call(port, "POST", "/v1/messages", dict(body, model="claude-fable-5-2"), ANTHROPIC_HEADERS)
+            return [r["body"] for r in up.requests]
+    routed, direct = run(scenario())
+    assert routed["model"] == "claude-sonnet-4-5" and routed["messages"] == [
+        {"role": "user", "content": [T("hi"), T("<system-reminder>\n# Environment\n</system-reminder>")]}]
+    assert direct["messages"] == body["messages"]       # the model takes them: passed as sent
 
 
 def test_a_vendors_signatures_go_back_to_it_alone(tmp_path):
