@@ -19,10 +19,12 @@ Sections, leaves first, so nothing refers forward:
    6. SSE                sans-IO incremental decoder and the one encoder
    7. Stream I/O         requests read from / responses written to asyncio streams
    8. Upstream client    keep-alive pool, TLS, CONNECT proxies, idle timeouts
-   9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds; notes
-                         of every dropped field; thinking signatures across routes
+   9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds
+                         (9a Anthropic client -> OpenAI, 9b OpenAI client -> Claude,
+                          9c Responses client -> Claude, Anthropic Messages the hub); notes of
+                         every dropped field; thinking signatures across routes
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
-  11. Routing, handlers  model routing, the four proxy paths, retries, error rendering,
+  11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error rendering,
                          the models listing
   12. Server             connection loop, keep-alive, limits, graceful shutdown
   13. CLI                argparse entry point
@@ -45,6 +47,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import sys
@@ -69,6 +72,10 @@ MAX_HEADER_BYTES = 64 * 1024         # larger header block: 431
 READ_CHUNK = 64 * 1024
 WRITE_HIGH_WATER = 64 * 1024         # client writes await drain() only past this much buffered
 MAX_CHUNK_LINE = 4096                # a longer chunk-size line is malformed
+MAX_CHUNKS = 16384                   # a request body in more chunks is refused (CPU per chunk)
+MAX_SSE_LINE = 8 * 1024 * 1024       # an upstream SSE line or event beyond this fails the stream
+MAX_INTERIM_RESPONSES = 8            # upstream 1xx responses tolerated before the real one
+OFF_LOOP_BODY_BYTES = 256 * 1024     # request bodies this large are parsed and converted in a thread
 
 # Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
 # at its top level; CLI flags override the few that have one.
@@ -83,6 +90,10 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "idle_timeout": ("IDLE_TIMEOUT", "float", 75.0),
     "connect_timeout": ("CONNECT_TIMEOUT", "float", 10.0),
     "read_timeout": ("READ_TIMEOUT", "float", 600.0),
+    "body_timeout": ("BODY_TIMEOUT", "float", 30.0),
+    "max_connections": ("MAX_CONNECTIONS", "int", 0),
+    "max_buffered_bytes": ("MAX_BUFFERED_BYTES", "int", 128 * 1024 * 1024),
+    "allowed_hosts": ("ALLOWED_HOSTS", "list", []),
     "shutdown_grace": ("SHUTDOWN_GRACE", "float", 10.0),
     "max_retries": ("MAX_RETRIES", "int", 2),
     "retry_deadline": ("RETRY_DEADLINE", "float", 60.0),
@@ -94,12 +105,31 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "long_context_threshold": ("LONG_CONTEXT_THRESHOLD", "int", 60000),
     "anthropic_url": ("ANTHROPIC_UPSTREAM_URL", "str", DEFAULT_ANTHROPIC_URL),
     "oauth_token": ("ANTHROPIC_OAUTH_TOKEN", "str", None),
+    "min_tokens_limit": ("MIN_TOKENS_LIMIT", "int", None),
+    "log_file": ("CLAUDE_PROXY_LOG_FILE", "str", None),
+    "models_file": ("CLAUDE_PROXY_MODELS_FILE", "str", None),
+    "import_token_file": ("CLAUDE_PROXY_IMPORT_TOKEN_FILE", "str", None),
+    "custom_headers": ("CUSTOM_HEADER_*", "dict", {}),
+    "strict": ("CLAUDE_PROXY_STRICT", "bool", False),
+    "responses_store_mb": ("RESPONSES_STORE_MB", "float", 256.0),     # stored /v1/responses, oldest evicted
+    "responses_store_days": ("RESPONSES_STORE_DAYS", "float", 30.0),
 }
-# Hop-by-hop and credential headers never forwarded from the client to an upstream.
-CLIENT_HEADERS_DROPPED = frozenset((
-    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
-    "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding", "expect",
-    "x-api-key", "authorization", "cookie", "content-type", "origin", "referer"))
+# The earlier proxies' environment names (after the project's own, which wins), in order.
+SEED_ENV_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "host": ("HOST", "BIND_ADDRESS", "ANTHROPIC_PROXY_HOST"),        # seeds 001/002/004, 000, 003
+    "port": ("PORT", "ANTHROPIC_PROXY_PORT"),                        # PORT: also container platforms
+    "log_level": ("ANTHROPIC_PROXY_LOG_LEVEL",),                     # seed 003
+    "read_timeout": ("REQUEST_TIMEOUT",),                            # seeds 000, 002
+    "ca_bundle": ("CA_BUNDLE_PATH",),                                # seed 002
+    "log_file": ("LOG_FILE_PATH",),                                  # seeds 001, 004
+    "models_file": ("CUSTOM_MODELS_FILE",),                          # seeds 001, 004
+    "import_token_file": ("ANTHROPIC_PROXY_TOKEN_FILE", "TOKEN_FILE"),   # seeds 003, 000
+}
+CUSTOM_HEADER_PREFIX = "CUSTOM_HEADER_"                              # seed 002: CUSTOM_HEADER_X_A -> X-A
+# Client request headers forwarded to an anthropic-format upstream: an allow-list, so nothing a
+# client invents (hop-by-hop, credentials, cookies, proxy or framing headers) reaches it.
+CLIENT_HEADERS_FORWARDED = frozenset(("accept", "user-agent", "x-app", "idempotency-key"))
+CLIENT_HEADER_PREFIXES_FORWARDED = ("anthropic-", "x-stainless-", "x-claude-code-")
 # Upstream response headers relayed to the client.
 RELAYED_HEADERS = ("request-id", "x-request-id", "retry-after", "retry-after-ms",
                    "x-should-retry", "anthropic-organization-id")
@@ -190,6 +220,7 @@ class ProxyError(Exception):
     """Base of every error the proxy renders; carries HTTP status and API error type."""
     status = 500
     error_type = "api_error"
+    retryable: Optional[bool] = None      # False: rendered with x-should-retry: false
 
     def __init__(self, message: str, *, param: Optional[str] = None,
                  status: Optional[int] = None, error_type: Optional[str] = None):
@@ -212,6 +243,19 @@ class AuthError(ProxyError):
     error_type = "authentication_error"
 
 
+class LoginDead(AuthError):
+    """The Claude login expired or was revoked: retrying cannot help (the user must log in)."""
+    retryable = False
+
+
+class CredentialMissing(ProxyError):
+    """The proxy itself lacks a credential a route needs. A 400 that says not to retry: Claude
+    Code shows it at once (a 401 it retries silently for about three minutes)."""
+    status = 400
+    error_type = "invalid_request_error"
+    retryable = False
+
+
 class PermissionDenied(ProxyError):
     status = 403
     error_type = "permission_error"
@@ -227,6 +271,11 @@ class PayloadTooLarge(ProxyError):
     error_type = "request_too_large"
 
 
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    error_type = "invalid_request_error"
+
+
 class HeaderTooLarge(ProxyError):
     status = 431
     error_type = "invalid_request_error"
@@ -234,6 +283,11 @@ class HeaderTooLarge(ProxyError):
 
 class URITooLong(ProxyError):
     status = 414
+    error_type = "invalid_request_error"
+
+
+class HTTPVersionNotSupported(ProxyError):
+    status = 505
     error_type = "invalid_request_error"
 
 
@@ -318,16 +372,63 @@ def loads_event(text: str) -> Any:
 
 
 def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes."""
-    return _json_encoder.encode(obj).encode("utf-8")
+    """Compact JSON as UTF-8 bytes; text holding lone surrogates is sent \\u-escaped, as received."""
+    text = _json_encoder.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _reject_constant(name: str) -> Any:
+    """json parse_constant hook: NaN and Infinity are not JSON (RFC 8259)."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_json_body(raw: bytes, what: str = "request body") -> Any:
-    """Parse JSON bytes or raise BadRequest naming what was malformed."""
+    """Parse JSON bytes or raise BadRequest naming what was malformed (NaN, over-deep nesting)."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
+
+
+def token_count(value: Any) -> int:
+    """A usage counter as a sane int: negative, non-finite, huge or non-numeric values count 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if value != value or not 0 <= value < 1 << 53:
+        return 0
+    return int(value)
+
+
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    """One control character or lone surrogate as a visible escape."""
+    code = ord(match.group())
+    return {10: "\\n", 13: "\\r"}.get(code) or ("\\x%02x" % code if code < 256 else "\\u%04x" % code)
+
+
+def log_safe(text: str) -> str:
+    """Text with control characters (CR, LF, ESC, ...) and lone surrogates escaped, for one log line."""
+    return _CONTROL_CHARS.sub(_escape_char, text) if _CONTROL_CHARS.search(text) else text
+
+
+_SECRET_KEY = re.compile(r"key|token|secret|passw|auth|credential|cookie|session|signature",
+                         re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"^(?:(?:bearer|basic)\s+\S+|(?:sk|pk|rk|ak)-\S{8,}|eyJ[\w-]+\.[\w-]+\.[\w-]+"
+                           r"|(?=[^-]*(?:-[^-]*){0,2}$)(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-]{32,})$", re.IGNORECASE)
+
+
+def looks_secret(key: str, value: Any) -> bool:
+    """Whether a configured header or body value is likely a credential (by its key or its shape)."""
+    if not isinstance(value, str) or not value:
+        return False
+    return bool(_SECRET_KEY.search(key) or _SECRET_VALUE.match(value.strip()))
 
 
 def mask(secret: str) -> str:
@@ -357,8 +458,8 @@ class Redactor(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """logging.Filter hook: render the message once, scrubbed."""
-        message = record.getMessage()
+        """logging.Filter hook: render the message once, scrubbed and on one line."""
+        message = log_safe(record.getMessage())
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -389,6 +490,36 @@ def iso_time(epoch: float) -> str:
     """RFC 3339 UTC timestamp."""
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
+
+
+async def run_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking work (disk, database, a big conversion) in the default thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args))
+
+
+def ensure_private_dir(path: str) -> str:
+    """The state directory, created 0700, or tightened to 0700 when it already exists with
+    looser modes (0777 stays 0777 otherwise); returns the path."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.stat(path)
+    owned = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    if info.st_mode & 0o077 and owned and os.name == "posix":
+        os.chmod(path, 0o700)
+        log.warning("%s was mode %o; tightened to 0700 (it holds credentials)", path, stat.S_IMODE(info.st_mode))
+    elif info.st_mode & 0o077 and os.name == "posix":
+        log.warning("%s is mode %o and owned by another user: others may read its credentials",
+                    path, stat.S_IMODE(info.st_mode))
+    return path
+
+
+def open_no_follow(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open that refuses a symbolic link at `path` (a planted link must not be followed)."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise PermissionError(f"{path} is a symbolic link; refusing to follow it") from None
+        raise exc
 
 
 def is_loopback(host: str) -> bool:
@@ -461,12 +592,26 @@ MODEL_DEFAULTS: Dict[str, Any] = {
     "max_tokens": None, "max_completion_tokens": False, "reasoning_param": "reasoning_effort",
     "replay_reasoning": None, "reasoning_effort": None, "schema": None, "extra_body": {},
     "context": None, "thinking": None, "headers": {}, "fallback": [], "owned_by": None,
+    "min_tokens": None, "max_input_tokens": None, "can_stream": True, "thinking_effort": None,
+    "input_cost_per_token": None, "output_cost_per_token": None,
+    "cache_read_cost_per_token": None, "cache_write_cost_per_token": None,
     "efforts": None, "sampling": None, "one_m": None, "mid_system": None, "prompt_cache_key": None,
 }
 # Model keys that override a model-table fact or a provider default; None = not set.
 MODEL_CHOICES = {"thinking": ("budget", "adaptive", "none"), "sampling": ("any", "exclusive", "none"),
                  "schema": ("gemini",)}
 MODEL_FLAGS = ("one_m", "mid_system", "prompt_cache_key")
+PROVIDER_KEYS = frozenset({"format", "base_url", "api_key", "api_key_env", "auth", "headers",
+                           "azure", "api_version", "responses", "mid_system", "prompt_cache_key",
+                           "replay_reasoning", "tag_signatures", "anthropic_version"})
+CUSTOM_MODEL_KEYS = frozenset({"id", "base_url", "api_key", "context_length", "max_completion_tokens",
+                               "supports_reasoning", "owned_by", "vision", "supports_vision"})
+CONFIG_SECTIONS = frozenset({"providers", "models", "routes", "oauth", "custom_models", "aliases",
+                             "plugins", "filter_tools"})
+# What a key from one of the earlier proxies is called here (for "did you mean" hints).
+SEED_KEY_HINTS = {"model_name": "model", "model_id": "id", "api_base": "base_url (on its provider)",
+                  "api_key_name": "api_key_env (on its provider)", "extra_headers": "headers",
+                  "direct": "a provider with \"format\": \"anthropic\""}
 BUILTIN_PROVIDER = {"format": "anthropic", "api_key_env": "ANTHROPIC_API_KEY", "auth": "auto"}
 # Provider defaults by upstream host; the provider's own key wins (README "Providers").
 REPLAY_REASONING_HOSTS = ("api.deepseek.com", "api.moonshot.ai", "api.moonshot.cn", "open.bigmodel.cn",
@@ -487,6 +632,9 @@ class Config:
         self.models = models
         self.routes = routes
         self.oauth = oauth
+        self.origins: Dict[str, str] = {}      # "settings.port" / "providers.x.base_url" -> where from
+        self.files: Dict[str, Optional[str]] = {"config": None, "dotenv": None, "models": None}
+        self.warnings: List[str] = []          # unknown keys, missing keys, notes for the start
 
     @property
     def home(self) -> str:
@@ -494,14 +642,38 @@ class Config:
         return os.path.expanduser(self.settings["home"])
 
     def secret_values(self) -> List[str]:
-        """Every secret the config holds, for the redactor."""
+        """Every secret the config holds, for the redactor: keys, tokens, secret-looking
+        header and extra_body values."""
         values = [p["api_key"] for p in self.providers.values() if p.get("api_key")]
         values += [self.settings.get("proxy_api_key"), self.settings.get("oauth_token")]
+        for item in list(self.providers.values()) + list(self.models.values()):
+            values += [v for _, v in secret_leaves(item.get("headers"))]
+            values += [v for _, v in secret_leaves(item.get("extra_body"))]
+        values += [v.split(None, 1)[1] for v in values if v and re.match(r"(?i)(bearer|basic)\s+\S", v)]
         return [v for v in values if v]
 
 
+def secret_leaves(node: Any, key: str = "") -> List[Tuple[str, str]]:
+    """(key, value) of every string under node that looks like a credential."""
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in secret_leaves(v, str(k))]
+    if isinstance(node, list):
+        return [leaf for v in node for leaf in secret_leaves(v, key)]
+    return [(key, node)] if looks_secret(key, node) else []
+
+
+def masked_copy(node: Any, key: str = "") -> Any:
+    """A copy of a headers / extra_body value with every secret-looking string masked."""
+    if isinstance(node, dict):
+        return {k: masked_copy(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [masked_copy(v, key) for v in node]
+    return mask(node) if looks_secret(key, node) else node
+
+
 def read_dotenv(path: str) -> Dict[str, str]:
-    """KEY=VALUE lines of a .env file (comments, `export`, quotes handled); {} when absent."""
+    """KEY=VALUE lines of a .env file, read as python-dotenv reads them: `export`, quotes (double
+    with escapes, single literal) and comments, also after a value (` # note`); {} when absent."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -515,11 +687,25 @@ def read_dotenv(path: str) -> Dict[str, str]:
         key, _, value = line.partition("=")
         key = key.strip()
         key = key[7:].strip() if key.startswith("export ") else key
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
+        values[key] = _dotenv_value(value.strip())
     return values
+
+
+_DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def _dotenv_value(value: str) -> str:
+    """One .env value: a quoted string up to its closing quote, or plain text before ` #`."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        while value[0] == '"' and end > 0 and value[end - 1] == "\\":
+            end = value.find('"', end + 1)
+        if end > 0:
+            inner = value[1:end]
+            if value[0] == '"':
+                inner = re.sub(r"\\(.)", lambda m: _DOTENV_ESCAPES.get(m.group(1), "\\" + m.group(1)), inner)
+            return inner
+    return re.split(r"\s+#", value, 1)[0].strip()
 
 
 def merge_raw(base: dict, over: dict) -> dict:
@@ -537,16 +723,30 @@ def merge_raw(base: dict, over: dict) -> dict:
     return merged
 
 
+def setting_var(key: str, env: Mapping[str, str]) -> Optional[str]:
+    """The environment variable that sets `key`: the project's own name, else a seed's alias."""
+    for var in (SETTINGS[key][0],) + SEED_ENV_ALIASES.get(key, ()):
+        if env.get(var, "").strip():
+            return var
+    return None
+
+
 def env_layer(env: Mapping[str, str]) -> dict:
-    """The raw config the environment describes: settings plus the OpenAI quick start."""
+    """The raw config the environment describes: settings (seed aliases included), the extra
+    headers of CUSTOM_HEADER_*, plus the OpenAI quick start."""
     raw: Dict[str, Any] = {}
-    for key, (var, _, _) in SETTINGS.items():
-        if env.get(var):
-            raw[key] = env[var]
+    for key in SETTINGS:
+        var = setting_var(key, env)
+        if var:
+            raw[key] = env[var].strip()
     token = (env.get("ANTHROPIC_OAUTH_TOKEN") or "").strip() or (env.get("CLAUDE_CODE_OAUTH_TOKEN") or "").strip()
     raw.pop("oauth_token", None)
     if token:
         raw["oauth_token"] = token
+    headers = {var[len(CUSTOM_HEADER_PREFIX):].replace("_", "-"): value for var, value in env.items()
+               if var.startswith(CUSTOM_HEADER_PREFIX) and len(var) > len(CUSTOM_HEADER_PREFIX)}
+    if headers:
+        raw["custom_headers"] = headers
     return merge_raw(raw, quickstart_layer(env))
 
 
@@ -558,6 +758,8 @@ def quickstart_layer(env: Mapping[str, str]) -> dict:
         middle, small = env.get("MIDDLE_MODEL", big), env.get("SMALL_MODEL", "gpt-4o-mini")
         raw["providers"] = {"openai": {"format": "openai", "api_key_env": "OPENAI_API_KEY",
                                        "base_url": env.get("OPENAI_BASE_URL", DEFAULT_OPENAI_URL)}}
+        if env.get("AZURE_API_VERSION"):          # seed 002: Azure OpenAI deployment URL, api-key header
+            raw["providers"]["openai"].update(azure=True, api_version=env["AZURE_API_VERSION"])
         limit = env.get("MAX_TOKENS_LIMIT", "16k")
         reasoning = env.get("OPENAI_REASONING_PARAM") or None    # gpt-4o & co. reject reasoning_effort
         raw["models"] = [{"id": name, "provider": "openai", "max_tokens": limit, "reasoning_param": reasoning}
@@ -592,30 +794,85 @@ def expand_custom_models(raw: dict) -> dict:
     return raw
 
 
-def parse_config(raw: dict, env: Mapping[str, str]) -> Config:
-    """Validate a stacked raw config; ConfigError names the first bad key path."""
+def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -> Config:
+    """Validate a stacked raw config; ConfigError names the first bad key path. Unknown keys
+    and other doubts become `config.warnings` (errors with `strict`)."""
     if not isinstance(raw, dict):
-        raise ConfigError("config: expected a JSON object")
+        raise ConfigError("config: expected a JSON object at the top level")
+    warnings = list(notes) + unknown_key_warnings(raw)
     raw = expand_custom_models(raw)
     settings = parse_settings(raw)
-    providers = parse_providers(raw.get("providers") or {}, env, settings)
-    models = parse_models(raw.get("models") or [], providers)
+    providers = parse_providers(raw.get("providers") or {}, env, settings, warnings)
+    models = parse_models(raw.get("models") or [], providers, settings)
     routes_raw = raw.get("routes")
     routes = parse_routes({"default": "anthropic"} if routes_raw is None else routes_raw,
                           models, providers)
+    check_fallbacks(models, providers)
+    config = Config(settings, providers, models, routes, parse_oauth(raw.get("oauth")))
+    config.warnings = warnings
+    adopt_seed_client_key(config, env)
+    if settings["strict"] and warnings:
+        raise ConfigError("strict config: " + "; ".join(warnings))
+    return config
+
+
+def check_fallbacks(models: Dict[str, dict], providers: Dict[str, dict]) -> None:
+    """Every fallback names a known model served in the same format."""
     for spec in models.values():
         for j, fallback in enumerate(spec["fallback"]):
             if fallback not in models:
                 raise ConfigError(f"models.{spec['id']}.fallback.{j}: unknown model id {fallback!r}")
             if providers[models[fallback]["provider"]]["format"] != providers[spec["provider"]]["format"]:
                 raise ConfigError(f"models.{spec['id']}.fallback.{j}: {fallback!r} uses a provider of another format")
-    oauth = raw.get("oauth") or {}
+
+
+def parse_oauth(oauth: Any) -> dict:
+    """The `oauth` overrides: known keys with string values only."""
+    oauth = oauth or {}
     if not isinstance(oauth, dict):
         raise ConfigError("oauth: expected an object")
     for key, value in oauth.items():
         if key not in OAUTH_KEYS or not isinstance(value, str) or not value.strip():
             raise ConfigError(f"oauth.{key}: expected one of {', '.join(OAUTH_KEYS)} with a string value")
-    return Config(settings, providers, models, routes, oauth)
+    return oauth
+
+
+def unknown_key_warnings(raw: dict) -> List[str]:
+    """One line per key nothing reads, with the nearest known key (keys starting with _ or $
+    are comments)."""
+    found = _unknown(raw, set(SETTINGS) | CONFIG_SECTIONS, "")
+    for name, provider in (raw.get("providers") or {}).items() if isinstance(raw.get("providers"), dict) else ():
+        found += _unknown(provider, PROVIDER_KEYS, f"providers.{name}.") if isinstance(provider, dict) else []
+    for key, known in (("models", set(MODEL_DEFAULTS) | {"id", "provider", "model"}), ("custom_models", CUSTOM_MODEL_KEYS)):
+        items = raw.get(key) if isinstance(raw.get(key), list) else []
+        for i, item in enumerate(items):
+            found += _unknown(item, known, f"{key}.{i}.") if isinstance(item, dict) else []
+    return found
+
+
+def _unknown(node: dict, known: Iterable[str], path: str) -> List[str]:
+    """Warnings for the unknown keys of one object."""
+    out = []
+    for key in node:
+        if key in known or str(key).startswith(("_", "$")):
+            continue
+        import difflib
+        near = SEED_KEY_HINTS.get(key) or next(iter(difflib.get_close_matches(key, list(known), 1, 0.6)), None)
+        out.append(f"{path}{key}: unknown key, ignored" + (f" (did you mean {near}?)" if near else ""))
+    return out
+
+
+def adopt_seed_client_key(config: Config, env: Mapping[str, str]) -> None:
+    """Seed 002's client check: when no route can reach the built-in `anthropic` provider and no
+    PROXY_API_KEY is set, ANTHROPIC_API_KEY is the key clients must send (as that proxy did)."""
+    if config.settings.get("proxy_api_key") or not env.get("ANTHROPIC_API_KEY"):
+        return
+    targets = list(config.routes.values()) + list(config.models.values())
+    if any(spec["provider"] == "anthropic" for spec in targets):
+        return
+    config.settings["proxy_api_key"] = env["ANTHROPIC_API_KEY"]
+    config.warnings.append("no route reaches Anthropic, so ANTHROPIC_API_KEY is the key clients must "
+                           "send (x-api-key or Bearer), as in claude-code-proxy; set PROXY_API_KEY to choose another")
 
 
 def parse_settings(raw: dict) -> Dict[str, Any]:
@@ -643,31 +900,45 @@ def coerce_setting(key: str, kind: str, value: Any) -> Any:
             return parse_bool(value)
         if kind == "list":
             return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        if kind == "dict":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise TypeError
+            return {str(k).lower(): v for k, v in value.items()}
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
 
 
 def check_url(url: Any, path: str) -> str:
-    """An http(s) URL without trailing slash, or ConfigError."""
-    if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") \
-            or not urllib.parse.urlsplit(url).hostname:
-        raise ConfigError(f"{path}: expected an http(s) URL")
+    """An http(s) URL without trailing slash, or ConfigError (whitespace or control characters
+    in it, a ` # note` left from a .env line say, are refused, not sent in a request line)."""
+    if not isinstance(url, str) or re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ConfigError(f"{path}: expected an http(s) URL without spaces, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}: expected an http(s) URL, got {url!r}")
     return url.rstrip("/")
 
 
-def parse_providers(raw: Any, env: Mapping[str, str], settings: dict) -> Dict[str, dict]:
-    """Providers by name, with the built-in `anthropic` unless the config redefines it."""
+def parse_providers(raw: Any, env: Mapping[str, str], settings: dict,
+                    warnings: Optional[List[str]] = None) -> Dict[str, dict]:
+    """Providers by name, with the built-in `anthropic` unless the config redefines it;
+    CUSTOM_HEADER_* headers go to every one (its own headers win)."""
     if not isinstance(raw, dict):
         raise ConfigError("providers: expected an object")
     raw = dict(raw)
     builtin = dict(BUILTIN_PROVIDER, base_url=settings["anthropic_url"])
     raw["anthropic"] = merge_raw(builtin, raw["anthropic"]) if "anthropic" in raw else builtin
-    return {name: parse_provider(name, value, env) for name, value in raw.items()}
+    providers = {name: parse_provider(name, value, env, warnings if warnings is not None else [])
+                 for name, value in raw.items()}
+    for provider in providers.values():
+        provider["headers"] = dict(settings["custom_headers"], **provider["headers"])
+    return providers
 
 
-def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
-    """One provider: format, base_url, resolved api_key, auth mode, extra headers."""
+def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[str]) -> dict:
+    """One provider: format, base_url, resolved api_key, auth mode, extra headers (Azure
+    OpenAI: `"azure": true` and its `api_version`)."""
     path = f"providers.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected an object")
@@ -681,16 +952,26 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str]) -> dict:
     # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
     # only the built-in provider says "auto", and "client" must be written out.
     auth = raw.get("auth") or ("api_key" if api_key else "none")
-    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
-        log.warning("%s.api_key_env: %s is not set; sending no credentials", path, raw["api_key_env"])
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
+    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
+        warnings.append(f"{path}.api_key_env: ${raw['api_key_env']} is not set; sending no credentials")
+    elif auth == "api_key" and not api_key:
+        where = f"${raw['api_key_env']} is not set" if raw.get("api_key_env") else "no api_key is configured"
+        warnings.append(f"{path}: auth api_key but {where}; its requests will be refused until it is")
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ConfigError(f"{path}.headers: expected an object of strings")
+    azure = parse_bool(raw.get("azure", False))
+    if azure and not raw.get("api_version"):
+        raise ConfigError(f"{path}.api_version: an Azure OpenAI provider needs its api_version")
+    responses = raw.get("responses", False)     # serves /responses itself: relayed, not converted
+    if not isinstance(responses, bool) or (responses and fmt != "openai"):
+        raise ConfigError(f"{path}.responses: expected true or false (true only on an openai-format provider)")
     provider = {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
                 "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
-                "api_key_env": raw.get("api_key_env")}
+                "api_key_env": raw.get("api_key_env"), "oauth_trusted": oauth_host_trusted(base_url),
+                "azure": azure, "api_version": raw.get("api_version"), "responses": responses}
     return dict(provider, **provider_dialect_options(path, raw, provider))
 
 
@@ -718,13 +999,23 @@ def check_replay_reasoning(value: Any, path: str) -> None:
         raise ConfigError(f"{path}: expected a field name such as \"reasoning_content\", or false")
 
 
-def parse_models(raw: Any, providers: Dict[str, dict]) -> Dict[str, dict]:
-    """Model specs by client-facing id."""
+def oauth_host_trusted(base_url: str) -> bool:
+    """Whether `auth: auto` may send the Claude login to this host: Anthropic's own, or this
+    machine. Elsewhere it takes an explicit `"auth": "oauth"` on the provider (a `.env` left
+    in a working directory must not be able to send the login to another host)."""
+    host = (urllib.parse.urlsplit(base_url).hostname or "").lower()
+    return host == "anthropic.com" or host.endswith(".anthropic.com") or is_loopback(host)
+
+
+def parse_models(raw: Any, providers: Dict[str, dict], settings: Optional[dict] = None) -> Dict[str, dict]:
+    """Model specs by client-facing id (MIN_TOKENS_LIMIT is every model's default floor)."""
     if not isinstance(raw, list):
         raise ConfigError("models: expected a list")
     models = {}
     for i, item in enumerate(raw):
         spec = parse_model(f"models.{i}", item, providers)
+        if spec["min_tokens"] is None and settings:
+            spec["min_tokens"] = settings.get("min_tokens_limit")
         models[spec["id"]] = spec
     return models
 
@@ -738,8 +1029,13 @@ def parse_model(path: str, raw: Any, providers: Dict[str, dict]) -> dict:
     spec = dict(MODEL_DEFAULTS, **{k: v for k, v in raw.items()
                                    if v is not None or not isinstance(MODEL_DEFAULTS.get(k), (dict, list))})
     spec["model"] = spec.get("model") or spec["id"]
-    spec["max_tokens"] = parse_size(spec["max_tokens"], f"{path}.max_tokens")
-    spec["context"] = parse_size(spec["context"], f"{path}.context")
+    for key in ("max_tokens", "context", "max_input_tokens", "min_tokens"):
+        spec[key] = parse_size(spec[key], f"{path}.{key}")
+    spec["can_stream"] = parse_bool(spec["can_stream"])
+    for key in ("input_cost_per_token", "output_cost_per_token", "cache_read_cost_per_token",
+                "cache_write_cost_per_token"):
+        if spec[key] is not None and not _is_price(spec[key]):
+            raise ConfigError(f"{path}.{key}: expected a number (US dollars per token)")
     for key, kind in (("extra_body", dict), ("headers", dict), ("fallback", list)):
         if not isinstance(spec[key], kind):
             raise ConfigError(f"{path}.{key}: expected {'an object' if kind is dict else 'a list'}")
@@ -762,6 +1058,11 @@ def check_model_facts(path: str, spec: dict) -> None:
     check_replay_reasoning(spec["replay_reasoning"], f"{path}.replay_reasoning")
 
 
+def _is_price(value: Any) -> bool:
+    """A finite, non-negative number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
 def parse_routes(raw: Any, models: Dict[str, dict], providers: Dict[str, dict]) -> Dict[str, dict]:
     """Route name -> target spec. A target is a model id, a provider, or "provider,model"."""
     if not isinstance(raw, dict):
@@ -774,12 +1075,225 @@ def route_target(path: str, value: Any, models: Dict[str, dict], providers: Dict
     """The spec a route value names; model None means the client's model name passes through."""
     if not isinstance(value, str):
         raise ConfigError(f"{path}: expected a model id or provider name")
+    if value.startswith("custom/") and value[7:] in models:      # seed 004: ROUTER_X=custom/<model_id>
+        value = value[7:]
     if value in models:
         return models[value]
     provider, _, model = value.partition(",")
     if provider in providers:
         return dict(MODEL_DEFAULTS, id=model or None, provider=provider, model=model or None)
     raise ConfigError(f"{path}: {value!r} is neither a model id nor a provider")
+
+
+# ---- The seeds' model files: a YAML subset, and seed 000's models.json ----------------------
+#
+# Seeds 001 and 004 describe models in a YAML list (models.yaml / custom_models.yaml) and the
+# standard library has no YAML. parse_yaml_models reads exactly the subset those files use: a
+# top-level list of mappings whose values are scalars (plain, 'single' or "double" quoted, with
+# YAML 1.1 booleans and null, as the seeds' yaml.safe_load read them), `#` comments, and one
+# nested mapping level (extra_body, extra_headers). Anything beyond it (flow collections,
+# anchors, tags, block scalars, deeper nesting) is a ConfigError naming the line, never a guess.
+
+_YAML_KEY = re.compile(r"^(?P<key>[A-Za-z_][\w.\-]*|\"[^\"]*\"|'[^']*')\s*:(?:\s+(?P<value>.*))?$")
+_YAML_INT = re.compile(r"^[-+]?[0-9]+$")
+_YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+YAML_CONSTANTS = {"null": None, "~": None, "true": True, "false": False, "yes": True, "no": False,
+                  "on": True, "off": False}
+
+
+def _yaml_uncomment(line: str) -> str:
+    """A line without its comment (a # at the start or after a space, outside quotes)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"" and (i == 0 or line[i - 1] in " \t:-"):
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _yaml_scalar(text: str, where: str) -> Any:
+    """One scalar value; ConfigError for syntax outside the subset."""
+    if not text:
+        return None
+    if text[0] in "[{&*!|>%@`":
+        raise ConfigError(f"{where}: {text[:20]!r} is YAML beyond what claude_proxy reads "
+                          "(plain or quoted scalars, one nested mapping); write it as JSON instead")
+    if text[0] == '"' and text.endswith('"') and len(text) > 1:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ConfigError(f"{where}: malformed double-quoted string") from None
+    if text[0] == "'" and text.endswith("'") and len(text) > 1:
+        return text[1:-1].replace("''", "'")
+    if text[0] in "'\"":
+        raise ConfigError(f"{where}: unterminated quoted string")
+    lower = text.lower()
+    if lower in YAML_CONSTANTS:
+        return YAML_CONSTANTS[lower]
+    if _YAML_INT.match(text):
+        return int(text)
+    return float(text) if _YAML_FLOAT.match(text) else text
+
+
+def _yaml_key(text: str) -> str:
+    """A mapping key, unquoted."""
+    return text[1:-1] if text[:1] in "'\"" else text
+
+
+def _yaml_lines(text: str, path: str) -> List[Tuple[int, int, str]]:
+    """(line number, indent, content) of the meaningful lines; tabs in indentation refused."""
+    out = []
+    for number, raw_line in enumerate(text.splitlines(), 1):
+        line = _yaml_uncomment(raw_line)
+        if not line.strip() or (line.strip() == "---" and not out):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if line[indent:indent + 1] == "\t":
+            raise ConfigError(f"{path}:{number}: a tab in the indentation (YAML allows spaces only)")
+        out.append((number, indent, line.strip()))
+    return out
+
+
+def parse_yaml_models(text: str, path: str) -> List[dict]:
+    """The mappings of a seed model file (see the essay above)."""
+    items: List[dict] = []
+    state: Dict[str, Any] = {"item_indent": -1, "nested": None, "nested_indent": None}
+    for number, indent, line in _yaml_lines(text, path):
+        where = f"{path}:{number}"
+        if line.startswith("- ") or line == "-":
+            if items and indent != state["item_indent"]:
+                raise ConfigError(f"{where}: a list item at another indentation than the first")
+            items.append({})
+            state.update(item_indent=indent, nested=None, nested_indent=None)
+            line, indent = line[1:].strip(), indent + 2
+            if not line:
+                continue
+        elif not items:
+            raise ConfigError(f"{where}: expected a list of models (lines starting with \"- \")")
+        _yaml_entry(items[-1], state, indent, line, where)
+    return items
+
+
+def _yaml_entry(item: dict, state: dict, indent: int, line: str, where: str) -> None:
+    """Apply one `key: value` line to the current item, or to its open nested mapping."""
+    match = _YAML_KEY.match(line)
+    if not match:
+        raise ConfigError(f"{where}: expected `key: value`, got {line[:40]!r}")
+    key, value = _yaml_key(match.group("key")), (match.group("value") or "").strip()
+    key_indent = state["item_indent"] + 2
+    if indent == key_indent:
+        target, state["nested"], state["nested_indent"] = item, None, None
+    elif indent > key_indent and state["nested"] is not None and state["nested_indent"] in (None, indent):
+        target, state["nested_indent"] = state["nested"], indent
+    else:
+        raise ConfigError(f"{where}: unexpected indentation (one nested mapping level at most)")
+    if key in target:
+        raise ConfigError(f"{where}: {key!r} appears twice")
+    if not value and target is item:
+        target[key] = state["nested"] = {}     # a nested mapping may follow (or it stays {})
+        return
+    target[key] = _yaml_scalar(value, where)
+
+
+# seed 001/004 model-file keys -> what they become (None: handled in seed_model_entry)
+SEED_MODEL_KEYS = frozenset({
+    "model_id", "model_name", "api_base", "api_key_name", "direct", "can_stream", "max_tokens",
+    "max_input_tokens", "context", "reasoning_effort", "extra_body", "extra_headers",
+    "input_cost_per_token", "output_cost_per_token", "input_cost_per_million_tokens",
+    "output_cost_per_million_tokens", "enable_thinking", "temperature", "api_key", "format"})
+
+
+def seed_models_layer(entries: List[dict], path: str) -> dict:
+    """A raw config layer (providers + models) from a seed 001/004 model list."""
+    layer: Dict[str, Any] = {"providers": {}, "models": [], "_notes": []}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("model_id"), str) or not entry.get("api_base"):
+            raise ConfigError(f"{path}: model {i + 1}: model_id and api_base are required")
+        provider_name, provider = seed_provider(entry)
+        if provider_name in layer["providers"] and layer["providers"][provider_name] != provider:
+            provider_name = f"{provider_name}:{entry['model_id']}"
+        layer["providers"][provider_name] = provider
+        layer["models"].append(seed_model(entry, provider_name, f"{path}: {entry['model_id']}", layer["_notes"]))
+    return layer
+
+
+def seed_provider(entry: dict) -> Tuple[str, dict]:
+    """(name, provider) for a seed model entry: `direct` (or an anthropic.com api_base, as the
+    seed decided) is an Anthropic-format passthrough; the key comes from $api_key_name."""
+    base = str(entry["api_base"])
+    anthropic = bool(entry.get("direct")) or "anthropic.com" in base or entry.get("format") == "anthropic"
+    provider: Dict[str, Any] = {"format": "anthropic" if anthropic else "openai", "base_url": base}
+    if entry.get("api_key"):
+        provider["api_key"] = entry["api_key"]
+    else:
+        provider.update(api_key_env=entry.get("api_key_name") or "OPENAI_API_KEY", auth="api_key")
+    return (urllib.parse.urlsplit(base).hostname or base), provider
+
+
+def seed_model(entry: dict, provider: str, where: str, notes: List[str]) -> dict:
+    """Our model spec for one seed model entry."""
+    model: Dict[str, Any] = {"id": entry["model_id"], "provider": provider,
+                             "model": entry.get("model_name") or entry["model_id"]}
+    for key in ("max_tokens", "max_input_tokens", "context", "extra_body", "input_cost_per_token",
+                "output_cost_per_token"):
+        if entry.get(key) is not None:
+            model[key] = entry[key]
+    for key, scale in (("input_cost_per_million_tokens", 1e-6), ("output_cost_per_million_tokens", 1e-6)):
+        if isinstance(entry.get(key), (int, float)):
+            model[key.replace("_per_million_tokens", "_per_token")] = entry[key] * scale
+    if isinstance(entry.get("extra_headers"), dict):
+        model["headers"] = {k: str(v) for k, v in entry["extra_headers"].items()}
+    if entry.get("can_stream") is False:
+        model["can_stream"] = False
+    effort = entry.get("reasoning_effort")
+    if effort == "minimal":                        # seed 001: minimal = no thinking
+        model["reasoning_effort"] = "none"
+    elif effort:
+        model["thinking_effort"] = effort          # sent when the client asks for thinking
+    if entry.get("temperature") is not None:
+        model.setdefault("extra_body", {})
+        model["extra_body"] = dict(model["extra_body"], temperature=entry["temperature"])
+    for key in sorted(set(entry) - SEED_MODEL_KEYS):
+        notes.append(f"{where}: key {key!r} is not a seed model-file key claude_proxy knows; ignored")
+    if entry.get("enable_thinking") is not None:
+        notes.append(f"{where}: enable_thinking is not used (thinking follows the client's request)")
+    return model
+
+
+def read_models_file(path: str) -> Tuple[dict, List[str]]:
+    """(raw config layer, notes) from a seed model file: YAML (seeds 001/004) or JSON (seed
+    000's `custom_models`, or a file in claude_proxy's own shape)."""
+    text = read_text(path, "model file")
+    if path.lower().endswith(".json") or text.lstrip().startswith("{"):
+        return parse_json_config(text, path), []
+    layer = seed_models_layer(parse_yaml_models(text, path), path)
+    return layer, layer.pop("_notes")
+
+
+def read_text(path: str, what: str) -> str:
+    """A whole text file, or ConfigError in one line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
+
+
+def parse_json_config(text: str, path: str) -> dict:
+    """A JSON config file's object, or ConfigError naming the line (or the wrong top level)."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object at the top level, found "
+                          f"{type(raw).__name__ if raw is not None else 'null'}")
+    return raw
 
 
 def config_path(cli_path: Optional[str], env: Mapping[str, str]) -> Optional[str]:
@@ -791,20 +1305,71 @@ def config_path(cli_path: Optional[str], env: Mapping[str, str]) -> Optional[str
     return candidate if os.path.exists(candidate) else None
 
 
+MODEL_FILE_NAMES = ("models.yaml", "models.yml", "custom_models.yaml", "models.json")
+
+
+def find_models_file(config_file: Optional[str], file_raw: dict, env: Mapping[str, str]) -> Optional[str]:
+    """A seed model file: --config naming a .yaml, else CUSTOM_MODELS_FILE (or our own name, or
+    `models_file` in the config file), else models.yaml / custom_models.yaml / models.json in
+    the working directory, as the seeds looked for them."""
+    if config_file and config_file.lower().endswith((".yaml", ".yml")):
+        return config_file
+    var = setting_var("models_file", env)
+    if var or file_raw.get("models_file"):
+        return env[var] if var else str(file_raw["models_file"])
+    return next((name for name in MODEL_FILE_NAMES if os.path.isfile(name)), None)
+
+
 def load_config(path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None) -> Config:
-    """The whole flow: file < .env < environment < CLI, parsed once."""
-    raw: dict = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                raw = json.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
-    env = dict(read_dotenv(".env"), **env)
-    raw = merge_raw(merge_raw(raw, env_layer(env)), cli or {})
-    return parse_config(raw, env)
+    """The whole flow: seed model file < config file < .env < environment < CLI, parsed once.
+    Without a `routes` table in a file, `default` goes to Anthropic (a lone ROUTER_* adds to
+    that table; it never empties it)."""
+    dotenv = read_dotenv(".env")
+    merged_env = dict(dotenv, **env)
+    is_yaml = bool(path) and path.lower().endswith((".yaml", ".yml"))
+    file_raw = parse_json_config(read_text(path, "config file"), path) if path and not is_yaml else {}
+    models_path = find_models_file(path, file_raw, merged_env)
+    models_raw, notes = read_models_file(models_path) if models_path else ({}, [])
+    raw = {} if "routes" in file_raw or "routes" in models_raw else {"routes": {"default": "anthropic"}}
+    for layer in (models_raw, file_raw, env_layer(merged_env), cli or {}):
+        raw = merge_raw(raw, layer)
+    config = parse_config(raw, merged_env, notes)
+    config.files = {"config": os.path.abspath(path) if path and not is_yaml else None,
+                    "dotenv": os.path.abspath(".env") if dotenv else None,
+                    "models": os.path.abspath(models_path) if models_path else None}
+    config.origins = value_origins(config, file_raw, models_raw, dotenv, env, cli or {})
+    return config
+
+
+def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapping[str, str],
+                  environ: Mapping[str, str], cli: dict) -> Dict[str, str]:
+    """Where each setting and each provider's base_url came from, for check-config and start."""
+    files = config.files
+
+    def origin(key: str) -> str:
+        var = setting_var(key, environ) if key in SETTINGS else (key if environ.get(key) else None)
+        dot = setting_var(key, dotenv) if key in SETTINGS else (key if dotenv.get(key) else None)
+        if key in cli:
+            return "the command line"
+        if var:
+            return f"environment ${var}"
+        if dot:
+            return f".env ${dot} ({files['dotenv']})"
+        return f"config file {files['config']}" if key in file_raw else "default"
+    origins = {f"settings.{key}": origin(key) for key in SETTINGS}
+    for name in config.providers:
+        if isinstance((file_raw.get("providers") or {}).get(name), dict) and "base_url" in file_raw["providers"][name]:
+            where = f"config file {files['config']}"
+        elif name in (models_raw.get("providers") or {}):
+            where = f"model file {files['models']}"
+        elif name == "anthropic":
+            where = origins["settings.anthropic_url"]
+        elif name == "openai":
+            where = origin("OPENAI_BASE_URL")
+        else:
+            where = f"config file {files['config'] or files['models']}"
+        origins[f"providers.{name}.base_url"] = where
+    return origins
 
 
 def redacted_config(config: Config) -> dict:
@@ -816,8 +1381,10 @@ def redacted_config(config: Config) -> dict:
     providers = {name: dict(p, api_key=mask(p["api_key"]) if p.get("api_key") else None,
                             headers={k: mask(v) for k, v in p["headers"].items()})
                  for name, p in config.providers.items()}
+    models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
+                   extra_body=masked_copy(m["extra_body"])) for m in config.models.values()]
     routes = {name: (t["id"] or t["provider"]) for name, t in config.routes.items()}
-    return {"settings": settings, "providers": providers, "models": list(config.models.values()),
+    return {"settings": settings, "providers": providers, "models": models,
             "routes": routes, "oauth": config.oauth}
 
 # =============================================================================================
@@ -829,54 +1396,77 @@ def redacted_config(config: Config) -> dict:
 
 Headers = Dict[str, str]
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")     # CTLs but HTAB (RFC 9110 5.5)
+_HTTP_VERSION = re.compile(rb"^HTTP/1\.[01]$")
+_STATUS_CODE = re.compile(rb"^[1-5][0-9][0-9]$")
+_CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,15}$")
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
+SINGLETON_HEADERS = frozenset(("host", "content-length"))   # a repeat is a desync attempt (RFC 9112)
 
 
 def parse_header_lines(lines: List[bytes]) -> Headers:
-    """Header field lines to a dict; BadRequest on a malformed line."""
+    """Header field lines to a dict; BadRequest on a malformed line, a control character in a
+    value (CR, LF and NUL included: RFC 9112 section 5) or a repeated Host / Content-Length."""
     headers: Headers = {}
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
+        if not sep or not _TOKEN.match(name) or _BAD_FIELD_VALUE.search(value):
             raise BadRequest("malformed header line")
         key = name.decode("ascii").lower()
-        text = value.strip().decode("latin-1")
+        text = value.strip(b" \t").decode("latin-1")
+        if key in headers and key in SINGLETON_HEADERS:
+            raise BadRequest(f"repeated {key} header")
         headers[key] = headers[key] + ", " + text if key in headers else text
     return headers
 
 
+def split_head(head: bytes) -> List[bytes]:
+    """A head's lines; BadRequest when a line ends in a bare LF or holds a lone CR."""
+    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.rstrip(b"\r\n").split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        raise BadRequest("bare CR or LF in the message head")
+    return lines
+
+
 def parse_request_head(head: bytes) -> Tuple[str, str, str, Headers]:
     """Request head (up to the blank line) -> (method, target, version, headers)."""
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    lines = split_head(head)
     if len(lines[0]) > MAX_REQUEST_LINE:
         raise URITooLong("request line too long")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not _TOKEN.match(parts[0]):
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or _BAD_FIELD_VALUE.search(parts[1]):
         raise BadRequest("malformed request line")
+    if not _HTTP_VERSION.match(parts[2]):
+        raise HTTPVersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
     method, target, version = (p.decode("latin-1") for p in parts)
-    return method, target, version, parse_header_lines(lines[1:])
+    headers = parse_header_lines(lines[1:])
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise BadRequest("missing Host header")
+    return method, target, version, headers
 
 
 def parse_response_head(head: bytes) -> Tuple[int, Headers]:
-    """Response head -> (status, headers); UpstreamError when malformed."""
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise UpstreamError("upstream sent a malformed status line")
+    """Response head -> (status, headers); UpstreamError when malformed. An HTTP/1.0 answer
+    gets `connection: close` unless it says keep-alive, so its connection is never reused."""
     try:
-        return int(parts[1]), parse_header_lines(lines[1:])
+        lines = split_head(head)
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not _HTTP_VERSION.match(parts[0]) or not _STATUS_CODE.match(parts[1]):
+            raise UpstreamError("upstream sent a malformed status line")
+        headers = parse_header_lines(lines[1:])
     except BadRequest:
         raise UpstreamError("upstream sent a malformed header") from None
+    if parts[0] == b"HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+        headers["connection"] = "close"
+    return int(parts[1]), headers
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size of a chunk from its size line (extensions ignored)."""
-    try:
-        size = int(line.split(b";", 1)[0].strip(), 16)
-    except ValueError:
-        raise BadRequest("malformed chunk size") from None
-    if size < 0:
+    """The size of a chunk from its size line (extensions ignored; hex digits only, RFC 9112 7.1)."""
+    size = line.split(b";", 1)[0].rstrip(b" \t")
+    if not _CHUNK_SIZE.match(size):
         raise BadRequest("malformed chunk size")
-    return size
+    return int(size, 16)
 
 
 class ChunkedDecoder:
@@ -905,6 +1495,8 @@ class ChunkedDecoder:
                 pos, self._data_left = pos + take, self._data_left - take
             elif self._crlf_left:
                 skip = min(self._crlf_left, end - pos)
+                if buf[pos:pos + skip] != b"\r\n"[2 - self._crlf_left:2 - self._crlf_left + skip]:
+                    raise BadRequest("chunk data not followed by CRLF")
                 pos, self._crlf_left = pos + skip, self._crlf_left - skip
             else:
                 pos = self._line(buf, pos, end)
@@ -933,14 +1525,19 @@ class ChunkedDecoder:
 
 
 def body_framing(headers: Headers) -> Tuple[str, int]:
-    """How a message body is delimited: ("chunked", 0), ("length", n) or ("close", 0)."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
+    """How a message body is delimited: ("chunked", 0), ("length", n) or ("close", 0).
+
+    Only the plain `chunked` coding is accepted: `chunked, gzip`, `xchunkedx` or any other coding
+    is a BadRequest, as is a Transfer-Encoding beside a Content-Length (RFC 9112 6.1, 6.3)."""
+    if "transfer-encoding" in headers:
+        if headers["transfer-encoding"].lower() != "chunked":
+            raise BadRequest("unsupported Transfer-Encoding (only chunked)")
         if "content-length" in headers:
             raise BadRequest("both Transfer-Encoding and Content-Length")
         return "chunked", 0
     if "content-length" in headers:
         value = headers["content-length"]
-        if not value.isdigit():
+        if not _DIGITS.match(value):
             raise BadRequest("malformed Content-Length")
         return "length", int(value)
     return "close", 0
@@ -962,6 +1559,12 @@ def format_status_line(status: int) -> str:
     return f"HTTP/1.1 {status} {reason}"
 
 
+def http_error_bytes(status: int, error_type: str, message: str) -> bytes:
+    """A whole error response (an envelope both SDKs read) that closes the connection."""
+    body = json_bytes({"type": "error", "error": {"type": error_type, "message": message}})
+    return format_head(format_status_line(status), [
+        ("content-type", "application/json"), ("connection", "close"), ("retry-after", "1"),
+        ("content-length", str(len(body)))]) + body
 
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -982,13 +1585,20 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class SSEDecoder:
-    """Incremental SSE decoder: feed(bytes) -> [(event, data)], close() -> [(event, data)]."""
+    """Incremental SSE decoder: feed(bytes) -> [(event, data)], close() -> [(event, data)].
 
-    def __init__(self) -> None:
+    A line or an event longer than MAX_SSE_LINE is an UpstreamError: an upstream that never
+    sends a newline must not grow memory (or re-scan a growing tail) without bound."""
+
+    def __init__(self, max_line: Optional[int] = None) -> None:
         self._tail = b""
+        self._parts: List[bytes] = []    # pieces of a line that has not ended yet
+        self._parts_size = 0
         self._skip_lf = False
         self._event = ""
         self._data: List[str] = []
+        self._data_size = 0
+        self._max = max_line or MAX_SSE_LINE
         self.comments = 0
 
     def feed(self, chunk: bytes) -> List[Tuple[str, str]]:
@@ -998,29 +1608,52 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = chunk[-1:] == b"\r"
+        if b"\n" not in chunk and b"\r" not in chunk:
+            return self._hold(chunk)
+        if self._parts:
+            chunk, self._parts, self._parts_size = b"".join(self._parts) + chunk, [], 0
         data = self._tail + chunk if self._tail else chunk
         lines = _LINE_END.split(data) if b"\r" in data else data.split(b"\n")
         self._tail = lines.pop()
+        if len(self._tail) > self._max:
+            raise UpstreamError(f"upstream sent an SSE line over {self._max} bytes")
         events: List[Tuple[str, str]] = []
         pending = self._data
         for line in lines:                                   # the common lines inline, rare ones in _line
             if line[:6] == b"data: ":
                 pending.append(line[6:].decode("utf-8", "replace"))
+                self._data_size += len(line)
             elif not line:
                 if pending:
                     events.append((self._event, pending[0] if len(pending) == 1 else "\n".join(pending)))
                     pending = self._data = []
+                    self._data_size = 0
                 self._event = ""
             elif line[:7] == b"event: ":
                 self._event = line[7:].decode("utf-8", "replace")
             else:
                 self._line(line, events)
                 pending = self._data
+        if self._data_size > self._max:
+            raise UpstreamError(f"upstream sent an SSE event over {self._max} bytes")
         return events
+
+    def _hold(self, piece: bytes) -> List[Tuple[str, str]]:
+        """Keep a piece of an unfinished line (joined once, when the line ends)."""
+        if self._tail:
+            self._parts, self._tail = [self._tail], b""
+            self._parts_size = len(self._parts[0])
+        self._parts.append(piece)
+        self._parts_size += len(piece)
+        if self._parts_size > self._max:
+            raise UpstreamError(f"upstream sent an SSE line over {self._max} bytes")
+        return []
 
     def close(self) -> List[Tuple[str, str]]:
         """Flush a last unterminated line and event at end of stream."""
         events: List[Tuple[str, str]] = []
+        if self._parts:
+            self._tail, self._parts, self._parts_size = self._tail + b"".join(self._parts), [], 0
         if self._tail:
             self._line(self._tail, events)
             self._tail = b""
@@ -1032,7 +1665,7 @@ class SSEDecoder:
         if not line:
             if self._data:
                 events.append((self._event, "\n".join(self._data)))
-            self._event, self._data = "", []
+            self._event, self._data, self._data_size = "", [], 0
             return
         if line[:1] == b":":
             self.comments += 1
@@ -1042,6 +1675,7 @@ class SSEDecoder:
             value = value[1:]
         if name == b"data":
             self._data.append(value.decode("utf-8", "replace"))
+            self._data_size += len(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
 
@@ -1064,11 +1698,18 @@ def format_openai_item(openai_item: Any) -> bytes:
     return format_sse(openai_item if isinstance(openai_item, str) else json_text(openai_item))
 
 
+def format_responses_event(responses_event: dict) -> bytes:
+    """A Responses stream event: its type is the SSE event name, as OpenAI sends it."""
+    return format_sse(json_text(responses_event), responses_event["type"])
+
+
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
 # =============================================================================================
 # 7. Stream I/O
 # =============================================================================================
+
+OPENAI_PATHS = ("/v1/chat/completions", "/chat/completions", "/v1/responses", "/responses")
 
 
 class Request:
@@ -1084,11 +1725,12 @@ class Request:
         self.id = new_id("req_")
         self.keep_alive = headers.get("connection", "").lower() != "close"
         self.http10 = False
+        self.reserved = 0          # body bytes counted against the server's in-flight bound
 
     @property
     def dialect(self) -> str:
         """Which API's error envelope the client expects."""
-        if self.path.startswith("/v1/chat/completions") or self.path.startswith("/chat/completions"):
+        if self.path.startswith(OPENAI_PATHS):
             return "openai"
         if self.path.startswith("/v1/models") and "anthropic-version" not in self.headers:
             return "openai"
@@ -1096,45 +1738,94 @@ class Request:
 
 
 async def read_head(reader: asyncio.StreamReader, first: bytes) -> bytes:
-    """The rest of a head after its first byte; 414/431 when over the limits."""
+    """The rest of a head after its first byte, read line by line so that a bare-LF line is a
+    400 at once (not a wait for a CRLFCRLF that never comes); 414/431 past the limits. Up to
+    four empty lines before the request line are skipped (RFC 9112 2.2)."""
+    lines, size, line = [], 0, first
+    for _ in range(5):
+        line = await _read_head_line(reader, line, not lines)
+        if line != b"\r\n":
+            break
+        line = b""
+    while line != b"\r\n":
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise HeaderTooLarge("request header block over 64 KiB")
+        lines.append(line)
+        line = await _read_head_line(reader, b"", False)
+    return b"".join(lines) + b"\r\n"
+
+
+async def _read_head_line(reader: asyncio.StreamReader, start: bytes, request_line: bool) -> bytes:
+    """One CRLF-terminated head line (start: bytes of it already read)."""
     try:
-        return first + await reader.readuntil(b"\r\n\r\n")
+        line = start + await reader.readuntil(b"\n") if start != b"\n" else start
     except asyncio.LimitOverrunError:
-        peek = await reader.read(MAX_REQUEST_LINE)
-        if b"\r\n" not in first + peek:
+        if request_line:
             raise URITooLong("request line too long") from None
         raise HeaderTooLarge("request header block over 64 KiB") from None
+    if request_line and len(line) > MAX_REQUEST_LINE:
+        raise URITooLong("request line too long")
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        raise BadRequest("bare CR or LF in the request head")
+    return line
 
 
-async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    headers: Headers, limit: int) -> bytes:
-    """A request body by Content-Length or chunked; answers Expect: 100-continue; 413 past limit."""
+def _no_budget(size: int) -> None:
+    """The default reserve(): every body size is fine."""
+
+
+async def read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: Headers,
+                    limit: int, http11: bool = True,
+                    reserve: Callable[[int], None] = _no_budget) -> bytes:
+    """A request body by Content-Length or chunked; answers Expect: 100-continue (HTTP/1.1
+    only, RFC 9110 10.1.1); 413 past limit. reserve(n) is called before n more bytes are
+    buffered (the server's bound on all bodies in flight; it raises to refuse)."""
     framing, length = body_framing(headers)
     if framing == "length" and length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
-    if headers.get("expect", "").lower() == "100-continue" and framing != "close":
+    if framing == "length":
+        reserve(length)
+    if http11 and headers.get("expect", "").lower() == "100-continue" and framing != "close":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if framing == "length":
         return await reader.readexactly(length) if length else b""
     if framing == "chunked":
-        return await read_chunked(reader, limit)
+        return await read_chunked(reader, limit, reserve)
     return b""
 
 
-async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """A chunked body, trailers discarded."""
+async def read_chunked(reader: asyncio.StreamReader, limit: int,
+                       reserve: Callable[[int], None] = _no_budget) -> bytes:
+    """A chunked body (trailers discarded), strictly framed: hex sizes, CRLF after each chunk,
+    at most MAX_CHUNKS chunks and MAX_CHUNK_LINE bytes per size or trailer line."""
     parts, total = [], 0
-    while True:
-        size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+    for _ in range(MAX_CHUNKS):
+        size = parse_chunk_size((await _read_chunk_line(reader))[:-2])
         total += size
         if total > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
         if size == 0:
-            break
-        parts.append((await reader.readexactly(size + 2))[:-2])
-    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-        pass
-    return b"".join(parts)
+            while await _read_chunk_line(reader) != b"\r\n":
+                pass
+            return b"".join(parts)
+        reserve(size)
+        data = await reader.readexactly(size + 2)
+        if data[-2:] != b"\r\n":
+            raise BadRequest("chunk data not followed by CRLF")
+        parts.append(data[:-2])
+    raise BadRequest(f"request body in more than {MAX_CHUNKS} chunks")
+
+
+async def _read_chunk_line(reader: asyncio.StreamReader) -> bytes:
+    """One CRLF-terminated chunk-size or trailer line, at most MAX_CHUNK_LINE bytes."""
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise BadRequest("chunk size or trailer line too long") from None
+    if len(line) > MAX_CHUNK_LINE or not line.endswith(b"\r\n"):
+        raise BadRequest("malformed chunk size or trailer line")
+    return line
 
 
 class ClientStream:
@@ -1147,6 +1838,8 @@ class ClientStream:
         self.chunked = chunked
         self.must_close = False       # a close-delimited stream was sent
         self.started = False
+        self.streaming = False        # start() opened a stream (SSE)
+        self.at_boundary = True       # what was sent ends on an SSE event boundary
         self.status = 0
         self.bytes_sent = 0
         self.extra_headers: List[Tuple[str, str]] = []
@@ -1167,7 +1860,7 @@ class ClientStream:
 
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         """Begin a streamed response (written with the first data)."""
-        self.started, self.status = True, status
+        self.started, self.streaming, self.status = True, True, status
         framing = ("transfer-encoding", "chunked") if self.chunked else ("connection", "close")
         self.must_close = not self.chunked
         self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + [framing]))
@@ -1178,9 +1871,20 @@ class ClientStream:
             writer = self.writer
             writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
             self.bytes_sent += len(data)
+            self.at_boundary = data.endswith(b"\n\n")
             transport = writer.transport
             if transport.get_write_buffer_size() > WRITE_HIGH_WATER or transport.is_closing():
                 await writer.drain()
+
+    def probe(self) -> None:
+        """Whether the client is still there: an SSE comment on an open stream (a closed socket
+        answers it with a reset, which ends the connection); nothing outside a stream."""
+        if self.streaming and self.at_boundary and not self.head_only:
+            self.write_now(SSE_KEEPALIVE)
+
+    def write_now(self, data: bytes) -> None:
+        """Bytes framed as one chunk, buffered without waiting (for a response cut short)."""
+        self.writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
     async def finish(self) -> None:
         """The terminating chunk (HTTP/1.0: the connection closes after this response)."""
@@ -1267,6 +1971,29 @@ class UpstreamConnection:
         self.writer.transport.abort()
 
 
+# content-encoding -> zlib wbits (the proxy asks for identity; some upstreams compress anyway)
+CONTENT_DECODERS = {"identity": 0, "gzip": 31, "x-gzip": 31, "deflate": 15}
+MAX_INFLATED_PIECE = 1 << 20
+
+
+async def decode_body(body: AsyncIterator[bytes], encoding: str) -> AsyncIterator[bytes]:
+    """A gzip/deflate body inflated as it arrives, in pieces of at most 1 MiB (no zip bomb at once)."""
+    import zlib
+    inflater = zlib.decompressobj(CONTENT_DECODERS[encoding])
+    try:
+        async for data in body:
+            while data:
+                piece = inflater.decompress(data, MAX_INFLATED_PIECE)
+                data = inflater.unconsumed_tail
+                if piece:
+                    yield piece
+        tail = inflater.flush()
+    except zlib.error:
+        raise UpstreamError(f"upstream sent a corrupt {encoding} body") from None
+    if tail:
+        yield tail
+
+
 class UpstreamResponse:
     """Status and headers of an upstream response; the body is read on demand."""
 
@@ -1281,10 +2008,16 @@ class UpstreamResponse:
         framing, self._remaining = ("length", 0) if head_only or status in (204, 304) else body_framing(headers)
         self._framing = framing
         self._reusable = framing != "close" and headers.get("connection", "").lower() != "close"
+        self._encoding = headers.pop("content-encoding", "identity").strip().lower()
+        if self._encoding not in CONTENT_DECODERS:
+            raise UpstreamError(f"upstream answered in content-encoding {self._encoding!r}, "
+                                "which the proxy did not ask for and cannot decode")
 
     def iter_body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; the connection goes back to the pool at its end."""
-        return self._iter_chunked() if self._framing == "chunked" else self._iter_plain()
+        """The body as it arrives (decoded when the upstream compressed it anyway); the
+        connection goes back to the pool at its end."""
+        body = self._iter_chunked() if self._framing == "chunked" else self._iter_plain()
+        return body if self._encoding == "identity" else decode_body(body, self._encoding)
 
     def _failure(self) -> UpstreamError:
         """The error for a body that broke off: a timeout if the idle timer fired."""
@@ -1409,11 +2142,17 @@ class ConnectionPool:
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader, timer: IdleTimer) -> Tuple[int, Headers]:
-        while True:
+        """The final response head. Interim 1xx heads are skipped without resetting the read
+        timer (an upstream sending 100s forever still times out) and at most a few are taken;
+        101 is an error, since the proxy never asks to switch protocols."""
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
             status, headers = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
-            timer.touch()
-            if status >= 200 or status == 101:
+            if status == 101:
+                raise UpstreamError("upstream switched protocols (101) unasked")
+            if status >= 200:
+                timer.touch()
                 return status, headers
+        raise UpstreamError("upstream sent too many interim (1xx) responses")
 
     async def acquire(self, origin: Origin) -> UpstreamConnection:
         """An idle usable connection to origin, or a new one."""
@@ -1450,8 +2189,11 @@ class ConnectionPool:
                     host, port, ssl=context, limit=MAX_HEADER_BYTES * 4), self.connect_timeout)
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from None
+        except socket.gaierror:
+            raise UpstreamError(f"cannot resolve {host} (no network, or a wrong base_url?)") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.__class__.__name__}") from None
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.__class__.__name__}"
+                                f"{': ' + exc.strerror if getattr(exc, 'strerror', None) else ''}") from None
         self.opened += 1
         return UpstreamConnection(origin, reader, writer)
 
@@ -2170,18 +2912,29 @@ def _as_parts(content: Any) -> List[dict]:
 
 def _merge_user_neighbours(turns: List[dict]) -> List[dict]:
     """Adjacent user messages (left by a dropped thinking-only turn, say) become one: chat
-    templates that require alternating roles (Mistral, Gemma) reject two in a row."""
+    templates that require alternating roles (Mistral, Gemma) reject two in a row. Linear:
+    each run of user messages is joined once."""
     merged: List[dict] = []
-    for turn in turns:
-        if merged and turn["role"] == "user" and merged[-1]["role"] == "user":
-            previous = merged[-1]
-            if isinstance(previous["content"], str) and isinstance(turn["content"], str):
-                merged[-1] = dict(previous, content=previous["content"] + "\n\n" + turn["content"])
-            else:
-                merged[-1] = dict(previous, content=_as_parts(previous["content"]) + _as_parts(turn["content"]))
-        else:
+    run: List[dict] = []
+    for turn in turns + [{"role": ""}]:
+        if turn["role"] == "user":
+            run.append(turn)
+            continue
+        if run:
+            merged.append(_join_user_run(run))
+            run = []
+        if turn["role"]:
             merged.append(turn)
     return merged
+
+
+def _join_user_run(run: List[dict]) -> dict:
+    """One user message from consecutive ones: texts joined by a blank line, else all parts."""
+    if len(run) == 1:
+        return run[0]
+    if all(isinstance(turn["content"], str) for turn in run):
+        return dict(run[0], content="\n\n".join(turn["content"] for turn in run))
+    return dict(run[0], content=[part for turn in run for part in _as_parts(turn["content"])])
 
 
 def clean_gemini_schema(schema: Any) -> Any:
@@ -2217,7 +2970,7 @@ def server_tool_names(anthropic_body: dict) -> List[str]:
     tools = anthropic_body.get("tools") if isinstance(anthropic_body, dict) else None
     if not isinstance(tools, list):
         return []
-    return [t.get("name") or t.get("type") for t in tools if isinstance(t, dict) and _is_server_tool(t)]
+    return [str(t.get("name") or t.get("type")) for t in tools if isinstance(t, dict) and _is_server_tool(t)]
 
 
 def _openai_tool(tool: dict, param: str, spec: dict, notes: Optional[Notes]) -> dict:
@@ -2296,6 +3049,8 @@ def reasoning_effort_for(anthropic_body: dict, spec: dict, notes: Optional[Notes
     pinned = spec.get("reasoning_effort")
     if pinned:
         return None if pinned == "none" else pinned
+    if spec.get("thinking_effort") and anthropic_thinking_on(anthropic_body):
+        return spec["thinking_effort"]            # seed 001's reasoning_effort: sent with thinking only
     effort = _asked_effort(anthropic_body)
     if effort is None:
         return None
@@ -2325,6 +3080,9 @@ def _max_tokens_fields(anthropic_body: dict, spec: dict, notes: Optional[Notes] 
     _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
             "max_tokens must be a positive integer (0, cache pre-warming, needs an Anthropic upstream)",
             "max_tokens")
+    if spec.get("min_tokens") and value < spec["min_tokens"]:
+        _note(notes, "max_tokens", "rewritten: raised to the configured floor %d" % spec["min_tokens"])
+        value = spec["min_tokens"]    # seed 002's MIN_TOKENS_LIMIT
     if spec.get("max_tokens") and value > spec["max_tokens"]:
         _note(notes, "max_tokens", "rewritten: lowered to the model's limit %d" % spec["max_tokens"])
         value = spec["max_tokens"]
@@ -2428,21 +3186,24 @@ FINISH_FROM_STOP_REASON = {
 OVERLOADED_ERROR_MARKERS = frozenset({"429", "529", "503", "overloaded", "overloaded_error",
                                       "rate_limit_exceeded", "rate_limit_error"})
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_CITED_TEXTS = 64                 # annotations per message whose cited_text is cut from the reply
 
 
 def anthropic_usage_from_openai(openai_usage: dict) -> dict:
     """OpenAI usage as Anthropic usage: input_tokens excludes cached and cache-written tokens."""
-    details = openai_usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or openai_usage.get("prompt_cache_hit_tokens") or 0
-    written = details.get("cache_write_tokens") or 0
-    prompt = openai_usage.get("prompt_tokens") or 0
+    details = openai_usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = token_count(details.get("cached_tokens")) or token_count(openai_usage.get("prompt_cache_hit_tokens"))
+    written = token_count(details.get("cache_write_tokens"))
+    prompt = token_count(openai_usage.get("prompt_tokens"))
     usage = {"input_tokens": max(prompt - cached - written, 0),
-             "output_tokens": openai_usage.get("completion_tokens") or 0,
+             "output_tokens": token_count(openai_usage.get("completion_tokens")),
              "cache_read_input_tokens": cached, "cache_creation_input_tokens": written,
              "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}}
-    reasoning = (openai_usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+    completion = openai_usage.get("completion_tokens_details")
+    reasoning = completion.get("reasoning_tokens") if isinstance(completion, dict) else None
     if _is_number(reasoning):
-        usage["output_tokens_details"] = {"thinking_tokens": reasoning}
+        usage["output_tokens_details"] = {"thinking_tokens": token_count(reasoning)}
     return usage
 
 
@@ -2472,26 +3233,24 @@ class ThinkTagSplitter:
     """Splits raw `<think>...</think>` reasoning (llama.cpp --reasoning-format none) out of
     streamed content. Only a `<think>` at the very start of the reply counts (leading
     whitespace allowed), so a model writing about the tag later is left alone. Tags split
-    across chunks are handled by carrying at most len(tag)-1 characters to the next chunk."""
+    across chunks are handled by carrying at most len(tag)-1 characters to the next chunk;
+    leading whitespace is kept aside as it comes (never re-stripped: a stuck model sending
+    newlines for ever costs linear time)."""
 
     def __init__(self) -> None:
         self.state = "start"  # start -> think -> text, or start -> text
         self.carry = ""
+        self._lead: List[str] = []     # whitespace before the first visible character
 
     def split(self, text: str) -> List[Tuple[str, str]]:
         """(kind, text) pieces for one content fragment; kind is "thinking" or "text"."""
-        buf, self.carry = self.carry + text, ""
         if self.state == "start":
-            stripped = buf.lstrip()
-            if stripped.startswith(THINK_OPEN):
-                self.state, buf = "think", stripped[len(THINK_OPEN):]
-            elif THINK_OPEN.startswith(stripped):
-                self.carry = buf
+            text = self._start(text)
+            if self.state == "start":
                 return []
-            else:
-                self.state = "text"
+        buf, self.carry = self.carry + text, ""
         if self.state == "text":
-            return [("text", buf)]
+            return [("text", buf)] if buf else []
         end = buf.find(THINK_CLOSE)
         if end >= 0:
             self.state = "text"
@@ -2500,9 +3259,28 @@ class ThinkTagSplitter:
         self.carry = buf[len(buf) - keep:] if keep else ""
         return [("thinking", buf[:len(buf) - keep])]
 
+    def _start(self, text: str) -> str:
+        """Before the first visible character: decide think or text; returns what is left."""
+        if not self.carry:
+            visible = text.lstrip()
+            if len(visible) < len(text):
+                self._lead.append(text[:len(text) - len(visible)])
+            text = visible
+        buf = self.carry + text
+        if buf.startswith(THINK_OPEN):
+            self.state, self.carry, self._lead = "think", "", []
+            return buf[len(THINK_OPEN):]
+        if THINK_OPEN.startswith(buf):
+            self.carry = buf
+            return ""
+        self.state, self.carry = "text", ""
+        lead, self._lead = "".join(self._lead), []
+        return lead + buf
+
     def flush(self) -> List[Tuple[str, str]]:
         """Whatever is still carried, as the kind of the current state."""
-        carry, self.carry = self.carry, ""
+        carry, self.carry = "".join(self._lead) + self.carry, ""
+        self._lead = []
         return [("thinking" if self.state == "think" else "text", carry)] if carry else []
 
 
@@ -2549,13 +3327,46 @@ def _content_part_pieces(parts: list) -> List[Tuple[str, Any]]:
     return pieces
 
 
-def _json_complete(text: str) -> bool:
-    """True when text is a whole JSON document (a streamed tool call is done)."""
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+
+
+class JsonScan:
+    """Whether streamed JSON fragments have closed their top-level value: a bracket and string
+    scanner run lazily over the fragments it has not seen, so asking after every fragment of
+    another tool call costs linear time in all (a json.loads per question was quadratic)."""
+
+    def __init__(self) -> None:
+        self.seen = 0            # fragments scanned so far
+        self.depth = 0
+        self.opened = False
+        self.in_string = False
+        self.escaped = False     # a backslash ended the last fragment
+
+    def complete(self, fragments: List[str]) -> bool:
+        """True when the fragments so far form one whole JSON object or array."""
+        for fragment in fragments[self.seen:]:
+            self._scan(fragment)
+        self.seen = len(fragments)
+        return self.opened and self.depth <= 0 and not self.in_string
+
+    def _scan(self, text: str) -> None:
+        skip = 1 if self.escaped and text else 0
+        self.escaped = self.escaped and not text
+        for match in _JSON_SPECIAL.finditer(text, skip):
+            at, char = match.start(), match.group()
+            if at < skip:
+                continue
+            if self.in_string:
+                if char == "\\":
+                    skip, self.escaped = at + 2, at + 1 == len(text)
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "[{":
+                self.depth, self.opened = self.depth + 1, True
+            else:
+                self.depth -= 1
 
 
 class OpenAIToAnthropicStream:
@@ -2598,6 +3409,7 @@ class OpenAIToAnthropicStream:
         self.provider = provider
         self._refused = False
         self._text: List[str] = []      # the reply's text so far, for citations' cited_text
+        self._cited = 0
         self._started = self._finished = False
         self._next_index = self._open_index = 0
         self._open: Optional[str] = None  # "text" | "thinking" | "tool" | None
@@ -2607,7 +3419,7 @@ class OpenAIToAnthropicStream:
         self._tool_by_index: Dict[int, dict] = {}
         self._tool_by_id: Dict[str, dict] = {}
         self._finish_reason: Optional[str] = None
-        self._held_space = ""           # whitespace that would open a text block on its own
+        self._held_space: List[str] = []    # whitespace that would open a text block on its own
         self._usage: Optional[dict] = None
         self._think = ThinkTagSplitter()
 
@@ -2714,7 +3526,7 @@ class OpenAIToAnthropicStream:
         """Open block `kind` at the next index (caller closed the previous one)."""
         self._open, self._open_index, self._signature = kind, self._next_index, ""
         self._next_index += 1
-        self._held_space = ""
+        self._held_space = []
         return [{"type": "content_block_start", "index": self._open_index,
                  "content_block": content_block}]
 
@@ -2752,9 +3564,11 @@ class OpenAIToAnthropicStream:
         events: List[dict] = []
         if self._open != kind:
             if kind == "text" and text.isspace():   # a whitespace-only text block is a 400 when replayed
-                self._held_space += text
+                self._held_space.append(text)
                 return []
-            text, self._held_space = (self._held_space + text if kind == "text" else text), ""
+            if kind == "text" and self._held_space:
+                text = "".join(self._held_space) + text
+            self._held_space = []
             events += self._settle()
             block = {"type": "text", "text": ""} if kind == "text" else \
                 {"type": "thinking", "thinking": "", "signature": ""}
@@ -2773,12 +3587,20 @@ class OpenAIToAnthropicStream:
             if not isinstance(cite, dict) or self._open != "text":
                 log.debug("dropping annotation %.80r: no text block to cite in", annotation)
                 continue
-            start, end = cite.get("start_index"), cite.get("end_index")
-            cited = "".join(self._text)[start:end] if isinstance(start, int) and isinstance(end, int) else ""
             citation = {"type": "web_search_result_location", "url": cite.get("url") or "",
-                        "title": cite.get("title") or "", "cited_text": cited, "encrypted_index": ""}
+                        "title": cite.get("title") or "", "cited_text": self._cited_text(cite), "encrypted_index": ""}
             events.append(self._delta({"type": "citations_delta", "citation": citation}))
         return events
+
+    def _cited_text(self, cite: dict) -> str:
+        """The text an annotation points at; only for the first MAX_CITED_TEXTS of a message, so an
+        upstream sending annotations between every fragment cannot make the stream quadratic."""
+        start, end = cite.get("start_index"), cite.get("end_index")
+        if not (isinstance(start, int) and isinstance(end, int)) or self._cited >= MAX_CITED_TEXTS:
+            return ""
+        self._cited += 1
+        self._text = ["".join(self._text)]
+        return self._text[0][start:end]
 
     def _on_signature(self, signature: str) -> List[dict]:
         """Keep an upstream signature, tagged as this provider's, for the open thinking block."""
@@ -2805,8 +3627,8 @@ class OpenAIToAnthropicStream:
 
     def _new_tool(self, index: Any, raw_id: Optional[str]) -> dict:
         """Register a tool call seen for the first time."""
-        tool = {"raw_id": raw_id, "id": sanitize_tool_id(raw_id), "name": "", "arguments": "",
-                "block": None, "signature": None}
+        tool = {"raw_id": raw_id, "id": sanitize_tool_id(raw_id), "name": "", "arguments": [],
+                "scan": JsonScan(), "block": None, "signature": None}
         self._tools.append(tool)
         if isinstance(index, int):
             self._tool_by_index[index] = tool
@@ -2828,14 +3650,16 @@ class OpenAIToAnthropicStream:
         if isinstance(arguments, (dict, list)):
             arguments = json.dumps(arguments, ensure_ascii=False)
         arguments = arguments if isinstance(arguments, str) else ""
-        tool["arguments"] += arguments
+        if arguments:
+            tool["arguments"].append(arguments)
         if tool is self._open_tool:
             return [self._delta({"type": "input_json_delta", "partial_json": arguments})] \
                 if arguments else []
         if tool["block"] is not None:
             log.debug("dropping late arguments for closed tool call %s", tool["id"])
             return []
-        if not tool["name"] or (self._open_tool and not _json_complete(self._open_tool["arguments"])):
+        open_tool = self._open_tool
+        if not tool["name"] or (open_tool and not open_tool["scan"].complete(open_tool["arguments"])):
             return []  # no name yet, or interleaved with the open call: buffer
         return self._settle(skip=tool) + self._open_tool_block(tool)
 
@@ -2846,8 +3670,9 @@ class OpenAIToAnthropicStream:
                                             "name": tool["name"], "input": {}})
         tool["block"], self._open_tool = self._open_index, tool
         if tool["arguments"]:
+            tool["arguments"] = ["".join(tool["arguments"])]
             events.append(self._delta({"type": "input_json_delta",
-                                       "partial_json": tool["arguments"]}))
+                                       "partial_json": tool["arguments"][0]}))
         return events
 
 
@@ -3346,13 +4171,13 @@ def _split_messages(openai_messages: Any, inline_system: bool = False,
 
 
 def _merge_turns(turns: List[dict]) -> List[dict]:
-    """Drop empty turns and merge same-role neighbours."""
+    """Drop empty turns and merge same-role neighbours (in place on our own copies: linear)."""
     merged: List[dict] = []
     for turn in turns:
         if not turn["content"]:
             continue
         if merged and merged[-1]["role"] == turn["role"]:
-            merged[-1] = {"role": turn["role"], "content": merged[-1]["content"] + turn["content"]}
+            merged[-1]["content"].extend(turn["content"])
         else:
             merged.append({"role": turn["role"], "content": list(turn["content"])})
     return merged
@@ -3397,15 +4222,20 @@ def openai_messages_to_anthropic(openai_messages: Any, *, inline_system: bool = 
                                  notes: Optional[Notes] = None) -> Tuple[List[dict], List[dict]]:
     """OpenAI messages -> (Anthropic system blocks, repaired Anthropic messages)."""
     system, turns = _split_messages(openai_messages, inline_system, notes)
+    return system, _repair_turns(turns, "messages")
+
+
+def _repair_turns(turns: List[dict], param: str) -> List[dict]:
+    """Turns merged and paired, starting with a user turn, without a whitespace-ended prefill."""
     turns = _pair_tool_results(_merge_turns(turns))
     if not turns:
-        raise BadRequest("messages need at least one non-system message with content", param="messages")
+        raise BadRequest(f"{param}: at least one non-system message with content is required", param=param)
     if turns[0]["role"] != "user":
         turns.insert(0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_FIRST_USER}]})
     if turns[-1]["role"] == "assistant":
         prefill = _trim_prefill(turns.pop())
         turns += [prefill] if prefill else []
-    return system, turns
+    return turns
 
 
 def _trim_prefill(turn: dict) -> Optional[dict]:
@@ -3479,9 +4309,9 @@ def _apply_tools(openai_body: dict, anthropic_body: dict, notes: Optional[Notes]
         anthropic_body["tool_choice"] = tool_choice
 
 
-def _max_tokens(openai_body: dict) -> Optional[int]:
-    """The client's max_completion_tokens or max_tokens, validated; None when absent."""
-    for key in ("max_completion_tokens", "max_tokens"):
+def _max_tokens(openai_body: dict, keys: Tuple[str, ...] = ("max_completion_tokens", "max_tokens")) -> Optional[int]:
+    """The client's max_completion_tokens or max_tokens (or the keys given), validated; None when absent."""
+    for key in keys:
         value = openai_body.get(key)
         if value is None:
             continue
@@ -3523,19 +4353,25 @@ def _apply_response_format(openai_body: dict, anthropic_body: dict, notes: Optio
     """response_format json_schema / json_object -> output_config.format (never dropped)."""
     rf = openai_body.get("response_format")
     kind = rf.get("type") if isinstance(rf, dict) else rf
+    json_schema = (rf.get("json_schema") or {}) if kind == "json_schema" else {}
+    if isinstance(json_schema, dict):
+        _note_extra_keys(json_schema, ("schema", "strict"), "response_format.json_schema", notes,
+                         "dropped: Anthropic's output format has no name or description")
+    schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
+    _set_output_format(kind, schema, anthropic_body, "response_format", "response_format.json_schema.schema")
+
+
+def _set_output_format(kind: Any, schema: Any, anthropic_body: dict, param: str, schema_param: str) -> None:
+    """text: nothing; json_object: a system line; json_schema: output_config.format, made strict."""
     if kind in (None, "text"):
         return
     if kind == "json_object":       # no schema fits "any object" under strict rules: instruct instead
         anthropic_body.setdefault("system", []).append({"type": "text", "text": JSON_OBJECT_INSTRUCTION})
         return
     if kind != "json_schema":
-        raise BadRequest("unsupported response_format %r" % kind, param="response_format")
-    json_schema = rf.get("json_schema") or {}
-    schema = json_schema.get("schema")
+        raise BadRequest("unsupported %s %r" % (param, kind), param=param)
     if not isinstance(schema, dict):
-        raise BadRequest("json_schema.schema must be an object", param="response_format.json_schema.schema")
-    _note_extra_keys(json_schema, ("schema", "strict"), "response_format.json_schema", notes,
-                     "dropped: Anthropic's output format has no name or description")
+        raise BadRequest("json_schema.schema must be an object", param=schema_param)
     anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": strict_schema(schema)}
 
 # ---- request: reasoning ----------------------------------------------------------------------
@@ -3559,7 +4395,8 @@ def _thinking_blocked(anthropic_body: dict) -> Optional[str]:
     if (anthropic_body.get("tool_choice") or {}).get("type") in ("any", "tool"):
         return "tool_choice forces a tool"
     assistants = [m for m in anthropic_body["messages"] if m["role"] == "assistant"]
-    if assistants and any(b["type"] == "tool_use" for b in assistants[-1]["content"]):
+    last = assistants[-1]["content"] if assistants else []
+    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in THINKING_BLOCKS:
         return "the last assistant turn has tool_use without a signed thinking block"
     return None
 
@@ -3815,15 +4652,16 @@ class AnthropicToOpenAIStream:
 def openai_usage_from_anthropic(anthropic_usage: dict) -> dict:
     """Anthropic usage -> OpenAI usage (prompt includes cache reads and writes; D.3)."""
     def count(key: str) -> int:
-        return int(anthropic_usage.get(key) or 0)
+        return token_count(anthropic_usage.get(key))
     cache_read = count("cache_read_input_tokens")
     prompt = count("input_tokens") + cache_read + count("cache_creation_input_tokens")
     completion = count("output_tokens")
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
              "prompt_tokens_details": {"cached_tokens": cache_read}}
-    thinking = (anthropic_usage.get("output_tokens_details") or {}).get("thinking_tokens")
+    details = anthropic_usage.get("output_tokens_details")
+    thinking = details.get("thinking_tokens") if isinstance(details, dict) else None
     if thinking is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": thinking}
+        usage["completion_tokens_details"] = {"reasoning_tokens": token_count(thinking)}
     return usage
 
 # ---- response: non-streaming, folded from the same machine -------------------------------------
@@ -3881,8 +4719,10 @@ def fold_openai_chunks(chunks: List[Any]) -> dict:
 def _block_events(index: int, block: dict) -> List[dict]:
     """One finished Anthropic content block -> its start / delta / stop events."""
     kind = block.get("type")
-    if kind == "text":
-        start, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block.get("text", "")}]
+    if kind == "text":      # citations first, as a stream sends them
+        start = {"type": "text", "text": ""}
+        deltas = [{"type": "citations_delta", "citation": c} for c in block.get("citations") or []]
+        deltas.append({"type": "text_delta", "text": block.get("text", "")})
     elif kind == "thinking":
         start = {"type": "thinking", "thinking": "", "signature": ""}
         deltas = [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
@@ -3898,9 +4738,12 @@ def _block_events(index: int, block: dict) -> List[dict]:
 
 
 def anthropic_message_as_events(anthropic_message: dict) -> List[dict]:
-    """A non-streaming Anthropic message (or error body) -> the equivalent stream events."""
+    """A non-streaming Anthropic message (or error body) -> the equivalent stream events;
+    anything else (`{}`, a list, a message without content) is an UpstreamError, not an answer."""
     if anthropic_message.get("type") == "error":
         return [anthropic_message]
+    if anthropic_message.get("type") != "message" or not isinstance(anthropic_message.get("content"), list):
+        raise UpstreamError("upstream answered 200 without an Anthropic message")
     start = dict(anthropic_message, content=[], stop_reason=None, stop_sequence=None)
     events = [{"type": "message_start", "message": start}]
     for i, block in enumerate(anthropic_message.get("content") or []):
@@ -3918,6 +4761,826 @@ def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any)
     for event in anthropic_message_as_events(anthropic_message):
         chunks += machine.feed(event)
     return fold_openai_chunks(chunks + machine.close())
+
+# ---------------------------------------------------------------------------------------------
+# 9c. Responses client -> Claude (request), Claude -> Responses client (response, stream)
+# ---------------------------------------------------------------------------------------------
+#
+# The OpenAI Responses API (PROTOCOLS G) joins the hub here: one request converter to an
+# Anthropic body and one machine from Anthropic stream events. A chat-completions provider
+# composes them with 9a (responses_to_openai_request, ChainedStream); a provider that serves
+# /responses itself is relayed untouched (section 11). State (store, previous_response_id,
+# item_reference) is I/O, so the handler resolves it into `input` before this converter runs.
+# Decisions taken here, each in one place:
+# - instructions, then system and developer messages, become the system prompt (text only).
+# - a custom tool (Codex's apply_patch) becomes a tool with one string property `input`; its
+#   grammar goes into the description, since Claude cannot be held to it. The call comes back as
+#   a custom_tool_call whose `input` is that string.
+# - namespace tools are flattened to `<namespace>__<name>` and their calls mapped back by the tool
+#   table, so the client sees `namespace` again.
+# - built-in tools (web_search, file_search, computer*, code_interpreter, image_generation,
+#   local_shell, shell, mcp, ...) are dropped and their types returned for the handler's INFO
+#   line; a tool_choice forcing one is a BadRequest.
+# - reasoning items carry Claude's thinking blocks (thinking + signature, redacted data) in
+#   encrypted_content as `cp1.` + base64url JSON {"o": origin, "b": blocks}, origin being the
+#   producing provider/model. A blob of another origin, or not ours, is dropped (debug), never
+#   sent. It is always filled, as OpenAI now does by default, so a client replaying items
+#   without `include` still hands back the signed thinking Claude needs before a tool result.
+# - replayed thinking is removed again when thinking ends up off for the request.
+# - fields with no Anthropic form (text.verbosity, metadata, truncation, service_tier, ...) are
+#   dropped with a debug line; `conversation` and `prompt` (server-side objects) are BadRequests.
+
+NAMESPACE_SEPARATOR = "__"
+CUSTOM_TOOL_FIELD = "input"
+REASONING_BLOB_PREFIX = "cp1."
+RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+RESPONSES_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
+RESPONSES_REJECTED_FIELDS = {
+    "conversation": "conversations are not kept here: send previous_response_id or the whole input",
+    "prompt": "prompt templates live on OpenAI's servers: send instructions and input instead"}
+# Fields this section maps, and the ones the handler owns; any other is dropped with a debug line.
+RESPONSES_MAPPED_FIELDS = frozenset({
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning",
+    "text", "max_output_tokens", "temperature", "top_p", "user", "safety_identifier", "stream",
+    "store", "previous_response_id", "prompt_cache_key", "include"})
+# Anthropic stop_reason -> (status, incomplete_details.reason) (PROTOCOLS G.9).
+RESPONSES_STATUS = {
+    "end_turn": ("completed", None), "stop_sequence": ("completed", None), "tool_use": ("completed", None),
+    "pause_turn": ("completed", None), "max_tokens": ("incomplete", "max_output_tokens"),
+    "model_context_window_exceeded": ("incomplete", "max_output_tokens"),
+    "refusal": ("incomplete", "content_filter")}
+RESPONSES_TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete",
+                      "failed": "response.failed"}
+# Anthropic error type -> response.error.code, the field Codex classifies failures by (G.8).
+RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded",
+                         "invalid_request_error": "invalid_prompt"}
+
+
+# ---- request: reasoning blobs --------------------------------------------------------------
+
+def encode_reasoning(origin: str, blocks: List[dict]) -> str:
+    """Thinking blocks as an opaque, versioned encrypted_content tagged with their origin."""
+    payload = json_text({"o": origin, "b": blocks}).encode("utf-8")
+    return REASONING_BLOB_PREFIX + base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
+
+
+def _thinking_block(block: Any) -> Optional[dict]:
+    """A well-formed thinking / redacted_thinking block rebuilt from a blob, else None."""
+    if not isinstance(block, dict):
+        return None
+    if block.get("type") == "thinking" and isinstance(block.get("thinking"), str) \
+            and isinstance(block.get("signature"), str):
+        return {"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]}
+    if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+        return {"type": "redacted_thinking", "data": block["data"]}
+    return None
+
+
+def decode_reasoning(blob: Any, origin: str, param: str) -> List[dict]:
+    """The thinking blocks of one of our blobs made by `origin`; [] (debug) for any other."""
+    if not isinstance(blob, str) or not blob.startswith(REASONING_BLOB_PREFIX):
+        log.debug("dropping reasoning item at %s: its encrypted_content is not the proxy's", param)
+        return []
+    text = blob[len(REASONING_BLOB_PREFIX):]
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, TypeError):
+        log.debug("dropping reasoning item at %s: unreadable encrypted_content", param)
+        return []
+    blocks = payload.get("b") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("o") != origin or not isinstance(blocks, list):
+        log.debug("dropping reasoning item at %s: made by another provider or model", param)
+        return []
+    rebuilt = [_thinking_block(b) for b in blocks]
+    return [b for b in rebuilt if b is not None]
+
+# ---- request: input items ------------------------------------------------------------------
+
+
+def _responses_file(part: dict, param: str) -> dict:
+    """input_file: a file_url becomes a URL document, file_data a PDF or text document."""
+    if isinstance(part.get("file_url"), str):
+        return {"type": "document", "source": {"type": "url", "url": part["file_url"]}}
+    if not isinstance(part.get("file_data"), str):
+        raise BadRequest("input_file needs file_data or file_url (file_id needs OpenAI's file store)",
+                         param=param)
+    return _file_block({"file": {"file_data": part["file_data"], "filename": part.get("filename")}}, param)
+
+
+def _responses_image(part: dict, param: str) -> dict:
+    """input_image with an image_url (URL or data URL) as an image block."""
+    if part.get("image_url") is None and part.get("file_id"):
+        raise BadRequest("input_image.file_id needs OpenAI's file store: send image_url", param=param + ".file_id")
+    return _image_block({"image_url": part.get("image_url")}, param)
+
+
+RESPONSES_PART_CONVERTERS = {
+    "input_text": lambda p, param: _text_block(p.get("text"), param + ".text"),
+    "output_text": lambda p, param: _text_block(p.get("text"), param + ".text"),
+    "refusal": lambda p, param: _text_block(p.get("refusal"), param + ".refusal"),
+    "input_image": lambda p, param: [_responses_image(p, param)],
+    "input_file": lambda p, param: [_responses_file(p, param)]}
+
+
+def _responses_blocks(content: Any, param: str) -> List[dict]:
+    """Message content or a call output (string or parts) as Anthropic blocks."""
+    if isinstance(content, str):
+        return _text_block(content, param)
+    _expect(isinstance(content, list), "content must be a string or a list of parts", param)
+    blocks: List[dict] = []
+    for i, part in enumerate(content):
+        _expect(isinstance(part, dict), "content part must be an object", f"{param}.{i}")
+        convert_part = RESPONSES_PART_CONVERTERS.get(part.get("type"))
+        if convert_part is None:
+            raise BadRequest("content part type %r is not supported" % part.get("type"), param=f"{param}.{i}.type")
+        blocks += convert_part(part, f"{param}.{i}")
+    return blocks
+
+
+def _responses_message(item: dict, param: str, origin: str) -> List[dict]:
+    """A message item as one turn; system and developer messages as a "system" turn."""
+    role = RESPONSES_ROLES.get(item.get("role"))
+    _expect(role is not None, "unknown role %r" % (item.get("role"),), param + ".role")
+    blocks = _responses_blocks(item.get("content"), param + ".content")
+    _expect(role != "system" or all(b["type"] == "text" for b in blocks),
+            "system and developer messages take text only", param + ".content")
+    return [{"role": role, "content": blocks}]
+
+
+def _flat_tool_name(namespace: Any, name: Any, param: str) -> str:
+    """The tool name Claude sees: a namespaced tool flattened to <namespace>__<name>."""
+    _expect(isinstance(name, str) and name != "", "a tool name is required", param + ".name")
+    return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if isinstance(namespace, str) and namespace else name
+
+
+def _responses_call(item: dict, param: str, origin: str) -> List[dict]:
+    """function_call / custom_tool_call as an assistant tool_use (custom input wrapped)."""
+    call_id = item.get("call_id") or item.get("id")
+    _expect(isinstance(call_id, str) and call_id != "", "a call needs its call_id", param + ".call_id")
+    if item["type"] == "custom_tool_call":
+        _expect(isinstance(item.get("input"), str), "input must be a string", param + ".input")
+        tool_input = {CUSTOM_TOOL_FIELD: item["input"]}
+    else:
+        tool_input = _tool_input(item.get("arguments"), param + ".arguments")
+    name = _flat_tool_name(item.get("namespace"), item.get("name"), param)
+    return [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": sanitize_tool_id(call_id), "name": name, "input": tool_input}]}]
+
+
+def _responses_call_output(item: dict, param: str, origin: str) -> List[dict]:
+    """function_call_output / custom_tool_call_output as a user tool_result."""
+    call_id = item.get("call_id")
+    _expect(isinstance(call_id, str) and call_id != "", "a call output needs its call_id", param + ".call_id")
+    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": sanitize_tool_id(call_id)}
+    output = item.get("output")
+    content = output if isinstance(output, str) else _responses_blocks(output, param + ".output")
+    if content:
+        block["content"] = content
+    return [{"role": "user", "content": [block]}]
+
+
+def _responses_reasoning(item: dict, param: str, origin: str) -> List[dict]:
+    """A reasoning item as the thinking blocks its encrypted_content carries (or nothing)."""
+    return [{"role": "assistant", "content": decode_reasoning(item.get("encrypted_content"), origin, param)}]
+
+
+RESPONSES_ITEM_CONVERTERS: Dict[str, Callable[[dict, str, str], List[dict]]] = {
+    "message": _responses_message, "function_call": _responses_call, "custom_tool_call": _responses_call,
+    "function_call_output": _responses_call_output, "custom_tool_call_output": _responses_call_output,
+    "reasoning": _responses_reasoning}
+
+
+def responses_input_items(responses_body: dict) -> List[dict]:
+    """The input as a list of items: a string is one user message; a missing type means message."""
+    value = responses_body.get("input")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    _expect(isinstance(value, list), "input must be a string or a list of items", "input")
+    for i, item in enumerate(value):
+        _expect(isinstance(item, dict), "input item must be an object", f"input.{i}")
+    return [item if item.get("type") else dict(item, type="message") for item in value]
+
+
+def _responses_turns(items: List[dict], origin: str) -> Tuple[List[dict], List[dict]]:
+    """Input items -> (system text blocks, Anthropic turns before repair)."""
+    system: List[dict] = []
+    turns: List[dict] = []
+    for i, item in enumerate(items):
+        convert_item = RESPONSES_ITEM_CONVERTERS.get(item["type"])
+        if convert_item is None:
+            log.debug("dropping input item of type %r at input.%d: no Anthropic form", item["type"], i)
+            continue
+        for turn in convert_item(item, f"input.{i}", origin):
+            if turn["role"] == "system":
+                system += turn["content"]
+            else:
+                turns.append(turn)
+    return system, turns
+
+# ---- request: tools ------------------------------------------------------------------------
+
+
+def _custom_tool_description(tool: dict) -> str:
+    """A custom tool's description plus what its one `input` string must hold."""
+    fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    note = "Pass the tool's raw free-form input as the `input` string, exactly as the tool expects it."
+    if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
+        note += " It must match this %s grammar:\n%s" % (fmt.get("syntax") or "", fmt["definition"])
+    return ((tool.get("description") or "") + "\n\n" + note).strip()
+
+
+def _responses_tool(tool: Any, param: str, namespace: Optional[str] = None) -> Tuple[dict, dict]:
+    """A function or custom tool -> (Anthropic tool, its entry in the tool table)."""
+    _expect(isinstance(tool, dict) and tool.get("type") in ("function", "custom"),
+            "expected a function or custom tool", param)
+    name = _flat_tool_name(namespace, tool.get("name"), param)
+    entry = {"type": tool["type"], "name": tool["name"]}
+    if namespace:
+        entry["namespace"] = namespace
+    if tool["type"] == "custom":
+        schema = {"type": "object", "properties": {CUSTOM_TOOL_FIELD: {"type": "string"}},
+                  "required": [CUSTOM_TOOL_FIELD]}
+        return {"name": name, "description": _custom_tool_description(tool), "input_schema": schema}, entry
+    schema = tool.get("parameters") or {"type": "object", "properties": {}}
+    _expect(isinstance(schema, dict), "parameters must be a JSON Schema object", param + ".parameters")
+    out = {"name": name, "description": tool["description"]} if tool.get("description") else {"name": name}
+    out["input_schema"] = schema
+    if tool.get("strict") is True:
+        out["strict"] = True
+    return out, entry
+
+
+def _expand_tool(tool: Any, param: str) -> Optional[List[Tuple[dict, dict]]]:
+    """One client tool as (Anthropic tool, table entry) pairs; None for a tool with no Claude form."""
+    _expect(isinstance(tool, dict), "tool must be an object", param)
+    if tool.get("type") in ("function", "custom"):
+        return [_responses_tool(tool, param)]
+    if tool.get("type") != "namespace":
+        return None
+    inner = tool.get("tools")
+    _expect(isinstance(tool.get("name"), str) and isinstance(inner, list),
+            "a namespace needs a name and a list of tools", param)
+    return [_responses_tool(t, f"{param}.tools.{k}", tool["name"]) for k, t in enumerate(inner)]
+
+
+def responses_tools(responses_body: dict) -> Tuple[List[dict], Dict[str, dict], List[str]]:
+    """Client tools -> (Anthropic tools, tool table by Anthropic name, types of built-ins dropped)."""
+    tools = responses_body.get("tools") or []
+    _expect(isinstance(tools, list), "tools must be a list", "tools")
+    anthropic_tools: List[dict] = []
+    table: Dict[str, dict] = {}
+    dropped: List[str] = []
+    for i, tool in enumerate(tools):
+        pairs = _expand_tool(tool, f"tools.{i}")
+        if pairs is None:
+            dropped.append(str(tool.get("type")))
+        for anthropic_tool, entry in pairs or []:
+            _expect(anthropic_tool["name"] not in table, "two tools are named %r" % anthropic_tool["name"], f"tools.{i}")
+            anthropic_tools.append(anthropic_tool)
+            table[anthropic_tool["name"]] = entry
+    return anthropic_tools, table, dropped
+
+
+def _responses_tool_choice(choice: Any, table: Dict[str, dict]) -> Optional[dict]:
+    """tool_choice -> Anthropic tool_choice; a forced built-in tool is a BadRequest."""
+    if choice is None or isinstance(choice, str):
+        _expect(choice is None or choice in RESPONSES_TOOL_CHOICE,
+                "tool_choice must be auto, required, none or a tool", "tool_choice")
+        return dict(RESPONSES_TOOL_CHOICE[choice]) if choice else None
+    _expect(isinstance(choice, dict), "tool_choice must be a string or an object", "tool_choice")
+    kind = choice.get("type")
+    if kind == "allowed_tools":
+        return dict(RESPONSES_TOOL_CHOICE.get(choice.get("mode"), {"type": "auto"}))
+    if kind not in ("function", "custom"):
+        raise BadRequest("tool_choice forces the built-in tool %r, which this route cannot run" % kind,
+                         param="tool_choice.type")
+    name = _flat_tool_name(choice.get("namespace"), choice.get("name"), "tool_choice")
+    _expect(name in table, "tool_choice names %r, which is not among the tools" % name, "tool_choice.name")
+    return {"type": "tool", "name": name}
+
+
+def _allowed_tool_names(choice: Any) -> Optional[set]:
+    """The Anthropic names a tool_choice of type allowed_tools lets through, else None."""
+    if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
+        return None
+    allowed = choice.get("tools")
+    _expect(isinstance(allowed, list), "allowed_tools needs a list of tools", "tool_choice.tools")
+    return {_flat_tool_name(t.get("namespace"), t.get("name"), "tool_choice.tools")
+            for t in allowed if isinstance(t, dict) and t.get("type") in ("function", "custom")}
+
+
+def _apply_responses_tools(responses_body: dict, anthropic_body: dict) -> None:
+    """tools (flattened, built-ins dropped), tool_choice, parallel_tool_calls."""
+    tools, table, _ = responses_tools(responses_body)
+    choice = responses_body.get("tool_choice")
+    tool_choice = _responses_tool_choice(choice, table)
+    allowed = _allowed_tool_names(choice)
+    tools = [t for t in tools if allowed is None or t["name"] in allowed]
+    if not tools:
+        return
+    anthropic_body["tools"] = tools
+    if responses_body.get("parallel_tool_calls") is False and (tool_choice or {}).get("type") != "none":
+        tool_choice = dict(tool_choice or {"type": "auto"}, disable_parallel_tool_use=True)
+    if tool_choice:
+        anthropic_body["tool_choice"] = tool_choice
+
+# ---- request: entry points -----------------------------------------------------------------
+
+
+def _apply_text_format(responses_body: dict, anthropic_body: dict) -> None:
+    """text.format -> output_config.format (strict) or the JSON-object line; verbosity dropped."""
+    text = responses_body.get("text")
+    if text is None:
+        return
+    _expect(isinstance(text, dict), "text must be an object", "text")
+    fmt = text.get("format") if isinstance(text.get("format"), dict) else {}
+    _set_output_format(fmt.get("type"), fmt.get("schema"), anthropic_body, "text.format.type", "text.format.schema")
+    if text.get("verbosity") is not None:
+        log.debug("dropping text.verbosity %r: no Anthropic equivalent", text["verbosity"])
+
+
+def _drop_thinking_when_off(anthropic_body: dict) -> None:
+    """Replayed thinking blocks removed (and the turns repaired) when thinking is not on."""
+    if "thinking" in anthropic_body:
+        return
+    messages = anthropic_body["messages"]
+    kept = [dict(m, content=[b for b in m["content"] if b["type"] not in THINKING_BLOCKS]) for m in messages]
+    if kept != messages:
+        log.debug("replayed thinking blocks dropped: thinking is off for this request")
+        anthropic_body["messages"] = _repair_turns(kept, "input")
+
+
+def _screen_fields(responses_body: dict) -> None:
+    """One debug line per top-level field with no Anthropic form; BadRequest for server-side objects."""
+    for key, reason in RESPONSES_REJECTED_FIELDS.items():
+        if responses_body.get(key) is not None:
+            raise BadRequest(f"{key} is not supported: {reason}", param=key)
+    for key in sorted(responses_body.keys() - RESPONSES_MAPPED_FIELDS):
+        log.debug("dropping field %r: no Anthropic equivalent", key)
+    extras = [i for i in responses_body.get("include") or [] if i != "reasoning.encrypted_content"]
+    if extras:
+        log.debug("dropping include values %s: nothing to include on this route", extras)
+
+
+def responses_to_anthropic_request(responses_body: dict, model: str, *, facts: Optional[dict] = None,
+                                   variant_effort: Optional[str] = None, origin: str = "", for_chat: bool = False,
+                                   anthropic_version: str = ANTHROPIC_VERSION, notes: Optional[Notes] = None) -> dict:
+    """A Responses body (its input already expanded) -> Anthropic /v1/messages body (pure; G.9).
+    facts are model_facts(model, spec) (looked up when absent), as for openai_to_anthropic_request.
+    for_chat: the body goes on to 9a, where replayed thinking is the provider's replay_reasoning
+    field, so it is kept even with thinking off."""
+    _expect(isinstance(responses_body, dict), "request body must be a JSON object", "body")
+    _screen_fields(responses_body)
+    system, turns = _responses_turns(responses_input_items(responses_body), origin)
+    instructions = responses_body.get("instructions")
+    system = (_text_block(instructions, "instructions") if instructions is not None else []) + system
+    explicit_max = _max_tokens(responses_body, ("max_output_tokens",))
+    anthropic_body: Dict[str, Any] = {"model": model, "messages": _repair_turns(turns, "input"),
+                                      "max_tokens": explicit_max or DEFAULT_ANTHROPIC_MAX_TOKENS}
+    if system:
+        anthropic_body["system"] = system
+    facts = facts or model_facts(model)
+    _apply_sampling_fields(responses_body, anthropic_body, notes)
+    _apply_responses_tools(responses_body, anthropic_body)
+    _apply_text_format(responses_body, anthropic_body)
+    _apply_thinking(anthropic_body, _requested_effort(responses_body, variant_effort), facts,
+                    explicit_max is not None, notes)
+    if not for_chat:
+        _drop_thinking_when_off(anthropic_body)
+    _fit_output_limit(anthropic_body, facts, notes)
+    _restrict_sampling(anthropic_body, facts, anthropic_version, notes)
+    return anthropic_body
+
+
+def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_effort: Optional[str] = None,
+                                origin: str = "") -> dict:
+    """A Responses body -> chat.completions body, through the hub (9c then 9a). Without
+    max_output_tokens the provider's own default applies, not Claude's; the effort asked for
+    is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
+    anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
+                                                    facts=model_facts(spec["model"], spec), origin=origin,
+                                                    for_chat=True)
+    if responses_body.get("max_output_tokens") is None:
+        del anthropic_body["max_tokens"]
+    effort = _requested_effort(responses_body, variant_effort)
+    if "thinking" not in anthropic_body and effort not in (None, "none"):
+        anthropic_body.setdefault("output_config", {})["effort"] = effort
+    return anthropic_to_openai_request(anthropic_body, spec)
+
+# ---- response: the response object -----------------------------------------------------------
+
+
+def responses_shell(responses_body: dict, response_id: str, created_at: int) -> dict:
+    """The response object before any output: the request's settings echoed (PROTOCOLS G.5)."""
+    body = responses_body
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    shell = {"id": response_id, "object": "response", "created_at": created_at, "status": "in_progress",
+             "background": False, "error": None, "incomplete_details": None,
+             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+             "max_tool_calls": body.get("max_tool_calls"), "model": body.get("model"), "output": [],
+             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+             "previous_response_id": body.get("previous_response_id"),
+             "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+             "service_tier": "default", "store": body.get("store") is not False,
+             "temperature": body.get("temperature"),
+             "text": body.get("text") or {"format": {"type": "text"}, "verbosity": "medium"},
+             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+             "top_p": body.get("top_p"), "truncation": body.get("truncation") or "disabled",
+             "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {}}
+    for key in ("safety_identifier", "prompt_cache_key"):
+        if body.get(key) is not None:
+            shell[key] = body[key]
+    return shell
+
+
+def responses_usage(anthropic_usage: dict) -> dict:
+    """Anthropic usage -> Responses usage: input counts cache reads and writes (G.5, G.9)."""
+    usage = openai_usage_from_anthropic(anthropic_usage)
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {"input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": int(anthropic_usage.get("cache_creation_input_tokens") or 0)},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": int(reasoning)},
+            "total_tokens": usage["total_tokens"]}
+
+
+def responses_error(error_type: Optional[str], message: str) -> dict:
+    """response.error for an upstream failure, with the code Codex classifies by."""
+    if message.startswith("prompt is too long"):
+        return {"code": "context_length_exceeded", "message": message}
+    return {"code": RESPONSES_ERROR_CODES.get(error_type or "", "server_error"), "message": message}
+
+
+def _url_annotation(citation: Any, start: int, end: int) -> Optional[dict]:
+    """A Claude citation with a web URL as a url_citation annotation over [start, end)."""
+    url = citation.get("url") or citation.get("source") if isinstance(citation, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        log.debug("dropping citation without a web URL: %.80r", citation)
+        return None
+    return {"type": "url_citation", "start_index": start, "end_index": end, "url": url,
+            "title": citation.get("title") or ""}
+
+# ---- response: Anthropic stream -> Responses events ------------------------------------------
+
+
+class AnthropicToResponsesStream:
+    """Anthropic stream events in, Responses stream events out (PROTOCOLS B.7 in, G.6 out).
+
+    Theory of operation. Responses frames an answer as response.created and .in_progress, then
+    output items, each output_item.added -> its deltas -> output_item.done with the complete
+    item (Codex builds its history from .done alone), then one terminal event carrying the whole
+    response. Items follow Anthropic blocks, one open at a time: thinking and redacted_thinking
+    -> reasoning (summary text streamed when the client asked for summaries; the blocks packed
+    into encrypted_content at the end), tool_use -> function_call, or custom_tool_call when the
+    tool table says the client's tool was custom (its wrapped JSON is parsed at the block stop,
+    so its input goes out as one delta), text -> message. Consecutive text blocks (Claude
+    splits an answer at each citation) share one message and one output_text part; a citation
+    becomes a url_citation over the text of its block, announced at that block's stop. Blocks
+    with no Responses form (server tools and their results) are skipped without closing the
+    message. message_delta records stop_reason and usage; message_stop (or close(), for a
+    stream that ended after its stop_reason) closes the open item (incomplete after max_tokens)
+    and sends response.completed or .incomplete (RESPONSES_STATUS). An error event, or fail()
+    from the handler when the upstream broke off, sends response.failed; the machine is then
+    finished. Every event carries the next sequence_number; the same response object, with
+    status and output filled, is the terminal event's payload and the non-streaming answer."""
+
+    _HANDLERS = {"message_start": "_on_message_start", "content_block_start": "_on_block_start",
+                 "content_block_delta": "_on_block_delta", "content_block_stop": "_on_block_stop",
+                 "message_delta": "_on_message_delta", "message_stop": "_on_message_stop",
+                 "error": "_on_error"}
+    _OPENERS = {"text": "_open_text", "thinking": "_open_reasoning", "redacted_thinking": "_open_reasoning",
+                "tool_use": "_open_call"}
+    _DELTAS = {("message", "text_delta"): "_text_delta", ("message", "citations_delta"): "_citation",
+               ("reasoning", "thinking_delta"): "_thinking_delta", ("reasoning", "signature_delta"): "_signature",
+               ("function_call", "input_json_delta"): "_arguments_delta",
+               ("custom_tool_call", "input_json_delta"): "_custom_input_delta"}
+    _CLOSERS = {"message": "_close_message", "reasoning": "_close_reasoning",
+                "function_call": "_close_function_call", "custom_tool_call": "_close_custom_call"}
+
+    def __init__(self, shell: dict, *, tools: Optional[Dict[str, dict]] = None, origin: str = "",
+                 summaries: bool = True, ids: Callable[[str], str] = new_id):
+        self.shell = shell
+        self.tools = tools or {}
+        self.origin = origin
+        self.summaries = summaries
+        self._ids = ids
+        self.finished = False
+        self.response: Optional[dict] = None     # the terminal event's response object
+        self.output: List[dict] = []             # finished items, in output_index order
+        self._seq = 0
+        self._started = False
+        self._item: Optional[dict] = None        # the open item's state (see _open)
+        self._block: Optional[int] = None        # the Anthropic block that feeds it
+        self._stop_reason: Optional[str] = None
+        self._usage: Dict[str, Any] = {}
+
+    def feed(self, anthropic_event: dict) -> List[dict]:
+        """Consume one Anthropic event; return the Responses events it produces."""
+        if self.finished or not isinstance(anthropic_event, dict):
+            return []
+        handler = self._HANDLERS.get(anthropic_event.get("type"))
+        return getattr(self, handler)(anthropic_event) if handler else []    # ping, unknown: B.7
+
+    def close(self) -> List[dict]:
+        """End of upstream: the open item closed and the terminal event; [] when finished."""
+        return [] if self.finished else self._finish()
+
+    @property
+    def saw_finish(self) -> bool:
+        """Whether the upstream said it finished (a stop_reason), as a complete answer does."""
+        return self._stop_reason is not None
+
+    def fail(self, message: str, error_type: Optional[str] = None) -> List[dict]:
+        """response.failed for an upstream failure (after response.created if still due)."""
+        if self.finished:
+            return []
+        events = self._start()
+        self.finished = True
+        self.response = self._snapshot("failed", error=responses_error(error_type, message))
+        return events + [self._event("response.failed", response=self.response)]
+
+    # -- events and snapshots
+
+    def _event(self, kind: str, **fields: Any) -> dict:
+        """One event with the next sequence number."""
+        event = {"type": kind, "sequence_number": self._seq}
+        event.update(fields)
+        self._seq += 1
+        return event
+
+    def _snapshot(self, status: str, **fields: Any) -> dict:
+        """The response object now: shell, status, finished output, usage."""
+        usage = responses_usage(self._usage) if status != "in_progress" else None
+        return dict(self.shell, status=status, output=list(self.output), usage=usage, **fields)
+
+    def _start(self) -> List[dict]:
+        """response.created and response.in_progress, once."""
+        if self._started:
+            return []
+        self._started = True
+        return [self._event("response.created", response=self._snapshot("in_progress")),
+                self._event("response.in_progress", response=self._snapshot("in_progress"))]
+
+    def _finish(self) -> List[dict]:
+        """Close the open item, then response.completed or response.incomplete."""
+        status, reason = RESPONSES_STATUS.get(self._stop_reason or "end_turn", ("completed", None))
+        events = self._start() + self._close_item("incomplete" if status == "incomplete" else "completed")
+        self.finished = True
+        self.response = self._snapshot(status, incomplete_details={"reason": reason} if reason else None)
+        return events + [self._event(RESPONSES_TERMINAL[status], response=self.response)]
+
+    # -- items
+
+    def _open(self, item: dict, **state: Any) -> List[dict]:
+        """Make `item` the open one at the next output index; output_item.added."""
+        self._item = dict(state, item=item, index=len(self.output), id=item.get("id"))
+        return [self._event("response.output_item.added", output_index=len(self.output), item=dict(item))]
+
+    def _close_item(self, status: str = "completed") -> List[dict]:
+        """Finish the open item: its closing events, then output_item.done with the whole item."""
+        state, self._item, self._block = self._item, None, None
+        if state is None:
+            return []
+        events, item = getattr(self, self._CLOSERS[state["item"]["type"]])(state)
+        if "status" in item:
+            item["status"] = status
+        self.output.append(item)
+        return events + [self._event("response.output_item.done", output_index=state["index"], item=item)]
+
+    def _part_event(self, kind: str, state: dict, **fields: Any) -> dict:
+        """An event about the open item (item_id and output_index filled)."""
+        return self._event(kind, item_id=state["id"], output_index=state["index"], **fields)
+
+    # -- handlers
+
+    def _on_message_start(self, event: dict) -> List[dict]:
+        self._usage.update((event.get("message") or {}).get("usage") or {})
+        return self._start()
+
+    def _on_block_start(self, event: dict) -> List[dict]:
+        block = event.get("content_block") or {}
+        opener = self._OPENERS.get(block.get("type"))
+        events = self._start()
+        if opener is None:              # server tools and their results have no Responses form
+            log.debug("dropping %r block: no Responses form", block.get("type"))
+            self._block = None
+            return events
+        events += getattr(self, opener)(block)
+        self._block = event.get("index")
+        return events
+
+    def _on_block_delta(self, event: dict) -> List[dict]:
+        state = self._item
+        if state is None or event.get("index") != self._block:
+            return []
+        delta = event.get("delta") or {}
+        handler = self._DELTAS.get((state["item"]["type"], delta.get("type")))
+        return getattr(self, handler)(state, delta) if handler else []
+
+    def _on_block_stop(self, event: dict) -> List[dict]:
+        state = self._item
+        if state is None or event.get("index") != self._block:
+            return []
+        if state["item"]["type"] == "message":      # the message may go on in the next text block
+            self._block = None
+            return self._annotate(state)
+        return self._close_item()
+
+    def _on_message_delta(self, event: dict) -> List[dict]:
+        self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
+        self._usage.update(event.get("usage") or {})
+        return []
+
+    def _on_message_stop(self, event: dict) -> List[dict]:
+        return self._finish()
+
+    def _on_error(self, event: dict) -> List[dict]:
+        error = event.get("error") or {}
+        return self.fail(str(error.get("message") or "upstream error"), error.get("type"))
+
+    # -- message (text blocks)
+
+    def _open_text(self, block: dict) -> List[dict]:
+        """A text block: opens a message, or goes on in the open one."""
+        events: List[dict] = []
+        if self._item is None or self._item["item"]["type"] != "message":
+            events = self._close_item() + self._open(
+                {"id": self._ids("msg_"), "type": "message", "status": "in_progress", "content": [],
+                 "role": "assistant"}, text=[], length=0, annotations=[])
+            events.append(self._part_event("response.content_part.added", self._item, content_index=0,
+                                           part={"type": "output_text", "text": "", "annotations": []}))
+        self._item.update(block_start=self._item["length"], citations=[])
+        if block.get("text"):
+            events += self._text_delta(self._item, block)
+        return events
+
+    def _text_delta(self, state: dict, delta: dict) -> List[dict]:
+        text = delta.get("text")
+        if not text:
+            return []
+        state["text"].append(text)
+        state["length"] += len(text)
+        return [self._part_event("response.output_text.delta", state, content_index=0, delta=text, logprobs=[])]
+
+    def _citation(self, state: dict, delta: dict) -> List[dict]:
+        state["citations"].append(delta.get("citation"))
+        return []
+
+    def _annotate(self, state: dict) -> List[dict]:
+        """The citations of the text block that just stopped, as annotations over its text."""
+        events: List[dict] = []
+        for citation in state.pop("citations", []):
+            annotation = _url_annotation(citation, state["block_start"], state["length"])
+            if annotation:
+                events.append(self._part_event("response.output_text.annotation.added", state, content_index=0,
+                                               annotation_index=len(state["annotations"]), annotation=annotation))
+                state["annotations"].append(annotation)
+        return events
+
+    def _close_message(self, state: dict) -> Tuple[List[dict], dict]:
+        events = self._annotate(state)
+        part = {"type": "output_text", "text": "".join(state["text"]), "annotations": state["annotations"]}
+        events += [self._part_event("response.output_text.done", state, content_index=0, text=part["text"],
+                                    logprobs=[]),
+                   self._part_event("response.content_part.done", state, content_index=0, part=part)]
+        return events, dict(state["item"], content=[part])
+
+    # -- reasoning (thinking and redacted_thinking blocks)
+
+    def _open_reasoning(self, block: dict) -> List[dict]:
+        events = self._close_item() + self._open({"id": self._ids("rs_"), "type": "reasoning", "summary": []},
+                                                 thinking=[], signature=[], summary=False)
+        if block.get("type") == "redacted_thinking":
+            self._item["redacted"] = block.get("data", "")
+        elif block.get("thinking"):
+            events += self._thinking_delta(self._item, block)
+        return events
+
+    def _thinking_delta(self, state: dict, delta: dict) -> List[dict]:
+        text = delta.get("thinking")
+        if not text:
+            return []
+        state["thinking"].append(text)
+        if not self.summaries:
+            return []
+        events = [] if state["summary"] else [self._part_event(
+            "response.reasoning_summary_part.added", state, summary_index=0, part={"type": "summary_text", "text": ""})]
+        state["summary"] = True
+        return events + [self._part_event("response.reasoning_summary_text.delta", state, summary_index=0, delta=text)]
+
+    def _signature(self, state: dict, delta: dict) -> List[dict]:
+        state["signature"].append(delta.get("signature") or "")
+        return []
+
+    def _close_reasoning(self, state: dict) -> Tuple[List[dict], dict]:
+        text = "".join(state["thinking"])
+        block = {"type": "redacted_thinking", "data": state["redacted"]} if "redacted" in state else \
+            {"type": "thinking", "thinking": text, "signature": "".join(state["signature"])}
+        item = dict(state["item"], summary=[{"type": "summary_text", "text": text}] if state["summary"] else [],
+                    encrypted_content=encode_reasoning(self.origin, [block]))
+        if not state["summary"]:
+            return [], item
+        part = {"type": "summary_text", "text": text}
+        return [self._part_event("response.reasoning_summary_text.done", state, summary_index=0, text=text),
+                self._part_event("response.reasoning_summary_part.done", state, summary_index=0, part=part)], item
+
+    # -- tool calls (function_call, custom_tool_call)
+
+    def _open_call(self, block: dict) -> List[dict]:
+        name = block.get("name") or ""
+        entry = self.tools.get(name) or {"type": "function", "name": name}
+        item: Dict[str, Any]
+        if entry["type"] == "custom":
+            item = {"id": self._ids("ctc_"), "type": "custom_tool_call", "call_id": block.get("id"),
+                    "name": entry["name"], "input": ""}
+        else:
+            item = {"id": self._ids("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
+                    "call_id": block.get("id"), "name": entry["name"]}
+        if entry.get("namespace"):
+            item["namespace"] = entry["namespace"]
+        return self._close_item() + self._open(item, json=[])
+
+    def _arguments_delta(self, state: dict, delta: dict) -> List[dict]:
+        fragment = delta.get("partial_json")
+        if not fragment:
+            return []
+        state["json"].append(fragment)
+        return [self._part_event("response.function_call_arguments.delta", state, delta=fragment)]
+
+    def _custom_input_delta(self, state: dict, delta: dict) -> List[dict]:
+        state["json"].append(delta.get("partial_json") or "")
+        return []
+
+    def _close_function_call(self, state: dict) -> Tuple[List[dict], dict]:
+        arguments = "".join(state["json"])
+        events = [] if arguments else [self._part_event("response.function_call_arguments.delta", state, delta="{}")]
+        arguments = arguments or "{}"
+        events.append(self._part_event("response.function_call_arguments.done", state, arguments=arguments))
+        return events, dict(state["item"], arguments=arguments)
+
+    def _close_custom_call(self, state: dict) -> Tuple[List[dict], dict]:
+        wrapped = _parse_tool_input("".join(state["json"]))
+        raw = wrapped.get(CUSTOM_TOOL_FIELD) if isinstance(wrapped, dict) else None
+        raw = raw if isinstance(raw, str) else "".join(state["json"])
+        return [self._part_event("response.custom_tool_call_input.delta", state, delta=raw),
+                self._part_event("response.custom_tool_call_input.done", state, input=raw)], \
+            dict(state["item"], input=raw)
+
+
+class ChainedStream:
+    """Two stream machines in series: OpenAI chunks -> Anthropic events -> Responses events."""
+
+    def __init__(self, first: Any, second: Any):
+        self.first = first
+        self.second = second
+
+    @property
+    def finished(self) -> bool:
+        """Finished when the last machine is."""
+        return self.second.finished
+
+    @property
+    def saw_finish(self) -> bool:
+        """Whether the upstream said it finished."""
+        return self.first.saw_finish
+
+    def feed(self, upstream_event: Any) -> List[Any]:
+        """The last machine's events for one upstream event."""
+        out: List[Any] = []
+        for middle in self.first.feed(upstream_event):
+            out += self.second.feed(middle)
+        return out
+
+    def close(self) -> List[Any]:
+        """Close both, in order."""
+        out: List[Any] = []
+        for middle in self.first.close():
+            out += self.second.feed(middle)
+        return out + self.second.close()
+
+# ---- response: non-streaming, folded from the same machine -------------------------------------
+
+
+def fold_responses_events(responses_events: List[dict]) -> dict:
+    """The response object of a finished Responses stream; a failed one raises UpstreamError."""
+    terminal = next((e for e in reversed(responses_events) if e.get("type") in RESPONSES_TERMINAL.values()), None)
+    if terminal is None:
+        raise UpstreamError("the answer ended before it finished")
+    response = terminal["response"]
+    if response["status"] == "failed":
+        raise UpstreamError(response["error"]["message"])
+    return response
+
+
+def anthropic_to_responses_response(anthropic_message: dict, machine: AnthropicToResponsesStream) -> dict:
+    """A non-streaming Anthropic message as a response object, through the stream machine."""
+    events: List[dict] = []
+    for event in anthropic_message_as_events(anthropic_message):
+        events += machine.feed(event)
+    return fold_responses_events(events + machine.close())
 
 # =============================================================================================
 # 10. OAuth
@@ -4156,24 +5819,26 @@ class TokenStore:
         self.clock = clock
 
     def load(self) -> Optional[dict]:
-        """The saved record, or None when there is none (or it is unreadable)."""
+        """The saved record, or None when there is none, it is unreadable, a symlink, or in
+        another program's shape (each of those said in a warning)."""
         try:
-            with open(self.path, "r", encoding="utf-8") as f:
+            with os.fdopen(open_no_follow(self.path, os.O_RDONLY), "r", encoding="utf-8") as f:
                 document = json.load(f)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.warning("token store %s is unreadable (%s); ignoring it", self.path, type(exc).__name__)
+            log.warning("token store %s is unreadable (%s); ignoring it", self.path, exc)
             return None
         token = document.get("token") if isinstance(document, dict) else None
-        return token if isinstance(token, dict) and token.get("access_token") else None
+        if isinstance(token, dict) and token.get("access_token"):
+            return token
+        log.warning("token store %s is not in claude_proxy's shape (a file of another proxy? "
+                    "`python3 claude_proxy.py import FILE` reads those); ignoring it", self.path)
+        return None
 
     def save(self, record: dict) -> None:
         """Replace the file atomically: 0600 temp file in the same dir, fsync, os.replace."""
-        directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
+        ensure_private_dir(os.path.dirname(self.path))
         document = {"saved_at": self.clock(), "token": record}
         tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
@@ -4201,46 +5866,66 @@ def _unlink_quietly(path: str) -> None:
 
 
 class FileLock:
-    """A cross-process lock file (O_CREAT|O_EXCL, works on Linux, macOS, Windows) for `async with`.
+    """A cross-process lock for `async with`, held by the kernel: flock(2) on POSIX, msvcrt
+    byte-range locking on Windows. The kernel drops it when its holder exits, so a crashed
+    process leaves no stale lock, and a live holder is never judged stale however slow its
+    token endpoint is; each holder releases only its own lock. The wait is bounded: past
+    `timeout` seconds an UpstreamError says another process holds it. The lock file itself
+    stays (deleting it would let a third process lock a new file while a waiter holds the old)."""
 
-    A lock older than `stale_after` seconds (by mtime) is taken to belong to a crashed process and
-    broken. Two waiters breaking the same stale lock at once could both proceed; the refresh that
-    follows re-reads the store, so the worst case is one extra refresh, not a lost token."""
-
-    def __init__(self, path: str, *, stale_after: float = 30.0, poll: float = 0.05):
+    def __init__(self, path: str, *, timeout: float = 60.0, poll: float = 0.05):
         self.path = path
-        self.stale_after = stale_after
+        self.timeout = timeout
         self.poll = poll
-
-    def _try_create(self) -> bool:
-        """Create the lock file; False when another holder has it."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-
-    def _break_if_stale(self) -> None:
-        """Remove the lock file when its holder has been silent longer than stale_after."""
-        try:
-            age = time.time() - os.stat(self.path).st_mtime
-        except FileNotFoundError:
-            return
-        if age > self.stale_after:
-            log.warning("breaking stale lock %s (%.0fs old)", self.path, age)
-            _unlink_quietly(self.path)
+        self._fd: Optional[int] = None
 
     async def __aenter__(self) -> "FileLock":
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        while not self._try_create():
-            self._break_if_stale()
+        ensure_private_dir(os.path.dirname(os.path.abspath(self.path)))
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
+        deadline = time.monotonic() + self.timeout
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise UpstreamError(f"another claude_proxy process has held {self.path} for "
+                                    f"over {self.timeout:.0f}s; try again")
             await asyncio.sleep(self.poll)
+        self._fd = fd
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        _unlink_quietly(self.path)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            _unlock(fd)
+            os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the kernel lock on fd without waiting; False when another holder has it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as exc:
+        if exc.errno in (11, 13, 35, 36):          # EAGAIN / EACCES / EWOULDBLOCK / EDEADLK
+            return False
+        raise
+
+
+def _unlock(fd: int) -> None:
+    """Release the kernel lock taken by _try_lock."""
+    if os.name == "nt":
+        import msvcrt
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # ---- Token manager ------------------------------------------------------------------------
@@ -4261,17 +5946,20 @@ class TokenManager:
 
     def __init__(self, store: TokenStore, settings: dict, post_json: PostJson, *,
                  clock: Clock = time.time, explicit_token: Optional[str] = None,
-                 lock_path: Optional[str] = None, stale_lock_after: float = 30.0):
+                 lock_path: Optional[str] = None, lock_timeout: float = 60.0):
         self.store = store
         self.settings = settings
         self.post_json = post_json
         self.clock = clock
         self.lock_path = lock_path or store.path + ".lock"
-        self.stale_lock_after = stale_lock_after
+        self.lock_timeout = lock_timeout
         self.last_error: Optional[str] = None
         self._explicit_token = explicit_token
         self._cached: Optional[dict] = None
         self._dead_refresh_token: Optional[str] = None
+        self._spent: set = set()                  # refresh tokens this process exchanged
+        self._unsaved: Optional[dict] = None      # a rotated pair whose write failed
+        self._retry_save_at = 0.0
         self._lock: Optional[asyncio.Lock] = None
         self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -4283,7 +5971,7 @@ class TokenManager:
     def record(self) -> Optional[dict]:
         """The record in use (explicit token, else the store, cached after the first read)."""
         if self._explicit_token is None and self._cached is None:
-            self._cached = self.store.load()
+            self._cached = self._newest(self.store.load())
         return self.pick_record(self._explicit_token, self._cached)
 
     def _async_lock(self) -> asyncio.Lock:
@@ -4306,15 +5994,18 @@ class TokenManager:
         """A valid access token, refreshed first when it expires within five minutes."""
         record = self.record()
         if record is None:
-            raise AuthError("not logged in to Claude: run `python claude_proxy.py login`")
+            raise CredentialMissing("claude_proxy: not logged in to Claude: run `python3 claude_proxy.py login` "
+                                    "(or give a token with ANTHROPIC_OAUTH_TOKEN)")
         if self._needs_refresh(record, None):
             record = await self._refresh(None)
             if record is None:
-                raise AuthError(f"the saved Claude login was removed; {LOGIN_AGAIN}")
+                raise LoginDead(f"the saved Claude login was removed; {LOGIN_AGAIN}")
         expires_at = record.get("expires_at")
         if expires_at is not None and expires_at <= self.clock():
-            raise AuthError("the Claude token has expired and cannot be refreshed; "
+            raise LoginDead("the Claude token has expired and cannot be refreshed; "
                             f"{LOGIN_AGAIN} (or import the Claude Code credentials again)")
+        if self._unsaved is not None and self.clock() >= self._retry_save_at:
+            await self._persist(self._unsaved)
         return record["access_token"]
 
     async def _refresh(self, failed_token: Optional[str]) -> Optional[dict]:
@@ -4323,19 +6014,43 @@ class TokenManager:
             record = self.record()
             if not self._needs_refresh(record, failed_token):
                 return record
-            async with FileLock(self.lock_path, stale_after=self.stale_lock_after):
-                record = self._cached = self.store.load()   # another process may have refreshed
+            async with FileLock(self.lock_path, timeout=self.lock_timeout):
+                saved = await run_off_loop(self.store.load)      # another process may have refreshed
+                record = self._cached = self._newest(saved)
                 if not self._needs_refresh(record, failed_token):
                     return record
-                fresh = await self._exchange(record)
-                self.store.save(fresh)
-                self._cached = fresh
+                fresh = self._cached = await self._exchange(record)
+                self._spent.add(record["refresh_token"])
+                await self._persist(fresh)
                 return fresh
+
+    def _newest(self, saved: Optional[dict]) -> Optional[dict]:
+        """The saved record, unless it holds a refresh token this process already spent (its
+        rotated pair could not be written): then that pair, kept in memory. A refresh token is
+        never sent twice: the second use would get invalid_grant and end the login."""
+        if self._unsaved is not None and (saved is None or saved.get("refresh_token") in self._spent):
+            return self._unsaved
+        return saved
+
+    async def _persist(self, record: dict) -> None:
+        """Write a rotated pair; on failure keep it in memory, say so, and retry in 30 s."""
+        try:
+            await run_off_loop(self.store.save, record)
+        except OSError as exc:
+            self._unsaved, self._retry_save_at = record, self.clock() + 30.0
+            self.last_error = (f"the refreshed Claude token could not be saved to {self.store.path} "
+                               f"({exc.strerror or exc}); it is kept in memory and the write is retried")
+            log.warning("%s", self.last_error)
+            return
+        if self._unsaved is not None:
+            log.info("the refreshed Claude token is saved now")
+            self.last_error = None
+        self._unsaved = None
 
     async def _exchange(self, record: dict) -> dict:
         """Post the refresh, remembering a failure for status() and a dead refresh token."""
         if record["refresh_token"] == self._dead_refresh_token:
-            raise AuthError(self.last_error or f"the Claude refresh token was rejected; {LOGIN_AGAIN}")
+            raise LoginDead(self.last_error or f"the Claude refresh token was rejected; {LOGIN_AGAIN}")
         try:
             fresh = await exchange_refresh_token(self.settings, record, self.post_json, self.clock)
         except ProxyError as exc:
@@ -4343,6 +6058,7 @@ class TokenManager:
             log.warning("token refresh failed: %s", exc.message)
             if isinstance(exc, AuthError):
                 self._dead_refresh_token = record["refresh_token"]
+                raise LoginDead(exc.message) from None
             raise
         self.last_error = None
         return fresh
@@ -4565,6 +6281,7 @@ TERMS_NOTICE = ("Note: Anthropic's terms restrict Claude Pro/Max subscription to
                 "clients, and Anthropic may reject or bill other use or act on the account. API keys "
                 "(ANTHROPIC_API_KEY) are the supported way to use Claude through a proxy.")
 MAX_PENDING_LOGINS = 8
+PENDING_LOGIN_SECONDS = 600
 
 
 class OAuthService:
@@ -4579,6 +6296,8 @@ class OAuthService:
         self.tokens = TokenManager(self.store, self.settings, self.post_json, clock=clock,
                                    explicit_token=config.settings.get("oauth_token"))
         self.pending: Dict[str, LoginFlow] = {}
+        self.pending_since: Dict[str, float] = {}
+        self.clock = clock
 
     async def post_json(self, url: str, payload: dict) -> Tuple[int, Any]:
         """The token endpoint call, over the shared upstream pool."""
@@ -4599,11 +6318,19 @@ class OAuthService:
         return await self.tokens.on_unauthorized(body_text, failed_token)
 
     def start_login(self, long_lived: bool = False) -> LoginFlow:
-        """A new pending login (the oldest dropped past MAX_PENDING_LOGINS)."""
+        """A new pending login. Nobody's pending login is ever evicted for it: past
+        MAX_PENDING_LOGINS (each expiring after PENDING_LOGIN_SECONDS) a new one is a 429."""
+        now = self.clock()
+        for state, started in list(self.pending_since.items()):
+            if now - started > PENDING_LOGIN_SECONDS:
+                self.pending.pop(state, None)
+                self.pending_since.pop(state, None)
+        if len(self.pending) >= MAX_PENDING_LOGINS:
+            raise ProxyError(f"{len(self.pending)} logins are already in progress; finish one or wait "
+                             f"{PENDING_LOGIN_SECONDS // 60} minutes", status=429, error_type="rate_limit_error")
         flow = LoginFlow(self.settings, long_lived=long_lived)
         self.pending[flow.state] = flow
-        while len(self.pending) > MAX_PENDING_LOGINS:
-            self.pending.pop(next(iter(self.pending)))
+        self.pending_since[flow.state] = now
         return flow
 
     async def finish_login(self, pasted: str) -> dict:
@@ -4616,6 +6343,7 @@ class OAuthService:
                              param="code")
         record = await self.tokens.finish_login(flow, pasted)
         self.pending.pop(flow.state, None)
+        self.pending_since.pop(flow.state, None)
         self.redactor.add(record.get("access_token"))
         self.redactor.add(record.get("refresh_token"))
         return record
@@ -4738,13 +6466,13 @@ def pick_route(config: Config, requested: str, *, thinking: bool = False,
     if requested in config.models:
         return "model", config.models[requested]
     routes, lower = config.routes, requested.lower()
+    if input_tokens > config.settings["long_context_threshold"] and "long_context" in routes:
+        return "long_context", routes["long_context"]      # first: a long think request overflows
     named = next((name for name in routes if route_alias(name).lower() == lower), None)
     if named is not None:
         return named, routes[named]
     if thinking and "think" in routes:
         return "think", routes["think"]
-    if input_tokens > config.settings["long_context_threshold"] and "long_context" in routes:
-        return "long_context", routes["long_context"]
     if "haiku" in lower and "background" in routes:
         return "background", routes["background"]
     for name, spec in routes.items():
@@ -4764,12 +6492,12 @@ def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
     return Target(spec, config.providers[spec["provider"]], route)
 
 
-def resolve_openai_target(config: Config, requested: str) -> Target:
+def resolve_openai_target(config: Config, requested: str, thinking: bool = False) -> Target:
     """Route an OpenAI client's model name, understanding Claude's -reasoning-* and -1m variants."""
     base, effort, one_m = parse_model_variant(requested)
     if requested in config.models or base == requested:
-        return resolve_target(config, requested)
-    target = resolve_target(config, base, thinking=effort is not None)
+        return resolve_target(config, requested, thinking=thinking)
+    target = resolve_target(config, base, thinking=thinking or effort is not None)
     target.effort, target.one_m = effort, one_m
     return target
 
@@ -4880,6 +6608,12 @@ def error_from_upstream(exc: UpstreamStatus) -> ProxyError:
             and not message.startswith("prompt is too long"):
         message = f"prompt is too long: {message}"
     return ProxyError(message, status=exc.status, error_type=error_type)
+
+
+def forwarded_client_headers(client_headers: Headers) -> List[Tuple[str, str]]:
+    """The client's headers an anthropic-format upstream gets: the allow-list only."""
+    return [(k, v) for k, v in client_headers.items()
+            if k in CLIENT_HEADERS_FORWARDED or k.startswith(CLIENT_HEADER_PREFIXES_FORWARDED)]
 
 
 def relayed_headers(upstream_headers: Headers) -> List[Tuple[str, str]]:
@@ -4996,7 +6730,6 @@ class Relay:
     def __init__(self, out: ClientStream, interval: float):
         self.out = out
         self.interval = interval
-        self._at_boundary = True
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
         self._task: Optional[asyncio.Task] = None
@@ -5009,9 +6742,8 @@ class Relay:
             self._task = asyncio.ensure_future(self._keepalive())
 
     async def send(self, data: bytes) -> None:
-        """Relay bytes; remember whether they end on an event boundary."""
+        """Relay bytes (the stream remembers whether they end on an event boundary)."""
         if data:
-            self._at_boundary = data.endswith(b"\n\n")
             self._last = self._loop.time()
             await self.out.send(data)
 
@@ -5019,7 +6751,7 @@ class Relay:
         loop = self._loop
         while True:
             await asyncio.sleep(max(0.05, self._last + self.interval - loop.time()))
-            if loop.time() - self._last >= self.interval and self._at_boundary:
+            if loop.time() - self._last >= self.interval and self.out.at_boundary:
                 self._last = loop.time()
                 try:
                     await self.out.send(SSE_KEEPALIVE)
@@ -5028,7 +6760,7 @@ class Relay:
 
     async def error(self, event: bytes) -> None:
         """One error event (after a partial event, a blank line first)."""
-        await self.out.send(event if self._at_boundary else b"\n\n" + event)
+        await self.out.send(event if self.out.at_boundary else b"\n\n" + event)
 
     def stop(self) -> None:
         """Stop the ticker."""
@@ -5075,6 +6807,21 @@ class Exchange:
         self.upstream_status: Optional[int] = None
         self.relay: Optional[Relay] = None
         self.oauth_used = False
+        self.error_type: Optional[str] = None
+        self.stream_error: Optional[Callable[[ProxyError], bytes]] = None  # an error in the stream's own grammar
+
+    # -- work off the loop ----------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """fn(*args) now, or in a worker thread when the request body is large, so that no one
+        request's parsing or conversion holds the event loop (and every other client)."""
+        if len(self.req.body) < OFF_LOOP_BODY_BYTES:
+            return fn(*args, **kw)
+        return await run_off_loop(lambda: fn(*args, **kw))
+
+    async def json_body(self, fields: Dict[str, type]) -> dict:
+        """The request body parsed (off the loop when large), required fields checked."""
+        return require_fields(await self.run(parse_json_body, self.req.body), fields, self.req.dialect)
 
     # -- credentials ---------------------------------------------------------------------------
 
@@ -5093,7 +6840,7 @@ class Exchange:
         mode = provider["auth"]
         if mode != "auto":
             return mode
-        if await self.server.oauth.available() and not self.server.exposed:
+        if provider["oauth_trusted"] and not self.server.exposed and await self.server.oauth.available():
             return "oauth"
         return "api_key" if provider.get("api_key") else "client"
 
@@ -5101,9 +6848,13 @@ class Exchange:
         """Credential headers for api_key / client / none modes, in the provider's dialect."""
         if mode == "api_key":
             if not provider.get("api_key"):
-                raise AuthError(f"provider {provider['name']!r} has no api_key configured")
+                where = f"${provider['api_key_env']} is not set" if provider.get("api_key_env") else "no api_key is configured"
+                raise CredentialMissing(f"claude_proxy: provider {provider['name']!r} has no API key ({where}); "
+                                        "set it and restart the proxy (or reload its config)")
             key = provider["api_key"]
-            return [("x-api-key", key)] if provider["format"] == "anthropic" else [("authorization", f"Bearer {key}")]
+            if provider["format"] == "anthropic":
+                return [("x-api-key", key)]
+            return [("api-key", key)] if provider.get("azure") else [("authorization", f"Bearer {key}")]
         if mode == "client":
             creds = self.client_credential()
             if provider["format"] == "openai":
@@ -5206,16 +6957,16 @@ class Exchange:
         if anthropic_body is not None and anthropic_body.get("model") != target.spec["model"]:
             anthropic_body = dict(anthropic_body, model=target.spec["model"])
             raw = b""
-        headers = [(k, v) for k, v in req_headers.items() if k not in CLIENT_HEADERS_DROPPED]
+        headers = forwarded_client_headers(req_headers)
         headers.append(("content-type", "application/json"))
         mode = await self.auth_mode(provider)
         self.oauth_used = mode == "oauth"
         one_m = self.one_m_beta(target)
         if mode == "oauth":
             token = await self.server.oauth.access_token()
-            anthropic_body, oauth_headers = shape_oauth_request(
-                anthropic_body if anthropic_body is not None else parse_json_body(raw),
-                req_headers, token, one_m=one_m)
+            anthropic_body = anthropic_body if anthropic_body is not None else parse_json_body(raw)
+            anthropic_body, oauth_headers = await self.run(convert, BadRequest, "request", shape_oauth_request,
+                                                           anthropic_body, req_headers, token, one_m=one_m)
             headers = [(k, v) for k, v in headers if k not in oauth_headers] + list(oauth_headers.items())
             raw = b""
         else:
@@ -5224,7 +6975,7 @@ class Exchange:
         if not any(k == "anthropic-version" for k, _ in headers):
             headers.append(("anthropic-version", provider["anthropic_version"]))
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        body = raw or json_bytes(anthropic_body)
+        body = raw or await self.run(json_bytes, anthropic_body)
         return provider["base_url"] + path, headers, body
 
     @staticmethod
@@ -5239,7 +6990,8 @@ class Exchange:
         if notes:
             self.server.drops.say(notes, self.target.describe() if self.target else "-")
 
-    async def openai_call(self, target: Target, openai_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    async def openai_call(self, target: Target, openai_body: dict,
+                          path: str = "/chat/completions") -> Tuple[str, List[Tuple[str, str]], bytes]:
         """URL, headers and body for an openai-format provider."""
         provider = target.provider
         mode = await self.auth_mode(provider)
@@ -5248,7 +7000,10 @@ class Exchange:
         headers = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")]
         headers += self.credential_headers(provider, mode)
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
-        return provider["base_url"] + "/chat/completions", headers, json_bytes(openai_body)
+        url = provider["base_url"] + path
+        if provider.get("azure"):             # Azure OpenAI: the deployment is in base_url
+            url += "?api-version=" + urllib.parse.quote(provider["api_version"])
+        return url, headers, await self.run(json_bytes, openai_body)
 
     # -- a provider's own model list -----------------------------------------------------------
 
@@ -5299,6 +7054,8 @@ class Exchange:
         self.upstream_status = response.status
         if response.status >= 300:
             body = await response.read(1 << 20)
+            log.debug("request %s: %s answered %d: %s", self.req.id, self.target.describe() if self.target else "upstream",
+                      response.status, self.server.redactor.scrub(body[:2000].decode("utf-8", "replace")))
             raise UpstreamStatus(response.status, response.headers, body)
 
     async def relay_raw(self, response: UpstreamResponse) -> None:
@@ -5336,12 +7093,194 @@ class Exchange:
         await drain_rest(body)
 
 
+# ---- stored responses (POST /v1/responses with store; sqlite3 off the event loop) -------------
+
+RESPONSES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, previous TEXT,
+                                      size INTEGER NOT NULL, response TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);
+CREATE TABLE IF NOT EXISTS items (response_id TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT,
+                                  kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (response_id, seq));
+CREATE INDEX IF NOT EXISTS items_by_id ON items (id);
+"""
+SQLITE_BUSY_TIMEOUT = 10.0          # seconds another process may hold the write lock
+MAX_RESPONSE_CHAIN = 1000           # previous_response_id links followed at most
+ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                  "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
+
+
+class ResponseStore:
+    """Stored responses in one sqlite3 file (WAL: several proxy processes share it), bounded by
+    size and age with the oldest evicted at each write. The blocking methods each open their own
+    connection and run in the loop's executor through `call`; a response is reserved while it is
+    being answered, so a request naming it as previous_response_id waits for its write."""
+
+    def __init__(self, path: str, *, max_bytes: int, max_age: float, clock: Clock = time.time):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.clock = clock
+        self._ready = False
+        self._pending: Dict[str, asyncio.Future] = {}
+
+    # -- blocking side (executor threads)
+
+    def _run(self, work: Callable[[sqlite3.Connection], Any], write: bool = False, absent: Any = None) -> Any:
+        """work(db) on a fresh connection; the file (0600, dir 0700) and schema made by the first write
+        (a read before any write answers `absent`)."""
+        if not self._ready and not write and not os.path.exists(self.path):
+            return absent
+        if not self._ready:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None)
+        try:
+            if not self._ready:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(RESPONSES_SCHEMA)
+                self._ready = True
+            return work(db)
+        finally:
+            db.close()
+
+    def put(self, response: dict, input_items: List[dict]) -> None:
+        """Store a response with its own input items (replacing one of the same id), then evict."""
+        rows = [("input", item) for item in input_items] + [("output", item) for item in response["output"]]
+        texts = [(kind, item.get("id"), json_text(item)) for kind, item in rows]
+        response_text = json_text(response)
+        size = len(response_text) + sum(len(text) for _, _, text in texts)
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            self._delete(db, [response["id"]])
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (
+                response["id"], self.clock(), response.get("previous_response_id"), size, response_text))
+            db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)", [
+                (response["id"], seq, item_id, kind, text) for seq, (kind, item_id, text) in enumerate(texts)])
+            self._delete(db, self._doomed(db))
+            db.execute("COMMIT")
+        self._run(work, write=True)
+
+    def _doomed(self, db: sqlite3.Connection) -> List[str]:
+        """Ids past the age limit, then the oldest until the rest fits the size limit."""
+        cutoff = self.clock() - self.max_age
+        doomed = [rid for (rid,) in db.execute("SELECT id FROM responses WHERE created < ?", (cutoff,))]
+        (total,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM responses WHERE created >= ?", (cutoff,)).fetchone()
+        excess = total - self.max_bytes
+        if excess <= 0:
+            return doomed
+        for rid, size in db.execute("SELECT id, size FROM responses WHERE created >= ? ORDER BY created",
+                                    (cutoff,)).fetchall():
+            if excess <= 0:
+                break
+            doomed.append(rid)
+            excess -= size
+        return doomed
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, response_ids: List[str]) -> int:
+        """Remove responses and their items; how many responses there were."""
+        gone = 0
+        for rid in response_ids:
+            gone += db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount
+            db.execute("DELETE FROM items WHERE response_id = ?", (rid,))
+        return gone
+
+    def get(self, response_id: str) -> Optional[dict]:
+        """A stored response object, or None."""
+        row = self._run(lambda db: db.execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone())
+        return json.loads(row[0]) if row else None
+
+    def delete(self, response_id: str) -> bool:
+        """Forget one response (the chain through it is then cut there, as at OpenAI)."""
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            gone = self._delete(db, [response_id])
+            db.execute("COMMIT")
+            return gone
+        return bool(self._run(work, absent=0))
+
+    def input_items(self, response_id: str) -> Optional[List[dict]]:
+        """A stored response's own input items, or None when it is unknown."""
+        def work(db: sqlite3.Connection) -> Optional[List[dict]]:
+            if db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone() is None:
+                return None
+            return [json.loads(text) for (text,) in db.execute(
+                "SELECT item FROM items WHERE response_id = ? AND kind = 'input' ORDER BY seq", (response_id,))]
+        return self._run(work)
+
+    def history(self, response_id: str) -> Optional[List[dict]]:
+        """Input and output items of a response and its predecessors, oldest first; None if unknown."""
+        def work(db: sqlite3.Connection) -> Optional[List[dict]]:
+            chain, current = [], response_id
+            while current and len(chain) < MAX_RESPONSE_CHAIN:
+                row = db.execute("SELECT previous FROM responses WHERE id = ?", (current,)).fetchone()
+                if row is None:
+                    break
+                chain.append(current)
+                current = row[0]
+            if not chain:
+                return None
+            return [json.loads(text) for rid in reversed(chain) for (text,) in db.execute(
+                "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))]
+        return self._run(work)
+
+    def items(self, item_ids: List[str]) -> Dict[str, dict]:
+        """Stored items by id (for item_reference); unknown ids are absent."""
+        def work(db: sqlite3.Connection) -> Dict[str, dict]:
+            found = {}
+            for item_id in item_ids:
+                row = db.execute("SELECT item FROM items WHERE id = ? LIMIT 1", (item_id,)).fetchone()
+                if row:
+                    found[item_id] = json.loads(row[0])
+            return found
+        return self._run(work, absent={})
+
+    # -- event-loop side
+
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """One blocking method in the executor, after any write still pending for args[0]; a
+        database that fails is a 500 naming the file."""
+        pending = self._pending.get(args[0]) if args and isinstance(args[0], str) else None
+        if pending is not None:
+            await asyncio.shield(pending)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise ProxyError(f"response store {self.path}: {exc.__class__.__name__}: {exc}") from None
+
+    def reserve(self, response_id: str) -> None:
+        """Mark a response as being answered: reads of its id wait until release()."""
+        self._pending[response_id] = asyncio.get_running_loop().create_future()
+
+    def release(self, response_id: str) -> None:
+        """The response was stored (or will not be): let waiting reads go on."""
+        future = self._pending.pop(response_id, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+def with_item_ids(items: List[dict]) -> List[dict]:
+    """Input items as stored: each with an id (listings need one), minted where the client sent none."""
+    return [item if item.get("id") else dict(item, id=new_id(ITEM_ID_PREFIX.get(item.get("type"), "item_")))
+            for item in items]
+
+
+def list_page(items: List[dict], limit: int, order: str, after: Optional[str]) -> dict:
+    """One cursor page of items (`limit`, `order` asc|desc, `after` an item id), OpenAI's list shape."""
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item.get("id") for item in ordered]
+    start = ids.index(after) + 1 if after in ids else 0
+    data = ordered[start:start + limit]
+    return {"object": "list", "data": data, "first_id": data[0].get("id") if data else None,
+            "last_id": data[-1].get("id") if data else None, "has_more": start + limit < len(ordered)}
+
+
 async def handle_messages(x: Exchange) -> None:
     """POST /v1/messages: an Anthropic client, to an anthropic- or openai-format provider."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
-                          "anthropic")
+    body = await x.json_body({"model": str, "messages": list, "max_tokens": int})
     needs_estimate = "long_context" in x.config.routes
-    estimate = convert(BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
+    estimate = await x.run(convert, BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
     x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body), input_tokens=estimate)
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages")
@@ -5396,8 +7335,8 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         notes: Notes = []
-        openai_body = convert(BadRequest, "request", anthropic_to_openai_request, body, upstream_spec(target),
-                              session_id=session, notes=notes)
+        openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, body,
+                                  upstream_spec(target), session_id=session, notes=notes)
         x.say(notes)
         return await x.openai_call(target, openai_body)
     response = await x.send(build, stream=bool(body.get("stream")))
@@ -5430,17 +7369,18 @@ async def send_events(x: Exchange, events: List[Any], encode: Callable[[Any], by
 
 async def handle_count_tokens(x: Exchange) -> None:
     """POST /v1/messages/count_tokens: the provider's own count, or an honest local estimate."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list}, "anthropic")
+    body = await x.json_body({"model": str, "messages": list})
     x.target = resolve_target(x.config, body["model"])
     if x.target.provider["format"] == "anthropic":
         await anthropic_passthrough(x, body, "/v1/messages/count_tokens")
     else:
-        await x.out.respond_json(200, {"input_tokens": convert(BadRequest, "request", estimate_anthropic_tokens, body)})
+        estimate = await x.run(convert, BadRequest, "request", estimate_anthropic_tokens, body)
+        await x.out.respond_json(200, {"input_tokens": estimate})
 
 
 async def handle_chat_completions(x: Exchange) -> None:
     """POST /v1/chat/completions: an OpenAI client, to Claude or passed straight through."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list}, "openai")
+    body = await x.json_body({"model": str, "messages": list})
     x.target = resolve_openai_target(x.config, body["model"])
     if x.target.provider["format"] == "openai":
         await openai_passthrough(x, body)
@@ -5448,13 +7388,15 @@ async def handle_chat_completions(x: Exchange) -> None:
         await openai_via_anthropic(x, body)
 
 
-async def openai_passthrough(x: Exchange, body: dict) -> None:
-    """OpenAI in, OpenAI out: only the model name and the credentials rewritten."""
+async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/completions") -> None:
+    """OpenAI in, OpenAI out (chat completions, or Responses to a provider serving them): only
+    the model name and the credentials rewritten."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        url, headers, _ = await x.openai_call(target, {})
+        url, headers, _ = await x.openai_call(target, {}, path)
         same = body["model"] == target.spec["model"]
-        url += "?" + x.req.query if x.req.query else ""
-        return url, headers, x.req.body if same else json_bytes(dict(body, model=target.spec["model"]))
+        if x.req.query:                         # the client's query string is kept (Azure's after it)
+            url += ("&" if "?" in url else "?") + x.req.query
+        return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
@@ -5463,19 +7405,29 @@ async def openai_passthrough(x: Exchange, body: dict) -> None:
         response.close()
 
 
+async def anthropic_converted_call(x: Exchange, target: Target,
+                                   anthropic_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    """The upstream call of a request converted to Anthropic: mid-conversation system messages
+    carry their beta."""
+    url, headers, payload = await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
+    inline = any(isinstance(m, dict) and m.get("role") == "system" for m in anthropic_body.get("messages") or [])
+    return url, add_beta(headers, MID_CONVERSATION_SYSTEM_BETA if inline else None), payload
+
+
 async def openai_via_anthropic(x: Exchange, body: dict) -> None:
     """OpenAI in, Claude upstream: convert the request and the answer."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         notes: Notes = []
-        anthropic_body = convert(BadRequest, "request", openai_to_anthropic_request, body, target.spec["model"],
-                                 facts=target.facts(), variant_effort=target.effort,
-                                 anthropic_version=target.provider["anthropic_version"], notes=notes)
+        anthropic_body = await x.run(convert, BadRequest, "request", openai_to_anthropic_request, body,
+                                     target.spec["model"], facts=target.facts(), variant_effort=target.effort,
+                                     anthropic_version=target.provider["anthropic_version"], notes=notes)
         x.say(notes)
-        url, headers, payload = await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
-        inline = any(m["role"] == "system" for m in anthropic_body["messages"])
-        return url, add_beta(headers, MID_CONVERSATION_SYSTEM_BETA if inline else None), payload
+        return await anthropic_converted_call(x, target, anthropic_body)
     response = await x.send(build, stream=bool(body.get("stream")))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise BadRequest("stream_options must be an object", param="stream_options")
+    include_usage = bool(stream_options.get("include_usage"))
     try:
         await x.check_status(response)
         if body.get("stream") and "text/event-stream" in response.headers.get("content-type", ""):
@@ -5492,6 +7444,163 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
             await x.out.respond_json(200, answer, relayed_headers(response.headers))
     finally:
         response.close()
+
+
+def responses_reasoning_on(responses_body: dict) -> bool:
+    """Whether a Responses request asks for reasoning (it then takes the think route)."""
+    reasoning = responses_body.get("reasoning")
+    return isinstance(reasoning, dict) and reasoning.get("effort") not in (None, "none")
+
+
+def reasoning_origin(target: Target) -> str:
+    """Who made a reasoning blob: its thinking is replayed only to the same provider and model."""
+    return f"{target.provider['name']}/{target.spec['model']}"
+
+
+async def handle_responses(x: Exchange) -> None:
+    """POST /v1/responses: a Responses client, to Claude or a chat provider (converted through the
+    hub), or relayed to a provider that serves /responses itself."""
+    body = await x.json_body({"model": str})
+    x.target = resolve_openai_target(x.config, body["model"], thinking=responses_reasoning_on(body))
+    if x.target.provider.get("responses"):
+        await openai_passthrough(x, body, "/responses")
+        return
+    own_input = with_item_ids(await x.run(convert, BadRequest, "request", responses_input_items, body))
+    expanded = dict(body, input=await responses_history(x, body, own_input))
+    _, tools, dropped = convert(BadRequest, "request", responses_tools, body)
+    if dropped:
+        log.info("built-in tools without an equivalent on %s dropped: %s", x.target.describe(), ", ".join(dropped))
+    store, response_id = x.server.responses, new_id("resp_")
+    shell = responses_shell(body, response_id, int(time.time()))
+    machine = AnthropicToResponsesStream(shell, tools=tools, summaries=shell["reasoning"]["summary"] is not None)
+    if body.get("store") is not False:
+        store.reserve(response_id)
+    try:
+        await responses_converted(x, body, expanded, machine)
+        if body.get("store") is not False and machine.response:
+            await store_response(store, machine.response, own_input)
+    finally:
+        store.release(response_id)
+
+
+async def responses_history(x: Exchange, body: dict, own_input: List[dict]) -> List[dict]:
+    """The input with the stored chain of previous_response_id in front and item references resolved."""
+    previous = body.get("previous_response_id")
+    history: List[dict] = []
+    if previous is not None:
+        found = await x.server.responses.call(x.server.responses.history, str(previous))
+        if found is None:
+            raise NotFound(f"Previous response with id {previous!r} not found.", param="previous_response_id")
+        history = found
+    references = [str(item.get("id")) for item in own_input if item["type"] == "item_reference"]
+    stored = await x.server.responses.call(x.server.responses.items, references) if references else {}
+    for item_id in references:
+        if item_id not in stored:
+            raise NotFound(f"Item with id {item_id!r} not found.", param="input")
+    return history + [stored[item["id"]] if item["type"] == "item_reference" else item for item in own_input]
+
+
+async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: AnthropicToResponsesStream) -> None:
+    """Convert the request for the target, then the answer (stream or not) through the machine."""
+    stream = bool(body.get("stream"))
+    x.stream_error = lambda exc: b"".join([format_responses_event(e) for e in machine.fail(exc.message, exc.error_type)])
+    response = await x.send(lambda target: responses_call(x, target, expanded), stream=stream)
+    try:
+        await x.check_status(response)
+        machine.origin = reasoning_origin(x.target)
+        via_chat = x.target.provider["format"] == "openai"
+        upstream = ChainedStream(OpenAIToAnthropicStream(body["model"]), machine) if via_chat else machine
+        if stream and "text/event-stream" in response.headers.get("content-type", ""):
+            await x.relay_converted(response, upstream, format_responses_event)
+            return
+        answer = parse_upstream_json(await response.read())
+        message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic, answer, body["model"]) \
+            if via_chat else answer
+        if stream:
+            events = convert(UpstreamError, "upstream answer", anthropic_message_as_events, message)
+            await send_events(x, feed_events(machine, events, parsed=True), format_responses_event)
+        else:
+            answer = convert(UpstreamError, "upstream answer", anthropic_to_responses_response, message, machine)
+            await x.out.respond_json(200, answer, relayed_headers(response.headers))
+    finally:
+        response.close()
+
+
+async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    """URL, headers and body of the upstream call for a Responses request on this target."""
+    origin = reasoning_origin(target)
+    if target.provider["format"] == "openai":
+        openai_body = await x.run(convert, BadRequest, "request", responses_to_openai_request, expanded,
+                                  upstream_spec(target), variant_effort=target.effort, origin=origin)
+        return await x.openai_call(target, openai_body)
+    notes: Notes = []
+    anthropic_body = await x.run(convert, BadRequest, "request", responses_to_anthropic_request, expanded,
+                                 target.spec["model"], facts=target.facts(), variant_effort=target.effort,
+                                 origin=origin, anthropic_version=target.provider["anthropic_version"], notes=notes)
+    x.say(notes)
+    if expanded.get("prompt_cache_key"):       # the client asked for caching: stable breakpoints
+        anthropic_body = add_cache_breakpoints(anthropic_body)
+    return await anthropic_converted_call(x, target, anthropic_body)
+
+
+async def store_response(store: ResponseStore, response: dict, own_input: List[dict]) -> None:
+    """Keep a finished response; a store that fails costs the client nothing but a warning."""
+    try:
+        await store.call(store.put, response, own_input)
+    except ProxyError as exc:
+        log.warning("response %s not stored: %s", response["id"], exc.message)
+
+
+def stored_response_path(x: Exchange) -> Tuple[str, str]:
+    """(response id, rest of the path) of /v1/responses/{id}[/...]."""
+    rest = x.req.path.split("/responses/", 1)[1]
+    response_id, _, tail = rest.partition("/")
+    return urllib.parse.unquote(response_id), tail
+
+
+async def handle_stored_response(x: Exchange) -> None:
+    """GET /v1/responses/{id} and GET /v1/responses/{id}/input_items (limit, order, after)."""
+    response_id, tail = stored_response_path(x)
+    store = x.server.responses
+    if tail == "input_items":
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(x.req.query).items()}
+        limit, order = query.get("limit", "20"), query.get("order", "desc")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100 or order not in ("asc", "desc"):
+            raise BadRequest("limit must be 1-100 and order asc or desc", param="limit" if order in ("asc", "desc") else "order")
+        items = await store.call(store.input_items, response_id)
+        if items is None:
+            raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+        await x.out.respond_json(200, list_page(items, int(limit), order, query.get("after")))
+        return
+    if parse_bool(urllib.parse.parse_qs(x.req.query).get("stream", ["false"])[-1]):
+        raise BadRequest("stream=true is not supported here: a stored response is answered as JSON", param="stream")
+    response = await store.call(store.get, response_id) if not tail else None
+    if response is None:
+        raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+    await x.out.respond_json(200, response)
+
+
+async def handle_delete_response(x: Exchange) -> None:
+    """DELETE /v1/responses/{id}."""
+    response_id, tail = stored_response_path(x)
+    store = x.server.responses
+    if tail or not await store.call(store.delete, response_id):
+        raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+    await x.out.respond_json(200, {"id": response_id, "object": "response", "deleted": True})
+
+
+async def handle_responses_other(x: Exchange) -> None:
+    """POST /v1/responses/{id}/cancel, /compact, /input_tokens: OpenAI server features, not kept here."""
+    raise NotFound(f"{x.req.path} is not supported by this proxy (no background, compaction or token "
+                   "counting for Responses)")
+
+
+async def handle_responses_websocket(x: Exchange) -> None:
+    """GET /v1/responses, a WebSocket upgrade: refused at once with 426, which Codex answers by
+    falling back to HTTP without a retry (a 404 or 501 costs it a retry round, a 400 ends its turn)."""
+    x.req.keep_alive = False
+    raise ProxyError("WebSocket is not supported here: POST /v1/responses over HTTP (SSE when streaming)",
+                     status=426, error_type="invalid_request_error")
 
 
 # ---- GET /v1/models: configured models, route aliases, providers' own lists, the model table
@@ -5693,6 +7802,12 @@ ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
     ("POST", "/v1/messages/count_tokens", handle_count_tokens, True),
     ("POST", "/v1/chat/completions", handle_chat_completions, True),
     ("POST", "/chat/completions", handle_chat_completions, True),
+    ("POST", "/v1/responses", handle_responses, True),
+    ("POST", "/responses", handle_responses, True),
+    ("GET", "/v1/responses", handle_responses_websocket, True),
+    ("GET", "/v1/responses/", handle_stored_response, False),
+    ("DELETE", "/v1/responses/", handle_delete_response, False),
+    ("POST", "/v1/responses/", handle_responses_other, False),
     ("GET", "/v1/models", handle_models, True),
     ("GET", "/v1/models/", handle_model, False),
     ("GET", "/health", handle_health, True),
@@ -5723,9 +7838,10 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
 
 
 def check_access(settings: dict, req: Request) -> None:
-    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured."""
+    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
+    which never carry credentials, and the public paths excepted)."""
     key = settings.get("proxy_api_key")
-    if not key or req.path in PUBLIC_PATHS:
+    if not key or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
         return
     offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
     if offered.lower().startswith("bearer "):
@@ -5734,29 +7850,59 @@ def check_access(settings: dict, req: Request) -> None:
         raise AuthError("invalid proxy key: send PROXY_API_KEY as x-api-key or Bearer token")
 
 
+def error_body(x: Exchange, exc: ProxyError) -> dict:
+    """The error envelope of the client's dialect."""
+    return openai_error_body(exc) if x.req.dialect == "openai" else anthropic_error_body(exc, x.req.id)
+
+
+def error_event(x: Exchange, exc: ProxyError) -> bytes:
+    """The error as one SSE event of the client's dialect."""
+    return format_sse(json_text(error_body(x, exc)), "error" if x.req.dialect == "anthropic" else None)
+
+
 async def render_error(x: Exchange, exc: ProxyError) -> None:
-    """An error in the client's dialect: a JSON response, or one event if streaming began."""
+    """An error in the client's dialect: a JSON response, or one event if streaming began. An
+    upstream's own error body is relayed (same dialect) or converted, with every secret the
+    proxy knows scrubbed from it (an upstream may quote the credential it rejected)."""
+    x.error_type = exc.error_type
+    if exc.retryable is False:
+        x.out.extra_headers = x.out.extra_headers + [("x-should-retry", "false")]
     if isinstance(exc, UpstreamStatus):
+        scrubbed = x.server.redactor.scrub(exc.body.decode("utf-8", "replace")).encode("utf-8")
         if x.target and x.target.provider["format"] == x.req.dialect and not x.out.started \
-                and upstream_error_detail(exc.body)[0] is not None:
+                and upstream_error_detail(scrubbed)[0] is not None:
             await x.out.respond(exc.status, [("content-type", "application/json")] +
-                                relayed_headers(exc.headers), exc.body)
+                                relayed_headers(exc.headers), scrubbed)
             return
         extra = relayed_headers(exc.headers)
-        exc = error_from_upstream(exc)
+        exc = error_from_upstream(UpstreamStatus(exc.status, exc.headers, scrubbed))
     else:
         extra = []
-    if x.req.dialect == "openai":
-        body = openai_error_body(exc)
-    else:
-        body = anthropic_error_body(exc, x.req.id)
     if not x.out.started:
-        await x.out.respond_json(exc.status, body, extra)
+        await x.out.respond_json(exc.status, error_body(x, exc), extra)
         return
     x.req.keep_alive = False
-    event = format_sse(json_text(body), "error" if x.req.dialect == "anthropic" else None)
+    event = x.stream_error(exc) if x.stream_error else error_event(x, exc)
     await (x.relay.error(event) if x.relay else x.out.send(event))
     await x.out.finish()
+
+
+SHUTDOWN_CUT = ProxyError("the proxy is shutting down and cut this answer short; retry",
+                          status=503, error_type="overloaded_error")
+
+
+def cut_at_shutdown(x: Exchange) -> None:
+    """Past the shutdown grace: end the answer at once (no await) with an error in the client's
+    dialect, so a cut stream is never mistaken for a complete one."""
+    x.error_type, x.req.keep_alive = "shutdown", False
+    if not x.out.started:
+        x.out.started, x.out.status = True, 503
+        x.out.writer.write(http_error_bytes(503, SHUTDOWN_CUT.error_type, SHUTDOWN_CUT.message))
+        return
+    event = error_event(x, SHUTDOWN_CUT)
+    x.out.write_now(event if x.out.at_boundary else b"\n\n" + event)
+    if x.out.chunked:
+        x.out.writer.write(LAST_CHUNK)
 
 
 async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> None:
@@ -5768,12 +7914,15 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
         if req.method == "OPTIONS":
             await out.respond(204 if out.extra_headers else 404, [], b"")
             return
-        check_access(server.config.settings, req)
         await find_handler(req.method, req.path)(x)
     except asyncio.CancelledError:
+        if server.closing:
+            cut_at_shutdown(x)
         raise
     except ProxyError as exc:
         await render_safely(x, exc)
+    except RecursionError:
+        await render_safely(x, BadRequest("request nested too deeply"))
     except (ConnectionError, asyncio.IncompleteReadError):
         req.keep_alive = False
     except Exception:
@@ -5782,19 +7931,66 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
     finally:
         if x.relay:
             x.relay.stop()
-        access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", req.method, req.path,
-                        x.target.describe() if x.target else "-", x.upstream_status or "-",
-                        out.status or "-", (time.monotonic() - started) * 1000, out.bytes_sent)
+        write_access_line(x, time.monotonic() - started)
+
+
+def write_access_line(x: Exchange, elapsed: float) -> None:
+    """The one access line of a request (client-controlled parts escaped by the log filter)."""
+    status = f"{x.out.status or '-'}" + (f" error={x.error_type}" if x.error_type else "")
+    access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method, x.req.path[:300],
+                    x.target.describe() if x.target else "-", x.upstream_status or "-",
+                    status, elapsed * 1000, x.out.bytes_sent)
 
 
 async def render_safely(x: Exchange, exc: ProxyError) -> None:
     """render_error, giving up quietly when the client is already gone."""
-    if exc.status >= 500:
+    if exc.status >= 500 or exc.retryable is False:
         log.warning("request %s failed: %s", x.req.id, exc.message)
     try:
         await render_error(x, exc)
     except (ConnectionError, asyncio.IncompleteReadError):
         x.req.keep_alive = False
+
+
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+BROWSER_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def host_name(host_header: str) -> str:
+    """A Host header without its port, lower-cased ("[::1]:8082" -> "[::1]")."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def cors_allowed(settings: dict, origin: str) -> bool:
+    """Whether CORS was configured for this origin."""
+    return origin in settings["cors_origins"] or "*" in settings["cors_origins"]
+
+
+def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> None:
+    """What a web page in the user's browser must not be able to do (DNS rebinding, CSRF):
+    on a loopback bind a Host that is not this machine's (unless ALLOWED_HOSTS names it); an
+    Origin other than the proxy's own or a CORS-configured one; a cross-site or same-site
+    fetch without such an Origin (Sec-Fetch-Site, sent by every current browser); a form or
+    text/plain body on a JSON endpoint. Clients that send none of these (curl, the SDKs,
+    Claude Code, Codex) are unaffected. Exposed binds rely on the proxy key for the rest."""
+    host = req.headers.get("host")
+    if loopback_bind and host is not None and host_name(host) not in LOCAL_HOST_NAMES \
+            and host not in settings["allowed_hosts"] and host_name(host) not in settings["allowed_hosts"]:
+        raise PermissionDenied(f"Host {log_safe(host)!r} is not this proxy's (a DNS-rebinding page?); "
+                               "list it in ALLOWED_HOSTS if a reverse proxy serves the proxy under it")
+    origin = req.headers.get("origin")
+    own = origin is not None and host is not None and origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
+    if origin is not None and not own and not cors_allowed(settings, origin):
+        raise PermissionDenied(f"requests from the web origin {log_safe(origin)!r} are refused (set CORS_ORIGINS to allow it)")
+    fetch_site = req.headers.get("sec-fetch-site", "").lower()
+    if fetch_site in ("cross-site", "same-site") and not (origin and (own or cors_allowed(settings, origin))):
+        raise PermissionDenied("requests made by another web site are refused")
+    media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if req.method == "POST" and media_type in BROWSER_FORM_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {media_type} is not accepted here: send application/json")
 
 
 def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
@@ -5827,8 +8023,25 @@ class ClientConnection:
         self.pending = b""
         self.busy = False
         self.task = asyncio.current_task()
+        self.handler: Optional[asyncio.Task] = None
         peer = writer.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "local"
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit less a reserve (each client may hold an upstream socket too)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return 10000
+    return max(16, (soft - 64) // 2)
+
+
+TOO_MANY_CONNECTIONS = http_error_bytes(503, "overloaded_error",
+                                        "too many open connections to the proxy; retry shortly")
 
 
 class ProxyServer:
@@ -5845,24 +8058,51 @@ class ProxyServer:
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
         self.drops = DropLog()                    # which kinds of dropped fields were said at INFO
         self.model_lists = ModelLists()           # the providers' own /v1/models, cached
+        self.responses = ResponseStore(os.path.join(config.home, "responses.db"),
+                                       max_bytes=int(settings["responses_store_mb"] * 1024 * 1024),
+                                       max_age=settings["responses_store_days"] * 86400, clock=clock)
         self.connections: set = set()
+        self.max_connections = settings["max_connections"] or default_max_connections()
+        self.buffered = 0             # request body bytes held by all connections
         self.closing = False
         self.exposed = False          # bound beyond loopback without a proxy key: no OAuth via auto
+        self.loopback_bind = True
+        self.log_limits: Dict[str, Tuple[float, int]] = {}    # message -> (last logged, suppressed)
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, host: Optional[str] = None, port: Optional[int] = None) -> Tuple[str, int]:
-        """Bind and start accepting; returns the bound address."""
+        """Bind and start accepting; returns the bound address (ConfigError when it cannot)."""
         host = host or self.config.settings["host"]
+        port = self.config.settings["port"] if port is None else port
         check_exposure(self.config, host)
         self.exposed = not is_loopback(host) and not self.config.settings.get("proxy_api_key")
-        self._server = await asyncio.start_server(
-            self._serve_connection, host,
-            self.config.settings["port"] if port is None else port, limit=MAX_HEADER_BYTES)
+        self.loopback_bind = is_loopback(host)
+        await run_off_loop(self.oauth.tokens.record)          # read the saved login once, off the loop
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
+        try:
+            self._server = await asyncio.start_server(self._serve_connection, host, port, limit=MAX_HEADER_BYTES)
+        except OSError as exc:
+            raise ConfigError(listen_error(host, port, exc)) from None
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """The event loop's error hook: a repeated message (accept() out of file descriptors,
+        say) is logged once per 10 s with a count, not once per event."""
+        message = context.get("message", "event loop error")
+        now, (last, suppressed) = time.monotonic(), self.log_limits.get(message, (0.0, 0))
+        if now - last < 10.0:
+            self.log_limits[message] = (last, suppressed + 1)
+            return
+        self.log_limits[message] = (now, 0)
+        exc = context.get("exception")
+        detail = f": {type(exc).__name__}: {exc}" if exc else ""
+        more = f" ({suppressed} more like it suppressed)" if suppressed else ""
+        log.error("%s%s%s", message, detail, more)
+
     async def shutdown(self) -> None:
-        """Stop accepting, close idle connections, let busy ones finish within the grace period."""
+        """Stop accepting, close idle connections, let busy ones finish within the grace period;
+        what is still running then is cut with an error in its client's dialect."""
         self.closing = True
         if self._server:
             self._server.close()
@@ -5872,12 +8112,19 @@ class ProxyServer:
         busy = [c.task for c in self.connections if c.busy]
         if busy:
             _, pending = await asyncio.wait(busy, timeout=self.config.settings["shutdown_grace"])
-            for task in pending:
-                task.cancel()
+            for conn in [c for c in self.connections if c.task in pending]:
+                (conn.handler or conn.task).cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self.pool.close()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= self.max_connections and not self._make_room():
+            writer.write(TOO_MANY_CONNECTIONS)
+            await linger(reader, writer, 0.2, 1 << 16)
+            writer.close()
+            self._loop_exception(asyncio.get_running_loop(), {"message": f"connection limit "
+                                 f"({self.max_connections}, MAX_CONNECTIONS) reached; refusing clients"})
+            return
         conn = ClientConnection(reader, writer)
         self.connections.add(conn)
         try:
@@ -5887,6 +8134,14 @@ class ProxyServer:
         finally:
             self.connections.discard(conn)
             writer.close()
+
+    def _make_room(self) -> bool:
+        """Close one idle keep-alive connection so a new client can be served."""
+        idle = next((c for c in self.connections if not c.busy), None)
+        if idle is not None:
+            self.connections.discard(idle)
+            idle.task.cancel()
+        return idle is not None
 
     async def _connection_loop(self, conn: ClientConnection) -> None:
         settings, first_request = self.config.settings, True
@@ -5898,37 +8153,79 @@ class ProxyServer:
                 return
             conn.busy = True
             req = await self._read_request(conn, first)
-            if req is None:
-                return
-            await self._run(conn, req)
+            try:
+                if req is None or not await self._read_body(conn, req):
+                    return
+                await self._run(conn, req)
+            finally:
+                self.buffered -= req.reserved if req else 0
             conn.busy = False
             if not req.keep_alive:
                 return
 
     async def _read_request(self, conn: ClientConnection, first: bytes) -> Optional[Request]:
-        """Head and body within the limits; a limit breach is answered and ends the connection."""
+        """The head within its limits, checked before any body byte is read (the browser guard
+        and the proxy key); a refusal is answered and ends the connection."""
         settings = self.config.settings
         try:
             head = await asyncio.wait_for(read_head(conn.reader, first), settings["header_timeout"])
             method, target, version, headers = parse_request_head(head)
-            body = await asyncio.wait_for(read_body(conn.reader, conn.writer, headers, settings["max_body_bytes"]),
-                                          settings["read_timeout"])
         except asyncio.TimeoutError:
             return None
         except ProxyError as exc:
-            fake = Request("GET", "/", {}, b"", conn.peer)
-            await render_safely(Exchange(self, fake, ClientStream(conn.writer)), exc)
+            await self._refuse(conn, Request("GET", "/", {}, b"", conn.peer), exc)
             return None
-        req = Request(method, target, headers, body, conn.peer)
+        req = Request(method, target, headers, b"", conn.peer)
         req.http10 = version == "HTTP/1.0"
         if req.http10 and headers.get("connection", "").lower() != "keep-alive":
             req.keep_alive = False
+        try:
+            check_browser_guard(settings, req, self.loopback_bind)
+            check_access(settings, req)
+        except ProxyError as exc:
+            await self._refuse(conn, req, exc)
+            return None
         return req
 
+    async def _read_body(self, conn: ClientConnection, req: Request) -> bool:
+        """The body within BODY_TIMEOUT and the in-flight bound; False when refused."""
+        settings = self.config.settings
+        try:
+            req.body = await asyncio.wait_for(read_body(
+                conn.reader, conn.writer, req.headers, settings["max_body_bytes"], not req.http10,
+                lambda size: self._reserve(req, size)), settings["body_timeout"])
+            return True
+        except asyncio.TimeoutError:
+            exc = ProxyError(f"the request body did not arrive within {settings['body_timeout']:.0f}s "
+                             "(BODY_TIMEOUT)", status=408, error_type="timeout_error")
+        except ProxyError as refusal:
+            exc = refusal
+        await self._refuse(conn, req, exc)
+        return False
+
+    def _reserve(self, req: Request, size: int) -> None:
+        """Count size more body bytes in flight, or refuse with 503 past MAX_BUFFERED_BYTES."""
+        if self.buffered + size > self.config.settings["max_buffered_bytes"]:
+            raise ProxyError("the proxy holds too many large request bodies right now; retry shortly",
+                             status=503, error_type="overloaded_error")
+        self.buffered += size
+        req.reserved += size
+
+    async def _refuse(self, conn: ClientConnection, req: Request, exc: ProxyError) -> None:
+        """Answer a request that will not be served, then end the connection."""
+        req.keep_alive = False
+        await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
+        access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
+                        log_safe(exc.message[:200]))
+        conn.busy = False                               # nothing left to finish at shutdown
+        await linger(conn.reader, conn.writer, 1.0, 16 << 20)
+
     async def _run(self, conn: ClientConnection, req: Request) -> None:
-        """Dispatch one request, cancelling it if the client disconnects meanwhile."""
+        """Dispatch one request. End of input from the client is not taken as leaving: one that
+        half-closed after its request (`nc -N`) is answered; the handler is cancelled only when
+        the connection is reset or lost (a write fails)."""
         out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10)
-        handler = asyncio.ensure_future(dispatch(self, req, out))
+        handler = conn.handler = asyncio.ensure_future(dispatch(self, req, out))
         watcher = asyncio.ensure_future(conn.reader.read(1))
         await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not watcher.done():
@@ -5938,12 +8235,61 @@ class ProxyServer:
             early = b"" if watcher.exception() else watcher.result()
             if early:
                 conn.pending = early          # a pipelined next request: keep its first byte
+            elif watcher.exception():
+                handler.cancel()              # reset: the client is gone; stop, drop the upstream
             else:
-                handler.cancel()              # the client left: stop, and drop the upstream
-                req.keep_alive = False
+                await self._until_lost(conn, handler, out)
+            req.keep_alive = req.keep_alive and bool(early)
         await asyncio.gather(handler, return_exceptions=True)
+        conn.handler = None
         if out.must_close:
             req.keep_alive = False
+
+    @staticmethod
+    async def _until_lost(conn: ClientConnection, handler: asyncio.Task, out: ClientStream) -> None:
+        """After the client's end of input: let the handler finish unless the connection is lost
+        (an open stream is probed with SSE comments: the second write to a socket the client
+        closed entirely fails, so such a client is noticed within about a tenth of a second)."""
+        lost = asyncio.ensure_future(conn.writer.wait_closed())
+        pause = 0.02
+        while not handler.done() and not lost.done():
+            out.probe()
+            await asyncio.wait((handler, lost), timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+            pause = min(pause * 2, 1.0)
+        if not handler.done():
+            handler.cancel()
+        lost.cancel()
+        await asyncio.gather(lost, return_exceptions=True)
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float,
+                 most: int) -> None:
+    """After an answer to a request whose body was not read: stop sending, then read and drop
+    what the client still sends for a moment, so that closing does not reset the answer away
+    before the client read it (a lingering close, RFC 9112 9.6)."""
+    loop, taken = asyncio.get_running_loop(), 0
+    deadline = loop.time() + seconds
+    try:
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        while taken < most and loop.time() < deadline:
+            data = await asyncio.wait_for(reader.read(1 << 16), deadline - loop.time())
+            if not data:
+                return
+            taken += len(data)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        return
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line for a bind that failed."""
+    if exc.errno in (48, 98, 10048):                 # EADDRINUSE on macOS, Linux, Windows
+        return (f"cannot listen on {host}:{port}: the port is already in use (another claude_proxy?); "
+                "stop it or choose another port with --port")
+    if exc.errno in (13, 10013):
+        return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 async def wait_or_none(awaitable: Awaitable[bytes], timeout: float) -> Optional[bytes]:
@@ -5962,6 +8308,22 @@ def check_exposure(config: Config, host: str) -> None:
     if not is_loopback(host) and uses_oauth and not config.settings.get("proxy_api_key"):
         raise ConfigError(f"refusing to serve on {host}: Claude credentials (OAuth login or token) would be "
                           "open to the network. Set PROXY_API_KEY, or bind 127.0.0.1.")
+
+
+def upstream_notes(config: Config, has_login: bool) -> List[Tuple[int, str]]:
+    """(level, line) for the start: every upstream URL not from the built-in defaults and where
+    it came from (a .env one as a warning), and a login auto will not send to a foreign host."""
+    notes = []
+    for name, provider in config.providers.items():
+        where = config.origins.get(f"providers.{name}.base_url", "default")
+        if where != "default":
+            level = logging.WARNING if where.startswith(".env") else logging.INFO
+            notes.append((level, f"provider {name}: upstream {provider['base_url']} (from {where})"))
+        if provider["auth"] == "auto" and not provider["oauth_trusted"] and has_login:
+            notes.append((logging.WARNING, f"provider {name}: the Claude login is NOT sent to "
+                          f"{provider['base_url']} (not an Anthropic host); to send it there, set "
+                          f"\"auth\": \"oauth\" on provider {name} in the config file"))
+    return notes
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -5997,6 +8359,8 @@ async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str]) 
     stop = asyncio.Event()
     install_signal_handlers(asyncio.get_running_loop(), stop)
     log.info("claude_proxy %s listening on http://%s:%d", VERSION, host, port)
+    for level, line in upstream_notes(config, server.oauth.tokens.record() is not None):
+        log.log(level, "%s", line)
     await stop.wait()
     log.info("shutting down (grace %.0fs)", config.settings["shutdown_grace"])
     await server.shutdown()

@@ -16,6 +16,7 @@ import copy
 import gc
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -225,7 +226,7 @@ async def call(port, method, path, body=None, headers=None, raw=None):
     """One request on a fresh connection; returns (status, headers, body bytes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body or b"")
-    head = [f"{method} {path} HTTP/1.1", "host: test", "connection: close", f"content-length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close", f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
@@ -279,13 +280,13 @@ def anthropic_message(text="Hello there", model="claude-x"):
             "usage": {"input_tokens": 10, "output_tokens": 3}}
 
 
-def openai_stream_chunks(text="Hi", tool=None):
+def openai_stream_chunks(text="Hi", tool=None, call_id="call_1"):
     """A small OpenAI SSE answer with a trailing usage chunk."""
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up"}
     parts = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
     if tool:
         parts.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
-            {"index": 0, "id": "call_1", "type": "function", "function": {"name": tool[0], "arguments": ""}}]},
+            {"index": 0, "id": call_id, "type": "function", "function": {"name": tool[0], "arguments": ""}}]},
             "finish_reason": None}]))
         parts.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [
             {"index": 0, "function": {"arguments": json.dumps(tool[1])}}]}, "finish_reason": None}]))
@@ -542,13 +543,41 @@ def test_parse_request_head():
 
 @pytest.mark.parametrize("head, error", [
     (b"GARBAGE\r\n\r\n", cp.BadRequest),
-    (b"GET / HTTP/2\r\n\r\n", cp.BadRequest),
+    (b"GET / HTTP/2\r\nHost: x\r\n\r\n", cp.HTTPVersionNotSupported),
+    (b"GET / HTTP/1.9\r\nHost: x\r\n\r\n", cp.HTTPVersionNotSupported),
     (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", cp.BadRequest),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", cp.URITooLong),
+    # smuggling: bare LF, lone CR or NUL inside a field value (RFC 9112 5)
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Trace: a\ncontent-length: 0\r\n\r\n", cp.BadRequest),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Trace: a\rb\r\n\r\n", cp.BadRequest),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Trace: a\x00b\r\n\r\n", cp.BadRequest),
+    (b"GET / HTTP/1.1\nHost: x\n\n", cp.BadRequest),
+    (b"GET / HTTP/1.1\r\n\r\n", cp.BadRequest),                                  # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", cp.BadRequest),           # two Hosts
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", cp.BadRequest),
+    (b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n", cp.BadRequest),
 ])
 def test_parse_request_head_errors(head, error):
     with pytest.raises(error):
         cp.parse_request_head(head)
+
+
+def test_http10_request_needs_no_host_and_tabs_are_kept():
+    assert cp.parse_request_head(b"GET / HTTP/1.0\r\nX: a\tb\r\n\r\n") == ("GET", "/", "HTTP/1.0", {"x": "a\tb"})
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 999 Odd\r\n\r\n", b"HTTP/1.1 20 OK\r\n\r\n", b"HTTP/2 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nrequest-id: a\nset-cookie: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+])
+def test_parse_response_head_rejects_what_would_inject_or_desync(head):
+    with pytest.raises(UpstreamError):
+        cp.parse_response_head(head)
+
+
+def test_http10_upstream_answer_is_never_kept_alive():
+    assert cp.parse_response_head(b"HTTP/1.0 200 OK\r\n\r\n") == (200, {"connection": "close"})
 
 
 @pytest.mark.parametrize("headers, framing", [
@@ -560,11 +589,33 @@ def test_body_framing(headers, framing):
     assert cp.body_framing(headers) == framing
 
 
-def test_body_framing_rejects_smuggling():
+@pytest.mark.parametrize("headers", [
+    {"transfer-encoding": "chunked", "content-length": "3"}, {"content-length": "-1"},
+    {"content-length": "\u00b2"}, {"content-length": "1 2"}, {"content-length": "+5"},
+    {"transfer-encoding": "chunked, gzip"}, {"transfer-encoding": "xchunkedx"},
+    {"transfer-encoding": "gzip"}, {"transfer-encoding": "chunked, chunked"},
+])
+def test_body_framing_rejects_smuggling(headers):
     with pytest.raises(cp.BadRequest):
-        cp.body_framing({"transfer-encoding": "chunked", "content-length": "3"})
+        cp.body_framing(headers)
+
+
+@pytest.mark.parametrize("line", [b"0x10", b"+10", b"1_0", b" 10", b"-1", b"", b"g", b"1" * 16])
+def test_chunk_size_is_hex_digits_only(line):
     with pytest.raises(cp.BadRequest):
-        cp.body_framing({"content-length": "-1"})
+        cp.parse_chunk_size(line)
+
+
+def test_chunk_size_allows_extensions_and_bws():
+    assert cp.parse_chunk_size(b"1A ; name=value") == 26 and cp.parse_chunk_size(b"0") == 0
+
+
+def test_chunked_decoder_requires_crlf_after_data():
+    for data in (b"3\r\nabcXY0\r\n\r\n", b"3\r\nabc\n0\r\n\r\n"):
+        with pytest.raises(cp.BadRequest):
+            decode_chunked(data, [len(data)])
+        with pytest.raises(cp.BadRequest):
+            decode_chunked(data, list(range(1, len(data) + 1)))
 
 
 CHUNKED_SAMPLE = b"3\r\nabc\r\n5;ext=1\r\nde\r\nf\r\n0\r\nx-trailer: 1\r\n\r\n"
@@ -644,6 +695,25 @@ def test_sse_format_round_trip():
 
 
 @pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="shared fixtures absent")
+def test_sse_decoder_bounds_a_line_without_newline_in_linear_time():
+    decoder = cp.SSEDecoder(max_line=1 << 20)
+    piece = b"data: " + b"x" * 4090
+    with pytest.raises(UpstreamError, match="over 1048576 bytes"):
+        for _ in range(10_000):            # 40 MB offered; joined once per line, refused at 1 MiB
+            decoder.feed(piece)
+    decoder = cp.SSEDecoder(max_line=100)
+    assert decoder.feed(b"data: " + b"y" * 50 + b"\n") == []
+    with pytest.raises(UpstreamError, match="event over 100"):
+        decoder.feed(b"data: " + b"y" * 60 + b"\n")        # two data lines: the event is too big
+
+
+def test_sse_decoder_joins_a_line_split_over_many_reads():
+    decoder = cp.SSEDecoder()
+    parts = [b"event: a\nda", b"ta: ", b"1", b"2", b"3\r", b"\n\r\n", b"data: tail"]
+    events = [e for part in parts for e in decoder.feed(part)] + decoder.close()
+    assert events == [("a", "123"), ("", "tail")]
+
+
 def test_sse_decoder_on_every_real_fixture_any_split():
     for path in sorted(glob.glob(os.path.join(FIXTURES, "*.sse"))):
         data = open(path, "rb").read()
@@ -3370,6 +3440,688 @@ def test_vendor_signatures_are_tagged_in_streams_and_answers():
 
 
 # =============================================================================================
+# 9c. Converters: Responses client -> Claude
+# =============================================================================================
+
+CODEX_FIXTURES = os.path.join(SHARED, "fixtures", "codex")
+ORIGIN = "anthropic/claude-sonnet-4-5"
+
+# ---- the two real Codex 0.171.0 requests (fixtures/codex), trimmed: prompts cut, 4 of 9 tools -----
+
+CODEX_EXEC_COMMAND = {
+    "type": "function", "name": "exec_command", "strict": False,
+    "description": "Runs a command in a PTY, returning output or a session ID for ongoing interaction.",
+    "parameters": {"type": "object", "properties": {
+        "cmd": {"type": "string", "description": "Shell command to execute."},
+        "workdir": {"type": "string", "description": "Working directory for the command. Defaults to the turn cwd."},
+        "yield_time_ms": {"type": "number", "description": "Wait before yielding output."}},
+        "required": ["cmd"], "additionalProperties": False}}
+CODEX_TOOLS = [
+    CODEX_EXEC_COMMAND,
+    {"type": "function", "name": "view_image", "strict": False,
+     "description": "View a local image file from the filesystem when visual inspection is needed.",
+     "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "Local filesystem path to an image file."}},
+                    "required": ["path"], "additionalProperties": False}},
+    {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for spawning and managing sub-agents.",
+     "tools": [{"type": "function", "name": "close_agent", "strict": False,
+                "description": "Close an agent and any open descendants when they are no longer needed.",
+                "parameters": {"type": "object", "properties": {"target": {"type": "string", "description": "Agent id to close (from spawn_agent)."}},
+                               "required": ["target"], "additionalProperties": False}}]},
+    {"type": "web_search", "external_web_access": False}]
+CODEX_INPUT = [
+    {"type": "message", "id": "msg_bc5690cd-bb05-5d06-86f4-441c85693549", "role": "developer", "content": [
+        {"type": "input_text", "text": "You are a coding agent running in the Codex CLI, a terminal-based coding assistant."}]},
+    {"type": "message", "id": "msg_01a23304-e3ca-71e3-9b24-b47a15f37740", "role": "developer", "content": [
+        {"type": "input_text", "text": "<skills_instructions>\n## Skills\n</skills_instructions>"},
+        {"type": "input_text", "text": "<permissions instructions>\nFilesystem sandboxing: workspace-write.\n</permissions instructions>"}]},
+    {"type": "message", "id": "msg_01a23304-e3ca-71e3-9b24-b48bdbd83fa1", "role": "user", "content": [
+        {"type": "input_text", "text": "<environment_context>\n  <shell>bash</shell>\n</environment_context>"}]},
+    {"type": "message", "id": "msg_01a23304-e3da-75d1-bde9-7049d3a9a45f", "role": "user", "content": [
+        {"type": "input_text", "text": "create the file hello.txt with hi"}]}]
+CODEX_TURN1 = {
+    "model": "claude-sonnet-4-5", "stream": True, "input": CODEX_INPUT, "tools": CODEX_TOOLS, "tool_choice": "auto",
+    "parallel_tool_calls": True, "reasoning": {"effort": "high", "summary": "auto"}, "store": False,
+    "include": ["reasoning.encrypted_content"], "prompt_cache_key": "01a23304-e37b-7d70-a24d-2783e75bff08",
+    "client_metadata": {"session_id": "01a23304-e37b-7d70-a24d-2783e75bff08", "turn_id": "01a23304-e39a-72a3-8304-989122b87a1c"}}
+CODEX_TURN2_TAIL = [
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "I will write the file."}],
+     "content": None, "encrypted_content": "ENC-OPAQUE-123"},
+    {"type": "function_call", "status": "completed", "id": "fc_1", "name": "exec_command",
+     "arguments": "{\"cmd\": \"printf hi > hello.txt\"}", "call_id": "call_abc"},
+    {"type": "function_call_output", "id": "fco_01a23304-e488-73a0-9c05-5fb41a1fa3a7", "call_id": "call_abc",
+     "output": "Chunk ID: ecc6b8\nWall time: 0.0000 seconds\nProcess exited with code 0\nOriginal token count: 0\nOutput:\n"}]
+CODEX_TURN2 = dict(CODEX_TURN1, input=CODEX_INPUT + CODEX_TURN2_TAIL)
+
+CLAUDE_CODEX_TOOLS = [
+    {"name": "exec_command", "description": CODEX_EXEC_COMMAND["description"], "input_schema": CODEX_EXEC_COMMAND["parameters"]},
+    {"name": "view_image", "description": CODEX_TOOLS[1]["description"], "input_schema": CODEX_TOOLS[1]["parameters"]},
+    {"name": "multi_agent_v1__close_agent", "description": CODEX_TOOLS[2]["tools"][0]["description"],
+     "input_schema": CODEX_TOOLS[2]["tools"][0]["parameters"]}]
+CLAUDE_CODEX_SYSTEM = [{"type": "text", "text": CODEX_INPUT[0]["content"][0]["text"]},
+                       {"type": "text", "text": CODEX_INPUT[1]["content"][0]["text"]},
+                       {"type": "text", "text": CODEX_INPUT[1]["content"][1]["text"]}]
+CLAUDE_CODEX_USER = {"role": "user", "content": [{"type": "text", "text": CODEX_INPUT[2]["content"][0]["text"]},
+                                                 {"type": "text", "text": "create the file hello.txt with hi"}]}
+
+
+def test_codex_turn1_exact():
+    assert cp.responses_to_anthropic_request(CODEX_TURN1, "claude-sonnet-4-5", origin=ORIGIN) == {
+        "model": "claude-sonnet-4-5", "messages": [CLAUDE_CODEX_USER], "max_tokens": 32768 + 1024,
+        "system": CLAUDE_CODEX_SYSTEM, "stream": True, "tools": CLAUDE_CODEX_TOOLS, "tool_choice": {"type": "auto"},
+        "thinking": {"type": "enabled", "budget_tokens": 32768}}
+    assert cp.responses_tools(CODEX_TURN1)[1:] == ({
+        "exec_command": {"type": "function", "name": "exec_command"},
+        "view_image": {"type": "function", "name": "view_image"},
+        "multi_agent_v1__close_agent": {"type": "function", "name": "close_agent", "namespace": "multi_agent_v1"}},
+        ["web_search"])
+
+
+def test_codex_turn2_exact_foreign_reasoning_dropped_and_thinking_off():
+    """FX2's reasoning blob is another server's: dropped, so the tool turn has no signed thinking and
+    thinking goes off for this request rather than failing at Anthropic."""
+    assert cp.responses_to_anthropic_request(CODEX_TURN2, "claude-sonnet-4-5", origin=ORIGIN) == {
+        "model": "claude-sonnet-4-5", "max_tokens": 8192, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
+        "tools": CLAUDE_CODEX_TOOLS, "tool_choice": {"type": "auto"}, "messages": [
+            CLAUDE_CODEX_USER,
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_abc", "name": "exec_command",
+                                               "input": {"cmd": "printf hi > hello.txt"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_abc",
+                                          "content": CODEX_TURN2_TAIL[2]["output"]}]}]}
+
+
+def test_codex_turn2_with_our_reasoning_keeps_thinking_before_the_tool_result():
+    blob = cp.encode_reasoning(ORIGIN, [{"type": "thinking", "thinking": "I will write it.", "signature": "sig"}])
+    tail = [dict(CODEX_TURN2_TAIL[0], encrypted_content=blob)] + CODEX_TURN2_TAIL[1:]
+    body = cp.responses_to_anthropic_request(dict(CODEX_TURN1, input=CODEX_INPUT + tail), "claude-sonnet-4-5",
+                                             origin=ORIGIN)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+    assert body["messages"][1]["content"][0] == {"type": "thinking", "thinking": "I will write it.", "signature": "sig"}
+    assert [b["type"] for b in body["messages"][1]["content"]] == ["thinking", "tool_use"]
+    other = cp.responses_to_anthropic_request(dict(CODEX_TURN1, input=CODEX_INPUT + tail), "claude-opus-4-5",
+                                              origin="anthropic/claude-opus-4-5")
+    assert "thinking" not in other and [b["type"] for b in other["messages"][1]["content"]] == ["tool_use"]
+
+
+# Codex 0.171.0 with model slug gpt-5.5 (recorded through the proxy, trimmed): the freeform apply_patch
+# custom tool, a client-run tool_search, text.verbosity, and its second turn replaying our reasoning item.
+APPLY_PATCH_LARK = ("start: begin_patch hunk+ end_patch\nbegin_patch: \"*** Begin Patch\" LF\nend_patch: \"*** End Patch\" LF?\n\n"
+                    "hunk: add_hunk | delete_hunk | update_hunk\nadd_hunk: \"*** Add File: \" filename LF add_line+\n%import common.LF\n")
+CODEX_55_TOOLS = [
+    CODEX_EXEC_COMMAND,
+    {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark", "definition": APPLY_PATCH_LARK},
+     "description": "The `apply_patch` tool can be used to edit files. This is a FREEFORM tool, so do not wrap the patch in JSON."},
+    {"type": "tool_search", "execution": "client", "description": "# Tool discovery\n\nSearches over deferred tool metadata.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"], "additionalProperties": False}},
+    {"type": "web_search", "external_web_access": False}]
+CODEX_55_PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n*** End Patch\n"
+CODEX_55_TURN2 = {
+    "model": "gpt-5.5", "stream": True, "tools": CODEX_55_TOOLS, "tool_choice": "auto", "parallel_tool_calls": True,
+    "reasoning": {"effort": "high"}, "store": False, "include": ["reasoning.encrypted_content"], "text": {"verbosity": "low"},
+    "prompt_cache_key": "01a23346-228d-7141-b212-61838a51854e", "client_metadata": {"session_id": "01a23346"},
+    "input": CODEX_INPUT + [
+        {"type": "reasoning", "id": "rs_53243b9de65f63e5393a509d", "summary": [], "content": None,
+         "encrypted_content": "cp1.eyJvIjoiYW50aHJvcGljL2dwdC01LjUiLCJiIjpbeyJ0eXBlIjoidGhpbmtpbmciLCJ0aGlua2luZyI6IlR1cm4g"
+                              "MDogcGxhbi4iLCJzaWduYXR1cmUiOiJTSUctMCJ9XX0"},
+        {"type": "custom_tool_call", "id": "ctc_f513203aaa83ed63e8295fc5", "call_id": "toolu_A", "name": "apply_patch",
+         "input": CODEX_55_PATCH},
+        {"type": "custom_tool_call_output", "id": "ctco_01a23346-2379-77c3-bd8f-f6d52420a930", "call_id": "toolu_A",
+         "output": "Exit code: 0\nWall time: 0 seconds\nOutput:\nSuccess. Updated the following files:\nA hello.txt\n"}]}
+
+
+def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
+    note = ("\n\nPass the tool's raw free-form input as the `input` string, exactly as the tool expects it. "
+            "It must match this lark grammar:\n" + APPLY_PATCH_LARK)
+    assert cp.responses_to_anthropic_request(CODEX_55_TURN2, "claude-sonnet-4-5", origin="anthropic/gpt-5.5") == {
+        "model": "claude-sonnet-4-5", "max_tokens": 32768 + 1024, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
+        "thinking": {"type": "enabled", "budget_tokens": 32768}, "tool_choice": {"type": "auto"},
+        "tools": [CLAUDE_CODEX_TOOLS[0], {"name": "apply_patch", "description": (CODEX_55_TOOLS[1]["description"] + note).strip(),
+                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]}],
+        "messages": [
+            CLAUDE_CODEX_USER,
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Turn 0: plan.", "signature": "SIG-0"},
+                {"type": "tool_use", "id": "toolu_A", "name": "apply_patch", "input": {"input": CODEX_55_PATCH}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_A",
+                                          "content": CODEX_55_TURN2["input"][-1]["output"]}]}]}
+    assert cp.responses_tools(CODEX_55_TURN2)[2] == ["tool_search", "web_search"]
+
+
+@pytest.mark.skipif(not os.path.isdir(CODEX_FIXTURES), reason="shared fixtures absent")
+@pytest.mark.parametrize("name", sorted(os.listdir(CODEX_FIXTURES)) if os.path.isdir(CODEX_FIXTURES) else ["none"])
+def test_codex_fixture_requests_whole(name):
+    with open(os.path.join(CODEX_FIXTURES, name), encoding="utf-8") as fh:
+        body = json.load(fh)["body"]
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN)
+    tools, table, dropped = cp.responses_tools(body)
+    assert dropped == ["web_search"] and anthropic_body["tools"] == tools and len(tools) == 12
+    assert table["multi_agent_v1__spawn_agent"] == {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}
+    assert [m["role"] for m in anthropic_body["messages"]][0] == "user" and len(anthropic_body["system"]) == 3
+    assert cp.anthropic_to_openai_request(anthropic_body, make_spec())["tools"][0]["function"]["name"] == "exec_command"
+
+
+# ---- request conversion: table tests (PROTOCOLS G.2-G.4, G.9) -----------------------------------
+
+def R(**fields):
+    """A Responses body."""
+    return dict({"model": "claude-sonnet-4-5"}, **fields)
+
+
+def C(*messages, **fields):
+    """The Anthropic body expected for it."""
+    return dict({"model": "claude-sonnet-4-5", "messages": list(messages), "max_tokens": 8192}, **fields)
+
+
+def UT(*texts):
+    return {"role": "user", "content": [{"type": "text", "text": t} for t in texts]}
+
+
+FN = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CLAUDE_FN = {"name": "get_weather", "input_schema": FN["parameters"]}
+PNG_DATA = "iVBORw0KGgo="
+PDF_DATA = base64.b64encode(b"%PDF-1.4 /Type /Page").decode()
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: patch"}}
+CLAUDE_APPLY_PATCH = {"name": "apply_patch", "description": "Edit files.\n\nPass the tool's raw free-form input as the "
+                      "`input` string, exactly as the tool expects it. It must match this lark grammar:\nstart: patch",
+                      "input_schema": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}
+
+
+def blob(*blocks, origin=ORIGIN):
+    return cp.encode_reasoning(origin, list(blocks))
+
+
+THINK = {"type": "thinking", "thinking": "Paris first.", "signature": "sig-1"}
+REDACTED = {"type": "redacted_thinking", "data": "opaque"}
+FCALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+FCALL_USE = {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}
+
+RESPONSES_CASES = [
+    ("a string input is one user message", R(input="hi"), C(UT("hi"))),
+    ("instructions, then developer and system messages, make the system prompt",
+     R(instructions="Be brief.", input=[{"role": "developer", "content": "dev"}, {"role": "user", "content": "hi"},
+                                        {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "sys"}]}]),
+     C(UT("hi"), system=[{"type": "text", "text": t} for t in ("Be brief.", "dev", "sys")])),
+    ("images by URL and data URL, a PDF_DATA by data and by URL",
+     R(input=[{"role": "user", "content": [
+         {"type": "input_text", "text": "look"}, {"type": "input_image", "detail": "auto", "image_url": "https://x/cat.png"},
+         {"type": "input_image", "detail": "high", "image_url": "data:image/png;base64," + PNG_DATA},
+         {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_DATA},
+         {"type": "input_file", "file_url": "https://x/b.pdf"}]}]),
+     C({"role": "user", "content": [
+         {"type": "text", "text": "look"}, {"type": "image", "source": {"type": "url", "url": "https://x/cat.png"}},
+         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_DATA}},
+         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}, "title": "a.pdf"},
+         {"type": "document", "source": {"type": "url", "url": "https://x/b.pdf"}}]})),
+    ("assistant replays: output_text and refusal parts, string content, phase ignored",
+     R(input=[{"role": "user", "content": "hi"},
+              {"type": "message", "id": "msg_9", "role": "assistant", "status": "completed", "phase": "final_answer",
+               "content": [{"type": "output_text", "text": "Hello", "annotations": []}, {"type": "refusal", "refusal": "no"}]},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": "Sure"}]),
+     C(UT("hi"), {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "no"}]},
+       UT("again"), {"role": "assistant", "content": [{"type": "text", "text": "Sure"}]})),
+    ("function_call and its output, string and parts; a bad arguments string kept as _raw",
+     R(tools=[FN], input=[{"role": "user", "content": "weather?"}, FCALL,
+                          dict(FCALL, call_id="call_2", arguments="not json"),
+                          {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+                          {"type": "function_call_output", "call_id": "call_2", "output": [
+                              {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "https://x/m.png"}]}]),
+     C(UT("weather?"), {"role": "assistant", "content": [
+         FCALL_USE, {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"_raw": "not json"}}]},
+       {"role": "user", "content": [
+           {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+           {"type": "tool_result", "tool_use_id": "call_2", "content": [
+               {"type": "text", "text": "see"}, {"type": "image", "source": {"type": "url", "url": "https://x/m.png"}}]}]},
+       tools=[CLAUDE_FN])),
+    ("a custom tool becomes one string argument; its call and output replay",
+     R(tools=[APPLY_PATCH], input=[{"role": "user", "content": "fix"},
+                                   {"type": "custom_tool_call", "call_id": "call_p", "name": "apply_patch", "input": "*** Begin Patch"},
+                                   {"type": "custom_tool_call_output", "call_id": "call_p", "output": "Done!"}]),
+     C(UT("fix"), {"role": "assistant", "content": [
+         {"type": "tool_use", "id": "call_p", "name": "apply_patch", "input": {"input": "*** Begin Patch"}}]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_p", "content": "Done!"}]},
+       tools=[CLAUDE_APPLY_PATCH])),
+    ("namespace tools flattened, a namespaced call too; built-ins dropped",
+     R(tools=[{"type": "namespace", "name": "ns", "description": "d", "tools": [FN]}, {"type": "web_search"},
+              {"type": "file_search", "vector_store_ids": ["v"]}, {"type": "local_shell"}],
+       input=[{"role": "user", "content": "go"}, dict(FCALL, namespace="ns"),
+              {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]),
+     C(UT("go"), {"role": "assistant", "content": [dict(FCALL_USE, name="ns__get_weather")]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "ok"}]},
+       tools=[dict(CLAUDE_FN, name="ns__get_weather")])),
+    ("only built-in tools: no tools and no tool_choice", R(input="hi", tools=[{"type": "web_search"}], tool_choice="auto"),
+     C(UT("hi"))),
+    ("tool_choice required, parallel_tool_calls false, strict and description kept",
+     R(input="hi", tools=[dict(FN, strict=True, description="Weather.")], tool_choice="required", parallel_tool_calls=False),
+     C(UT("hi"), tools=[{"name": "get_weather", "description": "Weather.", "input_schema": FN["parameters"], "strict": True}],
+       tool_choice={"type": "any", "disable_parallel_tool_use": True})),
+    ("tool_choice none, a named function, a named namespaced one",
+     R(input="hi", tools=[FN], tool_choice="none"), C(UT("hi"), tools=[CLAUDE_FN], tool_choice={"type": "none"})),
+    ("tool_choice a named function", R(input="hi", tools=[FN], tool_choice={"type": "function", "name": "get_weather"}),
+     C(UT("hi"), tools=[CLAUDE_FN], tool_choice={"type": "tool", "name": "get_weather"})),
+    ("tool_choice allowed_tools narrows the tools",
+     R(input="hi", tools=[FN, dict(FN, name="other")],
+       tool_choice={"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "other"}]}),
+     C(UT("hi"), tools=[dict(CLAUDE_FN, name="other")], tool_choice={"type": "any"})),
+    ("reasoning effort on a budget model; summary changes nothing in the request",
+     R(input="hi", reasoning={"effort": "medium", "summary": "detailed"}),
+     C(UT("hi"), max_tokens=16384 + 1024, thinking={"type": "enabled", "budget_tokens": 16384})),
+    ("reasoning effort none: no thinking", R(input="hi", reasoning={"effort": "none"}), C(UT("hi"))),
+    ("reasoning on an adaptive model, sampling dropped there",
+     dict(R(input="hi", reasoning={"effort": "xhigh"}, temperature=0.5), model="claude-opus-4-7"),
+     dict(C(UT("hi"), thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), model="claude-opus-4-7")),
+    ("replayed reasoning of ours: thinking and redacted blocks lead the tool turn",
+     R(input=[{"role": "user", "content": "weather?"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK)},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": blob(REDACTED)},
+              FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+       tools=[FN], reasoning={"effort": "low"}),
+     C(UT("weather?"), {"role": "assistant", "content": [THINK, REDACTED, FCALL_USE]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]},
+       tools=[CLAUDE_FN], max_tokens=8192 + 1024, thinking={"type": "enabled", "budget_tokens": 8192})),
+    ("reasoning from another model or not ours is dropped, and with it thinking for a tool turn",
+     R(input=[{"role": "user", "content": "weather?"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK, origin="x/other")},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "gAAAAABo-openai"},
+              {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "cp1.!!!"},
+              FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+       tools=[FN], reasoning={"effort": "low"}),
+     C(UT("weather?"), {"role": "assistant", "content": [FCALL_USE]},
+       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]},
+       tools=[CLAUDE_FN])),
+    ("replayed thinking is removed when thinking is off (a thinking-only turn with it)",
+     R(input=[{"role": "user", "content": "a"}, {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK)},
+              {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+              {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": blob(THINK)},
+              {"role": "user", "content": "d"}]),
+     C(UT("a"), {"role": "assistant", "content": [{"type": "text", "text": "b"}]}, UT("c", "d"))),
+    ("text.format json_schema made strict; verbosity dropped",
+     R(input="hi", text={"format": {"type": "json_schema", "name": "a", "strict": True,
+                                    "schema": {"type": "object", "properties": {"x": {"type": "string"}}}},
+                         "verbosity": "low"}),
+     C(UT("hi"), output_config={"format": {"type": "json_schema", "schema": {
+         "type": "object", "properties": {"x": {"type": "string"}}, "additionalProperties": False}}})),
+    ("text.format json_object asks in the system prompt",
+     R(input="hi", instructions="I", text={"format": {"type": "json_object"}}),
+     C(UT("hi"), system=[{"type": "text", "text": "I"}, {"type": "text", "text": cp.JSON_OBJECT_INSTRUCTION}])),
+    ("max_output_tokens, temperature clamped (top_p then dropped: exclusive on Sonnet 4.5), safety_identifier, "
+     "fields without a form dropped",
+     R(input="hi", max_output_tokens=100, temperature=1.5, top_p=0.9, safety_identifier="u-1", metadata={"a": "b"},
+       truncation="auto", service_tier="flex", store=True, prompt_cache_key="k", include=["message.output_text.logprobs"],
+       background=False, stream_options={"include_obfuscation": False}, max_tool_calls=3, top_logprobs=2),
+     C(UT("hi"), max_tokens=100, temperature=1.0, metadata={"user_id": "u-1"})),
+    ("top_p alone, user as the metadata user_id", R(input="hi", top_p=0.9, user="u-2"),
+     C(UT("hi"), top_p=0.9, metadata={"user_id": "u-2"})),
+    ("unknown input item types are dropped; a first assistant turn gets a user placeholder",
+     R(input=[{"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search"}},
+              {"role": "assistant", "content": "earlier"}, {"role": "user", "content": "now"}]),
+     C(UT(cp.PLACEHOLDER_FIRST_USER), {"role": "assistant", "content": [{"type": "text", "text": "earlier"}]}, UT("now"))),
+]
+
+
+@pytest.mark.parametrize("name, responses_body, anthropic_body", RESPONSES_CASES, ids=[c[0] for c in RESPONSES_CASES])
+def test_responses_to_anthropic_request(name, responses_body, anthropic_body):
+    before = copy.deepcopy(responses_body)
+    assert cp.responses_to_anthropic_request(responses_body, responses_body["model"], origin=ORIGIN) == anthropic_body
+    assert responses_body == before
+
+
+@pytest.mark.parametrize("responses_body, param", [
+    (R(input="hi", conversation="conv_1"), "conversation"),
+    (R(input="hi", prompt={"id": "pmpt_1"}), "prompt"),
+    (R(input=[{"role": "tool", "content": "x"}]), "input.0.role"),
+    (R(input=[{"role": "user", "content": [{"type": "input_audio"}]}]), "input.0.content.0.type"),
+    (R(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]), "input.0.content.0.file_id"),
+    (R(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]), "input.0.content.0"),
+    (R(input=[{"role": "developer", "content": [{"type": "input_image", "image_url": "https://x/a.png"}]}]), "input.0.content"),
+    (R(input=[{"role": "user", "content": "hi"}, {"type": "function_call", "name": "f", "arguments": "{}"}]), "input.1.call_id"),
+    (R(input=[{"type": "function_call_output", "output": "x"}]), "input.0.call_id"),
+    (R(input="hi", tools=[{"type": "web_search"}], tool_choice={"type": "web_search_preview"}), "tool_choice.type"),
+    (R(input="hi", tools=[FN], tool_choice={"type": "function", "name": "nope"}), "tool_choice.name"),
+    (R(input="hi", tools=[FN, FN]), "tools.1"),
+    (R(input="hi", tools=[{"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}]), "tools.0.tools.0"),
+    (R(input="hi", text={"format": {"type": "yaml"}}), "text.format.type"),
+    (R(input="hi", text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema"),
+    (R(input="hi", max_output_tokens=0), "max_output_tokens"),
+    (R(input=5), "input"),
+    (R(input=[{"role": "system", "content": "only system"}]), "input"),
+])
+def test_responses_bad_requests_name_the_field(responses_body, param):
+    with pytest.raises(BadRequest) as info:
+        cp.responses_to_anthropic_request(responses_body, "claude-sonnet-4-5", origin=ORIGIN)
+    assert info.value.param == param
+
+
+def test_dropped_fields_each_leave_one_debug_line(caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    cp.responses_to_anthropic_request(R(input="hi", metadata={"a": "b"}, truncation="auto", client_metadata={},
+                                        text={"verbosity": "high"}), "claude-sonnet-4-5")
+    lines = [r.getMessage() for r in caplog.records]
+    for field in ("'client_metadata'", "'metadata'", "'truncation'", "text.verbosity"):
+        assert sum(field in line for line in lines) == 1, (field, lines)
+
+
+def test_responses_on_a_chat_provider_compose_with_9a():
+    body = R(input=[{"role": "user", "content": "weather?"},
+                    {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob(THINK, origin="o/up-model")},
+                    FCALL, {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+             instructions="Be brief.", tools=[FN, APPLY_PATCH], reasoning={"effort": "high"}, stream=True)
+    spec = make_spec(replay_reasoning="reasoning_content")
+    assert cp.responses_to_openai_request(body, spec, origin="o/up-model") == {
+        "model": "up-model", "stream": True, "stream_options": {"include_usage": True}, "reasoning_effort": "high",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+                     {"role": "assistant", "content": None, "reasoning_content": "Paris first.", "tool_calls": [
+                         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": FN["parameters"]}},
+                  {"type": "function", "function": {"name": "apply_patch", "parameters": CLAUDE_APPLY_PATCH["input_schema"],
+                                                    "description": CLAUDE_APPLY_PATCH["description"]}}]}
+    tool_turn = dict(body, input=body["input"][:1] + body["input"][2:])      # no reasoning replayed
+    assert cp.responses_to_openai_request(tool_turn, spec, origin="o/up-model")["reasoning_effort"] == "high"
+    no_effort = cp.responses_to_openai_request(dict(body, reasoning=None), spec, origin="o/up-model")
+    assert "reasoning_effort" not in no_effort and no_effort["messages"][2]["reasoning_content"] == "Paris first."
+    assert "max_tokens" not in cp.responses_to_openai_request(R(input="hi"), spec)
+    assert cp.responses_to_openai_request(R(input="hi", max_output_tokens=50), spec)["max_tokens"] == 50
+
+
+def test_reasoning_blob_round_trip_and_versioning():
+    value = blob(THINK, REDACTED)
+    assert value.startswith("cp1.") and "Paris" not in value
+    assert cp.decode_reasoning(value, ORIGIN, "x") == [THINK, REDACTED]
+    assert cp.decode_reasoning(value, "anthropic/claude-opus-4-5", "x") == []
+    assert cp.decode_reasoning("cp1." + base64.urlsafe_b64encode(b'{"o":"%s","b":[{"type":"thinking"}]}'
+                                                                  % ORIGIN.encode()).decode(), ORIGIN, "x") == []
+    assert cp.decode_reasoning(None, ORIGIN, "x") == [] and cp.decode_reasoning("cp2.abc", ORIGIN, "x") == []
+
+
+# ---- stream machine: the Responses grammar, event by event (PROTOCOLS G.6) --------------------
+
+def counter_ids():
+    """Deterministic item ids: msg_1, rs_2, fc_3 ..."""
+    n = iter(range(1, 10 ** 6))
+    return lambda prefix: f"{prefix}{next(n)}"
+
+
+SHELL = cp.responses_shell({"model": "claude-sonnet-4-5"}, "resp_1", 1700000000)
+CONTENT_EVENTS = {"response.content_part.added", "response.content_part.done", "response.output_text.delta",
+                  "response.output_text.done", "response.output_text.annotation.added"}
+SUMMARY_EVENTS = {"response.reasoning_summary_part.added", "response.reasoning_summary_text.delta",
+                  "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"}
+CALL_EVENTS = {"response.function_call_arguments.delta": "function_call", "response.function_call_arguments.done": "function_call",
+               "response.custom_tool_call_input.delta": "custom_tool_call", "response.custom_tool_call_input.done": "custom_tool_call"}
+
+
+def _check_open_item_event(event, state):
+    """One event about the open item: ids, indices, and the text it accumulates."""
+    kind, item = event["type"], state["item"]
+    assert event["item_id"] == item["id"] and event["output_index"] == state["index"]
+    if kind in CONTENT_EVENTS:
+        assert item["type"] == "message" and event["content_index"] == 0
+        if kind == "response.content_part.added":
+            assert event["part"] == {"type": "output_text", "text": "", "annotations": []} and not state["parts"]
+            state["parts"] = 1
+        else:
+            assert state["parts"] == 1
+        if kind == "response.output_text.delta":
+            assert event["logprobs"] == [] and event["delta"]
+            state["text"] += event["delta"]
+        if kind == "response.output_text.done":
+            assert event["text"] == state["text"] and event["logprobs"] == []
+        if kind == "response.output_text.annotation.added":
+            assert event["annotation_index"] == len(state["annotations"])
+            state["annotations"].append(event["annotation"])
+        if kind == "response.content_part.done":
+            assert event["part"] == {"type": "output_text", "text": state["text"], "annotations": state["annotations"]}
+    elif kind in SUMMARY_EVENTS:
+        assert item["type"] == "reasoning" and event["summary_index"] == 0
+        if kind == "response.reasoning_summary_part.added":
+            assert event["part"] == {"type": "summary_text", "text": ""} and not state["parts"]
+            state["parts"] = 1
+        if kind == "response.reasoning_summary_text.delta":
+            state["text"] += event["delta"]
+        if kind == "response.reasoning_summary_text.done":
+            assert event["text"] == state["text"]
+        if kind == "response.reasoning_summary_part.done":
+            assert event["part"] == {"type": "summary_text", "text": state["text"]}
+    else:
+        assert CALL_EVENTS[kind] == item["type"]
+        if kind.endswith(".delta"):
+            state["text"] += event["delta"]
+        else:
+            assert event.get("arguments", event.get("input")) == state["text"]
+
+
+def _check_done_item(event, state):
+    """output_item.done carries the complete item, with the identity it was added with."""
+    added, done = state["item"], event["item"]
+    assert event["output_index"] == state["index"]
+    assert (done["type"], done.get("id"), done.get("call_id")) == (added["type"], added.get("id"), added.get("call_id"))
+    if done["type"] == "message":
+        assert done["content"] == [{"type": "output_text", "text": state["text"], "annotations": state["annotations"]}]
+        assert done["status"] in ("completed", "incomplete") and done["role"] == "assistant"
+    elif done["type"] == "reasoning":
+        assert done["summary"] == ([{"type": "summary_text", "text": state["text"]}] if state["parts"] else [])
+        assert done["encrypted_content"].startswith("cp1.")
+    elif done["type"] == "function_call":
+        assert done["arguments"] == state["text"] and done["status"] in ("completed", "incomplete")
+        assert done["call_id"] and done["name"]
+    else:
+        assert done["input"] == state["text"] and done["call_id"] and done["name"]
+
+
+def check_responses_grammar(events):
+    """Assert the Responses stream grammar (G.6) and what the openai SDK and Codex need; the final response."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    rid = events[0]["response"]["id"]
+    assert events[0]["response"]["output"] == [] and events[0]["response"]["status"] == "in_progress"
+    terminal = events[-1]
+    assert terminal["type"] in ("response.completed", "response.incomplete", "response.failed")
+    assert sum(e["type"].split(".")[-1] in ("completed", "incomplete", "failed") and e["type"].count(".") == 1
+               for e in events) == 1
+    done_items, state = [], None
+    for event in events[2:-1]:
+        kind = event["type"]
+        assert kind.startswith("response.") and kind not in ("response.created", "response.in_progress")
+        if kind == "response.output_item.added":
+            assert state is None and event["output_index"] == len(done_items)
+            item = event["item"]
+            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call") and item["id"]
+            assert item.get("content", []) == [] and item.get("arguments", "") == "" and item.get("input", "") == ""
+            assert item.get("status", "in_progress") == "in_progress" and item.get("summary", []) == []
+            state = {"item": item, "index": event["output_index"], "text": "", "parts": 0, "annotations": []}
+        elif kind == "response.output_item.done":
+            assert state is not None
+            _check_done_item(event, state)
+            done_items.append(event["item"])
+            state = None
+        else:
+            assert state is not None, kind
+            _check_open_item_event(event, state)
+    response = terminal["response"]
+    assert response["id"] == rid and response["object"] == "response"
+    assert response["status"] == terminal["type"].split(".")[1]
+    if response["status"] != "failed":
+        assert state is None and response["output"] == done_items
+    usage = response["usage"]
+    assert all(isinstance(usage[k], int) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert isinstance(usage["input_tokens_details"]["cached_tokens"], int)
+    assert isinstance(usage["output_tokens_details"]["reasoning_tokens"], int)
+    return response
+
+
+def responses_replay(anthropic_events, **kw):
+    """Feed Anthropic events through a fresh machine (deterministic ids) and close it."""
+    kw.setdefault("origin", ORIGIN)
+    machine = cp.AnthropicToResponsesStream(SHELL, ids=counter_ids(), **kw)
+    out = []
+    for event in anthropic_events:
+        out += machine.feed(event)
+    return out + machine.close()
+
+
+INLINE_ANTHROPIC = {"text": TEXT_BASIC, "tool_use": TOOL_USE, "truncated": TRUNCATED_TOOL_JSON,
+                    "thinking": THINKING_SIGNATURE, "redacted": REDACTED_THINKING, "citations": WEB_SEARCH_CITATIONS}
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_ANTHROPIC))
+@pytest.mark.parametrize("summaries", [True, False])
+def test_recorded_claude_streams_follow_the_responses_grammar(name, summaries):
+    check_responses_grammar(responses_replay(anthropic_sse_payloads(INLINE_ANTHROPIC[name]), summaries=summaries))
+
+
+def test_text_stream_exact():
+    events = responses_replay(anthropic_sse_payloads(TEXT_BASIC))
+    message = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    part = {"type": "output_text", "text": "2", "annotations": []}
+    usage = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 25}
+    done = dict(message, status="completed", content=[part])
+    at = {"item_id": "msg_1", "output_index": 0}
+    assert events == [
+        {"type": "response.created", "sequence_number": 0, "response": SHELL},
+        {"type": "response.in_progress", "sequence_number": 1, "response": SHELL},
+        {"type": "response.output_item.added", "sequence_number": 2, "output_index": 0, "item": message},
+        dict(type="response.content_part.added", sequence_number=3, **at, content_index=0, part=dict(part, text="")),
+        dict(type="response.output_text.delta", sequence_number=4, **at, content_index=0, delta="2", logprobs=[]),
+        dict(type="response.output_text.done", sequence_number=5, **at, content_index=0, text="2", logprobs=[]),
+        dict(type="response.content_part.done", sequence_number=6, **at, content_index=0, part=part),
+        {"type": "response.output_item.done", "sequence_number": 7, "output_index": 0, "item": done},
+        {"type": "response.completed", "sequence_number": 8,
+         "response": dict(SHELL, status="completed", output=[done], usage=usage, incomplete_details=None)}]
+
+
+def test_tool_use_truncation_and_citations():
+    tool = check_responses_grammar(responses_replay(anthropic_sse_payloads(TOOL_USE)))
+    assert tool["status"] == "completed" and tool["output"][1] == {
+        "id": "fc_2", "type": "function_call", "status": "completed", "arguments": "{\"location\": \"Paris\"}",
+        "call_id": "toolu_01NRLabsLyVHZPKxbKvkfSMn", "name": "get_weather"}
+    cut = check_responses_grammar(responses_replay(anthropic_sse_payloads(TRUNCATED_TOOL_JSON)))
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [i["status"] for i in cut["output"]] == ["completed", "incomplete"]
+    cited = check_responses_grammar(responses_replay(anthropic_sse_payloads(WEB_SEARCH_CITATIONS)))
+    (message,) = [i for i in cited["output"] if i["type"] == "message"]
+    text = message["content"][0]["text"]
+    (annotation,) = message["content"][0]["annotations"]
+    assert text == "Based on the search results, I can seetoday (September 16) shows a high of 76°F and low of 59°F"
+    assert annotation == {"type": "url_citation", "start_index": 38, "end_index": len(text), "title":
+                          "San Francisco, CA Monthly Weather | AccuWeather",
+                          "url": "https://www.accuweather.com/en/us/san-francisco/94103/september-weather/347629"}
+
+
+def test_thinking_becomes_reasoning_that_replays_as_the_same_blocks():
+    reasoning = [i for text in (THINKING_SIGNATURE, REDACTED_THINKING)
+                 for i in responses_replay(anthropic_sse_payloads(text))[-1]["response"]["output"] if i["type"] == "reasoning"]
+    assert reasoning[0]["summary"] == [{"type": "summary_text", "text": "This is a straightforward question about pedest accidents."}]
+    replayed = cp.responses_to_anthropic_request(R(input=[{"role": "user", "content": "q"}] + reasoning), "claude-sonnet-4-5",
+                                                 origin=ORIGIN, variant_effort="low")
+    assert replayed["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "This is a straightforward question about pedest accidents.",
+         "signature": "EvMCCkYICxgCKkCHP2cS..."},
+        {"type": "redacted_thinking", "data": "EqkECkYIBxgCKkA8AZ4n..."},
+        {"type": "redacted_thinking", "data": "EtgBCkYIBxgCKkDQfGkw..."}]
+    hidden = responses_replay(anthropic_sse_payloads(THINKING_SIGNATURE), summaries=False)[-1]["response"]
+    assert hidden["output"][0]["summary"] == [] and hidden["output"][0]["encrypted_content"] == reasoning[0]["encrypted_content"]
+
+
+def anthropic_tool_events(name, partial_json, block_id="toolu_9"):
+    """A small Anthropic answer that calls one tool."""
+    message = {"id": "msg_9", "type": "message", "role": "assistant", "model": "m", "content": [
+        {"type": "tool_use", "id": block_id, "name": name, "input": json.loads(partial_json)}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}
+    return cp.anthropic_message_as_events(message)
+
+
+def test_custom_and_namespaced_calls_map_back_to_the_client_tools():
+    _, table, _ = cp.responses_tools(R(tools=[APPLY_PATCH, {"type": "namespace", "name": "ns", "tools": [FN]}]))
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+    custom = responses_replay(anthropic_tool_events("apply_patch", json.dumps({"input": patch})), tools=table)
+    check_responses_grammar(custom)
+    assert custom[-1]["response"]["output"] == [
+        {"id": "ctc_1", "type": "custom_tool_call", "call_id": "toolu_9", "name": "apply_patch", "input": patch}]
+    spaced = responses_replay(anthropic_tool_events("ns__get_weather", "{}"), tools=table)
+    check_responses_grammar(spaced)
+    assert spaced[-1]["response"]["output"] == [
+        {"id": "fc_1", "type": "function_call", "status": "completed", "arguments": "{}", "call_id": "toolu_9",
+         "name": "get_weather", "namespace": "ns"}]
+
+
+@pytest.mark.parametrize("first", [[], ["message_start"]])
+def test_failures_end_with_one_response_failed(first):
+    events = anthropic_sse_payloads(TOOL_USE)[:6 if first else 0]
+    events.append({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    out = responses_replay(events + [anthropic_sse_payloads(TEXT_BASIC)[1]])
+    response = check_responses_grammar(out)
+    assert response["status"] == "failed" and response["error"] == {"code": "server_is_overloaded", "message": "Overloaded"}
+    machine = cp.AnthropicToResponsesStream(SHELL)
+    failed = machine.fail("prompt is too long: 300000 tokens", "invalid_request_error")
+    assert [e["type"] for e in failed] == ["response.created", "response.in_progress", "response.failed"]
+    assert failed[-1]["response"]["error"]["code"] == "context_length_exceeded"
+    assert machine.fail("again") == [] and machine.close() == [] and machine.feed({"type": "message_stop"}) == []
+
+
+def test_no_stop_reason_is_not_a_finish():
+    machine = cp.AnthropicToResponsesStream(SHELL)
+    for event in anthropic_sse_payloads(TEXT_BASIC)[:4]:
+        machine.feed(event)
+    assert not machine.saw_finish and not machine.finished
+
+
+@pytest.mark.parametrize("name", sorted(set(INLINE_ANTHROPIC) - {"truncated"}))   # a cut tool input folds to {}
+def test_non_stream_response_is_the_fold_of_the_stream(name):
+    events = anthropic_sse_payloads(INLINE_ANTHROPIC[name])
+    streamed = responses_replay(events)[-1]["response"]
+    message = fold_anthropic_events(events)
+    machine = cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids())
+    folded = cp.anthropic_to_responses_response(message, machine)
+    assert folded == streamed == cp.fold_responses_events(responses_replay(events))
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_ANTHROPIC))
+def test_same_responses_events_whole_and_byte_by_byte(name):
+    raw = INLINE_ANTHROPIC[name].encode()
+    whole = responses_replay(anthropic_sse_payloads(INLINE_ANTHROPIC[name]))
+    decoder, machine, out = cp.SSEDecoder(), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()), []
+    for i in range(len(raw)):
+        out += cp.feed_events(machine, decoder.feed(raw[i:i + 1]))
+    out += cp.feed_events(machine, decoder.close()) + machine.close()
+    assert out == whole
+
+
+def test_fold_of_a_failed_stream_raises():
+    with pytest.raises(UpstreamError):
+        cp.fold_responses_events(responses_replay([{"type": "error", "error": {"type": "api_error", "message": "x"}}]))
+    with pytest.raises(UpstreamError):
+        cp.fold_responses_events([])
+
+
+def test_chat_provider_stream_through_both_machines():
+    machine = cp.AnthropicToResponsesStream(SHELL, origin="o/up", ids=counter_ids())
+    chained = cp.ChainedStream(OpenAIToAnthropicStream("m", message_id="msg_x"), machine)
+    out = []
+    for chunk in sse_chunks(OPENAI_PARALLEL_TOOLS):
+        out += chained.feed(chunk)
+    out += chained.feed("[DONE]") + chained.close()
+    response = check_responses_grammar(out)
+    assert [i["type"] for i in response["output"]] == ["function_call", "function_call"]
+    assert all(json.loads(i["arguments"]) for i in response["output"]) and chained.finished and chained.saw_finish
+
+
+FIXTURE_STREAMS = sorted(glob.glob(os.path.join(FIXTURES, "anthropic_stream_*.sse")))
+
+
+@pytest.mark.skipif(not FIXTURE_STREAMS, reason="shared fixtures absent")
+@pytest.mark.parametrize("path", FIXTURE_STREAMS or ["none"], ids=os.path.basename)
+def test_every_recorded_claude_stream_is_grammatical_as_responses(path):
+    with open(path, encoding="utf-8") as fh:
+        events = anthropic_sse_payloads(fh.read())
+    response = check_responses_grammar(responses_replay(events))
+    if "truncated" not in path:         # a cut tool input folds to {}
+        assert response == cp.anthropic_to_responses_response(
+            fold_anthropic_events(events), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()))
+
+
+# =============================================================================================
 # 10. OAuth
 # =============================================================================================
 
@@ -3572,7 +4324,7 @@ def test_store_ignores_garbage(tmp_path):
     assert TokenStore(str(path)).load() is None
 
 
-def test_file_lock_excludes_and_breaks_stale(tmp_path):
+def test_file_lock_excludes_and_a_dead_holder_leaves_no_stale_lock(tmp_path):
     lock_path = str(tmp_path / "x.lock")
     order = []
 
@@ -3587,12 +4339,82 @@ def test_file_lock_excludes_and_breaks_stale(tmp_path):
 
     asyncio.run(main())
     assert order in (["a-in", "a-out", "b-in", "b-out"], ["b-in", "b-out", "a-in", "a-out"])
-    assert not os.path.exists(lock_path)
-    with open(lock_path, "w") as f:                  # a crashed holder's leftover
+    with open(lock_path, "w") as f:                  # a crashed holder's leftover file: no lock in it
         f.write("99999")
     os.utime(lock_path, (0, 0))
     asyncio.run(hold("c", 0.0))
-    assert order[-2:] == ["c-in", "c-out"] and not os.path.exists(lock_path)
+    assert order[-2:] == ["c-in", "c-out"]
+
+
+HOLD_LOCK = """
+import asyncio, sys, time
+import claude_proxy as cp
+async def main():
+    async with cp.FileLock(sys.argv[1]):
+        print("held", flush=True)
+        await asyncio.sleep(float(sys.argv[2]))
+asyncio.run(main())
+"""
+
+
+def test_file_lock_held_by_a_live_slow_process_is_never_broken_and_the_wait_is_bounded(tmp_path):
+    lock_path = str(tmp_path / "x.lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock_path, "3"], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.utime(lock_path, (0, 0))                   # looks ancient: a mtime rule would break it
+
+        async def wait(timeout):
+            async with FileLock(lock_path, timeout=timeout, poll=0.01):
+                return time.monotonic()
+        with pytest.raises(UpstreamError, match="another claude_proxy process"):
+            asyncio.run(wait(0.3))
+        started = time.monotonic()
+        acquired = asyncio.run(wait(30))
+        assert acquired - started > 1.0 and holder.wait(10) == 0        # only once the holder let go
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.skipif(not POSIX, reason="symlinks")
+def test_symlinks_at_the_token_and_lock_paths_are_refused(tmp_path, caplog):
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text(json.dumps({"token": saved_record()}))
+    store_path = tmp_path / "home" / "oauth_token.json"
+    store_path.parent.mkdir()
+    os.symlink(str(secret), str(store_path))
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert TokenStore(str(store_path)).load() is None
+    assert "symbolic link" in caplog.text
+    lock_path = tmp_path / "home" / "oauth_token.json.lock"
+    os.symlink(str(tmp_path / "missing"), str(lock_path))        # dangling: used to wait forever
+
+    async def take():
+        async with FileLock(str(lock_path), timeout=1):
+            pass
+    with pytest.raises(PermissionError, match="symbolic link"):
+        asyncio.run(asyncio.wait_for(take(), 5))
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(not POSIX, reason="modes")
+def test_loose_state_directory_is_tightened(tmp_path, caplog):
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(str(home), 0o777)
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        TokenStore(str(home / "oauth_token.json")).save(saved_record())
+    assert stat.S_IMODE(os.stat(str(home)).st_mode) == 0o700 and "tightened" in caplog.text
+
+
+def test_token_file_in_another_shape_is_named_in_a_warning(tmp_path, caplog):
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"access_token": "sk-ant-oat01-x", "refresh_token": "r", "expires_at": 1}))
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert TokenStore(str(path)).load() is None
+    assert "not in claude_proxy's shape" in caplog.text and "import" in caplog.text
 
 
 # ---- token manager ------------------------------------------------------------------------
@@ -3651,7 +4473,61 @@ def test_two_processes_one_refresh(tmp_path):
 
     assert asyncio.run(main()) == ["sk-ant-oat01-new1"] * 6
     assert len(calls) == 1
-    assert not os.path.exists(str(store_path) + ".lock")
+
+
+SLOW_REFRESH = """
+import asyncio, json, sys
+import claude_proxy as cp
+async def post(url, body):
+    print("posting", body["refresh_token"], flush=True)
+    await asyncio.sleep(float(sys.argv[2]))
+    return 200, {"access_token": "sk-ant-oat01-from-slow", "refresh_token": "sk-ant-ort01-rotated",
+                 "expires_in": 28800}
+async def main():
+    manager = cp.TokenManager(cp.TokenStore(sys.argv[1]), cp.oauth_settings({}), post)
+    print(await manager.access_token(), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_slow_token_endpoint_never_makes_a_second_process_spend_the_same_refresh_token(tmp_path):
+    store_path = str(tmp_path / "token.json")
+    TokenStore(store_path).save(saved_record(expires_at=time.time() - 10))
+    first = subprocess.Popen([sys.executable, "-c", SLOW_REFRESH, store_path, "2.5"], cwd=HERE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().split() == ["posting", "sk-ant-ort01-old"]
+        calls = []
+        second = TokenManager(TokenStore(store_path), SETTINGS, FakeTokenEndpoint(calls=calls),
+                              lock_timeout=30)
+        assert asyncio.run(second.access_token()) == "sk-ant-oat01-from-slow"
+        assert calls == [] and first.wait(10) == 0
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_refresh_whose_write_fails_keeps_the_rotated_pair_and_never_spends_a_token_twice(tmp_path, monkeypatch):
+    store = TokenStore(str(tmp_path / "token.json"))
+    store.save(saved_record(expires_at=T0 - 10))
+    calls, clock = [], FakeClock()
+    manager = TokenManager(store, SETTINGS, FakeTokenEndpoint(calls=calls), clock=clock)
+    real_save, failures = TokenStore.save, [OSError(28, "No space left on device")] * 2
+
+    def flaky_save(self, record):
+        if failures:
+            raise failures.pop()
+        real_save(self, record)
+    monkeypatch.setattr(TokenStore, "save", flaky_save)
+    assert asyncio.run(manager.access_token()) == "sk-ant-oat01-new1"
+    assert "No space left" in manager.status()["last_error"] and manager.status()["refreshable"]
+    manager._cached = None                             # as after a re-read: the disk holds the spent pair
+    assert asyncio.run(manager.access_token()) == "sk-ant-oat01-new1"
+    assert asyncio.run(manager.on_unauthorized("OAuth token has expired", "sk-ant-oat01-new1"))
+    assert [body["refresh_token"] for _, body in calls] == ["sk-ant-ort01-old", "sk-ant-ort01-new1"]
+    clock.now += 31                                    # the retried write succeeds
+    assert asyncio.run(manager.access_token()) == "sk-ant-oat01-new2"
+    assert store.load()["refresh_token"] == "sk-ant-ort01-new2" and manager.status()["last_error"] is None
 
 
 @pytest.mark.parametrize("message, refreshed", [
@@ -3699,7 +4575,7 @@ def test_status_and_logout(tmp_path):
                                 "refreshable": True, "last_error": None}
     manager.logout()
     assert manager.status()["logged_in"] is False
-    with pytest.raises(AuthError):
+    with pytest.raises(cp.CredentialMissing, match="not logged in"):
         asyncio.run(manager.access_token())
 
 
@@ -3999,7 +4875,7 @@ def test_head_request_has_no_body(tmp_path):
     async def scenario():
         async with running_proxy(make_config(tmp_path)) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            writer.write(b"HEAD /health HTTP/1.1\r\nhost: localhost\r\n\r\nGET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
             data = await reader.read()
             assert data.count(b"HTTP/1.1 200") == 2 and data.count(b'"status":"ok"') == 1
     run(scenario())
@@ -4011,12 +4887,12 @@ def test_keep_alive_chunked_body_and_expect_continue(tmp_path):
             async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 body = json.dumps(HELLO).encode()
-                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" +
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n" +
                              b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
                 first = await reader.readuntil(b"\r\n\r\n")
                 length = int(re.search(rb"content-length: (\d+)", first).group(1))
                 await reader.readexactly(length)
-                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n" +
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\n" +
                              b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
                 await writer.drain()
                 assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -4030,7 +4906,7 @@ def test_keep_alive_chunked_body_and_expect_continue(tmp_path):
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\n" + b"x-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"POST /v1/messages HTTP/1.1\r\ncontent-length: 2000\r\n\r\n", 413),
+    (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: 2000\r\n\r\n", 413),
     (b"NOT HTTP\r\n\r\n", 400),
 ])
 def test_request_limits(tmp_path, request_bytes, status):
@@ -4048,12 +4924,12 @@ def test_slow_headers_and_idle_connections_are_dropped(tmp_path):
     async def scenario():
         async with running_proxy(make_config(tmp_path, header_timeout=0.3, idle_timeout=0.3)) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n")   # never finishes its head
+            writer.write(b"GET /health HTTP/1.1\r\nhost: localhost\r\n")   # never finishes its head
             started = time.monotonic()
             assert await asyncio.wait_for(reader.read(), 5) == b""
             assert time.monotonic() - started < 2
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            writer.write(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
             await reader.readuntil(b"}")
             assert await asyncio.wait_for(reader.read(), 5) == b""     # idle keep-alive closed
     run(scenario())
@@ -4065,7 +4941,7 @@ def test_client_disconnect_closes_the_upstream_at_once(tmp_path):
             async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 body = json.dumps(dict(HELLO, stream=True)).encode()
-                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                 await reader.readuntil(b"message_start")
                 writer.transport.abort()
                 started = time.monotonic()
@@ -4772,6 +5648,353 @@ def test_a_vendors_signatures_go_back_to_it_alone(tmp_path):
     assert [b["type"] for b in to_anthropic["messages"][1]["content"]] == ["text"]
 
 
+# ---- The Responses API end to end: the openai SDK on a Claude route, a chat route, a native one ------
+
+def claude_message(anthropic_body):
+    """The fake Claude's answer: the next tool while tools remain uncalled, then text (JSON when a
+    schema is asked for), thinking first when it is on."""
+    calls = sum(b.get("type") == "tool_result" for m in anthropic_body["messages"] if isinstance(m["content"], list)
+                for b in m["content"])
+    tools = anthropic_body.get("tools") or []
+    content = [{"type": "thinking", "thinking": "Let me think.", "signature": "sig-%d" % calls}] \
+        if anthropic_body.get("thinking") else []
+    if calls < len(tools):
+        tool = tools[calls]
+        tool_input = {"input": "*** Begin Patch"} if tool["name"] == "apply_patch" else {"city": "Paris"}
+        content.append({"type": "tool_use", "id": "toolu_%d" % calls, "name": tool["name"], "input": tool_input})
+    else:
+        schema = (anthropic_body.get("output_config") or {}).get("format")
+        content.append({"type": "text", "text": '{"answer": "Hello"}' if schema else "Done." if calls else "Hello there"})
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": anthropic_body["model"], "content": content,
+            "stop_reason": "tool_use" if content[-1]["type"] == "tool_use" else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}
+
+
+def fake_claude(req):
+    """A scripted Claude: SSE when asked to stream, JSON otherwise."""
+    message = claude_message(req["body"])
+    if req["body"].get("stream"):
+        return Stream([sse_event(e["type"], e) for e in cp.anthropic_message_as_events(message)])
+    return http_response(200, message)
+
+
+def fake_chat(req):
+    """A scripted chat-completions provider over the same script (through the 9a request converter's view)."""
+    body = req["body"]
+    calls = sum(m["role"] == "tool" for m in body["messages"])
+    tools = body.get("tools") or []
+    tool = (tools[calls]["function"]["name"], {"city": "Paris"}) if calls < len(tools) else None
+    if body.get("stream"):
+        return Stream(openai_stream_chunks("Done." if calls else "Hello there", tool=tool, call_id="call_%d" % calls))
+    message = {"role": "assistant", "content": None if tool else ("Done." if calls else "Hello there")}
+    if tool:
+        message["tool_calls"] = [{"id": "call_%d" % calls, "type": "function",
+                                  "function": {"name": tool[0], "arguments": json.dumps(tool[1])}}]
+    return http_response(200, {"id": "c", "object": "chat.completion", "created": 1, "model": "up", "choices": [
+        {"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}})
+
+
+RESP_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@contextlib.asynccontextmanager
+async def responses_client(tmp_path, route="claude", **raw):
+    """(openai.AsyncOpenAI at the proxy, the fake upstream, the proxy's port) for a Claude, chat or native route."""
+    openai = pytest.importorskip("openai")
+    script = {"claude": fake_claude, "chat": fake_chat}.get(route, lambda req: http_response(200, {"id": "resp_up"}))
+    async with FakeUpstream(script) as up:
+        if route == "claude":
+            config = make_config(tmp_path, up.url, **raw)
+        else:
+            provider = {"format": "openai", "base_url": up.url + "/v1", "api_key": "sk-o-123456789",
+                        "responses": route == "native"}
+            config = make_config(tmp_path, providers={"o": provider}, routes={"default": "o,up-model"}, **raw)
+        async with running_proxy(config) as (_, port):
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-client", max_retries=0)
+            try:
+                yield client, up, port
+            finally:
+                await client.close()
+
+
+@pytest.mark.parametrize("route", ["claude", "chat"])
+def test_openai_sdk_responses_text_stream_tools_and_state(tmp_path, route):
+    async def scenario():
+        async with responses_client(tmp_path, route) as (client, up, _):
+            first = await client.responses.create(model="claude-sonnet-4-5", instructions="Be brief.", input="hi")
+            assert first.output_text == "Hello there" and first.status == "completed" and first.id.startswith("resp_")
+            assert first.usage.input_tokens == 12 and first.usage.total_tokens == 15 + (1 if route == "chat" else 0)
+            async with client.responses.stream(model="claude-sonnet-4-5", input="hi") as stream:
+                final = await stream.get_final_response()
+            assert final.output_text == "Hello there"
+            calls = await client.responses.create(model="claude-sonnet-4-5", input="weather in Paris?",
+                                                  tools=[RESP_WEATHER], store=False)
+            (call,) = [o for o in calls.output if o.type == "function_call"]
+            assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+            items = [{"role": "user", "content": "weather in Paris?"}] + [o.model_dump(exclude_none=True) for o in calls.output]
+            items.append({"type": "function_call_output", "call_id": call.call_id, "output": "sunny"})
+            done = await client.responses.create(model="claude-sonnet-4-5", input=items, tools=[RESP_WEATHER])
+            assert done.output_text == "Done."
+            chained = await client.responses.create(model="claude-sonnet-4-5", input="and tomorrow?",
+                                                    previous_response_id=done.id, tools=[RESP_WEATHER])
+            assert chained.previous_response_id == done.id
+            with pytest.raises(Exception) as missing:
+                await client.responses.retrieve(calls.id)
+            assert getattr(missing.value, "status_code", None) == 404
+        system = up.requests[0]["body"]["system"] if route == "claude" else up.requests[0]["body"]["messages"][0]
+        assert "Be brief." in json.dumps(system)
+        history = up.requests[-1]["body"]["messages"]
+        assert "weather in Paris?" in json.dumps(history) and "and tomorrow?" in json.dumps(history[-1])
+        assert up.requests[1]["body"]["stream"] is True
+    run(scenario())
+
+
+def test_openai_sdk_responses_image_schema_retrieve_delete_and_input_items(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            seen = await client.responses.create(model="claude-sonnet-4-5", input=[{"role": "user", "content": [
+                {"type": "input_text", "text": "what is this?"},
+                {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "auto"}]}])
+            structured = await client.responses.create(model="claude-sonnet-4-5", input="answer in JSON", text={
+                "format": {"type": "json_schema", "name": "answer", "strict": True,
+                           "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}})
+            assert json.loads(structured.output_text) == {"answer": "Hello"}
+            again = await client.responses.retrieve(seen.id)
+            assert again.id == seen.id and again.output_text == seen.output_text
+            page = await client.responses.input_items.list(seen.id, order="asc")
+            assert [i.type for i in page.data] == ["message"] and page.data[0].id.startswith("msg_")
+            assert page.data[0].content[1].type == "input_image"
+            await client.responses.delete(seen.id)
+            with pytest.raises(Exception) as gone:
+                await client.responses.retrieve(seen.id)
+            assert getattr(gone.value, "status_code", None) == 404
+        image = up.requests[0]["body"]["messages"][0]["content"][1]
+        assert image == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+        assert up.requests[1]["body"]["output_config"]["format"]["schema"]["additionalProperties"] is False
+    run(scenario())
+
+
+def test_reasoning_round_trip_through_the_proxy_and_cache_marks(tmp_path):
+    """With store false (Codex's way), the reasoning item a client replays becomes the signed thinking block
+    Claude requires before the tool result; prompt_cache_key adds stable cache breakpoints."""
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            ask = dict(model="claude-sonnet-4-5", tools=[RESP_WEATHER], store=False, reasoning={"effort": "low", "summary": "auto"},
+                       include=["reasoning.encrypted_content"], prompt_cache_key="session-1")
+            first = await client.responses.create(input="weather?", **ask)
+            assert [o.type for o in first.output] == ["reasoning", "function_call"]
+            assert first.output[0].summary[0].text == "Let me think." and first.output[0].encrypted_content.startswith("cp1.")
+            items = [{"role": "user", "content": "weather?"}] + [o.model_dump(exclude_none=True) for o in first.output]
+            items.append({"type": "function_call_output", "call_id": first.output[1].call_id, "output": "sunny"})
+            second = await client.responses.create(input=items, **ask)
+            assert second.output_text == "Done."
+        replayed = up.requests[1]["body"]
+        assert replayed["thinking"] == {"type": "enabled", "budget_tokens": 8192}
+        assert replayed["messages"][1]["content"][:2] == [
+            {"type": "thinking", "thinking": "Let me think.", "signature": "sig-0"},
+            {"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {"city": "Paris"}}]
+        assert replayed["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    run(scenario())
+
+
+def test_responses_stream_wire_format_and_custom_tool_on_claude(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            status, headers, body = await call(port, "POST", "/v1/responses", {
+                "model": "claude-sonnet-4-5", "stream": True, "input": "patch it", "store": False,
+                "tools": [APPLY_PATCH, {"type": "web_search"}]})
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        events = sse_events(body)
+        assert all(name == data["type"] for name, data in events)
+        response = check_responses_grammar([data for _, data in events])
+        assert response["output"][0] == {"id": response["output"][0]["id"], "type": "custom_tool_call",
+                                          "call_id": "toolu_0", "name": "apply_patch", "input": "*** Begin Patch"}
+        assert [t["name"] for t in up.requests[0]["body"]["tools"]] == ["apply_patch"]
+    run(scenario())
+
+
+def test_native_responses_provider_is_relayed_as_is(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path, "native") as (_, up, port):
+            sent = {"model": "gpt-5-codex", "input": "hi", "previous_response_id": "resp_upstream", "store": True}
+            status, _, body = await call(port, "POST", "/v1/responses", sent, {"authorization": "Bearer sk-client"})
+        assert status == 200 and json.loads(body) == {"id": "resp_up"}
+        (req,) = up.requests
+        assert req["path"] == "/v1/responses" and req["headers"]["authorization"] == "Bearer sk-o-123456789"
+        assert req["body"] == dict(sent, model="up-model")
+    run(scenario())
+
+
+def test_responses_errors_in_openai_shape(tmp_path):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            answers = [await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                  "previous_response_id": "resp_nope"}),
+                       await call(port, "GET", "/v1/responses/resp_nope"),
+                       await call(port, "DELETE", "/v1/responses/resp_nope"),
+                       await call(port, "GET", "/v1/responses/resp_nope/input_items"),
+                       await call(port, "GET", "/v1/responses/x/input_items?limit=0"),
+                       await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": 3}),
+                       await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                  "tools": [{"type": "web_search"}],
+                                                                  "tool_choice": {"type": "web_search_preview"}}),
+                       await call(port, "POST", "/v1/responses/resp_1/cancel"),
+                       await call(port, "GET", "/v1/responses/resp_1?stream=true")]
+            started = time.monotonic()
+            ws = await call(port, "GET", "/v1/responses", headers={"upgrade": "websocket", "connection": "Upgrade",
+                                                                   "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                                   "sec-websocket-version": "13"})
+            assert time.monotonic() - started < 1.0
+        statuses = [a[0] for a in answers] + [ws[0]]
+        assert statuses == [404, 404, 404, 404, 400, 400, 400, 404, 400, 426]
+        for _, _, body in answers + [ws]:
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert "resp_nope" in json.loads(answers[0][2])["error"]["message"]
+        assert json.loads(answers[0][2])["error"]["param"] == "previous_response_id"
+        assert not up.requests
+    run(scenario())
+
+
+def test_responses_upstream_failure_mid_stream_is_one_response_failed(tmp_path):
+    parts = anthropic_stream()[:3] + [("reset",)]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(parts) if req["body"].get("stream") else
+                                http_response(529, {"type": "error", "error": {"type": "overloaded_error",
+                                                                               "message": "Overloaded"}})) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses",
+                                             {"model": "claude-sonnet-4-5", "input": "hi", "stream": True})
+                plain = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"})
+        events = [data for _, data in sse_events(body)]
+        assert status == 200 and [e["type"] for e in events][-1] == "response.failed"
+        response = check_responses_grammar(events)
+        assert response["error"]["code"] == "server_error" and response["output"] == []
+        assert plain[0] == 529 and json.loads(plain[2])["error"]["type"] == "overloaded_error"
+    run(scenario())
+
+
+def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
+    store = cp.ResponseStore(str(tmp_path / "home" / "responses.db"), max_bytes=2400, max_age=100.0,
+                             clock=lambda: now[0])
+    now = [1000.0]
+    big = {"id": "", "output": [{"type": "message", "id": "msg_o", "content": [{"type": "output_text", "text": "x" * 400}]}]}
+    for i in range(5):
+        store.put(dict(big, id=f"resp_{i}", previous_response_id=f"resp_{i - 1}" if i else None),
+                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}])
+        now[0] += 1
+    kept = [i for i in range(5) if store.get(f"resp_{i}")]
+    assert kept == [3, 4]                          # each ~1100 bytes: the oldest went first
+    assert [i["id"] for i in store.history("resp_4")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
+    other = cp.ResponseStore(store.path, max_bytes=10 ** 6, max_age=100.0, clock=lambda: now[0])
+    assert other.get("resp_4")["id"] == "resp_4" and other.items(["msg_4", "nope"]).keys() == {"msg_4"}
+    now[0] += 200
+    other.put(dict(big, id="resp_new"), [])
+    assert store.get("resp_4") is None and store.get("resp_new") is not None
+    assert os.stat(store.path).st_mode & 0o777 == 0o600 if POSIX else True
+    assert store.delete("resp_new") and not store.delete("resp_new") and store.input_items("resp_new") is None
+
+    async def scenario():
+        async with responses_client(tmp_path / "p") as (client, _, _):
+            answer = await client.responses.create(model="claude-sonnet-4-5", input="hi", store=False)
+            with pytest.raises(Exception):
+                await client.responses.retrieve(answer.id)
+    run(scenario())
+    assert not os.path.exists(tmp_path / "p" / "home" / "responses.db")
+
+
+def test_agents_sdk_default_runner_with_two_tools_on_claude(tmp_path):
+    """The OpenAI Agents SDK's default model class (Responses) runs a two-tool agent through the proxy."""
+    agents = pytest.importorskip("agents")
+    called = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        called.append(("weather", city))
+        return f"sunny in {city}"
+
+    @agents.function_tool
+    def get_time(city: str) -> str:
+        """Local time of a city."""
+        called.append(("time", city))
+        return f"12:00 in {city}"
+
+    async def scenario():
+        async with responses_client(tmp_path) as (client, up, _):
+            model = agents.OpenAIResponsesModel(model="claude-sonnet-4-5", openai_client=client)
+            agent = agents.Agent(name="w", instructions="Use both tools.", model=model, tools=[get_weather, get_time],
+                                 model_settings=agents.ModelSettings(reasoning={"effort": "low", "summary": "auto"}))
+            result = await agents.Runner.run(agent, "Weather and time in Paris?",
+                                             run_config=agents.RunConfig(tracing_disabled=True))
+        assert result.final_output == "Done." and called == [("weather", "Paris"), ("time", "Paris")]
+        last = up.requests[-1]["body"]
+        assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+        assert last["messages"][3]["content"][0] == {"type": "thinking", "thinking": "Let me think.", "signature": "sig-1"}
+    run(scenario())
+
+
+def test_a_broken_store_is_a_500_on_reads_and_a_warning_on_writes(tmp_path, caplog):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                (tmp_path / "home").mkdir(exist_ok=True)
+                (tmp_path / "home" / "responses.db").write_bytes(b"this is not a database" * 100)
+                read = await call(port, "GET", "/v1/responses/resp_1")
+                written = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi",
+                                                                     "reasoning": "high"})
+        assert read[0] == 500 and "response store" in json.loads(read[2])["error"]["message"]
+        assert written[0] == 200 and json.loads(written[2])["output"][0]["content"][0]["text"] == "Hello there"
+        assert any("not stored" in r.getMessage() for r in caplog.records)
+    run(scenario())
+
+
+def test_responses_on_the_subscription_login_get_its_request_shape(tmp_path):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            config = oauth_config(tmp_path, up.url, "http://127.0.0.1:9/token")
+            seed_login(config)
+            async with running_proxy(config) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", dict(CODEX_TURN1, stream=False),
+                                             {"authorization": "Bearer codex-key"})
+        assert status == 200 and json.loads(body)["output"][0]["type"] == "reasoning"
+        sent = up.requests[0]
+        assert sent["headers"]["authorization"] == "Bearer sk-ant-oat01-old" and "x-api-key" not in sent["headers"]
+        assert sent["headers"]["anthropic-beta"] == "oauth-2025-04-20,interleaved-thinking-2025-05-14"
+        assert sent["body"]["system"][0] == {"type": "text", "text": CLAUDE_CODE_IDENTITY}
+        assert 0 < count_marks(sent["body"]) <= 4
+    run(scenario())
+
+
+def test_list_page_cursor():
+    items = [{"id": f"i{k}"} for k in range(5)]
+    assert cp.list_page(items, 2, "desc", None) == {"object": "list", "data": [{"id": "i4"}, {"id": "i3"}],
+                                                    "first_id": "i4", "last_id": "i3", "has_more": True}
+    assert cp.list_page(items, 2, "asc", "i2")["data"] == [{"id": "i3"}, {"id": "i4"}]
+    assert cp.list_page(items, 2, "asc", "i3")["has_more"] is False and cp.list_page([], 5, "asc", None)["first_id"] is None
+
+
+def test_responses_routes_reasoning_to_the_think_route_and_variants(tmp_path):
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            config = make_config(tmp_path, up.url, routes={"default": "anthropic", "think": "anthropic,claude-opus-4-8"})
+            async with running_proxy(config) as (_, port):
+                for body in ({"model": "claude-sonnet-4-5", "input": "hi", "reasoning": {"effort": "high"}},
+                             {"model": "claude-sonnet-4-5", "input": "hi"},
+                             {"model": "claude-sonnet-4-5-reasoning-low", "input": "hi"}):
+                    status, _, _ = await call(port, "POST", "/v1/responses", body)
+                    assert status == 200
+        models = [r["body"]["model"] for r in up.requests]
+        assert models == ["claude-opus-4-8", "claude-sonnet-4-5", "claude-opus-4-8"]
+        assert up.requests[0]["body"]["thinking"] == {"type": "adaptive"}
+        assert up.requests[2]["body"]["output_config"] == {"effort": "low"}
+    run(scenario())
+
+
+
 # =============================================================================================
 # Hardening: fault matrix, bad input, access, secrets, fuzz, load
 # =============================================================================================
@@ -4829,7 +6052,7 @@ async def call_raw(port, method, path, body=None, headers=None, raw=None, extra_
     """Like call(), but also returns the raw response bytes (to check chunked framing)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
-    head = [f"{method} {path} HTTP/1.1", "host: test", "connection: close", f"content-length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close", f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()] + list(extra_head)
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
@@ -5423,8 +6646,9 @@ def test_host_header_and_absolute_targets_never_change_the_upstream(tmp_path):
 
     async def scenario():
         async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
-            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
-                # Host: evil.example -> the configured upstream, with its own Host
+            async with running_proxy(make_config(tmp_path, up.url, allowed_hosts=["evil.example"])) as (_, port):
+                # Host: evil.example (allowed here, as behind a reverse proxy) -> the configured
+                # upstream, with its own Host
                 data = await _raw_exchange(port, request(b"/v1/messages", b"evil.example",
                                                          extra=b"x-forwarded-host: evil.example\r\n"))
                 assert data.startswith(b"HTTP/1.1 200")
@@ -5444,8 +6668,8 @@ def test_host_header_and_absolute_targets_never_change_the_upstream(tmp_path):
                         assert up.requests[-1]["path"] == "/v1/messages"
                     assert len(up.requests) == count
                 assert (await call(port, "GET", "/health"))[0] == 200
-            for sent in up.requests:   # (other client headers, e.g. x-forwarded-host, are forwarded as is)
-                assert sent["headers"]["host"] == f"127.0.0.1:{up.port}"
+            for sent in up.requests:   # x-forwarded-host is not on the forwarding allow-list
+                assert sent["headers"]["host"] == f"127.0.0.1:{up.port}" and "x-forwarded-host" not in sent["headers"]
     run(asyncio.wait_for(scenario(), 10))
 
 
@@ -5870,6 +7094,698 @@ def test_500_concurrent_streaming_clients(tmp_path, route):
     run(asyncio.wait_for(scenario(), 90))
 
 # =============================================================================================
+# 7. Hardening, round 2: what an attacker, a browser tab and a broken upstream did (issue 10)
+# =============================================================================================
+
+async def raw_request(port, data, *, half_close=False, timeout=5):
+    """Send raw bytes on a fresh connection; everything the proxy answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)                  # buffered: the answer is read while the data goes out
+    if half_close:
+        writer.write_eof()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def head_bytes(method, path, headers, body=b""):
+    """A request with the given header lines (a list of "name: value" strings) and body."""
+    return (f"{method} {path} HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode() + body
+
+
+class ScriptedRaw:
+    """A loopback upstream that answers each connection's first request with raw bytes."""
+
+    def __init__(self, answer):
+        self.answer, self.connections, self.requests = answer, 0, []
+
+    async def __aenter__(self):
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+
+    async def _handle(self, reader, writer):
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answer(len(self.requests))
+                for part in answer if isinstance(answer, list) else [answer]:
+                    if isinstance(part, float):
+                        await asyncio.sleep(part)
+                    else:
+                        writer.write(part)
+                        await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, AttributeError):
+            pass
+        finally:
+            writer.close()
+
+
+# ---- 1. smuggling: CR/LF/NUL in heads, an allow-list of forwarded headers, pool doubt -------
+
+def test_smuggled_request_in_a_header_value_is_a_400_and_never_reaches_the_upstream(tmp_path):
+    body = json.dumps(HELLO).encode()
+    smuggle = (b"POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nX-Trace: a\ncontent-length: 0\n\n"
+               b"POST /v1/messages HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                for data in (smuggle, smuggle.replace(b"a\ncontent", b"a\rcontent"),
+                             smuggle.replace(b"a\ncontent", b"a\x00content")):
+                    answer = await raw_request(port, data)
+                    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+                assert up.requests == []
+    run(scenario())
+
+
+def test_only_allow_listed_client_headers_reach_an_anthropic_upstream(tmp_path):
+    sent = {"anthropic-beta": "b1", "anthropic-dangerous-direct-browser-access": "true", "user-agent": "claude-cli/2",
+            "x-app": "cli", "x-stainless-os": "Linux", "x-claude-code-session-id": "s1", "cookie": "c=1",
+            "x-forwarded-for": "1.2.3.4", "x-evil": "1", "proxy-authorization": "Basic x", "te": "trailers",
+            "x-api-key": "sk-client-key-000000"}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, dict(ANTHROPIC_HEADERS, **sent))
+                assert status == 200
+            got = up.requests[0]["headers"]
+            for name in ("anthropic-beta", "anthropic-dangerous-direct-browser-access", "user-agent", "x-app",
+                         "x-stainless-os", "x-claude-code-session-id"):
+                assert got[name] == sent[name]
+            for name in ("cookie", "x-forwarded-for", "x-evil", "proxy-authorization", "te"):
+                assert name not in got
+            assert got["x-api-key"] == "sk-ant-api03-testkey-0123456789"
+    run(scenario())
+
+
+@pytest.mark.parametrize("answer", [
+    # a response with a second one glued behind its body, and a close-delimited HTTP/1.0 answer
+    http_response(200, anthropic_message("first")) + http_response(200, anthropic_message("SMUGGLED")),
+    b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+    % (len(json.dumps(anthropic_message("first"))), json.dumps(anthropic_message("first")).encode()),
+])
+def test_a_connection_whose_framing_is_in_doubt_is_never_reused(tmp_path, answer):
+    async def scenario():
+        async with ScriptedRaw(lambda n: answer if n == 1 else http_response(200, anthropic_message("second"))) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                first = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                second = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+            assert json.loads(first[2])["content"][0]["text"] == "first"
+            assert json.loads(second[2])["content"][0]["text"] == "second"
+            assert up.connections == 2
+    run(scenario())
+
+
+# ---- 2. cross-site requests and DNS rebinding ----------------------------------------------
+
+@pytest.mark.parametrize("headers, status", [
+    ({"host": "evil.example:8082"}, 403),                                   # rebinding
+    ({"host": "evil.example"}, 403),
+    ({"host": "localhost:1234"}, 200), ({"host": "[::1]:8082"}, 200), ({"host": "127.0.0.1"}, 200),
+    ({"host": "127.0.0.1:8082", "origin": "https://evil.example"}, 403),  # a page on another site
+    ({"host": "127.0.0.1:8082", "origin": "null"}, 403),
+    ({"host": "127.0.0.1:8082", "origin": "http://localhost:3000"}, 403),  # another local app's page
+    ({"host": "127.0.0.1:8082", "origin": "http://127.0.0.1:8082"}, 200),  # the proxy's own
+    ({"host": "127.0.0.1:8082", "origin": "https://app.example"}, 200),    # CORS-configured
+    ({"host": "127.0.0.1:8082", "sec-fetch-site": "cross-site"}, 403),     # <img src=...> GET
+    ({"host": "127.0.0.1:8082", "sec-fetch-site": "same-site"}, 403),
+    ({"host": "127.0.0.1:8082", "sec-fetch-site": "none"}, 200),           # typed in the address bar
+    ({"host": "app.internal:8082"}, 200),                                  # ALLOWED_HOSTS
+])
+def test_browser_guard_on_a_loopback_bind(tmp_path, headers, status):
+    settings = dict(make_config(tmp_path).settings, cors_origins=["https://app.example"],
+                    allowed_hosts=["app.internal:8082"])
+    req = cp.Request("GET", "/auth/status", headers, b"", "127.0.0.1")
+    if status == 200:
+        cp.check_browser_guard(settings, req, loopback_bind=True)
+    else:
+        with pytest.raises(cp.PermissionDenied):
+            cp.check_browser_guard(settings, req, loopback_bind=True)
+
+
+def test_exposed_bind_serves_container_names_and_still_refuses_foreign_origins(tmp_path):
+    settings = make_config(tmp_path, proxy_api_key="pk-123456789").settings
+    cp.check_browser_guard(settings, cp.Request("POST", "/v1/messages", {"host": "anthropic_max_proxy:8100"}, b"",
+                                                "10.0.0.5"), loopback_bind=False)
+    with pytest.raises(cp.PermissionDenied):
+        cp.check_browser_guard(settings, cp.Request("POST", "/v1/messages", {
+            "host": "anthropic_max_proxy:8100", "origin": "https://evil.example"}, b"", "10.0.0.5"), loopback_bind=False)
+
+
+def test_browser_style_requests_cannot_use_the_login_or_end_it(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, None, providers={"anthropic": {"format": "anthropic", "base_url": up.url}})
+            seed_login(config)
+            token_file = os.path.join(config.home, "oauth_token.json")
+            async with running_proxy(config) as (_, port):
+                h = f"host: 127.0.0.1:{port}"
+                body = json.dumps(HELLO).encode()
+                text_plain = head_bytes("POST", "/v1/messages", [h, "content-type: text/plain", "origin: https://evil.example",
+                                                                 f"content-length: {len(body)}"], body)
+                assert (await raw_request(port, text_plain)).startswith(b"HTTP/1.1 403")
+                same_origin_form = head_bytes("POST", "/v1/messages", [h, "content-type: text/plain;charset=UTF-8",
+                                                                       f"content-length: {len(body)}"], body)
+                assert (await raw_request(port, same_origin_form)).startswith(b"HTTP/1.1 415")
+                form = b"a=1"
+                logout = head_bytes("POST", "/auth/logout", [h, "content-type: application/x-www-form-urlencoded",
+                                                             f"content-length: {len(form)}"], form)
+                assert (await raw_request(port, logout)).startswith(b"HTTP/1.1 415")
+                rebound = head_bytes("GET", "/auth/status", [f"host: evil.example:{port}"])
+                assert (await raw_request(port, rebound)).startswith(b"HTTP/1.1 403")
+                assert up.requests == [] and os.path.exists(token_file)
+                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)   # a real client
+                assert status == 200 and up.requests[0]["headers"]["authorization"] == "Bearer sk-ant-oat01-old"
+    run(scenario())
+
+
+def test_http_login_starts_never_evict_a_pending_login(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (server, port):
+            first = json.loads((await call(port, "GET", "/auth/start"))[2])
+            statuses = [(await call(port, "GET", "/auth/start"))[0] for _ in range(9)]
+            assert statuses == [200] * 7 + [429, 429]
+            assert first["state"] in server.oauth.pending
+    run(scenario())
+
+
+# ---- 3. no request holds the event loop ------------------------------------------------------
+
+def test_merging_120k_consecutive_messages_is_linear():
+    openai_body = {"model": "m", "messages": [{"role": "user", "content": f"m{i}"} for i in range(120_000)]}
+    anthropic_body = {"model": "m", "max_tokens": 5, "messages": (
+        [{"role": "user", "content": [{"type": "text", "text": f"m{i}"}]} for i in range(50_000)]
+        + [{"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"}]}] * 50_000)}
+    started = time.process_time()
+    converted = openai_to_anthropic_request(openai_body, "claude-sonnet-4-5")
+    assert len(converted["messages"]) == 1 and len(converted["messages"][0]["content"]) == 120_000
+    openai = anthropic_to_openai_request(anthropic_body, make_spec())
+    assert len(openai["messages"]) == 1 and openai["messages"][0]["content"].endswith("m49999")
+    assert time.process_time() - started < 10      # quadratic merging took minutes here
+
+
+def test_health_answers_while_a_huge_request_converts(tmp_path):
+    huge = {"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "x" * 30} for _ in range(120_000)]}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            async with running_proxy(config_for(tmp_path, "openai", up.url)) as (_, port):
+                pending = asyncio.ensure_future(call(port, "POST", "/v1/messages", dict(huge, stream=True), ANTHROPIC_HEADERS))
+                await asyncio.sleep(0.3)                    # the body is in, conversion under way
+                started = time.monotonic()
+                assert (await call(port, "GET", "/health"))[0] == 200
+                health_wait = time.monotonic() - started
+                assert (await pending)[0] == 200
+        assert health_wait < 2.0, health_wait
+    run(scenario())
+
+
+# ---- 4/5. access on the head, bounded bodies, connections and body time ----------------------
+
+def test_keyless_client_is_refused_before_its_body_is_read(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key="pk-123456789")) as (server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 30000000"]) + b"{")
+            answer = await asyncio.wait_for(reader.read(), 3)   # no need to send the 30 MB
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 401") and server.buffered == 0
+    run(scenario())
+
+
+def test_bodies_in_flight_are_bounded(tmp_path):
+    async def scenario():
+        config = make_config(tmp_path, max_buffered_bytes=1000)
+        async with running_proxy(config) as (server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 900"]) + b"{")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            assert server.buffered == 900
+            second = await raw_request(port, head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 200"]))
+            assert second.startswith(b"HTTP/1.1 503") and b"retry" in second
+            writer.close()
+            await asyncio.sleep(0.1)
+            assert server.buffered == 0
+    run(scenario())
+
+
+def test_slow_bodies_time_out_and_connections_are_limited(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, max_connections=3, body_timeout=0.4)) as (server, port):
+            slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            for _, writer in slow:
+                writer.write(head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: 100"]) + b"{")
+                await writer.drain()
+            await asyncio.sleep(0.1)
+            refused = await raw_request(port, head_bytes("GET", "/health", ["host: localhost"]))
+            assert refused.startswith(b"HTTP/1.1 503") and b"too many open connections" in refused
+            answers = [await asyncio.wait_for(reader.read(), 3) for reader, _ in slow]
+            assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers
+            for _, writer in slow:
+                writer.close()
+            await asyncio.sleep(0.1)
+            assert (await call(port, "GET", "/health"))[0] == 200
+    run(scenario())
+
+
+def test_idle_keepalive_connections_make_room_for_new_clients(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, max_connections=2)) as (_, port):
+            idle = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(head_bytes("GET", "/health", ["host: localhost"]))
+                await reader.readuntil(b"}")
+                idle.append(writer)
+            assert (await call(port, "GET", "/health"))[0] == 200
+            for writer in idle:
+                writer.close()
+    run(scenario())
+
+
+def test_repeated_loop_errors_are_logged_once_per_interval(tmp_path, caplog):
+    server = cp.ProxyServer(make_config(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="claude_proxy"):
+        for _ in range(5000):
+            server._loop_exception(None, {"message": "socket.accept() out of system resource",
+                                          "exception": OSError(24, "Too many open files")})
+    assert len(caplog.records) == 1 and "Too many open files" in caplog.text
+    server.log_limits["socket.accept() out of system resource"] = (0.0, 4999)
+    with caplog.at_level(logging.ERROR, logger="claude_proxy"):
+        server._loop_exception(None, {"message": "socket.accept() out of system resource"})
+    assert "4999 more like it suppressed" in caplog.records[-1].getMessage()
+
+
+# ---- 6/7. upstream-driven growth and quadratic paths -------------------------------------------
+
+def test_an_endless_sse_line_fails_the_stream_in_the_clients_dialect(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "MAX_SSE_LINE", 64 * 1024)
+    endless = Stream([b"data: " + b"x" * 16384] * 20 + [("stall",)])
+
+    async def scenario():
+        async with FakeUpstream(lambda req: endless) as up:
+            async with running_proxy(config_for(tmp_path, "openai", up.url)) as (_, port):
+                status, _, body, raw = await call_raw(port, "POST", "/v1/messages", dict(HELLO, stream=True),
+                                                      ANTHROPIC_HEADERS)
+        assert status == 200
+        assert_stream_ends_with_one_error("anthropic", raw, body, "api_error")
+        assert b"SSE line over 65536 bytes" in body
+    run(asyncio.wait_for(scenario(), 10))
+
+
+def test_interleaved_tool_fragments_never_reparse_the_open_call(monkeypatch):
+    loads = []
+    real_loads = json.loads
+    monkeypatch.setattr(cp.json, "loads", lambda *a, **k: loads.append(1) or real_loads(*a, **k))
+    machine = OpenAIToAnthropicStream("m")
+    events = machine.feed(chunk({"tool_calls": [tool(0, "call_a", "a", '{"blob": "' + "y" * (1 << 20))]}))
+    for i in range(20_000):
+        events += machine.feed(chunk({"tool_calls": [tool(1, "call_b" if i == 0 else None, "b" if i == 0 else None,
+                                                          "{" if i == 0 else " ")]}))
+    events += machine.feed(chunk({"tool_calls": [tool(0, None, None, '"}')]}))
+    events += machine.feed(chunk({"tool_calls": [tool(1, None, None, "}")]}, finish="tool_calls")) + machine.close()
+    assert len(loads) == 0
+    uses = [e["content_block"]["name"] for e in events if e["type"] == "content_block_start"]
+    assert uses == ["a", "b"]
+
+
+def test_a_stuck_model_sending_newlines_costs_linear_time():
+    machine = OpenAIToAnthropicStream("m")
+    started = time.process_time()
+    events = []
+    for _ in range(60_000):
+        events += machine.feed(chunk({"content": "\n" * 20}))
+    events += machine.feed(chunk({"content": "done"}, finish="stop")) + machine.close()
+    assert time.process_time() - started < 10       # re-stripping the prefix took ~25 s
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text == "\n" * 1_200_000 + "done"
+
+
+def test_json_scan_tracks_strings_escapes_and_nesting():
+    for whole in ['{"a": "}"}', '{"a": "\\"}"}', '[{"x": [1, {"y": "\\\\"}]}]', '{"k": "a\\\\"}']:
+        for cut in range(1, len(whole)):
+            scan = cp.JsonScan()
+            fragments = [whole[:cut]]
+            assert not scan.complete(fragments) or json.loads(whole[:cut]) is not None
+            fragments.append(whole[cut:])
+            assert scan.complete(fragments), (whole, cut)
+
+
+# ---- 10/11/14. secrets and log lines -------------------------------------------------------------
+
+def test_check_config_masks_model_headers_and_extra_body_and_the_redactor_knows_them(tmp_path):
+    config = make_config(tmp_path, providers={"o": {"format": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+                         models=[{"id": "m", "provider": "o", "headers": {"authorization": "Bearer sk-model-header-secret1"},
+                                  "extra_body": {"api_key": "body-secret-value-9", "nested": {"token": "nested-secret-77"},
+                                                 "temperature": 0.1, "provider": {"order": ["a"]}}}])
+    shown = json.dumps(cp.redacted_config(config))
+    for secret in ("sk-model-header-secret1", "body-secret-value-9", "nested-secret-77"):
+        assert secret not in shown
+        assert secret not in cp.Redactor(config.secret_values()).scrub(f"upstream said {secret}")
+    assert '"temperature": 0.1' in shown and '"order": ["a"]' in shown
+
+
+def test_log_lines_cannot_be_forged_or_paint_the_terminal(tmp_path):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(cp.Redactor())
+    logger = logging.getLogger("claude_proxy")
+    logger.addHandler(handler)
+    try:
+        async def scenario():
+            async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+                async with running_proxy(make_config(tmp_path, up.url, routes={"default": "anthropic"})) as (_, port):
+                    evil = dict(HELLO, model="x\r\n2026-12-01 INFO claude_proxy: token refreshed\x1b[2J\ud800")
+                    await call(port, "POST", "/v1/messages", evil, ANTHROPIC_HEADERS)
+        with caplog_level(logger, logging.INFO):
+            run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert "\x1b" not in output and "\r" not in output and "\\x1b[2J" in output
+    assert all(not line.startswith("2026-12-01 INFO") for line in output.splitlines())
+
+
+@contextlib.contextmanager
+def caplog_level(logger, level):
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@pytest.mark.parametrize("client, provider", [("anthropic", "anthropic"), ("openai", "anthropic"),
+                                              ("anthropic", "openai"), ("openai", "openai")])
+def test_an_upstream_quoting_the_rejected_credential_never_hands_it_to_the_client(tmp_path, client, provider):
+    def script(req):
+        seen = req["headers"].get("x-api-key") or req["headers"].get("authorization")
+        body = {"type": "error", "error": {"type": "authentication_error", "message": f"invalid key: {seen}"}} \
+            if provider == "anthropic" else {"error": {"message": f"Incorrect API key provided: {seen}",
+                                                       "type": "invalid_request_error", "code": "invalid_api_key"}}
+        return http_response(401, body)
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                path, body, headers = client_request(client, False)
+                status, _, answer = await call(port, "POST", path, body, headers)
+        assert status == 401 and b"key" in answer.lower()
+        for secret in ("sk-ant-api03-testkey-0123456789", OPENAI_PROVIDER_KEY):
+            assert secret.encode() not in answer
+    run(scenario())
+
+
+# ---- 12/13. fuzzed input classes through the whole request path: never a 500 ----------------
+
+class FuzzTransport:
+    def get_write_buffer_size(self):
+        return 0
+
+    def is_closing(self):
+        return False
+
+
+class FuzzWriter:
+    """A StreamWriter stand-in that keeps what the proxy writes."""
+
+    def __init__(self):
+        self.data, self.transport = bytearray(), FuzzTransport()
+
+    def write(self, data):
+        self.data += data
+
+    async def drain(self):
+        pass
+
+
+def nested_json(depth):
+    """JSON text nested `depth` levels deep (objects and arrays alternating)."""
+    opens = "".join('{"k":' if i % 2 else "[" for i in range(depth))
+    return opens + '"x"' + "".join("}" if i % 2 else "]" for i in reversed(range(depth)))
+
+
+def fuzz_bodies(rand):
+    """Request bodies of the classes that used to get a 500, plus generic mutations."""
+    anthropic = rand.choice(ANTHROPIC_BODIES)
+    openai = rand.choice(OPENAI_BODIES)
+    pick = rand.randrange(9)
+    if pick == 0:
+        deep = nested_json(rand.choice([50, 500, 990, 5000]))
+        return "/v1/messages", json.dumps(dict(anthropic, metadata="@")).replace('"@"', deep).encode()
+    if pick == 1:
+        deep = nested_json(rand.choice([990, 3000]))
+        return "/v1/chat/completions", json.dumps(dict(openai, user="@")).replace('"@"', deep).encode()
+    if pick == 2:
+        text = json.dumps(anthropic if rand.random() < 0.5 else openai)
+        at = rand.randrange(len(text))
+        at = text.rfind('"', 0, at)
+        return rand.choice(["/v1/messages", "/v1/chat/completions"]), (text[:at + 1] + "\\ud800" + text[at + 1:]).encode() \
+            if at > 0 and text[at - 1] != "\\" else text.encode()
+    if pick == 3:
+        return "/v1/chat/completions", json.dumps(dict(openai, stream=True, stream_options=rand.choice(
+            ["x", 1, [], True, None, {"include_usage": "yes"}]))).encode()
+    if pick == 4:
+        blocks = [{"type": rand.choice([{}, [], 1, None, "text"]), "text": "t"}]
+        return "/v1/messages", json.dumps(dict(anthropic, system=blocks, messages=[
+            {"role": "user", "content": blocks}])).encode()
+    if pick == 5:
+        return rand.choice(["/v1/messages", "/v1/chat/completions"]), \
+            json.dumps(anthropic).replace('"max_tokens": 100', '"max_tokens": NaN').replace("0.5", "Infinity").encode() \
+            if rand.random() < 0.5 else b'{"model": "m", "max_tokens": -Infinity, "messages": []}'
+    if pick == 6:
+        return "/v1/messages", json.dumps(mutate(anthropic, rand, rate=rand.choice([0.1, 0.3]))).encode()
+    if pick == 7:
+        return "/v1/chat/completions", json.dumps(mutate(openai, rand, rate=rand.choice([0.1, 0.3]))).encode()
+    raw = json.dumps(anthropic).encode()
+    cut = rand.randrange(len(raw))
+    return "/v1/messages", raw[:cut] + bytes([rand.randrange(256)]) + raw[cut + 1:]
+
+
+def test_fuzzed_requests_never_get_a_500(tmp_path, monkeypatch):
+    rand = random.Random(FUZZ_SEED + 10)
+    statuses = {}
+    dead = f"http://127.0.0.1:{free_port()}"      # nothing listens: what passes validation fails fast (502)
+
+    async def scenario():
+        configs = [make_config(tmp_path, dead), make_config(tmp_path / "o", None, oauth_token="sk-ant-oat01-fuzz",
+                                                            providers={"anthropic": {"base_url": dead, "auth": "oauth",
+                                                                                     "format": "anthropic"}}),
+                   config_for(tmp_path / "p", "openai", dead)]
+        servers = [cp.ProxyServer(c) for c in configs]
+        for i in range(20_000):
+            path, raw = fuzz_bodies(rand)
+            req = cp.Request("POST", path, {"content-type": "application/json", "host": "localhost",
+                                            "anthropic-version": "2023-06-01"}, raw, "127.0.0.1")
+            writer = FuzzWriter()
+            await cp.dispatch(servers[i % 3], req, cp.ClientStream(writer))
+            status = int(bytes(writer.data[9:12]))
+            statuses[status] = statuses.get(status, 0) + 1
+            assert status != 500, (path, raw[:300], bytes(writer.data[:600]))
+        for server in servers:
+            server.pool.close()
+    logging.getLogger("claude_proxy").disabled = True
+    try:
+        run(scenario())
+    finally:
+        logging.getLogger("claude_proxy").disabled = False
+    assert sum(statuses.values()) == 20_000 and statuses.get(400, 0) > 5000, statuses
+
+
+@pytest.mark.parametrize("data, status", [
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "content-length: \u00b2".encode("utf-8").decode("latin-1")]), 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"1;" + b"e" * 70000 + b"\r\n", 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"0\r\nx-t: " + b"t" * 70000, 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked, gzip"]), 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: xchunkedx"]), 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"0x5\r\nhello\r\n0\r\n\r\n", 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"+5\r\nhello\r\n0\r\n\r\n", 400),
+    (head_bytes("POST", "/v1/messages", ["host: localhost", "transfer-encoding: chunked"]) + b"5\r\nhelloXX0\r\n\r\n", 400),
+    (b"GET /health HTTP/1.9\r\nhost: localhost\r\n\r\n", 505),
+    (b"GET /health HTTP/1.1\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\nhost: localhost\n\n", 400),
+])
+def test_lenient_framing_is_refused_with_a_status_not_a_dropped_connection(tmp_path, data, status):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, header_timeout=5)) as (_, port):
+            started = time.monotonic()
+            answer = await raw_request(port, data)
+            assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+            assert time.monotonic() - started < 2              # at once, not after the header timeout
+            assert (await call(port, "GET", "/health"))[0] == 200
+    run(scenario())
+
+
+def test_two_million_one_byte_chunks_are_refused_early(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            chunks = b"1\r\nx\r\n" * 2_000_000
+            answer = await raw_request(port, head_bytes("POST", "/v1/messages", ["host: localhost",
+                                                                                 "transfer-encoding: chunked"]) + chunks)
+            assert answer.startswith(b"HTTP/1.1 400") and b"more than 16384 chunks" in answer
+    run(scenario())
+
+
+def test_http10_client_gets_no_100_continue(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                body = json.dumps(HELLO).encode()
+                answer = await raw_request(port, b"POST /v1/messages HTTP/1.0\r\nexpect: 100-continue\r\n"
+                                           b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                assert answer.startswith(b"HTTP/1.1 200") and b"100 Continue" not in answer
+    run(scenario())
+
+
+# ---- 15. odd upstream answers -------------------------------------------------------------------
+
+def gz(obj):
+    import gzip
+    return gzip.compress(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("name, answer, status, check", [
+    ("1xx forever", [b"HTTP/1.1 100 Continue\r\n\r\n", 0.15] * 40, 502, b"interim"),
+    ("101 unasked", b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\nbody", 502, b"switched"),
+    ("status 999", b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\n\r\n{}", 502, b"malformed"),
+    ("bare LF header", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nrequest-id: a\nset-cookie: s=1\r\n\r\n{}", 502, b"malformed"),
+    ("content-length \u00b2", b"HTTP/1.1 200 OK\r\ncontent-length: \xc2\xb2\r\n\r\n{}", 502, b"framing"),
+    ("gzip anyway", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(gz(anthropic_message())), gz(anthropic_message())), 200, b"Hello"),
+    ("brotli anyway", b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 2\r\n\r\nxx", 502, b"content-encoding"),
+])
+def test_odd_upstream_answers(tmp_path, name, answer, status, check):
+    async def scenario():
+        async with ScriptedRaw(lambda n: answer) as up:
+            async with running_proxy(make_config(tmp_path, up.url, read_timeout=3)) as (_, port):
+                got_status, headers, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+        assert got_status == status and check in body, (got_status, body[:300])
+        assert "set-cookie" not in headers and "content-encoding" not in headers
+    run(asyncio.wait_for(scenario(), 15))
+
+
+def test_absurd_usage_numbers_never_become_infinity_or_a_500(tmp_path):
+    openai_answer = json.dumps(dict(OPENAI_COMPLETION, usage={"prompt_tokens": 1e400, "completion_tokens": "7"})
+                               ).replace("Infinity", "1e400").encode()
+    claude_answer = json.dumps(dict(anthropic_message(), usage={"input_tokens": 1e400, "output_tokens": -5})
+                               ).replace("Infinity", "1e400").encode()
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, openai_answer)) as up_o, \
+                FakeUpstream(lambda req: http_response(200, claude_answer)) as up_a:
+            async with running_proxy(config_for(tmp_path, "openai", up_o.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                assert status == 200 and json.loads(body)["usage"]["input_tokens"] == 0
+            async with running_proxy(config_for(tmp_path / "a", "anthropic", up_a.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/chat/completions", OPENAI_HELLO, OPENAI_HEADERS)
+                assert status == 200 and b"Infinity" not in body
+                assert json.loads(body)["usage"]["prompt_tokens"] == 0
+    run(scenario())
+
+
+@pytest.mark.parametrize("answer", [{}, [], {"type": "message"}, {"type": "message", "content": "x"}])
+def test_a_200_that_is_not_a_claude_message_is_a_502(tmp_path, answer):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, answer)) as up:
+            async with running_proxy(config_for(tmp_path, "anthropic", up.url)) as (_, port):
+                for stream in (False, True):
+                    status, _, body = await call(port, "POST", "/v1/chat/completions",
+                                                 dict(OPENAI_HELLO, stream=stream), OPENAI_HEADERS)
+                    assert status == 502, body[:200]
+    run(scenario())
+
+
+# ---- 18. half-closed clients; shutdown deadline ---------------------------------------------------
+
+def test_a_client_that_half_closes_after_its_request_is_answered(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream()[:2] + [("sleep", 0.3)] + anthropic_stream()[2:])) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                body = json.dumps(dict(HELLO, stream=True)).encode()
+                answer = await raw_request(port, head_bytes("POST", "/v1/messages", [
+                    "host: localhost", "content-type: application/json", f"content-length: {len(body)}"], body),
+                    half_close=True)
+                status, _, streamed = parse_http(answer)
+                assert status == 200 and streamed.endswith(anthropic_stream()[-1])
+                body = json.dumps(HELLO).encode()
+                answer = await raw_request(port, head_bytes("POST", "/v1/messages", [
+                    "host: localhost", f"content-length: {len(body)}"], body), half_close=True)
+                assert answer.startswith(b"HTTP/1.1 200") and b"Hello there" in answer
+    run(scenario())
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_streams_cut_at_the_shutdown_deadline_end_with_an_error_event(tmp_path, client, caplog):
+    def script(req):
+        if client == "anthropic":
+            return Stream(anthropic_stream()[:3] + [("stall",)])
+        return Stream(anthropic_stream()[:3] + [("stall",)])
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            server = cp.ProxyServer(config_for(tmp_path, "anthropic", up.url, shutdown_grace=0.3))
+            _, port = await server.start("127.0.0.1", 0)
+            path, body, headers = client_request(client, True)
+            pending = asyncio.ensure_future(call_raw(port, "POST", path, body, headers))
+            await asyncio.sleep(0.3)
+            with caplog.at_level(logging.INFO, logger="claude_proxy.access"):
+                await server.shutdown()
+            status, _, streamed, raw = await asyncio.wait_for(pending, 5)
+        assert status == 200
+        assert_stream_ends_with_one_error(client, raw, streamed, "overloaded_error")
+        assert "error=shutdown" in caplog.text
+    run(scenario())
+
+
+# ---- 19/20. planted .env, busy port --------------------------------------------------------------
+
+def test_a_planted_env_file_cannot_send_the_login_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("ANTHROPIC_UPSTREAM_URL=https://collector.evil.example\n")
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path / "home")})
+    assert config.origins["providers.anthropic.base_url"].startswith(".env $ANTHROPIC_UPSTREAM_URL")
+    assert not config.providers["anthropic"]["oauth_trusted"]
+    notes = cp.upstream_notes(config, has_login=True)
+    assert [level for level, _ in notes] == [logging.WARNING, logging.WARNING]
+    assert "collector.evil.example (from .env" in notes[0][1] and "NOT sent" in notes[1][1]
+    seed_login(config)
+    x = cp.Exchange(cp.ProxyServer(config), cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"), None)
+    assert run(x.auth_mode(config.providers["anthropic"])) == "client"
+    named = cp.parse_config({"home": str(tmp_path / "home"), "providers": {"anthropic": {
+        "base_url": "https://gateway.example", "auth": "oauth"}}}, {})
+    assert named.providers["anthropic"]["auth"] == "oauth"          # a config file may name a host
+
+
+def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=20,
+                                env=dict(os.environ, CLAUDE_PROXY_HOME=str(tmp_path)), cwd=str(tmp_path))
+    finally:
+        sock.close()
+    assert result.returncode == 2
+    assert "already in use" in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "claude_proxy:" in line and "in use" in line]) == 1
+
+# =============================================================================================
 # Benchmark (opt-in: python -m pytest -m bench -s test_claude_proxy.py)
 # =============================================================================================
 
@@ -6129,7 +8045,7 @@ def _bench_reset_peak(pid: int) -> bool:
 
 def _bench_http_get(port: int, path: str, timeout: float = 0.5) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n".encode())
         data = sock.recv(65536)
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else 0
 
@@ -6301,6 +8217,11 @@ def _openai_body(model: str, stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
+def _responses_body(model: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "max_output_tokens": 1024, "stream": stream, "store": False,
+                       "instructions": "You are a helpful assistant. " * 10, "input": _BENCH_MESSAGES}).encode()
+
+
 # (client path, body, headers, response must contain) for the proxy and for the direct baseline.
 def _bench_calls(kind: str, model: str, stream: bool):
     anth = ("/v1/messages", _anthropic_body(model, stream), _ANTH_HEADERS)
@@ -6309,6 +8230,9 @@ def _bench_calls(kind: str, model: str, stream: bool):
         proxy, direct, mark = anth, oai, b"message_stop" if stream else b'"type":"message"'
     elif kind == "a2o":  # OpenAI client -> Anthropic upstream (converted)
         proxy, direct, mark = oai, anth, b"[DONE]" if stream else b"chat.completion"
+    elif kind == "r2a":  # Responses client -> Anthropic upstream (converted)
+        proxy = ("/v1/responses", _responses_body(model, stream), _OAI_HEADERS)
+        direct, mark = anth, b"response.completed" if stream else b'"object":"response"'
     else:                # Anthropic passthrough
         proxy, direct, mark = anth, anth, b"message_stop" if stream else b'"type":"message"'
     return proxy, direct, mark
@@ -6415,8 +8339,9 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
     # Streams at concurrency 1: latency, CPU per chunk; 50/400-event streams for the marginal cost.
     for kind, label, limit in (("o2a", "stream OpenAI->Anthropic (o2a)", 15.0),
                                ("a2o", "stream Anthropic->OpenAI (a2o)", 15.0),
+                               ("r2a", "stream Anthropic->Responses (r2a)", 15.0),
                                ("pass", "stream Anthropic passthrough", 5.0)):
-        prefix = "anth" if kind in ("a2o", "pass") else "oai"
+        prefix = "anth" if kind in ("a2o", "r2a", "pass") else "oai"
         r = await b.measure(kind, f"{prefix}-200", True, 1, count=30, warm=5)
         small = await b.measure(kind, f"{prefix}-50", True, 1, count=30, direct=False, warm=2)
         large = await b.measure(kind, f"{prefix}-400", True, 1, count=30, direct=False, warm=2)
@@ -6425,7 +8350,8 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
         added = (r["p50"] - r["direct_p50"]) * 1000
         ok = r["cpu_chunk_us"] <= limit and added <= 2.0 and not r["errors"]
         row(label + ", 200 chunks", 1, r, target=f"CPU<={limit:g}us/chunk, added<=2ms", ok=ok)
-    for kind, label in (("o2a", "tool-call stream o2a, 200 frags"), ("a2o", "tool-call stream a2o, 200 frags")):
+    for kind, label in (("o2a", "tool-call stream o2a, 200 frags"), ("a2o", "tool-call stream a2o, 200 frags"),
+                        ("r2a", "tool-call stream r2a, 200 frags")):
         r = await b.measure(kind, ("oai" if kind == "o2a" else "anth") + "-tool-200", True, 1, count=30, warm=3)
         row(label, 1, r, target="(info)")
 
@@ -6503,7 +8429,7 @@ def _bench_profile(procs: _BenchProcs, out_dir: str) -> str:
     import pstats
     os.makedirs(out_dir, exist_ok=True)
     report = []
-    for kind, model in (("o2a", "oai-200"), ("pass", "anth-200"), ("a2o", "anth-200")):
+    for kind, model in (("o2a", "oai-200"), ("pass", "anth-200"), ("a2o", "anth-200"), ("r2a", "anth-200")):
         out = os.path.join(out_dir, f"prof_{kind}.out")
         procs.start_proxy(profile_out=out)
         b = _Bench(procs)
@@ -6561,7 +8487,7 @@ async def _requests_on_keepalive(port, n, bodies):
     for i in range(n):
         path, body = bodies[i % len(bodies)]
         data = json.dumps(body).encode()
-        writer.write(b"POST %s HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\n\r\n%s"
+        writer.write(b"POST %s HTTP/1.1\r\nhost: localhost\r\nanthropic-version: 2023-06-01\r\ncontent-length: %d\r\n\r\n%s"
                      % (path.encode(), len(data), data))
         head = await reader.readuntil(b"\r\n\r\n")
         if b"chunked" in head:
