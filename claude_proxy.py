@@ -5,9 +5,12 @@ Anthropic clients (Claude Code, the Anthropic SDKs) and OpenAI clients (the open
 LangChain, Open WebUI) talk to it; it forwards to Anthropic, to Anthropic-compatible vendors
 or to any OpenAI-compatible provider, converting between the two dialects where needed.
 
-Run:    python claude_proxy.py                 serve on 127.0.0.1:8082
+Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browser there sees its status)
         python claude_proxy.py check-config    print the effective config, secrets redacted
         python claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
+        python claude_proxy.py stats           usage and cost from the ledger
+        python claude_proxy.py doctor          can every provider in use be reached and authenticated?
+        python claude_proxy.py menu            start, log in, token, status, stats, log out: a numbered menu
 Tests:  python -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
@@ -24,16 +27,18 @@ Sections, leaves first, so nothing refers forward:
                           9c Responses client -> Claude, Anthropic Messages the hub); notes of
                          every dropped field; thinking signatures across routes
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
-  11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error rendering,
-                         the models listing
-  12. Server             connection loop, keep-alive, limits, graceful shutdown
-  13. CLI                argparse entry point
+  11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error
+                         rendering, the usage meter, the models listing
+  12. Operations         usage ledger and cost, stats, plugins, hot reload, doctor, status page
+  13. Server             connection loop, keep-alive, limits, graceful shutdown
+  14. CLI                argparse entry point, stats / doctor / menu
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import collections
 import copy
 import datetime
 import hashlib
@@ -42,6 +47,7 @@ import http
 import json
 import logging
 import os
+import queue
 import random
 import re
 import secrets
@@ -51,6 +57,7 @@ import sqlite3
 import ssl
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Mapping,
@@ -113,6 +120,13 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "strict": ("CLAUDE_PROXY_STRICT", "bool", False),
     "responses_store_mb": ("RESPONSES_STORE_MB", "float", 256.0),     # stored /v1/responses, oldest evicted
     "responses_store_days": ("RESPONSES_STORE_DAYS", "float", 30.0),
+    # Operations (section 12): ledger, reload, plugins, status page.
+    "usage_ledger": ("USAGE_LEDGER", "bool", True),
+    "usage_max_age_days": ("USAGE_MAX_AGE_DAYS", "int", 90),
+    "usage_max_rows": ("USAGE_MAX_ROWS", "int", 500000),
+    "reload_interval": ("CONFIG_RELOAD_INTERVAL", "float", 1.0),
+    "plugins": ("CLAUDE_PROXY_PLUGINS", "list", []),
+    "filter_tools": ("FILTER_TOOLS", "list", []),
 }
 # The earlier proxies' environment names (after the project's own, which wins), in order.
 SEED_ENV_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -207,6 +221,39 @@ MODEL_ALIASES: Dict[str, str] = {
 FACT_OVERRIDES = {"max_tokens": "output", "context": "context", "one_m": "one_m", "thinking": "thinking",
                   "efforts": "efforts", "sampling": "sampling", "mid_system": "mid_system"}
 
+# List prices in USD per million tokens: (input, output, cache read, cache write), as published
+# by each vendor on PRICES_AS_OF. A row's pattern is matched at the start of the upstream model
+# name (lower case, any "vendor/" prefix dropped); the first match wins, so specific rows come
+# first. A models[] entry's *_cost_per_token keys override a row key by key. A missing cache
+# price falls back to the input price; a model with no row and no configured price has no cost
+# (null), never zero. Output prices cover thinking / reasoning tokens, which vendors bill as
+# output. Rows marked "tier" carry the family's current price forward to a newer version whose
+# list price this table has not confirmed; long-context (>200k) surcharges are not modelled.
+PRICES_AS_OF = "2026-11-30"
+MODEL_PRICES: Tuple[Tuple[str, Tuple[float, float, Optional[float], Optional[float]]], ...] = (
+    (r"claude-opus-4-[5-9]|claude-opus-4\.[5-9]", (5.0, 25.0, 0.50, 6.25)),
+    (r"claude-opus-[5-9]", (5.0, 25.0, 0.50, 6.25)),                      # tier
+    (r"claude-opus-4|claude-3-opus", (15.0, 75.0, 1.50, 18.75)),
+    (r"claude-sonnet-[4-9]|claude-3-[57]-sonnet", (3.0, 15.0, 0.30, 3.75)),  # 5.x: tier
+    (r"claude-haiku-[4-9]", (1.0, 5.0, 0.10, 1.25)),                      # 5.x: tier
+    (r"claude-3-5-haiku", (0.80, 4.0, 0.08, 1.0)),
+    (r"gpt-4o-mini", (0.15, 0.60, 0.075, None)),
+    (r"gpt-4o", (2.50, 10.0, 1.25, None)),
+    (r"gpt-4\.1-nano", (0.10, 0.40, 0.025, None)),
+    (r"gpt-4\.1-mini", (0.40, 1.60, 0.10, None)),
+    (r"gpt-4\.1", (2.0, 8.0, 0.50, None)),
+    (r"gpt-5(\.\d+)?-nano", (0.05, 0.40, 0.005, None)),
+    (r"gpt-5(\.\d+)?-mini", (0.25, 2.0, 0.025, None)),
+    (r"gpt-5\.2", (1.75, 14.0, 0.175, None)),
+    (r"gpt-5(\.1)?(?![.\d])", (1.25, 10.0, 0.125, None)),
+    (r"deepseek-(chat|reasoner)", (0.28, 0.42, 0.028, None)),
+    (r"gemini-2\.5-pro", (1.25, 10.0, 0.125, None)),
+    (r"gemini-2\.5-flash-lite", (0.10, 0.40, 0.01, None)),
+    (r"gemini-2\.5-flash", (0.30, 2.50, 0.03, None)),
+)
+PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token", "cache_read_cost_per_token",
+              "cache_write_cost_per_token")
+
 # =============================================================================================
 # 2. Errors
 # =============================================================================================
@@ -289,6 +336,12 @@ class URITooLong(ProxyError):
 class HTTPVersionNotSupported(ProxyError):
     status = 505
     error_type = "invalid_request_error"
+
+
+class PluginError(ProxyError):
+    """A plugin's hook raised or returned something unusable; the message names the plugin."""
+    status = 500
+    error_type = "api_error"
 
 
 class UpstreamError(ProxyError):
@@ -968,10 +1021,12 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     responses = raw.get("responses", False)     # serves /responses itself: relayed, not converted
     if not isinstance(responses, bool) or (responses and fmt != "openai"):
         raise ConfigError(f"{path}.responses: expected true or false (true only on an openai-format provider)")
+    key_from = ("config" if raw.get("api_key") else "env") if api_key else None
     provider = {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
                 "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
-                "api_key_env": raw.get("api_key_env"), "oauth_trusted": oauth_host_trusted(base_url),
-                "azure": azure, "api_version": raw.get("api_version"), "responses": responses}
+                "api_key_env": raw.get("api_key_env"), "api_key_from": key_from,
+                "oauth_trusted": oauth_host_trusted(base_url), "azure": azure,
+                "api_version": raw.get("api_version"), "responses": responses}
     return dict(provider, **provider_dialect_options(path, raw, provider))
 
 
@@ -1032,15 +1087,12 @@ def parse_model(path: str, raw: Any, providers: Dict[str, dict]) -> dict:
     for key in ("max_tokens", "context", "max_input_tokens", "min_tokens"):
         spec[key] = parse_size(spec[key], f"{path}.{key}")
     spec["can_stream"] = parse_bool(spec["can_stream"])
-    for key in ("input_cost_per_token", "output_cost_per_token", "cache_read_cost_per_token",
-                "cache_write_cost_per_token"):
-        if spec[key] is not None and not _is_price(spec[key]):
-            raise ConfigError(f"{path}.{key}: expected a number (US dollars per token)")
     for key, kind in (("extra_body", dict), ("headers", dict), ("fallback", list)):
         if not isinstance(spec[key], kind):
             raise ConfigError(f"{path}.{key}: expected {'an object' if kind is dict else 'a list'}")
     check_model_facts(path, spec)
     spec["headers"] = {k.lower(): str(v) for k, v in spec["headers"].items()}
+    spec.update(parse_prices(path, raw))
     return spec
 
 
@@ -1058,8 +1110,21 @@ def check_model_facts(path: str, spec: dict) -> None:
     check_replay_reasoning(spec["replay_reasoning"], f"{path}.replay_reasoning")
 
 
+def parse_prices(path: str, raw: dict) -> Dict[str, float]:
+    """The entry's *_cost_per_token keys (USD per token), each a number >= 0."""
+    prices = {}
+    for key in PRICE_KEYS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not _is_price(value):
+            raise ConfigError(f"{path}.{key}: expected a number >= 0 (USD per token)")
+        prices[key] = float(value)
+    return prices
+
+
 def _is_price(value: Any) -> bool:
-    """A finite, non-negative number."""
+    """A finite, non-negative int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
 
 
@@ -1267,7 +1332,9 @@ def read_models_file(path: str) -> Tuple[dict, List[str]]:
     """(raw config layer, notes) from a seed model file: YAML (seeds 001/004) or JSON (seed
     000's `custom_models`, or a file in claude_proxy's own shape)."""
     text = read_text(path, "model file")
-    if path.lower().endswith(".json") or text.lstrip().startswith("{"):
+    if path.lower().endswith(".json") or text.lstrip()[:1] in ("{", "["):
+        if text.lstrip().startswith("["):              # a bare list of models[] entries
+            return {"models": parse_json_config('{"models": %s}' % text, path)["models"]}, []
         return parse_json_config(text, path), []
     layer = seed_models_layer(parse_yaml_models(text, path), path)
     return layer, layer.pop("_notes")
@@ -1384,8 +1451,9 @@ def redacted_config(config: Config) -> dict:
     models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
                    extra_body=masked_copy(m["extra_body"])) for m in config.models.values()]
     routes = {name: (t["id"] or t["provider"]) for name, t in config.routes.items()}
-    return {"settings": settings, "providers": providers, "models": models,
-            "routes": routes, "oauth": config.oauth}
+    origins = {key: where for key, where in config.origins.items() if where != "default"}
+    return {"files": config.files, "settings": settings, "providers": providers, "models": models,
+            "routes": routes, "oauth": config.oauth, "origins": origins, "warnings": config.warnings}
 
 # =============================================================================================
 # 5. HTTP wire format (sans-IO)
@@ -6124,6 +6192,12 @@ def _read_claude_code_oauth(path: str) -> dict:
     return oauth
 
 
+def default_claude_credentials_path(env: Mapping[str, str]) -> str:
+    """~/.claude/.credentials.json, or under CLAUDE_CONFIG_DIR."""
+    base = env.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
+    return os.path.join(base, ".credentials.json")
+
+
 def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
     """Copy Claude Code's access token (not its refresh token) into our store; returns the record.
 
@@ -6142,6 +6216,66 @@ def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
     store.save(record)
     log.info("imported the Claude Code token, expires in %s", _lifetime(record, store.clock()))
     return record
+
+
+OAUTH_TOKEN_SHAPE = re.compile(r"^sk-ant-oat01-[A-Za-z0-9_\-]{8,}$")
+# Where the earlier proxies kept their login (read-only here): seed 003, then seed 000.
+SEED_TOKEN_FILES = ("~/.config/anthropic-max-proxy/tokens.json", "~/.anthropic-claude-max-proxy/tokens.json")
+
+
+def check_token_shape(token: str) -> str:
+    """A Claude subscription token as `claude setup-token` prints it, or BadRequest saying why."""
+    token = token.strip()
+    if not OAUTH_TOKEN_SHAPE.match(token):
+        kind = "an API key (use ANTHROPIC_API_KEY for it)" if token.startswith("sk-ant-api") else "not one"
+        raise BadRequest(f"that is not a Claude subscription token (sk-ant-oat01-...; it is {kind})")
+    return token
+
+
+def seed_token_record(document: Any, path: str, now: float) -> dict:
+    """Our token record from seed 000's or seed 003's tokens.json (expires_at in seconds; the
+    refresh token comes along: the proxy takes over that login)."""
+    if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
+        raise BadRequest(f"{path} holds no access_token: not a token file claude_proxy can read")
+    expires = document.get("expires_at")
+    expires_at = float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
+    if expires_at is not None and expires_at > 1e12:          # milliseconds
+        expires_at /= 1000.0
+    refresh = document.get("refresh_token") if document.get("token_type") != "long_term" else None
+    if expires_at is not None and expires_at <= now and not refresh:
+        raise BadRequest(f"the token in {path} has expired and cannot be refreshed: log in again")
+    source = "anthropic-claude-max-proxy" if "token_type" in document else "anthropic-max-proxy"
+    return {"access_token": document["access_token"], "refresh_token": refresh, "expires_at": expires_at,
+            "scope": None, "account": None, "source": f"import:{source}"}
+
+
+def import_token_file(path: str, store: TokenStore) -> dict:
+    """Import a saved login into our store, whatever wrote it: Claude Code's credentials, seed
+    000's or seed 003's tokens.json, or another claude_proxy's token file. The file is only read."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            document = json.load(fh)
+    except FileNotFoundError:
+        raise BadRequest(f"no token file at {path}") from None
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"cannot read {path}: {type(exc).__name__}") from None
+    if isinstance(document, dict) and "claudeAiOauth" in document:
+        return import_claude_code_credentials(path, store)
+    if isinstance(document, dict) and isinstance(document.get("token"), dict):
+        record = dict(document["token"], source="import:claude_proxy")
+    else:
+        record = seed_token_record(document, path, store.clock())
+    store.save(record)
+    log.info("imported the login from %s, expires in %s", path, _lifetime(record, store.clock()))
+    return record
+
+
+def default_token_file(env: Mapping[str, str]) -> Optional[str]:
+    """The saved login `import` reads when no file is named: a seed's token file (by its env
+    name or default place), else Claude Code's credentials."""
+    named = [env.get(var) for var in SEED_ENV_ALIASES["import_token_file"]]
+    candidates = [p for p in named if p] + list(SEED_TOKEN_FILES) + [default_claude_credentials_path(env)]
+    return next((p for p in candidates if os.path.isfile(os.path.expanduser(p))), None)
 
 
 # ---- Request shaping on the OAuth path (pure; PROTOCOLS.md A.8, B.1, B.2) -----------------
@@ -6351,31 +6485,55 @@ class OAuthService:
 
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
-    """login / logout / status / import-claude-code, on a pool of their own."""
+    """login / logout / status / import / import-claude-code / verify-login, on a pool of their own."""
     pool = ConnectionPool(lambda: make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
                           proxies_from_env(env), config.settings["connect_timeout"], 60.0)
     service = OAuthService(config, pool, Redactor())
     try:
         if command == "login":
             return await cli_login(service, args)
+        if command == "verify-login":
+            return await cli_verify_login(service)
         if command == "logout":
+            had = service.store.load() is not None
             service.tokens.logout()
-            print("Logged out: the saved Claude login is removed.")
-        elif command == "import-claude-code":
-            path = getattr(args, "path", None) or default_claude_credentials_path(env)
-            record = import_claude_code_credentials(path, service.store)
-            print(f"Imported Claude Code's login from {path} (expires {_iso(record.get('expires_at'))}). "
-                  "Its refresh token stays with Claude Code: import again when it expires.")
+            print("Logged out: the saved Claude login is removed." if had else
+                  f"There was no saved Claude login to remove ({service.store.path}).")
+        elif command in ("import", "import-claude-code"):
+            cli_import(service, command, getattr(args, "path", None), env)
         print(json.dumps(service.tokens.status(), indent=2))
         return 0
     finally:
         pool.close()
 
 
-def default_claude_credentials_path(env: Mapping[str, str]) -> str:
-    """~/.claude/.credentials.json, or under CLAUDE_CONFIG_DIR."""
-    base = env.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
-    return os.path.join(base, ".credentials.json")
+def cli_import(service: OAuthService, command: str, path: Optional[str], env: Mapping[str, str]) -> None:
+    """`import [FILE]` (any saved login) and `import-claude-code [--path FILE]`."""
+    if command == "import-claude-code":
+        path = path or default_claude_credentials_path(env)
+        record = import_claude_code_credentials(path, service.store)
+    else:
+        path = path or default_token_file(env)
+        if path is None:
+            raise BadRequest("no saved login found to import: name the file (`import FILE`)")
+        record = import_token_file(path, service.store)
+    print(f"Imported the login from {path} (expires {_iso(record.get('expires_at'))}); {path} was only read.")
+    if record.get("source") == "claude_code":
+        print("Its refresh token stays with Claude Code: import again when it expires.")
+    elif record.get("refresh_token"):
+        print("claude_proxy refreshes it from now on; the program that saved it will need a new login.")
+
+
+async def cli_verify_login(service: OAuthService) -> int:
+    """--headless --no-auto-start: check (and refresh when due) the login, print it, serve nothing."""
+    try:
+        await service.access_token()
+    except ProxyError as exc:
+        print(f"claude_proxy: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(service.tokens.status(), indent=2))
+    print("Auto-start disabled: the login is valid; the proxy was not started.")
+    return 0
 
 
 async def cli_login(service: OAuthService, args: argparse.Namespace) -> int:
@@ -6383,8 +6541,8 @@ async def cli_login(service: OAuthService, args: argparse.Namespace) -> int:
     print(TERMS_NOTICE + "\n")
     token = getattr(args, "token", None)
     if token:
-        service.tokens.save(dict(explicit_token_record(token), source="long_lived"))
-        print("Saved the token.")
+        service.tokens.save(dict(explicit_token_record(check_token_shape(token)), source="long_lived"))
+        print(f"Saved the token in {service.store.path}.")
         return 0
     long_lived = bool(getattr(args, "long_lived", False))
     flow = service.start_login(long_lived)
@@ -6724,6 +6882,156 @@ def parse_upstream_json(raw: bytes) -> dict:
     return body
 
 
+# ---- Usage of one request: a meter the relay paths feed -------------------------------------
+#
+# Every path feeds the meter from what the upstream sent: a non-streaming body's `usage`, or, in
+# a stream, the few data lines holding a non-null "usage" (Anthropic message_start and
+# message_delta, OpenAI's usage chunk, a Responses response.completed). UsageScanner finds them
+# with one bytes.find per relayed chunk; nothing else is parsed. The JSON encoding of a string
+# escapes its quotes, so `"usage"` followed by an object occurs only as a real key. One usage
+# object may be any of three shapes (USAGE_SHAPES); the meter keeps Anthropic's meaning of
+# input_tokens (cache reads and writes excluded) and merges key by key, last value winning,
+# because Anthropic's message_delta repeats only what changed.
+
+USAGE_MARKER = b'"usage"'
+MAX_SCAN_LINE = 1 << 20            # a longer partial line is not kept for the scan
+METER_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens", "reasoning_tokens")
+
+
+def usage_shape(usage: dict) -> str:
+    """Which API's usage object this is: "openai" (chat), "responses" or "anthropic"."""
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return "openai"
+    if "input_tokens_details" in usage or ("output_tokens_details" in usage and "total_tokens" in usage):
+        return "responses"
+    return "anthropic"
+
+
+def _detail(usage: dict, key: str, field: str) -> Optional[int]:
+    """usage[key][field] when present."""
+    details = usage.get(key)
+    return details.get(field) if isinstance(details, dict) else None
+
+
+def _openai_fields(usage: dict) -> Dict[str, Any]:
+    """Chat Completions usage in the meter's fields."""
+    fields: Dict[str, Any] = dict(anthropic_usage_from_openai(usage))
+    fields["reasoning_tokens"] = _detail(usage, "completion_tokens_details", "reasoning_tokens") or 0
+    return fields
+
+
+def _responses_fields(usage: dict) -> Dict[str, Any]:
+    """Responses API usage (input_tokens includes cached ones) in the meter's fields."""
+    cached = _detail(usage, "input_tokens_details", "cached_tokens") or 0
+    return {"input_tokens": max((usage.get("input_tokens") or 0) - cached, 0),
+            "output_tokens": usage.get("output_tokens") or 0, "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0,
+            "reasoning_tokens": _detail(usage, "output_tokens_details", "reasoning_tokens") or 0}
+
+
+def _anthropic_fields(usage: dict) -> Dict[str, Any]:
+    """Anthropic usage in the meter's fields: only the keys present (message_delta is partial)."""
+    fields = {k: usage[k] for k in METER_FIELDS if k in usage}
+    thinking = _detail(usage, "output_tokens_details", "thinking_tokens")
+    if thinking is not None:
+        fields["reasoning_tokens"] = thinking
+    return fields
+
+
+USAGE_SHAPES: Dict[str, Callable[[dict], Dict[str, Any]]] = {
+    "openai": _openai_fields, "responses": _responses_fields, "anthropic": _anthropic_fields}
+
+
+class UsageMeter:
+    """What one request used: tokens (None until the upstream reported usage) and first byte."""
+
+    __slots__ = METER_FIELDS + ("requested", "seen", "first_byte_at", "key")
+
+    def __init__(self) -> None:
+        for name in METER_FIELDS:
+            setattr(self, name, 0)
+        self.requested: Optional[str] = None     # the model the client asked for; None: not metered
+        self.seen = False
+        self.first_byte_at: Optional[float] = None
+        self.key: Optional[str] = None           # masked provider key, for a key pool to fill
+
+    def take(self, usage: Any) -> None:
+        """Merge one usage object of any dialect."""
+        if not isinstance(usage, dict):
+            return
+        for name, value in USAGE_SHAPES[usage_shape(usage)](usage).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, value)
+        self.seen = True
+
+    def take_body(self, raw: bytes) -> None:
+        """The usage of a whole JSON answer (ignored when it is not JSON)."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if isinstance(body, dict):
+            self.take(body.get("usage") or (body.get("response") or {}).get("usage"))
+
+    def tokens(self) -> Tuple[Optional[int], ...]:
+        """The five counters (METER_FIELDS order), or Nones when the upstream reported no usage."""
+        if not self.seen:
+            return (None,) * 5
+        return (self.input_tokens, self.output_tokens, self.cache_read_input_tokens,
+                self.cache_creation_input_tokens, self.reasoning_tokens)
+
+
+def _event_usage(event: Any) -> Any:
+    """The usage object of one stream event: at its top, or in its message / response (Groq:
+    x_groq)."""
+    if not isinstance(event, dict):
+        return None
+    usage = event.get("usage")
+    if usage is None:
+        inner = event.get("message") or event.get("response") or event.get("x_groq")
+        usage = inner.get("usage") if isinstance(inner, dict) else None
+    return usage
+
+
+class UsageScanner:
+    """Feeds a meter from relayed SSE bytes, parsing only data lines that hold a usage object."""
+
+    def __init__(self, meter: UsageMeter, clock: Callable[[], float] = time.monotonic):
+        self.meter = meter
+        self.clock = clock
+        self._tail = b""
+
+    def feed(self, data: bytes) -> None:
+        """Scan one relayed chunk (any split); the first one marks the first byte."""
+        if self.meter.first_byte_at is None:
+            self.meter.first_byte_at = self.clock()
+        buf = self._tail + data if self._tail else data
+        end = buf.rfind(b"\n") + 1
+        self._tail = buf[end:] if end < len(buf) and len(buf) - end < MAX_SCAN_LINE else b""
+        at = buf.find(USAGE_MARKER, 0, end)
+        while at >= 0:
+            if buf.startswith(b":null", at + len(USAGE_MARKER)):     # OpenAI's, on every chunk
+                at = buf.find(USAGE_MARKER, at + len(USAGE_MARKER), end)
+            else:
+                at = buf.find(USAGE_MARKER, self._take_line(buf, at), end)
+
+    def _take_line(self, buf: bytes, at: int) -> int:
+        """Parse the data line holding the marker at `at` if its value is an object; returns
+        where to search on."""
+        after = at + len(USAGE_MARKER)
+        line_end = buf.find(b"\n", after)
+        if not buf[after:after + 16].lstrip(b" \t:").startswith(b"{"):
+            return after
+        line = buf[buf.rfind(b"\n", 0, at) + 1:line_end].rstrip(b"\r")
+        if line.startswith(b"data:"):
+            try:
+                self.meter.take(_event_usage(loads_event(line[5:].strip().decode("utf-8"))))
+            except (ValueError, UnicodeDecodeError):
+                pass
+        return line_end
+
+
 class Relay:
     """Writes SSE to the client; sends comment keep-alives while the upstream is quiet."""
 
@@ -6807,7 +7115,9 @@ class Exchange:
         self.upstream_status: Optional[int] = None
         self.relay: Optional[Relay] = None
         self.oauth_used = False
-        self.error_type: Optional[str] = None
+        self.plugins = server.plugins          # this config generation's hooks; None: no plugin
+        self.meter = UsageMeter()
+        self.error: Optional[ProxyError] = None
         self.stream_error: Optional[Callable[[ProxyError], bytes]] = None  # an error in the stream's own grammar
 
     # -- work off the loop ----------------------------------------------------------------------
@@ -6876,6 +7186,8 @@ class Exchange:
         SSE response opens after one keep-alive interval, so front proxies and clients see
         keep-alives (an upstream error then arrives as one error event, as mid-stream)."""
         interval = self.config.settings["keepalive_interval"]
+        if self.plugins:
+            build = self.plugins.hooked_build(self, build)
         pending = asyncio.ensure_future(self.send_to_targets(build))
         try:
             if stream and interval > 0:
@@ -7063,11 +7375,18 @@ class Exchange:
         content_type = response.headers.get("content-type", "application/json")
         headers = [("content-type", content_type)] + relayed_headers(response.headers)
         if "text/event-stream" not in content_type and self.relay is None:
-            await self.out.respond(response.status, headers, await response.read())
+            raw = await response.read()
+            self.meter.take_body(raw)
+            await self.answer_raw(response.status, headers, raw)
             return
         self.open_stream(response.status, headers + [("cache-control", "no-cache")])
+        scan = UsageScanner(self.meter).feed
+        rewrite = self.plugins.event_rewriter(self) if self.plugins else None
         async for data in response.iter_body():
-            await self.relay.send(data)
+            scan(data)
+            await self.relay.send(data if rewrite is None else rewrite.feed(data))
+        if rewrite is not None:
+            await self.relay.send(rewrite.close())
         self.relay.stop()
         await self.out.finish()
 
@@ -7075,8 +7394,11 @@ class Exchange:
                               encode: Callable[[Any], bytes]) -> None:
         """Conversion: decode upstream SSE, feed the state machine, write its events."""
         self.open_stream(200, SSE_RESPONSE_HEADERS + relayed_headers(response.headers))
-        decoder, body = SSEDecoder(), response.iter_body()
+        decoder, body, scan = SSEDecoder(), response.iter_body(), UsageScanner(self.meter).feed
+        if self.plugins:
+            encode = self.plugins.hooked_encode(self, encode)
         async for data in body:
+            scan(data)
             items = feed_events(machine, decoder.feed(data))
             if items:
                 await self.relay.send(b"".join([encode(item) for item in items]))
@@ -7091,6 +7413,24 @@ class Exchange:
         self.relay.stop()
         await self.out.finish()
         await drain_rest(body)
+
+    async def read_upstream_json(self, response: UpstreamResponse) -> dict:
+        """The upstream's whole JSON answer, its usage metered."""
+        upstream_body = parse_upstream_json(await response.read())
+        self.meter.take(upstream_body.get("usage"))
+        return upstream_body
+
+    async def answer_json(self, status: int, answer: dict, headers: List[Tuple[str, str]]) -> None:
+        """A whole converted answer, after the plugins' response hooks."""
+        if self.plugins:
+            answer = self.plugins.on_response(self, answer)
+        await self.out.respond_json(status, answer, headers)
+
+    async def answer_raw(self, status: int, headers: List[Tuple[str, str]], raw: bytes) -> None:
+        """A whole relayed answer, after the plugins' response hooks."""
+        if self.plugins:
+            raw = self.plugins.on_response_bytes(self, raw)
+        await self.out.respond(status, headers, raw)
 
 
 # ---- stored responses (POST /v1/responses with store; sqlite3 off the event loop) -------------
@@ -7279,6 +7619,7 @@ def list_page(items: List[dict], limit: int, order: str, after: Optional[str]) -
 async def handle_messages(x: Exchange) -> None:
     """POST /v1/messages: an Anthropic client, to an anthropic- or openai-format provider."""
     body = await x.json_body({"model": str, "messages": list, "max_tokens": int})
+    x.meter.requested = body["model"]
     needs_estimate = "long_context" in x.config.routes
     estimate = await x.run(convert, BadRequest, "request", estimate_anthropic_tokens, body) if needs_estimate else 0
     x.target = resolve_target(x.config, body["model"], thinking=anthropic_thinking_on(body), input_tokens=estimate)
@@ -7293,7 +7634,8 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     every field kept, bytes relayed; thinking blocks the provider did not issue are removed
     (own_thinking_only), mid-conversation system messages become user text for a model that takes
     none (a session routed to another model), and a vendor's own signatures are tagged on the way back."""
-    target_path = path + ("?" + x.req.query if x.req.query else "")
+    own_endpoint = x.req.path == path        # not test_conversion, whose query is the proxy's own
+    target_path = path + ("?" + x.req.query if x.req.query and own_endpoint else "")
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         notes: Notes = []
@@ -7349,18 +7691,20 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
             await x.relay_converted(response, machine, format_anthropic_event)
             return
         message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic,
-                          parse_upstream_json(await response.read()), body["model"], provider=provider)
+                          await x.read_upstream_json(response), body["model"], provider=provider)
         if body.get("stream"):
             await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
                               format_anthropic_event)
         else:
-            await x.out.respond_json(200, message, relayed_headers(response.headers))
+            await x.answer_json(200, message, relayed_headers(response.headers))
     finally:
         response.close()
 
 
 async def send_events(x: Exchange, events: List[Any], encode: Callable[[Any], bytes]) -> None:
     """A whole list of stream events as one SSE response."""
+    if x.plugins:
+        encode = x.plugins.hooked_encode(x, encode)
     x.open_stream(200, SSE_RESPONSE_HEADERS)
     await x.relay.send(b"".join([encode(e) for e in events]))
     x.relay.stop()
@@ -7381,6 +7725,7 @@ async def handle_count_tokens(x: Exchange) -> None:
 async def handle_chat_completions(x: Exchange) -> None:
     """POST /v1/chat/completions: an OpenAI client, to Claude or passed straight through."""
     body = await x.json_body({"model": str, "messages": list})
+    x.meter.requested = body["model"]
     x.target = resolve_openai_target(x.config, body["model"])
     if x.target.provider["format"] == "openai":
         await openai_passthrough(x, body)
@@ -7434,14 +7779,14 @@ async def openai_via_anthropic(x: Exchange, body: dict) -> None:
             machine = AnthropicToOpenAIStream(body["model"], include_usage=include_usage)
             await x.relay_converted(response, machine, format_openai_item)
             return
-        message = parse_upstream_json(await response.read())
+        message = await x.read_upstream_json(response)
         if body.get("stream"):
             machine = AnthropicToOpenAIStream(body["model"], include_usage=include_usage)
             events = convert(UpstreamError, "upstream answer", anthropic_message_as_events, message)
             await send_events(x, feed_events(machine, events, parsed=True), format_openai_item)
         else:
             answer = convert(UpstreamError, "upstream answer", anthropic_response_to_openai, message, body["model"])
-            await x.out.respond_json(200, answer, relayed_headers(response.headers))
+            await x.answer_json(200, answer, relayed_headers(response.headers))
     finally:
         response.close()
 
@@ -7745,8 +8090,9 @@ async def handle_model(x: Exchange) -> None:
 
 
 async def handle_health(x: Exchange) -> None:
-    """GET /health."""
-    await x.out.respond_json(200, {"status": "ok", "version": VERSION})
+    """GET /health, with the generation of the config in force (1 at start, +1 per reload)."""
+    await x.out.respond_json(200, {"status": "ok", "version": VERSION,
+                                   "config_generation": x.server.generation})
 
 
 async def handle_root(x: Exchange) -> None:
@@ -7819,7 +8165,7 @@ ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
     ("GET", "/auth/status", handle_auth_status, True),
     ("POST", "/auth/logout", handle_auth_logout, True),
 ]
-PUBLIC_PATHS = ("/", "/health")
+PUBLIC_PATHS = ("/", "/health", "/status.json")     # the status page checks its own access
 
 
 def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]]:
@@ -7837,16 +8183,19 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
     raise NotFound(f"no route for {path}")
 
 
+def offered_key(req: Request) -> str:
+    """The key a client sent as x-api-key or Bearer token ("" when none)."""
+    offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
+    return (offered[7:] if offered.lower().startswith("bearer ") else offered).strip()
+
+
 def check_access(settings: dict, req: Request) -> None:
     """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
     which never carry credentials, and the public paths excepted)."""
     key = settings.get("proxy_api_key")
     if not key or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
         return
-    offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
-    if offered.lower().startswith("bearer "):
-        offered = offered[7:]
-    if not hmac.compare_digest(offered.strip().encode(), key.encode()):
+    if not hmac.compare_digest(offered_key(req).encode(), key.encode()):
         raise AuthError("invalid proxy key: send PROXY_API_KEY as x-api-key or Bearer token")
 
 
@@ -7864,7 +8213,7 @@ async def render_error(x: Exchange, exc: ProxyError) -> None:
     """An error in the client's dialect: a JSON response, or one event if streaming began. An
     upstream's own error body is relayed (same dialect) or converted, with every secret the
     proxy knows scrubbed from it (an upstream may quote the credential it rejected)."""
-    x.error_type = exc.error_type
+    x.error = exc
     if exc.retryable is False:
         x.out.extra_headers = x.out.extra_headers + [("x-should-retry", "false")]
     if isinstance(exc, UpstreamStatus):
@@ -7894,7 +8243,7 @@ SHUTDOWN_CUT = ProxyError("the proxy is shutting down and cut this answer short;
 def cut_at_shutdown(x: Exchange) -> None:
     """Past the shutdown grace: end the answer at once (no await) with an error in the client's
     dialect, so a cut stream is never mistaken for a complete one."""
-    x.error_type, x.req.keep_alive = "shutdown", False
+    x.error, x.req.keep_alive = ProxyError("cut at the shutdown deadline", status=503, error_type="shutdown"), False
     if not x.out.started:
         x.out.started, x.out.status = True, 503
         x.out.writer.write(http_error_bytes(503, SHUTDOWN_CUT.error_type, SHUTDOWN_CUT.message))
@@ -7910,7 +8259,7 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
     x = Exchange(server, req, out)
     started = time.monotonic()
     try:
-        out.extra_headers = cors_headers(server.config.settings, req)
+        out.extra_headers = cors_headers(x.config.settings, req)
         if req.method == "OPTIONS":
             await out.respond(204 if out.extra_headers else 404, [], b"")
             return
@@ -7918,6 +8267,8 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
     except asyncio.CancelledError:
         if server.closing:
             cut_at_shutdown(x)
+        else:
+            x.error = ProxyError("the request was cancelled", status=499, error_type="cancelled")
         raise
     except ProxyError as exc:
         await render_safely(x, exc)
@@ -7931,12 +8282,13 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
     finally:
         if x.relay:
             x.relay.stop()
+        server.ops.request_done(x, started)
         write_access_line(x, time.monotonic() - started)
 
 
 def write_access_line(x: Exchange, elapsed: float) -> None:
     """The one access line of a request (client-controlled parts escaped by the log filter)."""
-    status = f"{x.out.status or '-'}" + (f" error={x.error_type}" if x.error_type else "")
+    status = f"{x.out.status or '-'}" + (f" error={x.error.error_type}" if x.error else "")
     access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method, x.req.path[:300],
                     x.target.describe() if x.target else "-", x.upstream_status or "-",
                     status, elapsed * 1000, x.out.bytes_sent)
@@ -7944,6 +8296,7 @@ def write_access_line(x: Exchange, elapsed: float) -> None:
 
 async def render_safely(x: Exchange, exc: ProxyError) -> None:
     """render_error, giving up quietly when the client is already gone."""
+    x.error = exc
     if exc.status >= 500 or exc.retryable is False:
         log.warning("request %s failed: %s", x.req.id, exc.message)
     try:
@@ -7952,16 +8305,18 @@ async def render_safely(x: Exchange, exc: ProxyError) -> None:
         x.req.keep_alive = False
 
 
-LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
+FORM_PATHS = ("/",)                 # the status page's key form: the one non-JSON POST
 BROWSER_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def host_name(host_header: str) -> str:
-    """A Host header without its port, lower-cased ("[::1]:8082" -> "[::1]")."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[:host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+def host_name(value: str) -> Optional[str]:
+    """The host name of a Host header or an origin's netloc, lower case, without port or IPv6
+    brackets ("[::1]:8082" -> "::1"); None when malformed."""
+    try:
+        return urllib.parse.urlsplit("//" + value.strip()).hostname
+    except ValueError:
+        return None
 
 
 def cors_allowed(settings: dict, origin: str) -> bool:
@@ -7989,7 +8344,7 @@ def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> No
     if fetch_site in ("cross-site", "same-site") and not (origin and (own or cors_allowed(settings, origin))):
         raise PermissionDenied("requests made by another web site are refused")
     media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if req.method == "POST" and media_type in BROWSER_FORM_TYPES:
+    if req.method == "POST" and media_type in BROWSER_FORM_TYPES and req.path not in FORM_PATHS:
         raise UnsupportedMediaType(f"Content-Type {media_type} is not accepted here: send application/json")
 
 
@@ -8003,7 +8358,1567 @@ def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
             ("access-control-allow-methods", "GET, POST, OPTIONS")]
 
 # =============================================================================================
-# 12. Server
+# 12. Operations
+#
+# What the proxy knows about itself and how it changes while it runs. dispatch() hands
+# Operations one record per request (request_done): it adds the record to this session's totals
+# and the last requests, notes a provider's error, and queues the row for the usage ledger, whose
+# one writer thread batches rows into CLAUDE_PROXY_HOME/usage.db. /v1/stats, the status page
+# (GET / for a browser, its data from /status.json), `stats` and `doctor` read from here. Hot
+# reload repeats main()'s config flow when a watched file changes or on SIGHUP and swaps the new
+# generation in for new requests (an Exchange keeps the config and plugins it started with).
+# Plugins are the request, response and stream hooks of one generation. File and database work
+# runs off the event loop, except one stat per watched file per reload interval.
+# =============================================================================================
+
+RECENT_REQUESTS = 50                  # the status page's "last requests"
+LEDGER_BATCH_ROWS = 500               # the writer commits at most this many rows at once
+LEDGER_FLUSH_INTERVAL = 0.5           # seconds the writer gathers rows before a commit
+LEDGER_BUSY_TIMEOUT = 5.0             # seconds a writer or reader waits for another process's lock
+LEDGER_PRUNE_EVERY = 1000             # rows written between two prunes
+USAGE_CHART_DAYS = 14                 # the status page's per-day chart
+SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+COUNTERS = ("requests", "errors") + METER_FIELDS + ("cost_usd", "unpriced_requests")
+GROUPS = ("by_model", "by_route", "by_day")
+
+# ---- Prices and cost ------------------------------------------------------------------------
+
+_PRICE_PATTERNS = tuple((re.compile(pattern), prices) for pattern, prices in MODEL_PRICES)
+Prices = Tuple[float, float, float, float]
+
+
+def table_prices(model: str) -> Tuple[Optional[float], ...]:
+    """The MODEL_PRICES row for an upstream model name, in USD per token (Nones without a row)."""
+    name = model.lower().rsplit("/", 1)[-1]
+    for pattern, per_million in _PRICE_PATTERNS:
+        if pattern.match(name):
+            return tuple(None if p is None else p / 1e6 for p in per_million)
+    return (None, None, None, None)
+
+
+def model_prices(spec: dict, row: Tuple[Optional[float], ...]) -> Optional[Prices]:
+    """(input, output, cache read, cache write) USD per token: the spec's configured prices over
+    the table row; cache prices default to the input price; None when input or output is unknown."""
+    prices = [row[i] if spec.get(key) is None else spec[key] for i, key in enumerate(PRICE_KEYS)]
+    if prices[0] is None or prices[1] is None:
+        return None
+    return (prices[0], prices[1], prices[0] if prices[2] is None else prices[2],
+            prices[0] if prices[3] is None else prices[3])
+
+
+def request_cost(prices: Optional[Prices], tokens: Tuple[Optional[int], ...]) -> Optional[float]:
+    """Estimated USD for one request's tokens (reasoning is billed inside output); None if unknown."""
+    if prices is None or tokens[0] is None:
+        return None
+    return tokens[0] * prices[0] + tokens[1] * prices[1] + tokens[2] * prices[2] + tokens[3] * prices[3]
+
+# ---- Records and totals ---------------------------------------------------------------------
+
+LEDGER_COLUMNS = ("ts", "dialect", "requested_model", "route", "provider", "upstream_model", "status",
+                  "error_type") + METER_FIELDS + ("ttft_ms", "duration_ms", "cost_usd", "key")
+UsageRecord = collections.namedtuple("UsageRecord", LEDGER_COLUMNS)
+
+
+def is_error(status: Optional[int], error_type: Optional[str]) -> bool:
+    """An error status, or an error after the response began (a stream's error event); a
+    request the client gave up on ("cancelled") is not the proxy's or the provider's error."""
+    return error_type != "cancelled" and ((status or 0) >= 400 or error_type is not None)
+
+
+def record_counts(record: UsageRecord) -> list:
+    """The COUNTERS of one record (unknown tokens count as 0)."""
+    tokens = [record.input_tokens, record.output_tokens, record.cache_read_input_tokens,
+              record.cache_creation_input_tokens, record.reasoning_tokens]
+    unpriced = record.cost_usd is None and bool(record.input_tokens or record.output_tokens)
+    return ([1, int(is_error(record.status, record.error_type))] + [n or 0 for n in tokens]
+            + [record.cost_usd, int(unpriced)])
+
+
+def utc_day(epoch: float) -> str:
+    """YYYY-MM-DD in UTC (the ledger's days)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))
+
+
+def _accumulate(into: list, counts: List[Any]) -> None:
+    """Add counts to a COUNTERS list; a cost stays None until one is known."""
+    into[:7] = [total + (n or 0) for total, n in zip(into[:7], counts[:7])]
+    if counts[7] is not None:
+        into[7] = counts[7] if into[7] is None else into[7] + counts[7]
+    into[8] += counts[8] or 0
+
+
+def _zero_counts() -> list:
+    """COUNTERS at zero (cost unknown)."""
+    return [0] * 7 + [None, 0]
+
+
+def _counts_dict(counts: list) -> dict:
+    """A COUNTERS list as the JSON object /v1/stats shows."""
+    out = dict(zip(COUNTERS, counts))
+    if out["cost_usd"] is not None:
+        out["cost_usd"] = round(out["cost_usd"], 9)
+    return out
+
+
+class UsageTotals:
+    """Counters per (model as the client named it, route, UTC day); the total and the by_model,
+    by_route and by_day views are folded from these groups when asked for."""
+
+    def __init__(self) -> None:
+        self.groups: Dict[Tuple[str, str, str], list] = {}
+
+    def add(self, model: Optional[str], route: Optional[str], day: str, counts: Iterable[Any]) -> None:
+        """Add one record's counts, or one ledger group's sums."""
+        key = (model or "-", route or "-", day)
+        counts = list(counts)
+        into = self.groups.get(key)
+        if into is None:
+            self.groups[key] = into = _zero_counts()
+        _accumulate(into, counts)
+
+    def add_record(self, record: UsageRecord) -> None:
+        """Add one request."""
+        self.add(record.requested_model, record.route, utc_day(record.ts), record_counts(record))
+
+    def as_dict(self) -> dict:
+        """The T object of /v1/stats."""
+        total, views = _zero_counts(), {group: {} for group in GROUPS}
+        for key, counts in self.groups.items():
+            _accumulate(total, counts)
+            for group, name in zip(GROUPS, key):
+                _accumulate(views[group].setdefault(name, _zero_counts()), counts)
+        out = _counts_dict(total)
+        for group in GROUPS:
+            out[group] = {name: _counts_dict(counts) for name, counts in sorted(views[group].items())}
+        return out
+
+
+def parse_since(value: Optional[str], now: float) -> float:
+    """`?since=` / `--since`: 30m, 24h, 7d, 2w, an ISO date or date-time (UTC); 0.0 when absent."""
+    if not value:
+        return 0.0
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", value)
+    if match:
+        return now - float(match.group(1)) * SINCE_UNITS[match.group(2)]
+    try:
+        when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"since: expected 30m, 24h, 7d, 2w or an ISO date, got {value!r}",
+                         param="since") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+STATS_COLUMNS = (("requests", "requests"), ("errors", "errors"), ("input", "input_tokens"),
+                 ("output", "output_tokens"), ("cache read", "cache_read_input_tokens"),
+                 ("cache write", "cache_creation_input_tokens"), ("reasoning", "reasoning_tokens"))
+
+
+def _cost_text(cost: Optional[float]) -> str:
+    """A cost for the terminal: $ with 4 decimals, or n/a."""
+    return "n/a" if cost is None else f"${cost:,.4f}"
+
+
+def format_stats_table(totals: dict, by: str = "model") -> str:
+    """A /v1/stats T object as a terminal table, one row per model, route or day, then the total."""
+    rows = [(key, counts) for key, counts in totals["by_" + by].items()] + [("total", totals)]
+    width = max([len(by)] + [len(key) for key, _ in rows])
+    head = f"{by:<{width}}" + "".join(f" {title:>11}" for title, _ in STATS_COLUMNS) + f" {'cost':>12}"
+    lines = [head, "-" * len(head)]
+    for key, counts in rows:
+        lines.append(f"{key:<{width}}" + "".join(f" {counts[field]:>11,}" for _, field in STATS_COLUMNS)
+                     + f" {_cost_text(counts['cost_usd']):>12}")
+    if totals["unpriced_requests"]:
+        lines.append(f"cost n/a or partial: {totals['unpriced_requests']} request(s) on models without a "
+                     "known price (set input_cost_per_token / output_cost_per_token on the model)")
+    return "\n".join(lines)
+
+# ---- Usage ledger (sqlite3, one writer thread) ------------------------------------------------
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, dialect TEXT, requested_model TEXT, route TEXT,
+    provider TEXT, upstream_model TEXT, status INTEGER, error_type TEXT, input_tokens INTEGER,
+    output_tokens INTEGER, cache_read_input_tokens INTEGER, cache_creation_input_tokens INTEGER,
+    reasoning_tokens INTEGER, ttft_ms REAL, duration_ms REAL, cost_usd REAL, key TEXT);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+"""
+LEDGER_INSERT = (f"INSERT INTO usage ({', '.join(LEDGER_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})")
+# One group per (model, route, day), its sums in COUNTERS order.
+LEDGER_GROUPS = """
+SELECT requested_model, route, strftime('%Y-%m-%d', ts, 'unixepoch'), COUNT(*),
+       SUM(COALESCE(error_type, '') != 'cancelled' AND (status >= 400 OR error_type IS NOT NULL)),
+       SUM(input_tokens), SUM(output_tokens),
+       SUM(cache_read_input_tokens), SUM(cache_creation_input_tokens), SUM(reasoning_tokens),
+       SUM(cost_usd),
+       SUM(cost_usd IS NULL AND COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0)
+FROM usage WHERE ts >= ? GROUP BY 1, 2, 3
+"""
+_LEDGER_STOP = object()
+
+
+def _storable(value: Any) -> Any:
+    """A ledger value sqlite can store: text holding lone surrogates (a client's model name,
+    say) gets them replaced."""
+    if isinstance(value, str) and _CONTROL_CHARS.search(value):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+class UsageLedger:
+    """usage.db: one row per request, written in batches by one thread, readable by anyone.
+
+    add() only queues the row, so the event loop never waits on the disk. The writer thread
+    gathers what arrives within LEDGER_FLUSH_INTERVAL (at most LEDGER_BATCH_ROWS rows) and inserts
+    it in one transaction. WAL and a busy timeout let several proxy processes and the `stats`
+    command share the file. A database that cannot be opened or written logs one warning (until
+    it works again); its rows are dropped and the proxy serves on. Rows older than max_age_days,
+    and the oldest beyond max_rows, are pruned at open and every LEDGER_PRUNE_EVERY rows (0: no
+    limit). sqlite3 is imported on first use: a proxy that never records does not load it."""
+
+    def __init__(self, path: str, *, max_age_days: int = 90, max_rows: int = 500000,
+                 clock: Callable[[], float] = time.time, interval: float = LEDGER_FLUSH_INTERVAL):
+        self.path = path
+        self.max_age_days = max_age_days
+        self.max_rows = max_rows
+        self.clock = clock
+        self.interval = interval
+        self.error: Optional[str] = None
+        self.rows_written = 0
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+        self._since_prune = 0
+
+    def add(self, record: tuple) -> None:
+        """Queue one row (never blocks); the writer starts with the first row."""
+        self._queue.put(record)
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
+                self._thread.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until the rows queued so far are written (or dropped); False on timeout."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued and stop the writer (blocks: run it off the loop)."""
+        if self._thread is not None:
+            self._queue.put(_LEDGER_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        """The writer thread: batches until the stop marker."""
+        db = None
+        while True:
+            batch = self._next_batch()
+            rows = [item for item in batch if isinstance(item, tuple)]
+            if rows:
+                db = self._write(db, rows)
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if batch[-1] is _LEDGER_STOP:
+                break
+        if db is not None:
+            db.close()
+
+    def _next_batch(self) -> List[Any]:
+        """What arrives within one interval; a flush or stop marker ends the batch at once."""
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.interval
+        while len(batch) < LEDGER_BATCH_ROWS and isinstance(batch[-1], tuple):
+            try:
+                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _connect(self) -> Any:
+        """A connection with the busy timeout (no file is created by readers)."""
+        import sqlite3
+        db = sqlite3.connect(self.path, timeout=LEDGER_BUSY_TIMEOUT, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {int(LEDGER_BUSY_TIMEOUT * 1000)}")
+        return db
+
+    def _open(self) -> Any:
+        """The writer's connection: directory and schema made, WAL on, old rows pruned."""
+        ensure_private_dir(os.path.dirname(self.path) or ".")
+        db = self._connect()
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(LEDGER_SCHEMA)
+        os.chmod(self.path, 0o600)
+        self._prune(db)
+        return db
+
+    def _write(self, db: Any, rows: List[tuple]) -> Any:
+        """Insert one batch; the connection to use next time (None after a failure)."""
+        import sqlite3
+        try:
+            db = db or self._open()
+            with db:
+                db.executemany(LEDGER_INSERT, [tuple(map(_storable, row)) for row in rows])
+            self.rows_written += len(rows)
+            self._since_prune += len(rows)
+            if self._since_prune >= LEDGER_PRUNE_EVERY:
+                self._prune(db)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self._failed(exc, len(rows))
+            if db is not None:
+                db.close()
+            return None
+        if self.error is not None:
+            log.warning("usage ledger %s works again", self.path)
+            self.error = None
+        return db
+
+    def _failed(self, exc: Exception, lost: int) -> None:
+        """One warning per outage; the rows are dropped."""
+        message = f"{exc.__class__.__name__}: {exc}"
+        if self.error is None:
+            log.warning("usage ledger %s is unusable (%s): requests are served but not recorded",
+                        self.path, message)
+        else:
+            log.debug("usage ledger still unusable (%s); %d rows dropped", message, lost)
+        self.error = message
+
+    def _prune(self, db: Any) -> None:
+        """Drop rows past the age limit and the oldest past the row limit."""
+        with db:
+            if self.max_age_days > 0:
+                db.execute("DELETE FROM usage WHERE ts < ?", (self.clock() - self.max_age_days * 86400,))
+            if self.max_rows > 0:
+                db.execute("DELETE FROM usage WHERE id <= (SELECT MAX(id) FROM usage) - ?", (self.max_rows,))
+        self._since_prune = 0
+
+    def query_groups(self, since: float = 0.0) -> List[tuple]:
+        """(model, route, day, *COUNTERS sums) per group of the rows since `since` (blocks)."""
+        import sqlite3
+        if not os.path.exists(self.path):
+            return []
+        try:
+            db = self._connect()
+            try:
+                return db.execute(LEDGER_GROUPS, (since,)).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
+
+    def totals(self, since: float = 0.0) -> dict:
+        """The ledger's T object (blocks)."""
+        totals = UsageTotals()
+        for group in self.query_groups(since):
+            totals.add(group[0], group[1], group[2], group[3:])
+        return totals.as_dict()
+
+
+def ledger_path(config: Config) -> str:
+    """CLAUDE_PROXY_HOME/usage.db."""
+    return os.path.join(config.home, "usage.db")
+
+
+def open_ledger(config: Config, clock: Callable[[], float] = time.time) -> Optional[UsageLedger]:
+    """The ledger this config asks for, or None with USAGE_LEDGER=false (no file, no thread)."""
+    settings = config.settings
+    if not settings["usage_ledger"]:
+        return None
+    return UsageLedger(ledger_path(config), max_age_days=settings["usage_max_age_days"],
+                       max_rows=settings["usage_max_rows"], clock=clock)
+
+# ---- Plugins ----------------------------------------------------------------------------------
+#
+# A plugin is a .py file (seed 001's contract) listed under "plugins" in the config or lying in
+# CLAUDE_PROXY_HOME/plugins/; it may define request_hook(payload), response_hook(payload) and
+# stream_event_hook(event), each optionally taking a second `context` argument. request_hook sees
+# the body as it goes upstream (after conversion), response_hook a whole answer as the client
+# gets it, stream_event_hook each streamed event (dict) before it is written. A hook returns the
+# new value, or None to keep the one it mutated. FILTER_TOOLS is a built-in request hook that
+# runs first. A generation without any hook has no Plugins object at all (server.plugins None),
+# so the per-request price of the feature is one None check.
+
+Hook = Tuple[str, Callable[..., Any], bool]          # (plugin name, function, takes a context)
+HOOK_KINDS = ("request_hook", "response_hook", "stream_event_hook")
+
+
+def tool_name(tool: Any) -> Optional[str]:
+    """A tool's (or tool_choice's) name in any dialect: {"name"} or {"function": {"name"}}."""
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function")
+    return tool.get("name") or (function.get("name") if isinstance(function, dict) else None)
+
+
+def filter_tools_hook(names: Iterable[str]) -> Callable[[dict, dict], None]:
+    """The built-in FILTER_TOOLS request hook: removes the named tools, and a tool_choice that
+    names one (with no tool left, also tools, tool_choice and parallel_tool_calls)."""
+    drop = frozenset(names)
+
+    def filter_tools(payload: dict, context: dict) -> None:
+        tools = payload.get("tools")
+        if not isinstance(tools, list):
+            return
+        kept = [tool for tool in tools if tool_name(tool) not in drop]
+        if len(kept) == len(tools):
+            return
+        removed = sorted({tool_name(tool) for tool in tools} & drop)
+        log.debug("filter_tools: removed %s from request %s", ", ".join(removed), context["request_id"])
+        payload["tools"] = kept
+        if not kept or tool_name(payload.get("tool_choice")) in drop:
+            payload.pop("tool_choice", None)
+        if not kept:
+            for key in ("tools", "parallel_tool_calls"):
+                payload.pop(key, None)
+    return filter_tools
+
+
+def takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether a hook accepts a second positional argument (inspect loads only with plugins)."""
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def load_plugin_module(path: str) -> Any:
+    """Execute one plugin file as a fresh module named claude_proxy.plugins.<file name>."""
+    import importlib.util
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"claude_proxy.plugins.{name}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"plugins: {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except FileNotFoundError:
+        raise ConfigError(f"plugins: {path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - foreign code: any failure is a config error naming it
+        raise ConfigError(f"plugins: {path}: {exc.__class__.__name__}: {exc}") from None
+    return module
+
+
+def plugin_paths(config: Config, base_dir: str) -> List[str]:
+    """The config's plugins (relative to the config file's folder), then home/plugins/*.py."""
+    listed = []
+    for i, path in enumerate(config.settings["plugins"]):
+        if not isinstance(path, str) or not path.endswith(".py"):
+            raise ConfigError(f"plugins.{i}: expected the path of a .py file")
+        listed.append(os.path.abspath(os.path.join(base_dir, os.path.expanduser(path))))
+    folder = os.path.join(config.home, "plugins")
+    found = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")) \
+        if os.path.isdir(folder) else []
+    return list(dict.fromkeys(listed + found))
+
+
+def load_plugins(config: Config, base_dir: str = ".") -> Optional["Plugins"]:
+    """This config's hooks (blocking file work), or None when there is none."""
+    hooks: Dict[str, List[Hook]] = {kind: [] for kind in HOOK_KINDS}
+    names = []
+    if config.settings["filter_tools"]:
+        hooks["request_hook"].append(("filter_tools", filter_tools_hook(config.settings["filter_tools"]), True))
+        names.append("filter_tools")
+    for path in plugin_paths(config, base_dir):
+        module = load_plugin_module(path)
+        names.append(os.path.basename(path))
+        for kind in HOOK_KINDS:
+            fn = getattr(module, kind, None)
+            if callable(fn):
+                hooks[kind].append((os.path.basename(path), fn, takes_context(fn)))
+    if not any(hooks.values()):
+        return None
+    log.info("plugins: %s", ", ".join(names))
+    return Plugins(names, hooks["request_hook"], hooks["response_hook"], hooks["stream_event_hook"])
+
+
+def run_hook(hook: Hook, kind: str, payload: Any, context: dict) -> Any:
+    """One hook call: its result, or the mutated payload when it returned None. A hook that
+    raises fails the request (never the server) with an error naming the plugin."""
+    name, fn, with_context = hook
+    try:
+        result = fn(payload, context) if with_context else fn(payload)
+    except Exception as exc:  # noqa: BLE001 - foreign code: the request fails, not the server
+        log.warning("plugin %s: %s raised %s: %s", name, kind, exc.__class__.__name__, exc)
+        raise PluginError(f"plugin {name} failed in {kind}: {exc.__class__.__name__}: {exc}") from None
+    if result is None:
+        return payload
+    if not isinstance(result, dict):
+        raise PluginError(f"plugin {name}: {kind} returned {type(result).__name__}, expected a dict or None")
+    return result
+
+
+def hook_context(x: "Exchange", target: Optional[Target]) -> dict:
+    """The second argument of a hook: who asked for what, and where it goes."""
+    return {"dialect": x.req.dialect, "requested_model": x.meter.requested, "request_id": x.req.id,
+            "route": target.route if target else None,
+            "provider": target.provider["name"] if target else None,
+            "model": target.spec["model"] if target else None}
+
+
+class Plugins:
+    """The hooks of one config generation, in load order."""
+
+    def __init__(self, names: List[str], request: List[Hook], response: List[Hook], stream: List[Hook]):
+        self.names = names
+        self.request = request
+        self.response = response
+        self.stream = stream
+
+    def on_request(self, x: "Exchange", target: Target, payload: bytes) -> bytes:
+        """An upstream request body through the request hooks."""
+        if not self.request:
+            return payload
+        body, context = parse_json_body(payload), hook_context(x, target)
+        for hook in self.request:
+            body = run_hook(hook, "request_hook", body, context)
+        return json_bytes(body)
+
+    def hooked_build(self, x: "Exchange", build: Callable) -> Callable:
+        """A request builder whose body goes through the request hooks."""
+        if not self.request:
+            return build
+
+        async def hooked(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+            url, headers, payload = await build(target)
+            return url, headers, self.on_request(x, target, payload)
+        return hooked
+
+    def on_response(self, x: "Exchange", answer: dict) -> dict:
+        """A whole answer through the response hooks."""
+        context = hook_context(x, x.target)
+        for hook in self.response:
+            answer = run_hook(hook, "response_hook", answer, context)
+        return answer
+
+    def on_response_bytes(self, x: "Exchange", raw: bytes) -> bytes:
+        """A relayed JSON answer through the response hooks (bytes untouched without one)."""
+        if not self.response:
+            return raw
+        try:
+            answer = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return raw
+        return json_bytes(self.on_response(x, answer)) if isinstance(answer, dict) else raw
+
+    def on_event(self, event: Any, context: dict) -> Any:
+        """One stream event through the stream hooks ("[DONE]" and other strings pass)."""
+        for hook in self.stream if isinstance(event, dict) else ():
+            event = run_hook(hook, "stream_event_hook", event, context)
+        return event
+
+    def hooked_encode(self, x: "Exchange", encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+        """An event encoder that runs the stream hooks first."""
+        if not self.stream:
+            return encode
+        context = hook_context(x, x.target)
+        return lambda event: encode(self.on_event(event, context))
+
+    def event_rewriter(self, x: "Exchange") -> Optional["EventRewriter"]:
+        """For a relayed stream: the rewriter through the stream hooks, or None without one."""
+        return EventRewriter(self, hook_context(x, x.target)) if self.stream else None
+
+
+class EventRewriter:
+    """A passthrough stream through the stream hooks: SSE decoded, each event hooked, re-encoded."""
+
+    def __init__(self, plugins: Plugins, context: dict):
+        self.plugins = plugins
+        self.context = context
+        self.decoder = SSEDecoder()
+
+    def feed(self, data: bytes) -> bytes:
+        """The rewritten events this chunk completes."""
+        return self._encode(self.decoder.feed(data))
+
+    def close(self) -> bytes:
+        """The last event, if the stream ended without its blank line."""
+        return self._encode(self.decoder.close())
+
+    def _encode(self, events: List[Tuple[str, str]]) -> bytes:
+        out = []
+        for name, data in events:
+            try:
+                event = loads_event(data) if data != "[DONE]" else data
+            except ValueError:
+                event = data
+            if isinstance(event, dict):
+                data = json_text(self.plugins.on_event(event, self.context))
+            out.append(format_sse(data, name or None))
+        return b"".join(out)
+
+# ---- Hot reload -------------------------------------------------------------------------------
+
+# Settings whose new value needs a restart (bound socket, pool, token store, ledger thread).
+RESTART_SETTINGS = ("host", "port", "home", "pool_size", "connect_timeout", "read_timeout",
+                    "ssl_verify", "ca_bundle", "oauth_token", "usage_ledger", "usage_max_age_days",
+                    "usage_max_rows")
+
+
+class ConfigSource:
+    """How main() loaded the config (--config, the environment, the CLI overrides), so that a
+    reload repeats exactly that flow."""
+
+    def __init__(self, cli_path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None):
+        self.cli_path = cli_path
+        self.env = dict(env)
+        self.cli = dict(cli or {})
+
+    def path(self) -> Optional[str]:
+        """The config file in use (looked up again: the default one may appear later)."""
+        return config_path(self.cli_path, self.env)
+
+    def load(self) -> Config:
+        """load_config() as main() calls it (blocking)."""
+        return load_config(self.path(), self.env, self.cli)
+
+    def base_dir(self) -> str:
+        """The folder relative plugin paths start from: the config file's, else the working one."""
+        path = self.path()
+        return os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+    def files(self, config: Config) -> List[str]:
+        """The files to watch: the config file (or where the default one would be), .env, the
+        models file, the plugins and the home plugins folder."""
+        home = os.path.expanduser(self.env.get("CLAUDE_PROXY_HOME") or SETTINGS["home"][2])
+        paths = [self.path() or os.path.join(home, "config.json"), ".env", config.files.get("models"),
+                 os.path.join(config.home, "plugins")]
+        try:
+            paths += plugin_paths(config, self.base_dir())
+        except (ConfigError, OSError):
+            pass                                    # reported by the reload that follows
+        return list(dict.fromkeys(os.path.abspath(os.path.expanduser(p)) for p in paths if p))
+
+
+def file_signature(path: str) -> Optional[Tuple[int, int]]:
+    """(mtime in ns, size) of a file, None when it is missing."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def watched_signatures(server: "ProxyServer") -> Dict[str, Optional[Tuple[int, int]]]:
+    """Each watched file's signature now (one stat each)."""
+    return {path: file_signature(path) for path in server.source.files(server.config)}
+
+
+def restart_needed(boot: Config, config: Config) -> List[str]:
+    """The settings that differ from the ones the server started with and need a restart."""
+    keys = [key for key in RESTART_SETTINGS if boot.settings.get(key) != config.settings.get(key)]
+    return keys + (["oauth"] if boot.oauth != config.oauth else [])
+
+
+def apply_config(server: "ProxyServer", config: Config, plugins: Optional[Plugins]) -> None:
+    """Swap in a new generation at once (no await in between): new requests use it."""
+    old = server.config
+    restart = restart_needed(server.ops.boot_config, config)
+    server.config, server.plugins = config, plugins
+    server.generation += 1
+    server.exposed = not is_loopback(server.host or config.settings["host"]) and \
+        not config.settings.get("proxy_api_key")
+    for secret in config.secret_values():
+        server.redactor.add(secret)
+    if config.settings["log_level"] != old.settings["log_level"]:
+        logging.getLogger("claude_proxy").setLevel(config.settings["log_level"].upper())
+    if restart:
+        log.warning("config reload: %s changed and takes effect after a restart", ", ".join(restart))
+    server.ops.config_loaded(restart)
+
+
+async def reload_config(server: "ProxyServer", reason: str) -> bool:
+    """Load the config again, exactly as at start, and swap it in when it is valid; an invalid
+    one keeps the old generation and is logged and shown with its key path."""
+    async with server.ops.reload_lock():
+        loop, before = asyncio.get_running_loop(), watched_signatures(server)
+        try:
+            config = await loop.run_in_executor(None, server.source.load)
+            check_exposure(config, server.host or config.settings["host"])
+            plugins = await loop.run_in_executor(None, load_plugins, config, server.source.base_dir())
+        except (ConfigError, OSError) as exc:
+            server.ops.config_failed(str(exc))
+            server.ops.file_signatures = before
+            log.error("config reload (%s) failed; generation %d stays: %s", reason, server.generation, exc)
+            return False
+        apply_config(server, config, plugins)
+        # The files as they were read; one the new config adds to the watch is taken as it is now.
+        server.ops.file_signatures = {path: before.get(path, signature)
+                                      for path, signature in watched_signatures(server).items()}
+        log.info("config reloaded (%s): generation %d", reason, server.generation)
+        return True
+
+
+class ConfigWatcher:
+    """Polls the config's files (one stat each per reload_interval) and reloads on a change;
+    every reload (SIGHUP too) records the signatures of the files it read."""
+
+    def __init__(self, server: "ProxyServer"):
+        self.server = server
+        server.ops.file_signatures = watched_signatures(server)
+
+    async def run(self) -> None:
+        """Poll until cancelled (reload_interval 0 pauses polling; SIGHUP still reloads)."""
+        while True:
+            interval = self.server.config.settings["reload_interval"]
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+            if interval > 0:
+                await self.check()
+
+    async def check(self) -> bool:
+        """Reload if a file changed since the last reload read it; True when one did."""
+        if watched_signatures(self.server) == self.server.ops.file_signatures:
+            return False
+        await reload_config(self.server, "a watched file changed")
+        return True
+
+
+def install_reload_signal(loop: asyncio.AbstractEventLoop, server: "ProxyServer") -> None:
+    """SIGHUP reloads the config (where the platform has it)."""
+    sig = getattr(signal, "SIGHUP", None)
+    if sig is None or server.source is None:
+        return
+    try:
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(reload_config(server, "SIGHUP")))
+    except (NotImplementedError, RuntimeError, ValueError):
+        log.debug("SIGHUP reload unavailable here")
+
+# ---- The server's record of itself ------------------------------------------------------------
+
+
+class Operations:
+    """This session's usage, the last requests, each provider's last error, the ledger, and the
+    state of the config (load time, last error, settings that wait for a restart)."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.started_at = clock()
+        self.boot_config = config
+        self.session = UsageTotals()
+        self.recent: "collections.deque[UsageRecord]" = collections.deque(maxlen=RECENT_REQUESTS)
+        self.provider_errors: Dict[str, dict] = {}
+        self.ledger = open_ledger(config, clock)
+        self.config_loaded_at = self.started_at
+        self.config_error: Optional[dict] = None
+        self.restart_needed: List[str] = []
+        self.file_signatures: Dict[str, Optional[Tuple[int, int]]] = {}
+        self.watcher: Optional[asyncio.Future] = None
+        self._reload_lock: Optional[asyncio.Lock] = None
+        self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
+
+    def start(self, server: "ProxyServer") -> None:
+        """Watch the config files, when the server knows how to reload."""
+        if server.source is not None:
+            self.watcher = asyncio.ensure_future(ConfigWatcher(server).run())
+
+    async def close(self) -> None:
+        """Stop watching; write the ledger's last rows (off the loop)."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
+        if self.ledger is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.ledger.close)
+
+    def reload_lock(self) -> asyncio.Lock:
+        """One reload at a time (created inside the running loop)."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        return self._reload_lock
+
+    def request_done(self, x: "Exchange", started: float) -> None:
+        """Account one finished request the handler metered (x.meter.requested set)."""
+        if x.meter.requested is None:
+            return
+        record = self.record_of(x, started)
+        self.session.add_record(record)
+        self.recent.append(record)
+        if isinstance(x.error, (UpstreamError, UpstreamStatus, AuthError)) and x.target is not None:
+            self.note_provider_error(x)
+        if self.ledger is not None:
+            self.ledger.add(record)
+
+    def record_of(self, x: "Exchange", started: float) -> UsageRecord:
+        """The ledger row of one request."""
+        elapsed = time.monotonic() - started
+        target, meter, error = x.target, x.meter, x.error
+        tokens = meter.tokens()
+        ttft = None if meter.first_byte_at is None else round((meter.first_byte_at - started) * 1000, 1)
+        return UsageRecord(
+            self.clock() - elapsed, x.req.dialect, meter.requested, target and target.route,
+            target and target.provider["name"], target and target.spec["model"],
+            x.out.status or (error.status if error else None), error.error_type if error else None,
+            *tokens, ttft, round(elapsed * 1000, 1),
+            request_cost(self.prices(target.spec), tokens) if target else None, meter.key)
+
+    def prices(self, spec: dict) -> Optional[Prices]:
+        """The spec's prices; table rows are looked up once per model name."""
+        model = spec.get("model") or ""
+        row = self._table_prices.get(model)
+        if row is None:
+            if len(self._table_prices) >= 1024:          # client-chosen names on provider routes
+                self._table_prices.clear()
+            row = self._table_prices[model] = table_prices(model)
+        return model_prices(spec, row)
+
+    def note_provider_error(self, x: "Exchange") -> None:
+        """Remember the provider's last error for the status page (secrets scrubbed)."""
+        exc = x.error
+        message = upstream_error_detail(exc.body)[1] if isinstance(exc, UpstreamStatus) else exc.message
+        self.provider_errors[x.target.provider["name"]] = {
+            "at": iso_time(self.clock()), "status": exc.status, "type": exc.error_type,
+            "message": x.server.redactor.scrub(message[:300])}
+
+    async def ledger_totals(self, since: float) -> Optional[dict]:
+        """The ledger's T object since `since`, after a flush (off the loop); None without one."""
+        ledger = self.ledger
+        if ledger is None:
+            return None
+
+        def read() -> dict:
+            ledger.flush()
+            return ledger.totals(since)
+        return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    def ledger_info(self) -> dict:
+        """Where the ledger is and whether it works."""
+        if self.ledger is None:
+            return {"enabled": False}
+        return {"enabled": True, "path": self.ledger.path, "error": self.ledger.error,
+                "rows_written": self.ledger.rows_written}
+
+    def config_loaded(self, restart: List[str]) -> None:
+        """A reload succeeded."""
+        self.config_loaded_at = self.clock()
+        self.config_error = None
+        self.restart_needed = restart
+
+    def config_failed(self, message: str) -> None:
+        """A reload failed: the message (with its key path) stays until the next good one."""
+        self.config_error = {"message": message, "at": iso_time(self.clock())}
+
+# ---- Doctor: can each provider a route uses be reached, and does it take our credentials? ------
+#
+# For every provider in use: DNS, TCP, TLS (https only), then credentials (its model list; with
+# deep, a 1-token request), each step only after the one before passed; then the Claude login
+# when a provider may use it. Through HTTPS_PROXY, DNS and TCP are checked for the proxy and TLS
+# through its tunnel. Each check is one line with a fix.
+
+DOCTOR_FIXES = {
+    "dns": "check the host in providers.{provider}.base_url, this machine's DNS, or set HTTPS_PROXY "
+           "if this network needs a proxy",
+    "tcp": "is the service running on that port? a firewall, VPN or required proxy may be in the way",
+    "tls": "behind a TLS-inspecting proxy or a private CA, set CA_BUNDLE to its CA file "
+           "(SSL_VERIFY=false only to test)",
+    "credentials": "check the key {hint}: the provider rejected it",
+    "request": "read the provider's answer; check the model names under routes and models",
+    "login": "run `python claude_proxy.py login` (or `import-claude-code`)",
+}
+DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL"}
+DOCTOR_MODEL = {"anthropic": "claude-haiku-4-5"}       # a --deep request on a pass-through route
+
+
+def _check(provider: str, name: str, status: str, detail: str, fix: str = "") -> dict:
+    """One doctor line's data."""
+    return {"provider": provider, "check": name, "status": status, "detail": detail,
+            "fix": fix if status == "fail" else ""}
+
+
+def format_check(check: dict) -> str:
+    """One doctor line for the terminal."""
+    line = f"{DOCTOR_MARKS[check['status']]} {check['provider']:<16} {check['check']:<12} {check['detail']}"
+    return line + (f"  -> fix: {check['fix']}" if check["fix"] else "")
+
+
+def used_providers(config: Config) -> List[dict]:
+    """The providers a route or a model names, in config order."""
+    names = [spec["provider"] for spec in list(config.routes.values()) + list(config.models.values())]
+    return [config.providers[name] for name in dict.fromkeys(names)]
+
+
+def key_hint(provider: dict) -> str:
+    """Where the provider's key comes from, for a fix line."""
+    env = provider.get("api_key_env")
+    return f"${env}" if env else f"providers.{provider['name']}.api_key"
+
+
+def _error_text(exc: BaseException) -> str:
+    """A short reason for a failed network step."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+
+
+async def check_dns(provider: str, host: str, port: int, timeout: float) -> dict:
+    """Resolve the host."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        return _check(provider, "dns", "fail", f"{host}: {_error_text(exc)}",
+                      DOCTOR_FIXES["dns"].format(provider=provider))
+    return _check(provider, "dns", "ok", f"{host} -> {infos[0][4][0]}")
+
+
+async def check_tcp(provider: str, host: str, port: int, timeout: float) -> dict:
+    """Open (and close) a TCP connection."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        return _check(provider, "tcp", "fail", f"{host}:{port}: {_error_text(exc)}", DOCTOR_FIXES["tcp"])
+    writer.close()
+    return _check(provider, "tcp", "ok", f"{host}:{port} connected")
+
+
+async def check_tls(provider: str, host: str, port: int, context: ssl.SSLContext, timeout: float,
+                    proxy: Optional[str]) -> dict:
+    """A TLS handshake with the pool's context (through the proxy's tunnel when there is one)."""
+    try:
+        where = {"sock": await asyncio.wait_for(open_tunnel(proxy, host, port), timeout)} if proxy \
+            else {"host": host, "port": port}
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(ssl=context, server_hostname=host, **where), timeout)
+    except ssl.SSLCertVerificationError as exc:
+        return _check(provider, "tls", "fail", f"{host}: certificate not trusted ({exc.verify_message})",
+                      DOCTOR_FIXES["tls"])
+    except (OSError, asyncio.TimeoutError) as exc:
+        return _check(provider, "tls", "fail", f"{host}: handshake failed ({_error_text(exc)})", DOCTOR_FIXES["tls"])
+    version = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    verified = "certificate verified" if context.verify_mode == ssl.CERT_REQUIRED else "NOT verified (SSL_VERIFY=false)"
+    return _check(provider, "tls", "ok", f"{host}: {version}, {verified}")
+
+
+def _answer_check(provider: dict, name: str, status: int, raw: bytes, what: str) -> dict:
+    """A provider's HTTP answer to a doctor call as a check line."""
+    if 200 <= status < 300:
+        return _check(provider["name"], name, "ok", f"{what}: {status}")
+    detail = f"{what}: {status} {upstream_error_detail(raw)[1][:160]}"
+    if status in (401, 403):
+        return _check(provider["name"], name, "fail", detail, DOCTOR_FIXES["credentials"].format(hint=key_hint(provider)))
+    return _check(provider["name"], name, "fail", detail, DOCTOR_FIXES["request"])
+
+
+async def check_model_list(x: "Exchange", provider: dict, mode: str) -> dict:
+    """One cheap authenticated call: the provider's model list."""
+    anthropic = provider["format"] == "anthropic"
+    url = provider["base_url"] + ("/v1/models" if anthropic else "/models")
+    headers = x.credential_headers(provider, mode) + ([("anthropic-version", ANTHROPIC_VERSION)] if anthropic else [])
+    try:
+        response = await x.server.pool.request("GET", url, merge_headers(headers, provider["headers"]))
+        raw = await response.read(1 << 20)
+    except UpstreamError as exc:
+        return _check(provider["name"], "credentials", "fail", exc.message, DOCTOR_FIXES["tcp"])
+    if response.status in (404, 405):
+        return _check(provider["name"], "credentials", "skip", f"GET {url}: {response.status}, no model list; "
+                      "--deep checks with a request")
+    return _answer_check(provider, "credentials", response.status, raw, f"GET {url}")
+
+
+def doctor_spec(config: Config, provider: dict) -> Optional[dict]:
+    """A model spec on this provider to send the --deep request to."""
+    for spec in list(config.routes.values()) + list(config.models.values()):
+        if spec["provider"] == provider["name"] and spec["model"]:
+            return spec
+    model = DOCTOR_MODEL.get(provider["format"])
+    return dict(MODEL_DEFAULTS, id=model, provider=provider["name"], model=model) if model else None
+
+
+async def check_request(x: "Exchange", provider: dict) -> dict:
+    """--deep: a 1-token request through the proxy's own request builders."""
+    spec = doctor_spec(x.config, provider)
+    if spec is None:
+        return _check(provider["name"], "request", "skip", "no model of this provider is configured to try")
+    target = Target(spec, provider, "doctor")
+    body = {"model": spec["model"], "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+    try:
+        if provider["format"] == "anthropic":
+            url, headers, payload = await x.anthropic_call(target, body, b"", "/v1/messages")
+        else:
+            url, headers, payload = await x.openai_call(target, anthropic_to_openai_request(body, spec))
+        response = await x.server.pool.request("POST", url, headers, payload)
+        raw = await response.read(1 << 20)
+    except ProxyError as exc:
+        return _check(provider["name"], "request", "fail", exc.message, DOCTOR_FIXES["request"])
+    return _answer_check(provider, "request", response.status, raw, f"1-token request to {spec['model']}")
+
+
+async def check_credentials(x: "Exchange", provider: dict, deep: bool) -> dict:
+    """The credentials step, by the provider's auth mode."""
+    name, mode = provider["name"], await x.auth_mode(provider)
+    if mode == "client":
+        return _check(name, "credentials", "skip", "each client sends its own key (auth \"client\")")
+    if mode == "api_key" and not provider.get("api_key"):
+        return _check(name, "credentials", "fail", f"no API key ({key_hint(provider)} is not set)",
+                      f"set {key_hint(provider)}")
+    if deep:
+        return await check_request(x, provider)
+    if mode == "oauth":
+        return _check(name, "credentials", "skip", "uses the Claude login (below); --deep sends a 1-token request")
+    return await check_model_list(x, provider, mode)
+
+
+async def check_provider(x: "Exchange", provider: dict, deep: bool) -> List[dict]:
+    """The network steps then credentials, each only after the one before passed."""
+    (scheme, host, port), _ = split_url(provider["base_url"])
+    pool, name, timeout = x.server.pool, provider["name"], x.config.settings["connect_timeout"]
+    proxy = pool.proxy_for(scheme, host)
+    via = urllib.parse.urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else None
+    net_host, net_port = (via.hostname, via.port or 8080) if via else (host, port)
+    steps = [lambda: check_dns(name, net_host, net_port, timeout), lambda: check_tcp(name, net_host, net_port, timeout)]
+    if scheme == "https":
+        steps.append(lambda: check_tls(name, host, port, pool.ssl_context(), timeout, proxy))
+    steps.append(lambda: check_credentials(x, provider, deep))
+    checks: List[dict] = []
+    for step in steps:
+        checks.append(await step())
+        if checks[-1]["status"] == "fail":
+            break
+    return checks
+
+
+def check_login(x: "Exchange") -> Optional[dict]:
+    """The Claude login, when a provider uses it (auth oauth, or auto)."""
+    modes = {p["auth"] for p in used_providers(x.config)}
+    if not modes & {"oauth", "auto"}:
+        return None
+    status, required = x.server.oauth.tokens.status(), "oauth" in modes
+    if not status["logged_in"]:
+        return _check("claude", "login", "fail" if required else "skip",
+                      "not logged in" + ("" if required else " (auth auto uses an API key or the client's key)"),
+                      DOCTOR_FIXES["login"])
+    if status["last_error"]:
+        return _check("claude", "login", "fail", f"refresh failed: {status['last_error']}", DOCTOR_FIXES["login"])
+    if status["expires_in_seconds"] == 0 and not status["refreshable"]:
+        return _check("claude", "login", "fail", "the token has expired and cannot be refreshed", DOCTOR_FIXES["login"])
+    refresh = ", refreshable" if status["refreshable"] else ""
+    return _check("claude", "login", "ok", f"logged in ({status['source']}), expires "
+                  f"{status['expires_at'] or 'unknown'}{refresh}")
+
+
+async def run_doctor(x: "Exchange", deep: bool = False) -> List[dict]:
+    """Every check, in order; details scrubbed of secrets (a provider may echo a key)."""
+    checks: List[dict] = []
+    for provider in used_providers(x.config):
+        checks += await check_provider(x, provider, deep)
+    login = check_login(x)
+    checks += [login] if login else []
+    for check in checks:
+        check["detail"] = x.server.redactor.scrub(check["detail"])
+    return checks
+
+
+def doctor_exchange(server: "ProxyServer") -> "Exchange":
+    """An Exchange for the CLI doctor (no client: "client" credentials are skipped)."""
+    return Exchange(server, Request("GET", "/test-connection", {}, b"", "127.0.0.1"), None)
+
+# ---- Status page ----------------------------------------------------------------------------
+#
+# GET / with Accept: text/html serves STATUS_PAGE, one self-contained document (inline CSS and
+# script, no external asset, a strict CSP); its script polls /status.json, the one endpoint it
+# reads, and draws tables and small SVG charts with textContent only. Access follows /auth/*:
+# loopback clients, or, with PROXY_API_KEY, the key: as a header, or once in the page's key form
+# (or `/?key=`), which sets an HttpOnly SameSite=Strict cookie holding an HMAC of the key, never
+# the key. Both refuse a request whose Host or Origin is not this proxy's own (a DNS-rebinding or
+# cross-site page): an IP literal, localhost, this machine's name, or a name in ALLOWED_HOSTS.
+# Neither the page nor its JSON holds a secret: credentials appear as their source only.
+
+STATUS_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>claude_proxy status</title>
+<style>
+:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--dim:#6b7280;--line:#e5e7eb;--in:#3b82f6;--cache:#93c5fd;
+--out:#10b981;--cost:#f59e0b;--bad:#dc2626;--warn:#b45309;--ok:#059669}
+@media (prefers-color-scheme:dark){:root{--bg:#111418;--card:#1a1f26;--ink:#e6e8eb;--dim:#9aa3ae;--line:#2a313a}}
+*{box-sizing:border-box}body{margin:0;background:var(--bg);color:var(--ink);
+font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px;padding:16px 24px;background:var(--card);
+border-bottom:1px solid var(--line)}
+h1{font-size:18px;margin:0}h2{font-size:13px;margin:0 0 10px;text-transform:uppercase;letter-spacing:.06em;color:var(--dim)}
+.meta{color:var(--dim)}.live{margin-left:auto;color:var(--dim)}.live b{color:var(--ok)}
+main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0}
+.wide{grid-column:1/-1}
+.kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:12px}
+.kpi b{display:block;font-size:22px;font-variant-numeric:tabular-nums}.kpi span{color:var(--dim);font-size:12px}
+table{width:100%;border-collapse:collapse;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:top;
+overflow-wrap:break-word}th{color:var(--dim);font-weight:600;font-size:12px}td:first-child{white-space:nowrap}
+td.n,th.n{text-align:right;white-space:nowrap}
+.badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:12px;background:var(--line)}
+.s2{background:#d1fae5;color:#065f46}.s4{background:#fef3c7;color:#92400e}.s5{background:#fee2e2;color:#991b1b}
+.banner{grid-column:1/-1;border-radius:8px;padding:10px 14px;border:1px solid}
+.error{background:#fef2f2;border-color:#fecaca;color:#991b1b}.note{background:#fffbeb;border-color:#fde68a;color:#92400e}
+.bad{color:var(--bad)}.dim{color:var(--dim)}dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
+dt{color:var(--dim)}dd{margin:0;overflow-wrap:anywhere}
+.charts{display:grid;gap:18px 28px;grid-template-columns:repeat(auto-fit,minmax(400px,1fr));margin-top:12px}
+.legend{font-size:12px;color:var(--dim)}.legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
+svg text{fill:var(--ink);font-size:11px}svg .axis{fill:var(--dim)}
+form{display:flex;gap:8px;margin-top:10px}input{flex:1;padding:7px 9px;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--ink)}button{padding:7px 14px;border:0;border-radius:6px;background:var(--in);color:#fff}
+[hidden]{display:none!important}
+</style></head><body>
+<header><h1>claude_proxy</h1><span class="meta" id="meta">loading&hellip;</span><span class="live" id="live"></span></header>
+<main>
+<section class="card wide" id="login" hidden><h2>Proxy key</h2>
+<div id="login-text">This proxy needs its key (PROXY_API_KEY) to show its status.</div>
+<form method="post" action="/"><input type="password" name="key" placeholder="PROXY_API_KEY" autocomplete="current-password" required>
+<button type="submit">Open</button></form></section>
+<div class="banner error" id="problem" hidden></div>
+<div class="banner error" id="config-error" hidden></div>
+<div class="banner note" id="restart" hidden></div>
+<section class="card wide" id="status-body" hidden><div class="kpis" id="kpis"></div></section>
+<section class="card" id="routes-card" hidden><h2>Routes</h2><table id="routes"></table></section>
+<section class="card" id="providers-card" hidden><h2>Providers</h2><table id="providers"></table></section>
+<section class="card" id="login-card" hidden><h2>Claude login</h2><dl id="claude"></dl></section>
+<section class="card" id="config-card" hidden><h2>Config and ledger</h2><dl id="config"></dl></section>
+<section class="card wide" id="charts-card" hidden><h2 id="charts-title">Usage</h2>
+<div class="legend"><i style="background:var(--in)"></i>input<i style="background:var(--cache)"></i>cache
+<i style="background:var(--out)"></i>output<i style="background:var(--cost)"></i>cost (USD)</div>
+<div class="charts"><div><h2>Tokens by model</h2><div id="chart-tokens"></div></div>
+<div><h2>Cost by model</h2><div id="chart-cost"></div></div>
+<div><h2>Tokens per day</h2><div id="chart-days"></div></div>
+<div><h2>Cost per day</h2><div id="chart-day-cost"></div></div></div></section>
+<section class="card wide" id="recent-card" hidden><h2>Last requests</h2><table id="recent"></table></section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+function h(tag, attrs, ...kids) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  for (const kid of kids) node.append(kid instanceof Node ? kid : String(kid ?? ""));
+  return node;
+}
+function s(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+const int = (n) => n == null ? "\u2013" : Number(n).toLocaleString("en-US");
+const usd = (c) => c == null ? "n/a" : "$" + (c < 1 ? c.toFixed(4) : c.toFixed(2));
+const when = (iso) => iso ? new Date(iso).toLocaleString() : "\u2013";
+const clock = (iso) => iso ? new Date(iso).toLocaleTimeString() : "\u2013";
+function ago(sec) {
+  if (sec == null) return "\u2013";
+  const d = Math.floor(sec / 86400), hr = Math.floor(sec % 86400 / 3600), m = Math.floor(sec % 3600 / 60);
+  return d ? `${d}d ${hr}h` : hr ? `${hr}h ${m}m` : m ? `${m}m ${Math.floor(sec % 60)}s` : `${Math.floor(sec)}s`;
+}
+function table(id, head, rows) {
+  const el = $(id);
+  el.replaceChildren(h("tr", {}, ...head.map(([t, cls]) => h("th", cls ? {class: cls} : {}, t))));
+  for (const row of rows) el.append(h("tr", {}, ...row.map((cell, i) =>
+    h("td", head[i][1] ? {class: head[i][1]} : {}, cell))));
+  if (!rows.length) el.append(h("tr", {}, h("td", {colspan: head.length, class: "dim"}, "none yet")));
+}
+function dl(id, pairs) {
+  $(id).replaceChildren(...pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+function badge(status) {
+  return h("span", {class: "badge s" + String(status || 0)[0]}, status ?? "\u2013");
+}
+function tokensOf(c) { return (c.input_tokens || 0) + (c.cache_read_input_tokens || 0) + (c.cache_creation_input_tokens || 0); }
+function hbars(rows, segments, fmt) {
+  const W = 520, row = 24, left = 150, right = 70, H = Math.max(row, rows.length * row) + 4;
+  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"});
+  const max = Math.max(1e-12, ...rows.map((r) => segments.reduce((a, [f]) => a + f(r.v), 0)));
+  rows.forEach((r, i) => {
+    const y = i * row + 4;
+    svg.append(s("text", {x: left - 8, y: y + 13, "text-anchor": "end"}, r.k.length > 22 ? r.k.slice(0, 21) + "\u2026" : r.k));
+    let x = left, total = 0;
+    for (const [f, color, name] of segments) {
+      const v = f(r.v), w = (W - left - right) * v / max;
+      total += v;
+      if (w > 0) { const bar = s("rect", {x, y, width: Math.max(w, 1), height: row - 8, rx: 2, fill: color});
+        bar.append(s("title", {}, `${r.k} ${name}: ${fmt(v)}`)); svg.append(bar); x += w; }
+    }
+    svg.append(s("text", {x: x + 6, y: y + 13, class: "axis"}, fmt(total)));
+  });
+  if (!rows.length) svg.append(s("text", {x: 4, y: 16, class: "axis"}, "no usage yet"));
+  return svg;
+}
+function vbars(days, f, color, fmt) {
+  const W = 520, H = 130, bottom = 18, top = 14, n = days.length, bw = (W - 10) / Math.max(n, 1);
+  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"});
+  const max = Math.max(1e-12, ...days.map(([, c]) => c ? f(c) : 0));
+  days.forEach(([day, c], i) => {
+    const v = c ? f(c) : 0, bh = (H - bottom - top) * v / max, x = 5 + i * bw;
+    const bar = s("rect", {x: x + 2, y: H - bottom - bh, width: Math.max(bw - 4, 1), height: Math.max(bh, v ? 1 : 0), rx: 2, fill: color});
+    bar.append(s("title", {}, `${day}: ${fmt(v)}`));
+    svg.append(bar);
+    const label = i === 0 || day.endsWith("-01") ? day.slice(5) : day.slice(8);
+    svg.append(s("text", {x: x + bw / 2, y: H - 4, "text-anchor": "middle", class: "axis"}, label));
+  });
+  svg.append(s("text", {x: W - 4, y: 11, "text-anchor": "end", class: "axis"}, "max " + fmt(max)));
+  return svg;
+}
+function lastDays(byDay, n, today) {
+  const out = [], end = new Date(today + "T00:00:00Z");
+  for (let i = n - 1; i >= 0; i--) {
+    const day = new Date(end.getTime() - i * 86400000).toISOString().slice(0, 10);
+    out.push([day, byDay[day]]);
+  }
+  return out;
+}
+function render(st) {
+  for (const id of ["status-body", "routes-card", "providers-card", "login-card", "config-card", "charts-card", "recent-card"]) $(id).hidden = false;
+  $("login").hidden = true; $("problem").hidden = true;
+  $("meta").textContent = `v${st.version} \u00b7 up ${ago(st.uptime_seconds)} \u00b7 config generation ${st.config.generation}`;
+  $("live").replaceChildren(h("b", {}, "\u25cf "), `updated ${clock(st.now)}`);
+  const err = st.config.error;
+  $("config-error").hidden = !err;
+  if (err) $("config-error").textContent = `Config error at ${when(err.at)}, the previous config stays in force: ${err.message}`;
+  $("restart").hidden = !st.config.restart_needed.length;
+  $("restart").textContent = "Changed settings that take effect after a restart: " + st.config.restart_needed.join(", ");
+  const se = st.session, c = st.counters;
+  $("kpis").replaceChildren(...[["requests", int(se.requests)], ["errors", int(se.errors)], ["in flight", int(c.in_flight)],
+    ["input tokens (with cache)", int(tokensOf(se))], ["output tokens", int(se.output_tokens)], ["cost this session", usd(se.cost_usd)]]
+    .map(([k, v]) => h("div", {class: "kpi"}, h("b", {}, v), h("span", {}, k))));
+  table("routes", [["route"], ["provider"], ["model"], ["format"]], st.routes.map((r) => [r.route, r.provider, r.model, r.format]));
+  table("providers", [["provider"], ["endpoint"], ["credentials"], ["last error"]], st.providers.map((p) => [
+    p.name, p.base_url, p.credential, p.last_error ? h("span", {class: "bad"}, `${clock(p.last_error.at)} ${p.last_error.status}: ${p.last_error.message}`) : h("span", {class: "dim"}, "none")]));
+  const lg = st.login;
+  dl("claude", [["state", lg.logged_in ? h("b", {}, "logged in") : h("span", {class: "dim"}, "not logged in")],
+    ["source", lg.source || "\u2013"], ["expires", lg.expires_at ? `${when(lg.expires_at)} (in ${ago(lg.expires_in_seconds)})` : "\u2013"],
+    ["refreshable", lg.refreshable ? "yes" : "no"], ["last error", lg.last_error ? h("span", {class: "bad"}, lg.last_error) : "none"]]);
+  const led = st.ledger;
+  dl("config", [["loaded", when(st.config.loaded_at)], ["config file", st.config.path || "(none: defaults and environment)"],
+    ["plugins", st.plugins.length ? st.plugins.join(", ") : "none"],
+    ["ledger", led.enabled ? (led.error ? h("span", {class: "bad"}, led.error) : led.path) : "off (USAGE_LEDGER=false)"],
+    ["prices as of", st.prices_as_of]]);
+  const u = st.usage, models = Object.entries(u.by_model).map(([k, v]) => ({k, v}));
+  $("charts-title").textContent = `Usage (${u.source === "ledger" ? "ledger, last " + u.days + " days" : "this session"})`;
+  models.sort((a, b) => (tokensOf(b.v) + b.v.output_tokens) - (tokensOf(a.v) + a.v.output_tokens));
+  $("chart-tokens").replaceChildren(hbars(models.slice(0, 10), [[(v) => v.input_tokens, "var(--in)", "input"],
+    [(v) => v.cache_read_input_tokens + v.cache_creation_input_tokens, "var(--cache)", "cache"], [(v) => v.output_tokens, "var(--out)", "output"]], int));
+  $("chart-cost").replaceChildren(hbars(models.filter((m) => m.v.cost_usd != null).slice(0, 10), [[(v) => v.cost_usd, "var(--cost)", "cost"]], usd));
+  const days = lastDays(u.by_day, u.days, st.now.slice(0, 10));
+  $("chart-days").replaceChildren(vbars(days, (v) => tokensOf(v) + v.output_tokens, "var(--in)", int));
+  $("chart-day-cost").replaceChildren(vbars(days, (v) => v.cost_usd || 0, "var(--cost)", usd));
+  table("recent", [["time"], ["client"], ["model"], ["route \u2192 upstream"], ["status"], ["in", "n"], ["out", "n"],
+    ["cache", "n"], ["ttft", "n"], ["total", "n"], ["cost", "n"]], st.recent.map((r) => [
+    clock(r.time), r.dialect, r.requested_model, `${r.route || "\u2013"} \u2192 ${r.provider || "\u2013"}/${r.upstream_model || "\u2013"}`,
+    r.error_type ? h("span", {}, badge(r.status), " ", h("span", {class: "bad"}, r.error_type)) : badge(r.status),
+    int(r.input_tokens), int(r.output_tokens),
+    int(r.cache_read_input_tokens == null ? null : r.cache_read_input_tokens + r.cache_creation_input_tokens),
+    r.ttft_ms == null ? "\u2013" : `${Math.round(r.ttft_ms)} ms`, `${Math.round(r.duration_ms)} ms`, usd(r.cost_usd)]));
+}
+function problem(text) { $("problem").hidden = false; $("problem").textContent = text; }
+async function refresh() {
+  let response;
+  try { response = await fetch("/status.json", {credentials: "same-origin", cache: "no-store"}); }
+  catch (e) { problem("The proxy does not answer (stopped?); retrying."); return; }
+  if (response.status === 401) {
+    $("login").hidden = false;
+    $("meta").textContent = "locked: enter the proxy key";
+    if (location.hash === "#wrong-key") $("login-text").textContent = "That key was not accepted; try again.";
+    return;
+  }
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) { problem((body.error && body.error.message) || `status.json answered ${response.status}`); return; }
+  render(body);
+}
+refresh();
+setInterval(refresh, 3000);
+</script></body></html>
+"""
+STATUS_PAGE_BYTES = STATUS_PAGE.encode("utf-8")
+PAGE_COOKIE = "claude_proxy_page"
+PAGE_HEADERS = [
+    ("content-type", "text/html; charset=utf-8"), ("cache-control", "no-store"),
+    ("content-security-policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                "connect-src 'self'; img-src data:; form-action 'self'; frame-ancestors 'none'; "
+                                "base-uri 'none'"),
+    ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"), ("x-content-type-options", "nosniff")]
+CREDENTIAL_TEXT = {"oauth": "Claude login", "client": "each client's own key", "none": "no credentials"}
+
+
+def page_token(key: str) -> str:
+    """The page cookie's value: an HMAC of the proxy key (the key itself never leaves)."""
+    return hmac.new(key.encode(), b"claude_proxy status page", hashlib.sha256).hexdigest()
+
+
+def cookie_value(headers: Headers, name: str) -> Optional[str]:
+    """One cookie of the request's Cookie header."""
+    for part in headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def is_ip_literal(name: str) -> bool:
+    """An IPv4 or IPv6 address, which no DNS rebinding can stand behind."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, name)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def is_own_host(x: "Exchange", name: Optional[str]) -> bool:
+    """An IP literal, localhost, this machine's name, the bind address or an ALLOWED_HOSTS name."""
+    if not name:
+        return False
+    names = {"localhost", socket.gethostname().lower(), (x.server.host or "").lower()}
+    names.update(host_name(h) or h.lower() for h in x.config.settings["allowed_hosts"])
+    return is_ip_literal(name) or name in names
+
+
+def check_page_origin(x: "Exchange") -> None:
+    """Refuse a request whose Host, or Origin when sent, is not this proxy's own."""
+    host = host_name(x.req.headers.get("host", ""))
+    if not is_own_host(x, host):
+        raise PermissionDenied(f"Host {host!r} is not this proxy's own name (add it to ALLOWED_HOSTS if it is)")
+    origin = x.req.headers.get("origin")
+    if origin is not None and not is_own_host(x, host_name(urllib.parse.urlsplit(origin).netloc)):
+        raise PermissionDenied(f"Origin {origin!r} may not read this proxy's status")
+
+
+def check_page_access(x: "Exchange") -> None:
+    """The status JSON: own Host/Origin, then loopback, or the proxy key (header or page cookie)."""
+    check_page_origin(x)
+    key = x.config.settings.get("proxy_api_key")
+    if not key:
+        if not is_loopback(x.req.peer):
+            raise PermissionDenied("the status page answers loopback clients only (or set PROXY_API_KEY)")
+        return
+    cookie = cookie_value(x.req.headers, PAGE_COOKIE) or ""
+    if not (hmac.compare_digest(offered_key(x.req).encode(), key.encode())
+            or hmac.compare_digest(cookie.encode(), page_token(key).encode())):
+        raise AuthError("the status page needs the proxy key: enter it in the page's form")
+
+
+def public_url(url: str) -> str:
+    """A base URL without userinfo, query or fragment."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def credential_source(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
+    """Where a provider's credentials come from, never the credential."""
+    mode, suffix = provider["auth"], ""
+    if mode == "auto":
+        mode = "oauth" if logged_in and not server.exposed else ("api_key" if provider.get("api_key") else "client")
+        suffix = " (auth auto)"
+    if mode != "api_key":
+        return CREDENTIAL_TEXT[mode] + suffix
+    env = provider.get("api_key_env")
+    if not provider.get("api_key"):
+        return f"API key missing (${env} is not set)" if env else "API key missing"
+    return (f"API key from ${env}" if provider.get("api_key_from") == "env" else "API key in the config") + suffix
+
+
+def route_rows(config: Config) -> List[dict]:
+    """Each route and configured model: where it goes."""
+    rows = [("route", name, spec) for name, spec in config.routes.items()]
+    rows += [("model", spec["id"], spec) for spec in config.models.values()]
+    return [{"route": name if kind == "route" else f"model {name}", "provider": spec["provider"],
+             "model": spec["model"] or "(the client's model name)",
+             "format": config.providers[spec["provider"]]["format"]} for kind, name, spec in rows]
+
+
+def recent_rows(ops: Operations) -> List[dict]:
+    """The last requests, newest first, as JSON objects."""
+    return [dict(record._asdict(), time=iso_time(record.ts)) for record in reversed(ops.recent)]
+
+
+def config_file_shown(server: "ProxyServer") -> Optional[str]:
+    """The config file in use, as an absolute path."""
+    path = server.source.path() if server.source else None
+    return os.path.abspath(path) if path else None
+
+
+def status_document(server: "ProxyServer", usage: dict) -> dict:
+    """Everything the status page shows; no secret."""
+    config, ops, now = server.config, server.ops, server.ops.clock()
+    login = server.oauth.tokens.status()
+    providers = [{"name": p["name"], "format": p["format"], "base_url": public_url(p["base_url"]),
+                  "credential": credential_source(server, p, login["logged_in"]),
+                  "last_error": ops.provider_errors.get(p["name"])} for p in used_providers(config)]
+    return {
+        "version": VERSION, "now": iso_time(now), "started_at": iso_time(ops.started_at),
+        "uptime_seconds": int(now - ops.started_at),
+        "config": {"generation": server.generation, "loaded_at": iso_time(ops.config_loaded_at),
+                   "path": config_file_shown(server), "error": ops.config_error,
+                   "restart_needed": ops.restart_needed},
+        "routes": route_rows(config), "providers": providers, "login": login,
+        "counters": {"in_flight": max(0, sum(c.busy for c in server.connections) - 1),
+                     "connections": len(server.connections)},
+        "session": ops.session.as_dict(), "usage": usage, "recent": recent_rows(ops),
+        "ledger": ops.ledger_info(), "plugins": server.plugins.names if server.plugins else [],
+        "prices_as_of": PRICES_AS_OF}
+
+
+async def chart_usage(server: "ProxyServer") -> dict:
+    """The charts' data: the ledger's last USAGE_CHART_DAYS days, else this session."""
+    ops = server.ops
+    try:
+        totals = await ops.ledger_totals(ops.clock() - USAGE_CHART_DAYS * 86400)
+    except ProxyError:
+        totals = None
+    source = "session" if totals is None else "ledger"
+    totals = totals or ops.session.as_dict()
+    return {"source": source, "days": USAGE_CHART_DAYS, "by_model": totals["by_model"], "by_day": totals["by_day"]}
+
+# ---- Operations endpoints ---------------------------------------------------------------------
+
+
+def query_value(x: "Exchange", name: str) -> Optional[str]:
+    """One query parameter."""
+    values = urllib.parse.parse_qs(x.req.query).get(name)
+    return values[0] if values else None
+
+
+async def handle_index(x: "Exchange") -> None:
+    """GET /: the status page for a browser (Accept: text/html), else the JSON identification;
+    /?key=... logs a browser in."""
+    if "text/html" not in x.req.headers.get("accept", ""):
+        await handle_root(x)
+        return
+    check_page_origin(x)
+    key = query_value(x, "key")
+    if key is not None:
+        await page_login(x, key)
+        return
+    await x.out.respond(200, PAGE_HEADERS, STATUS_PAGE_BYTES)
+
+
+async def handle_page_login(x: "Exchange") -> None:
+    """POST / from the page's key form (key=...): the cookie, and back to the page."""
+    check_page_origin(x)
+    form = urllib.parse.parse_qs(x.req.body.decode("utf-8", "replace"))
+    await page_login(x, (form.get("key") or [""])[0])
+
+
+async def page_login(x: "Exchange", offered: str) -> None:
+    """303 to the page: with the cookie for the right key, to /#wrong-key otherwise."""
+    key = x.config.settings.get("proxy_api_key")
+    headers = [("cache-control", "no-store"), ("location", "/")]
+    if key and hmac.compare_digest(offered.strip().encode(), key.encode()):
+        headers.append(("set-cookie", f"{PAGE_COOKIE}={page_token(key)}; HttpOnly; SameSite=Strict; Path=/"))
+    elif key:
+        headers[1] = ("location", "/#wrong-key")
+    await x.out.respond(303, headers, b"")
+
+
+async def handle_status_json(x: "Exchange") -> None:
+    """GET /status.json: the status page's data."""
+    check_page_access(x)
+    document = status_document(x.server, await chart_usage(x.server))
+    await x.out.respond_json(200, document, [("cache-control", "no-store")])
+
+
+async def handle_stats(x: "Exchange") -> None:
+    """GET /v1/stats[?since=7d]: this session's usage and the ledger's (all time, or since)."""
+    ops = x.server.ops
+    since, ledger = parse_since(query_value(x, "since"), ops.clock()), ops.ledger_info()
+    try:
+        all_time = await ops.ledger_totals(since)
+    except ProxyError as exc:
+        all_time, ledger["error"] = None, exc.message
+    await x.out.respond_json(200, {"session": ops.session.as_dict(), "all_time": all_time,
+                                   "since": iso_time(since) if since else None,
+                                   "session_started_at": iso_time(ops.started_at),
+                                   "ledger": ledger, "prices_as_of": PRICES_AS_OF})
+
+
+async def handle_test_connection(x: "Exchange") -> None:
+    """GET /test-connection[?deep=1]: the doctor's checks (503 when one fails)."""
+    check_auth_access(x)
+    checks = await run_doctor(x, parse_bool(query_value(x, "deep") or "0"))
+    ok = all(check["status"] != "fail" for check in checks)
+    await x.out.respond_json(200 if ok else 503, {"ok": ok, "checks": checks})
+
+
+def direct_target(config: Config, name: str) -> Target:
+    """The model a test_conversion body names (a model id or "provider,model"), no routing."""
+    try:
+        spec = route_target("model", name, config.models, config.providers)
+    except ConfigError:
+        raise NotFound(f"model {name!r}: name a configured model id or \"provider,model\"; configured "
+                       f"models: {', '.join(config.models) or '(none)'}", param="model") from None
+    if spec["model"] is None:
+        raise BadRequest(f"model {name!r} is a provider: name the upstream model as \"{name},MODEL\"", param="model")
+    return Target(spec, config.providers[spec["provider"]], "test_conversion")
+
+
+CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie",
+                                "proxy-authorization"))
+
+
+def redacted_headers(headers: List[Tuple[str, str]], redactor: Redactor) -> Dict[str, str]:
+    """Request headers for display: credentials masked, any known secret scrubbed."""
+    shown = {}
+    for name, value in headers:
+        if name in CREDENTIAL_HEADERS:
+            scheme, _, token = value.partition(" ")
+            value = f"{scheme} {mask(token)}" if token and scheme.lower() == "bearer" else mask(value)
+        shown[name] = redactor.scrub(value)
+    return shown
+
+
+async def dry_run_request(x: "Exchange", body: dict) -> dict:
+    """The upstream request test_conversion would send (plugins applied), not sent."""
+    target = x.target
+    if target.provider["format"] == "anthropic":
+        url, headers, payload = await x.anthropic_call(target, body, x.req.body, "/v1/messages")
+    else:
+        openai_body = convert(BadRequest, "request", anthropic_to_openai_request, body, upstream_spec(target),
+                              session_id=session_key(x.req.headers, body))
+        url, headers, payload = await x.openai_call(target, openai_body)
+    if x.plugins:
+        payload = x.plugins.on_request(x, target, payload)
+    return {"dry_run": True, "method": "POST", "url": url, "provider": target.provider["name"],
+            "format": target.provider["format"], "model": target.spec["model"],
+            "headers": redacted_headers(headers, x.server.redactor), "body": json.loads(payload)}
+
+
+async def handle_test_conversion(x: "Exchange") -> None:
+    """POST /v1/messages/test_conversion[?dry_run=1]: an Anthropic request sent to the model its
+    body names, bypassing routing; dry_run answers the converted upstream request instead."""
+    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
+                          "anthropic")
+    x.target = direct_target(x.config, body["model"])
+    if parse_bool(query_value(x, "dry_run") or "0"):
+        await x.out.respond_json(200, await dry_run_request(x, body))
+        return
+    x.meter.requested = body["model"]
+    if x.target.provider["format"] == "anthropic":
+        await anthropic_passthrough(x, body, "/v1/messages")
+    else:
+        await anthropic_via_openai(x, body)
+
+
+# Ahead of section 11's table, so that GET / serves the page to browsers first.
+ROUTES[:0] = [
+    ("GET", "/", handle_index, True),
+    ("POST", "/", handle_page_login, True),
+    ("GET", "/status.json", handle_status_json, True),
+    ("GET", "/v1/stats", handle_stats, True),
+    ("GET", "/test-connection", handle_test_connection, True),
+    ("POST", "/v1/messages/test_conversion", handle_test_conversion, True),
+]
+
+# =============================================================================================
+# 13. Server
 #
 # One asyncio server; a task per connection, none per request or chunk. Each connection loops:
 # wait for the first byte of a request (idle timeout), read the head (slow-header timeout, 414,
@@ -8045,11 +9960,18 @@ TOO_MANY_CONNECTIONS = http_error_bytes(503, "overloaded_error",
 
 
 class ProxyServer:
-    """Owns the config, the upstream pool and the token manager; serves connections."""
+    """Owns the config (and its generation and plugins), the upstream pool, the token manager and
+    the operations record; serves connections."""
 
     def __init__(self, config: Config, *, redactor: Optional[Redactor] = None,
-                 proxies: Optional[Mapping[str, str]] = None, clock: Callable[[], float] = time.time):
+                 proxies: Optional[Mapping[str, str]] = None, clock: Callable[[], float] = time.time,
+                 source: Optional[ConfigSource] = None):
         self.config = config
+        self.source = source          # how to load the config again; None: no reload
+        self.generation = 1
+        self.plugins = load_plugins(config, source.base_dir() if source else os.getcwd())
+        self.ops = Operations(config, clock=clock)
+        self.host: Optional[str] = None
         settings = config.settings
         self.redactor = redactor or Redactor(config.secret_values())
         self.pool = ConnectionPool(lambda: make_ssl_context(settings["ssl_verify"], settings["ca_bundle"]),
@@ -8072,7 +9994,7 @@ class ProxyServer:
 
     async def start(self, host: Optional[str] = None, port: Optional[int] = None) -> Tuple[str, int]:
         """Bind and start accepting; returns the bound address (ConfigError when it cannot)."""
-        host = host or self.config.settings["host"]
+        host = self.host = host or self.config.settings["host"]
         port = self.config.settings["port"] if port is None else port
         check_exposure(self.config, host)
         self.exposed = not is_loopback(host) and not self.config.settings.get("proxy_api_key")
@@ -8084,6 +10006,7 @@ class ProxyServer:
         except OSError as exc:
             raise ConfigError(listen_error(host, port, exc)) from None
         address = self._server.sockets[0].getsockname()
+        self.ops.start(self)
         return address[0], address[1]
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -8116,6 +10039,7 @@ class ProxyServer:
                 (conn.handler or conn.task).cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self.pool.close()
+        await self.ops.close()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self.connections) >= self.max_connections and not self._make_room():
@@ -8351,9 +10275,11 @@ def release_freed_memory() -> None:
         log.debug("malloc_trim unavailable")
 
 
-async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str]) -> None:
-    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully."""
-    server = ProxyServer(config, redactor=redactor, proxies=proxies)
+async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str],
+                source: Optional[ConfigSource] = None) -> None:
+    """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully."""
+    server = ProxyServer(config, redactor=redactor, proxies=proxies, source=source)
+    install_reload_signal(asyncio.get_running_loop(), server)
     host, port = await server.start()
     release_freed_memory()
     stop = asyncio.Event()
@@ -8366,78 +10292,131 @@ async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str]) 
     await server.shutdown()
 
 # =============================================================================================
-# 13. CLI
+# 14. CLI
 # =============================================================================================
 
 
+# Flags every command takes, before or after its name: (names, argparse keywords).
+GLOBAL_FLAGS: Tuple[Tuple[Tuple[str, ...], dict], ...] = (
+    (("--host", "--bind", "-b"), {"dest": "host", "metavar": "ADDR", "help": "bind address (default 127.0.0.1)"}),
+    (("--port", "-p"), {"type": int, "help": "port (default 8082)"}),
+    (("--config",), {"metavar": "FILE", "help": "config file: claude_proxy's JSON, or a seed's models.yaml / "
+                                                "models.json (default: CLAUDE_PROXY_CONFIG or ~/.claude-proxy/config.json)"}),
+    (("--log-level",), {"metavar": "LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}),
+    (("--debug", "-d"), {"dest": "log_level", "action": "store_const", "const": "DEBUG", "help": "= --log-level DEBUG"}),
+    (("--strict",), {"action": "store_const", "const": True, "help": "unknown config keys are errors, not warnings"}),
+)
+TOKEN_HELP = "a Claude subscription token to serve with (as ANTHROPIC_OAUTH_TOKEN; not saved)"
+# command -> (one-line description, its own flags)
+CLI_COMMANDS: Dict[str, Tuple[str, Tuple[Tuple[Tuple[str, ...], dict], ...]]] = {
+    "serve": ("run the proxy (the default command)", ((("--token",), {"help": TOKEN_HELP}),)),
+    "check-config": ("print the effective config and where each value came from, secrets masked", ()),
+    "login": ("log in with a Claude Pro/Max subscription (OAuth PKCE)", (
+        (("--long-lived",), {"action": "store_true", "help": "a one-year token (scope user:inference)"}),
+        (("--no-browser",), {"action": "store_true", "help": "only print the URL"}),
+        (("--token",), {"help": "save this token (from `claude setup-token`) instead of logging in"}))),
+    "logout": ("forget the saved Claude login", ()),
+    "status": ("show the saved Claude login (never the token)", ()),
+    "import": ("import a saved login: Claude Code's, or an earlier proxy's tokens.json (read only)",
+               ((("path",), {"nargs": "?", "metavar": "FILE", "help": "the file (default: the first found)"}),)),
+    "import-claude-code": ("import Claude Code's saved login (~/.claude/.credentials.json)",
+                           ((("--path",), {"help": "credentials file"}),)),
+    "stats": ("usage and cost from the ledger (CLAUDE_PROXY_HOME/usage.db)", (
+        (("--since",), {"help": "30m, 24h, 7d, 2w or an ISO date (default: all)"}),
+        (("--by",), {"choices": ("model", "route", "day"), "default": "model", "help": "one row per (default model)"}),
+        (("--json",), {"action": "store_true", "help": "print the /v1/stats object instead of a table"}))),
+    "doctor": ("check DNS, TCP, TLS, credentials and the Claude login of every provider in use",
+               ((("--deep",), {"action": "store_true", "help": "also send a 1-token request to each provider"}),)),
+    "menu": ("an interactive menu: start, log in, long-lived token, status, stats, log out", ()),
+}
+SEED_FLAGS_EPILOG = ("Flags of anthropic-claude-max-proxy also work: --headless (serve), --setup-token "
+                     "(= login --long-lived), --headless --no-auto-start (check the login and exit).")
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Iterable[Tuple[Tuple[str, ...], dict]], default: Any) -> None:
+    """Add flags; `default` is None at the top level and SUPPRESS in a subcommand, so that a flag
+    given before the subcommand is not overwritten by the subcommand's default."""
+    for names, options in flags:
+        extra = {} if names[0][0] != "-" else {"default": default}
+        parser.add_argument(*names, **dict(extra, **options) if "default" not in options else options)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """serve (default), check-config, login, logout, status, import-claude-code; --version."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--host", help="bind address (default 127.0.0.1)")
-    common.add_argument("--port", type=int, help="port (default 8082)")
-    common.add_argument("--config", help="JSON config file (default: CLAUDE_PROXY_CONFIG or ~/.claude-proxy/config.json)")
-    common.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
-    parser = argparse.ArgumentParser(prog="claude_proxy.py", parents=[common],
-                                     description="LLM API proxy between Anthropic and OpenAI dialects.")
+    """The commands of CLI_COMMANDS (serve by default), the global flags before or after them,
+    and anthropic-claude-max-proxy's top-level flags."""
+    parser = argparse.ArgumentParser(prog="claude_proxy.py", epilog=SEED_FLAGS_EPILOG,
+                                     description="LLM API proxy between the Anthropic and OpenAI dialects.")
+    add_flags(parser, GLOBAL_FLAGS, None)
     parser.add_argument("--version", action="version", version=f"claude_proxy {VERSION}")
-    token_help = "a Claude OAuth token to serve with (as ANTHROPIC_OAUTH_TOKEN; not saved)"
-    parser.add_argument("--token", help=token_help)
-    sub = parser.add_subparsers(dest="command")
-    quiet = argparse.SUPPRESS
-    serve = sub.add_parser("serve", parents=[common], help="run the proxy (the default)", argument_default=quiet)
-    serve.add_argument("--token", help=token_help)
-    for name, text in (("check-config", "print the effective config, secrets redacted"),
-                       ("logout", "forget the saved Claude login"),
-                       ("status", "show the saved Claude login (never the token)")):
-        sub.add_parser(name, parents=[common], help=text, argument_default=quiet)
-    login = sub.add_parser("login", parents=[common], help="Claude Pro/Max login (OAuth PKCE)",
-                           argument_default=quiet)
-    login.add_argument("--long-lived", action="store_true", help="a one-year token (scope user:inference)")
-    login.add_argument("--no-browser", action="store_true", help="only print the URL")
-    login.add_argument("--token", help="save this token (e.g. from `claude setup-token`) instead of logging in")
-    imp = sub.add_parser("import-claude-code", parents=[common], argument_default=quiet,
-                         help="import Claude Code's saved login (~/.claude/.credentials.json)")
-    imp.add_argument("--path", help="credentials file")
+    parser.add_argument("--token", help=TOKEN_HELP)
+    parser.add_argument("--headless", action="store_true", help="serve without prompting (anthropic-claude-max-proxy)")
+    parser.add_argument("--setup-token", action="store_true", help="= login --long-lived")
+    parser.add_argument("--no-auto-start", action="store_true", help="with --headless: check the login, do not serve")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (text, flags) in CLI_COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text)
+        add_flags(command, GLOBAL_FLAGS, argparse.SUPPRESS)
+        add_flags(command, flags, argparse.SUPPRESS)
     return parser
 
 
-def cli_overrides(args: argparse.Namespace) -> dict:
-    """The settings CLI flags set (serve's --token is the headless Claude token)."""
-    serve_token = getattr(args, "token", None) if args.command in (None, "serve") else None
-    pairs = (("host", args.host), ("port", args.port), ("log_level", getattr(args, "log_level", None)),
-             ("oauth_token", serve_token))
+def resolve_command(args: argparse.Namespace) -> str:
+    """The command to run, the seed flags mapped: --setup-token is `login --long-lived`,
+    --headless --no-auto-start checks the login, --headless (or nothing) serves."""
+    if args.command:
+        return args.command
+    if getattr(args, "setup_token", False):
+        args.long_lived, args.no_browser = True, False
+        return "login"
+    return "verify-login" if getattr(args, "no_auto_start", False) else "serve"
+
+
+def cli_overrides(args: argparse.Namespace, command: str) -> dict:
+    """The settings CLI flags set (serve's --token is the headless Claude token, its shape checked)."""
+    token = getattr(args, "token", None) if command in ("serve", "verify-login") else None
+    pairs = (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)),
+             ("log_level", getattr(args, "log_level", None)), ("strict", getattr(args, "strict", None)),
+             ("oauth_token", check_token_shape(token) if token else None))
     return {key: value for key, value in pairs if value is not None}
 
 
-def setup_logging(level: str, redactor: Redactor) -> None:
-    """logging to stderr, every record scrubbed of secrets."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(redactor)
+def setup_logging(level: str, redactor: Redactor, log_file: Optional[str] = None) -> None:
+    """logging to stderr (and to LOG_FILE_PATH, rotated at 10 MB, 3 kept), every record
+    scrubbed of secrets and kept on one line."""
+    handlers: List[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        from logging.handlers import RotatingFileHandler
+        path = os.path.expanduser(log_file)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handlers.append(RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(redactor)
     root = logging.getLogger("claude_proxy")
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     root.propagate = False
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: parse flags, load config, run the command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("host", "port", "config", "log_level"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
+    """Entry point: parse flags, load config, run the command; one line and exit 2 for a
+    config problem, exit 1 for a failed command, never a traceback for either."""
+    args = build_parser().parse_args(argv)
+    command = resolve_command(args)
     env = dict(os.environ)
     try:
-        config = load_config(config_path(args.config, env), env, cli_overrides(args))
+        source = ConfigSource(getattr(args, "config", None), env, cli_overrides(args, command))
+        config = source.load()
     except ConfigError as exc:
         print(f"claude_proxy: config error: {exc}", file=sys.stderr)
         return 2
+    except BadRequest as exc:
+        print(f"claude_proxy: {exc.message}", file=sys.stderr)
+        return 2
     redactor = Redactor(config.secret_values())
-    setup_logging(config.settings["log_level"], redactor)
-    command = args.command or "serve"
+    setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
     try:
-        return run_command(command, args, config, redactor, env)
+        return run_command(command, args, config, redactor, env, source)
     except ConfigError as exc:
         print(f"claude_proxy: {exc}", file=sys.stderr)
         return 2
@@ -8449,15 +10428,111 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run_command(command: str, args: argparse.Namespace, config: Config, redactor: Redactor,
-                env: Mapping[str, str]) -> int:
+                env: Mapping[str, str], source: Optional[ConfigSource] = None) -> int:
     """Dispatch a CLI command."""
     if command == "check-config":
         print(json.dumps(redacted_config(config), indent=2))
+        for line in config.warnings:
+            print(f"warning: {line}", file=sys.stderr)
         return 0
     if command == "serve":
-        asyncio.run(serve(config, redactor, proxies_from_env(env)))
+        asyncio.run(serve(config, redactor, proxies_from_env(env), source))
         return 0
+    if command == "stats":
+        return cli_stats(config, getattr(args, "since", None), getattr(args, "by", "model"),
+                         getattr(args, "json", False))
+    if command == "doctor":
+        return asyncio.run(cli_doctor(config, env, getattr(args, "deep", False)))
+    if command == "menu":
+        return cli_menu(config, redactor, env, source)
     return asyncio.run(run_oauth_command(command, args, config, env))
+
+
+def cli_stats(config: Config, since: Optional[str], by: str, as_json: bool) -> int:
+    """`stats`: the ledger read directly (a running proxy commits within a second)."""
+    ledger = UsageLedger(ledger_path(config))
+    start = parse_since(since, time.time())
+    totals = ledger.totals(start)
+    if as_json:
+        print(json.dumps(totals, indent=2))
+        return 0
+    window = f"since {iso_time(start)}" if start else "all time"
+    print(f"usage {window}, from {ledger.path} (prices as of {PRICES_AS_OF})\n")
+    print(format_stats_table(totals, by) if totals["requests"] else "no requests recorded")
+    return 0
+
+
+async def cli_doctor(config: Config, env: Mapping[str, str], deep: bool) -> int:
+    """`doctor`: one line per check; exit 1 when one failed."""
+    server = ProxyServer(config, proxies=proxies_from_env(env))
+    try:
+        checks = await run_doctor(doctor_exchange(server), deep)
+    finally:
+        server.pool.close()
+    for check in checks:
+        print(format_check(check))
+    failed = sum(check["status"] == "fail" for check in checks)
+    print(f"\n{len(checks)} checks, {failed} failed" if checks else "no provider in use")
+    return 1 if failed else 0
+
+
+MENU = (("1", "start the proxy", "serve"), ("2", "log in (Claude Pro/Max)", "login"),
+        ("3", "create a long-lived token (one year)", "long-lived"), ("4", "show status", "status"),
+        ("5", "show usage stats", "stats"), ("6", "log out", "logout"), ("0", "quit", "quit"))
+
+
+def cli_menu(config: Config, redactor: Redactor, env: Mapping[str, str], source: Optional[ConfigSource]) -> int:
+    """`menu`: numbered choices read from stdin until 0 (or end of input)."""
+    actions = {key: action for key, _, action in MENU}
+    while True:
+        print("\n" + "\n".join(f"  {key}) {text}" for key, text, _ in MENU))
+        try:
+            choice = input("choice: ").strip()
+        except EOFError:
+            return 0
+        action = actions.get(choice)
+        if action == "quit":
+            return 0
+        if action is None:
+            print(f"unknown choice {choice!r}")
+            continue
+        run_menu_action(action, config, redactor, env, source)
+
+
+def run_menu_action(action: str, config: Config, redactor: Redactor, env: Mapping[str, str],
+                    source: Optional[ConfigSource]) -> None:
+    """One menu choice; its failure is printed and the menu goes on."""
+    login = argparse.Namespace(long_lived=action == "long-lived", no_browser=False, token=None)
+    try:
+        if action == "serve":
+            run_command("serve", login, config, redactor, env, source)
+        elif action == "stats":
+            cli_stats(config, None, "model", False)
+        else:
+            command = "login" if action == "long-lived" else action
+            asyncio.run(run_oauth_command(command, login, config, env))
+            if action == "status":
+                asyncio.run(print_proxy_health(config))
+    except KeyboardInterrupt:
+        print()
+    except (ProxyError, ConfigError) as exc:
+        print(f"claude_proxy: {redactor.scrub(exc.message if isinstance(exc, ProxyError) else str(exc))}")
+
+
+async def print_proxy_health(config: Config) -> None:
+    """Whether a proxy answers on the configured address, and its config generation."""
+    settings = config.settings
+    url = f"http://{settings['host']}:{settings['port']}"
+    pool = ConnectionPool(lambda: make_ssl_context(True, None), {}, 2.0, 2.0)
+    try:
+        response = await pool.request("GET", url + "/health", [])
+        health = json.loads(await response.read())
+        print(f"proxy at {url}: running, version {health.get('version')}, "
+              f"config generation {health.get('config_generation')}")
+    except (ProxyError, ValueError):
+        print(f"proxy at {url}: not running")
+    finally:
+        pool.close()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import os
 import random
 import re
 import socket
+import ssl
 import stat
 import subprocess
 import sys
+import shutil
 import signal
 import statistics
 import tempfile
@@ -226,7 +228,7 @@ async def call(port, method, path, body=None, headers=None, raw=None):
     """One request on a fresh connection; returns (status, headers, body bytes)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body or b"")
-    head = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close", f"content-length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", f"host: 127.0.0.1:{port}", "connection: close", f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
@@ -4171,20 +4173,23 @@ def test_settings_merge_and_reject_unknown():
     assert err.value.param == "oauth.tokenurl"
 
 
+CLI_TOKEN = "sk-ant-oat01-" + "c" * 30
+
+
 @pytest.mark.parametrize("argv, environ, expected", [
     ([], {}, None),
-    (["--token", "tok-cli"], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "tok-cli"),
-    (["serve", "--token", "tok-cli"], {}, "tok-cli"),
+    (["--token", CLI_TOKEN], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, CLI_TOKEN),
+    (["serve", "--token", CLI_TOKEN], {}, CLI_TOKEN),
+    (["--headless", "--token", CLI_TOKEN], {}, CLI_TOKEN),
     ([], {"ANTHROPIC_OAUTH_TOKEN": "a", "CLAUDE_CODE_OAUTH_TOKEN": "c"}, "a"),
     ([], {"CLAUDE_CODE_OAUTH_TOKEN": " c \n"}, "c"),
     ([], {"ANTHROPIC_OAUTH_TOKEN": ""}, None),
-    (["login", "--token", "saved-not-served"], {}, None),
+    (["login", "--token", CLI_TOKEN], {}, None),
 ])
 def test_explicit_token_precedence(argv, environ, expected):
     args = cp.build_parser().parse_args(argv)
-    for name in ("host", "port", "config", "log_level"):
-        setattr(args, name, getattr(args, name, None))
-    config = cp.parse_config(cp.merge_raw(cp.env_layer(environ), cp.cli_overrides(args)), environ)
+    overrides = cp.cli_overrides(args, cp.resolve_command(args))
+    config = cp.parse_config(cp.merge_raw(cp.env_layer(environ), overrides), environ)
     assert config.settings["oauth_token"] == expected
 
 
@@ -5996,6 +6001,894 @@ def test_responses_routes_reasoning_to_the_think_route_and_variants(tmp_path):
 
 
 # =============================================================================================
+# 12. Operations: usage meter and ledger, stats, plugins, reload, status page, doctor, menu
+# =============================================================================================
+
+def feed_in_pieces(data, cuts):
+    """A fresh meter fed by a UsageScanner with data cut at `cuts`."""
+    meter = cp.UsageMeter()
+    scanner = cp.UsageScanner(meter, clock=lambda: 1.0)
+    last = 0
+    for cut in list(cuts) + [len(data)]:
+        scanner.feed(data[last:cut])
+        last = cut
+    return meter
+
+
+ANTHROPIC_USAGE_STREAM = b"".join([
+    sse_event("message_start", {"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant", "model": "x", "content": [],
+        "usage": {"input_tokens": 10, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20,
+                  "output_tokens": 1}}}),
+    sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}}),
+    sse_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "text_delta", "text": 'a "usage": {"input_tokens": 999} message_delta'}}),
+    sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    sse_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                "usage": {"output_tokens": 7}}),
+    sse_event("message_stop", {"type": "message_stop"})])
+OPENAI_USAGE = {"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59,
+                "prompt_tokens_details": {"cached_tokens": 30}, "completion_tokens_details": {"reasoning_tokens": 4}}
+
+
+def openai_usage_stream(text="Hi"):
+    """OpenAI chunks with "usage": null on each (include_usage) and the usage chunk at the end."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up", "usage": None}
+    parts = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}]),
+             dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+             dict(base, choices=[], usage=OPENAI_USAGE)]
+    return [openai_sse(p) for p in parts] + [openai_sse("[DONE]")]
+
+
+ANTHROPIC_TOKENS = (10, 7, 100, 20, 0)
+OPENAI_TOKENS = (20, 9, 30, 0, 4)
+
+
+@pytest.mark.parametrize("usage, tokens", [
+    ({"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 6,
+      "output_tokens_details": {"thinking_tokens": 2}}, (3, 4, 5, 6, 2)),
+    (OPENAI_USAGE, OPENAI_TOKENS),
+    ({"prompt_tokens": 12, "completion_tokens": 4, "prompt_cache_hit_tokens": 2}, (10, 4, 2, 0, 0)),
+    ({"input_tokens": 40, "output_tokens": 8, "total_tokens": 48, "input_tokens_details": {"cached_tokens": 25},
+      "output_tokens_details": {"reasoning_tokens": 3}}, (15, 8, 25, 0, 3)),
+])
+def test_usage_meter_takes_every_dialects_usage(usage, tokens):
+    meter = cp.UsageMeter()
+    assert meter.tokens() == (None,) * 5
+    meter.take(usage)
+    assert meter.tokens() == tokens
+
+
+def test_usage_meter_merges_anthropic_message_delta_key_by_key():
+    meter = cp.UsageMeter()
+    meter.take({"input_tokens": 10, "output_tokens": 1})
+    meter.take({"output_tokens": 7})
+    meter.take(None)
+    assert meter.tokens() == (10, 7, 0, 0, 0)
+
+
+GROQ_USAGE_CHUNK = openai_sse({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {},
+                                "finish_reason": "stop"}], "x_groq": {"id": "g", "usage": OPENAI_USAGE}})
+
+
+@pytest.mark.parametrize("data, tokens", [(ANTHROPIC_USAGE_STREAM, ANTHROPIC_TOKENS),
+                                          (b"".join(openai_usage_stream()), OPENAI_TOKENS),
+                                          (GROQ_USAGE_CHUNK, OPENAI_TOKENS),
+                                          (ANTHROPIC_USAGE_STREAM.replace(b"\n", b"\r\n"), ANTHROPIC_TOKENS)])
+def test_usage_scanner_whole_byte_by_byte_and_split_at_every_index(data, tokens):
+    assert feed_in_pieces(data, []).tokens() == tokens
+    assert feed_in_pieces(data, range(1, len(data))).tokens() == tokens
+    for cut in range(1, len(data)):
+        assert feed_in_pieces(data, [cut]).tokens() == tokens, cut
+
+
+def test_usage_scanner_parses_only_lines_holding_a_usage_object(monkeypatch):
+    parsed = []
+    real = cp.loads_event
+    monkeypatch.setattr(cp, "loads_event", lambda text: parsed.append(text) or real(text))
+    meter = feed_in_pieces(b"".join(openai_usage_stream()) + ANTHROPIC_USAGE_STREAM, [])
+    assert len(parsed) == 3 and meter.first_byte_at == 1.0      # the usage chunk, message_start, message_delta
+
+
+@pytest.mark.parametrize("spec, prices", [
+    ({"model": "claude-sonnet-4-5-20250929"}, (3e-6, 15e-6, 0.3e-6, 3.75e-6)),
+    ({"model": "anthropic/claude-opus-4.1"}, (15e-6, 75e-6, 1.5e-6, 18.75e-6)),
+    ({"model": "claude-opus-4-5"}, (5e-6, 25e-6, 0.5e-6, 6.25e-6)),
+    ({"model": "gpt-4o-mini-2024-07-18"}, (0.15e-6, 0.6e-6, 0.075e-6, 0.15e-6)),
+    ({"model": "gpt-5"}, (1.25e-6, 10e-6, 0.125e-6, 1.25e-6)),
+    ({"model": "deepseek-chat"}, (0.28e-6, 0.42e-6, 0.028e-6, 0.28e-6)),
+    ({"model": "my-local-llama"}, None),
+    ({"model": "my-local-llama", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}, (1e-6, 2e-6, 1e-6, 1e-6)),
+    ({"model": "gpt-4o", "output_cost_per_token": 0.0}, (2.5e-6, 0.0, 1.25e-6, 2.5e-6)),
+    ({"model": "my-local-llama", "input_cost_per_token": 1e-6}, None),
+])
+def test_prices_table_and_configured_overrides(spec, prices):
+    got = cp.model_prices(spec, cp.table_prices(spec["model"]))
+    assert got == (None if prices is None else pytest.approx(prices))
+
+
+def test_request_cost_is_null_without_a_price_or_usage():
+    prices = (3e-6, 15e-6, 0.3e-6, 3.75e-6)
+    assert cp.request_cost(prices, ANTHROPIC_TOKENS) == pytest.approx(2.4e-4)
+    assert cp.request_cost(None, ANTHROPIC_TOKENS) is None
+    assert cp.request_cost(prices, (None,) * 5) is None
+
+
+def test_price_keys_are_validated_in_the_config():
+    with pytest.raises(cp.ConfigError, match=r"models\.0\.input_cost_per_token"):
+        cp.parse_config({"models": [{"id": "m", "provider": "anthropic", "input_cost_per_token": "cheap"}]}, {})
+    spec = cp.parse_config({"models": [{"id": "m", "provider": "anthropic", "output_cost_per_token": 2}]}, {}).models["m"]
+    assert spec["output_cost_per_token"] == 2.0
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, 0.0), ("", 0.0), ("30m", 1e6 - 1800), ("24h", 1e6 - 86400), ("7d", 1e6 - 7 * 86400),
+    ("2w", 1e6 - 14 * 86400), ("1970-01-02", 86400.0), ("1970-01-02T00:00:10Z", 86410.0)])
+def test_parse_since(value, expected):
+    assert cp.parse_since(value, 1e6) == expected
+
+
+def test_parse_since_rejects_garbage():
+    with pytest.raises(BadRequest, match="since"):
+        cp.parse_since("yesterday", 1e6)
+
+
+def usage_row(ts, model, route="model", status=200, tokens=ANTHROPIC_TOKENS, cost=2.4e-4, error=None):
+    """A ledger row as request_done makes it."""
+    return cp.UsageRecord(ts, "anthropic", model, route, "anthropic", model, status, error, *tokens,
+                          5.0, 20.0, cost, None)
+
+
+def test_usage_totals_and_stats_table():
+    totals = cp.UsageTotals()
+    totals.add_record(usage_row(86400 * 2, "a"))
+    totals.add_record(usage_row(86400 * 2 + 5, "b", cost=None))
+    totals.add_record(usage_row(86400 * 3, "a", status=529, tokens=(None,) * 5, cost=None, error="overloaded_error"))
+    doc = totals.as_dict()
+    assert {k: doc[k] for k in cp.COUNTERS} == {
+        "requests": 3, "errors": 1, "input_tokens": 20, "output_tokens": 14, "cache_read_input_tokens": 200,
+        "cache_creation_input_tokens": 40, "reasoning_tokens": 0, "cost_usd": 2.4e-4, "unpriced_requests": 1}
+    assert doc["by_model"]["a"]["requests"] == 2 and doc["by_model"]["b"]["cost_usd"] is None
+    assert list(doc["by_day"]) == ["1970-01-03", "1970-01-04"] and doc["by_route"]["model"]["requests"] == 3
+    table = cp.format_stats_table(doc, "model")
+    assert table.splitlines()[2].split() == ["a", "2", "1", "10", "7", "100", "20", "0", "$0.0002"]
+    assert table.splitlines()[3].split()[-1] == "n/a" and "1 request(s) on models without a known price" in table
+
+
+def test_ledger_and_session_totals_follow_the_same_rules(tmp_path):
+    rows = [usage_row(86400 * 2, "a"), usage_row(86400 * 2 + 1, "b", route="default", cost=None),
+            usage_row(86400 * 3, "a", status=529, tokens=(None,) * 5, cost=None, error="overloaded_error"),
+            usage_row(86400 * 3, "a", status=200, error="api_error"),               # an error event mid-stream
+            usage_row(86400 * 3, "c", status=499, tokens=(None,) * 5, cost=None, error="cancelled"),
+            usage_row(86400 * 3, None, route=None, status=404, tokens=(None,) * 5, cost=None, error="not_found_error")]
+    session, ledger = cp.UsageTotals(), cp.UsageLedger(str(tmp_path / "usage.db"), clock=lambda: 86400 * 4)
+    for row in rows:
+        session.add_record(row)
+        ledger.add(row)
+    ledger.close()
+    assert ledger.totals() == session.as_dict()
+    assert (session.as_dict()["requests"], session.as_dict()["errors"]) == (6, 3)
+    assert session.as_dict()["by_model"]["c"]["errors"] == 0 and "-" in session.as_dict()["by_route"]
+
+
+def test_ledger_writes_in_batches_reads_groups_and_prunes(tmp_path):
+    clock = [86400.0 * 100]
+    ledger = cp.UsageLedger(str(tmp_path / "h" / "usage.db"), max_age_days=10, max_rows=3,
+                            clock=lambda: clock[0], interval=0.05)
+    ledger.add(usage_row(clock[0] - 86400 * 20, "old"))          # past the age limit: pruned at open
+    for i in range(4):
+        ledger.add(usage_row(clock[0] - i, "m"))
+    assert ledger.flush()
+    assert stat.S_IMODE(os.stat(ledger.path).st_mode) == 0o600
+    totals = ledger.totals()
+    assert totals["requests"] == 5 and totals["cost_usd"] == pytest.approx(5 * 2.4e-4)
+    assert ledger.totals(since=clock[0] - 1.5)["requests"] == 2
+    db = ledger._open()
+    ledger._prune(db)
+    db.close()
+    assert ledger.totals()["requests"] == 3 and "old" not in ledger.totals()["by_model"]
+    ledger.close()
+    assert not ledger._thread.is_alive() and ledger.rows_written == 5
+
+
+def test_broken_ledger_logs_one_warning_and_the_proxy_serves_on(tmp_path, caplog):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "usage.db").write_bytes(b"this is not a database" * 100)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (server, port):
+                for _ in range(3):
+                    status, _, _ = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                    assert status == 200
+                    await asyncio.get_running_loop().run_in_executor(None, server.ops.ledger.flush)
+                assert server.ops.ledger.error and server.ops.session.as_dict()["requests"] == 3
+                status, _, body = await call(port, "GET", "/v1/stats")
+                assert status == 200 and json.loads(body)["all_time"] is None
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        run(scenario())
+    assert len([r for r in caplog.records if "usage ledger" in r.getMessage()]) == 1
+
+
+def test_ledger_off_writes_nothing(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url, usage_ledger=False)) as (server, port):
+                assert server.ops.ledger is None
+                await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                _, _, body = await call(port, "GET", "/v1/stats")
+                stats = json.loads(body)
+                assert stats["session"]["requests"] == 1 and stats["all_time"] is None
+                assert stats["ledger"] == {"enabled": False}
+    run(scenario())
+    assert not (tmp_path / "home" / "usage.db").exists()
+
+
+# ---- The scripted session: every path, known usage, configured prices, stats before and after a restart
+
+SONNET_PRICES = {"input_cost_per_token": 3e-6, "output_cost_per_token": 15e-6,
+                 "cache_read_cost_per_token": 0.3e-6, "cache_write_cost_per_token": 3.75e-6}
+GPT_PRICES = {"input_cost_per_token": 2.5e-6, "output_cost_per_token": 10e-6, "cache_read_cost_per_token": 1.25e-6}
+
+
+def usage_anthropic_upstream(req):
+    """Anthropic fake with ANTHROPIC_TOKENS usage; "fail" as the last user text answers 400."""
+    if json.dumps(req["body"]["messages"][-1]).find('"fail"') >= 0:
+        return http_response(400, {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}})
+    if req["body"].get("stream"):
+        return Stream([ANTHROPIC_USAGE_STREAM])
+    return http_response(200, dict(anthropic_message(), usage={
+        "input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20}))
+
+
+def usage_openai_upstream(req):
+    """OpenAI fake with OPENAI_TOKENS usage."""
+    if req["body"].get("stream"):
+        return Stream(openai_usage_stream())
+    return http_response(200, dict(OPENAI_COMPLETION, usage=OPENAI_USAGE))
+
+
+def session_config(tmp_path, anthropic_url, openai_url):
+    """Both provider formats, a priced model on each."""
+    return make_config(tmp_path, anthropic_url, providers={"o": {"format": "openai", "base_url": openai_url + "/v1",
+                                                                 "api_key": OPENAI_PROVIDER_KEY}},
+                       models=[dict({"id": "sonnet-direct", "provider": "anthropic", "model": "claude-sonnet-4-5"},
+                                    **SONNET_PRICES),
+                               dict({"id": "gpt-up", "provider": "o", "model": "gpt-4o"}, **GPT_PRICES)])
+
+
+SESSION_CALLS = [  # (path, model, stream): every path, both ways, streaming or not
+    ("/v1/messages", "sonnet-direct", True), ("/v1/messages", "sonnet-direct", False),
+    ("/v1/messages", "gpt-up", True), ("/v1/messages", "gpt-up", False),
+    ("/v1/chat/completions", "gpt-up", True), ("/v1/chat/completions", "gpt-up", False),
+    ("/v1/chat/completions", "sonnet-direct", True), ("/v1/chat/completions", "sonnet-direct", False)]
+
+
+def expected_session_totals():
+    """What SESSION_CALLS plus one failed request must add up to."""
+    sonnet = cp.request_cost(tuple(SONNET_PRICES.values()), ANTHROPIC_TOKENS)
+    gpt = cp.request_cost((2.5e-6, 10e-6, 1.25e-6, 2.5e-6), OPENAI_TOKENS)
+    per_model = {"sonnet-direct": (5, 1, ANTHROPIC_TOKENS, 4 * sonnet), "gpt-up": (4, 0, OPENAI_TOKENS, 4 * gpt)}
+    return {model: {"requests": n, "errors": errors, "input_tokens": 4 * t[0], "output_tokens": 4 * t[1],
+                    "cache_read_input_tokens": 4 * t[2], "cache_creation_input_tokens": 4 * t[3],
+                    "reasoning_tokens": 4 * t[4], "cost_usd": pytest.approx(cost), "unpriced_requests": 0}
+            for model, (n, errors, t, cost) in per_model.items()}
+
+
+async def run_session(port):
+    """SESSION_CALLS and one request the upstream refuses."""
+    for path, model, stream in SESSION_CALLS:
+        body = dict(HELLO, model=model, stream=stream)
+        if path == "/v1/chat/completions" and stream:
+            body["stream_options"] = {"include_usage": True}
+        status, _, _ = await call(port, "POST", path, body, ANTHROPIC_HEADERS)
+        assert status == 200, (path, model, stream)
+    failing = dict(HELLO, model="sonnet-direct", messages=[{"role": "user", "content": "fail"}])
+    assert (await call(port, "POST", "/v1/messages", failing, ANTHROPIC_HEADERS))[0] == 400
+
+
+def test_stats_count_every_path_exactly_and_survive_a_restart(tmp_path):
+    want = expected_session_totals()
+
+    def check(totals):
+        assert {m: {k: totals["by_model"][m][k] for k in cp.COUNTERS} for m in want} == want
+        assert totals["requests"] == 9 and totals["errors"] == 1
+        assert totals["cost_usd"] == pytest.approx(want["sonnet-direct"]["cost_usd"].expected
+                                                   + want["gpt-up"]["cost_usd"].expected)
+        assert totals["by_route"]["model"]["requests"] == 9 and len(totals["by_day"]) == 1
+
+    async def scenario():
+        async with FakeUpstream(usage_anthropic_upstream) as a, FakeUpstream(usage_openai_upstream) as o:
+            config = session_config(tmp_path, a.url, o.url)
+            async with running_proxy(config) as (server, port):
+                await run_session(port)
+                status, _, body = await call(port, "GET", "/v1/stats")
+                stats = json.loads(body)
+                check(stats["session"])
+                check(stats["all_time"])
+                recent = server.ops.recent[-2]
+                assert recent.provider == "anthropic" and recent.upstream_model == "claude-sonnet-4-5"
+                assert recent.dialect == "openai" and recent.duration_ms > 0
+            async with running_proxy(config) as (_, port):                   # a restart
+                stats = json.loads((await call(port, "GET", "/v1/stats"))[2])
+                assert stats["session"]["requests"] == 0
+                check(stats["all_time"])
+                since = json.loads((await call(port, "GET", "/v1/stats?since=1h"))[2])
+                check(since["all_time"])
+                future = json.loads((await call(port, "GET", "/v1/stats?since=2999-01-01"))[2])
+                assert future["all_time"]["requests"] == 0
+                assert (await call(port, "GET", "/v1/stats?since=soon"))[0] == 400
+    run(scenario())
+    env = dict(os.environ, CLAUDE_PROXY_HOME=str(tmp_path / "home"))
+    cli = [sys.executable, os.path.join(HERE, "claude_proxy.py"), "stats"]
+    out = subprocess.run(cli + ["--json", "--since", "7d"], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path), timeout=30)
+    assert out.returncode == 0, out.stderr
+    check(json.loads(out.stdout))
+    table = subprocess.run(cli + ["--by", "model"], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                           timeout=30).stdout
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split()}
+    assert rows["sonnet-direct"][1:9] == ["5", "1", "40", "28", "400", "80", "0",
+                                          f"${want['sonnet-direct']['cost_usd'].expected:,.4f}"]
+    assert rows["gpt-up"][1:8] == ["4", "0", "80", "36", "120", "0", "16"]
+
+
+def test_unpriced_model_has_null_cost_and_errors_are_counted(tmp_path):
+    async def scenario():
+        async with FakeUpstream(usage_openai_upstream) as o:
+            config = make_config(tmp_path, None, providers=openai_provider(o.url), routes={"default": "o"})
+            async with running_proxy(config) as (server, port):
+                await call(port, "POST", "/v1/messages", dict(HELLO, model="local-llama"), ANTHROPIC_HEADERS)
+                stats = json.loads((await call(port, "GET", "/v1/stats"))[2])
+                assert stats["session"]["cost_usd"] is None and stats["session"]["unpriced_requests"] == 1
+                assert stats["session"]["by_route"]["default"]["input_tokens"] == 20
+    run(scenario())
+
+
+# ---- Plugins
+
+SEED_FILTER_PLUGIN = '''
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def request_hook(payload):
+    """Drop tools by name, Claude ({"name"}) or OpenAI ({"function": {"name"}}) shaped."""
+    if "tools" in payload:
+        filtered_tool_names = ["WebSearch", "NotebookEdit", "NotebookRead"]
+
+        def get_tool_name(tool):
+            if "name" in tool:
+                return tool["name"]
+            elif "function" in tool and "name" in tool["function"]:
+                return tool["function"]["name"]
+            return None
+        payload["tools"] = [t for t in payload["tools"] if get_tool_name(t) not in filtered_tool_names]
+        logger.debug("TOOL_FILTER: remaining %s", [get_tool_name(t) for t in payload["tools"]])
+    return payload
+
+
+def response_hook(payload):
+    payload["hook_applied"] = True
+    return payload
+'''
+PLUGIN_TOOLS = [{"name": n, "description": n, "input_schema": {"type": "object", "properties": {}}}
+         for n in ("Bash", "WebSearch", "NotebookEdit", "Read")]
+
+
+def upstream_tool_names(req):
+    """The tool names an upstream received, in either dialect."""
+    return [cp.tool_name(t) for t in req["body"].get("tools", [])]
+
+
+def test_seed_001_filter_tools_plugin_works_unchanged_in_both_dialects(tmp_path):
+    plugins = tmp_path / "home" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "filter_tools.py").write_text(SEED_FILTER_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as a, \
+                FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as o:
+            config = make_config(tmp_path, a.url, providers=openai_provider(o.url),
+                                 models=[{"id": "gpt-up", "provider": "o", "model": "gpt-4o"}])
+            async with running_proxy(config) as (server, port):
+                assert server.plugins.names == ["filter_tools.py"]
+                for model, upstream in (("claude-sonnet-4-5", a), ("gpt-up", o)):
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model=model, tools=PLUGIN_TOOLS),
+                                                 ANTHROPIC_HEADERS)
+                    assert status == 200 and json.loads(body)["hook_applied"] is True
+                    assert upstream_tool_names(upstream.requests[-1]) == ["Bash", "Read"]
+    run(scenario())
+
+
+def test_filter_tools_setting_in_either_dialect_logs_at_debug(tmp_path, caplog):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as a:
+            config = make_config(tmp_path, a.url, filter_tools="WebSearch, NotebookEdit")
+            async with running_proxy(config) as (_, port):
+                body = dict(HELLO, tools=PLUGIN_TOOLS, tool_choice={"type": "tool", "name": "WebSearch"})
+                await call(port, "POST", "/v1/messages", body, ANTHROPIC_HEADERS)
+                assert upstream_tool_names(a.requests[-1]) == ["Bash", "Read"]
+                assert "tool_choice" not in a.requests[-1]["body"]
+    with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
+        run(scenario())
+    assert any("filter_tools: removed NotebookEdit, WebSearch" in r.getMessage() and r.levelno == logging.DEBUG
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("payload, expected", [
+    ({"tools": [{"type": "function", "function": {"name": "WebSearch"}}], "tool_choice": "auto",
+      "parallel_tool_calls": True}, {}),
+    ({"tools": [{"type": "function", "name": "WebSearch"}, {"type": "function", "name": "Bash"}],
+      "tool_choice": {"type": "function", "name": "WebSearch"}}, {"tools": [{"type": "function", "name": "Bash"}]}),
+    ({"messages": []}, {"messages": []}),
+])
+def test_filter_tools_hook_shapes(payload, expected):
+    cp.filter_tools_hook(["WebSearch"])(payload, {"request_id": "r"})
+    assert payload == expected
+
+
+CONTEXT_PLUGIN = '''
+SEEN = []
+
+
+def request_hook(payload, context):
+    SEEN.append(context)
+    return dict(payload, metadata={"user_id": context["route"]})
+
+
+def stream_event_hook(event, context):
+    if event.get("type") == "content_block_delta":
+        event["delta"]["text"] = event["delta"]["text"].upper()
+    choices = event.get("choices") or [{}]
+    if choices[0].get("delta", {}).get("content"):
+        choices[0]["delta"]["content"] = choices[0]["delta"]["content"].upper()
+'''
+
+
+def test_hooks_with_context_and_stream_events_on_relayed_and_converted_streams(tmp_path):
+    (tmp_path / "ctx.py").write_text(CONTEXT_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream("hello"))) as a, \
+                FakeUpstream(lambda req: Stream(openai_stream_chunks("hi there"))) as o:
+            config = make_config(tmp_path, a.url, providers=openai_provider(o.url), plugins=[str(tmp_path / "ctx.py")],
+                                 models=[{"id": "gpt-up", "provider": "o", "model": "gpt-4o"}])
+            async with running_proxy(config) as (server, port):
+                texts = []
+                for model, path in (("claude-x", "/v1/messages"), ("gpt-up", "/v1/messages"),
+                                    ("claude-x", "/v1/chat/completions")):
+                    _, _, body = await call(port, "POST", path, dict(HELLO, model=model, stream=True), ANTHROPIC_HEADERS)
+                    texts.append(body)
+                assert b"HELLO" in texts[0] and b"HI THERE" in texts[1] and b"HELLO" in texts[2]
+                assert a.requests[0]["body"]["metadata"] == {"user_id": "default"}
+                assert o.requests[0]["body"]["metadata"] == {"user_id": "model"}
+    run(scenario())
+
+
+RAISING_PLUGIN = '''
+def request_hook(payload):
+    raise RuntimeError("boom")
+'''
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_a_raising_hook_fails_the_request_naming_the_plugin_in_the_clients_dialect(tmp_path, client):
+    (tmp_path / "home" / "plugins").mkdir(parents=True)
+    (tmp_path / "home" / "plugins" / "bad.py").write_text(RAISING_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as a:
+            async with running_proxy(make_config(tmp_path, a.url)) as (_, port):
+                path, body, headers = client_request(client, False)
+                status, _, raw = await call(port, "POST", path, body, headers)
+                error = json.loads(raw)["error"]
+                assert status == 500 and "plugin bad.py failed in request_hook: RuntimeError: boom" in error["message"]
+                assert ("param" in error) == (client == "openai")
+                assert (await call(port, "GET", "/health"))[0] == 200 and not a.requests
+    run(scenario())
+
+
+def test_no_plugin_means_no_hook_object_and_a_broken_plugin_is_a_config_error(tmp_path):
+    assert cp.ProxyServer(make_config(tmp_path)).plugins is None
+    (tmp_path / "broken.py").write_text("def request_hook(:\n")
+    with pytest.raises(cp.ConfigError, match=r"plugins: .*broken.py: SyntaxError"):
+        cp.load_plugins(make_config(tmp_path, plugins=[str(tmp_path / "broken.py")]))
+    with pytest.raises(cp.ConfigError, match=r"no such file"):
+        cp.load_plugins(make_config(tmp_path, plugins=[str(tmp_path / "missing.py")]))
+
+
+# ---- Hot reload
+
+def write_config(path, upstream_url, **extra):
+    """A config file routing everything to one anthropic upstream."""
+    raw = {"home": str(path.parent / "home"), "keepalive_interval": 0, "max_retries": 0, "reload_interval": 0.1,
+           "providers": {"anthropic": {"format": "anthropic", "base_url": upstream_url, "api_key": "sk-ant-api03-k123456"}}}
+    raw.update(extra)
+    path.write_text(json.dumps(raw))
+
+
+async def wait_for_generation(port, generation, timeout=2.0):
+    """Seconds until /health reports the generation (fails after timeout)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        health = json.loads((await call(port, "GET", "/health"))[2])
+        if health["config_generation"] == generation:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"generation {generation} not reached in {timeout}s")
+
+
+def test_config_edit_applies_within_2s_a_stream_in_flight_finishes_and_a_broken_edit_is_kept_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "config.json"
+    slow = Stream(anthropic_stream("old")[:3] + [("sleep", 0.8)] + anthropic_stream("old")[3:])
+
+    async def scenario():
+        async with FakeUpstream(lambda req: slow) as a, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message("new"))) as b:
+            write_config(cfg, a.url)
+            source = cp.ConfigSource(str(cfg), {})
+            async with running_proxy(source.load(), source=source) as (server, port):
+                in_flight = asyncio.ensure_future(call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS))
+                while not a.requests:
+                    await asyncio.sleep(0.01)
+                write_config(cfg, b.url)
+                took = await wait_for_generation(port, 2)
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                assert status == 200 and json.loads(body)["content"][0]["text"] == "new" and len(b.requests) == 1
+                status, _, streamed = await in_flight
+                events = sse_events(streamed)
+                assert status == 200 and events[-1][0] == "message_stop" and b'"old"' in streamed
+                assert len(a.requests) == 1 and not in_flight.exception()
+                cfg.write_text("{ not json")
+                await asyncio.sleep(0.4)
+                write_config(cfg, b.url, routes={"default": "nowhere"})
+                await asyncio.sleep(0.4)
+                health = json.loads((await call(port, "GET", "/health"))[2])
+                status_doc = json.loads((await call(port, "GET", "/status.json"))[2])
+                assert health["config_generation"] == 2
+                assert "routes.default" in status_doc["config"]["error"]["message"]
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+                assert len(b.requests) == 2
+                write_config(cfg, b.url, port=1)
+                await wait_for_generation(port, 3)
+                status_doc = json.loads((await call(port, "GET", "/status.json"))[2])
+                assert status_doc["config"]["error"] is None and status_doc["config"]["restart_needed"] == ["port"]
+                return took
+    took = run(scenario())
+    assert took < 2.0
+
+
+def test_reload_keeps_cli_overrides_and_the_original_environment_and_watches_dotenv(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = cp.ConfigSource(str(cfg), {"MAX_RETRIES": "5"}, {"log_level": "WARNING"})
+
+    async def scenario():
+        server = cp.ProxyServer(source.load(), source=source)
+        watcher = cp.ConfigWatcher(server)
+        assert not await watcher.check()
+        (tmp_path / ".env").write_text("MAX_BODY_BYTES=1234\n")
+        assert await watcher.check() and server.generation == 2
+        settings = server.config.settings
+        assert (settings["max_body_bytes"], settings["max_retries"], settings["log_level"]) == (1234, 5, "WARNING")
+        models = tmp_path / "models.json"
+        models.write_text(json.dumps([{"id": "extra", "provider": "anthropic"}]))
+        write_config(cfg, "http://127.0.0.1:9", models_file=str(models))
+        assert await watcher.check() and "extra" in server.config.models
+        models.write_text(json.dumps([{"id": "extra2", "provider": "anthropic"}]))
+        assert await watcher.check() and "extra2" in server.config.models and server.generation == 4
+        (tmp_path / ".env").write_text("MAX_BODY_BYTES=4321\n")
+        assert await cp.reload_config(server, "SIGHUP") and server.generation == 5
+        assert not await watcher.check() and server.config.settings["max_body_bytes"] == 4321
+    run(scenario())
+
+
+def test_sighup_reloads_the_serve_process(tmp_path):
+    port = free_port()
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_API_KEY", "CLAUDE_PROXY_CONFIG", "CLAUDE_PROXY_HOME")}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port),
+                             "--config", str(cfg)], stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        write_config(cfg, "http://127.0.0.1:9", reload_interval=0, log_level="INFO", max_retries=1)
+        proc.send_signal(signal.SIGHUP)
+        assert run(wait_for_generation(port, 2)) < 2.0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert b"config reloaded (SIGHUP): generation 2" in proc.stderr.read()
+
+
+# ---- Status page
+
+SECRET_KEY = "sk-ant-api03-pagesecret-0123456789"
+SECRET_TOKEN = "sk-ant-oat01-pagetoken-0123456789"
+
+
+def page_config(tmp_path, url, **raw):
+    """A config with secrets to keep out of the page: a provider key, an OpenAI key, a login."""
+    config = make_config(tmp_path, None, providers={
+        "anthropic": {"format": "anthropic", "base_url": url, "api_key": SECRET_KEY},
+        "o": {"format": "openai", "base_url": "http://user:pw@127.0.0.1:9/v1", "api_key_env": "O_KEY",
+              "auth": "api_key"}},
+        models=[{"id": "gpt-up", "provider": "o", "model": "gpt-4o"}], routes={"default": "anthropic", "haiku": "gpt-up"},
+        **raw)
+    cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
+        {"access_token": SECRET_TOKEN, "refresh_token": "sk-ant-ort01-pagerefresh", "expires_at": time.time() + 7200,
+         "scope": "user:inference", "source": "login"})
+    return config
+
+
+HTML = {"accept": "text/html,application/xhtml+xml"}
+
+
+def test_status_page_and_json_for_a_loopback_browser_without_secrets(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(page_config(tmp_path, up.url)) as (server, port):
+                await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                status, headers, page = await call(port, "GET", "/", headers=HTML)
+                assert status == 200 and headers["content-type"].startswith("text/html")
+                assert "default-src 'none'" in headers["content-security-policy"] and b"<svg" not in page[:100]
+                assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")   # no external asset
+                status, _, plain = await call(port, "GET", "/")
+                assert status == 200 and json.loads(plain)["name"] == "claude_proxy"
+                status, _, raw = await call(port, "GET", "/status.json")
+                doc = json.loads(raw)
+                assert status == 200 and doc["login"]["logged_in"] and doc["config"]["generation"] == 1
+                assert [r["route"] for r in doc["routes"]] == ["default", "haiku", "model gpt-up"]
+                creds = {p["name"]: p["credential"] for p in doc["providers"]}
+                assert creds == {"anthropic": "Claude login (auth auto)", "o": "API key missing ($O_KEY is not set)"}
+                assert doc["providers"][1]["base_url"] == "http://127.0.0.1:9/v1"
+                assert doc["recent"][0]["requested_model"] == "claude-sonnet-4-5" and doc["usage"]["source"] == "ledger"
+                for secret in (SECRET_KEY, SECRET_TOKEN, "sk-ant-ort01", "pw@"):
+                    assert secret.encode() not in raw + page
+    run(scenario())
+
+
+@pytest.mark.parametrize("headers", [{"host": "evil.example:8082"}, {"origin": "http://evil.example"},
+                                     {"origin": "null"}])
+def test_status_page_refuses_foreign_host_or_origin(tmp_path, headers):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            for path, extra in (("/", HTML), ("/status.json", {})):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                head = {"host": f"127.0.0.1:{port}", "connection": "close", **extra, **headers}
+                writer.write((f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n").encode())
+                status, _, _ = parse_http(await reader.read())
+                writer.close()
+                assert status == 403, path
+    run(scenario())
+
+
+def test_exposed_status_page_needs_the_key_then_a_cookie_not_the_key(tmp_path):
+    key = "proxy-key-0123456789"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key=key)) as (server, port):
+            assert (await call(port, "GET", "/status.json"))[0] == 401
+            assert (await call(port, "GET", "/", headers=HTML))[0] == 200        # the shell: no data in it
+            status, headers, _ = await call(port, "POST", "/", raw=b"key=wrong", headers={"content-type": "application/x-www-form-urlencoded"})
+            assert status == 303 and headers["location"] == "/#wrong-key" and "set-cookie" not in headers
+            status, headers, _ = await call(port, "POST", "/", raw=f"key={key}".encode())
+            cookie = headers["set-cookie"]
+            assert status == 303 and "HttpOnly" in cookie and "SameSite=Strict" in cookie and key not in cookie
+            status, _, raw = await call(port, "GET", "/status.json", headers={"cookie": cookie.split(";")[0]})
+            assert status == 200 and key.encode() not in raw
+            status, headers, _ = await call(port, "GET", f"/?key={key}", headers=HTML)
+            assert status == 303 and headers["set-cookie"] == cookie
+            assert (await call(port, "GET", "/status.json", headers={"x-api-key": key}))[0] == 200
+            assert (await call(port, "GET", "/status.json", headers={"cookie": "claude_proxy_page=forged"}))[0] == 401
+        server = cp.ProxyServer(make_config(tmp_path))
+        remote = cp.Exchange(server, cp.Request("GET", "/status.json", {"host": "10.0.0.5:8082"}, b"", "10.0.0.9"), None)
+        with pytest.raises(cp.PermissionDenied, match="loopback"):
+            cp.check_page_access(remote)
+    run(scenario())
+
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+async def run_chromium(tmp_path, url, *args):
+    """Headless chromium on one URL; its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1200,900", "--virtual-time-budget=5000",
+        *args, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode("utf-8", "replace")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_status_page_renders_in_headless_chromium(tmp_path):
+    shot = os.environ.get("CLAUDE_PROXY_SCREENSHOT") or str(tmp_path / "status_page.png")
+
+    async def scenario():
+        async with FakeUpstream(usage_anthropic_upstream) as a, FakeUpstream(usage_openai_upstream) as o:
+            config = session_config(tmp_path, a.url, o.url)
+            cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(
+                {"access_token": SECRET_TOKEN, "refresh_token": None, "expires_at": time.time() + 7200,
+                 "scope": "user:inference", "source": "login"})
+            async with running_proxy(config) as (server, port):
+                await run_session(port)
+                server.ops.provider_errors["o"] = {"at": cp.iso_time(time.time()), "status": 529,
+                                                   "type": "overloaded_error", "message": "Overloaded"}
+                url = f"http://127.0.0.1:{port}/"
+                dom = await run_chromium(tmp_path, url, "--dump-dom")
+                await run_chromium(tmp_path, url, f"--screenshot={shot}")
+                return dom
+    dom = run(scenario())
+    assert "<b>logged in</b>" in dom and "sonnet-direct" in dom and "gpt-up" in dom and "default" in dom
+    assert "API key in the config" in dom and "Claude login (auth auto)" in dom and "Overloaded" in dom
+    assert dom.count("<rect") >= 6 and "invalid_request_error" in dom          # charts drawn; the failed request listed
+    assert SECRET_TOKEN not in dom and "sk-ant-api03" not in dom
+    assert os.path.getsize(shot) > 10000
+    print(f"\nstatus page screenshot: {shot}")
+
+
+# ---- Doctor, test_connection, test_conversion
+
+async def openssl_server(tmp_path):
+    """A loopback TLS server with a self-signed localhost certificate (None without openssl)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+
+    async def handle(reader, writer):
+        await reader.read(1)
+        writer.close()
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context), cert
+
+
+def doctor_upstream(req):
+    """Answers the doctor: model lists (401 for the wrong key), and 1-token requests."""
+    key = req["headers"].get("x-api-key") or req["headers"].get("authorization", "")
+    if "wrong" in key:
+        return http_response(401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+    if req["method"] == "GET":
+        return http_response(200, {"data": []})
+    return http_response(200, anthropic_message() if req["path"].endswith("/messages") else OPENAI_COMPLETION)
+
+
+
+def test_doctor_checks_each_provider_step_by_step(tmp_path):
+    async def scenario():
+        tls, cert = await openssl_server(tmp_path)
+        async with FakeUpstream(doctor_upstream) as up:
+            providers = {
+                "anthropic": {"format": "anthropic", "base_url": up.url, "api_key": "sk-ant-api03-good-123456"},
+                "oai": {"format": "openai", "base_url": up.url + "/v1", "api_key": "k-good-1234567"},
+                "wrongkey": {"format": "openai", "base_url": up.url + "/v1", "api_key": "k-wrong-1234567"},
+                "nokey": {"format": "openai", "base_url": up.url + "/v1", "api_key_env": "NOPE_KEY", "auth": "api_key"},
+                "nodns": {"format": "openai", "base_url": "http://nonexistent.invalid/v1", "api_key": "k-1234567890"},
+                "closed": {"format": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "api_key": "k-1234567890"},
+                "unused": {"format": "openai", "base_url": "http://nonexistent.invalid/v1"}}
+            if tls:
+                providers["tls"] = {"format": "openai", "base_url": f"https://localhost:{tls.sockets[0].getsockname()[1]}/v1",
+                                    "api_key": "k-1234567890"}
+            models = [{"id": name, "provider": name, "model": "m"} for name in providers if name not in ("anthropic", "unused")]
+            config = make_config(tmp_path, None, providers=providers, models=models)
+            async with running_proxy(config) as (server, port):
+                checks = await cp.run_doctor(cp.doctor_exchange(server))
+                status, _, raw = await call(port, "GET", "/test-connection")
+                deep = await cp.run_doctor(cp.doctor_exchange(server), deep=True)
+            if tls:
+                tls.close()
+            return checks, status, json.loads(raw), deep, bool(tls)
+    checks, status, answer, deep, with_tls = run(scenario())
+    by = {(c["provider"], c["check"]): c for c in checks}
+    assert [c["check"] for c in checks if c["provider"] == "anthropic"] == ["dns", "tcp", "credentials"]
+    assert by[("anthropic", "credentials")]["status"] == "ok" and by[("oai", "credentials")]["status"] == "ok"
+    assert by[("wrongkey", "credentials")]["status"] == "fail" and "401" in by[("wrongkey", "credentials")]["detail"]
+    assert by[("nokey", "credentials")]["fix"] == "set $NOPE_KEY"
+    assert by[("nodns", "dns")]["status"] == "fail" and ("nodns", "tcp") not in by
+    assert by[("closed", "tcp")]["status"] == "fail" and "HTTPS_PROXY" in by[("nodns", "dns")]["fix"]
+    assert not any(c["provider"] == "unused" for c in checks)
+    assert by[("claude", "login")]["status"] == "skip"
+    if with_tls:
+        assert by[("tls", "tls")]["status"] == "fail" and "CA_BUNDLE" in by[("tls", "tls")]["fix"]
+        assert "certificate not trusted" in by[("tls", "tls")]["detail"]
+    assert status == 503 and answer["ok"] is False and len(answer["checks"]) == len(checks)
+    assert {(c["provider"], c["status"]) for c in deep if c["check"] == "request"} == {("anthropic", "ok"), ("oai", "ok"),
+                                                                                      ("wrongkey", "fail")}
+    line = cp.format_check(by[("closed", "tcp")])
+    assert line.startswith("FAIL closed") and "-> fix:" in line
+
+
+def test_doctor_trusts_a_ca_bundle_and_the_cli_exits_nonzero_on_failure(tmp_path):
+    async def scenario():
+        tls, cert = await openssl_server(tmp_path)
+        if tls is None:
+            pytest.skip("no openssl to make a certificate")
+        provider = {"format": "openai", "base_url": f"https://localhost:{tls.sockets[0].getsockname()[1]}/v1", "auth": "none"}
+        server = cp.ProxyServer(make_config(tmp_path, None, providers={"tls": provider}, routes={"default": "tls"},
+                                            ca_bundle=str(cert)))
+        checks = await cp.check_provider(cp.doctor_exchange(server), server.config.providers["tls"], False)
+        tls.close()
+        return checks
+    checks = run(scenario())
+    assert checks[2]["check"] == "tls" and checks[2]["status"] == "ok" and "certificate verified" in checks[2]["detail"]
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"home": str(tmp_path / "h"), "providers": {
+        "x": {"format": "openai", "base_url": "http://nonexistent.invalid/v1", "auth": "none"}}, "routes": {"default": "x"}}))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "doctor", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert out.returncode == 1 and out.stdout.startswith("FAIL x") and "1 failed" in out.stdout
+
+
+def test_doctor_login_check_when_a_provider_needs_the_login(tmp_path):
+    config = make_config(tmp_path, None, providers={"c": {"format": "anthropic", "base_url": "http://127.0.0.1:9",
+                                                          "auth": "oauth"}}, routes={"default": "c"})
+    check = cp.check_login(cp.doctor_exchange(cp.ProxyServer(config)))
+    assert check["status"] == "fail" and "login" in check["fix"]
+
+
+def test_test_conversion_dry_run_shows_the_upstream_request_redacted(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as o, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message())) as a:
+            config = make_config(tmp_path, a.url, providers=openai_provider(o.url), filter_tools=["WebSearch"],
+                                 models=[{"id": "gpt-up", "provider": "o", "model": "gpt-4o"}],
+                                 routes={"default": "anthropic"})
+            async with running_proxy(config) as (server, port):
+                body = dict(HELLO, model="gpt-up", tools=PLUGIN_TOOLS[:2])
+                status, _, raw = await call(port, "POST", "/v1/messages/test_conversion?dry_run=1", body, ANTHROPIC_HEADERS)
+                dry = json.loads(raw)
+                assert status == 200 and dry["url"] == o.url + "/v1/chat/completions" and not o.requests
+                assert dry["headers"]["authorization"] == "Bearer (redacted)" and OPENAI_PROVIDER_KEY.encode() not in raw
+                assert dry["body"]["model"] == "gpt-4o" and dry["body"]["messages"] == [{"role": "user", "content": "hi"}]
+                assert [t["function"]["name"] for t in dry["body"]["tools"]] == ["Bash"]
+                status, _, raw = await call(port, "POST", "/v1/messages/test_conversion?dry_run=1",
+                                            dict(HELLO, model="anthropic,claude-opus-4-5"), ANTHROPIC_HEADERS)
+                dry = json.loads(raw)
+                assert dry["headers"]["x-api-key"] == "sk-ant...(redacted)" and dry["body"]["model"] == "claude-opus-4-5"
+                status, _, raw = await call(port, "POST", "/v1/messages/test_conversion",
+                                            dict(HELLO, model="o,gpt-4.1"), ANTHROPIC_HEADERS)
+                assert status == 200 and json.loads(raw)["content"][0]["text"] == "Hi"
+                assert o.requests[-1]["body"]["model"] == "gpt-4.1" and server.ops.recent[-1].route == "test_conversion"
+                status, _, raw = await call(port, "POST", "/v1/messages/test_conversion", dict(HELLO, model="claude-haiku"),
+                                            ANTHROPIC_HEADERS)
+                assert status == 404 and "provider,model" in json.loads(raw)["error"]["message"]
+    run(scenario())
+
+
+# ---- Menu
+
+def test_menu_reads_numbered_choices_from_stdin(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_OAUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")}
+    env.update(CLAUDE_PROXY_HOME=str(tmp_path / "h"), CLAUDE_PROXY_PORT=str(free_port()))
+    cp.TokenStore(str(tmp_path / "h" / "oauth_token.json")).save(
+        {"access_token": "sk-ant-oat01-menu-0123456789", "refresh_token": None, "expires_at": None,
+         "scope": "user:inference", "source": "long_lived"})
+    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "menu"], input="4\n5\n9\n6\n4\n0\n",
+                         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.count("1) start the proxy") == 6 and '"logged_in": true' in text and "not running" in text
+    assert "no requests recorded" in text and "unknown choice '9'" in text and "Logged out" in text
+    assert text.index("Logged out") < text.rindex('"logged_in": false') and "sk-ant-oat01-menu" not in text
+
+
+# =============================================================================================
 # Hardening: fault matrix, bad input, access, secrets, fuzz, load
 # =============================================================================================
 
@@ -6052,7 +6945,7 @@ async def call_raw(port, method, path, body=None, headers=None, raw=None, extra_
     """Like call(), but also returns the raw response bytes (to check chunked framing)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
-    head = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close", f"content-length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", f"host: 127.0.0.1:{port}", "connection: close", f"content-length: {len(data)}"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()] + list(extra_head)
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     await writer.drain()
@@ -8080,13 +8973,13 @@ class _BenchProcs:
         with open(self.config_path, "w") as fh:
             json.dump(config, fh)
 
-    def start_proxy(self, profile_out: str = None) -> float:
+    def start_proxy(self, profile_out: str = None, **extra_env: str) -> float:
         """Spawn the proxy; seconds from spawn to the first /health 200."""
         self.proxy_port = _bench_free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("LOG_LEVEL", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
                             "ANTHROPIC_API_KEY", "OPENAI_API_KEY", "PROXY_API_KEY", "CLAUDE_PROXY_CONFIG")}
-        env.update(CLAUDE_PROXY_HOME=os.path.join(self.tmp, "home"), LOG_LEVEL="WARNING")
+        env.update(CLAUDE_PROXY_HOME=os.path.join(self.tmp, "home"), LOG_LEVEL="WARNING", **extra_env)
         prefix = [sys.executable] + (["-m", "cProfile", "-o", profile_out] if profile_out else [])
         cmd = prefix + [_bench_script(), "serve", "--port", str(self.proxy_port), "--config", self.config_path]
         t0 = time.perf_counter()
@@ -8379,6 +9272,64 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
     return rows
 
 
+LEDGER_SCENARIOS = (("non-stream passthrough", "pass", "anth-1", False, {"concurrency": 16, "count": 2000, "warm": 32}),
+                    ("50-chunk stream passthrough", "pass", "anth-50", True, {"concurrency": 1, "count": 200, "warm": 5}),
+                    ("non-stream o2a", "o2a", "oai-1", False, {"concurrency": 16, "count": 2000, "warm": 32}))
+
+
+async def _bench_ledger(procs: _BenchProcs, rounds: int = 3) -> list:
+    """The ledger's price: the same requests with USAGE_LEDGER on and off, the proxy restarted for
+    each, alternating `rounds` times; rows for the table with the median CPU per request."""
+    results: dict = {}
+    for ledger in ("true", "false") * rounds:
+        procs.stop_proxy()
+        procs.start_proxy(USAGE_LEDGER=ledger)
+        b = _Bench(procs)
+        for label, kind, model, stream, kw in LEDGER_SCENARIOS:
+            results.setdefault((label, ledger), []).append(
+                await b.measure(kind, model, stream, direct=False, runs=1, **kw))
+        if b.stats_conn:
+            b.stats_conn.close()
+    rows = []
+    for (label, ledger), runs in results.items():
+        r = dict(runs[0], cpu_req_us=statistics.median(x["cpu_req_us"] for x in runs),
+                 errors=[e for x in runs for e in x["errors"]])
+        rows.append({"name": f"ledger {'on ' if ledger == 'true' else 'off'}: {label}", "conc": _bench_ledger_concurrency(label),
+                     **r, "target": "us/req: ledger on vs off", "verdict": "", "extra": ""})
+    return rows
+
+
+def _bench_ledger_concurrency(label: str) -> int:
+    """The concurrency of a LEDGER_SCENARIOS row."""
+    return next(kw["concurrency"] for name, _, _, _, kw in LEDGER_SCENARIOS if name == label)
+
+
+def _bench_ledger_micro(tmp: str, n: int = 20000) -> str:
+    """CPU of Operations.request_done on the event loop's thread, with the ledger on and off, and
+    the writer thread's CPU per row."""
+    import types
+    lines = []
+    for on in (False, True):
+        config = cp.parse_config({"home": os.path.join(tmp, f"micro-{on}"), "usage_ledger": on}, {})
+        server = cp.ProxyServer(config)
+        x = cp.Exchange(server, cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"),
+                        types.SimpleNamespace(status=200))
+        x.target = cp.resolve_target(config, "claude-sonnet-4-5")
+        x.meter.requested = "claude-sonnet-4-5"
+        x.meter.take({"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 100})
+        t0, p0 = time.thread_time(), time.process_time()
+        for _ in range(n):
+            server.ops.request_done(x, time.monotonic())
+        on_loop = (time.thread_time() - t0) / n * 1e6
+        if server.ops.ledger is not None:
+            server.ops.ledger.flush(120)
+            server.ops.ledger.close()
+        total = (time.process_time() - p0) / n * 1e6
+        lines.append(f"ledger {'on ' if on else 'off'}: request_done {on_loop:.1f} us/request on the loop's thread, "
+                     f"{total:.1f} us/request with the writer thread ({n} requests)")
+    return "\n".join(lines)
+
+
 def _bench_table(rows: list, startup: dict, peak: float) -> str:
     head = (f"{'scenario':38} {'c':>3} {'n':>5} {'p50ms':>8} {'p99ms':>8} {'dir50':>8} {'added':>7} "
             f"{'req/s':>7} {'dir r/s':>7} {'us/chk':>7} {'marg':>6} {'us/req':>7} {'RSSpk':>6} {'err':>4} "
@@ -8463,10 +9414,12 @@ def test_benchmark(request):
             rows = asyncio.run(_bench_scenarios(procs))
             peak = max([_bench_status(procs.proxy.pid, "VmHWM")] +
                        [r["rss_peak"] for r in rows if r["rss_peak"] == r["rss_peak"]])
+            rows += asyncio.run(_bench_ledger(procs))
             procs.stop_proxy()
             table = _bench_table(rows, startup, peak)
             print("\n\nclaude_proxy benchmark (proxy pinned to cpu %s; fake+client on %s; medians of 3 runs)\n"
                   % (procs.cpus[:1] or "-", procs.cpus[1:] or "-") + table)
+            print("\n" + _bench_ledger_micro(tmp))
             if os.environ.get("CLAUDE_PROXY_BENCH_PROFILE"):
                 out_dir = os.environ["CLAUDE_PROXY_BENCH_PROFILE"]
                 os.makedirs(out_dir, exist_ok=True)
@@ -8664,6 +9617,13 @@ def test_cli_import_status_logout_and_token(tmp_path):
     assert '"logged_in": false' in cli("logout") and not store.exists()
     cli("login", "--token", "sk-ant-oat01-longlived-abc")
     assert '"source": "long_lived"' in cli("status")
+    assert "There was no saved Claude login" not in cli("logout")
+    assert "There was no saved Claude login to remove" in cli("logout")
+    for wrong in ("notatoken", "sk-ant-api03-abcdefghijklmnop"):
+        refused = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "login", "--token", wrong],
+                                 capture_output=True, text=True, env=env, timeout=30)
+        assert refused.returncode == 1 and "not a Claude subscription token" in refused.stderr
+        assert "Traceback" not in refused.stderr and not store.exists()
 
 
 
