@@ -14,9 +14,9 @@ Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browse
 Tests:  python -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
-   1. Constants          every tunable in one DEFAULT_* block
+   1. Constants          every tunable in one DEFAULT_* block; the Claude model table
    2. Errors             one ProxyError tree; each error knows its HTTP status and API type
-   3. Utilities          ids, JSON, redaction of secrets
+   3. Utilities          ids, JSON, redaction of secrets, model_facts() over the model table
    4. Config             defaults < JSON file < .env < environment < CLI, one pure parse
    5. HTTP wire format   sans-IO parsing and formatting of HTTP/1.1 heads and chunks
    6. SSE                sans-IO incremental decoder and the one encoder
@@ -24,10 +24,11 @@ Sections, leaves first, so nothing refers forward:
    8. Upstream client    keep-alive pool, TLS, CONNECT proxies, idle timeouts
    9. Converters         Anthropic <-> OpenAI requests, stream state machines, folds
                          (9a Anthropic client -> OpenAI, 9b OpenAI client -> Claude,
-                          9c Responses client -> Claude, Anthropic Messages the hub)
+                          9c Responses client -> Claude, Anthropic Messages the hub); notes of
+                         every dropped field; thinking signatures across routes
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
   11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error
-                         rendering, the usage meter
+                         rendering, the usage meter, the models listing
   12. Operations         usage ledger and cost, stats, plugins, hot reload, doctor, status page
   13. Server             connection loop, keep-alive, limits, graceful shutdown
   14. CLI                argparse entry point, stats / doctor / menu
@@ -150,6 +151,75 @@ RELAYED_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
 OAUTH_KEYS = ("client_id", "authorize_url", "token_url", "redirect_uri", "scope", "long_lived_scope")
 RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
+MODELS_TTL = 300.0                   # seconds a provider's own /v1/models list is reused
+MODELS_FETCH_TIMEOUT = 5.0           # a provider's /v1/models may delay a listing this long
+
+# ---- Model facts ----------------------------------------------------------------------------
+# Every fact the proxy needs about a Claude model lives in MODEL_TABLE; code asks model_facts()
+# (section 3) and never reads a model name itself. Rows are in release order, as Claude Code
+# 2.1.332's own model catalog and release list have them (PROTOCOLS B.2, H.1, H.2). A name that
+# is not in the table behaves like the oldest row of its family released after it, else like
+# the newest row of its family, else (an unknown family) like the newest row of all: an unknown
+# future id gets the newest rules, never the oldest. A config `models[]` entry overrides any
+# column (`max_tokens` overrides `output`); names that are no Claude id at all (`deepseek-chat`,
+# `gpt-5`) get GENERIC_MODEL_FACTS. Columns:
+#   family, version  what the id names; the lookup key
+#   output           largest max_tokens the model accepts
+#   context          context window without betas; one_m: the context-1m beta is accepted
+#   thinking         how thinking is asked for: "adaptive" (thinking.type adaptive plus
+#                    output_config.effort), "budget" (thinking.budget_tokens) or "none"
+#   efforts          output_config.effort values accepted (() where the model has no effort)
+#   sampling         temperature/top_p/top_k: "any"; "exclusive" (temperature and top_p not
+#                    together); "none" (rejected, even at their defaults)
+#   mid_system       role "system" messages inside `messages` accepted (with the beta)
+#   listed           a current model, listed by GET /v1/models
+EFFORT_ORDER = ("none", "minimal", "low", "medium", "high", "xhigh", "max")   # also every value
+# the openai SDK types allow for reasoning_effort: the default effort list of openai-format models
+EFFORTS_ALL = ("low", "medium", "high", "xhigh", "max")
+EFFORTS_NO_XHIGH = ("low", "medium", "high", "max")
+MODEL_COLUMNS = ("id", "family", "version", "display_name", "output", "context", "one_m", "thinking",
+                 "efforts", "sampling", "mid_system", "listed")
+MODEL_TABLE: Tuple[tuple, ...] = (
+    # id                  family    version  display name          output  context  1M    thinking   efforts           sampling     mid-sys listed
+    ("claude-3-5-haiku", "haiku", (3, 5), "Claude Haiku 3.5", 8192, 200000, False, "none", (), "any", False, False),
+    ("claude-3-5-sonnet", "sonnet", (3, 5), "Claude Sonnet 3.5", 8192, 200000, False, "none", (), "any", False, False),
+    ("claude-3-7-sonnet", "sonnet", (3, 7), "Claude Sonnet 3.7", 64000, 200000, False, "budget", (), "any", False, False),
+    ("claude-opus-4-0", "opus", (4, 0), "Claude Opus 4", 32000, 200000, False, "budget", (), "any", False, False),
+    ("claude-sonnet-4-0", "sonnet", (4, 0), "Claude Sonnet 4", 64000, 200000, True, "budget", (), "any", False, False),
+    ("claude-opus-4-1", "opus", (4, 1), "Claude Opus 4.1", 32000, 200000, False, "budget", (), "exclusive", False, False),
+    ("claude-sonnet-4-5", "sonnet", (4, 5), "Claude Sonnet 4.5", 64000, 200000, True, "budget", (), "exclusive", False, True),
+    ("claude-haiku-4-5", "haiku", (4, 5), "Claude Haiku 4.5", 64000, 200000, False, "budget", (), "exclusive", False, True),
+    ("claude-opus-4-5", "opus", (4, 5), "Claude Opus 4.5", 64000, 200000, False, "budget", (), "exclusive", False, True),
+    ("claude-opus-4-6", "opus", (4, 6), "Claude Opus 4.6", 128000, 200000, True, "budget", EFFORTS_NO_XHIGH, "exclusive", False, True),
+    ("claude-sonnet-4-6", "sonnet", (4, 6), "Claude Sonnet 4.6", 128000, 200000, True, "budget", EFFORTS_NO_XHIGH, "exclusive", False, True),
+    ("claude-opus-4-7", "opus", (4, 7), "Claude Opus 4.7", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", False, True),
+    ("claude-opus-4-8", "opus", (4, 8), "Claude Opus 4.8", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-mythos-5", "mythos", (5, 0), "Claude Mythos 5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-fable-5", "fable", (5, 0), "Claude Fable 5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-sonnet-5", "sonnet", (5, 0), "Claude Sonnet 5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-opus-5", "opus", (5, 0), "Claude Opus 5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-mythos-5-1", "mythos", (5, 1), "Claude Mythos 5.1", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-fable-5-1", "fable", (5, 1), "Claude Fable 5.1", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-opus-5-5", "opus", (5, 5), "Claude Opus 5.5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-sonnet-5-5", "sonnet", (5, 5), "Claude Sonnet 5.5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-haiku-5-5", "haiku", (5, 5), "Claude Haiku 5.5", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-mythos-5-2", "mythos", (5, 2), "Claude Mythos 5.2", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+    ("claude-fable-5-2", "fable", (5, 2), "Claude Fable 5.2", 128000, 1000000, True, "adaptive", EFFORTS_ALL, "none", True, True),
+)
+# Facts of a name that is no Claude id: no clamp, budget thinking, sampling accepted, efforts
+# as the dialect allows (None), mid-conversation system as the provider says (None).
+GENERIC_MODEL_FACTS: Dict[str, Any] = {
+    "id": None, "family": None, "version": None, "display_name": None, "output": None, "context": None,
+    "one_m": False, "thinking": "budget", "efforts": None, "sampling": "any", "mid_system": None, "listed": False}
+# Short names -> the id they stand for (Claude Code's tier names, Anthropic's undated aliases).
+# The config's model aliases extend this table.
+MODEL_ALIASES: Dict[str, str] = {
+    "opus": "claude-opus-5-5", "sonnet": "claude-sonnet-5-5", "haiku": "claude-haiku-5-5",
+    "fable": "claude-fable-5-2", "mythos": "claude-mythos-5-2",
+    "claude-opus-4": "claude-opus-4-0", "claude-sonnet-4": "claude-sonnet-4-0"}
+# Model spec key (config models[]) -> the fact it overrides.
+FACT_OVERRIDES = {"max_tokens": "output", "context": "context", "one_m": "one_m", "thinking": "thinking",
+                  "efforts": "efforts", "sampling": "sampling", "mid_system": "mid_system"}
 
 # List prices in USD per million tokens: (input, output, cache read, cache write), as published
 # by each vendor on PRICES_AS_OF. A row's pattern is matched at the start of the upstream model
@@ -510,6 +580,55 @@ def is_loopback(host: str) -> bool:
     host = host.strip("[]")
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
+# ---- model facts (the table is in section 1) ------------------------------------------------
+
+_CLAUDE_ID = re.compile(r"claude-(?:(?P<fam>[a-z]+)-(?P<major>\d{1,2})(?!\d)(?:-(?P<minor>\d{1,2})(?!\d))?"
+                        r"|(?P<lmajor>\d{1,2})(?!\d)(?:-(?P<lminor>\d{1,2})(?!\d))?-(?P<lfam>[a-z]+))")
+
+
+def canonical_model_name(name: str, aliases: Mapping[str, str] = MODEL_ALIASES) -> str:
+    """A model name as the table spells it: lower case, no vendor prefix, no [1m], dashes, alias resolved."""
+    name = name.strip().lower().rsplit("/", 1)[-1].replace("[1m]", "")
+    name = name.split("anthropic.", 1)[-1]                     # Bedrock: us.anthropic.claude-...
+    name = re.sub(r"(claude-(?:[a-z]+-)?\d{1,2})\.(?=\d)", r"\1-", name)   # claude-opus-4.8
+    return aliases.get(name, name)
+
+
+def claude_id_parts(name: str) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """(family, (major, minor)) of a Claude model name in any spelling, or None."""
+    m = _CLAUDE_ID.search(canonical_model_name(name))
+    if not m:
+        return None
+    if m.group("fam"):
+        return m.group("fam"), (int(m.group("major")), int(m.group("minor") or 0))
+    return m.group("lfam"), (int(m.group("lmajor")), int(m.group("lminor") or 0))
+
+
+def _table_row(family: str, version: Tuple[int, int]) -> tuple:
+    """The row a (family, version) follows: itself, the next one of its family, its family's newest, the newest."""
+    same = [row for row in MODEL_TABLE if row[1] == family]
+    later = [row for row in same if row[2] >= version]
+    return later[0] if later else same[-1] if same else MODEL_TABLE[-1]
+
+
+def model_facts(name: str, spec: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Facts of a model (MODEL_COLUMNS keys) from MODEL_TABLE, a config spec's keys overriding."""
+    parts = claude_id_parts(name) if isinstance(name, str) else None
+    facts = dict(zip(MODEL_COLUMNS, _table_row(*parts))) if parts else dict(GENERIC_MODEL_FACTS)
+    for key, fact in FACT_OVERRIDES.items():
+        if spec and spec.get(key) is not None:
+            facts[fact] = spec[key]
+    return facts
+
+
+def fold_effort(effort: str, accepted: Iterable[str]) -> str:
+    """The effort itself when accepted, else the highest accepted one below it, else the lowest accepted."""
+    accepted = [e for e in EFFORT_ORDER if e in accepted]
+    if effort in accepted or not accepted:
+        return effort
+    below = [e for e in accepted if EFFORT_ORDER.index(e) < EFFORT_ORDER.index(effort)]
+    return below[-1] if below else accepted[0]
+
 # =============================================================================================
 # 4. Config
 #
@@ -529,9 +648,15 @@ MODEL_DEFAULTS: Dict[str, Any] = {
     "min_tokens": None, "max_input_tokens": None, "can_stream": True, "thinking_effort": None,
     "input_cost_per_token": None, "output_cost_per_token": None,
     "cache_read_cost_per_token": None, "cache_write_cost_per_token": None,
+    "efforts": None, "sampling": None, "one_m": None, "mid_system": None, "prompt_cache_key": None,
 }
+# Model keys that override a model-table fact or a provider default; None = not set.
+MODEL_CHOICES = {"thinking": ("budget", "adaptive", "none"), "sampling": ("any", "exclusive", "none"),
+                 "schema": ("gemini",)}
+MODEL_FLAGS = ("one_m", "mid_system", "prompt_cache_key")
 PROVIDER_KEYS = frozenset({"format", "base_url", "api_key", "api_key_env", "auth", "headers",
-                           "azure", "api_version"})
+                           "azure", "api_version", "responses", "mid_system", "prompt_cache_key",
+                           "replay_reasoning", "tag_signatures", "anthropic_version"})
 CUSTOM_MODEL_KEYS = frozenset({"id", "base_url", "api_key", "context_length", "max_completion_tokens",
                                "supports_reasoning", "owned_by", "vision", "supports_vision"})
 CONFIG_SECTIONS = frozenset({"providers", "models", "routes", "oauth", "custom_models", "aliases",
@@ -541,6 +666,13 @@ SEED_KEY_HINTS = {"model_name": "model", "model_id": "id", "api_base": "base_url
                   "api_key_name": "api_key_env (on its provider)", "extra_headers": "headers",
                   "direct": "a provider with \"format\": \"anthropic\""}
 BUILTIN_PROVIDER = {"format": "anthropic", "api_key_env": "ANTHROPIC_API_KEY", "auth": "auto"}
+# Provider defaults by upstream host; the provider's own key wins (README "Providers").
+REPLAY_REASONING_HOSTS = ("api.deepseek.com", "api.moonshot.ai", "api.moonshot.cn", "open.bigmodel.cn",
+                          "api.z.ai")      # thinking modes that 400 a tool-call turn without its reasoning
+REPLAY_REASONING_MODELS = ("deepseek", "kimi", "moonshot", "glm")   # the same, by model name (OpenRouter...)
+PROMPT_CACHE_KEY_HOSTS = ("api.openai.com",)
+NATIVE_SIGNATURE_HOSTS = ("api.anthropic.com",)   # besides the built-in provider: Anthropic signs here
+PROVIDER_FLAGS = ("mid_system", "prompt_cache_key", "tag_signatures")
 
 
 class Config:
@@ -895,11 +1027,36 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     if not isinstance(responses, bool) or (responses and fmt != "openai"):
         raise ConfigError(f"{path}.responses: expected true or false (true only on an openai-format provider)")
     key_from = ("config" if raw.get("api_key") else "env") if api_key else None
-    return {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
-            "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
-            "api_key_env": raw.get("api_key_env"), "api_key_from": key_from,
-            "oauth_trusted": oauth_host_trusted(base_url), "azure": azure,
-            "api_version": raw.get("api_version"), "responses": responses}
+    provider = {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
+                "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
+                "api_key_env": raw.get("api_key_env"), "api_key_from": key_from,
+                "oauth_trusted": oauth_host_trusted(base_url), "azure": azure,
+                "api_version": raw.get("api_version"), "responses": responses}
+    return dict(provider, **provider_dialect_options(path, raw, provider))
+
+
+def provider_dialect_options(path: str, raw: dict, provider: dict) -> dict:
+    """The per-provider switches, defaulted by host (README "Providers"), each validated."""
+    host = urllib.parse.urlsplit(provider["base_url"]).hostname or ""
+    native = provider["name"] == "anthropic" or host in NATIVE_SIGNATURE_HOSTS
+    options = {"mid_system": False, "prompt_cache_key": host in PROMPT_CACHE_KEY_HOSTS,
+               "tag_signatures": provider["format"] == "anthropic" and not native,
+               "replay_reasoning": "reasoning_content" if host in REPLAY_REASONING_HOSTS else None,
+               "anthropic_version": ANTHROPIC_VERSION}
+    for key in PROVIDER_FLAGS:
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            raise ConfigError(f"{path}.{key}: expected true or false")
+    if raw.get("anthropic_version") is not None and not isinstance(raw["anthropic_version"], str):
+        raise ConfigError(f"{path}.anthropic_version: expected a version string such as \"2023-06-01\"")
+    check_replay_reasoning(raw.get("replay_reasoning"), f"{path}.replay_reasoning")
+    options.update({k: raw[k] for k in options if raw.get(k) is not None})
+    return options
+
+
+def check_replay_reasoning(value: Any, path: str) -> None:
+    """replay_reasoning is a field name, false (never) or absent."""
+    if value is not None and value is not False and not (isinstance(value, str) and value):
+        raise ConfigError(f"{path}: expected a field name such as \"reasoning_content\", or false")
 
 
 def oauth_host_trusted(base_url: str) -> bool:
@@ -938,13 +1095,24 @@ def parse_model(path: str, raw: Any, providers: Dict[str, dict]) -> dict:
     for key, kind in (("extra_body", dict), ("headers", dict), ("fallback", list)):
         if not isinstance(spec[key], kind):
             raise ConfigError(f"{path}.{key}: expected {'an object' if kind is dict else 'a list'}")
-    if spec["thinking"] not in (None, "budget", "adaptive"):
-        raise ConfigError(f"{path}.thinking: expected \"budget\" or \"adaptive\"")
-    if spec["schema"] not in (None, "gemini"):
-        raise ConfigError(f"{path}.schema: expected \"gemini\"")
+    check_model_facts(path, spec)
     spec["headers"] = {k.lower(): str(v) for k, v in spec["headers"].items()}
     spec.update(parse_prices(path, raw))
     return spec
+
+
+def check_model_facts(path: str, spec: dict) -> None:
+    """The keys that override model-table facts and provider defaults, validated."""
+    for key, choices in MODEL_CHOICES.items():
+        if spec[key] not in (None,) + choices:
+            raise ConfigError(f"{path}.{key}: expected one of {', '.join(choices)}")
+    for key in MODEL_FLAGS:
+        if spec[key] is not None and not isinstance(spec[key], bool):
+            raise ConfigError(f"{path}.{key}: expected true or false")
+    efforts = spec["efforts"]
+    if efforts is not None and (not isinstance(efforts, list) or not set(efforts) <= set(EFFORT_ORDER)):
+        raise ConfigError(f"{path}.efforts: expected a list of {', '.join(EFFORT_ORDER)}")
+    check_replay_reasoning(spec["replay_reasoning"], f"{path}.replay_reasoning")
 
 
 def parse_prices(path: str, raw: dict) -> Dict[str, float]:
@@ -2198,24 +2366,300 @@ async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
 # reasons, usage and tool ids have one home each.
 # =============================================================================================
 
+# ---- shared by the converters and the Anthropic-format relay ---------------------------------
+#
+# Nothing is lost in silence: every request field or block a converter drops or rewrites goes
+# through _note(), one DEBUG line with its path plus a (path, why) pair in the caller's `notes`
+# list; the handler says each kind once per process at INFO (DropLog, section 11).
+#
+# Sessions that switch routes carry thinking blocks from several providers, and Anthropic rejects
+# a signature it did not issue ("Invalid `signature` in `thinking` block"). So signatures carry
+# their origin: the converted path (OpenAI upstream -> Anthropic client) leaves a thinking block
+# unsigned, or, when the upstream sent a signature (OpenRouter), tags it `claude-proxy:<provider>:`;
+# anthropic-format vendors' signatures are tagged the same way on the way to the client
+# (provider option tag_signatures). Before a request goes to an anthropic-format provider,
+# own_thinking_only() keeps the thinking blocks that provider issued (a vendor's own come back
+# untagged) and removes the rest: empty signatures, other providers' tags, and, for a vendor,
+# Anthropic's untagged ones. Claude Code keeps the removed text in its own transcript.
+#
+# Gemini's thought signature rides on a function call (PROTOCOLS H.3), and the only field of a
+# tool call that Claude Code sends back untouched is its id: the converted stream appends the
+# signature to the tool_use id (`<id>__ts_<base64url>`) and the request converter splits it off
+# again, so the call goes back with `extra_content.google.thought_signature` and its own id.
+
+Notes = List[Tuple[str, str]]
+FOLDED_SYSTEM = "<system-reminder>\n%s\n</system-reminder>"   # a system message as user text
+SIGNATURE_TAG = "claude-proxy:"
+TOOL_ID_SIGNATURE = "__ts_"
+
+
+def _note(notes: Optional[Notes], path: str, why: str) -> None:
+    """Report one dropped or rewritten request field: DEBUG now, once per kind at INFO by the handler."""
+    log.debug("%s: %s", path, why)
+    if notes is not None:
+        notes.append((path, why))
+
+
+def _note_extra_keys(obj: dict, mapped: Iterable[str], param: str, notes: Optional[Notes], why: str,
+                     reasons: Optional[Mapping[str, str]] = None) -> None:
+    """Note each key of obj that the converter does not map (why, or the key's own reason)."""
+    for key in sorted(obj.keys() - set(mapped)):
+        _note(notes, f"{param}.{key}", (reasons or {}).get(key, why))
+
+
+def tag_signature(provider: str, signature: str) -> str:
+    """A thinking signature marked with the provider that issued it."""
+    return f"{SIGNATURE_TAG}{provider}:{signature}"
+
+
+def untag_signature(signature: str) -> Tuple[Optional[str], str]:
+    """(issuing provider or None when untagged, the signature as issued)."""
+    if not signature.startswith(SIGNATURE_TAG):
+        return None, signature
+    provider, _, original = signature[len(SIGNATURE_TAG):].partition(":")
+    return provider, original
+
+
+def join_tool_id(tool_id: str, signature: Optional[str]) -> str:
+    """A tool_use id carrying an upstream's thought signature (base64url, so still ^[A-Za-z0-9_-]+$)."""
+    if not signature:
+        return tool_id
+    encoded = base64.urlsafe_b64encode(signature.encode("utf-8")).decode("ascii").rstrip("=")
+    return tool_id + TOOL_ID_SIGNATURE + encoded
+
+
+def split_tool_id(tool_id: str) -> Tuple[str, Optional[str]]:
+    """(the tool id as the upstream issued it, its thought signature or None): the first mark
+    followed by a clean encoding wins, so an upstream id that holds the mark itself still splits."""
+    at = tool_id.find(TOOL_ID_SIGNATURE)
+    while at >= 0:
+        encoded = tool_id[at + len(TOOL_ID_SIGNATURE):]
+        try:
+            signature = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+            if join_tool_id("", signature) == TOOL_ID_SIGNATURE + encoded:
+                return tool_id[:at], signature
+        except (ValueError, UnicodeDecodeError):
+            pass
+        at = tool_id.find(TOOL_ID_SIGNATURE, at + 1)
+    return tool_id, None
+
+
+def strict_schema(schema: Any, all_required: bool = False) -> Any:
+    """A copy where every object schema forbids additional properties, as Anthropic requires
+    (all_required: and requires every property, as OpenAI's strict mode does)."""
+    if isinstance(schema, list):
+        return [strict_schema(item, all_required) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_schema(value, all_required) for key, value in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out["additionalProperties"] = False
+        if all_required and isinstance(out.get("properties"), dict):
+            out["required"] = list(out["properties"])
+    return out
+
+
+def anthropic_thinking_on(anthropic_body: dict) -> bool:
+    """Whether an Anthropic request asks for thinking."""
+    thinking = anthropic_body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def _own_block(block: Any, provider: dict) -> Optional[Any]:
+    """A block as this provider must see it: its own thinking untagged, another's thinking None."""
+    if not isinstance(block, dict) or block.get("type") not in THINKING_BLOCKS:
+        return block
+    key = "signature" if block["type"] == "thinking" else "data"
+    origin, original = untag_signature(str(block.get(key) or ""))
+    mine = origin == provider["name"] if provider.get("tag_signatures") else origin is None
+    if not original or not mine:
+        return None
+    return block if origin is None else dict(block, **{key: original})
+
+
+def _own_turn(message: dict, provider: dict, param: str, notes: Optional[Notes]) -> Optional[dict]:
+    """An assistant turn without the thinking blocks the provider cannot verify (None if nothing is left)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kept = []
+    for i, block in enumerate(content):
+        own = _own_block(block, provider)
+        if own is None:
+            _note(notes, f"{param}.{i}", "thinking block removed: its signature is empty or another provider's")
+        else:
+            kept.append(own)
+    if kept == content:
+        return message
+    return dict(message, content=kept) if kept else None
+
+
+def _thinking_off_without_lead(anthropic_body: dict, notes: Optional[Notes]) -> dict:
+    """With thinking on, a last assistant turn whose tool_use does not follow a thinking block is a 400
+    (PROTOCOLS B.2): such a request goes without thinking (and without clear_thinking edits)."""
+    turns = [m for m in anthropic_body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
+    content = turns[-1].get("content") if turns else None
+    if not anthropic_thinking_on(anthropic_body) or not isinstance(content, list) or not content:
+        return anthropic_body
+    uses_tool = any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
+    if not uses_tool or (isinstance(content[0], dict) and content[0].get("type") in THINKING_BLOCKS):
+        return anthropic_body
+    _note(notes, "thinking", "left off for this request: the last assistant turn's tool call has no "
+                             "thinking block this provider issued (another route answered it)")
+    return _without_clear_thinking({k: v for k, v in anthropic_body.items() if k != "thinking"}, notes)
+
+
+def _without_clear_thinking(anthropic_body: dict, notes: Optional[Notes]) -> dict:
+    """The body without context_management's clear_thinking edits (they need thinking on)."""
+    management = anthropic_body.get("context_management")
+    edits = management.get("edits") if isinstance(management, dict) else None
+    if not isinstance(edits, list):
+        return anthropic_body
+    kept = [e for e in edits if not (isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking"))]
+    if len(kept) == len(edits):
+        return anthropic_body
+    _note(notes, "context_management.edits", "clear_thinking edits removed with thinking")
+    return dict(anthropic_body, context_management=dict(management, edits=kept))
+
+
+def own_thinking_only(anthropic_body: dict, provider: dict, notes: Optional[Notes] = None) -> dict:
+    """The request as an anthropic-format provider can take it after other routes answered earlier
+    turns: thinking blocks it did not issue removed, thinking left off where that breaks a tool turn.
+    Returns the same object when nothing changed (so passthrough keeps the client's bytes)."""
+    messages = anthropic_body.get("messages")
+    if not isinstance(messages, list):
+        return anthropic_body
+    kept: List[Any] = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            message = _own_turn(message, provider, f"messages.{i}.content", notes)
+        if message is not None:
+            kept.append(message)
+    body = anthropic_body if kept == messages else dict(anthropic_body, messages=kept)
+    return _thinking_off_without_lead(body, notes)
+
+
+def _as_blocks(content: Any) -> List[Any]:
+    """Message content as a block list (a string becomes one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return list(content) if isinstance(content, list) else []
+
+
+def _as_user_turn(message: Any, param: str, notes: Optional[Notes]) -> Any:
+    """A role "system" message as a user turn holding its text as FOLDED_SYSTEM (others as they are)."""
+    if not isinstance(message, dict) or message.get("role") != "system":
+        return message
+    content = message.get("content")
+    texts = [content] if isinstance(content, str) else \
+        [b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text"]
+    _note(notes, param, "rewritten: a mid-conversation system message sent as user text (the model takes none)")
+    _note_extra_keys(message, ("role", "content"), param, notes, "dropped with the system message it was on")
+    text = "\n\n".join(t for t in texts if t.strip())
+    return {"role": "user", "content": [{"type": "text", "text": FOLDED_SYSTEM % text}] if text else []}
+
+
+def _merge_user_turns(messages: List[Any]) -> List[Any]:
+    """Adjacent user turns as one, tool_result blocks first (an empty turn disappears)."""
+    merged: List[Any] = []
+    for message in messages:
+        if not (isinstance(message, dict) and message.get("role") == "user"):
+            merged.append(message)
+            continue
+        blocks = _as_blocks(message.get("content"))
+        if merged and isinstance(merged[-1], dict) and merged[-1].get("role") == "user":
+            blocks = _as_blocks(merged.pop().get("content")) + blocks
+        blocks.sort(key=lambda b: not (isinstance(b, dict) and b.get("type") == "tool_result"))
+        merged.append(dict(message, content=blocks))
+    return [m for m in merged if not (isinstance(m, dict) and m.get("role") == "user" and not m["content"])]
+
+
+def fold_system_messages(anthropic_body: dict, notes: Optional[Notes] = None) -> dict:
+    """The request with its role "system" messages as user text at their position, for a model that
+    takes no mid-conversation system message (a routed Claude Code session; PROTOCOLS H.2). Returns
+    the same object when there is none."""
+    messages = anthropic_body.get("messages")
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        return anthropic_body
+    turns = [_as_user_turn(m, f"messages.{i}", notes) for i, m in enumerate(messages)]
+    return dict(anthropic_body, messages=_merge_user_turns(turns))
+
+
+def _tag_block(block: Any, provider: str) -> Any:
+    """A response content block with its thinking signature (or redacted data) tagged."""
+    if not isinstance(block, dict) or block.get("type") not in THINKING_BLOCKS:
+        return block
+    key = "signature" if block["type"] == "thinking" else "data"
+    value = block.get(key)
+    return dict(block, **{key: tag_signature(provider, value)}) if isinstance(value, str) and value else block
+
+
+def tag_message_signatures(anthropic_message: dict, provider: str) -> dict:
+    """A vendor's non-streaming answer with its thinking signatures tagged."""
+    content = anthropic_message.get("content")
+    if not isinstance(content, list):
+        return anthropic_message
+    return dict(anthropic_message, content=[_tag_block(b, provider) for b in content])
+
+
+class SignatureTagger:
+    """An anthropic-format vendor's stream events in, the same events out, thinking signatures tagged
+    with the vendor's name; the relay's state machine interface (feed, close, finished, saw_finish)."""
+
+    def __init__(self, provider: str):
+        self.provider = provider
+        self.finished = False
+        self.saw_finish = False
+
+    def feed(self, anthropic_event: dict) -> List[dict]:
+        """The event, its signature tagged when it carries one."""
+        kind = anthropic_event.get("type")
+        delta = anthropic_event.get("delta")
+        if kind == "content_block_delta" and isinstance(delta, dict) and delta.get("type") == "signature_delta" \
+                and isinstance(delta.get("signature"), str) and delta["signature"]:
+            delta = dict(delta, signature=tag_signature(self.provider, delta["signature"]))
+            anthropic_event = dict(anthropic_event, delta=delta)
+        elif kind == "content_block_start":
+            anthropic_event = dict(anthropic_event, content_block=_tag_block(anthropic_event.get("content_block"), self.provider))
+        self.saw_finish = self.saw_finish or kind == "message_delta"
+        self.finished = self.finished or kind in ("message_stop", "error")
+        return [anthropic_event]
+
+    def close(self) -> List[dict]:
+        """Nothing is held back."""
+        self.finished = True
+        return []
+
 # ---------------------------------------------------------------------------------------------
 # 9a. Anthropic client -> OpenAI-compatible upstream (request), OpenAI -> Anthropic (response)
 # ---------------------------------------------------------------------------------------------
 #
-# Request side (PROTOCOLS D.1, D.6, D.7): `anthropic_to_openai_request` validates the shape
-# once (BadRequest naming the path) and maps field by field; lossy fields are dropped with a
-# debug log. Decisions made here:
-#   - `role: "system"` messages inside `messages` (Claude Code sends them) are MERGED into the
-#     leading OpenAI system message, after the system prompt. Many chat templates served by
-#     vLLM / llama.cpp / Ollama (Qwen, Llama) reject a system message that is not first, so
-#     merging is the portable choice; the text is kept, only its position is lost.
+# Request side (PROTOCOLS D.1, D.6, D.7, H.2, H.3): `anthropic_to_openai_request` validates the
+# shape once (BadRequest naming the path) and maps field by field; every field or block it drops
+# or rewrites is a note (see above). Decisions made here:
+#   - `role: "system"` messages inside `messages` (Claude Code sends them) stay in place where
+#     the provider accepts system messages mid-list (provider or model option mid_system);
+#     otherwise each becomes user text at its position (FOLDED_SYSTEM), merged into the user turn
+#     next to it: many chat templates (Qwen, Llama on vLLM / llama.cpp / Ollama) reject a system
+#     message that is not first. Never between a tool call and its results: there it waits for
+#     the tool messages. System messages before the first turn join the system prompt.
 #   - user text-only turns collapse to one string (texts joined "\n\n"); assistant text
 #     blocks join with "" (citations split one answer into many blocks).
+#   - blocks OpenAI has no form for become text: ToolSearch's tool_reference names the tool it
+#     loaded, search_result keeps its title and source, server_tool_use and web search results in
+#     history become short notes (title and URL per result), so the model still sees them.
+#   - the effort goes as the model accepts it (model option efforts; default every value the
+#     openai SDK allows), else the nearest lower one; `strict` is kept on tools, and converted
+#     structured output is strict (every property required, no additional properties).
 #   - tool/function names longer than 64 characters are passed through unchanged.
-# Stream-side decisions (see the class essay): content_filter -> "refusal"; OpenRouter's
-# finish "error" -> "end_turn" (its error arrives as a separate chunk); any tool call forces
-# "tool_use" except after finish "length" (the arguments are truncated, so "max_tokens" is the
-# truthful answer, as Anthropic itself reports); reasoning.encrypted details are ignored.
+# Stream-side decisions (see the class essay): content_filter and a refusal -> "refusal";
+# OpenRouter's finish "error" -> "end_turn" (its error arrives as a separate chunk); any tool
+# call forces "tool_use" except after finish "length" (the arguments are truncated, so
+# "max_tokens" is the truthful answer, as Anthropic itself reports); reasoning.encrypted details
+# are ignored; url_citation annotations become citations on the text block.
 #
 # Response side: `OpenAIToAnthropicStream` (essay on the class); non-streaming answers go
 # through the same machine (`openai_response_to_anthropic`) and are folded back into one
@@ -2224,14 +2668,10 @@ async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
 MAX_OPENAI_USER_LEN = 64
 MAX_OPENAI_STOP = 4
+NO_OPENAI_FORM = "dropped: the OpenAI API has no such field"
+TOOL_REFERENCE_TEXT = "Tool loaded: %s"
 
 TOOL_CHOICE_TO_OPENAI = {"auto": "auto", "any": "required", "none": "none"}
-
-# Anthropic effort (output_config.effort) -> OpenAI reasoning effort. Generic OpenAI-compatible
-# upstreams only know low/medium/high, so the Claude-only levels fold down; a pinned
-# spec["reasoning_effort"] is sent verbatim instead (the operator knows the upstream).
-EFFORT_TO_OPENAI = {"none": "none", "minimal": "minimal", "low": "low", "medium": "medium",
-                    "high": "high", "xhigh": "high", "max": "high"}
 # thinking.budget_tokens -> effort (claude-code-router thresholds, PROTOCOLS D.6): first
 # bound the budget fits under wins, above all of them -> "high".
 EFFORT_FROM_BUDGET = ((1024, "low"), (8192, "medium"))
@@ -2241,7 +2681,24 @@ GEMINI_SCHEMA_DROP = frozenset({"$schema", "additionalProperties", "propertyName
 GEMINI_STRING_FORMATS = frozenset({"enum", "date-time"})
 GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
 
-ANTHROPIC_ROLES = frozenset({"user", "assistant"})  # "system" is merged by _openai_messages
+ANTHROPIC_ROLES = frozenset({"user", "assistant"})  # "system" is placed by _openai_messages
+# Block keys each converter maps; any other key of such a block is a note.
+USER_BLOCK_KEYS = {"text": ("type", "text"), "image": ("type", "source"), "document": ("type", "source", "title"),
+                   "search_result": ("type", "source", "title", "content"), "tool_reference": ("type", "tool_name"),
+                   "tool_result": ("type", "tool_use_id", "content", "is_error")}
+TOOL_KEYS = ("type", "name", "description", "input_schema", "strict")
+MESSAGE_REASONS = {"output_config": "dropped: a per-message effort has no OpenAI form (the request's is sent)"}
+# Why a top-level Anthropic field has no place in an OpenAI request (default: NO_OPENAI_FORM).
+ANTHROPIC_DROP_REASONS = {
+    "top_k": "dropped: OpenAI has no top_k",
+    "cache_control": "dropped: prompt-cache marks have no OpenAI form",
+    "context_management": "dropped: context editing is done by Anthropic's servers",
+    "safeguards": "dropped: Anthropic's server-side classifier; nothing a converted route can run",
+    "mcp_servers": "dropped: MCP connectors run on Anthropic's servers",
+    "container": "dropped: code-execution containers are Anthropic's",
+    "service_tier": "dropped: no OpenAI equivalent of Anthropic's tiers",
+    "speed": "dropped: fast mode is Anthropic's",
+}
 
 
 def _is_number(value: Any) -> bool:
@@ -2261,7 +2718,7 @@ def _drop_billing_lines(text: str) -> str:
     return "\n".join(line for line in lines if not line.startswith(BILLING_HEADER_PREFIX))
 
 
-def _system_texts(system: Any, param: str) -> List[str]:
+def _system_texts(system: Any, param: str, notes: Optional[Notes] = None) -> List[str]:
     """Texts of an Anthropic `system` (string or text blocks), billing lines and empties dropped."""
     if system is None:
         return []
@@ -2274,7 +2731,10 @@ def _system_texts(system: Any, param: str) -> List[str]:
     for i, block in enumerate(blocks):
         _expect(isinstance(block, dict) and isinstance(block.get("text", ""), str),
                 "system block must be a text block", f"{param}.{i}")
+        _note_extra_keys(block, ("type", "text"), f"{param}.{i}", notes, NO_OPENAI_FORM)
         text = _drop_billing_lines(block.get("text", "")).strip("\n")
+        if text != block.get("text", "").strip("\n"):
+            _note(notes, f"{param}.{i}.text", "x-anthropic-billing-header line dropped (a per-request nonce)")
         if text.strip():
             texts.append(text)
     return texts
@@ -2315,23 +2775,34 @@ def _document_parts(block: dict, param: str) -> List[dict]:
                      param=f"{param}.source.type")
 
 
-def _user_parts(block: dict, param: str) -> List[dict]:
+def _search_result_text(block: dict) -> str:
+    """A search_result block as text: title, source URL, then its text."""
+    texts = [b.get("text", "") for b in block.get("content") or [] if isinstance(b, dict)]
+    head = [block.get("title") or "", "Source: %s" % block["source"] if block.get("source") else ""]
+    return "\n".join(line for line in head + texts if line)
+
+
+USER_PART_CONVERTERS: Dict[str, Callable[[dict, str], List[dict]]] = {
+    "text": lambda b, param: [{"type": "text", "text": b["text"]}] if b.get("text") else [],
+    "image": lambda b, param: [_image_part(b, param)],
+    "document": _document_parts,
+    "search_result": lambda b, param: [{"type": "text", "text": _search_result_text(b)}],
+    "tool_reference": lambda b, param: [{"type": "text", "text": TOOL_REFERENCE_TEXT % b.get("tool_name")}],
+}
+
+
+def _user_parts(block: dict, param: str, notes: Optional[Notes] = None) -> List[dict]:
     """One non-tool_result user block as OpenAI content parts (unknown types dropped)."""
     kind = block.get("type")
-    if kind == "text":
-        return [{"type": "text", "text": block["text"]}] if block.get("text") else []
-    if kind == "image":
-        return [_image_part(block, param)]
-    if kind == "document":
-        return _document_parts(block, param)
-    if kind == "search_result":
-        texts = [b.get("text", "") for b in block.get("content") or [] if isinstance(b, dict)]
-        return [{"type": "text", "text": "\n".join([block.get("title", "")] + texts).strip()}]
-    log.debug("dropping user block of type %r at %s", kind, param)
-    return []
+    convert_block = USER_PART_CONVERTERS.get(kind)
+    if convert_block is None:
+        _note(notes, param, "%s block dropped: the OpenAI API has no such content" % kind)
+        return []
+    _note_extra_keys(block, USER_BLOCK_KEYS[kind], param, notes, NO_OPENAI_FORM)
+    return convert_block(block, param)
 
 
-def _tool_result_content(block: dict, param: str) -> Tuple[str, List[dict]]:
+def _tool_result_content(block: dict, param: str, notes: Optional[Notes] = None) -> Tuple[str, List[dict]]:
     """A tool_result's content flattened to text, plus the image parts it carried."""
     content = block.get("content")
     if content is None:
@@ -2345,10 +2816,12 @@ def _tool_result_content(block: dict, param: str) -> Tuple[str, List[dict]]:
         for i, item in enumerate(content):
             _expect(isinstance(item, dict), "content block must be an object",
                     f"{param}.content.{i}")
-            parts = _user_parts(item, f"{param}.content.{i}")
+            parts = _user_parts(item, f"{param}.content.{i}", notes)
             texts += [p["text"] for p in parts if p["type"] == "text"]
             images += [p for p in parts if p["type"] != "text"]
     text = "\n".join(texts)
+    if block.get("is_error"):
+        _note(notes, f"{param}.is_error", "rewritten: shown as an \"Error: \" prefix")
     return ("Error: " + text if block.get("is_error") else text), images
 
 
@@ -2359,43 +2832,72 @@ def _collapse_parts(parts: List[dict]) -> Any:
     return parts
 
 
-def _user_messages(content: list, param: str) -> List[dict]:
+def _user_messages(content: list, param: str, notes: Optional[Notes] = None) -> List[dict]:
     """An Anthropic user turn: tool messages first, then one user message with the rest."""
     tool_messages, moved_images, parts = [], [], []
     for i, block in enumerate(content):
         if block.get("type") != "tool_result":
-            parts += _user_parts(block, f"{param}.{i}")
+            parts += _user_parts(block, f"{param}.{i}", notes)
             continue
         _expect(isinstance(block.get("tool_use_id"), str) and block["tool_use_id"] != "",
                 "tool_result needs a tool_use_id", f"{param}.{i}.tool_use_id")
-        text, images = _tool_result_content(block, f"{param}.{i}")
-        tool_messages.append({"role": "tool", "tool_call_id": sanitize_tool_id(block["tool_use_id"]),
-                              "content": text})
+        _note_extra_keys(block, USER_BLOCK_KEYS["tool_result"], f"{param}.{i}", notes, NO_OPENAI_FORM)
+        text, images = _tool_result_content(block, f"{param}.{i}", notes)
+        tool_id = sanitize_tool_id(split_tool_id(block["tool_use_id"])[0])
+        tool_messages.append({"role": "tool", "tool_call_id": tool_id, "content": text})
         moved_images += images
     rest = moved_images + parts
     return tool_messages + ([{"role": "user", "content": _collapse_parts(rest)}] if rest else [])
 
 
-def _assistant_message(content: list, param: str, spec: dict) -> Optional[dict]:
+def _tool_call(block: dict, param: str, spec: dict, notes: Optional[Notes]) -> dict:
+    """A tool_use block as an OpenAI tool call; Gemini's thought signature back on it (C.7, H.3)."""
+    _expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+            "tool_use needs an id and a name", param)
+    _note_extra_keys(block, ("type", "id", "name", "input"), param, notes, NO_OPENAI_FORM)
+    tool_id, signature = split_tool_id(block["id"])
+    arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+    call = {"id": sanitize_tool_id(tool_id), "type": "function",
+            "function": {"name": block["name"], "arguments": arguments}}
+    if spec.get("schema") == "gemini":     # Gemini 3 400s a replayed call without one
+        call["extra_content"] = {"google": {"thought_signature": signature or GEMINI_SKIP_SIGNATURE}}
+    return call
+
+
+def _server_block_text(block: dict) -> str:
+    """A server tool call or result in history as a short note the model can read (title and URL per hit)."""
+    kind, content = block.get("type"), block.get("content")
+    if kind == "server_tool_use":
+        return "\n(called %s: %s)\n" % (block.get("name"), json.dumps(block.get("input") or {}, ensure_ascii=False))
+    if kind == "web_search_tool_result" and isinstance(content, list):
+        hits = ["- %s <%s>" % (r.get("title") or "", r.get("url") or "") for r in content if isinstance(r, dict)]
+        return "\nWeb search results:\n%s\n" % "\n".join(hits)
+    url = content.get("url") if isinstance(content, dict) else None
+    return "\n(%s%s)\n" % (kind, ": " + url if url else "")
+
+
+def _is_server_block(kind: Any) -> bool:
+    """server_tool_use and the *_tool_result blocks of Anthropic's server tools."""
+    return kind == "server_tool_use" or (isinstance(kind, str) and kind.endswith("_tool_result"))
+
+
+def _assistant_message(content: list, param: str, spec: dict, notes: Optional[Notes] = None) -> Optional[dict]:
     """An Anthropic assistant turn as one OpenAI assistant message (None if nothing to send)."""
     texts, thinking, tool_calls = [], [], []
     for i, block in enumerate(content):
-        kind = block.get("type")
+        kind, at = block.get("type"), f"{param}.{i}"
         if kind == "text":
             texts.append(block.get("text", ""))
-        elif kind == "thinking":
+            _note_extra_keys(block, ("type", "text"), at, notes, NO_OPENAI_FORM)
+        elif kind == "thinking" and spec.get("replay_reasoning"):
             thinking.append(block.get("thinking", ""))
         elif kind == "tool_use":
-            _expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
-                    "tool_use needs an id and a name", f"{param}.{i}")
-            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
-            call = {"id": sanitize_tool_id(block["id"]), "type": "function",
-                    "function": {"name": block["name"], "arguments": arguments}}
-            if spec.get("schema") == "gemini":     # Gemini 3 400s a replayed call without one (C.7)
-                call["extra_content"] = {"google": {"thought_signature": GEMINI_SKIP_SIGNATURE}}
-            tool_calls.append(call)
+            tool_calls.append(_tool_call(block, at, spec, notes))
+        elif _is_server_block(kind):
+            texts.append(_server_block_text(block))
+            _note(notes, at, "%s rewritten as a text note" % kind)
         else:
-            log.debug("dropping assistant block of type %r at %s", kind, param)
+            _note(notes, at, "%s block dropped: this provider takes no such block back" % kind)
     message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
     if tool_calls:
         message["tool_calls"] = tool_calls
@@ -2408,11 +2910,12 @@ def _assistant_message(content: list, param: str, spec: dict) -> Optional[dict]:
     return message
 
 
-def _convert_message(message: Any, param: str, spec: dict) -> List[dict]:
+def _convert_message(message: Any, param: str, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
     """One Anthropic user/assistant message as zero or more OpenAI messages."""
     _expect(isinstance(message, dict), "message must be an object", param)
     role, content = message.get("role"), message.get("content")
     _expect(isinstance(role, str) and role in ANTHROPIC_ROLES, "unknown role %r" % (role,), f"{param}.role")
+    _note_extra_keys(message, ("role", "content"), param, notes, NO_OPENAI_FORM, MESSAGE_REASONS)
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     _expect(isinstance(content, list), "content must be a string or a list of blocks",
@@ -2421,23 +2924,55 @@ def _convert_message(message: Any, param: str, spec: dict) -> List[dict]:
         _expect(isinstance(block, dict) and isinstance(block.get("type"), str),
                 "content block must be an object with a type", f"{param}.content.{i}")
     if role == "user":
-        return _user_messages(content, f"{param}.content")
-    assistant = _assistant_message(content, f"{param}.content", spec)
+        return _user_messages(content, f"{param}.content", notes)
+    assistant = _assistant_message(content, f"{param}.content", spec, notes)
     return [assistant] if assistant else []
 
 
-def _openai_messages(anthropic_body: dict, spec: dict) -> List[dict]:
-    """System prompt, in-conversation system messages (merged up front) and the turns."""
+def _system_messages(pending: List[Tuple[str, List[str]]], spec: dict, notes: Optional[Notes]) -> List[dict]:
+    """Mid-conversation system messages ((path, texts) each) in place, or as user text where the
+    provider takes no such message."""
+    texts = [text for _, message_texts in pending for text in message_texts]
+    if not texts:
+        return []
+    if spec.get("mid_system"):
+        return [{"role": "system", "content": "\n\n".join(texts)}]
+    for path, _ in pending:
+        _note(notes, path, "rewritten: a mid-conversation system message sent as user text at its position")
+    return [{"role": "user", "content": FOLDED_SYSTEM % "\n\n".join(texts)}]
+
+
+def _after_tool_results(turns: List[dict], converted: List[dict]) -> int:
+    """Where in a converted turn a system message may go: after its tool messages when it answers a call."""
+    if not turns or turns[-1]["role"] != "assistant" or not turns[-1].get("tool_calls"):
+        return 0
+    return next((k for k, m in enumerate(converted) if m["role"] != "tool"), len(converted))
+
+
+def _openai_messages(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
+    """System prompt (with system messages before the first turn), the turns, and mid-conversation
+    system messages placed by _system_messages (never between a tool call and its results)."""
     messages = anthropic_body.get("messages")
     _expect(isinstance(messages, list), "messages must be a list", "messages")
-    system_texts = _system_texts(anthropic_body.get("system"), "system")
+    system_texts = _system_texts(anthropic_body.get("system"), "system", notes)
     turns: List[dict] = []
+    pending: List[Tuple[str, List[str]]] = []
     for i, message in enumerate(messages):
         if isinstance(message, dict) and message.get("role") == "system":
-            system_texts += _system_texts(message.get("content"), f"messages.{i}.content")
-        else:
-            turns += _convert_message(message, f"messages.{i}", spec)
-    turns = _merge_user_neighbours(turns)
+            _note_extra_keys(message, ("role", "content"), f"messages.{i}", notes, NO_OPENAI_FORM, MESSAGE_REASONS)
+            texts = _system_texts(message.get("content"), f"messages.{i}.content", notes)
+            if turns:
+                pending.append((f"messages.{i}", texts))
+            else:
+                system_texts += texts
+            continue
+        converted = _convert_message(message, f"messages.{i}", spec, notes)
+        if pending and converted:
+            at = _after_tool_results(turns, converted)
+            converted = converted[:at] + _system_messages(pending, spec, notes) + converted[at:]
+            pending = []
+        turns += converted
+    turns = _merge_user_neighbours(turns + _system_messages(pending, spec, notes))
     if system_texts:
         return [{"role": "system", "content": "\n\n".join(system_texts)}] + turns
     return turns
@@ -2511,7 +3046,22 @@ def server_tool_names(anthropic_body: dict) -> List[str]:
     return [str(t.get("name") or t.get("type")) for t in tools if isinstance(t, dict) and _is_server_tool(t)]
 
 
-def _openai_tools(tools: Any, spec: dict) -> List[dict]:
+def _openai_tool(tool: dict, param: str, spec: dict, notes: Optional[Notes]) -> dict:
+    """One custom Anthropic tool as an OpenAI function (strict kept)."""
+    _expect(isinstance(tool.get("name"), str) and tool["name"] != "", "tool needs a name", f"{param}.name")
+    _note_extra_keys(tool, TOOL_KEYS, param, notes, NO_OPENAI_FORM)
+    parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
+    if spec.get("schema") == "gemini":
+        parameters = clean_gemini_schema(parameters)
+    function = {"name": tool["name"], "parameters": parameters}
+    if tool.get("description"):
+        function["description"] = tool["description"]
+    if tool.get("strict") is not None:
+        function["strict"] = bool(tool["strict"])
+    return {"type": "function", "function": function}
+
+
+def _openai_tools(tools: Any, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
     """Custom Anthropic tools as OpenAI functions; server tools dropped."""
     if tools is None:
         return []
@@ -2520,17 +3070,9 @@ def _openai_tools(tools: Any, spec: dict) -> List[dict]:
     for i, tool in enumerate(tools):
         _expect(isinstance(tool, dict), "tool must be an object", f"tools.{i}")
         if _is_server_tool(tool):
-            log.debug("dropping server tool %r", tool.get("type"))
+            _note(notes, f"tools.{i}", "server tool %r dropped: it runs on Anthropic's servers" % tool.get("type"))
             continue
-        _expect(isinstance(tool.get("name"), str) and tool["name"] != "", "tool needs a name",
-                f"tools.{i}.name")
-        parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
-        if spec.get("schema") == "gemini":
-            parameters = clean_gemini_schema(parameters)
-        function = {"name": tool["name"], "parameters": parameters}
-        if tool.get("description"):
-            function["description"] = tool["description"]
-        functions.append({"type": "function", "function": function})
+        functions.append(_openai_tool(tool, f"tools.{i}", spec, notes))
     return functions
 
 
@@ -2560,29 +3102,41 @@ def effort_from_budget(budget_tokens: Any) -> str:
     return next((effort for bound, effort in EFFORT_FROM_BUDGET if budget_tokens <= bound), "high")
 
 
-def reasoning_effort_for(anthropic_body: dict, spec: dict) -> Optional[str]:
-    """The OpenAI reasoning effort to ask for, or None (pinned spec effort wins; "none" = never)."""
-    pinned = spec.get("reasoning_effort")
-    if pinned:
-        return None if pinned == "none" else pinned
+def _asked_effort(anthropic_body: dict) -> Optional[str]:
+    """The effort an Anthropic request asks for: from its thinking budget, else output_config.effort."""
     thinking = anthropic_body.get("thinking") or {}
-    if spec.get("thinking_effort") and isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
-        return spec["thinking_effort"]            # seed 001's reasoning_effort: sent with thinking only
     output_config = anthropic_body.get("output_config") or {}
-    asked = EFFORT_TO_OPENAI.get(output_config.get("effort")) if isinstance(output_config, dict) else None
+    asked = output_config.get("effort") if isinstance(output_config, dict) else None
+    asked = asked if asked in EFFORT_ORDER else None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":
         return effort_from_budget(thinking.get("budget_tokens"))
     if kind == "adaptive":
         return asked or "medium"
-    if kind == "disabled":
+    return None if kind == "disabled" else asked
+
+
+def reasoning_effort_for(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> Optional[str]:
+    """The OpenAI reasoning effort to ask for, as the model accepts it, or None (a pinned spec
+    effort wins; "none" = never)."""
+    pinned = spec.get("reasoning_effort")
+    if pinned:
+        return None if pinned == "none" else pinned
+    if spec.get("thinking_effort") and anthropic_thinking_on(anthropic_body):
+        return spec["thinking_effort"]            # seed 001's reasoning_effort: sent with thinking only
+    effort = _asked_effort(anthropic_body)
+    if effort is None:
         return None
-    return asked
+    accepted = model_facts(spec.get("model") or "", spec)["efforts"] or EFFORT_ORDER
+    folded = fold_effort(effort, accepted)
+    if folded != effort:
+        _note(notes, "output_config.effort", "rewritten: %s sent as %s, the most this model accepts" % (effort, folded))
+    return folded
 
 
-def _reasoning_fields(anthropic_body: dict, spec: dict) -> dict:
+def _reasoning_fields(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> dict:
     """The reasoning request fields in the shape spec["reasoning_param"] names."""
-    effort = reasoning_effort_for(anthropic_body, spec)
+    effort = reasoning_effort_for(anthropic_body, spec, notes)
     param = spec.get("reasoning_param")
     if effort is None or param is None:
         return {}
@@ -2591,7 +3145,7 @@ def _reasoning_fields(anthropic_body: dict, spec: dict) -> dict:
     return {param: effort}
 
 
-def _max_tokens_fields(anthropic_body: dict, spec: dict) -> dict:
+def _max_tokens_fields(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> dict:
     """max_tokens (or max_completion_tokens), clamped to the model's output limit."""
     value = anthropic_body.get("max_tokens", spec.get("max_tokens"))
     if value is None:
@@ -2599,65 +3153,93 @@ def _max_tokens_fields(anthropic_body: dict, spec: dict) -> dict:
     _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
             "max_tokens must be a positive integer (0, cache pre-warming, needs an Anthropic upstream)",
             "max_tokens")
-    if spec.get("min_tokens"):
-        value = max(value, spec["min_tokens"])    # seed 002's MIN_TOKENS_LIMIT
-    if spec.get("max_tokens"):
-        value = min(value, spec["max_tokens"])
+    if spec.get("min_tokens") and value < spec["min_tokens"]:
+        _note(notes, "max_tokens", "rewritten: raised to the configured floor %d" % spec["min_tokens"])
+        value = spec["min_tokens"]    # seed 002's MIN_TOKENS_LIMIT
+    if spec.get("max_tokens") and value > spec["max_tokens"]:
+        _note(notes, "max_tokens", "rewritten: lowered to the model's limit %d" % spec["max_tokens"])
+        value = spec["max_tokens"]
     return {"max_completion_tokens" if spec.get("max_completion_tokens") else "max_tokens": value}
 
 
-def _sampling_fields(anthropic_body: dict) -> dict:
+def _stop_fields(stops: Any, notes: Optional[Notes]) -> dict:
+    """stop_sequences -> stop: whitespace-only ones and those past OpenAI's four dropped."""
+    if not isinstance(stops, list):
+        return {}
+    kept = [s for s in stops if isinstance(s, str) and s.strip()]
+    if len(kept) != len(stops) or len(kept) > MAX_OPENAI_STOP:
+        _note(notes, "stop_sequences", "dropped: whitespace-only entries, and those past OpenAI's %d" % MAX_OPENAI_STOP)
+    return {"stop": kept[:MAX_OPENAI_STOP]} if kept else {}
+
+
+def _sampling_fields(anthropic_body: dict, notes: Optional[Notes] = None) -> dict:
     """temperature/top_p (numbers only), stop_sequences -> stop, metadata.user_id -> user."""
-    fields = {k: anthropic_body[k] for k in ("temperature", "top_p")
-              if _is_number(anthropic_body.get(k))}
-    stops = anthropic_body.get("stop_sequences")
-    if isinstance(stops, list):
-        stops = [s for s in stops if isinstance(s, str) and s.strip()][:MAX_OPENAI_STOP]
-        if stops:
-            fields["stop"] = stops
+    fields = {k: anthropic_body[k] for k in ("temperature", "top_p") if _is_number(anthropic_body.get(k))}
+    for key in ("temperature", "top_p"):
+        if key in anthropic_body and key not in fields:
+            _note(notes, key, "dropped: not a number")
+    fields.update(_stop_fields(anthropic_body.get("stop_sequences"), notes))
     metadata = anthropic_body.get("metadata")
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    metadata = metadata if isinstance(metadata, dict) else {}
+    _note_extra_keys(metadata, ("user_id",), "metadata", notes, NO_OPENAI_FORM)
+    user_id = metadata.get("user_id")
     if isinstance(user_id, str) and 0 < len(user_id) <= MAX_OPENAI_USER_LEN:
         fields["user"] = user_id
+    elif user_id is not None:
+        _note(notes, "metadata.user_id", "dropped: OpenAI's user takes at most %d characters" % MAX_OPENAI_USER_LEN)
     return fields
 
 
 def _response_format_fields(anthropic_body: dict) -> dict:
-    """output_config.format (or beta output_format) json_schema -> response_format."""
+    """output_config.format (or beta output_format) json_schema -> strict response_format."""
     output_config = anthropic_body.get("output_config")
     fmt = output_config.get("format") if isinstance(output_config, dict) else None
     fmt = fmt or anthropic_body.get("output_format")
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return {}
     return {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "structured_output", "schema": fmt.get("schema") or {}}}}
+        "name": "structured_output", "schema": strict_schema(fmt.get("schema") or {}, all_required=True), "strict": True}}}
+
+
+def _note_nested_fields(anthropic_body: dict, notes: Optional[Notes]) -> None:
+    """Notes for the parts of thinking and output_config that have no OpenAI form."""
+    for key, mapped in (("thinking", ("type", "budget_tokens")), ("output_config", ("effort", "format"))):
+        if isinstance(anthropic_body.get(key), dict):
+            _note_extra_keys(anthropic_body[key], mapped, key, notes, NO_OPENAI_FORM)
 
 
 # Top-level Anthropic fields this converter maps; any other (top_k, cache_control,
-# context_management, service_tier, container, mcp_servers, ...) is dropped with a debug log.
+# context_management, service_tier, container, mcp_servers, ...) is a note (ANTHROPIC_DROP_REASONS).
 ANTHROPIC_MAPPED_FIELDS = frozenset({
     "model", "messages", "system", "max_tokens", "temperature", "top_p", "stop_sequences", "metadata",
     "stream", "tools", "tool_choice", "thinking", "output_config", "output_format"})
 
 
-def anthropic_to_openai_request(anthropic_body: dict, spec: dict) -> dict:
-    """An Anthropic /v1/messages body as an OpenAI /v1/chat/completions body (PROTOCOLS D.1)."""
+def anthropic_to_openai_request(anthropic_body: dict, spec: dict, *, session_id: Optional[str] = None,
+                                notes: Optional[Notes] = None) -> dict:
+    """An Anthropic /v1/messages body as an OpenAI /v1/chat/completions body (PROTOCOLS D.1).
+
+    spec is the model spec with the provider's switches filled in (mid_system, replay_reasoning,
+    prompt_cache_key); session_id, when the client names its session, becomes prompt_cache_key."""
     _expect(isinstance(anthropic_body, dict), "request body must be a JSON object", "body")
-    for key in anthropic_body.keys() - ANTHROPIC_MAPPED_FIELDS:
-        log.debug("dropping field %r not supported by OpenAI upstreams", key)
+    for key in sorted(anthropic_body.keys() - ANTHROPIC_MAPPED_FIELDS):
+        _note(notes, key, ANTHROPIC_DROP_REASONS.get(key, NO_OPENAI_FORM))
+    _note_nested_fields(anthropic_body, notes)
     openai_body: Dict[str, Any] = {"model": spec["model"],
-                                   "messages": _openai_messages(anthropic_body, spec)}
-    openai_body.update(_max_tokens_fields(anthropic_body, spec))
-    openai_body.update(_sampling_fields(anthropic_body))
-    tools = _openai_tools(anthropic_body.get("tools"), spec)
+                                   "messages": _openai_messages(anthropic_body, spec, notes)}
+    openai_body.update(_max_tokens_fields(anthropic_body, spec, notes))
+    openai_body.update(_sampling_fields(anthropic_body, notes))
+    tools = _openai_tools(anthropic_body.get("tools"), spec, notes)
     if tools:
         openai_body["tools"] = tools
         openai_body.update(_tool_choice_fields(anthropic_body.get("tool_choice")))
-    openai_body.update(_reasoning_fields(anthropic_body, spec))
+    openai_body.update(_reasoning_fields(anthropic_body, spec, notes))
     openai_body.update(_response_format_fields(anthropic_body))
     if anthropic_body.get("stream"):
         openai_body["stream"] = True
         openai_body["stream_options"] = {"include_usage": True}
+    if spec.get("prompt_cache_key") and session_id:
+        openai_body["prompt_cache_key"] = session_id
     openai_body.update(spec.get("extra_body") or {})
     return openai_body
 
@@ -2677,6 +3259,7 @@ FINISH_FROM_STOP_REASON = {
 OVERLOADED_ERROR_MARKERS = frozenset({"429", "529", "503", "overloaded", "overloaded_error",
                                       "rate_limit_exceeded", "rate_limit_error"})
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+MAX_CITED_TEXTS = 64                 # annotations per message whose cited_text is cut from the reply
 
 
 def anthropic_usage_from_openai(openai_usage: dict) -> dict:
@@ -2686,9 +3269,23 @@ def anthropic_usage_from_openai(openai_usage: dict) -> dict:
     cached = token_count(details.get("cached_tokens")) or token_count(openai_usage.get("prompt_cache_hit_tokens"))
     written = token_count(details.get("cache_write_tokens"))
     prompt = token_count(openai_usage.get("prompt_tokens"))
-    return {"input_tokens": max(prompt - cached - written, 0),
-            "output_tokens": token_count(openai_usage.get("completion_tokens")),
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+    usage = {"input_tokens": max(prompt - cached - written, 0),
+             "output_tokens": token_count(openai_usage.get("completion_tokens")),
+             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written,
+             "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}}
+    completion = openai_usage.get("completion_tokens_details")
+    reasoning = completion.get("reasoning_tokens") if isinstance(completion, dict) else None
+    if _is_number(reasoning):
+        usage["output_tokens_details"] = {"thinking_tokens": token_count(reasoning)}
+    return usage
+
+
+def empty_anthropic_usage(input_tokens: int) -> dict:
+    """Usage before the upstream counted: the local input estimate, zeros, the cache_creation object
+    (Claude Code 2.1.79+ rejects a message_start without it, PROTOCOLS H.2)."""
+    return {"input_tokens": input_tokens, "output_tokens": 0, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}
 
 
 def anthropic_error_type(openai_error: Any) -> str:
@@ -2864,6 +3461,12 @@ class OpenAIToAnthropicStream:
     the provider is interleaving, and the other call is buffered and emitted whole when the
     open block closes (so block order may then differ from upstream index order).
 
+    A refusal (delta.refusal) is shown as text and ends the message with stop_reason "refusal";
+    url_citation annotations become citations_delta events on the open text block (Anthropic's
+    web_search_result_location, cited_text cut from the text so far). Upstream reasoning
+    signatures are tagged with the provider's name (see the section's notes); a tool call's
+    Gemini thought signature rides on its tool_use id (join_tool_id).
+
     finish_reason closes the open block and is remembered, but the message does NOT end there:
     usage comes later (OpenAI: an empty-choices chunk; OpenRouter: a chunk after the finish;
     DeepSeek/Groq: on the finish chunk itself). The last usage seen wins. `close()` (at
@@ -2871,10 +3474,15 @@ class OpenAIToAnthropicStream:
     closes the open block, emits one Anthropic `error` event and finishes the machine.
     Only choice 0 is followed (n > 1 is not representable in Anthropic)."""
 
-    def __init__(self, model: str, *, message_id: Optional[str] = None, input_tokens: int = 0):
+    def __init__(self, model: str, *, message_id: Optional[str] = None, input_tokens: int = 0,
+                 provider: str = "openai"):
         self.model = model
         self.message_id = message_id or new_id("msg_")
         self.input_tokens = input_tokens
+        self.provider = provider
+        self._refused = False
+        self._text: List[str] = []      # the reply's text so far, for citations' cited_text
+        self._cited = 0
         self._started = self._finished = False
         self._next_index = self._open_index = 0
         self._open: Optional[str] = None  # "text" | "thinking" | "tool" | None
@@ -2919,8 +3527,7 @@ class OpenAIToAnthropicStream:
             return []
         events = self._message_start() + self._flush_think() + self._settle()
         self._finished = True
-        usage = self._usage or {"input_tokens": self.input_tokens, "output_tokens": 0,
-                                "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        usage = self._usage or empty_anthropic_usage(self.input_tokens)
         delta = {"stop_reason": self._stop_reason(), "stop_sequence": None}
         return events + [{"type": "message_delta", "delta": delta, "usage": dict(usage)},
                          {"type": "message_stop"}]
@@ -2932,11 +3539,10 @@ class OpenAIToAnthropicStream:
         if self._started:
             return []
         self._started = True
-        usage = {"input_tokens": self.input_tokens, "output_tokens": 0,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
         return [{"type": "message_start", "message": {
             "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}}]
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": empty_anthropic_usage(self.input_tokens)}}]
 
     def _take_usage(self, openai_chunk: dict) -> None:
         """Remember the chunk's usage (or Groq's x_groq.usage); the last one wins."""
@@ -2953,13 +3559,16 @@ class OpenAIToAnthropicStream:
         events: List[dict] = []
         for kind, value in _reasoning_pieces(delta):
             events += self._on_signature(value) if kind == "signature" else self._on_text(kind, value)
-        if isinstance(delta.get("refusal"), str):  # OpenAI refusal text is shown as text
+        if isinstance(delta.get("refusal"), str) and delta["refusal"]:   # shown as text, ends as "refusal"
+            self._refused = True
             events += self._on_text("text", delta["refusal"])
         content = delta.get("content")
         pieces = self._think.split(content) if isinstance(content, str) else \
             _content_part_pieces(content) if isinstance(content, list) else []
         for kind, text in pieces:
             events += self._on_text(kind, text)
+        if isinstance(delta.get("annotations"), list):
+            events += self._on_annotations(delta["annotations"])
         for call in delta.get("tool_calls") or []:
             if isinstance(call, dict):
                 events += self._flush_think() + self._on_tool_call(call)
@@ -2980,6 +3589,8 @@ class OpenAIToAnthropicStream:
     def _stop_reason(self) -> str:
         """Mapped finish_reason; tool_use whenever a tool call was seen (unless truncated)."""
         reason = STOP_REASON_FROM_FINISH.get(self._finish_reason or "stop", "end_turn")
+        if self._refused:
+            return "refusal"
         return "tool_use" if self._tools and reason != "max_tokens" else reason
 
     # -- blocks
@@ -3035,14 +3646,39 @@ class OpenAIToAnthropicStream:
             block = {"type": "text", "text": ""} if kind == "text" else \
                 {"type": "thinking", "thinking": "", "signature": ""}
             events += self._start_block(kind, block)
+        if kind == "text":
+            self._text.append(text)
         delta = {"type": "text_delta", "text": text} if kind == "text" else \
             {"type": "thinking_delta", "thinking": text}
         return events + [self._delta(delta)]
 
+    def _on_annotations(self, annotations: list) -> List[dict]:
+        """url_citation annotations as citations on the open text block (none open: dropped)."""
+        events: List[dict] = []
+        for annotation in annotations:
+            cite = annotation.get("url_citation") if isinstance(annotation, dict) else None
+            if not isinstance(cite, dict) or self._open != "text":
+                log.debug("dropping annotation %.80r: no text block to cite in", annotation)
+                continue
+            citation = {"type": "web_search_result_location", "url": cite.get("url") or "",
+                        "title": cite.get("title") or "", "cited_text": self._cited_text(cite), "encrypted_index": ""}
+            events.append(self._delta({"type": "citations_delta", "citation": citation}))
+        return events
+
+    def _cited_text(self, cite: dict) -> str:
+        """The text an annotation points at; only for the first MAX_CITED_TEXTS of a message, so an
+        upstream sending annotations between every fragment cannot make the stream quadratic."""
+        start, end = cite.get("start_index"), cite.get("end_index")
+        if not (isinstance(start, int) and isinstance(end, int)) or self._cited >= MAX_CITED_TEXTS:
+            return ""
+        self._cited += 1
+        self._text = ["".join(self._text)]
+        return self._text[0][start:end]
+
     def _on_signature(self, signature: str) -> List[dict]:
-        """Keep an upstream signature for the open thinking block (sent before its stop)."""
+        """Keep an upstream signature, tagged as this provider's, for the open thinking block."""
         if self._open == "thinking":
-            self._signature = signature
+            self._signature = tag_signature(self.provider, signature)
         else:
             log.debug("dropping reasoning signature with no open thinking block")
         return []
@@ -3065,7 +3701,7 @@ class OpenAIToAnthropicStream:
     def _new_tool(self, index: Any, raw_id: Optional[str]) -> dict:
         """Register a tool call seen for the first time."""
         tool = {"raw_id": raw_id, "id": sanitize_tool_id(raw_id), "name": "", "arguments": [],
-                "scan": JsonScan(), "block": None}
+                "scan": JsonScan(), "block": None, "signature": None}
         self._tools.append(tool)
         if isinstance(index, int):
             self._tool_by_index[index] = tool
@@ -3079,6 +3715,10 @@ class OpenAIToAnthropicStream:
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         if isinstance(function.get("name"), str) and function["name"] and not tool["name"]:
             tool["name"] = function["name"]
+        extra = call.get("extra_content")
+        google = extra.get("google") if isinstance(extra, dict) else None
+        if isinstance(google, dict) and isinstance(google.get("thought_signature"), str) and tool["block"] is None:
+            tool["signature"] = google["thought_signature"]
         arguments = function.get("arguments")
         if isinstance(arguments, (dict, list)):
             arguments = json.dumps(arguments, ensure_ascii=False)
@@ -3098,7 +3738,8 @@ class OpenAIToAnthropicStream:
 
     def _open_tool_block(self, tool: dict) -> List[dict]:
         """Open a tool_use block and send the arguments gathered so far."""
-        events = self._start_block("tool", {"type": "tool_use", "id": tool["id"],
+        tool_id = join_tool_id(tool["id"], tool["signature"])
+        events = self._start_block("tool", {"type": "tool_use", "id": tool_id,
                                             "name": tool["name"], "input": {}})
         tool["block"], self._open_tool = self._open_index, tool
         if tool["arguments"]:
@@ -3237,13 +3878,13 @@ def openai_message_as_chunk(openai_body: dict) -> dict:
 
 
 def openai_response_to_anthropic(openai_body: dict, model: str, *,
-                                 message_id: Optional[str] = None) -> dict:
+                                 message_id: Optional[str] = None, provider: str = "openai") -> dict:
     """A chat.completion body as an Anthropic message, via the stream machine and the fold."""
     if not isinstance(openai_body, dict):
         raise UpstreamError("upstream answered a non-object body")
     if not openai_body.get("error") and not openai_body.get("choices"):
         raise UpstreamError("upstream answer has no choices")
-    stream = OpenAIToAnthropicStream(model, message_id=message_id)
+    stream = OpenAIToAnthropicStream(model, message_id=message_id, provider=provider)
     events = stream.feed(openai_message_as_chunk(openai_body)) + stream.close()
     return fold_anthropic_events(events)
 
@@ -3325,58 +3966,81 @@ def estimate_anthropic_tokens(anthropic_body: dict) -> int:
 # 9b. OpenAI client -> Claude upstream (request), Claude -> OpenAI client (response, stream)
 # ---------------------------------------------------------------------------------------------
 #
-# Decisions taken here (PROTOCOLS D.2, D.6, D.7), each in one place:
+# Decisions taken here (PROTOCOLS D.2, D.6, D.7, H.1), each in one place; every field the request
+# converter drops or rewrites is a note:
+# - The model's facts come from the model table (model_facts: output limit, thinking style,
+#   efforts, sampling rules, mid-conversation system), a config entry overriding them.
 # - max_tokens defaults to DEFAULT_ANTHROPIC_MAX_TOKENS (8192) when the client sends neither
 #   max_tokens nor max_completion_tokens: Anthropic requires it and 4096 truncates modern answers.
-# - temperature is clamped to Anthropic's 0..1 (OpenAI allows 0..2).
+# - temperature is clamped to Anthropic's 0..1 (OpenAI allows 0..2); temperature, top_p and top_k
+#   are dropped where the model rejects them (Opus 4.7+, Claude 5, Fable: even at defaults) or the
+#   anthropic-version does (2026-10-21 removed them), top_p where it is exclusive with temperature.
 # - tool_call arguments that are not valid JSON objects become {"_raw": arguments}: the model
 #   sees what it sent instead of an empty {} that hides the breakage.
 # - input_audio parts and file parts other than PDF / text data URLs are a BadRequest: silently
 #   dropping them would make Claude answer a question it never saw.
 # - response_format json_schema -> output_config.format; json_object -> output_config.format with
 #   the permissive schema {"type": "object"} plus a system line asking for one JSON object.
-# - Fields with no Anthropic equivalent (D.7) are dropped with log.debug; n > 1 is a BadRequest.
-# - Reasoning: budgets for models up to 4.6, adaptive + effort for Opus 4.7+ and Claude 5
-#   (EFFORT_BUDGET, ADAPTIVE_ONLY_SINCE). When a small explicit max_tokens has to be raised to
-#   budget + 1024, that is the one log.warning of this section (the client's limit is overridden).
-# - Thinking is switched off (log.debug) when the tool_choice forces a tool or when the last
+# - Fields with no Anthropic equivalent (D.7) are dropped (notes); n > 1 is a BadRequest.
+# - System and developer messages before the first turn become the system prompt; later ones stay
+#   where they are as role "system" messages (the handler adds the mid-conversation-system beta)
+#   when the model takes them, else they become user text at their position (FOLDED_SYSTEM).
+# - Reasoning: budgets or adaptive + effort as the model's thinking style says; an effort the
+#   model lacks folds to the nearest lower one it has. When a small explicit max_tokens has to be
+#   raised to budget + 1024, that is a note (the client's limit is overridden).
+# - Thinking is switched off (a note) when the tool_choice forces a tool or when the last
 #   assistant turn holds tool_use: OpenAI clients never carry the signed thinking block that
 #   Anthropic then requires (B.2). output_config.effort stays: it is valid without thinking.
 # - Foreign reasoning on assistant turns (reasoning_content / reasoning) is dropped, never sent
 #   as thinking (its signature would not validate).
+# - The 2026-10-21 rules on documents in assistant turns and citations on user text hold by
+#   construction: assistant turns take only text parts, and no OpenAI part becomes a citation.
 
 DEFAULT_ANTHROPIC_MAX_TOKENS = 8192
 THINKING_HEADROOM = 1024            # max_tokens >= budget + this (Pimzino)
-THINKING_BLOCK_TYPES = ("thinking", "redacted_thinking")
 PLACEHOLDER_FIRST_USER = "(continued)"
 PLACEHOLDER_TOOL_RESULT = "(no result)"
 JSON_OBJECT_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
+NO_ANTHROPIC_FORM = "dropped: the Anthropic API has no such field"
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+SAMPLING_REMOVED_IN = "2026-10-21"  # the anthropic-version that rejects every sampling field (H.1)
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 # Budgets for models that take thinking.budget_tokens (D.6, Pimzino scale rounded to powers of 2).
 # max is 62976 so that budget + 1024 = 64000, the Sonnet 4.x output limit.
 EFFORT_BUDGET = {"minimal": 1024, "low": 8192, "medium": 16384, "high": 32768,
                  "xhigh": 49152, "max": 62976}
-# output_config.effort for adaptive models: values they accept (minimal has no equivalent).
+# output_config.effort for adaptive models (minimal has no equivalent); then folded to the model's.
 ADAPTIVE_EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
                    "xhigh": "xhigh", "max": "max"}
-# family -> first version that rejects budget thinking and non-default sampling (B.2).
-ADAPTIVE_ONLY_SINCE = {"opus": (4, 7), "sonnet": (5, 0), "haiku": (5, 0), "": (5, 0)}
-# family -> first version that rejects temperature and top_p together (B.2; assumed to persist).
-EXCLUSIVE_SAMPLING_SINCE = {"opus": (4, 1), "sonnet": (4, 5), "haiku": (4, 5)}
 
-OPENAI_DROPPED_FIELDS = ("logprobs", "top_logprobs", "seed", "logit_bias", "presence_penalty",
-                         "frequency_penalty", "store", "service_tier", "modalities", "audio",
-                         "prediction", "metadata", "stream_options", "verbosity",
-                         "web_search_options", "prompt_cache_key", "n")
+# Top-level OpenAI fields this converter maps (stream_options is honoured by the handler); any
+# other is a note, with its reason from OPENAI_DROP_REASONS.
+OPENAI_MAPPED_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop",
+    "user", "safety_identifier", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "response_format", "reasoning_effort", "reasoning", "n"})
+OPENAI_DROP_REASONS = {
+    "logprobs": "dropped: Claude returns no log probabilities",
+    "top_logprobs": "dropped: Claude returns no log probabilities",
+    "seed": "dropped: Claude has no seeded sampling",
+    "prompt_cache_key": "dropped: Claude caches by prefix, not by key",
+    "prompt_cache_options": "dropped: Claude caches by prefix, not by key",
+    "prompt_cache_breakpoint": "dropped: Claude caches by prefix, not by key",
+    "moderation": "dropped: no moderation pass on Anthropic's API",
+}
+FOREIGN_REASONING = "dropped: another provider's reasoning cannot be replayed as signed thinking"
+# OpenAI message keys each role maps; others are notes.
+MESSAGE_KEYS = {"user": ("role", "content"), "assistant": ("role", "content", "tool_calls", "function_call", "refusal"),
+                "tool": ("role", "content", "tool_call_id"), "function": ("role", "content", "name"),
+                "system": ("role", "content"), "developer": ("role", "content")}
+MESSAGE_DROP_REASONS = {"reasoning_content": FOREIGN_REASONING, "reasoning": FOREIGN_REASONING,
+                        "reasoning_details": FOREIGN_REASONING}
 TOOL_CHOICE_FROM_OPENAI = {"auto": {"type": "auto"}, "required": {"type": "any"},
                            "none": {"type": "none"}, "any": {"type": "any"}}
 # ---- model names -------------------------------------------------------------------------
 
 _VARIANT_SUFFIX = re.compile(r"^(?P<base>.+?)-(?:reasoning-(?P<effort>minimal|low|medium|high|xhigh|max)"
                              r"|(?P<one_m>1m))$")
-_CLAUDE_VERSION = re.compile(r"claude-(?:(?P<fam1>opus|sonnet|haiku)-)?(?P<major>\d+)"
-                             r"(?:[-.](?P<minor>\d{1,2})(?!\d))?(?:-(?P<fam2>opus|sonnet|haiku))?")
 
 
 def parse_model_variant(name: str) -> Tuple[str, Optional[str], bool]:
@@ -3388,32 +4052,6 @@ def parse_model_variant(name: str) -> Tuple[str, Optional[str], bool]:
             break
         base, effort, one_m = m.group("base"), effort or m.group("effort"), one_m or bool(m.group("one_m"))
     return base, effort, one_m
-
-
-def claude_version(model: str) -> Optional[Tuple[str, Tuple[int, int]]]:
-    """("opus"|"sonnet"|"haiku"|"", (major, minor)) parsed from a Claude model name, or None."""
-    m = _CLAUDE_VERSION.search(model.lower())
-    if not m:
-        return None
-    family = m.group("fam1") or m.group("fam2") or ""
-    return family, (int(m.group("major")), int(m.group("minor") or 0))
-
-
-def _since(table: Dict[str, Tuple[int, int]], model: str) -> bool:
-    """True when the model's version reaches the table's threshold for its family."""
-    parsed = claude_version(model)
-    if parsed is None:
-        return False
-    family, version = parsed
-    threshold = table.get(family, table.get(""))
-    return threshold is not None and version >= threshold
-
-
-def thinking_style_for(model: str, override: Optional[str] = None) -> str:
-    """The thinking style: adaptive for Opus 4.7+ / Claude 5, budget before; override wins."""
-    if override in ("budget", "adaptive"):
-        return override
-    return "adaptive" if _since(ADAPTIVE_ONLY_SINCE, model) else "budget"
 
 # ---- request: small parsers ----------------------------------------------------------------
 
@@ -3428,8 +4066,6 @@ def _parse_data_url(url: str, param: str) -> Tuple[str, str]:
     return m.group("mime").strip().lower(), m.group("data")
 
 
-
-
 def _text_block(text: Any, param: str) -> List[dict]:
     """[text block] for a non-empty string, [] for an empty one."""
     if not isinstance(text, str):
@@ -3437,12 +4073,14 @@ def _text_block(text: Any, param: str) -> List[dict]:
     return [{"type": "text", "text": text}] if text.strip() else []
 
 
-def _image_block(part: dict, param: str) -> dict:
+def _image_block(part: dict, param: str, notes: Optional[Notes] = None) -> dict:
     """OpenAI image_url part -> Anthropic image block (detail dropped)."""
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str):
         raise BadRequest("image_url.url must be a string", param=param + ".image_url")
+    if isinstance(image, dict):
+        _note_extra_keys(image, ("url",), param + ".image_url", notes, NO_ANTHROPIC_FORM)
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     media_type, data = _parse_data_url(url, param + ".image_url.url")
@@ -3450,7 +4088,7 @@ def _image_block(part: dict, param: str) -> dict:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def _file_block(part: dict, param: str) -> dict:
+def _file_block(part: dict, param: str, notes: Optional[Notes] = None) -> dict:
     """OpenAI file part (PDF or text data URL) -> Anthropic document block."""
     file = part.get("file")
     if not isinstance(file, dict) or not isinstance(file.get("file_data"), str):
@@ -3469,14 +4107,15 @@ def _file_block(part: dict, param: str) -> dict:
     return block
 
 
-PART_CONVERTERS = {"text": lambda p, param: _text_block(p.get("text"), param + ".text"),
-                   "refusal": lambda p, param: _text_block(p.get("refusal"), param + ".refusal"),
-                   "image_url": lambda p, param: [_image_block(p, param)],
-                   "file": lambda p, param: [_file_block(p, param)]}
+PART_CONVERTERS: Dict[str, Callable[[dict, str, Optional[Notes]], List[dict]]] = {
+    "text": lambda p, param, notes: _text_block(p.get("text"), param + ".text"),
+    "refusal": lambda p, param, notes: _text_block(p.get("refusal"), param + ".refusal"),
+    "image_url": lambda p, param, notes: [_image_block(p, param, notes)],
+    "file": lambda p, param, notes: [_file_block(p, param, notes)]}
 TEXT_PART_TYPES = ("text", "refusal")
 
 
-def _content_blocks(content: Any, param: str, allowed: Tuple[str, ...]) -> List[dict]:
+def _content_blocks(content: Any, param: str, allowed: Tuple[str, ...], notes: Optional[Notes] = None) -> List[dict]:
     """OpenAI message content (str | parts | None) -> Anthropic blocks, empty text removed."""
     if content is None:
         return []
@@ -3492,7 +4131,7 @@ def _content_blocks(content: Any, param: str, allowed: Tuple[str, ...]) -> List[
         if part.get("type") not in allowed:  # input_audio included: Claude cannot hear it
             raise BadRequest("content part type %r is not supported here" % part.get("type"),
                              param=part_param + ".type")
-        blocks += PART_CONVERTERS[part["type"]](part, part_param)
+        blocks += PART_CONVERTERS[part["type"]](part, part_param, notes)
     return blocks
 
 
@@ -3511,32 +4150,35 @@ def _tool_input(arguments: Any, param: str) -> dict:
     return parsed if isinstance(parsed, dict) else {"_raw": arguments}
 
 
-def _tool_use_block(call: Any, param: str) -> dict:
+def _tool_use_block(call: Any, param: str, notes: Optional[Notes] = None) -> dict:
     """One OpenAI tool_call -> Anthropic tool_use block."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise BadRequest("tool call needs function.name", param=param + ".function")
+    _note_extra_keys(call, ("id", "type", "function", "index"), param, notes, NO_ANTHROPIC_FORM)
     return {"type": "tool_use", "id": sanitize_tool_id(call.get("id")), "name": function["name"],
             "input": _tool_input(function.get("arguments"), param + ".function.arguments")}
 
 # ---- request: messages ---------------------------------------------------------------------
 
 
-def _assistant_blocks(msg: dict, i: int) -> List[dict]:
-    """Assistant text first, then tool_use blocks; foreign reasoning dropped."""
+def _assistant_blocks(msg: dict, i: int, notes: Optional[Notes] = None) -> List[dict]:
+    """Assistant text (a refusal too) first, then tool_use blocks; foreign reasoning dropped."""
     param = "messages.%d" % i
-    blocks = _content_blocks(msg.get("content"), param + ".content", TEXT_PART_TYPES)
+    blocks = _content_blocks(msg.get("content"), param + ".content", TEXT_PART_TYPES, notes)
+    if msg.get("refusal") is not None:
+        blocks += _text_block(msg["refusal"], param + ".refusal")
     calls = msg.get("tool_calls") or []
     if not isinstance(calls, list):
         raise BadRequest("tool_calls must be a list", param=param + ".tool_calls")
-    blocks += [_tool_use_block(c, "%s.tool_calls.%d" % (param, k)) for k, c in enumerate(calls)]
+    blocks += [_tool_use_block(c, "%s.tool_calls.%d" % (param, k), notes) for k, c in enumerate(calls)]
     if isinstance(msg.get("function_call"), dict):  # legacy: id pairs with the next message
         blocks.append(_tool_use_block(dict(id="fn_%d" % i, function=msg["function_call"]),
                                       param + ".function_call"))
     return blocks
 
 
-def _tool_result_block(msg: dict, i: int) -> List[dict]:
+def _tool_result_block(msg: dict, i: int, notes: Optional[Notes] = None) -> List[dict]:
     """A tool (or legacy function) message -> one tool_result block."""
     param = "messages.%d" % i
     if msg["role"] == "function":
@@ -3551,25 +4193,38 @@ def _tool_result_block(msg: dict, i: int) -> List[dict]:
         if content:
             block["content"] = content
     else:
-        content = _content_blocks(content, param + ".content", ("text", "image_url"))
+        content = _content_blocks(content, param + ".content", ("text", "image_url"), notes)
         if content:
             block["content"] = content
     return [block]
 
 
 ROLE_CONVERTERS = {  # OpenAI role -> (Anthropic role, converter)
-    "user": ("user", lambda m, i: _content_blocks(m.get("content"), "messages.%d.content" % i,
-                                                  tuple(PART_CONVERTERS))),
+    "user": ("user", lambda m, i, notes: _content_blocks(m.get("content"), "messages.%d.content" % i,
+                                                         tuple(PART_CONVERTERS), notes)),
     "assistant": ("assistant", _assistant_blocks),
     "tool": ("user", _tool_result_block),
     "function": ("user", _tool_result_block),
-    "system": ("system", lambda m, i: _content_blocks(m.get("content"), "messages.%d.content" % i,
-                                                      ("text",))),
+    "system": ("system", lambda m, i, notes: _content_blocks(m.get("content"), "messages.%d.content" % i,
+                                                             ("text",), notes)),
 }
 ROLE_CONVERTERS["developer"] = ROLE_CONVERTERS["system"]
 
 
-def _split_messages(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
+def _mid_system_turn(blocks: List[dict], turns: List[dict], inline: bool, i: int,
+                     notes: Optional[Notes]) -> dict:
+    """A system/developer message after the first turn: a system turn where the model takes one
+    (not right after a tool call, whose results must follow it), else user text at its position."""
+    last = turns[-1]
+    after_call = last["role"] == "assistant" and any(b["type"] == "tool_use" for b in last["content"])
+    if inline and not after_call:
+        return {"role": "system", "content": blocks}
+    _note(notes, "messages.%d" % i, "rewritten: a mid-conversation system message sent as user text at its position")
+    return {"role": "user", "content": [{"type": "text", "text": FOLDED_SYSTEM % "\n\n".join(b["text"] for b in blocks)}]}
+
+
+def _split_messages(openai_messages: Any, inline_system: bool = False,
+                    notes: Optional[Notes] = None) -> Tuple[List[dict], List[dict]]:
     """Validate and convert: (system text blocks, [{"role","content":[blocks]}] unmerged)."""
     if not isinstance(openai_messages, list) or not openai_messages:
         raise BadRequest("messages must be a non-empty list", param="messages")
@@ -3580,12 +4235,16 @@ def _split_messages(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
             raise BadRequest("message must be an object", param="messages.%d" % i)
         if not isinstance(msg.get("role"), str) or msg["role"] not in ROLE_CONVERTERS:
             raise BadRequest("unknown role %r" % (msg.get("role"),), param="messages.%d.role" % i)
+        for key in msg.keys() - set(MESSAGE_KEYS[msg["role"]]):
+            _note(notes, "messages.%d.%s" % (i, key), MESSAGE_DROP_REASONS.get(key, NO_ANTHROPIC_FORM))
         role, to_blocks = ROLE_CONVERTERS[msg["role"]]
-        blocks = to_blocks(msg, i)
-        if role == "system":
-            system += blocks
-        else:
+        blocks = to_blocks(msg, i, notes)
+        if role != "system":
             turns.append({"role": role, "content": blocks})
+        elif not turns:
+            system += blocks
+        elif blocks:
+            turns.append(_mid_system_turn(blocks, turns, inline_system, i, notes))
     return system, turns
 
 
@@ -3637,9 +4296,10 @@ def _pair_tool_results(turns: List[dict]) -> List[dict]:
     return out
 
 
-def openai_messages_to_anthropic(openai_messages: Any) -> Tuple[List[dict], List[dict]]:
+def openai_messages_to_anthropic(openai_messages: Any, *, inline_system: bool = False,
+                                 notes: Optional[Notes] = None) -> Tuple[List[dict], List[dict]]:
     """OpenAI messages -> (Anthropic system blocks, repaired Anthropic messages)."""
-    system, turns = _split_messages(openai_messages)
+    system, turns = _split_messages(openai_messages, inline_system, notes)
     return system, _repair_turns(turns, "messages")
 
 
@@ -3667,8 +4327,8 @@ def _trim_prefill(turn: dict) -> Optional[dict]:
 # ---- request: tools, sampling, response_format -----------------------------------------------
 
 
-def _anthropic_tool(tool: Any, param: str) -> dict:
-    """OpenAI function tool -> Anthropic custom tool."""
+def _anthropic_tool(tool: Any, param: str, notes: Optional[Notes] = None) -> dict:
+    """OpenAI function tool -> Anthropic custom tool (strict kept)."""
     is_function = isinstance(tool, dict) and tool.get("type", "function") == "function"
     function = tool.get("function") if is_function else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -3676,10 +4336,14 @@ def _anthropic_tool(tool: Any, param: str) -> dict:
     schema = function.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(schema, dict):
         raise BadRequest("parameters must be a JSON Schema object", param=param + ".function.parameters")
+    _note_extra_keys(function, ("name", "description", "parameters", "strict"), param + ".function", notes,
+                     NO_ANTHROPIC_FORM)
     out = {"name": function["name"]}
     if function.get("description"):
         out["description"] = function["description"]
     out["input_schema"] = schema
+    if function.get("strict") is not None:
+        out["strict"] = bool(function["strict"])
     return out
 
 
@@ -3708,14 +4372,14 @@ def _anthropic_tool_choice(choice: Any) -> Optional[dict]:
     return {"type": "tool", "name": name}
 
 
-def _apply_tools(openai_body: dict, anthropic_body: dict) -> None:
+def _apply_tools(openai_body: dict, anthropic_body: dict, notes: Optional[Notes] = None) -> None:
     """tools, tool_choice, parallel_tool_calls (legacy functions accepted)."""
     tools, choice = _legacy_tools(openai_body)
     if not tools:
         return
     if not isinstance(tools, list):
         raise BadRequest("tools must be a list", param="tools")
-    anthropic_body["tools"] = [_anthropic_tool(t, "tools.%d" % i) for i, t in enumerate(tools)]
+    anthropic_body["tools"] = [_anthropic_tool(t, "tools.%d" % i, notes) for i, t in enumerate(tools)]
     tool_choice = _anthropic_tool_choice(choice)
     if openai_body.get("parallel_tool_calls") is False and (tool_choice or {}).get("type") != "none":
         tool_choice = dict(tool_choice or {"type": "auto"}, disable_parallel_tool_use=True)
@@ -3743,14 +4407,16 @@ def _stop_sequences(stop: Any) -> List[str]:
     return [s for s in stops if s.strip()]
 
 
-def _apply_sampling_fields(openai_body: dict, anthropic_body: dict) -> None:
+def _apply_sampling_fields(openai_body: dict, anthropic_body: dict, notes: Optional[Notes] = None) -> None:
     """temperature (clamped to 0..1), top_p, top_k, stop, user, stream."""
-    for key in ("temperature", "top_p", "top_k"):
+    for key in SAMPLING_FIELDS:
         value = openai_body.get(key)
         if value is not None and not _is_number(value):
             raise BadRequest(key + " must be a number", param=key)
         if value is not None:
             anthropic_body[key] = min(max(value, 0), 1.0) if key == "temperature" else value
+    if anthropic_body.get("temperature", 0) != openai_body.get("temperature", 0):
+        _note(notes, "temperature", "rewritten: clamped to Anthropic's 0..1")
     stops = _stop_sequences(openai_body["stop"]) if openai_body.get("stop") is not None else []
     if stops:
         anthropic_body["stop_sequences"] = stops
@@ -3761,11 +4427,15 @@ def _apply_sampling_fields(openai_body: dict, anthropic_body: dict) -> None:
         anthropic_body["stream"] = bool(openai_body["stream"])
 
 
-def _apply_response_format(openai_body: dict, anthropic_body: dict) -> None:
+def _apply_response_format(openai_body: dict, anthropic_body: dict, notes: Optional[Notes] = None) -> None:
     """response_format json_schema / json_object -> output_config.format (never dropped)."""
     rf = openai_body.get("response_format")
     kind = rf.get("type") if isinstance(rf, dict) else rf
-    schema = (rf.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    json_schema = (rf.get("json_schema") or {}) if kind == "json_schema" else {}
+    if isinstance(json_schema, dict):
+        _note_extra_keys(json_schema, ("schema", "strict"), "response_format.json_schema", notes,
+                         "dropped: Anthropic's output format has no name or description")
+    schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
     _set_output_format(kind, schema, anthropic_body, "response_format", "response_format.json_schema.schema")
 
 
@@ -3782,18 +4452,6 @@ def _set_output_format(kind: Any, schema: Any, anthropic_body: dict, param: str,
         raise BadRequest("json_schema.schema must be an object", param=schema_param)
     anthropic_body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": strict_schema(schema)}
 
-
-def strict_schema(schema: Any) -> Any:
-    """A copy where every object schema forbids additional properties, as Anthropic requires."""
-    if isinstance(schema, list):
-        return [strict_schema(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: strict_schema(value) for key, value in schema.items()}
-    if out.get("type") == "object" or "properties" in out:
-        out["additionalProperties"] = False
-    return out
-
 # ---- request: reasoning ----------------------------------------------------------------------
 
 
@@ -3804,8 +4462,8 @@ def _requested_effort(openai_body: dict, variant_effort: Optional[str]) -> Optio
         effort = openai_body["reasoning"].get("effort")
     if effort is None:
         effort = variant_effort
-    if effort is not None and effort not in REASONING_EFFORTS:
-        raise BadRequest("reasoning_effort must be one of " + ", ".join(REASONING_EFFORTS),
+    if effort is not None and effort not in EFFORT_ORDER:
+        raise BadRequest("reasoning_effort must be one of " + ", ".join(EFFORT_ORDER),
                          param="reasoning_effort")
     return effort
 
@@ -3816,93 +4474,117 @@ def _thinking_blocked(anthropic_body: dict) -> Optional[str]:
         return "tool_choice forces a tool"
     assistants = [m for m in anthropic_body["messages"] if m["role"] == "assistant"]
     last = assistants[-1]["content"] if assistants else []
-    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in THINKING_BLOCK_TYPES:
+    if any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in THINKING_BLOCKS:
         return "the last assistant turn has tool_use without a signed thinking block"
     return None
 
 
-def _apply_thinking(anthropic_body: dict, effort: Optional[str], style: str, explicit_max: bool) -> None:
-    """Set thinking / output_config.effort and make max_tokens leave room for the budget."""
+def _adaptive_effort(anthropic_body: dict, effort: str, facts: dict, notes: Optional[Notes]) -> None:
+    """output_config.effort for an adaptive model: the effort, or the nearest lower one it accepts."""
+    accepted = EFFORTS_ALL if facts["efforts"] is None else facts["efforts"]
+    wanted = ADAPTIVE_EFFORT[effort]
+    if not accepted:
+        _note(notes, "reasoning_effort", "dropped: this model takes no effort (adaptive thinking only)")
+        return
+    folded = fold_effort(wanted, accepted)
+    if folded != wanted:
+        _note(notes, "reasoning_effort", "rewritten: %s sent as %s, the most this model accepts" % (effort, folded))
+    anthropic_body.setdefault("output_config", {})["effort"] = folded
+
+
+def _apply_thinking(anthropic_body: dict, effort: Optional[str], facts: dict, explicit_max: bool,
+                    notes: Optional[Notes] = None) -> None:
+    """Set thinking / output_config.effort in the model's thinking style; max_tokens leaves room for a budget."""
     if effort in (None, "none"):
         return
+    style = facts["thinking"]
+    if style == "none":
+        _note(notes, "reasoning_effort", "dropped: this model has no extended thinking")
+        return
     if style == "adaptive":
-        anthropic_body.setdefault("output_config", {})["effort"] = ADAPTIVE_EFFORT[effort]
-        thinking: dict = {"type": "adaptive"}
-    else:
-        thinking = {"type": "enabled", "budget_tokens": EFFORT_BUDGET[effort]}
+        _adaptive_effort(anthropic_body, effort, facts, notes)
+    thinking = {"type": "adaptive"} if style == "adaptive" else {"type": "enabled", "budget_tokens": EFFORT_BUDGET[effort]}
     reason = _thinking_blocked(anthropic_body)
     if reason:
-        log.debug("thinking off for this request: %s", reason)
+        _note(notes, "reasoning_effort", "thinking left off for this request: " + reason)
         return
     anthropic_body["thinking"] = thinking
     needed = thinking.get("budget_tokens", 0) + THINKING_HEADROOM
     if style == "budget" and anthropic_body["max_tokens"] < needed:
         if explicit_max:
-            log.warning("max_tokens %d raised to %d to fit the thinking budget",
-                        anthropic_body["max_tokens"], needed)
+            _note(notes, "max_tokens", "rewritten: %d raised to %d to fit the thinking budget"
+                  % (anthropic_body["max_tokens"], needed))
         anthropic_body["max_tokens"] = needed
 
 
-OUTPUT_LIMIT = {("opus", (4, 0)): 32000, ("opus", (4, 1)): 32000}    # others: 64000 or more
-
-
-def _fit_output_limit(anthropic_body: dict, model: str) -> None:
+def _fit_output_limit(anthropic_body: dict, facts: dict, notes: Optional[Notes] = None) -> None:
     """Clamp max_tokens (and a thinking budget under it) to the model's output limit."""
-    version = claude_version(model)
-    limit = OUTPUT_LIMIT.get(version) if version else None
+    limit = facts["output"]
     if not limit or anthropic_body["max_tokens"] <= limit:
         return
+    _note(notes, "max_tokens", "rewritten: lowered to the model's output limit %d" % limit)
     anthropic_body["max_tokens"] = limit
     thinking = anthropic_body.get("thinking") or {}
     if thinking.get("budget_tokens", 0) > limit - THINKING_HEADROOM:
         anthropic_body["thinking"] = dict(thinking, budget_tokens=limit - THINKING_HEADROOM)
 
 
-def _restrict_sampling(anthropic_body: dict, model: str) -> None:
-    """Drop or clamp sampling parameters the model or thinking mode rejects (B.2)."""
-    if _since(ADAPTIVE_ONLY_SINCE, model):  # Opus 4.7+ / Claude 5: non-default values are a 400
-        dropped = ("temperature", "top_p", "top_k")
-    elif "thinking" in anthropic_body:
-        dropped = ("temperature", "top_k")
-        if "top_p" in anthropic_body:
-            anthropic_body["top_p"] = max(anthropic_body["top_p"], 0.95)
-    else:
-        dropped = ()
-    for key in dropped:
-        if anthropic_body.pop(key, None) is not None:
-            log.debug("dropped %s for %s", key, model)
-    if ("temperature" in anthropic_body and "top_p" in anthropic_body
-            and _since(EXCLUSIVE_SAMPLING_SINCE, model)):
-        log.debug("dropped top_p for %s: temperature and top_p are exclusive", model)
+def _sampling_rejected(facts: dict, anthropic_version: str) -> Optional[str]:
+    """Why no sampling field may be sent at all, or None."""
+    if facts["sampling"] == "none":
+        return "dropped: this model rejects sampling parameters"
+    if anthropic_version >= SAMPLING_REMOVED_IN:
+        return "dropped: anthropic-version %s removed sampling parameters" % anthropic_version
+    return None
+
+
+def _restrict_sampling(anthropic_body: dict, facts: dict, anthropic_version: str = ANTHROPIC_VERSION,
+                       notes: Optional[Notes] = None) -> None:
+    """Drop or clamp sampling parameters the model, the version or thinking rejects (B.2, H.1)."""
+    rejected = _sampling_rejected(facts, anthropic_version)
+    thinking = "thinking" in anthropic_body
+    for key in SAMPLING_FIELDS:
+        if key in anthropic_body and (rejected or (thinking and key != "top_p")):
+            del anthropic_body[key]
+            _note(notes, key, rejected or "dropped: not allowed with thinking")
+    if thinking and anthropic_body.get("top_p", 1) < 0.95:
+        _note(notes, "top_p", "rewritten: raised to 0.95, the least allowed with thinking")
+        anthropic_body["top_p"] = 0.95
+    if facts["sampling"] == "exclusive" and "temperature" in anthropic_body and "top_p" in anthropic_body:
+        _note(notes, "top_p", "dropped: this model takes temperature or top_p, not both")
         del anthropic_body["top_p"]
 
 # ---- request: entry point --------------------------------------------------------------------
 
 
-def openai_to_anthropic_request(openai_body: dict, model: str, *, variant_effort: Optional[str] = None,
-                                thinking_style: Optional[str] = None) -> dict:
-    """OpenAI chat.completions body -> Anthropic /v1/messages body (pure; D.2, D.6, D.7)."""
+def openai_to_anthropic_request(openai_body: dict, model: str, *, facts: Optional[dict] = None,
+                                variant_effort: Optional[str] = None, anthropic_version: str = ANTHROPIC_VERSION,
+                                notes: Optional[Notes] = None) -> dict:
+    """OpenAI chat.completions body -> Anthropic /v1/messages body (pure; D.2, D.6, D.7, H.1).
+
+    facts are model_facts(model, spec) (looked up when absent); the request follows the rules of
+    anthropic_version, the version it is sent with."""
     if not isinstance(openai_body, dict):
         raise BadRequest("request body must be a JSON object")
     if isinstance(openai_body.get("n"), int) and openai_body["n"] > 1:
         raise BadRequest("n > 1 is not supported", param="n")
-    system, messages = openai_messages_to_anthropic(openai_body.get("messages"))
+    facts = facts or model_facts(model)
+    for key in sorted(openai_body.keys() - OPENAI_MAPPED_FIELDS):
+        _note(notes, key, OPENAI_DROP_REASONS.get(key, NO_ANTHROPIC_FORM))
+    system, messages = openai_messages_to_anthropic(openai_body.get("messages"),
+                                                    inline_system=bool(facts["mid_system"]), notes=notes)
     explicit_max = _max_tokens(openai_body)
     anthropic_body: Dict[str, Any] = {"model": model, "messages": messages,
                                       "max_tokens": explicit_max or DEFAULT_ANTHROPIC_MAX_TOKENS}
     if system:
         anthropic_body["system"] = system
-    _apply_sampling_fields(openai_body, anthropic_body)
-    _apply_tools(openai_body, anthropic_body)
-    _apply_response_format(openai_body, anthropic_body)
-    style = thinking_style_for(model, thinking_style)
-    _apply_thinking(anthropic_body, _requested_effort(openai_body, variant_effort), style,
-                    explicit_max is not None)
-    _fit_output_limit(anthropic_body, model)
-    _restrict_sampling(anthropic_body, model)
-    dropped = [k for k in OPENAI_DROPPED_FIELDS if openai_body.get(k) is not None]
-    if dropped:
-        log.debug("fields without an Anthropic equivalent dropped: %s", ", ".join(dropped))
+    _apply_sampling_fields(openai_body, anthropic_body, notes)
+    _apply_tools(openai_body, anthropic_body, notes)
+    _apply_response_format(openai_body, anthropic_body, notes)
+    _apply_thinking(anthropic_body, _requested_effort(openai_body, variant_effort), facts,
+                    explicit_max is not None, notes)
+    _fit_output_limit(anthropic_body, facts, notes)
+    _restrict_sampling(anthropic_body, facts, anthropic_version, notes)
     return anthropic_body
 
 # ---- response: Anthropic stream -> OpenAI chunks -----------------------------------------------
@@ -3923,7 +4605,8 @@ def openai_to_anthropic_request(openai_body: dict, model: str, *, variant_effort
 # one; message_delta only records, because usage may still be revised. An upstream error event
 # becomes one {"error": ...} chunk and ends the machine: no finish chunk and no [DONE] follow, so
 # the client cannot mistake a broken answer for a complete one. Thinking text surfaces as
-# delta.reasoning_content; signatures, citations and redacted thinking have no OpenAI form.
+# delta.reasoning_content; a refusal's stop_details as delta.refusal (its explanation); signatures,
+# citations and redacted thinking have no OpenAI form.
 
 
 class AnthropicToOpenAIStream:
@@ -4014,8 +4697,12 @@ class AnthropicToOpenAIStream:
         return []  # signature_delta, citations_delta, server tool input, empty deltas
 
     def _on_message_delta(self, event: dict) -> List[Any]:
-        self._stop_reason = (event.get("delta") or {}).get("stop_reason") or self._stop_reason
+        delta = event.get("delta") or {}
+        self._stop_reason = delta.get("stop_reason") or self._stop_reason
         self._usage.update(event.get("usage") or {})
+        details = delta.get("stop_details")
+        if isinstance(details, dict) and details.get("type") == "refusal":    # -> message.refusal
+            return self._delta({"refusal": details.get("explanation") or details.get("category") or "refused"})
         return []
 
     def _on_message_stop(self, event: dict) -> List[Any]:
@@ -4074,6 +4761,7 @@ def fold_openai_chunks(chunks: List[Any]) -> dict:
     head: dict = {}
     text: List[str] = []
     reasoning: List[str] = []
+    refusal: List[str] = []
     tool_calls: Dict[int, dict] = {}
     finish, usage = None, None
     for chunk in chunks:
@@ -4088,11 +4776,12 @@ def fold_openai_chunks(chunks: List[Any]) -> dict:
             delta = choice.get("delta") or {}
             text.append(delta.get("content") or "")
             reasoning.append(delta.get("reasoning_content") or "")
+            refusal.append(delta.get("refusal") or "")
             for fragment in delta.get("tool_calls") or []:
                 _fold_tool_call(tool_calls, fragment)
             finish = choice.get("finish_reason") or finish
     message: Dict[str, Any] = {"role": "assistant", "content": "".join(text) or (None if tool_calls else ""),
-                               "refusal": None}
+                               "refusal": "".join(refusal) or None}
     if "".join(reasoning):
         message["reasoning_content"] = "".join(reasoning)
     if tool_calls:
@@ -4137,10 +4826,9 @@ def anthropic_message_as_events(anthropic_message: dict) -> List[dict]:
     events = [{"type": "message_start", "message": start}]
     for i, block in enumerate(anthropic_message.get("content") or []):
         events += _block_events(i, block)
-    events.append({"type": "message_delta",
-                   "delta": {"stop_reason": anthropic_message.get("stop_reason"),
-                             "stop_sequence": anthropic_message.get("stop_sequence")},
-                   "usage": anthropic_message.get("usage") or {}})
+    delta = {key: anthropic_message.get(key) for key in ("stop_reason", "stop_sequence", "stop_details")
+             if key != "stop_details" or anthropic_message.get(key) is not None}
+    events.append({"type": "message_delta", "delta": delta, "usage": anthropic_message.get("usage") or {}})
     return events + [{"type": "message_stop"}]
 
 
@@ -4496,7 +5184,7 @@ def _drop_thinking_when_off(anthropic_body: dict) -> None:
     if "thinking" in anthropic_body:
         return
     messages = anthropic_body["messages"]
-    kept = [dict(m, content=[b for b in m["content"] if b["type"] not in THINKING_BLOCK_TYPES]) for m in messages]
+    kept = [dict(m, content=[b for b in m["content"] if b["type"] not in THINKING_BLOCKS]) for m in messages]
     if kept != messages:
         log.debug("replayed thinking blocks dropped: thinking is off for this request")
         anthropic_body["messages"] = _repair_turns(kept, "input")
@@ -4514,10 +5202,11 @@ def _screen_fields(responses_body: dict) -> None:
         log.debug("dropping include values %s: nothing to include on this route", extras)
 
 
-def responses_to_anthropic_request(responses_body: dict, model: str, *, variant_effort: Optional[str] = None,
-                                   thinking_style: Optional[str] = None, origin: str = "",
-                                   for_chat: bool = False) -> dict:
+def responses_to_anthropic_request(responses_body: dict, model: str, *, facts: Optional[dict] = None,
+                                   variant_effort: Optional[str] = None, origin: str = "", for_chat: bool = False,
+                                   anthropic_version: str = ANTHROPIC_VERSION, notes: Optional[Notes] = None) -> dict:
     """A Responses body (its input already expanded) -> Anthropic /v1/messages body (pure; G.9).
+    facts are model_facts(model, spec) (looked up when absent), as for openai_to_anthropic_request.
     for_chat: the body goes on to 9a, where replayed thinking is the provider's replay_reasoning
     field, so it is kept even with thinking off."""
     _expect(isinstance(responses_body, dict), "request body must be a JSON object", "body")
@@ -4530,15 +5219,16 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, variant_
                                       "max_tokens": explicit_max or DEFAULT_ANTHROPIC_MAX_TOKENS}
     if system:
         anthropic_body["system"] = system
-    _apply_sampling_fields(responses_body, anthropic_body)
+    facts = facts or model_facts(model)
+    _apply_sampling_fields(responses_body, anthropic_body, notes)
     _apply_responses_tools(responses_body, anthropic_body)
     _apply_text_format(responses_body, anthropic_body)
-    _apply_thinking(anthropic_body, _requested_effort(responses_body, variant_effort),
-                    thinking_style_for(model, thinking_style), explicit_max is not None)
+    _apply_thinking(anthropic_body, _requested_effort(responses_body, variant_effort), facts,
+                    explicit_max is not None, notes)
     if not for_chat:
         _drop_thinking_when_off(anthropic_body)
-    _fit_output_limit(anthropic_body, model)
-    _restrict_sampling(anthropic_body, model)
+    _fit_output_limit(anthropic_body, facts, notes)
+    _restrict_sampling(anthropic_body, facts, anthropic_version, notes)
     return anthropic_body
 
 
@@ -4548,7 +5238,8 @@ def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_eff
     max_output_tokens the provider's own default applies, not Claude's; the effort asked for
     is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
     anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
-                                                    thinking_style=spec["thinking"], origin=origin, for_chat=True)
+                                                    facts=model_facts(spec["model"], spec), origin=origin,
+                                                    for_chat=True)
     if responses_body.get("max_output_tokens") is None:
         del anthropic_body["max_tokens"]
     effort = _requested_effort(responses_body, variant_effort)
@@ -5010,6 +5701,7 @@ OAUTH_DEFAULTS: Dict[str, str] = {
 OAUTH_BETA = "oauth-2025-04-20"
 INTERLEAVED_THINKING_BETA = "interleaved-thinking-2025-05-14"
 CONTEXT_1M_BETA = "context-1m-2025-08-07"
+MID_CONVERSATION_SYSTEM_BETA = "mid-conversation-system-2026-04-07"
 CLAUDE_CODE_IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
 LONG_LIVED_SECONDS = 31536000          # one year, honoured only with scope user:inference (A.7)
 REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
@@ -5673,13 +6365,6 @@ def _mark_last(blocks: List[Any]) -> Optional[List[Any]]:
     return None
 
 
-def _as_blocks(content: Any) -> List[Any]:
-    """Message content as a block list (a string becomes one text block)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    return list(content) if isinstance(content, list) else []
-
-
 def add_cache_breakpoints(anthropic_body: dict) -> dict:
     """A copy with ephemeral breakpoints on the last system block and the last two user turns,
     in that priority, counting the client's own so that there are never more than four."""
@@ -5910,8 +6595,10 @@ def open_browser(url: str) -> None:
 # the client's dialect (and, once a stream has started, as one error event before closing).
 # =============================================================================================
 
-CLAUDE_MODELS = ("claude-opus-4-8", "claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5")
 REASONING_VARIANTS = ("-reasoning-low", "-reasoning-medium", "-reasoning-high")
+MODEL_CREATED_AT = "2025-01-01T00:00:00Z"   # for models whose upstream does not say (no dates in the table)
+DEFAULT_MODELS_LIMIT = 20                    # Anthropic's page size for GET /v1/models
+_NOTE_INDEX = re.compile(r"\.\d+(?=\.|$)")
 SSE_RESPONSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                         ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
 
@@ -5931,11 +6618,14 @@ class Target:
         """For the access log: route -> provider/model."""
         return f"{self.route}->{self.provider['name']}/{self.spec['model']}"
 
+    def facts(self) -> Dict[str, Any]:
+        """The upstream model's facts: the model table, the config entry overriding."""
+        return model_facts(self.spec["model"] or "", self.spec)
 
-def anthropic_thinking_on(anthropic_body: dict) -> bool:
-    """Whether an Anthropic request asks for thinking."""
-    thinking = anthropic_body.get("thinking")
-    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+def route_alias(route: str) -> str:
+    """The claude-* name that picks a route by name (what gateway model discovery lists for it)."""
+    return route if route.lower().startswith("claude") else "claude-" + route
 
 
 def pick_route(config: Config, requested: str, *, thinking: bool = False,
@@ -5946,6 +6636,9 @@ def pick_route(config: Config, requested: str, *, thinking: bool = False,
     routes, lower = config.routes, requested.lower()
     if input_tokens > config.settings["long_context_threshold"] and "long_context" in routes:
         return "long_context", routes["long_context"]      # first: a long think request overflows
+    named = next((name for name in routes if route_alias(name).lower() == lower), None)
+    if named is not None:
+        return named, routes[named]
     if thinking and "think" in routes:
         return "think", routes["think"]
     if "haiku" in lower and "background" in routes:
@@ -5975,6 +6668,58 @@ def resolve_openai_target(config: Config, requested: str, thinking: bool = False
     target = resolve_target(config, base, thinking=thinking or effort is not None)
     target.effort, target.one_m = effort, one_m
     return target
+
+
+def takes_mid_system(target: Target) -> bool:
+    """Whether the upstream model takes role "system" messages mid-conversation (the model table,
+    else the provider's switch)."""
+    facts = target.facts()["mid_system"]
+    return bool(target.provider.get("mid_system") if facts is None else facts)
+
+
+def upstream_spec(target: Target) -> dict:
+    """The spec an openai-format request is converted with: the provider's switches (mid_system,
+    prompt_cache_key, replay_reasoning) where the model sets none, replay_reasoning also by model
+    name (REPLAY_REASONING_MODELS: thinking modes that need their reasoning back)."""
+    spec, provider = target.spec, target.provider
+    filled = {key: provider.get(key) for key in ("mid_system", "prompt_cache_key", "replay_reasoning")
+              if spec.get(key) is None}
+    model = (spec.get("model") or "").lower()
+    if filled.get("replay_reasoning") is None and "replay_reasoning" in filled \
+            and any(word in model for word in REPLAY_REASONING_MODELS):
+        filled["replay_reasoning"] = "reasoning_content"
+    return dict(spec, **filled)
+
+
+def session_key(headers: Headers, anthropic_body: dict) -> Optional[str]:
+    """A stable prompt_cache_key for the client's session (Claude Code's x-claude-code-session-id, else
+    the session in metadata.user_id), hashed so no client identifier travels upstream."""
+    value = headers.get("x-claude-code-session-id")
+    metadata = anthropic_body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not value and isinstance(user_id, str) and user_id:
+        try:
+            parsed = json.loads(user_id)
+        except ValueError:
+            parsed = None
+        value = parsed.get("session_id") if isinstance(parsed, dict) and parsed.get("session_id") else user_id
+    return hashlib.sha256(str(value).encode("utf-8")).hexdigest()[:32] if value else None
+
+
+class DropLog:
+    """Says once per process, at INFO, that a kind of request field is dropped or rewritten and why
+    (the converters' notes; each one is also a DEBUG line with its full path)."""
+
+    def __init__(self) -> None:
+        self._said: set = set()
+
+    def say(self, notes: Notes, where: str) -> None:
+        """INFO for each kind of note not said before in this process."""
+        for path, why in notes:
+            kind = _NOTE_INDEX.sub(".*", path)
+            if kind not in self._said:
+                self._said.add(kind)
+                log.info("%s: %s (%s; said once, LOG_LEVEL=DEBUG shows each)", kind, why, where)
 
 
 def require_fields(body: Any, fields: Dict[str, type], dialect: str) -> dict:
@@ -6342,6 +7087,32 @@ class Relay:
             self._task = None
 
 
+class ModelLists:
+    """The anthropic-format providers' own model lists, each kept MODELS_TTL seconds (a failed
+    fetch too, as an empty list, so a provider that is down does not slow every listing); the
+    first failure of each provider is logged at WARNING, later ones at DEBUG."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._lists: Dict[Tuple[str, str], Tuple[float, List[dict]]] = {}
+        self._failed: set = set()
+
+    def get(self, key: Tuple[str, str]) -> Optional[List[dict]]:
+        """A list still fresh, or None."""
+        entry = self._lists.get(key)
+        return entry[1] if entry and entry[0] > self.clock() else None
+
+    def put(self, key: Tuple[str, str], models: List[dict]) -> None:
+        """Keep a list for MODELS_TTL seconds."""
+        self._lists[key] = (self.clock() + MODELS_TTL, models)
+
+    def failed(self, provider: str, why: str) -> None:
+        """Log a provider's failed listing: WARNING the first time, DEBUG after."""
+        level = logging.DEBUG if provider in self._failed else logging.WARNING
+        self._failed.add(provider)
+        log.log(level, "provider %s: its model list is unavailable (%s); listing without it", provider, why)
+
+
 class Exchange:
     """One request's context: the server, the request, the response stream, what was decided."""
 
@@ -6512,21 +7283,34 @@ class Exchange:
         headers.append(("content-type", "application/json"))
         mode = await self.auth_mode(provider)
         self.oauth_used = mode == "oauth"
+        one_m = self.one_m_beta(target)
         if mode == "oauth":
             token = await self.server.oauth.access_token()
             anthropic_body = anthropic_body if anthropic_body is not None else parse_json_body(raw)
             anthropic_body, oauth_headers = await self.run(convert, BadRequest, "request", shape_oauth_request,
-                                                           anthropic_body, req_headers, token, one_m=target.one_m)
+                                                           anthropic_body, req_headers, token, one_m=one_m)
             headers = [(k, v) for k, v in headers if k not in oauth_headers] + list(oauth_headers.items())
             raw = b""
         else:
-            headers = add_beta(headers, CONTEXT_1M_BETA if target.one_m else None)
+            headers = add_beta(headers, CONTEXT_1M_BETA if one_m else None)
             headers += self.credential_headers(provider, mode)
         if not any(k == "anthropic-version" for k, _ in headers):
-            headers.append(("anthropic-version", ANTHROPIC_VERSION))
+            headers.append(("anthropic-version", provider["anthropic_version"]))
         headers = merge_headers(headers, provider["headers"], target.spec["headers"])
         body = raw or await self.run(json_bytes, anthropic_body)
         return provider["base_url"] + path, headers, body
+
+    @staticmethod
+    def one_m_beta(target: Target) -> bool:
+        """Whether to send the context-1m beta: asked for (a -1m name) and taken by the model."""
+        if target.one_m and not target.facts()["one_m"]:
+            log.debug("context-1m beta not sent: %s does not take it", target.spec["model"])
+        return target.one_m and bool(target.facts()["one_m"])
+
+    def say(self, notes: Notes) -> None:
+        """The converters' notes, each kind once per process at INFO."""
+        if notes:
+            self.server.drops.say(notes, self.target.describe() if self.target else "-")
 
     async def openai_call(self, target: Target, openai_body: dict,
                           path: str = "/chat/completions") -> Tuple[str, List[Tuple[str, str]], bytes]:
@@ -6542,6 +7326,48 @@ class Exchange:
         if provider.get("azure"):             # Azure OpenAI: the deployment is in base_url
             url += "?api-version=" + urllib.parse.quote(provider["api_version"])
         return url, headers, await self.run(json_bytes, openai_body)
+
+    # -- a provider's own model list -----------------------------------------------------------
+
+    async def listing_headers(self, provider: dict) -> List[Tuple[str, str]]:
+        """Headers for GET /v1/models on an anthropic-format provider, its credentials by auth mode."""
+        mode = await self.auth_mode(provider)
+        if mode == "oauth":
+            creds = [("authorization", f"Bearer {await self.server.oauth.access_token()}"),
+                     ("anthropic-beta", OAUTH_BETA)]
+        else:
+            creds = self.credential_headers(provider, mode)
+        return merge_headers([("anthropic-version", provider["anthropic_version"])] + creds, provider["headers"])
+
+    async def provider_models(self, provider: dict) -> List[dict]:
+        """The provider's own /v1/models list: cached MODELS_TTL seconds per credential; [] (logged
+        once per provider) when it cannot be had."""
+        headers = await self.listing_headers(provider)
+        key = (provider["name"], hashlib.sha256(json_bytes(headers)).hexdigest())
+        cached = self.server.model_lists.get(key)
+        if cached is not None:
+            return cached
+        try:
+            models = await asyncio.wait_for(self.fetch_models(provider, headers), MODELS_FETCH_TIMEOUT)
+        except (ProxyError, asyncio.TimeoutError) as exc:
+            self.server.model_lists.failed(provider["name"], getattr(exc, "message", None) or "timed out")
+            models = []
+        self.server.model_lists.put(key, models)
+        return models
+
+    async def fetch_models(self, provider: dict, headers: List[Tuple[str, str]]) -> List[dict]:
+        """GET <base_url>/v1/models?limit=1000: its model objects, or UpstreamError."""
+        response = await self.server.pool.request("GET", provider["base_url"] + "/v1/models?limit=1000", headers)
+        try:
+            raw = await response.read(1 << 22)
+        finally:
+            response.close()
+        if response.status != 200:
+            raise UpstreamError(f"GET /v1/models answered {response.status}")
+        data = parse_upstream_json(raw).get("data")
+        if not isinstance(data, list):
+            raise UpstreamError("GET /v1/models answered without a data list")
+        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -6832,12 +7658,23 @@ def check_input_limit(target: Target, estimate: int) -> None:
 
 
 async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
-    """Anthropic in, Anthropic out: model name and credentials rewritten, bytes relayed (a
-    whole answer to a streaming client, from a can_stream: false model, streamed by us)."""
+    """Anthropic in, Anthropic out: model name and credentials rewritten, the query string and
+    every field kept, bytes relayed; thinking blocks the provider did not issue are removed
+    (own_thinking_only), mid-conversation system messages become user text for a model that takes
+    none (a session routed to another model), and a vendor's own signatures are tagged on the way
+    back. A can_stream: false model is called whole and its answer streamed by the proxy."""
+    own_endpoint = x.req.path == path        # not test_conversion, whose query is the proxy's own
+    target_path = path + ("?" + x.req.query if x.req.query and own_endpoint else "")
+
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        notes: Notes = []
+        own = own_thinking_only(body, target.provider, notes)
+        if not takes_mid_system(target):
+            own = fold_system_messages(own, notes)
         if body.get("stream") and not streams_upstream(target, body):
-            return await x.anthropic_call(target, dict(body, stream=False), b"", path)
-        return await x.anthropic_call(target, body, x.req.body, path)
+            own = dict(own, stream=False)
+        x.say(notes)
+        return await x.anthropic_call(target, own, x.req.body if own is body else b"", target_path)
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
@@ -6845,10 +7682,22 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
             message = await x.read_upstream_json(response)
             await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
                               format_anthropic_event)
-            return
-        await x.relay_raw(response)
+        elif x.target.provider["tag_signatures"] and path == "/v1/messages":
+            await relay_tagged(x, response)
+        else:
+            await x.relay_raw(response)
     finally:
         response.close()
+
+
+async def relay_tagged(x: Exchange, response: UpstreamResponse) -> None:
+    """A vendor's answer with its thinking signatures tagged with its name (so only it gets them back)."""
+    provider = x.target.provider["name"]
+    if "text/event-stream" in response.headers.get("content-type", ""):
+        await x.relay_converted(response, SignatureTagger(provider), format_anthropic_event)
+        return
+    message = tag_message_signatures(parse_upstream_json(await response.read()), provider)
+    await x.out.respond_json(response.status, message, relayed_headers(response.headers))
 
 
 async def anthropic_via_openai(x: Exchange, body: dict) -> None:
@@ -6859,8 +7708,13 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
                          f"{body['model']!r} is served by OpenAI-compatible provider "
                          f"{x.target.provider['name']!r}, which has no Anthropic server tools", param="tools")
 
+    session = session_key(x.req.headers, body)
+
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
-        openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, body, target.spec)
+        notes: Notes = []
+        openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, body,
+                                  upstream_spec(target), session_id=session, notes=notes)
+        x.say(notes)
         if not streams_upstream(target, body):
             openai_body.pop("stream", None)
             openai_body.pop("stream_options", None)
@@ -6868,12 +7722,14 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
+        provider = x.target.provider["name"]
         if body.get("stream") and "text/event-stream" in response.headers.get("content-type", ""):
-            machine = OpenAIToAnthropicStream(body["model"], input_tokens=estimate_anthropic_tokens(body))
+            machine = OpenAIToAnthropicStream(body["model"], input_tokens=estimate_anthropic_tokens(body),
+                                              provider=provider)
             await x.relay_converted(response, machine, format_anthropic_event)
             return
         message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic,
-                          await x.read_upstream_json(response), body["model"])
+                          await x.read_upstream_json(response), body["model"], provider=provider)
         if body.get("stream"):
             await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
                               format_anthropic_event)
@@ -6926,6 +7782,8 @@ async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/complet
             whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
             return url, headers, await x.run(json_bytes, dict(whole, model=target.spec["model"]))
         same = body["model"] == target.spec["model"]
+        if x.req.query:                         # the client's query string is kept (Azure's after it)
+            url += ("&" if "?" in url else "?") + x.req.query
         return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
@@ -6941,14 +7799,25 @@ async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/complet
         response.close()
 
 
+async def anthropic_converted_call(x: Exchange, target: Target,
+                                   anthropic_body: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    """The upstream call of a request converted to Anthropic: mid-conversation system messages
+    carry their beta."""
+    url, headers, payload = await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
+    inline = any(isinstance(m, dict) and m.get("role") == "system" for m in anthropic_body.get("messages") or [])
+    return url, add_beta(headers, MID_CONVERSATION_SYSTEM_BETA if inline else None), payload
+
+
 async def openai_via_anthropic(x: Exchange, body: dict) -> None:
     """OpenAI in, Claude upstream: convert the request and the answer."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        notes: Notes = []
         anthropic_body = await x.run(convert, BadRequest, "request", openai_to_anthropic_request, body,
-                                     target.spec["model"], variant_effort=target.effort,
-                                     thinking_style=target.spec["thinking"])
+                                     target.spec["model"], facts=target.facts(), variant_effort=target.effort,
+                                     anthropic_version=target.provider["anthropic_version"], notes=notes)
         anthropic_body["stream"] = streams_upstream(target, body)
-        return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
+        x.say(notes)
+        return await anthropic_converted_call(x, target, anthropic_body)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise BadRequest("stream_options must be an object", param="stream_options")
@@ -7057,18 +7926,20 @@ async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[s
     origin = reasoning_origin(target)
     if target.provider["format"] == "openai":
         openai_body = await x.run(convert, BadRequest, "request", responses_to_openai_request, expanded,
-                                  target.spec, variant_effort=target.effort, origin=origin)
+                                  upstream_spec(target), variant_effort=target.effort, origin=origin)
         if not streams_upstream(target, expanded):
             openai_body.pop("stream", None)
             openai_body.pop("stream_options", None)
         return await x.openai_call(target, openai_body)
+    notes: Notes = []
     anthropic_body = await x.run(convert, BadRequest, "request", responses_to_anthropic_request, expanded,
-                                 target.spec["model"], variant_effort=target.effort,
-                                 thinking_style=target.spec["thinking"], origin=origin)
+                                 target.spec["model"], facts=target.facts(), variant_effort=target.effort,
+                                 origin=origin, anthropic_version=target.provider["anthropic_version"], notes=notes)
     anthropic_body["stream"] = streams_upstream(target, expanded)
+    x.say(notes)
     if expanded.get("prompt_cache_key"):       # the client asked for caching: stable breakpoints
         anthropic_body = add_cache_breakpoints(anthropic_body)
-    return await x.anthropic_call(target, anthropic_body, b"", "/v1/messages")
+    return await anthropic_converted_call(x, target, anthropic_body)
 
 
 async def store_response(store: ResponseStore, response: dict, own_input: List[dict]) -> None:
@@ -7131,13 +8002,18 @@ async def handle_responses_websocket(x: Exchange) -> None:
                      status=426, error_type="invalid_request_error")
 
 
-def model_entries(config: Config) -> List[Tuple[str, str]]:
-    """(model id, owner) for every configured model, the Claude models and their variants."""
-    entries = [(spec["id"], spec.get("owned_by") or spec["provider"]) for spec in config.models.values()]
-    for name in CLAUDE_MODELS:
-        entries += [(name + suffix, "anthropic") for suffix in ("",) + REASONING_VARIANTS + ("-1m",)
-                    if serves_claude(config, name + suffix)]
-    return list(dict.fromkeys(entries))
+# ---- GET /v1/models: configured models, route aliases, providers' own lists, the model table
+
+def model_object(model_id: str, owner: str, facts: Optional[dict] = None) -> dict:
+    """A listed model in Anthropic's shape (plus owned_by), from what the proxy knows of it."""
+    facts = facts or model_facts(model_id)
+    entry = {"type": "model", "id": model_id, "display_name": facts["display_name"] or model_id,
+             "created_at": MODEL_CREATED_AT, "owned_by": owner}
+    if facts["context"]:
+        entry["max_input_tokens"] = facts["context"]
+    if facts["output"]:
+        entry["max_tokens"] = facts["output"]
+    return entry
 
 
 def serves_claude(config: Config, name: str) -> bool:
@@ -7148,31 +8024,123 @@ def serves_claude(config: Config, name: str) -> bool:
         return False
 
 
+def configured_models(config: Config) -> List[dict]:
+    """Configured models, then a claude-* alias for every route with a fixed model (gateway
+    discovery keeps only claude* ids)."""
+    entries = [model_object(spec["id"], spec.get("owned_by") or spec["provider"], model_facts(spec["model"], spec))
+               for spec in config.models.values()]
+    return entries + [model_object(route_alias(name), spec.get("owned_by") or spec["provider"],
+                                   model_facts(spec["model"], spec))
+                      for name, spec in config.routes.items() if spec["model"]]
+
+
+def table_models(config: Config) -> List[dict]:
+    """The model table's current ids, newest first, that reach an anthropic-format provider."""
+    listed = MODEL_COLUMNS.index("listed")
+    return [model_object(row[0], "anthropic") for row in reversed(MODEL_TABLE)
+            if row[listed] and serves_claude(config, row[0])]
+
+
+def used_anthropic_providers(config: Config) -> List[dict]:
+    """The anthropic-format providers some model or route leads to."""
+    names = {spec["provider"] for spec in list(config.models.values()) + list(config.routes.values())}
+    return [p for name, p in config.providers.items() if name in names and p["format"] == "anthropic"]
+
+
+def routes_to(config: Config, name: str, provider: dict) -> bool:
+    """Whether a model name is routed to this provider."""
+    try:
+        return resolve_target(config, name).provider is provider
+    except NotFound:
+        return False
+
+
+def first_of_each_id(entries: List[dict]) -> List[dict]:
+    """The entries with each id once, the first one kept."""
+    seen: set = set()
+    return [e for e in entries if e["id"] not in seen and not seen.add(e["id"])]
+
+
+async def model_listing(x: Exchange) -> List[dict]:
+    """Every listed model, each id once: configured ones and route aliases, then the providers'
+    own objects (their dates and limits) for names routed to them, then the model table's."""
+    upstream: List[dict] = []
+    for provider in used_anthropic_providers(x.config):
+        upstream += [dict(m, owned_by=provider["name"]) for m in await x.provider_models(provider)
+                     if routes_to(x.config, m["id"], provider)]
+    return first_of_each_id(configured_models(x.config) + upstream + table_models(x.config))
+
+
+def _page_bound(params: dict, key: str, ids: List[str]) -> Optional[int]:
+    """The position of after_id / before_id in the listing, or None; 400 for an unknown id."""
+    value = params.get(key, [None])[0]
+    if value is None:
+        return None
+    if value not in ids:
+        raise BadRequest(f"{key}: model {value!r} is not listed", param=key)
+    return ids.index(value)
+
+
+def page_models(entries: List[dict], query: str) -> dict:
+    """Anthropic's list page: limit (1-1000, default 20), after_id / before_id, has_more, first/last id."""
+    params = urllib.parse.parse_qs(query)
+    try:
+        limit = int(params.get("limit", [DEFAULT_MODELS_LIMIT])[0])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit: expected 1 to 1000", param="limit")
+    ids = [e["id"] for e in entries]
+    after, before = _page_bound(params, "after_id", ids), _page_bound(params, "before_id", ids)
+    if before is not None:
+        start = max(0, before - limit)
+        page, more = entries[start:before], start > 0
+    else:
+        start = 0 if after is None else after + 1
+        page, more = entries[start:start + limit], start + limit < len(entries)
+    data = [{k: v for k, v in e.items() if k != "owned_by"} for e in page]
+    return {"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def openai_model(entry: dict) -> dict:
+    """A listed model in OpenAI's shape."""
+    return {"id": entry["id"], "object": "model", "created": 0, "owned_by": entry["owned_by"]}
+
+
+def openai_variants(config: Config, entries: List[dict]) -> List[dict]:
+    """The -reasoning-* and -1m names of the listed Claude models that reach an anthropic-format provider."""
+    variants = []
+    for entry in entries:
+        facts = model_facts(entry["id"])
+        suffixes = REASONING_VARIANTS if facts["id"] and facts["thinking"] != "none" else ()
+        suffixes += ("-1m",) if facts["one_m"] and (facts["context"] or 0) < 1000000 else ()
+        variants += [dict(entry, id=entry["id"] + s) for s in suffixes if serves_claude(config, entry["id"] + s)]
+    return variants
+
+
 async def handle_models(x: Exchange) -> None:
-    """GET /v1/models: Anthropic's list shape with anthropic-version, OpenAI's otherwise."""
-    entries = model_entries(x.config)
+    """GET /v1/models: Anthropic's paged list shape with anthropic-version, OpenAI's otherwise."""
+    entries = await model_listing(x)
     if x.req.dialect == "anthropic":
-        data = [{"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
-                for mid, _ in entries if "-reasoning-" not in mid and not mid.endswith("-1m")]
-        await x.out.respond_json(200, {"data": data, "has_more": False,
-                                       "first_id": data[0]["id"] if data else None,
-                                       "last_id": data[-1]["id"] if data else None})
+        await x.out.respond_json(200, page_models(entries, x.req.query))
         return
-    data = [{"id": mid, "object": "model", "created": 0, "owned_by": owner} for mid, owner in entries]
-    await x.out.respond_json(200, {"object": "list", "data": data})
+    data = [openai_model(e) for e in entries + openai_variants(x.config, entries)]
+    await x.out.respond_json(200, {"object": "list", "data": list({d["id"]: d for d in data}.values())})
 
 
 async def handle_model(x: Exchange) -> None:
-    """GET /v1/models/{id}: one model in the client's shape."""
+    """GET /v1/models/{id}: a listed model, or any name the proxy would route (404 otherwise)."""
     model_id = urllib.parse.unquote(x.req.path[len("/v1/models/"):])
-    if model_id not in dict(model_entries(x.config)):
-        raise NotFound(f"model {model_id!r} not found", param="model")
+    entry = next((e for e in await model_listing(x) if e["id"] == model_id), None)
+    if entry is None:
+        resolve = resolve_openai_target if x.req.dialect == "openai" else resolve_target
+        target = resolve(x.config, model_id)
+        entry = model_object(model_id, target.spec.get("owned_by") or target.provider["name"], target.facts())
     if x.req.dialect == "anthropic":
-        await x.out.respond_json(200, {"type": "model", "id": model_id, "display_name": model_id,
-                                       "created_at": "2025-01-01T00:00:00Z"})
+        await x.out.respond_json(200, {k: v for k, v in entry.items() if k != "owned_by"})
     else:
-        await x.out.respond_json(200, {"id": model_id, "object": "model", "created": 0,
-                                       "owned_by": dict(model_entries(x.config))[model_id]})
+        await x.out.respond_json(200, openai_model(entry))
 
 
 async def handle_health(x: Exchange) -> None:
@@ -8968,7 +9936,8 @@ async def dry_run_request(x: "Exchange", body: dict) -> dict:
     if target.provider["format"] == "anthropic":
         url, headers, payload = await x.anthropic_call(target, body, x.req.body, "/v1/messages")
     else:
-        openai_body = convert(BadRequest, "request", anthropic_to_openai_request, body, target.spec)
+        openai_body = convert(BadRequest, "request", anthropic_to_openai_request, body, upstream_spec(target),
+                              session_id=session_key(x.req.headers, body))
         url, headers, payload = await x.openai_call(target, openai_body)
     if x.plugins:
         payload = x.plugins.on_request(x, target, payload)
@@ -9064,6 +10033,8 @@ class ProxyServer:
                                    proxies or {}, settings["connect_timeout"], settings["read_timeout"],
                                    settings["pool_size"])
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
+        self.drops = DropLog()                    # which kinds of dropped fields were said at INFO
+        self.model_lists = ModelLists()           # the providers' own /v1/models, cached
         self.responses = ResponseStore(os.path.join(config.home, "responses.db"),
                                        max_bytes=int(settings["responses_store_mb"] * 1024 * 1024),
                                        max_age=settings["responses_store_days"] * 86400, clock=clock)

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import gc
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -44,10 +45,10 @@ from claude_proxy import (  # noqa: E402
     DEFAULT_ANTHROPIC_MAX_TOKENS, EFFORT_BUDGET, FileLock, LoginFlow, OAUTH_DEFAULTS,
     OpenAIToAnthropicStream, STOP_REASON_FROM_FINISH, ThinkTagSplitter, TokenManager, TokenStore,
     UpstreamError, anthropic_message_as_events, anthropic_response_to_openai,
-    anthropic_to_openai_request, claude_version, clean_gemini_schema, effort_from_budget,
+    anthropic_to_openai_request, claude_id_parts, clean_gemini_schema, effort_from_budget,
     estimate_anthropic_tokens, fold_anthropic_events, fold_openai_chunks, openai_message_as_chunk,
     openai_response_to_anthropic, openai_to_anthropic_request, parse_model_variant,
-    server_tool_names, thinking_style_for,)
+    server_tool_names, model_facts,)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared")
@@ -327,6 +328,69 @@ def test_parse_size(value, expected):
     assert cp.parse_size(value, "x") == expected
 
 
+# ---- model facts: the table (section 1) through model_facts() -------------------------------
+
+FACT_KEYS = ("id", "output", "context", "one_m", "thinking", "efforts", "sampling", "mid_system")
+
+
+@pytest.mark.parametrize("name, facts", [
+    # Claude Code 2.1.332's default, in the spellings clients and vendors use
+    ("claude-opus-5-5", ("claude-opus-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("anthropic/claude-opus-5.5", ("claude-opus-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("us.anthropic.claude-opus-5-5-v1:0", ("claude-opus-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-opus-5-5[1m]", ("claude-opus-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("opus", ("claude-opus-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-fable-5-2", ("claude-fable-5-2", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-haiku-4-5-20251001", ("claude-haiku-4-5", 64000, 200000, False, "budget", (), "exclusive", False)),
+    ("claude-sonnet-4-5-20250929", ("claude-sonnet-4-5", 64000, 200000, True, "budget", (), "exclusive", False)),
+    ("claude-sonnet-4-6", ("claude-sonnet-4-6", 128000, 200000, True, "budget", cp.EFFORTS_NO_XHIGH, "exclusive", False)),
+    ("claude-opus-4-7", ("claude-opus-4-7", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", False)),
+    ("claude-opus-4-8", ("claude-opus-4-8", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-opus-4-20250514", ("claude-opus-4-0", 32000, 200000, False, "budget", (), "any", False)),
+    ("claude-sonnet-4", ("claude-sonnet-4-0", 64000, 200000, True, "budget", (), "any", False)),
+    ("claude-3-7-sonnet-latest", ("claude-3-7-sonnet", 64000, 200000, False, "budget", (), "any", False)),
+    ("claude-3-5-haiku-20241022", ("claude-3-5-haiku", 8192, 200000, False, "none", (), "any", False)),
+    # unknown ids: the next one of the family, else the family's newest, else the newest of all
+    ("claude-opus-4-9", ("claude-opus-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-haiku-5", ("claude-haiku-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-opus-7-1", ("claude-opus-5-5", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    ("claude-nova-6", ("claude-fable-5-2", 128000, 1000000, True, "adaptive", cp.EFFORTS_ALL, "none", True)),
+    # no Claude id at all: generic facts
+    ("deepseek-chat", (None, None, None, False, "budget", None, "any", None)),
+    ("claude-x", (None, None, None, False, "budget", None, "any", None)),
+])
+def test_model_facts_table(name, facts):
+    assert tuple(model_facts(name)[k] for k in FACT_KEYS) == facts
+
+
+def test_model_table_rows_are_well_formed():
+    ids = [row[0] for row in cp.MODEL_TABLE]
+    assert len(set(ids)) == len(ids) and all(len(row) == len(cp.MODEL_COLUMNS) for row in cp.MODEL_TABLE)
+    for row in cp.MODEL_TABLE:
+        facts = dict(zip(cp.MODEL_COLUMNS, row))
+        assert claude_id_parts(facts["id"]) == (facts["family"], facts["version"])     # the key matches the id
+        assert facts["thinking"] in ("adaptive", "budget", "none") and facts["sampling"] in ("any", "exclusive", "none")
+        assert set(facts["efforts"]) <= set(cp.EFFORTS_ALL)
+    assert model_facts("claude-opus-5-5")["listed"] and cp.MODEL_ALIASES["opus"] == "claude-opus-5-5"
+    assert all(v in ids for v in cp.MODEL_ALIASES.values())
+
+
+def test_a_config_entry_overrides_any_fact():
+    spec = {"max_tokens": 4096, "context": 32000, "thinking": "budget", "efforts": ["low"], "sampling": "any",
+            "mid_system": False, "one_m": False}
+    facts = model_facts("claude-opus-5-5", spec)
+    assert tuple(facts[k] for k in FACT_KEYS) == ("claude-opus-5-5", 4096, 32000, False, "budget", ["low"], "any", False)
+    assert model_facts("claude-opus-5-5", {"max_tokens": None})["output"] == 128000
+
+
+@pytest.mark.parametrize("effort, accepted, expected", [
+    ("xhigh", cp.EFFORTS_ALL, "xhigh"), ("xhigh", cp.EFFORTS_NO_XHIGH, "high"), ("max", ("low", "medium"), "medium"),
+    ("minimal", cp.EFFORTS_ALL, "low"), ("none", cp.EFFORT_ORDER, "none"), ("high", (), "high"),
+])
+def test_fold_effort(effort, accepted, expected):
+    assert cp.fold_effort(effort, accepted) == expected
+
+
 # =============================================================================================
 # 4. Config
 # =============================================================================================
@@ -349,6 +413,13 @@ def test_config_without_file_routes_everything_to_anthropic():
     ({"routes": {"sonnet": "ghost"}}, "routes.sonnet: 'ghost' is neither a model id nor a provider"),
     ({"port": "eighty"}, "port: expected int"),
     ({"models": [{"id": "m", "provider": "anthropic", "fallback": ["x"]}]}, "models.m.fallback.0"),
+    ({"models": [{"id": "m", "provider": "anthropic", "thinking": "deep"}]}, "models.0.thinking: expected one of"),
+    ({"models": [{"id": "m", "provider": "anthropic", "efforts": ["high", "ultra"]}]}, "models.0.efforts"),
+    ({"models": [{"id": "m", "provider": "anthropic", "sampling": "some"}]}, "models.0.sampling"),
+    ({"models": [{"id": "m", "provider": "anthropic", "mid_system": "yes"}]}, "models.0.mid_system: expected true or false"),
+    ({"models": [{"id": "m", "provider": "anthropic", "replay_reasoning": 3}]}, "models.0.replay_reasoning"),
+    ({"providers": {"d": {"base_url": "http://x", "mid_system": 1}}}, "providers.d.mid_system: expected true or false"),
+    ({"providers": {"d": {"base_url": "http://x", "anthropic_version": 2026}}}, "providers.d.anthropic_version"),
 ])
 def test_config_errors_name_the_key_path(raw, message):
     with pytest.raises(cp.ConfigError) as err:
@@ -392,6 +463,47 @@ def test_routing_order(tmp_path):
     with pytest.raises(cp.NotFound) as err:
         cp.resolve_target(cp.parse_config({"routes": {}, "models": [{"id": "a", "provider": "anthropic"}]}, {}), "zzz")
     assert "configured models: a" in err.value.message
+
+
+def test_provider_switches_default_by_host_and_can_be_set():
+    config = cp.parse_config({"providers": {
+        "ds": {"base_url": "https://api.deepseek.com"}, "oa": {"base_url": "https://api.openai.com/v1"},
+        "kimi": {"format": "anthropic", "base_url": "https://api.moonshot.ai/anthropic"},
+        "ds_off": {"base_url": "https://api.deepseek.com", "replay_reasoning": False, "mid_system": True}}}, {})
+    switches = {name: {k: p[k] for k in ("replay_reasoning", "prompt_cache_key", "mid_system", "tag_signatures")}
+                for name, p in config.providers.items()}
+    assert switches == {
+        "ds": {"replay_reasoning": "reasoning_content", "prompt_cache_key": False, "mid_system": False, "tag_signatures": False},
+        "oa": {"replay_reasoning": None, "prompt_cache_key": True, "mid_system": False, "tag_signatures": False},
+        "kimi": {"replay_reasoning": "reasoning_content", "prompt_cache_key": False, "mid_system": False, "tag_signatures": True},
+        "ds_off": {"replay_reasoning": False, "prompt_cache_key": False, "mid_system": True, "tag_signatures": False},
+        "anthropic": {"replay_reasoning": None, "prompt_cache_key": False, "mid_system": False, "tag_signatures": False}}
+    assert config.providers["anthropic"]["anthropic_version"] == "2023-06-01"
+
+
+def test_upstream_spec_fills_provider_switches_and_replay_by_model_name():
+    config = cp.parse_config({"providers": {"or": {"base_url": "https://openrouter.ai/api/v1", "mid_system": True},
+                                            "ds": {"base_url": "https://api.deepseek.com"}},
+                              "models": [{"id": "k2", "provider": "or", "model": "moonshotai/kimi-k2-thinking"},
+                                         {"id": "q", "provider": "or", "model": "qwen/qwen3"},
+                                         {"id": "q-off", "provider": "or", "model": "z-ai/glm-5", "replay_reasoning": False,
+                                          "mid_system": False},
+                                         {"id": "ds", "provider": "ds", "model": "deepseek-v4"}]}, {})
+    def spec(name):
+        return cp.upstream_spec(cp.resolve_target(config, name))
+    assert (spec("k2")["replay_reasoning"], spec("k2")["mid_system"]) == ("reasoning_content", True)
+    assert (spec("q")["replay_reasoning"], spec("q")["prompt_cache_key"]) == (None, False)
+    assert (spec("q-off")["replay_reasoning"], spec("q-off")["mid_system"]) == (False, False)
+    assert spec("ds")["replay_reasoning"] == "reasoning_content"
+
+
+def test_route_aliases_pick_their_route_by_name():
+    config = cp.parse_config({"providers": {"o": {"base_url": "http://127.0.0.1:1/v1"}},
+                              "models": [{"id": "deep", "provider": "o"}],
+                              "routes": {"think": "deep", "kimi": "o,kimi-k2", "default": "anthropic"}}, {})
+    assert cp.resolve_target(config, "claude-think").spec["model"] == "deep"
+    assert cp.resolve_target(config, "claude-kimi").spec["model"] == "kimi-k2"
+    assert cp.resolve_target(config, "claude-opus-5-5").route == "default"
 
 
 def test_custom_models_list_is_accepted():
@@ -827,7 +939,7 @@ def check_anthropic_grammar(events):
         elif kind == "content_block_delta":
             assert event["index"] == open_index
             block_type = starts[-1]["content_block"]["type"]
-            allowed = {"text": {"text_delta"}, "thinking": {"thinking_delta", "signature_delta"},
+            allowed = {"text": {"text_delta", "citations_delta"}, "thinking": {"thinking_delta", "signature_delta"},
                        "tool_use": {"input_json_delta"}}[block_type]
             assert event["delta"]["type"] in allowed
             deltas += 1
@@ -852,7 +964,7 @@ def signature_deltas_before_stop(events):
     return True
 
 
-# ---- inline fixture streams (trimmed copies of /work/shared/fixtures/real) -------------------
+# ---- inline fixture streams (trimmed copies of ../shared/fixtures/real) -------------------
 
 # openai_stream_parallel_tools.sse, trimmed (noise keys id/model/created/... removed)
 OPENAI_PARALLEL_TOOLS = r'''data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null},"finish_reason":null}]}
@@ -1158,12 +1270,23 @@ REQUEST_ROWS = [
                  {"type": "text", "text": ""}, {"type": "text", "text": "Rule two."}]), {},
      out(messages=[{"role": "system", "content": "You are Claude.\n\nRule two."},
                    {"role": "user", "content": "hi"}])),
-    ("system role message merged into the leading system",
+    ("mid-conversation system messages become user text at their position",
      req(system="S", messages=[{"role": "user", "content": "hi"},
                                {"role": "system", "content": "Agents: a, b"},
-                               {"role": "system", "content": [{"type": "text", "text": "More"}]}]), {},
-     out(messages=[{"role": "system", "content": "S\n\nAgents: a, b\n\nMore"},
-                   {"role": "user", "content": "hi"}])),
+                               {"role": "system", "content": [{"type": "text", "text": "More"}]},
+                               {"role": "assistant", "content": "ok"}]), {},
+     out(messages=[{"role": "system", "content": "S"},
+                   {"role": "user", "content": "hi\n\n<system-reminder>\nAgents: a, b\n\nMore\n</system-reminder>"},
+                   {"role": "assistant", "content": "ok"}])),
+    ("mid-conversation system messages kept in place where the provider takes them",
+     req(system="S", messages=[{"role": "user", "content": "hi"},
+                               {"role": "system", "content": "Agents: a, b", "output_config": {"effort": "low"}},
+                               {"role": "assistant", "content": "ok"}]), {"mid_system": True},
+     out(messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                   {"role": "system", "content": "Agents: a, b"}, {"role": "assistant", "content": "ok"}])),
+    ("system messages before the first turn join the system prompt",
+     req(system="S", messages=[{"role": "system", "content": "T"}, {"role": "user", "content": "hi"}]), {},
+     out(messages=[{"role": "system", "content": "S\n\nT"}, {"role": "user", "content": "hi"}])),
     ("user text blocks collapse to a string; empty text dropped",
      req(messages=[{"role": "user", "content": [
          {"type": "text", "text": "<system-reminder>r</system-reminder>"}, {"type": "text", "text": ""},
@@ -1239,8 +1362,11 @@ REQUEST_ROWS = [
      out(reasoning={"effort": "medium"})),
     ("thinking budget 10000 -> high", req(thinking={"type": "enabled", "budget_tokens": 10000}), {},
      out(reasoning_effort="high")),
-    ("adaptive + output_config.effort xhigh -> high",
-     req(thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), {}, out(reasoning_effort="high")),
+    ("adaptive + output_config.effort xhigh -> xhigh (the openai SDK allows it)",
+     req(thinking={"type": "adaptive"}, output_config={"effort": "xhigh"}), {}, out(reasoning_effort="xhigh")),
+    ("effort max -> max", req(output_config={"effort": "max"}), {}, out(reasoning_effort="max")),
+    ("effort the model lacks -> the nearest lower one it has",
+     req(output_config={"effort": "max"}), {"efforts": ["low", "medium", "high"]}, out(reasoning_effort="high")),
     ("adaptive without effort -> medium", req(thinking={"type": "adaptive"}), {}, out(reasoning_effort="medium")),
     ("output_config.effort alone -> effort", req(output_config={"effort": "low"}), {}, out(reasoning_effort="low")),
     ("thinking disabled -> nothing", req(thinking={"type": "disabled"}, output_config={"effort": "low"}), {}, out()),
@@ -1250,10 +1376,13 @@ REQUEST_ROWS = [
     ("pinned none never sends", req(thinking={"type": "adaptive"}), {"reasoning_effort": "none"}, out()),
     ("stream -> stream_options.include_usage", req(stream=True), {},
      out(stream=True, stream_options={"include_usage": True})),
-    ("output_config.format json_schema -> response_format",
-     req(output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}}), {},
-     out(response_format={"type": "json_schema",
-                          "json_schema": {"name": "structured_output", "schema": {"type": "object"}}})),
+    ("output_config.format json_schema -> strict response_format",
+     req(output_config={"format": {"type": "json_schema", "schema": {
+         "type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}, "required": ["a"]}}}), {},
+     out(response_format={"type": "json_schema", "json_schema": {
+         "name": "structured_output", "strict": True, "schema": {
+             "type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+             "required": ["a", "b"], "additionalProperties": False}}})),
     ("extra_body merged last", req(temperature=0.5), {"extra_body": {"temperature": 1, "top_k": 20}},
      out(temperature=1, top_k=20)),
     ("unknown top-level fields dropped",
@@ -1262,6 +1391,64 @@ REQUEST_ROWS = [
     ("assistant prefill string content", req(messages=[{"role": "user", "content": "hi"},
                                                        {"role": "assistant", "content": "{"}]), {},
      out(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}])),
+    ("strict kept on tools; defer_loading, input_examples & co. dropped",
+     req(tools=[dict(WEATHER_TOOL, strict=True, defer_loading=True, input_examples=[{"city": "x"}],
+                     eager_input_streaming=True, allowed_callers=["direct"])]), {},
+     out(tools=[{"type": "function", "function": dict(WEATHER_FUNCTION["function"], strict=True)}])),
+    ("ToolSearch's tool_reference results name the loaded tools",
+     req(messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch",
+                                                      "input": {"query": "select:CronList"}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                       {"type": "tool_reference", "tool_name": "CronList"},
+                       {"type": "tool_reference", "tool_name": "NotebookEdit"}]}]}]), {},
+     out(messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "t1", "type": "function", "function": {"name": "ToolSearch",
+                                                                     "arguments": '{"query": "select:CronList"}'}}]},
+                   {"role": "tool", "tool_call_id": "t1", "content": "Tool loaded: CronList\nTool loaded: NotebookEdit"}])),
+    ("search_result keeps title and source; citations dropped",
+     req(messages=[{"role": "user", "content": [
+         {"type": "search_result", "source": "https://ex.org/a", "title": "A page", "citations": {"enabled": True},
+          "content": [{"type": "text", "text": "Alpha."}]},
+         {"type": "text", "text": "Sum it up.", "citations": [{"type": "char_location"}]}]}]), {},
+     out(messages=[{"role": "user", "content": "A page\nSource: https://ex.org/a\nAlpha.\n\nSum it up."}])),
+    ("server_tool_use and web search results in history become text notes",
+     req(messages=[{"role": "user", "content": "news?"},
+                   {"role": "assistant", "content": [
+                       {"type": "text", "text": "Searching."},
+                       {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "news"}},
+                       {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+                           {"type": "web_search_result", "title": "T1", "url": "https://a.example/1",
+                            "encrypted_content": "xx", "page_age": "1 day"}]},
+                       {"type": "text", "text": "Found it."}]},
+                   {"role": "user", "content": "thanks"}]), {},
+     out(messages=[{"role": "user", "content": "news?"},
+                   {"role": "assistant", "content": 'Searching.\n(called web_search: {"query": "news"})\n'
+                                                    "\nWeb search results:\n- T1 <https://a.example/1>\nFound it."},
+                   {"role": "user", "content": "thanks"}])),
+    ("Gemini: the thought signature riding on the tool_use id goes back on the call, the id as issued",
+     req(messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": {},
+                                                      "id": cp.join_tool_id("call_1", "c2lnLw==")}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": cp.join_tool_id("call_1", "c2lnLw=="),
+                                                 "content": "ok"}]}]), {"schema": "gemini"},
+     out(messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"},
+                        "extra_content": {"google": {"thought_signature": "c2lnLw=="}}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "ok"}])),
+    ("a mid-conversation system message after a tool call waits for its results",
+     req(messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                   {"role": "system", "content": "Be careful."},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]),
+     {"mid_system": True},
+     out(messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "t1", "content": "ok"},
+                   {"role": "system", "content": "Be careful."}])),
 ]
 
 
@@ -1374,9 +1561,11 @@ def check_openai_request(openai_body, tool_count):
 def test_claude_code_shaped_request():
     openai_body = anthropic_to_openai_request(CLAUDE_CODE_BODY, make_spec(max_tokens=8192))
     check_openai_request(openai_body, 4)
-    assert openai_body["messages"][0] == {
-        "role": "system",
-        "content": "You are a Claude agent.\n\nAvailable agent types for the Agent tool: ..."}
+    assert openai_body["messages"][0] == {"role": "system", "content": "You are a Claude agent."}
+    # the mid-conversation system message is user text where it stood: after the first user turn
+    assert openai_body["messages"][1] == {
+        "role": "user", "content": "<system-reminder>ctx</system-reminder>\n\ncreate hello.txt\n\n"
+                                   "<system-reminder>\nAvailable agent types for the Agent tool: ...\n</system-reminder>"}
     assert openai_body["max_tokens"] == 8192 and openai_body["reasoning_effort"] == "high"
 
 
@@ -1390,6 +1579,135 @@ def test_claude_code_fixture_requests(name):
         anthropic_body = json.load(f)["body"]
     for spec in (make_spec(), make_spec(schema="gemini", replay_reasoning="reasoning_content")):
         check_openai_request(anthropic_to_openai_request(anthropic_body, spec), 24)
+
+
+# Claude Code 2.1.332 against a local recorder (trimmed: long texts cut, five of its tools kept, schema
+# descriptions removed). first_turn holds a mid-conversation system message with per-message
+# output_config; tool_turn a thinking block and a tool_result; tool_search ToolSearch's tool_reference
+# result; auto_mode `safeguards`, effort max and the StructuredOutput tool; mid_conversation_system a
+# system message after the /effort command, empty but for its output_config.
+CLAUDE_CODE_2_1_332 = json.loads(r'''{
+    "first_turn": {"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,per-turn-control-2026-07-01,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli", "x-claude-code-session-id": "d3a35b2a-f996-463e-9b50-4b49a88e2bd3"}, "body": {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull requests you create from here on (this replaces Claude Code's own earlier attribution guidance, such as a…"}, {"type": "text", "text": "create file x.txt with content y using the Write tool, then read it back"}]}, {"role": "system", "content": [{"type": "text", "text": "# Environment\nYou have been invoked in the following environment: \n - Primary working directory: /tmp/ccwork\n - Is a git repository: false\n - Platform: linux\n -…", "cache_control": {"type": "ephemeral"}}], "output_config": {"effort": "medium"}}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.ec7; cc_entrypoint=sdk-cli;"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, using your own judgment along the way.\n\nIMPORTANT: Assist with authorized security testing, defensiv…", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "offset": {"type": "integer", "minimum": 0, "maximum": 9007199254740991}, "limit": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9007199254740991}, "pages": {"type": "string"}, "allow_large": {"type": "boolean"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}, {"name": "Write", "description": "Writes a file to the local filesystem, overwriting if one ex…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}, "required": ["file_path", "content"], "additionalProperties": false}}], "metadata": {"user_id": "{\"device_id\":\"2b55e463eb07878d49b7dc8b6547b205520607fbe7e6d07bdf0d12c1f8836326\",\"account_uuid\":\"\",\"session_id\":\"d3a35b2a-f996-463e-9b50-4b49a88e2bd3\"}"}, "max_tokens": 128000, "thinking": {"type": "adaptive", "display": "omitted"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "output_config": {"effort": "medium"}, "stream": true}},
+    "tool_turn": {"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,per-turn-control-2026-07-01,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli", "x-claude-code-session-id": "d3a35b2a-f996-463e-9b50-4b49a88e2bd3"}, "body": {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull requests you create from here on (this replaces Claude Code's own earlier attribution guidance, such as a…"}, {"type": "text", "text": "create file x.txt with content y using the Write tool, then read it back"}]}, {"role": "system", "content": "# Environment\nYou have been invoked in the following environment: \n - Primary working directory: /tmp/ccwork\n - Is a git repository: false\n - Platform: linux\n -…", "output_config": {"effort": "medium"}}, {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should write the file.", "signature": "recsig0"}, {"type": "text", "text": "I will write the file."}, {"type": "tool_use", "id": "toolu_rec1_2", "name": "Write", "input": {"file_path": "/tmp/ccwork/x.txt", "content": "y"}}]}, {"role": "user", "content": [{"tool_use_id": "toolu_rec1_2", "type": "tool_result", "content": "File created successfully at: /tmp/ccwork/x.txt (file state is current in your context — no need to Read it back)", "cache_control": {"type": "ephemeral"}}]}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.ec7; cc_entrypoint=sdk-cli;"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, using your own judgment along the way.\n\nIMPORTANT: Assist with authorized security testing, defensiv…", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "offset": {"type": "integer", "minimum": 0, "maximum": 9007199254740991}, "limit": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9007199254740991}, "pages": {"type": "string"}, "allow_large": {"type": "boolean"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}, {"name": "Write", "description": "Writes a file to the local filesystem, overwriting if one ex…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}, "required": ["file_path", "content"], "additionalProperties": false}}], "metadata": {"user_id": "{\"device_id\":\"2b55e463eb07878d49b7dc8b6547b205520607fbe7e6d07bdf0d12c1f8836326\",\"account_uuid\":\"\",\"session_id\":\"d3a35b2a-f996-463e-9b50-4b49a88e2bd3\"}"}, "max_tokens": 128000, "thinking": {"type": "adaptive", "display": "omitted"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "output_config": {"effort": "medium"}, "stream": true}},
+    "tool_search": {"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,per-turn-control-2026-07-01,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli", "x-claude-code-session-id": "a6eb5873-c9fe-4c7a-a69b-be5b4c6d9e79"}, "body": {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull requests you create from here on (this replaces Claude Code's own earlier attribution guidance, such as a…"}, {"type": "text", "text": "list my cron jobs"}]}, {"role": "system", "content": "# Environment\nYou have been invoked in the following environment: \n - Primary working directory: /tmp/ccwork\n - Is a git repository: false\n - Platform: linux\n -…", "output_config": {"effort": "medium"}}, {"role": "assistant", "content": [{"type": "text", "text": "Loading the tool."}, {"type": "tool_use", "id": "toolu_rec1_1", "name": "ToolSearch", "input": {"query": "select:NotebookEdit,CronList"}}]}, {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_rec1_1", "content": [{"type": "tool_reference", "tool_name": "NotebookEdit"}, {"type": "tool_reference", "tool_name": "CronList"}]}, {"type": "text", "text": "Tool loaded.", "cache_control": {"type": "ephemeral"}}]}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.34c; cc_entrypoint=sdk-cli;"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, using your own judgment along the way.\n\nIMPORTANT: Assist with authorized security testing, defensiv…", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "CronList", "description": "List all cron jobs scheduled via CronCreate, both durable (.…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {}, "additionalProperties": false}, "defer_loading": true}, {"name": "NotebookEdit", "description": "Replaces, inserts, or deletes a single cell in a Jupyter not…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"notebook_path": {"type": "string"}, "cell_id": {"type": "string"}, "new_source": {"type": "string"}, "cell_type": {"type": "string", "enum": ["code", "markdown"]}, "edit_mode": {"type": "string", "enum": ["replace", "insert", "delete"]}}, "required": ["notebook_path", "new_source"], "additionalProperties": false}, "defer_loading": true}, {"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "offset": {"type": "integer", "minimum": 0, "maximum": 9007199254740991}, "limit": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9007199254740991}, "pages": {"type": "string"}, "allow_large": {"type": "boolean"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}, {"name": "Write", "description": "Writes a file to the local filesystem, overwriting if one ex…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}, "required": ["file_path", "content"], "additionalProperties": false}}], "metadata": {"user_id": "{\"device_id\":\"2b55e463eb07878d49b7dc8b6547b205520607fbe7e6d07bdf0d12c1f8836326\",\"account_uuid\":\"\",\"session_id\":\"a6eb5873-c9fe-4c7a-a69b-be5b4c6d9e79\"}"}, "max_tokens": 128000, "thinking": {"type": "adaptive", "display": "omitted"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "output_config": {"effort": "medium"}, "stream": true}},
+    "auto_mode": {"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,per-turn-control-2026-07-01,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24,dangerous-tool-use-2026-09-03,afk-mode-2026-01-31", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli", "x-claude-code-session-id": "95127393-ded5-4c6e-a924-931f7dbbd07b"}, "body": {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull requests you create from here on (this replaces Claude Code's own earlier attribution guidance, such as a…"}, {"type": "text", "text": "write auto.txt containing auto"}]}, {"role": "system", "content": [{"type": "text", "text": "# Environment\nYou have been invoked in the following environment: \n - Primary working directory: /tmp/ccwork\n - Is a git repository: false\n - Platform: linux\n -…", "cache_control": {"type": "ephemeral"}}], "output_config": {"effort": "max"}}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.77d; cc_entrypoint=sdk-cli;"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, using your own judgment along the way.\n\nIMPORTANT: Assist with authorized security testing, defensiv…", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "offset": {"type": "integer", "minimum": 0, "maximum": 9007199254740991}, "limit": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9007199254740991}, "pages": {"type": "string"}, "allow_large": {"type": "boolean"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "StructuredOutput", "description": "Use this tool to return your final response in the requested…", "input_schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}, {"name": "Write", "description": "Writes a file to the local filesystem, overwriting if one ex…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}, "required": ["file_path", "content"], "additionalProperties": false}}], "metadata": {"user_id": "{\"device_id\":\"2b55e463eb07878d49b7dc8b6547b205520607fbe7e6d07bdf0d12c1f8836326\",\"account_uuid\":\"\",\"session_id\":\"95127393-ded5-4c6e-a924-931f7dbbd07b\"}"}, "max_tokens": 128000, "thinking": {"type": "adaptive", "display": "omitted"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "safeguards": [{"type": "dangerous_tool_use", "classifier_context": {"v": 1, "permission_mode": "auto", "platform": "linux", "live_cwd": "/tmp/ccwork"}}], "output_config": {"effort": "max"}, "stream": true}},
+    "mid_conversation_system": {"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,per-turn-control-2026-07-01,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24,thinking-display-updates-2026-08-18", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli", "x-claude-code-session-id": "a93a422b-bff3-44fd-87e3-4b9aaacebb63"}, "body": {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull requests you create from here on (this replaces Claude Code's own earlier attribution guidance, such as a…"}, {"type": "text", "text": "hello one"}]}, {"role": "system", "content": "# Environment\nYou have been invoked in the following environment: \n - Primary working directory: /tmp/ccwork\n - Is a git repository: false\n - Platform: linux\n -…", "output_config": {"effort": "medium"}}, {"role": "assistant", "content": [{"type": "text", "text": "First answer."}]}, {"role": "user", "content": [{"type": "text", "text": "<local-command-caveat>The command below was run directly in Claude Code, not sent to you as a request, and its output goes straight to the user. It's recorded h…"}, {"type": "text", "text": "<command-name>/effort</command-name>\n            <command-message>effort</command-message>\n            <command-args>low</command-args>\n"}, {"type": "text", "text": "<local-command-stdout>Set effort level to low (this session only): Quick, straightforward implementation with minimal overhead</local-command-stdout>\n"}, {"type": "text", "text": "hello two", "cache_control": {"type": "ephemeral"}}]}, {"role": "system", "content": [], "output_config": {"effort": "low"}}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.551; cc_entrypoint=sdk-cli;"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, using your own judgment along the way.\n\nIMPORTANT: Assist with authorized security testing, defensiv…", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "offset": {"type": "integer", "minimum": 0, "maximum": 9007199254740991}, "limit": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9007199254740991}, "pages": {"type": "string"}, "allow_large": {"type": "boolean"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}, {"name": "Write", "description": "Writes a file to the local filesystem, overwriting if one ex…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}}, "required": ["file_path", "content"], "additionalProperties": false}}], "metadata": {"user_id": "{\"device_id\":\"2b55e463eb07878d49b7dc8b6547b205520607fbe7e6d07bdf0d12c1f8836326\",\"account_uuid\":\"\",\"session_id\":\"a93a422b-bff3-44fd-87e3-4b9aaacebb63\"}"}, "max_tokens": 128000, "thinking": {"type": "adaptive", "display": "updates"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "output_config": {"effort": "low"}, "stream": true}}
+}''')
+
+
+def check_anthropic_request(anthropic_body):
+    """What Anthropic checks first: a user turn first, non-empty turns, each tool_use answered next."""
+    messages = anthropic_body["messages"]
+    assert messages[0]["role"] == "user" and all(m["content"] for m in messages)
+    for i, message in enumerate(messages):
+        uses = [b["id"] for b in message["content"] if b["type"] == "tool_use"]
+        if uses:
+            results = [b["tool_use_id"] for b in messages[i + 1]["content"] if b["type"] == "tool_result"]
+            assert sorted(results) == sorted(uses) and messages[i + 1]["content"][0]["type"] == "tool_result"
+
+
+@pytest.mark.parametrize("name", sorted(CLAUDE_CODE_2_1_332))
+def test_claude_code_2_1_332_requests_through_both_conversion_paths(name):
+    captured = CLAUDE_CODE_2_1_332[name]
+    notes = []
+    openai_body = anthropic_to_openai_request(captured["body"], make_spec(model="gpt-5"), notes=notes)
+    check_openai_request(openai_body, len(captured["body"]["tools"]))
+    noted = {cp._NOTE_INDEX.sub(".*", path) for path, _ in notes}
+    assert {"context_management", "thinking.display", "messages.*.output_config", "tools.*.defer_loading"} <= noted
+    assert ("safeguards" in noted) == (name == "auto_mode")
+    # the mid-conversation system message stays where it was: in the first user turn, not the system prompt
+    assert "# Environment" not in openai_body["messages"][0]["content"]
+    assert "<system-reminder>\n# Environment" in openai_body["messages"][1]["content"]
+    expected_effort = {"auto_mode": "max", "mid_conversation_system": "low"}.get(name, "medium")
+    assert openai_body["reasoning_effort"] == expected_effort
+    back = openai_to_anthropic_request(openai_body, captured["body"]["model"])     # the other path
+    check_anthropic_request(back)
+    assert back["output_config"]["effort"] == expected_effort and "temperature" not in back
+
+
+def test_claude_code_2_1_332_tool_search_result_names_the_loaded_tools():
+    openai_body = anthropic_to_openai_request(CLAUDE_CODE_2_1_332["tool_search"]["body"], make_spec())
+    tool_message = next(m for m in openai_body["messages"] if m["role"] == "tool")
+    assert tool_message["content"] == "Tool loaded: NotebookEdit\nTool loaded: CronList"
+    assert {"CronList", "NotebookEdit"} <= {t["function"]["name"] for t in openai_body["tools"]}
+
+
+def test_claude_code_2_1_332_through_the_proxy_both_ways(tmp_path):
+    async def scenario():
+        results = []
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as anthropic_up, \
+                FakeUpstream(lambda req: Stream(openai_stream_chunks())) as openai_up:
+            config = make_config(tmp_path, anthropic_up.url, providers={"o": {
+                "format": "openai", "base_url": openai_up.url + "/v1", "prompt_cache_key": True}},
+                routes={"default": "anthropic", "think": "o,gpt-5"})
+            async with running_proxy(config) as (_, port):
+                for name in sorted(CLAUDE_CODE_2_1_332):
+                    captured = CLAUDE_CODE_2_1_332[name]
+                    passthrough = dict(captured["body"], thinking={"type": "disabled"}, stream=False)
+                    raw = json.dumps(passthrough).encode()
+                    await call(port, "POST", captured["path"], raw, dict(captured["headers"], **ANTHROPIC_HEADERS))
+                    status, _, body = await call(port, "POST", captured["path"], captured["body"],
+                                                 dict(captured["headers"], **ANTHROPIC_HEADERS))
+                    results.append((raw, status, sse_events(body)[-1][0]))
+            return results, anthropic_up.requests, openai_up.requests
+    results, to_anthropic, to_openai = run(scenario())
+    for (raw, status, last_event), sent in zip(results, to_anthropic):
+        assert sent["path"] == "/v1/messages?beta=true" and sent["raw"] == raw     # every field, byte for byte
+        assert (status, last_event) == (200, "message_stop")
+    session = hashlib.sha256(b"d3a35b2a-f996-463e-9b50-4b49a88e2bd3").hexdigest()[:32]
+    assert to_openai[-1]["body"]["prompt_cache_key"] in {session, hashlib.sha256(
+        CLAUDE_CODE_2_1_332["mid_conversation_system"]["headers"]["x-claude-code-session-id"].encode()).hexdigest()[:32]}
+    assert all(r["body"]["model"] == "gpt-5" and r["path"] == "/v1/chat/completions" for r in to_openai)
+
+
+def test_prompt_cache_key_is_the_session_where_the_provider_takes_one():
+    assert anthropic_to_openai_request(req(), make_spec(prompt_cache_key=True), session_id="s1")["prompt_cache_key"] == "s1"
+    assert "prompt_cache_key" not in anthropic_to_openai_request(req(), make_spec(), session_id="s1")
+    assert "prompt_cache_key" not in anthropic_to_openai_request(req(), make_spec(prompt_cache_key=True))
+
+
+def test_every_drop_is_a_note_with_its_path_and_a_debug_line(caplog):
+    body = req(frobnicate=1, top_k=3, metadata={"user_id": "u", "tier": "x"},
+               thinking={"type": "adaptive", "display": "omitted"},
+               tools=[dict(WEATHER_TOOL, input_examples=[{}], eager_input_streaming=True, allowed_callers=["direct"])],
+               messages=[{"role": "user", "content": "hi"},
+                         {"role": "system", "content": [], "output_config": {"effort": "low"}}])
+    notes = []
+    with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
+        anthropic_to_openai_request(body, make_spec(), notes=notes)
+    paths = [path for path, _ in notes]
+    assert paths == ["frobnicate", "top_k", "thinking.display", "messages.1.output_config", "metadata.tier",
+                     "tools.0.allowed_callers", "tools.0.eager_input_streaming", "tools.0.input_examples"]
+    assert all(why.startswith(("dropped", "rewritten")) for _, why in notes)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == paths
+
+
+def test_a_gemini_thought_signature_round_trips_through_claude_code():
+    """Upstream call with extra_content -> tool_use id the client keeps -> the call replayed with it."""
+    signature = "CiQBVKhc7q+/thought=="
+    events = run_stream([chunk({"tool_calls": [{"index": 0, "id": "call_g", "type": "function",
+                                                "function": {"name": "f", "arguments": "{}"},
+                                                "extra_content": {"google": {"thought_signature": signature}}}]}),
+                         chunk(finish="tool_calls")])
+    tool_use = fold_anthropic_events(events)["content"][0]
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", tool_use["id"]) and cp.split_tool_id(tool_use["id"]) == ("call_g", signature)
+    history = req(messages=[{"role": "user", "content": "go"}, {"role": "assistant", "content": [tool_use]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use["id"], "content": "r"}]}])
+    messages = anthropic_to_openai_request(history, make_spec(schema="gemini"))["messages"]
+    assert messages[1]["tool_calls"][0]["id"] == "call_g" and messages[2]["tool_call_id"] == "call_g"
+    assert messages[1]["tool_calls"][0]["extra_content"] == {"google": {"thought_signature": signature}}
+    plain = anthropic_to_openai_request(history, make_spec())["messages"]
+    assert "extra_content" not in plain[1]["tool_calls"][0] and plain[1]["tool_calls"][0]["id"] == "call_g"
+
+
+@pytest.mark.parametrize("tool_id", ["call_1", "functions_Bash_3", "toolu_01", "x__ts_y", "x__ts_"])
+def test_tool_id_signature_codec(tool_id):
+    for signature in ("sig+/=é", "__ts_", "a" * 700):
+        joined = cp.join_tool_id(tool_id, signature)
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", joined) and cp.split_tool_id(joined) == (tool_id, signature)
+    if "__ts_" not in tool_id:
+        assert cp.join_tool_id(tool_id, None) == tool_id and cp.split_tool_id(tool_id) == (tool_id, None)
 
 
 # ---- 2. stream machine: fixtures ---------------------------------------------------------------
@@ -1406,6 +1724,16 @@ def final_usage(events):
     return events[-2]["usage"]
 
 
+def usage_of(input_tokens, output_tokens, read=0, written=0, thinking=None):
+    """The Anthropic usage the stream machine reports (cache_creation object, thinking when counted)."""
+    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_read_input_tokens": read,
+             "cache_creation_input_tokens": written,
+             "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0}}
+    if thinking is not None:
+        usage["output_tokens_details"] = {"thinking_tokens": thinking}
+    return usage
+
+
 def test_parallel_tools():
     events = run_stream(sse_chunks(OPENAI_PARALLEL_TOOLS))
     assert block_types(events) == ["tool_use", "tool_use"]
@@ -1416,8 +1744,7 @@ def test_parallel_tools():
         {"type": "tool_use", "id": "call_DNYTawLBoN8fj3KN6qU9N1Ou", "name": "get_stock_price",
          "input": {"ticker": "AAPL", "exchange": "NASDAQ"}}]
     assert message["stop_reason"] == "tool_use"
-    assert message["usage"] == {"input_tokens": 149, "output_tokens": 60,
-                                "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert message["usage"] == usage_of(149, 60, thinking=0)
     # streamed as it came: more than one input_json_delta per block
     assert sum(1 for e in events if e["type"] == "content_block_delta") > 4
 
@@ -1428,16 +1755,14 @@ def test_deepseek_reasoning_then_text_usage_on_finish_chunk():
     message = fold_anthropic_events(events)
     assert message["content"][0] == {"type": "thinking", "thinking": "Hmm,", "signature": ""}
     assert message["content"][1]["text"].endswith(" today?")
-    assert final_usage(events) == {"input_tokens": 6, "output_tokens": 212,
-                                   "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert final_usage(events) == usage_of(6, 212, thinking=198)
 
 
 def test_deepseek_cache_hit_tokens():
     chunks = [{"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
                "usage": {"prompt_tokens": 100, "completion_tokens": 3, "prompt_cache_hit_tokens": 64,
                          "prompt_cache_miss_tokens": 36}}]
-    assert final_usage(run_stream(chunks)) == {"input_tokens": 36, "output_tokens": 3,
-                                               "cache_read_input_tokens": 64, "cache_creation_input_tokens": 0}
+    assert final_usage(run_stream(chunks)) == usage_of(36, 3, read=64)
 
 
 def test_openai_cached_tokens():
@@ -1454,10 +1779,10 @@ def test_openrouter_reasoning_details_signature_and_late_usage():
     message = fold_anthropic_events(events)
     thinking = message["content"][0]
     assert thinking["thinking"] == "This is a simple arithmetic question. 2+2 equals 4."
-    assert thinking["signature"].startswith("Et0BCkgIChACGAIqQA2s")
+    # another provider's signature, tagged so that no Anthropic-format upstream is sent it as its own
+    assert thinking["signature"].startswith("claude-proxy:openai:Et0BCkgIChACGAIqQA2s")
     assert message["content"][1] == {"type": "text", "text": "2 + 2 = 4"}
-    assert final_usage(events) == {"input_tokens": 43, "output_tokens": 36,
-                                   "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    assert final_usage(events) == usage_of(43, 36, thinking=13)
 
 
 def test_groq_whole_tool_call_in_one_chunk():
@@ -1602,13 +1927,13 @@ def test_message_start_and_events_exact():
             "id": "msg_test", "type": "message", "role": "assistant", "model": "claude-client", "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 7, "output_tokens": 0, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0}}},
+                      "cache_read_input_tokens": 0,
+                      "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}}},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
         {"type": "content_block_stop", "index": 0},
         {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-         "usage": {"input_tokens": 9, "output_tokens": 2, "cache_read_input_tokens": 0,
-                   "cache_creation_input_tokens": 0}},
+         "usage": usage_of(9, 2)},
         {"type": "message_stop"}]
 
 
@@ -1724,6 +2049,37 @@ def test_truncated_tool_call_keeps_max_tokens():
                          chunk(finish="length")])
     message = fold_anthropic_events(events)
     assert message["stop_reason"] == "max_tokens" and message["content"][0]["input"] == {}
+
+
+def test_an_openai_refusal_ends_as_a_refusal_with_its_text():
+    events = run_stream([chunk({"role": "assistant", "content": "", "refusal": None}),
+                         chunk({"refusal": "I can't help with that."}), chunk(finish="stop")])
+    message = fold_anthropic_events(events)
+    assert message["content"] == [{"type": "text", "text": "I can't help with that."}]
+    assert message["stop_reason"] == "refusal"
+    body = {"choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "No."}}]}
+    assert openai_response_to_anthropic(body, "c")["stop_reason"] == "refusal"
+
+
+def test_url_citation_annotations_become_text_citations():
+    text = "Paris is the capital."
+    body = {"choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": text, "annotations": [
+            {"type": "url_citation", "url_citation": {"start_index": 0, "end_index": 5,
+                                                      "url": "https://en.wikipedia.org/wiki/Paris", "title": "Paris"}}]}}]}
+    events = run_stream([openai_message_as_chunk(body)])
+    check_anthropic_grammar(events)
+    assert fold_anthropic_events(events)["content"] == [{"type": "text", "text": text, "citations": [
+        {"type": "web_search_result_location", "url": "https://en.wikipedia.org/wiki/Paris", "title": "Paris",
+         "cited_text": "Paris", "encrypted_index": ""}]}]
+
+
+def test_reasoning_tokens_reach_the_anthropic_usage():
+    chunks = [chunk({"content": "x"}, finish="stop"),
+              {"choices": [], "usage": {"prompt_tokens": 21, "completion_tokens": 9,
+                                        "completion_tokens_details": {"reasoning_tokens": 7}}}]
+    assert final_usage(run_stream(chunks))["output_tokens_details"] == {"thinking_tokens": 7}
 
 
 # ---- 3. fold -------------------------------------------------------------------------------------
@@ -1850,7 +2206,8 @@ PARALLEL_TOOLS_BODY = {
                 "name": "GetWeatherArgs", "arguments": '{"city": "Edinburgh", "country": "GB", "units": "c"}'}},
             {"id": "call_DNYTawLBoN8fj3KN6qU9N1Ou", "type": "function", "function": {
                 "name": "get_stock_price", "arguments": '{"ticker": "AAPL", "exchange": "NASDAQ"}'}}]}}],
-    "usage": {"prompt_tokens": 149, "completion_tokens": 60, "total_tokens": 209}}
+    "usage": {"prompt_tokens": 149, "completion_tokens": 60, "total_tokens": 209,
+              "completion_tokens_details": {"reasoning_tokens": 0}}}
 
 
 def test_round_trip_openai_stream_fold_equals_non_stream():
@@ -1876,8 +2233,7 @@ def test_non_stream_exact():
         "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-client",
         "content": [{"type": "thinking", "thinking": "hm", "signature": ""}, {"type": "text", "text": "Hello"}],
         "stop_reason": "end_turn", "stop_sequence": None,
-        "usage": {"input_tokens": 6, "output_tokens": 2, "cache_read_input_tokens": 4,
-                  "cache_creation_input_tokens": 0}}
+        "usage": usage_of(6, 2, read=4)}
 
 
 def test_non_stream_gemini_tool_calls_without_index():
@@ -2352,9 +2708,9 @@ def test_parse_model_variant(name, expected):
     ("claude-haiku-5-1-20270101", ("haiku", (5, 1)), "adaptive"),
     ("my-alias", None, "budget"),
 ])
-def test_claude_version_and_thinking_style(model, version, style):
-    assert claude_version(model) == version
-    assert thinking_style_for(model) == style
+def test_claude_id_parts_and_thinking_style(model, version, style):
+    assert claude_id_parts(model) == version
+    assert model_facts(model)["thinking"] == style
 
 
 # ---- 2. request conversion (D.2) ----------------------------------------------------------------
@@ -2411,10 +2767,11 @@ WEATHER_A = {"name": "get_weather", "description": "Weather",
 
 REQUEST_TABLE = [
     ("minimal", body(HI), expected(U("hi"))),
-    ("system and developer anywhere -> system blocks in order",
-     body({"role": "system", "content": "S1"}, HI, {"role": "developer", "content": [{"type": "text", "text": "D"}]},
+    ("leading system/developer -> system; a later one -> user text at its position (the model takes none mid-list)",
+     body({"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"}, HI,
+          {"role": "developer", "content": [{"type": "text", "text": "D"}]},
           {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}),
-     expected(U("hi"), A(T("a")), U("b"), system=[T("S1"), T("D")])),
+     expected(U("hi", "<system-reminder>\nD\n</system-reminder>"), A(T("a")), U("b"), system=[T("S1"), T("S2")])),
     ("consecutive user turns merged", body(HI, {"role": "user", "content": [{"type": "text", "text": "there"}]}),
      expected(U("hi", "there"))),
     ("tool messages -> one user turn, following user text appended",
@@ -2526,6 +2883,12 @@ REQUEST_TABLE = [
      body({"role": "user", "content": [{"type": "file", "file": {"file_data": "data:text/plain;base64,aGVsbG8="}}]}),
      expected({"role": "user", "content": [{"type": "document", "source": {
          "type": "text", "media_type": "text/plain", "data": "hello"}}]})),
+    ("strict function tools stay strict",
+     body(HI, tools=[dict(WEATHER, function=dict(WEATHER["function"], strict=True))]),
+     expected(U("hi"), tools=[dict(WEATHER_A, strict=True)])),
+    ("an assistant refusal replays as its text",
+     body(HI, {"role": "assistant", "content": None, "refusal": "I can't."}, {"role": "user", "content": "ok"}),
+     expected(U("hi"), A(T("I can't.")), U("ok"))),
 ]
 
 
@@ -2641,6 +3004,19 @@ REASONING_TABLE = [
     (O47, {"temperature": 0.3, "top_p": 0.9}, None, None, {"max_tokens": 8192}),
     (O47, {"reasoning_effort": "low"}, None, "budget", {"thinking": enabled(8192), "max_tokens": 9216}),
     (O47, {"reasoning_effort": "none", "temperature": 1}, None, None, {"max_tokens": 8192}),
+    # efforts as each model takes them (the model table): Opus 4.6 has max but no xhigh
+    (O46, {"reasoning_effort": "xhigh"}, None, "adaptive",
+     {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}, "max_tokens": 8192}),
+    (O46, {"reasoning_effort": "max"}, None, "adaptive",
+     {"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}, "max_tokens": 8192}),
+    ("claude-opus-5-5", {"reasoning_effort": "max", "temperature": 0.2}, None, None,
+     {"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}, "max_tokens": 8192}),
+    ("claude-3-5-sonnet-20241022", {"reasoning_effort": "high", "temperature": 0.2}, None, None,
+     {"max_tokens": 8192, "temperature": 0.2}),
+    ("claude-opus-4-0", {"reasoning_effort": "max"}, None, None, {"thinking": enabled(30976), "max_tokens": 32000}),
+    # an unknown future id follows the newest rules: adaptive, no sampling
+    ("claude-opus-7", {"reasoning_effort": "xhigh", "top_p": 0.5}, None, None,
+     {"thinking": {"type": "adaptive"}, "output_config": {"effort": "xhigh"}, "max_tokens": 8192}),
     # thinking off: forced tool, or a tool loop whose signed thinking the client cannot replay
     (M, {"reasoning_effort": "high", "tool_choice": "required", "tools": [WEATHER]}, None, None, {"max_tokens": 8192}),
     (M, {"reasoning_effort": "high", "messages": TOOL_TURNS, "temperature": 0.2}, None, None,
@@ -2657,8 +3033,42 @@ REASONING_KEYS = ("thinking", "output_config", "max_tokens", "temperature", "top
 @pytest.mark.parametrize("model, fields, variant, style, want", REASONING_TABLE)
 def test_reasoning_table(model, fields, variant, style, want):
     openai_body = dict({"messages": [HI]}, **fields)
-    anthropic_body = openai_to_anthropic_request(openai_body, model, variant_effort=variant, thinking_style=style)
+    anthropic_body = openai_to_anthropic_request(openai_body, model, variant_effort=variant,
+                                                 facts=model_facts(model, {"thinking": style}))
     assert {k: anthropic_body[k] for k in REASONING_KEYS if k in anthropic_body} == want
+
+
+def test_mid_conversation_system_inline_where_the_model_takes_it():
+    openai_body = body(HI, {"role": "developer", "content": "D"}, {"role": "assistant", "content": "a"},
+                       {"role": "system", "content": "E"}, {"role": "user", "content": "b"},
+                       {"role": "assistant", "content": None, "tool_calls": [CALL("c1", "f", "{}")]},
+                       {"role": "system", "content": "F"}, {"role": "tool", "tool_call_id": "c1", "content": "r"})
+    messages = openai_to_anthropic_request(openai_body, "claude-opus-4-8")["messages"]
+    assert messages == [U("hi"), {"role": "system", "content": [T("D")]}, A(T("a")),
+                        {"role": "system", "content": [T("E")]}, U("b"), A(TU("c1", "f", {})),
+                        {"role": "user", "content": [TR("c1", "r"), T("<system-reminder>\nF\n</system-reminder>")]}]
+    before_4_8 = openai_to_anthropic_request(openai_body, "claude-opus-4-7")["messages"]
+    assert [m["role"] for m in before_4_8] == ["user", "assistant", "user", "assistant", "user"]
+
+
+def test_anthropic_version_2026_10_21_takes_no_sampling_fields():
+    notes = []
+    anthropic_body = openai_to_anthropic_request(body(HI, temperature=0.3, top_k=4), M, anthropic_version="2026-10-21",
+                                                 notes=notes)
+    assert "temperature" not in anthropic_body and "top_k" not in anthropic_body
+    assert notes == [("temperature", "dropped: anthropic-version 2026-10-21 removed sampling parameters"),
+                     ("top_k", "dropped: anthropic-version 2026-10-21 removed sampling parameters")]
+    assert openai_to_anthropic_request(body(HI, temperature=0.3), M)["temperature"] == 0.3
+
+
+def test_openai_fields_without_an_anthropic_form_are_notes():
+    notes = []
+    openai_to_anthropic_request(body(HI, moderation={"enabled": True}, prompt_cache_options={"ttl": "1h"},
+                                     prompt_cache_breakpoint=True, frobnicate=1, metadata={"a": "b"},
+                                     stream_options={"include_usage": True}), M, notes=notes)
+    assert [path for path, _ in notes] == ["frobnicate", "metadata", "moderation", "prompt_cache_breakpoint",
+                                           "prompt_cache_options"]
+    assert dict(notes)["moderation"] == "dropped: no moderation pass on Anthropic's API"
 
 
 def test_budget_table_covers_every_effort():
@@ -2666,14 +3076,14 @@ def test_budget_table_covers_every_effort():
     assert all(b >= 1024 for b in EFFORT_BUDGET.values())
 
 
-def test_raising_an_explicit_max_tokens_warns(caplog):
+def test_raising_an_explicit_max_tokens_is_a_note_and_converters_log_only_debug(caplog):
+    notes = []
     with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
-        openai_to_anthropic_request(body(HI, max_tokens=100, reasoning_effort="low"), M)
-    assert [r.levelname for r in caplog.records if r.levelno > logging.DEBUG] == ["WARNING"]
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
-        openai_to_anthropic_request(body(HI, reasoning_effort="low", seed=3), M)
-    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+        openai_to_anthropic_request(body(HI, max_tokens=100, reasoning_effort="low"), M, notes=notes)
+        openai_to_anthropic_request(body(HI, reasoning_effort="low", seed=3), M, notes=notes)
+    assert notes == [("max_tokens", "rewritten: 100 raised to 9216 to fit the thinking budget"),
+                     ("seed", "dropped: Claude has no seeded sampling")]
+    assert caplog.records and all(r.levelno == logging.DEBUG for r in caplog.records)
 
 
 # ---- 4. stream machine ---------------------------------------------------------------------------
@@ -2821,6 +3231,18 @@ def test_tool_index_counts_tool_blocks_only():
     assert [call["index"] for c in out[:-1] for call in c["choices"][0]["delta"].get("tool_calls", [])] == [0, 0, 1, 1]
 
 
+def test_stop_details_of_a_refusal_become_message_refusal():
+    message = dict(anthropic_message("Partial."), stop_reason="refusal",
+                   stop_details={"type": "refusal", "category": "cyber", "explanation": "Not this one."})
+    answer = anthropic_response_to_openai(message, "gpt-claude")
+    assert answer["choices"][0]["message"]["refusal"] == "Not this one."
+    assert answer["choices"][0]["finish_reason"] == "content_filter"
+    machine = AnthropicToOpenAIStream("gpt-claude", completion_id="chatcmpl-1", created=7)
+    chunks = [c for e in anthropic_message_as_events(message) for c in machine.feed(e)] + machine.close()
+    check_openai_grammar(chunks, include_usage=False)
+    assert deltas(chunks, "refusal") == "Not this one."
+
+
 # ---- 5. non-streaming: fold and round trip ---------------------------------------------------------
 
 
@@ -2936,6 +3358,88 @@ def test_replay_recorded_fixture(name, include_usage):
                                                         "max_tokens": "length"}[last_delta["delta"]["stop_reason"]]
     if include_usage:
         assert chunks[-2]["usage"]["completion_tokens"] == last_delta["usage"]["output_tokens"]
+
+# =============================================================================================
+# 9. Sessions that switch routes: thinking signatures by origin
+# =============================================================================================
+
+NATIVE = {"name": "anthropic", "tag_signatures": False}
+VENDOR = {"name": "kimi", "tag_signatures": True}
+GENUINE = {"type": "thinking", "thinking": "a", "signature": "EqQBgenuine"}
+UNSIGNED = {"type": "thinking", "thinking": "b", "signature": ""}
+KIMI_MADE = {"type": "thinking", "thinking": "c", "signature": cp.tag_signature("kimi", "k1")}
+CONVERTED = {"type": "thinking", "thinking": "d", "signature": cp.tag_signature("openrouter", "EtsigOR")}
+REDACTED = {"type": "redacted_thinking", "data": "r1"}
+KIMI_REDACTED = {"type": "redacted_thinking", "data": cp.tag_signature("kimi", "kr")}
+MIXED = [GENUINE, UNSIGNED, KIMI_MADE, CONVERTED, REDACTED, KIMI_REDACTED, {"type": "text", "text": "done"}]
+
+
+@pytest.mark.parametrize("provider, kept", [
+    (NATIVE, [GENUINE, REDACTED, T("done")]),
+    (VENDOR, [dict(KIMI_MADE, signature="k1"), dict(KIMI_REDACTED, data="kr"), T("done")]),
+])
+def test_own_thinking_only_keeps_what_the_provider_issued(provider, kept):
+    history = {"model": "m", "messages": [U("q"), A(*MIXED), U("more")]}
+    notes = []
+    body = cp.own_thinking_only(history, provider, notes)
+    assert body["messages"] == [U("q"), A(*kept), U("more")]
+    assert [path for path, _ in notes] == ["messages.1.content.%d" % i for i in range(6) if MIXED[i] not in
+                                           [b for b in MIXED if cp._own_block(b, provider) is not None]]
+    assert history["messages"][1]["content"] == MIXED      # pure: the input is untouched
+
+
+def test_own_thinking_only_returns_the_same_body_when_nothing_changes():
+    history = {"model": "m", "thinking": {"type": "adaptive"}, "messages": [U("q"), A(GENUINE, T("x")), U("y")]}
+    assert cp.own_thinking_only(history, NATIVE) is history
+
+
+def test_a_tool_turn_answered_on_another_route_goes_without_thinking():
+    history = {"model": "m", "thinking": {"type": "adaptive", "display": "omitted"}, "output_config": {"effort": "high"},
+               "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}, {"type": "other"}]},
+               "messages": [U("go"), A(UNSIGNED, T("Writing."), TU("t1", "Write", {})),
+                            {"role": "user", "content": [TR("t1", "ok")]}]}
+    notes = []
+    body = cp.own_thinking_only(history, NATIVE, notes)
+    assert "thinking" not in body and body["output_config"] == {"effort": "high"}
+    assert body["context_management"] == {"edits": [{"type": "other"}]}
+    assert body["messages"][1] == A(T("Writing."), TU("t1", "Write", {}))
+    assert [path for path, _ in notes] == ["messages.1.content.0", "thinking", "context_management.edits"]
+    signed = dict(history, messages=[U("go"), A(GENUINE, TU("t1", "Write", {})), {"role": "user", "content": [TR("t1", "ok")]}])
+    assert cp.own_thinking_only(signed, NATIVE) is signed
+
+
+def test_a_turn_left_empty_is_removed():
+    history = {"model": "m", "messages": [U("q"), A(UNSIGNED), U("again")]}
+    assert cp.own_thinking_only(history, NATIVE)["messages"] == [U("q"), U("again")]
+
+
+def test_system_messages_fold_into_user_text_for_a_model_that_takes_none():
+    history = {"model": "m", "messages": [
+        U("q"), {"role": "system", "content": "Env", "output_config": {"effort": "low"}}, A(TU("t1", "Read", {})),
+        {"role": "system", "content": [T("Careful")]}, {"role": "user", "content": [TR("t1", "r")]},
+        A(T("done")), {"role": "system", "content": []}]}
+    notes = []
+    body = cp.fold_system_messages(history, notes)
+    assert body["messages"] == [
+        U("q", "<system-reminder>\nEnv\n</system-reminder>"), A(TU("t1", "Read", {})),
+        {"role": "user", "content": [TR("t1", "r"), T("<system-reminder>\nCareful\n</system-reminder>")]}, A(T("done"))]
+    assert [path for path, _ in notes] == ["messages.1", "messages.1.output_config", "messages.3", "messages.6"]
+    plain = {"model": "m", "messages": [U("q")]}
+    assert cp.fold_system_messages(plain) is plain
+
+
+def test_vendor_signatures_are_tagged_in_streams_and_answers():
+    tagger = cp.SignatureTagger("kimi")
+    events = [{"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ks"}},
+              {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "kd"}},
+              {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}}, {"type": "message_stop"}]
+    out = [e for event in events for e in tagger.feed(event)]
+    assert out[1]["delta"]["signature"] == "claude-proxy:kimi:ks" and out[2]["content_block"]["data"] == "claude-proxy:kimi:kd"
+    assert out[0] == events[0] and tagger.saw_finish and tagger.finished
+    message = cp.tag_message_signatures(fold_anthropic_events([{"type": "message_start", "message": {}}] + out), "x")
+    assert cp.untag_signature(message["content"][0]["signature"]) == ("x", "claude-proxy:kimi:ks")
+
 
 # =============================================================================================
 # 9c. Converters: Responses client -> Claude
@@ -3618,6 +4122,7 @@ def test_every_recorded_claude_stream_is_grammatical_as_responses(path):
         assert response == cp.anthropic_to_responses_response(
             fold_anthropic_events(events), cp.AnthropicToResponsesStream(SHELL, origin=ORIGIN, ids=counter_ids()))
 
+
 # =============================================================================================
 # 10. OAuth
 # =============================================================================================
@@ -4294,7 +4799,7 @@ def test_passthrough_non_stream_rewrites_only_credentials(tmp_path):
             assert status == 200 and json.loads(body) == anthropic_message()
             assert headers["request-id"] == "req_up1" and headers["anthropic-ratelimit-requests-remaining"] == "9"
             sent = up.requests[0]
-            assert sent["path"] == "/v1/messages"
+            assert sent["path"] == "/v1/messages?beta=true"     # the query string is the client's too
             assert sent["headers"]["x-api-key"] == "sk-ant-api03-testkey-0123456789"
             assert sent["headers"]["anthropic-beta"] == "x-1" and sent["headers"]["anthropic-version"] == "2023-06-01"
             assert "authorization" not in sent["headers"]
@@ -4354,7 +4859,7 @@ def test_count_tokens_and_models_and_stray_endpoints(tmp_path):
                                              {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]},
                                              ANTHROPIC_HEADERS)
                 assert (status, json.loads(body)) == (200, {"input_tokens": 42})
-                assert up.requests[0]["path"] == "/v1/messages/count_tokens"
+                assert up.requests[0]["path"] == "/v1/messages/count_tokens?beta=true"
                 status, _, body = await call(port, "GET", "/v1/models", headers=ANTHROPIC_HEADERS)
                 listing = json.loads(body)
                 assert status == 200 and listing["data"][0]["type"] == "model" and listing["has_more"] is False
@@ -4869,6 +5374,285 @@ def test_converted_streams_reuse_the_upstream_connection(tmp_path, client):
             assert (len(up.requests), up.connections) == (3, 1)
     run(scenario())
 
+# ---- GET /v1/models from real data ------------------------------------------------------------
+
+UPSTREAM_MODELS = {"data": [
+    {"type": "model", "id": "claude-opus-5-5", "display_name": "Claude Opus 5.5", "created_at": "2026-06-01T00:00:00Z"},
+    {"type": "model", "id": "claude-fable-9", "display_name": "Claude Fable 9", "created_at": "2027-01-01T00:00:00Z"}],
+    "has_more": False, "first_id": "claude-opus-5-5", "last_id": "claude-fable-9"}
+
+
+def models_upstream(req):
+    """A fake Anthropic that lists two models and answers messages."""
+    if req["method"] == "GET" and req["path"].startswith("/v1/models"):
+        return http_response(200, UPSTREAM_MODELS)
+    return http_response(200, anthropic_message())
+
+
+def test_models_come_from_the_table_and_the_providers_own_list(tmp_path):
+    async def scenario():
+        async with FakeUpstream(models_upstream) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "GET", "/v1/models?limit=1000", headers=ANTHROPIC_HEADERS)
+                listing = json.loads(body)
+                await call(port, "GET", "/v1/models", headers=ANTHROPIC_HEADERS)
+                retrieved = {name: await call(port, "GET", "/v1/models/" + name, headers=ANTHROPIC_HEADERS)
+                             for name in ("claude-opus-5-5", "claude-sonnet-4-5", "claude-some-future-7")}
+                openai_shape = json.loads((await call(port, "GET", "/v1/models/claude-opus-5-5"))[2])
+            fetches = [r for r in up.requests if r["method"] == "GET"]
+        ids = [m["id"] for m in listing["data"]]
+        assert status == 200 and listing["has_more"] is False and ids[:2] == ["claude-opus-5-5", "claude-fable-9"]
+        assert set(row[0] for row in cp.MODEL_TABLE if row[-1]) <= set(ids) and len(ids) == len(set(ids))
+        assert listing["data"][0] == UPSTREAM_MODELS["data"][0]          # the provider's own object, as it sent it
+        sonnet = next(m for m in listing["data"] if m["id"] == "claude-sonnet-4-5")
+        assert (sonnet["display_name"], sonnet["max_tokens"], sonnet["max_input_tokens"]) == ("Claude Sonnet 4.5", 64000, 200000)
+        assert len(fetches) == 1 and fetches[0]["path"] == "/v1/models?limit=1000"    # cached for the second listing
+        assert fetches[0]["headers"]["x-api-key"] == "sk-ant-api03-testkey-0123456789"
+        assert all(status == 200 for status, _, _ in retrieved.values())
+        assert json.loads(retrieved["claude-some-future-7"][2])["id"] == "claude-some-future-7"
+        assert openai_shape == {"id": "claude-opus-5-5", "object": "model", "created": 0, "owned_by": "anthropic"}
+    run(scenario())
+
+
+def test_models_paging_limit_after_and_before(tmp_path):
+    async def scenario():
+        async with FakeUpstream(models_upstream) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                all_ids = [m["id"] for m in json.loads((await call(port, "GET", "/v1/models?limit=1000",
+                                                                   headers=ANTHROPIC_HEADERS))[2])["data"]]
+                first = json.loads((await call(port, "GET", "/v1/models?limit=3", headers=ANTHROPIC_HEADERS))[2])
+                after = json.loads((await call(port, "GET", "/v1/models?limit=3&after_id=" + first["last_id"],
+                                               headers=ANTHROPIC_HEADERS))[2])
+                before = json.loads((await call(port, "GET", "/v1/models?limit=2&before_id=" + after["first_id"],
+                                                headers=ANTHROPIC_HEADERS))[2])
+                default = json.loads((await call(port, "GET", "/v1/models", headers=ANTHROPIC_HEADERS))[2])
+                bad = await call(port, "GET", "/v1/models?limit=0", headers=ANTHROPIC_HEADERS)
+        assert [m["id"] for m in first["data"]] == all_ids[:3] and first["has_more"] is True
+        assert (first["first_id"], first["last_id"]) == (all_ids[0], all_ids[2])
+        assert [m["id"] for m in after["data"]] == all_ids[3:6]
+        assert [m["id"] for m in before["data"]] == all_ids[1:3] and before["has_more"] is True
+        assert len(default["data"]) == min(20, len(all_ids)) and bad[0] == 400
+    run(scenario())
+
+
+def test_gateway_discovery_lists_a_claude_name_for_every_route(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            config = make_config(tmp_path, providers={"o": {"format": "openai", "base_url": up.url + "/v1"}},
+                                 models=[{"id": "deep", "provider": "o", "model": "deepseek-reasoner"}],
+                                 routes={"default": "o,big", "background": "o,small", "think": "deep", "kimi": "o,kimi-k2"})
+            async with running_proxy(config) as (_, port):
+                listing = json.loads((await call(port, "GET", "/v1/models?limit=1000", headers=ANTHROPIC_HEADERS))[2])
+                claude_ids = [m["id"] for m in listing["data"] if m["id"].startswith("claude")]   # Claude Code's filter
+                for name in claude_ids:
+                    await call(port, "POST", "/v1/messages", dict(HELLO, model=name, stream=True), ANTHROPIC_HEADERS)
+                missing = await call(port, "GET", "/v1/models/claude-nothing", headers=ANTHROPIC_HEADERS)
+            sent = [r["body"]["model"] for r in up.requests]
+        assert claude_ids == ["claude-default", "claude-background", "claude-think", "claude-kimi"]
+        assert sent == ["big", "small", "deepseek-reasoner", "kimi-k2"]
+        assert missing[0] == 200        # any name routes (default): retrievable
+    run(scenario())
+
+
+def test_a_provider_list_that_fails_is_tolerated_and_logged_once(tmp_path, caplog):
+    clock = [0.0]
+
+    def script(req):
+        return http_response(500, {"type": "error", "error": {"type": "api_error", "message": "down"}})
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (server, port):
+                server.model_lists.clock = lambda: clock[0]
+                with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
+                    for _ in range(3):
+                        status, _, body = await call(port, "GET", "/v1/models?limit=1000", headers=ANTHROPIC_HEADERS)
+                        assert status == 200 and "claude-opus-5-5" in body.decode()
+                        clock[0] += cp.MODELS_TTL + 1
+            return len(up.requests)
+    assert run(scenario()) == 3
+    failures = [r for r in caplog.records if "model list is unavailable" in r.getMessage()]
+    assert [r.levelname for r in failures] == ["WARNING", "DEBUG", "DEBUG"]
+
+
+# ---- nothing lost in silence ------------------------------------------------------------------
+
+def test_each_kind_of_dropped_field_is_said_once_at_info(tmp_path, caplog):
+    body = dict(HELLO, stream=True, top_k=5, context_management={"edits": []}, frobnicate=1,
+                tools=[dict(TOOLS[0], input_examples=[{}], eager_input_streaming=True)])
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(openai_stream_chunks())) as up:
+            async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
+                    for _ in range(2):
+                        assert (await call(port, "POST", "/v1/messages", body, ANTHROPIC_HEADERS))[0] == 200
+    run(scenario())
+    info = [r.getMessage().split(":")[0] for r in caplog.records if r.levelno == logging.INFO and r.name == "claude_proxy"]
+    assert sorted(info) == ["context_management", "frobnicate", "tools.*.eager_input_streaming",
+                            "tools.*.input_examples", "top_k"]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert sum(m.startswith("tools.0.input_examples:") for m in debug) == 2    # every time, with its path
+
+
+def test_the_final_message_delta_carries_the_upstreams_real_counts(tmp_path):
+    usage = {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30,
+             "prompt_tokens_details": {"cached_tokens": 5, "cache_write_tokens": 3},
+             "completion_tokens_details": {"reasoning_tokens": 4}}
+    parts = openai_stream_chunks()[:-2] + [openai_sse({"choices": [], "usage": usage}), openai_sse("[DONE]")]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(parts)) as up:
+            async with running_proxy(openai_config(tmp_path, up.url)) as (_, port):
+                return await call(port, "POST", "/v1/messages", dict(HELLO, stream=True, messages=[
+                    {"role": "user", "content": "hello " * 2000}]), ANTHROPIC_HEADERS)
+    status, _, body = run(scenario())
+    events = [data for _, data in sse_events(body)]
+    start, delta = events[0]["message"]["usage"], events[-2]["usage"]
+    assert start["input_tokens"] > 1000 and start["cache_creation"] == {"ephemeral_5m_input_tokens": 0,
+                                                                         "ephemeral_1h_input_tokens": 0}
+    assert delta == usage_of(13, 9, read=5, written=3, thinking=4)      # the upstream's, not the estimate
+
+
+# ---- Claude requests from OpenAI clients: the table and the version rules ---------------------
+
+def test_openai_client_mid_conversation_system_goes_inline_with_the_beta(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                for model in ("claude-opus-4-8", "claude-sonnet-4-5"):
+                    await call(port, "POST", "/v1/chat/completions", {"model": model, "temperature": 0.5, "messages": [
+                        {"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                        {"role": "developer", "content": "D"}, {"role": "user", "content": "go"}]})
+            return up.requests
+    inline, folded = run(scenario())
+    assert inline["body"]["messages"][1] == {"role": "system", "content": [{"type": "text", "text": "D"}]}
+    assert "mid-conversation-system-2026-04-07" in inline["headers"]["anthropic-beta"]
+    assert "temperature" not in inline["body"] and inline["headers"]["anthropic-version"] == "2023-06-01"
+    assert [m["role"] for m in folded["body"]["messages"]] == ["user"] and "anthropic-beta" not in folded["headers"]
+    assert folded["body"]["temperature"] == 0.5
+
+
+# ---- sessions that switch routes ------------------------------------------------------------------
+
+class SigningAnthropic:
+    """A fake Anthropic that signs its thinking and rejects, like the real one, a request carrying a
+    thinking block it did not sign, or a tool turn without its thinking block while thinking is on."""
+
+    def __init__(self):
+        self.issued = set()
+        self.bodies = []
+
+    def __call__(self, req):
+        self.bodies.append(req["body"])
+        error = self.reject(req["body"])
+        if error:
+            return http_response(400, {"type": "error", "error": {"type": "invalid_request_error", "message": error}})
+        signature = "sig-%d" % len(self.bodies)
+        self.issued.add(signature)
+        return http_response(200, dict(anthropic_message("ok"), content=[
+            {"type": "thinking", "thinking": "", "signature": signature}, {"type": "text", "text": "ok"}]))
+
+    def reject(self, body):
+        assistants = [m for m in body["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)]
+        for m in assistants:
+            for b in m["content"]:
+                if b["type"] == "thinking" and b.get("signature") not in self.issued:
+                    return "messages: Invalid `signature` in `thinking` block"
+        last = assistants[-1]["content"] if assistants else []
+        if (body.get("thinking") or {}).get("type") in ("enabled", "adaptive") and \
+                any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in ("thinking", "redacted_thinking"):
+            return "Expected `thinking` or `redacted_thinking`, but found `tool_use`."
+        return None
+
+
+def test_a_session_alternating_between_an_openai_route_and_claude_gets_no_400(tmp_path):
+    claude = SigningAnthropic()
+    reasoning_tool_call = [openai_sse(c) for c in [
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "Plan: write."}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_w", "type": "function",
+                      "function": {"name": "Write", "arguments": '{"path": "x.txt"}'}}]}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]] + [openai_sse("[DONE]")]
+
+    async def scenario():
+        async with FakeUpstream(claude) as anthropic_up, \
+                FakeUpstream(lambda req: Stream(reasoning_tool_call)) as openai_up:
+            config = make_config(tmp_path, anthropic_up.url,
+                                 providers={"o": {"format": "openai", "base_url": openai_up.url + "/v1"}},
+                                 routes={"default": "anthropic", "background": "o,small"})
+            thinking = {"thinking": {"type": "adaptive"}, "max_tokens": 1000}
+            async with running_proxy(config) as (_, port):
+                history = [{"role": "user", "content": "write x.txt"}]
+                status, _, body = await call(port, "POST", "/v1/messages",
+                                             dict(HELLO, model="claude-haiku-4-5", messages=history, stream=True, **thinking),
+                                             ANTHROPIC_HEADERS)
+                converted = fold_anthropic_events([d for _, d in sse_events(body)])
+                history += [{"role": "assistant", "content": converted["content"]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": converted["content"][1]["id"],
+                                                          "content": "written"}]}]
+                answers = []
+                for _ in range(2):           # Claude answers the tool result, then the next turn with its own thinking kept
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model="claude-opus-5-5",
+                                                 messages=history, **thinking), ANTHROPIC_HEADERS)
+                    answers.append((status, json.loads(body)))
+                    history += [{"role": "assistant", "content": json.loads(body)["content"]},
+                                {"role": "user", "content": "and now?"}]
+        return converted, answers
+    converted, answers = run(scenario())
+    assert [b["type"] for b in converted["content"]] == ["thinking", "tool_use"] and converted["content"][0]["signature"] == ""
+    assert [status for status, _ in answers] == [200, 200]
+    first, second = claude.bodies
+    assert "thinking" not in first and [b["type"] for b in first["messages"][1]["content"]] == ["tool_use"]
+    assert second["thinking"] == {"type": "adaptive"}
+    assert second["messages"][3]["content"][0] == {"type": "thinking", "thinking": "", "signature": "sig-1"}
+
+
+def test_a_session_routed_to_an_older_model_gets_its_system_messages_as_user_text(tmp_path):
+    body = dict(HELLO, model="claude-opus-5-5", messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "# Environment"}])
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, up.url, routes={"default": "anthropic", "opus": "anthropic,claude-sonnet-4-5"})
+            async with running_proxy(config) as (_, port):
+                await call(port, "POST", "/v1/messages", body, ANTHROPIC_HEADERS)
+                await call(port, "POST", "/v1/messages", dict(body, model="claude-fable-5-2"), ANTHROPIC_HEADERS)
+            return [r["body"] for r in up.requests]
+    routed, direct = run(scenario())
+    assert routed["model"] == "claude-sonnet-4-5" and routed["messages"] == [
+        {"role": "user", "content": [T("hi"), T("<system-reminder>\n# Environment\n</system-reminder>")]}]
+    assert direct["messages"] == body["messages"]       # the model takes them: passed as sent
+
+
+def test_a_vendors_signatures_go_back_to_it_alone(tmp_path):
+    vendor_stream = anthropic_stream()[:1] + [
+        sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "signature_delta", "signature": "vendor-sig"}}),
+        sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})] + [
+        part.replace(b'"index": 0', b'"index": 1') for part in anthropic_stream()[1:]]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(vendor_stream)) as vendor, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message())) as anthropic_up:
+            config = make_config(tmp_path, anthropic_up.url,
+                                 providers={"kimi": {"format": "anthropic", "base_url": vendor.url, "api_key": "sk-kimi-1234567"}},
+                                 routes={"default": "anthropic", "kimi": "kimi"})
+            async with running_proxy(config) as (_, port):
+                _, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model="kimi-k2", stream=True), ANTHROPIC_HEADERS)
+                message = fold_anthropic_events([d for _, d in sse_events(body)])
+                history = [HELLO["messages"][0], {"role": "assistant", "content": message["content"]},
+                           {"role": "user", "content": "more"}]
+                for model in ("kimi-k2", "claude-opus-5-5"):
+                    await call(port, "POST", "/v1/messages", dict(HELLO, model=model, messages=history), ANTHROPIC_HEADERS)
+            return message, vendor.requests[1]["body"], anthropic_up.requests[0]["body"]
+    message, to_vendor, to_anthropic = run(scenario())
+    assert message["content"][0]["signature"] == "claude-proxy:kimi:vendor-sig"
+    assert to_vendor["messages"][1]["content"][0]["signature"] == "vendor-sig"
+    assert [b["type"] for b in to_anthropic["messages"][1]["content"]] == ["text"]
+
+
 # ---- The Responses API end to end: the openai SDK on a Claude route, a chat route, a native one ------
 
 def claude_message(anthropic_body):
@@ -5213,6 +5997,7 @@ def test_responses_routes_reasoning_to_the_think_route_and_variants(tmp_path):
         assert up.requests[0]["body"]["thinking"] == {"type": "adaptive"}
         assert up.requests[2]["body"]["output_config"] == {"effort": "low"}
     run(scenario())
+
 
 
 # =============================================================================================
