@@ -216,7 +216,13 @@ GENERIC_MODEL_FACTS: Dict[str, Any] = {
 MODEL_ALIASES: Dict[str, str] = {
     "opus": "claude-opus-5-5", "sonnet": "claude-sonnet-5-5", "haiku": "claude-haiku-5-5",
     "fable": "claude-fable-5-2", "mythos": "claude-mythos-5-2",
-    "claude-opus-4": "claude-opus-4-0", "claude-sonnet-4": "claude-sonnet-4-0"}
+    "claude-opus-4": "claude-opus-4-0", "claude-sonnet-4": "claude-sonnet-4-0",
+    # anthropic-max-proxy's names (seed 003)
+    "claude-opus": "claude-opus-4-0", "claude-sonnet": "claude-sonnet-4-0",
+    "claude-3.5-sonnet": "claude-3-5-sonnet-20241022", "claude-3.5-haiku": "claude-3-5-haiku-20241022",
+    # anthropic-claude-max-proxy's short ids (seed 000)
+    "sonnet-4-5": "claude-sonnet-4-5-20250929", "haiku-4-5": "claude-haiku-4-5-20251001",
+    "opus-4-1": "claude-opus-4-1-20250805", "sonnet-4": "claude-sonnet-4-20250514"}
 # Model spec key (config models[]) -> the fact it overrides.
 FACT_OVERRIDES = {"max_tokens": "output", "context": "context", "one_m": "one_m", "thinking": "thinking",
                   "efforts": "efforts", "sampling": "sampling", "mid_system": "mid_system"}
@@ -688,6 +694,7 @@ class Config:
         self.origins: Dict[str, str] = {}      # "settings.port" / "providers.x.base_url" -> where from
         self.files: Dict[str, Optional[str]] = {"config": None, "dotenv": None, "models": None}
         self.warnings: List[str] = []          # unknown keys, missing keys, notes for the start
+        self.aliases: Dict[str, str] = dict(MODEL_ALIASES)   # client model name -> routed name
 
     @property
     def home(self) -> str:
@@ -862,6 +869,7 @@ def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -
                           models, providers)
     check_fallbacks(models, providers)
     config = Config(settings, providers, models, routes, parse_oauth(raw.get("oauth")))
+    config.aliases = dict(MODEL_ALIASES, **parse_aliases(raw.get("aliases")))
     if env.get("OPENAI_API_KEY") and not any(p.get("api_key_env") == "OPENAI_API_KEY" for p in providers.values()):
         warnings.append("OPENAI_API_KEY is set but nothing uses it: set BIG_MODEL (and OPENAI_BASE_URL) to send "
                         "Claude Code to an OpenAI-compatible provider; OpenAI clients are served by Claude")
@@ -870,6 +878,15 @@ def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -
     if settings["strict"] and warnings:
         raise ConfigError("strict config: " + "; ".join(warnings))
     return config
+
+
+def parse_aliases(raw: Any) -> Dict[str, str]:
+    """The config's `aliases`: model names clients type -> the name routed and sent upstream."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in raw.items()):
+        raise ConfigError("aliases: expected an object of model name -> model name")
+    return {name.lower(): target for name, target in raw.items()}
 
 
 def check_fallbacks(models: Dict[str, dict], providers: Dict[str, dict]) -> None:
@@ -4044,8 +4061,10 @@ _VARIANT_SUFFIX = re.compile(r"^(?P<base>.+?)-(?:reasoning-(?P<effort>minimal|lo
 
 
 def parse_model_variant(name: str) -> Tuple[str, Optional[str], bool]:
-    """Split `<model>[-1m][-reasoning-<effort>]` (either order) into (base, effort, one_m)."""
-    base, effort, one_m = name, None, False
+    """Split `<model>[-1m][-reasoning-<effort>]` (either order; Claude Code's `[1m]` too) into
+    (base, effort, one_m)."""
+    one_m = name.endswith("[1m]")
+    base, effort = name[:-4] if one_m else name, None
     for _ in range(2):
         m = _VARIANT_SUFFIX.match(base)
         if not m or (m.group("effort") and effort) or (m.group("one_m") and one_m):
@@ -4515,6 +4534,24 @@ def _apply_thinking(anthropic_body: dict, effort: Optional[str], facts: dict, ex
             _note(notes, "max_tokens", "rewritten: %d raised to %d to fit the thinking budget"
                   % (anthropic_body["max_tokens"], needed))
         anthropic_body["max_tokens"] = needed
+
+
+def fit_anthropic_request(anthropic_body: dict, facts: dict, effort: Optional[str], cap: Optional[int],
+                          notes: Optional[Notes] = None) -> dict:
+    """An Anthropic client's request shaped for the model it was routed to: thinking for a
+    `-reasoning-<effort>` name when the client asked for none, and max_tokens (a thinking
+    budget under it) within a configured cap (Claude Code's 64k-128k to a vendor that takes
+    8k-32k). The same object when nothing changes, so passthrough can keep the client's bytes."""
+    wants_thinking = effort is not None and not anthropic_body.get("thinking")
+    over_cap = bool(cap) and isinstance(anthropic_body.get("max_tokens"), int) and anthropic_body["max_tokens"] > cap
+    if not wants_thinking and not over_cap:
+        return anthropic_body
+    body = copy.deepcopy(anthropic_body) if wants_thinking else dict(anthropic_body)
+    if wants_thinking:
+        _apply_thinking(body, effort, facts, True, notes)
+    if over_cap:
+        _fit_output_limit(body, {"output": cap}, notes)
+    return body
 
 
 def _fit_output_limit(anthropic_body: dict, facts: dict, notes: Optional[Notes] = None) -> None:
@@ -6652,22 +6689,25 @@ def pick_route(config: Config, requested: str, *, thinking: bool = False,
                    f"{', '.join(config.models) or '(none)'}", param="model")
 
 
-def resolve_target(config: Config, requested: str, **hints: Any) -> Target:
-    """Route a model name; a provider route passes the client's model name through."""
-    route, spec = pick_route(config, requested, **hints)
+def resolve_target(config: Config, requested: str, *, thinking: bool = False, input_tokens: int = 0) -> Target:
+    """Route a model name in any dialect. A configured id is taken as it is; otherwise the
+    `[1m]`, `-1m` and `-reasoning-<effort>` suffixes come off (the effort turns thinking on,
+    so `think` applies) and an alias (MODEL_ALIASES and the config's `aliases`) names the model
+    that is routed, and sent upstream where the route passes the name through."""
+    if requested in config.models:
+        base, effort, one_m = requested, None, False
+    else:
+        base, effort, one_m = parse_model_variant(requested)
+        base = config.aliases.get(base.lower(), base)
+    route, spec = pick_route(config, base, thinking=thinking or effort is not None, input_tokens=input_tokens)
     if spec["model"] is None:
-        spec = dict(spec, id=requested, model=requested)
-    return Target(spec, config.providers[spec["provider"]], route)
+        spec = dict(spec, id=base, model=base)
+    return Target(spec, config.providers[spec["provider"]], route, effort, one_m)
 
 
 def resolve_openai_target(config: Config, requested: str, thinking: bool = False) -> Target:
-    """Route an OpenAI client's model name, understanding Claude's -reasoning-* and -1m variants."""
-    base, effort, one_m = parse_model_variant(requested)
-    if requested in config.models or base == requested:
-        return resolve_target(config, requested, thinking=thinking)
-    target = resolve_target(config, base, thinking=thinking or effort is not None)
-    target.effort, target.one_m = effort, one_m
-    return target
+    """resolve_target for an OpenAI client (the same rules: one name space for all dialects)."""
+    return resolve_target(config, requested, thinking=thinking)
 
 
 def takes_mid_system(target: Target) -> bool:
@@ -7671,6 +7711,8 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
         own = own_thinking_only(body, target.provider, notes)
         if not takes_mid_system(target):
             own = fold_system_messages(own, notes)
+        if path == "/v1/messages":
+            own = fit_anthropic_request(own, target.facts(), target.effort, target.spec.get("max_tokens"), notes)
         if body.get("stream") and not streams_upstream(target, body):
             own = dict(own, stream=False)
         x.say(notes)
@@ -7712,7 +7754,8 @@ async def anthropic_via_openai(x: Exchange, body: dict) -> None:
 
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         notes: Notes = []
-        openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, body,
+        source = fit_anthropic_request(body, target.facts(), target.effort, None, notes)
+        openai_body = await x.run(convert, BadRequest, "request", anthropic_to_openai_request, source,
                                   upstream_spec(target), session_id=session, notes=notes)
         x.say(notes)
         if not streams_upstream(target, body):

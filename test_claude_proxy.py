@@ -372,7 +372,7 @@ def test_model_table_rows_are_well_formed():
         assert facts["thinking"] in ("adaptive", "budget", "none") and facts["sampling"] in ("any", "exclusive", "none")
         assert set(facts["efforts"]) <= set(cp.EFFORTS_ALL)
     assert model_facts("claude-opus-5-5")["listed"] and cp.MODEL_ALIASES["opus"] == "claude-opus-5-5"
-    assert all(v in ids for v in cp.MODEL_ALIASES.values())
+    assert all(model_facts(v)["id"] in ids for v in cp.MODEL_ALIASES.values())    # each alias names a known row
 
 
 def test_a_config_entry_overrides_any_fact():
@@ -9042,6 +9042,7 @@ def test_seed_003_anthropic_max_proxy_user(tmp_path):
                                              dict(OPENAI_HELLO, model="claude-sonnet-4"), OPENAI_HEADERS)
                 assert status == 200, body
                 sent = claude.requests[0]
+                assert sent["body"]["model"] == "claude-sonnet-4-0"            # seed 003's alias, a real id
                 assert sent["headers"]["authorization"] == "Bearer sk-ant-oat01-seed003tok"
                 assert "oauth-2025-04-20" in sent["headers"]["anthropic-beta"]
                 assert any("imported" in line and str(token_file) in line for line in lines)
@@ -9075,6 +9076,33 @@ def test_seed_004_router_user(tmp_path):
                     assert status == 200
             assert [r["body"]["model"] for r in up.requests] == ["long-upstream", "think-upstream", "bg-upstream"]
             assert "listening on" in (tmp_path / "logs" / "server.log").read_text()
+    run(scenario())
+
+
+def test_model_names_the_seeds_users_type_work_for_anthropic_clients_too(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message())) as vendor:
+            config = make_config(tmp_path, claude.url, aliases={"my-fast": "claude-haiku-4-5"},
+                                 providers={"kimi": {"format": "anthropic", "base_url": vendor.url, "api_key": "kimi-key-012345"}},
+                                 models=[{"id": "kimi-k2", "provider": "kimi", "max_tokens": 8192}])
+            async with running_proxy(config) as (_, port):
+                for name in ("claude-sonnet-4-5[1m]", "claude-sonnet-4-5-1m", "claude-sonnet-4-5-reasoning-high",
+                             "claude-3.5-haiku", "my-fast", "sonnet-4-5"):
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model=name), ANTHROPIC_HEADERS)
+                    assert status == 200, (name, body)
+                big = dict(HELLO, model="kimi-k2", max_tokens=128000, thinking={"type": "enabled", "budget_tokens": 64000})
+                assert (await call(port, "POST", "/v1/messages", big, ANTHROPIC_HEADERS))[0] == 200
+            sent = claude.requests
+            assert [r["body"]["model"] for r in sent] == ["claude-sonnet-4-5", "claude-sonnet-4-5", "claude-sonnet-4-5",
+                                                         "claude-3-5-haiku-20241022", "claude-haiku-4-5",
+                                                         "claude-sonnet-4-5-20250929"]
+            assert "context-1m-2025-08-07" in sent[0]["headers"].get("anthropic-beta", "")
+            assert "context-1m-2025-08-07" in sent[1]["headers"].get("anthropic-beta", "")
+            assert sent[2]["body"]["thinking"] == {"type": "enabled", "budget_tokens": cp.EFFORT_BUDGET["high"]}
+            assert sent[2]["body"]["max_tokens"] > cp.EFFORT_BUDGET["high"]
+            assert vendor.requests[0]["body"]["max_tokens"] == 8192                     # the vendor's cap
+            assert vendor.requests[0]["body"]["thinking"]["budget_tokens"] < 8192
     run(scenario())
 
 
