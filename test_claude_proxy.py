@@ -9106,6 +9106,32 @@ def test_model_names_the_seeds_users_type_work_for_anthropic_clients_too(tmp_pat
     run(scenario())
 
 
+def readme_code_blocks():
+    """The README's fenced code blocks."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
+        return re.findall(r"```[a-z]*\n(.*?)```", fh.read(), re.S)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = next(block.strip() for block in readme_code_blocks() if "pytest -q" in block and "pip install" in block)
+    with open(os.path.join(HERE, ".ci", "run"), encoding="utf-8") as fh:
+        lines = [line.strip() for line in fh if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert lines == [command] and command.startswith("python3 ")
+
+
+def test_no_machine_paths_in_the_project_files():
+    for name in ("claude_proxy.py", "test_claude_proxy.py", "README.md", "models.example.json"):
+        with open(os.path.join(HERE, name), encoding="utf-8") as fh:
+            found = re.findall(r"(?<![\w.])/(?:work|farm|root|home/\w+)/[\w./-]+", fh.read())
+        assert not found, (name, found[:3])
+
+
+def test_readme_quick_start_uses_python3_and_no_bare_placeholder():
+    text = "".join(readme_code_blocks())
+    assert "python claude_proxy.py" not in text and "python -m" not in text
+    assert "<owner>" not in text and "python3 claude_proxy.py" in text
+
+
 def test_import_reads_seed_token_files_without_writing_them(tmp_path):
     seed000 = tmp_path / "000.json"
     seed000.write_text(json.dumps({"token_type": "long_term", "access_token": "sk-ant-oat01-longterm000",
