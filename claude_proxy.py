@@ -490,6 +490,11 @@ def looks_secret(key: str, value: Any) -> bool:
     return bool(_SECRET_KEY.search(key) or _SECRET_VALUE.match(value.strip()))
 
 
+def key_label(key: str) -> str:
+    """An API key by its last four characters only (check-config, stats, the ledger)."""
+    return "..." + key[-4:] if len(key) > 8 else "(short key)"
+
+
 def mask(secret: str) -> str:
     """A recognisable but useless rendering of a secret, for logs and check-config."""
     return secret[:6] + "..." + "(redacted)" if len(secret) > 12 else "(redacted)"
@@ -660,7 +665,8 @@ MODEL_DEFAULTS: Dict[str, Any] = {
 MODEL_CHOICES = {"thinking": ("budget", "adaptive", "none"), "sampling": ("any", "exclusive", "none"),
                  "schema": ("gemini",)}
 MODEL_FLAGS = ("one_m", "mid_system", "prompt_cache_key")
-PROVIDER_KEYS = frozenset({"format", "base_url", "api_key", "api_key_env", "auth", "headers",
+KEY_STRATEGIES = ("fill_first", "round_robin")
+PROVIDER_KEYS = frozenset({"format", "base_url", "api_key", "api_keys", "api_key_env", "key_strategy", "auth", "headers",
                            "azure", "api_version", "responses", "mid_system", "prompt_cache_key",
                            "replay_reasoning", "tag_signatures", "anthropic_version"})
 CUSTOM_MODEL_KEYS = frozenset({"id", "base_url", "api_key", "context_length", "max_completion_tokens",
@@ -704,7 +710,7 @@ class Config:
     def secret_values(self) -> List[str]:
         """Every secret the config holds, for the redactor: keys, tokens, secret-looking
         header and extra_body values."""
-        values = [p["api_key"] for p in self.providers.values() if p.get("api_key")]
+        values = [k for p in self.providers.values() for k in p.get("api_keys") or [p.get("api_key")] if k]
         values += [self.settings.get("proxy_api_key"), self.settings.get("oauth_token")]
         for item in list(self.providers.values()) + list(self.models.values()):
             values += [v for _, v in secret_leaves(item.get("headers"))]
@@ -1023,7 +1029,11 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     base_url = check_url(raw.get("base_url"), f"{path}.base_url")
     if fmt == "anthropic" and base_url.endswith("/v1"):
         base_url = base_url[:-3]
-    api_key = raw.get("api_key") or (env.get(raw["api_key_env"]) if raw.get("api_key_env") else None)
+    keys = provider_keys(raw, env, path)
+    api_key = keys[0] if keys else None
+    strategy = raw.get("key_strategy", "fill_first")
+    if strategy not in KEY_STRATEGIES:
+        raise ConfigError(f"{path}.key_strategy: expected one of {', '.join(KEY_STRATEGIES)}")
     # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
     # only the built-in provider says "auto", and "client" must be written out.
     auth = raw.get("auth") or ("api_key" if api_key else "none")
@@ -1043,13 +1053,26 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     responses = raw.get("responses", False)     # serves /responses itself: relayed, not converted
     if not isinstance(responses, bool) or (responses and fmt != "openai"):
         raise ConfigError(f"{path}.responses: expected true or false (true only on an openai-format provider)")
-    key_from = ("config" if raw.get("api_key") else "env") if api_key else None
+    key_from = ("config" if raw.get("api_key") or raw.get("api_keys") else "env") if api_key else None
     provider = {"name": name, "format": fmt, "base_url": base_url, "api_key": api_key,
+                "api_keys": keys, "key_strategy": strategy,
                 "auth": auth, "headers": {k.lower(): v for k, v in headers.items()},
                 "api_key_env": raw.get("api_key_env"), "api_key_from": key_from,
                 "oauth_trusted": oauth_host_trusted(base_url), "azure": azure,
                 "api_version": raw.get("api_version"), "responses": responses}
     return dict(provider, **provider_dialect_options(path, raw, provider))
+
+
+def provider_keys(raw: dict, env: Mapping[str, str], path: str) -> List[str]:
+    """A provider's API keys in order, duplicates dropped: `api_key`, the `api_keys` list, and
+    the comma-separated list in the variable `api_key_env` names."""
+    listed = raw.get("api_keys") or []
+    if not isinstance(listed, list) or not all(isinstance(k, str) and k.strip() for k in listed):
+        raise ConfigError(f"{path}.api_keys: expected a list of keys (strings)")
+    keys = ([raw["api_key"]] if raw.get("api_key") else []) + listed
+    if raw.get("api_key_env"):
+        keys += (env.get(raw["api_key_env"]) or "").split(",")
+    return list(dict.fromkeys(k.strip() for k in keys if isinstance(k, str) and k.strip()))
 
 
 def provider_dialect_options(path: str, raw: dict, provider: dict) -> dict:
@@ -1468,6 +1491,7 @@ def redacted_config(config: Config) -> dict:
         if settings.get(key):
             settings[key] = mask(settings[key])
     providers = {name: dict(p, api_key=mask(p["api_key"]) if p.get("api_key") else None,
+                            api_keys=[key_label(k) for k in p.get("api_keys") or []],
                             headers={k: mask(v) for k, v in p["headers"].items()})
                  for name, p in config.providers.items()}
     models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
@@ -6731,6 +6755,12 @@ def upstream_spec(target: Target) -> dict:
     return dict(spec, **filled)
 
 
+def offered_key(req: Request) -> str:
+    """The key a client sent as x-api-key or Bearer token ("" when none)."""
+    offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
+    return (offered[7:] if offered.lower().startswith("bearer ") else offered).strip()
+
+
 def session_key(headers: Headers, anthropic_body: dict) -> Optional[str]:
     """A stable prompt_cache_key for the client's session (Claude Code's x-claude-code-session-id, else
     the session in metadata.user_id), hashed so no client identifier travels upstream."""
@@ -7153,6 +7183,116 @@ class ModelLists:
         log.log(level, "provider %s: its model list is unavailable (%s); listing without it", provider, why)
 
 
+# ---- Key pools: several API keys per provider -----------------------------------------------
+#
+# A provider with two or more keys gets a KeyPool. A client session (Claude Code's session id, else
+# metadata.user_id, else the key the client sent) stays on one key while that key is healthy,
+# so the upstream's prompt cache, which is per key or account, keeps hitting; new sessions take
+# the first healthy key (fill_first) or the next in turn (round_robin). A 429 or 529 cools the
+# key down for the upstream's retry-after (else 1, 2, 4 ... 60 s), a 401 or 403 disables it
+# until the next config reload; either way the request moves to the next healthy key at once,
+# before any byte reached the client, as one of its MAX_RETRIES. With every key cooling, the
+# client gets the 429 with the shortest wait. Cooldowns live in this process only.
+
+KEY_COOLDOWN_STATUS = frozenset((429, 529))
+KEY_DISABLE_STATUS = frozenset((401, 403))
+MAX_KEY_SESSIONS = 10000                     # session -> key bindings kept (oldest forgotten)
+
+
+class PoolKey:
+    """One key of a pool and what happened to it."""
+    __slots__ = ("key", "label", "cooling_until", "disabled", "requests", "last_error", "strikes")
+
+    def __init__(self, key: str):
+        self.key, self.label = key, key_label(key)
+        self.cooling_until, self.disabled, self.requests, self.strikes = 0.0, False, 0, 0
+        self.last_error: Optional[str] = None
+
+
+class KeyPool:
+    """A provider's API keys (see the essay above)."""
+
+    def __init__(self, provider: dict, clock: Callable[[], float] = time.monotonic):
+        self.name, self.strategy, self.clock = provider["name"], provider["key_strategy"], clock
+        self.keys = [PoolKey(key) for key in provider["api_keys"]]
+        self._turn = 0
+        self._sessions: Dict[str, PoolKey] = {}
+
+    def healthy(self, key: PoolKey) -> bool:
+        """Not disabled and not cooling down."""
+        return not key.disabled and key.cooling_until <= self.clock()
+
+    def choose(self, session: Optional[str]) -> Optional[PoolKey]:
+        """The session's key while it is healthy, else a new one by the strategy (None: all out)."""
+        bound = self._sessions.get(session) if session else None
+        if bound is not None and self.healthy(bound):
+            return bound
+        key = self._pick()
+        if key is not None and session:
+            self._sessions.pop(session, None)
+            self._sessions[session] = key
+            if len(self._sessions) > MAX_KEY_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
+        return key
+
+    def _pick(self) -> Optional[PoolKey]:
+        """The first healthy key (fill_first) or the next healthy one in turn (round_robin)."""
+        count = len(self.keys)
+        start = self._turn if self.strategy == "round_robin" else 0
+        for offset in range(count):
+            key = self.keys[(start + offset) % count]
+            if self.healthy(key):
+                self._turn = (start + offset + 1) % count
+                return key
+        return None
+
+    def report(self, key: PoolKey, status: int, headers: Headers) -> bool:
+        """Take the upstream's answer to a request on `key`; True when the key is now out."""
+        key.requests += 1
+        if status in KEY_COOLDOWN_STATUS:
+            key.strikes += 1
+            given = "retry-after" in headers or "retry-after-ms" in headers
+            wait = retry_delay(headers, 0) if given else min(60.0, 2.0 ** (key.strikes - 1))
+            key.cooling_until, key.last_error = self.clock() + wait, f"{status} at {iso_time(time.time())}"
+            log.info("provider %s: key %s answered %d; cooling down for %.0fs", self.name, key.label, status, wait)
+            return True
+        if status in KEY_DISABLE_STATUS:
+            key.disabled, key.last_error = True, f"{status}: disabled until the config is reloaded"
+            log.warning("provider %s: key %s answered %d; disabled until the next config reload",
+                        self.name, key.label, status)
+            return True
+        key.strikes = 0
+        return False
+
+    def shortest_wait(self) -> Optional[float]:
+        """Seconds until the first cooling key is back; None when none will come back."""
+        waits = [k.cooling_until - self.clock() for k in self.keys if not k.disabled]
+        return max(0.0, min(waits)) if waits else None
+
+    def snapshot(self) -> List[dict]:
+        """Per-key state for /v1/stats and the status page (keys by their last four only)."""
+        now, wall = self.clock(), time.time()
+        return [{"key": k.label, "state": "disabled" if k.disabled else "cooling" if k.cooling_until > now else "healthy",
+                 "cooling_until": iso_time(wall + k.cooling_until - now) if k.cooling_until > now and not k.disabled else None,
+                 "requests": k.requests, "last_error": k.last_error} for k in self.keys]
+
+
+def key_pools_for(config: Config) -> Dict[str, KeyPool]:
+    """A pool for every provider with two or more keys."""
+    return {name: KeyPool(p) for name, p in config.providers.items() if len(p.get("api_keys") or []) > 1}
+
+
+def all_keys_cooling(pool: KeyPool, dialect: str) -> UpstreamStatus:
+    """The 429 a client gets when every key of the pool is cooling down (or disabled)."""
+    wait = pool.shortest_wait()
+    message = (f"every API key of provider {pool.name!r} is rate limited; retry in {wait:.0f}s" if wait is not None
+               else f"every API key of provider {pool.name!r} was rejected (401/403); fix the keys and reload")
+    body = {"type": "error", "error": {"type": "rate_limit_error", "message": message}} if dialect == "anthropic" \
+        else {"error": {"message": message, "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}
+    headers = {"retry-after": str(max(1, int(wait + 0.999)))} if wait is not None else {"x-should-retry": "false"}
+    return UpstreamStatus(429 if wait is not None else 401, headers, json_bytes(body))
+
+
 class Exchange:
     """One request's context: the server, the request, the response stream, what was decided."""
 
@@ -7169,6 +7309,9 @@ class Exchange:
         self.meter = UsageMeter()
         self.error: Optional[ProxyError] = None
         self.stream_error: Optional[Callable[[ProxyError], bytes]] = None  # an error in the stream's own grammar
+        self.key_pools = server.key_pools       # this config generation's key pools
+        self.pool_key: Optional[Tuple[KeyPool, PoolKey]] = None     # the pooled key of the last call
+        self.session: Optional[str] = None      # the client session, for key affinity
 
     # -- work off the loop ----------------------------------------------------------------------
 
@@ -7180,8 +7323,11 @@ class Exchange:
         return await run_off_loop(lambda: fn(*args, **kw))
 
     async def json_body(self, fields: Dict[str, type]) -> dict:
-        """The request body parsed (off the loop when large), required fields checked."""
-        return require_fields(await self.run(parse_json_body, self.req.body), fields, self.req.dialect)
+        """The request body parsed (off the loop when large), required fields checked; the client
+        session is noted (key affinity)."""
+        body = require_fields(await self.run(parse_json_body, self.req.body), fields, self.req.dialect)
+        self.session = session_key(self.req.headers, body) or (offered_key(self.req) or None)
+        return body
 
     # -- credentials ---------------------------------------------------------------------------
 
@@ -7206,6 +7352,8 @@ class Exchange:
 
     def credential_headers(self, provider: dict, mode: str) -> List[Tuple[str, str]]:
         """Credential headers for api_key / client / none modes, in the provider's dialect."""
+        if mode == "api_key" and provider["name"] in self.key_pools:
+            return self.pooled_credential(provider)
         if mode == "api_key":
             if not provider.get("api_key"):
                 where = f"${provider['api_key_env']} is not set" if provider.get("api_key_env") else "no api_key is configured"
@@ -7221,6 +7369,34 @@ class Exchange:
                 creds = [("authorization", v if n == "authorization" else f"Bearer {v}") for n, v in creds[:1]]
             return creds
         return []
+
+    def pooled_credential(self, provider: dict) -> List[Tuple[str, str]]:
+        """The credential header of the session's key in the provider's pool."""
+        pool = self.key_pools[provider["name"]]
+        key = pool.choose(self.session)
+        if key is None:
+            raise all_keys_cooling(pool, self.req.dialect)
+        self.pool_key, self.meter.key = (pool, key), key.label
+        if provider["format"] == "anthropic":
+            return [("x-api-key", key.key)]
+        return [("api-key", key.key)] if provider.get("azure") else [("authorization", f"Bearer {key.key}")]
+
+    def key_outcome(self, response: UpstreamResponse) -> Optional[str]:
+        """After a pooled call: "next" when its key is out and another healthy one can take the
+        request, "answer" when every key is out (the client gets this answer, with the shortest
+        retry-after), None when the key is fine (or the call used none)."""
+        if self.pool_key is None:
+            return None
+        pool, key = self.pool_key
+        self.pool_key = None
+        if not pool.report(key, response.status, response.headers):
+            return None
+        if any(pool.healthy(k) for k in pool.keys):
+            return "next"
+        wait = pool.shortest_wait()
+        if wait is not None and response.status in KEY_COOLDOWN_STATUS:
+            response.headers["retry-after"] = str(max(1, int(wait + 0.999)))
+        return "answer"
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -7257,8 +7433,8 @@ class Exchange:
         for i, target in enumerate(targets):
             try:
                 response = await self.send_with_retries(target, build)
-            except UpstreamError as exc:        # unreachable after its retries: like a 502
-                if i + 1 == len(targets):
+            except (UpstreamError, UpstreamStatus) as exc:   # unreachable, or every pooled key out
+                if i + 1 == len(targets) or (isinstance(exc, UpstreamStatus) and exc.status not in FALLBACK_STATUS):
                     raise
                 log.warning("model %s failed (%s); falling back to %s", target.spec["id"], exc.message,
                             targets[i + 1].spec["id"])
@@ -7288,6 +7464,12 @@ class Exchange:
                 log.info("upstream attempt %d failed (%s); retrying", attempt + 1, exc.message)
                 await asyncio.sleep(delay)
                 continue
+            outcome = self.key_outcome(response)
+            if outcome == "next" and not last:
+                response.close()                      # the next healthy key, at once
+                continue
+            if outcome is not None:
+                return response                       # every key out: the client hears it now
             if response.status not in RETRYABLE_STATUS or last or \
                     response.headers.get("x-should-retry") == "false":
                 return response
@@ -8280,12 +8462,6 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
     raise NotFound(f"no route for {path}")
 
 
-def offered_key(req: Request) -> str:
-    """The key a client sent as x-api-key or Bearer token ("" when none)."""
-    offered = req.headers.get("x-api-key") or req.headers.get("authorization", "")
-    return (offered[7:] if offered.lower().startswith("bearer ") else offered).strip()
-
-
 def check_access(settings: dict, req: Request) -> None:
     """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
     which never carry credentials, and the public paths excepted)."""
@@ -9125,6 +9301,7 @@ def apply_config(server: "ProxyServer", config: Config, plugins: Optional[Plugin
     old = server.config
     restart = restart_needed(server.ops.boot_config, config)
     server.config, server.plugins = config, plugins
+    server.key_pools = key_pools_for(config)          # disabled keys get another chance
     server.generation += 1
     server.exposed = not is_loopback(server.host or config.settings["host"]) and \
         not config.settings.get("proxy_api_key")
@@ -9686,8 +9863,11 @@ function render(st) {
     ["input tokens (with cache)", int(tokensOf(se))], ["output tokens", int(se.output_tokens)], ["cost this session", usd(se.cost_usd)]]
     .map(([k, v]) => h("div", {class: "kpi"}, h("b", {}, v), h("span", {}, k))));
   table("routes", [["route"], ["provider"], ["model"], ["format"]], st.routes.map((r) => [r.route, r.provider, r.model, r.format]));
-  table("providers", [["provider"], ["endpoint"], ["credentials"], ["last error"]], st.providers.map((p) => [
-    p.name, p.base_url, p.credential, p.last_error ? h("span", {class: "bad"}, `${clock(p.last_error.at)} ${p.last_error.status}: ${p.last_error.message}`) : h("span", {class: "dim"}, "none")]));
+  table("providers", [["provider"], ["endpoint"], ["credentials"], ["keys"], ["last error"]], st.providers.map((p) => [
+    p.name, p.base_url, p.credential,
+    p.keys ? h("span", {}, ...p.keys.map((k) => h("div", {class: k.state === "healthy" ? "" : "bad"},
+      `${k.key} ${k.state}${k.cooling_until ? " until " + clock(k.cooling_until) : ""} \u00b7 ${k.requests} requests`))) : h("span", {class: "dim"}, "one"),
+    p.last_error ? h("span", {class: "bad"}, `${clock(p.last_error.at)} ${p.last_error.status}: ${p.last_error.message}`) : h("span", {class: "dim"}, "none")]));
   const lg = st.login;
   dl("claude", [["state", lg.logged_in ? h("b", {}, "logged in") : h("span", {class: "dim"}, "not logged in")],
     ["source", lg.source || "\u2013"], ["expires", lg.expires_at ? `${when(lg.expires_at)} (in ${ago(lg.expires_in_seconds)})` : "\u2013"],
@@ -9850,7 +10030,9 @@ def status_document(server: "ProxyServer", usage: dict) -> dict:
     login = server.oauth.tokens.status()
     providers = [{"name": p["name"], "format": p["format"], "base_url": public_url(p["base_url"]),
                   "credential": credential_source(server, p, login["logged_in"]),
-                  "last_error": ops.provider_errors.get(p["name"])} for p in used_providers(config)]
+                  "last_error": ops.provider_errors.get(p["name"]),
+                  "keys": server.key_pools[p["name"]].snapshot() if p["name"] in server.key_pools else None}
+                 for p in used_providers(config)]
     return {
         "version": VERSION, "now": iso_time(now), "started_at": iso_time(ops.started_at),
         "uptime_seconds": int(now - ops.started_at),
@@ -9935,7 +10117,8 @@ async def handle_stats(x: "Exchange") -> None:
     await x.out.respond_json(200, {"session": ops.session.as_dict(), "all_time": all_time,
                                    "since": iso_time(since) if since else None,
                                    "session_started_at": iso_time(ops.started_at),
-                                   "ledger": ledger, "prices_as_of": PRICES_AS_OF})
+                                   "ledger": ledger, "prices_as_of": PRICES_AS_OF,
+                                   "keys": {name: pool.snapshot() for name, pool in x.server.key_pools.items()}})
 
 
 async def handle_test_connection(x: "Exchange") -> None:
@@ -10068,6 +10251,7 @@ class ProxyServer:
         self.source = source          # how to load the config again; None: no reload
         self.generation = 1
         self.plugins = load_plugins(config, source.base_dir() if source else os.getcwd())
+        self.key_pools = key_pools_for(config)
         self.ops = Operations(config, clock=clock)
         self.host: Optional[str] = None
         settings = config.settings

@@ -9153,6 +9153,149 @@ def test_no_auto_start_checks_the_login_and_exits(tmp_path):
     assert code == 0 and "Auto-start disabled" in out
 
 # =============================================================================================
+# 9. Key pools: rotation, cooldown and failover that keep prompt caching intact (issue 15)
+# =============================================================================================
+
+KEY_A, KEY_B, KEY_C = "sk-pool-key-aaaa-1111", "sk-pool-key-bbbb-2222", "sk-pool-key-cccc-3333"
+
+
+class KeyedUpstream:
+    """An Anthropic-format fake that answers by the x-api-key used; `plan(key, n)` (n: that
+    key's request number) returns None for a normal answer or (status, headers)."""
+
+    def __init__(self, plan):
+        self.plan, self.log, self.counts = plan, [], {}
+
+    def __call__(self, req):
+        key = req["headers"].get("x-api-key") or req["headers"].get("authorization", "")[7:]
+        self.counts[key] = self.counts.get(key, 0) + 1
+        session = req["headers"].get("x-claude-code-session-id")
+        answer = self.plan(key, self.counts[key])
+        self.log.append((session, key, answer[0] if answer else 200))
+        if answer:
+            status, headers = answer
+            return http_response(status, {"type": "error", "error": {"type": "rate_limit_error" if status == 429 else
+                                                                       "authentication_error", "message": "no"}}, headers)
+        return http_response(200, anthropic_message())
+
+
+def pool_config(tmp_path, url, keys, **provider):
+    return make_config(tmp_path, None, max_retries=2, routes={"default": "pool"},
+                       providers={"pool": dict({"format": "anthropic", "base_url": url, "api_keys": keys}, **provider)})
+
+
+def session_headers(session):
+    return dict(ANTHROPIC_HEADERS, **{"x-claude-code-session-id": session})
+
+
+def test_key_pool_config_list_env_and_check_config_shows_last_four_only(tmp_path):
+    config = cp.parse_config({"home": str(tmp_path), "providers": {"p": {
+        "base_url": "http://127.0.0.1:9/v1", "api_key": KEY_A, "api_keys": [KEY_B, KEY_A], "api_key_env": "POOL_KEYS",
+        "key_strategy": "round_robin"}}}, {"POOL_KEYS": f" {KEY_C} , {KEY_B} "})
+    assert config.providers["p"]["api_keys"] == [KEY_A, KEY_B, KEY_C]
+    shown = json.dumps(cp.redacted_config(config))
+    assert '"api_keys": ["...1111", "...2222", "...3333"]' in shown
+    assert all(k not in shown and k[-10:] not in shown for k in (KEY_B, KEY_C))
+    assert set(config.secret_values()) >= {KEY_A, KEY_B, KEY_C}
+    with pytest.raises(cp.ConfigError, match="key_strategy"):
+        cp.parse_config({"providers": {"p": {"base_url": "http://h/v1", "api_keys": [KEY_A, KEY_B], "key_strategy": "random"}}}, {})
+
+
+def test_a_60_request_session_survives_a_429_on_one_of_two_keys(tmp_path):
+    upstream = KeyedUpstream(lambda key, n: (429, [("retry-after", "1")]) if key == KEY_A and n == 11 else None)
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (server, port):
+                for _ in range(60):
+                    status, _, body = await call(port, "POST", "/v1/messages", HELLO, session_headers("s1"))
+                    assert status == 200, body
+                pool = server.key_pools["pool"]
+                assert [k["state"] for k in pool.snapshot()] in (["cooling", "healthy"], ["healthy", "healthy"])
+                await asyncio.sleep(1.1)                         # A's retry-after is over
+                assert [k["state"] for k in pool.snapshot()] == ["healthy", "healthy"]
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s2")))[0] == 200
+                stats = json.loads((await call(port, "GET", "/v1/stats"))[2])
+        keys = [key for session, key, status in upstream.log if session == "s1" and status == 200]
+        assert keys == [KEY_A] * 10 + [KEY_B] * 50                 # one key at a time: the caches stay warm
+        assert [s for _, _, s in upstream.log].count(429) == 1
+        assert upstream.log[-1] == ("s2", KEY_A, 200)              # resumed: a new session takes A again
+        assert [k["requests"] for k in stats["keys"]["pool"]] == [12, 50]
+    run(scenario())
+
+
+def test_a_401_key_is_disabled_once_and_never_retried(tmp_path, caplog):
+    upstream = KeyedUpstream(lambda key, n: (401, []) if key == KEY_A else None)
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (server, port):
+                with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+                    for session in ("s1", "s2", "s3"):
+                        assert (await call(port, "POST", "/v1/messages", HELLO, session_headers(session)))[0] == 200
+                assert server.key_pools["pool"].snapshot()[0]["state"] == "disabled"
+        assert [key for _, key, _ in upstream.log].count(KEY_A) == 1
+        warnings = [r for r in caplog.records if "disabled until the next config reload" in r.getMessage()]
+        assert len(warnings) == 1 and "...1111" in warnings[0].getMessage() and KEY_A not in caplog.text
+    run(scenario())
+
+
+def test_every_key_cooling_gives_the_shortest_retry_after_then_the_fallback_model(tmp_path):
+    upstream = KeyedUpstream(lambda key, n: (429, [("retry-after", "30" if key == KEY_A else "7")]))
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up, FakeUpstream(lambda req: http_response(200, anthropic_message("fb"))) as fb:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (_, port):
+                status, headers, body = await call(port, "POST", "/v1/messages", HELLO, session_headers("s1"))
+                assert status == 429 and headers["retry-after"] in ("7", "8")
+                status, headers, body = await call(port, "POST", "/v1/messages", HELLO, session_headers("s2"))
+                assert status == 429 and "rate limited" in json.loads(body)["error"]["message"]
+                assert len(upstream.log) == 2                       # no key was asked while cooling
+            config = make_config(tmp_path / "f", None, max_retries=2, routes={"default": "primary"},
+                                 providers={"pool": {"format": "anthropic", "base_url": up.url, "api_keys": [KEY_A, KEY_B]},
+                                            "other": {"format": "anthropic", "base_url": fb.url, "api_key": KEY_C}},
+                                 models=[{"id": "primary", "provider": "pool", "fallback": ["backup"]},
+                                         {"id": "backup", "provider": "other"}])
+            async with running_proxy(config) as (_, port):
+                for session in ("s3", "s4"):                         # s4: every key already cooling
+                    status, _, body = await call(port, "POST", "/v1/messages", HELLO, session_headers(session))
+                    assert status == 200 and json.loads(body)["content"][0]["text"] == "fb"
+                assert len(upstream.log) == 4
+    run(scenario())
+
+
+def test_round_robin_spreads_sessions_and_keeps_each_on_its_key(tmp_path):
+    upstream = KeyedUpstream(lambda key, n: None)
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            config = pool_config(tmp_path, up.url, [KEY_A, KEY_B, KEY_C], key_strategy="round_robin")
+            async with running_proxy(config) as (_, port):
+                for turn in range(3):
+                    for session in ("s1", "s2", "s3"):
+                        assert (await call(port, "POST", "/v1/messages", HELLO, session_headers(session)))[0] == 200
+        by_session = {}
+        for session, key, _ in upstream.log:
+            by_session.setdefault(session, set()).add(key)
+        assert all(len(keys) == 1 for keys in by_session.values())
+        assert set().union(*by_session.values()) == {KEY_A, KEY_B, KEY_C}
+    run(scenario())
+
+
+def test_the_ledger_records_which_key_served_each_request(tmp_path):
+    upstream = KeyedUpstream(lambda key, n: (429, [("retry-after", "5")]) if key == KEY_A else None)
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B], usage_ledger=True)) as (server, port):
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s1")))[0] == 200
+        import sqlite3
+        db = sqlite3.connect(str(tmp_path / "home" / "usage.db"))
+        assert [row[0] for row in db.execute("SELECT key FROM usage")] == ["...2222"]
+    run(scenario())
+
+
+# =============================================================================================
 # Benchmark (opt-in: python -m pytest -m bench -s test_claude_proxy.py)
 # =============================================================================================
 
