@@ -696,7 +696,39 @@ def test_sse_format_round_trip():
     assert decode_in_pieces(encoded, []) == [("ev", "line1\nline2"), ("ping", '{"type":"ping"}'), ("", "[DONE]")]
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="shared fixtures absent")
+HOT_TEXTS = ["", "a", " quick", "é\u00e9\U0001f600", 'quote " and \\ back', "line\nbreak\r\t", "\x00\x1f\x7f",
+             "\u2028\u2029", "<think>", "x" * 5000]
+
+
+@pytest.mark.parametrize("text", HOT_TEXTS + ["\ud800 lone"])
+def test_byte_templates_write_exactly_what_the_general_encoder_writes(text):
+    def general(obj, event=None):
+        return cp.format_sse(cp._json_encoder.encode(obj), event)
+    anthropic = {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": text}}
+    openai = {"id": "chatcmpl-\"x", "object": "chat.completion.chunk", "created": 17, "model": "m\u00e9",
+              "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": None}]}
+    responses = {"type": "response.output_text.delta", "sequence_number": 9, "item_id": "msg_1", "output_index": 0,
+                 "content_index": 0, "delta": text, "logprobs": []}
+    for fast, obj, event in ((cp.format_anthropic_event, anthropic, "content_block_delta"),
+                             (cp.format_openai_item, openai, None),
+                             (cp.format_responses_event, responses, "response.output_text.delta")):
+        assert fast(obj) == general(obj, event)
+        assert json.loads(fast(obj).split(b"data: ", 1)[1]) == obj
+    assert sse_events(cp.format_anthropic_event(anthropic)) == [("content_block_delta", anthropic)]
+
+
+def test_decoder_fast_paths_agree_with_the_general_paths():
+    line = b'data: {"a": 1}\n\n'
+    chunk = b"%x\r\n%b\r\n" % (len(line), line)
+    assert cp.ChunkedDecoder().feed(chunk) == line
+    assert decode_chunked(chunk + b"0\r\n\r\n", [len(chunk)])[0] == line
+    assert cp.SSEDecoder().feed(line) == [("", '{"a": 1}')]
+    decoder = cp.SSEDecoder()
+    assert decoder.feed(b"event: x\n") == [] and decoder.feed(line) == [("x", '{"a": 1}')]   # not the fast path
+    with pytest.raises(cp.BadRequest):
+        cp.ChunkedDecoder().feed(b"0x5\r\nhello\r\n")
+
+
 def test_sse_decoder_bounds_a_line_without_newline_in_linear_time():
     decoder = cp.SSEDecoder(max_line=1 << 20)
     piece = b"data: " + b"x" * 4090
@@ -716,6 +748,7 @@ def test_sse_decoder_joins_a_line_split_over_many_reads():
     assert events == [("a", "123"), ("", "tail")]
 
 
+@pytest.mark.skipif(not os.path.isdir(FIXTURES), reason="shared fixtures absent")
 def test_sse_decoder_on_every_real_fixture_any_split():
     for path in sorted(glob.glob(os.path.join(FIXTURES, "*.sse"))):
         data = open(path, "rb").read()
@@ -9432,7 +9465,15 @@ async def send_stream(writer, events, slow, n):
     for ev in pro:
         w(b"%x\r\n%b\r\n" % (len(ev), ev))
     await writer.drain()
-    if slow:
+    if slow == "bulk":  # the whole stream in one write: many events per socket read
+        w(b"".join(b"%x\r\n%b\r\n" % (len(ev), ev) for ev in body))
+        await writer.drain()
+    elif slow == "pace":  # one event every 2 ms: one socket read per event, as real model streams arrive
+        for ev in body:
+            w(b"%x\r\n%b\r\n" % (len(ev), ev))
+            await writer.drain()
+            await asyncio.sleep(0.002)
+    elif slow:
         t0, step = time.monotonic(), 1.0 / max(len(body), 1)
         for i, ev in enumerate(body):
             delay = t0 + i * step - time.monotonic()
@@ -9477,7 +9518,8 @@ async def serve_conn(reader, writer):
             events = plan(path, model, stream)
             if stream:
                 writer.write(STREAM_HEAD)
-                await send_stream(writer, events, "slow" in model, 0)
+                mode = "pace" if "pace" in model else "bulk" if "bulk" in model else "slow" in model
+                await send_stream(writer, events, mode, 0)
             else:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_011CVbench\r\n"
                              b"content-length: %d\r\n\r\n%b" % (len(events), events))
@@ -9501,8 +9543,59 @@ asyncio.run(main())
 # Process helpers
 # ---------------------------------------------------------------------------------------------
 
-BENCH_MODELS = ["anth-1", "anth-50", "anth-200", "anth-400", "anth-tool-200", "anth-slow-200",
-                "oai-1", "oai-50", "oai-200", "oai-400", "oai-tool-200", "oai-slow-200"]
+BENCH_MODELS = ["anth-1", "anth-50", "anth-200", "anth-400", "anth-tool-200", "anth-slow-200", "anth-pace-200",
+                "anth-bulk-400", "oai-1", "oai-50", "oai-200", "oai-400", "oai-tool-200", "oai-slow-200",
+                "oai-pace-200", "oai-bulk-400"]
+
+# The floor: what relaying costs with nothing of the proxy's own. A stdlib asyncio Protocol pipe
+# (one upstream connection per client connection, bytes copied both ways, no parsing), run on
+# the proxy's core against the same fake and the same streams.
+FLOOR_RELAY_SRC = r'''
+import asyncio, sys
+
+UPSTREAM = ("127.0.0.1", int(sys.argv[1]))
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, client):
+        self.client = client
+
+    def data_received(self, data):
+        self.client.write(data)
+
+    def connection_lost(self, exc):
+        self.client.close()
+
+
+class Client(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.pending, self.upstream = transport, [], None
+        asyncio.ensure_future(self.connect())
+
+    async def connect(self):
+        loop = asyncio.get_running_loop()
+        self.upstream, _ = await loop.create_connection(lambda: Upstream(self.transport), *UPSTREAM)
+        for data in self.pending:
+            self.upstream.write(data)
+
+    def data_received(self, data):
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.write(data)
+
+    def connection_lost(self, exc):
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+'''
 _BENCH_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -9583,7 +9676,8 @@ class _BenchProcs:
         self.pin(self.fake.pid, proxy=False)
         self.fake_port = int(self.fake.stdout.readline())
         base = f"http://127.0.0.1:{self.fake_port}"
-        config = {"providers": {"anth": {"format": "anthropic", "base_url": base, "api_key": "k-1234567890"},
+        config = {"providers": {"anth": {"format": "anthropic", "base_url": base, "api_key": "k-1234567890",
+                                         "tag_signatures": False},     # stands in for api.anthropic.com
                                 "oai": {"format": "openai", "base_url": base + "/v1", "api_key": "k-1234567890"}},
                   "models": [{"id": m, "provider": m.split("-")[0]} for m in BENCH_MODELS],
                   "routes": {"default": "anth"}, "log_level": "WARNING"}
@@ -9612,6 +9706,21 @@ class _BenchProcs:
                 raise RuntimeError("proxy did not start")
             time.sleep(0.001)
 
+    def start_floor(self) -> None:
+        """The floor relay, pinned to the proxy's core."""
+        path = os.path.join(self.tmp, "floor_relay.py")
+        with open(path, "w") as fh:
+            fh.write(FLOOR_RELAY_SRC)
+        self.floor = subprocess.Popen([sys.executable, path, str(self.fake_port)], stdout=subprocess.PIPE, text=True)
+        self.pin(self.floor.pid, proxy=True)
+        self.floor_port = int(self.floor.stdout.readline())
+
+    def stop_floor(self) -> None:
+        if getattr(self, "floor", None) and self.floor.poll() is None:
+            self.floor.kill()
+            self.floor.wait()
+            self.floor.stdout.close()
+
     def stop_proxy(self) -> None:
         if self.proxy and self.proxy.poll() is None:
             self.proxy.send_signal(signal.SIGTERM)
@@ -9624,6 +9733,7 @@ class _BenchProcs:
 
     def stop(self) -> None:
         self.stop_proxy()
+        self.stop_floor()
         if self.fake and self.fake.poll() is None:
             self.fake.kill()
             self.fake.wait()
@@ -9889,6 +9999,47 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
     return rows
 
 
+async def _bench_cpu_per_chunk(procs: _BenchProcs, pid: int, port: int, call, mark: bytes, count: int,
+                               runs: int = 3) -> float:
+    """Median CPU (us) the process `pid` spent per upstream event for `count` requests at c=1."""
+    conn = await _BenchConn(procs.fake_port).open()
+    try:
+        await _bench_load(port, call, mark, 1, count=3)
+        per_chunk = []
+        for _ in range(runs):
+            events0, cpu0 = (await _bench_stats(conn))["events"], _bench_cpu(pid)
+            res = await _bench_load(port, call, mark, 1, count=count)
+            cpu, events = _bench_cpu(pid) - cpu0, (await _bench_stats(conn))["events"] - events0
+            assert not res["errors"], res["errors"][:2]
+            per_chunk.append(cpu / max(events, 1) * 1e6)
+        return statistics.median(per_chunk)
+    finally:
+        conn.close()
+
+
+FLOOR_PATHS = (("pass", "Anthropic passthrough", 1.25), ("o2a", "OpenAI -> Anthropic", 1.6),
+               ("a2o", "Anthropic -> OpenAI", 1.6), ("r2a", "Anthropic -> Responses", 1.6))
+
+
+async def _bench_floor(procs: _BenchProcs) -> str:
+    """CPU per relayed chunk of the proxy beside the floor relay, paced (one event every 2 ms) and
+    bulk (the whole stream at once), with the ratio to the floor per path."""
+    lines = [f"{'path':24} {'delivery':8} {'floor us':>9} {'proxy us':>9} {'ratio':>6}  target"]
+    for kind, label, target in FLOOR_PATHS:
+        prefix = "oai" if kind == "o2a" else "anth"
+        for delivery, model, count in (("paced", f"{prefix}-pace-200", 10), ("bulk", f"{prefix}-bulk-400", 30)):
+            proxy_call, direct_call, mark = _bench_calls(kind, model, True)
+            floor = await _bench_cpu_per_chunk(procs, procs.floor.pid, procs.floor_port, direct_call, b"", count)
+            proxy = await _bench_cpu_per_chunk(procs, procs.proxy.pid, procs.proxy_port, proxy_call, mark, count)
+            ratio = proxy / floor if floor else float("nan")
+            if delivery == "paced":
+                goal = f"<= {target:g}x floor {_bench_verdict(ratio <= target)}"
+            else:
+                goal = f"<= 5 us/chunk {_bench_verdict(proxy <= 5.0)}" if kind != "pass" else "(info)"
+            lines.append(f"{label:24} {delivery:8} {floor:9.1f} {proxy:9.1f} {ratio:6.2f}  {goal}")
+    return "\n".join(lines)
+
+
 LEDGER_SCENARIOS = (("non-stream passthrough", "pass", "anth-1", False, {"concurrency": 16, "count": 2000, "warm": 32}),
                     ("50-chunk stream passthrough", "pass", "anth-50", True, {"concurrency": 1, "count": 200, "warm": 5}),
                     ("non-stream o2a", "o2a", "oai-1", False, {"concurrency": 16, "count": 2000, "warm": 32}))
@@ -10028,6 +10179,9 @@ def test_benchmark(request):
             procs.start_fake()
             startup = _bench_startup(procs)
             procs.start_proxy()
+            procs.start_floor()
+            floor = asyncio.run(_bench_floor(procs))
+            procs.stop_floor()
             rows = asyncio.run(_bench_scenarios(procs))
             peak = max([_bench_status(procs.proxy.pid, "VmHWM")] +
                        [r["rss_peak"] for r in rows if r["rss_peak"] == r["rss_peak"]])
@@ -10036,6 +10190,8 @@ def test_benchmark(request):
             table = _bench_table(rows, startup, peak)
             print("\n\nclaude_proxy benchmark (proxy pinned to cpu %s; fake+client on %s; medians of 3 runs)\n"
                   % (procs.cpus[:1] or "-", procs.cpus[1:] or "-") + table)
+            print("\nCPU per relayed chunk against the floor (a stdlib asyncio byte relay on the same core, "
+                  "same fake, same streams; medians of 3)\n" + floor)
             print("\n" + _bench_ledger_micro(tmp))
             if os.environ.get("CLAUDE_PROXY_BENCH_PROFILE"):
                 out_dir = os.environ["CLAUDE_PROXY_BENCH_PROFILE"]
