@@ -1514,6 +1514,7 @@ _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")     # CTLs but HTAB 
 _HTTP_VERSION = re.compile(rb"^HTTP/1\.[01]$")
 _STATUS_CODE = re.compile(rb"^[1-5][0-9][0-9]$")
 _CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,15}$")
+_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")     # a size line without extensions
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
 SINGLETON_HEADERS = frozenset(("host", "content-length"))   # a repeat is a desync attempt (RFC 9112)
 
@@ -1597,12 +1598,22 @@ class ChunkedDecoder:
         self.done = False
         self.excess = b""        # bytes after the end of the body (the connection is then unusable)
 
+    def whole_chunk(self, data: bytes) -> Optional[bytes]:
+        """The payload when nothing is pending and data is exactly one whole non-final chunk
+        (the common read: a model stream's event per chunk, one chunk per read), else None."""
+        head = _CHUNK_HEAD.match(data)
+        if head is None or self._buf or self._data_left or self._crlf_left or self._trailers:
+            return None
+        start, size = head.end(), int(head[1], 16)
+        if not size or len(data) - start - 2 != size or not data.endswith(b"\r\n"):
+            return None
+        return data[start:-2]
+
     def feed(self, data: bytes) -> bytes:
         """Consume bytes; return the payload they complete."""
-        if not self._buf and not self._data_left and not self._crlf_left and not self._trailers:
-            whole = self._one_chunk(data)              # the common read: exactly one whole chunk
-            if whole is not None:
-                return whole
+        whole = self.whole_chunk(data)
+        if whole is not None:
+            return whole
         buf, self._buf = (self._buf + data if self._buf else data), b""
         out: List[bytes] = []
         pos, end = 0, len(buf)
@@ -1623,15 +1634,6 @@ class ChunkedDecoder:
         if self.done:
             self.excess = buf[pos:]
         return out[0] if len(out) == 1 else b"".join(out)
-
-    @staticmethod
-    def _one_chunk(data: bytes) -> Optional[bytes]:
-        """The payload when data is exactly one whole non-final chunk, else None (the general path)."""
-        newline = data.find(b"\r\n", 0, MAX_CHUNK_LINE)
-        if newline <= 0 or data[-2:] != b"\r\n":
-            return None
-        size = parse_chunk_size(data[:newline])
-        return data[newline + 2:-2] if size and newline + 4 + size == len(data) else None
 
     def _line(self, buf: bytes, pos: int, end: int) -> int:
         """Apply one size or trailer line; -1 (tail kept) when it is not complete yet."""
@@ -1735,11 +1737,12 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = chunk[-1:] == b"\r"
+        if chunk.endswith(b"\n\n") and not self._tail and not self._parts and not self._data and not self._event:
+            one = self._one_event(chunk)                   # the common read: exactly one event
+            if one is not None:
+                return one
         if b"\n" not in chunk and b"\r" not in chunk:
             return self._hold(chunk)
-        if not self._tail and not self._parts and not self._data and not self._event and chunk[:6] == b"data: " \
-                and chunk[-2:] == b"\n\n" and chunk.count(b"\n") == 2 and b"\r" not in chunk:
-            return [("", chunk[6:-2].decode("utf-8", "replace"))]     # the common read: one data event
         if self._parts:
             chunk, self._parts, self._parts_size = b"".join(self._parts) + chunk, [], 0
         data = self._tail + chunk if self._tail else chunk
@@ -1767,6 +1770,20 @@ class SSEDecoder:
         if self._data_size > self._max:
             raise UpstreamError(f"upstream sent an SSE event over {self._max} bytes")
         return events
+
+    @staticmethod
+    def _one_event(chunk: bytes) -> Optional[List[Tuple[str, str]]]:
+        """[(event, data)] when chunk is exactly `data: …` or `event: …` + `data: …`, each line
+        ending in LF, then a blank line; None for anything else (the general path)."""
+        lines = chunk.count(b"\n")
+        if b"\r" in chunk or lines > 3:
+            return None
+        if lines == 2 and chunk.startswith(b"data: "):
+            return [("", chunk[6:-2].decode("utf-8", "replace"))]
+        first = chunk.find(b"\n")
+        if lines == 3 and chunk.startswith(b"event: ") and chunk.startswith(b"data: ", first + 1):
+            return [(chunk[7:first].decode("utf-8", "replace"), chunk[first + 7:-2].decode("utf-8", "replace"))]
+        return None
 
     def _hold(self, piece: bytes) -> List[Tuple[str, str]]:
         """Keep a piece of an unfinished line (joined once, when the line ends)."""
@@ -2051,11 +2068,16 @@ class ClientStream:
             if transport.get_write_buffer_size() > WRITE_HIGH_WATER or transport.is_closing():
                 await writer.drain()
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes, framed: Optional[bytes] = None) -> None:
         """send() without waiting: for the pump's sink, which runs in a transport callback (the
-        pump pauses the upstream when the client is slow)."""
+        pump pauses the upstream when the client is slow). `framed` is data already framed as one
+        chunk (the upstream's own framing, relayed as it came)."""
         if data:
-            self.writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            if not self.chunked:
+                framed = data
+            elif framed is None:
+                framed = b"%x\r\n%b\r\n" % (len(data), data)
+            self.writer.write(framed)
             self.bytes_sent += len(data)
             self.at_boundary = data.endswith(b"\n\n")
 
@@ -2196,7 +2218,7 @@ class BodyPipe(asyncio.Protocol):
     than the relaying itself). Chunked, length or close framing; backpressure pauses reading
     until the client has drained; the end (or the failure) resolves `done`."""
 
-    def __init__(self, response: "UpstreamResponse", sink: Callable[[bytes], Any], client: asyncio.StreamWriter):
+    def __init__(self, response: "UpstreamResponse", sink: Callable[[bytes, Optional[bytes]], Any], client: asyncio.StreamWriter):
         self.response, self.sink, self.client = response, sink, client
         self.transport = response.conn.writer.transport
         self.decoder = ChunkedDecoder() if response._framing == "chunked" else None
@@ -2211,8 +2233,16 @@ class BodyPipe(asyncio.Protocol):
             return
         self.response.timer.touch()
         try:
-            payload = self.decoder.feed(data) if self.decoder is not None else self._plain(data)
-            if payload and not self.draining and self.sink(payload) is PUMP_STOP:
+            decoder, framed = self.decoder, None
+            if decoder is None:
+                payload = self._plain(data)
+            else:
+                payload = decoder.whole_chunk(data)
+                if payload is None:
+                    payload = decoder.feed(data)
+                else:
+                    framed = data
+            if payload and not self.draining and self.sink(payload, framed) is PUMP_STOP:
                 self._stop_sink()
         except ProxyError as exc:
             self._end(exc)
@@ -2298,13 +2328,14 @@ class UpstreamResponse:
         body = self._iter_chunked() if self._framing == "chunked" else self._iter_plain()
         return body if self._encoding == "identity" else decode_body(body, self._encoding)
 
-    async def pump(self, sink: Callable[[bytes], Any], client: asyncio.StreamWriter) -> None:
-        """The body pushed to sink(payload) as it arrives (see BodyPipe); sink returns PUMP_STOP
-        once the answer is complete. The connection goes back to the pool at a clean end."""
+    async def pump(self, sink: Callable[[bytes, Optional[bytes]], Any], client: asyncio.StreamWriter) -> None:
+        """The body pushed to sink(payload, framed) as it arrives (see BodyPipe; framed is the
+        read as the upstream framed it, when it was exactly one whole chunk, else None); sink
+        returns PUMP_STOP once the answer is complete. The connection goes back to the pool at a clean end."""
         if self._encoding != "identity":            # rare: an upstream that compressed anyway
             stopped = False
             async for data in self.iter_body():
-                stopped = stopped or sink(data) is PUMP_STOP
+                stopped = stopped or sink(data, None) is PUMP_STOP
             return
         pipe = BodyPipe(self, sink, client)
         transport, stream_protocol = pipe.transport, pipe.transport.get_protocol()
@@ -7339,39 +7370,33 @@ class Relay:
     def __init__(self, out: ClientStream, interval: float):
         self.out = out
         self.interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
         self._task: Optional[asyncio.Task] = None
 
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         """Open the chunked response and the keep-alive ticker."""
         self.out.start(status, headers)
-        self._last = self._loop.time()
         if self.interval > 0:
             self._task = asyncio.ensure_future(self._keepalive())
 
     async def send(self, data: bytes) -> None:
         """Relay bytes (the stream remembers whether they end on an event boundary)."""
-        if data:
-            self._last = self._loop.time()
-            await self.out.send(data)
-
-    def push(self, data: bytes) -> None:
-        """send() without waiting (the pump's sink)."""
-        if data:
-            self._last = self._loop.time()
-            self.out.push(data)
+        await self.out.send(data)
 
     async def _keepalive(self) -> None:
-        loop = self._loop
+        """A comment once the stream was quiet for an interval (checked a quarter interval at a
+        time against the bytes sent, so the relayed chunks themselves carry no clock reads)."""
+        out, step = self.out, self.interval / 4
+        sent, quiet = out.bytes_sent, 0.0
         while True:
-            await asyncio.sleep(max(0.05, self._last + self.interval - loop.time()))
-            if loop.time() - self._last >= self.interval and self.out.at_boundary:
-                self._last = loop.time()
+            await asyncio.sleep(step)
+            quiet = quiet + step if out.bytes_sent == sent else 0.0
+            sent = out.bytes_sent
+            if quiet >= self.interval and out.at_boundary:
                 try:
-                    await self.out.send(SSE_KEEPALIVE)
+                    await out.send(SSE_KEEPALIVE)
                 except ConnectionError:
                     return                      # the client left; the relay notices on its own
+                sent, quiet = out.bytes_sent, 0.0
 
     async def error(self, event: bytes) -> None:
         """One error event (after a partial event, a blank line first)."""
@@ -7839,12 +7864,12 @@ class Exchange:
             await self.answer_raw(response.status, headers, raw)
             return
         relay = self.open_stream(response.status, headers + [("cache-control", "no-cache")])
-        scan, push = UsageScanner(self.meter).feed, relay.push
+        scan, push = UsageScanner(self.meter).feed, self.out.push
         rewrite = self.plugins.event_rewriter(self) if self.plugins else None
 
-        def sink(data: bytes) -> None:
+        def sink(data: bytes, framed: Optional[bytes]) -> None:
             scan(data)
-            push(data if rewrite is None else rewrite.feed(data))
+            push(data, framed) if rewrite is None else push(rewrite.feed(data))
         await response.pump(sink, self.out.writer)
         if rewrite is not None:
             await relay.send(rewrite.close())
@@ -7855,11 +7880,11 @@ class Exchange:
                               encode: Callable[[Any], bytes]) -> None:
         """Conversion: decode upstream SSE, feed the state machine, write its events."""
         relay = self.open_stream(200, SSE_RESPONSE_HEADERS + relayed_headers(response.headers))
-        decoder, scan, push = SSEDecoder(), UsageScanner(self.meter).feed, relay.push
+        decoder, scan, push = SSEDecoder(), UsageScanner(self.meter).feed, self.out.push
         if self.plugins:
             encode = self.plugins.hooked_encode(self, encode)
 
-        def sink(data: bytes) -> Any:
+        def sink(data: bytes, _framed: Optional[bytes]) -> Any:
             scan(data)
             items = feed_events(machine, decoder.feed(data))
             if items:
