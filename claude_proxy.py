@@ -53,7 +53,6 @@ import re
 import secrets
 import signal
 import socket
-import sqlite3
 import ssl
 import stat
 import sys
@@ -7954,6 +7953,7 @@ class ResponseStore:
     def _run(self, work: Callable[[sqlite3.Connection], Any], write: bool = False, absent: Any = None) -> Any:
         """work(db) on a fresh connection; the file (0600, dir 0700) and schema made by the first write
         (a read before any write answers `absent`)."""
+        import sqlite3                             # on first use: a plain serve never loads it
         if not self._ready and not write and not os.path.exists(self.path):
             return absent
         if not self._ready:
@@ -8067,6 +8067,7 @@ class ResponseStore:
     async def call(self, method: Callable[..., Any], *args: Any) -> Any:
         """One blocking method in the executor, after any write still pending for args[0]; a
         database that fails is a 500 naming the file."""
+        import sqlite3
         pending = self._pending.get(args[0]) if args and isinstance(args[0], str) else None
         if pending is not None:
             await asyncio.shield(pending)
@@ -9195,8 +9196,12 @@ class UsageLedger:
         import sqlite3
         try:
             db = db or self._open()
-            with db:
-                db.executemany(LEDGER_INSERT, [tuple(map(_storable, row)) for row in rows])
+            try:
+                with db:
+                    db.executemany(LEDGER_INSERT, rows)
+            except UnicodeEncodeError:         # rare: a lone surrogate somewhere; the batch cleaned
+                with db:
+                    db.executemany(LEDGER_INSERT, [tuple(map(_storable, row)) for row in rows])
             self.rows_written += len(rows)
             self._since_prune += len(rows)
             if self._since_prune >= LEDGER_PRUNE_EVERY:

@@ -6271,6 +6271,17 @@ def test_ledger_writes_in_batches_reads_groups_and_prunes(tmp_path):
     assert not ledger._thread.is_alive() and ledger.rows_written == 5
 
 
+def test_a_lone_surrogate_in_a_batch_costs_neither_that_row_nor_the_others(tmp_path):
+    ledger = cp.UsageLedger(str(tmp_path / "h" / "usage.db"), clock=lambda: 86400.0 * 100, interval=0.05)
+    for model in ("before", "x\ud800y", "after"):      # one batch; the middle row cannot be encoded as is
+        ledger.add(usage_row(86400.0 * 100, model))
+    assert ledger.flush()
+    by_model = ledger.totals()["by_model"]
+    assert ledger.rows_written == 3 and sum(m["requests"] for m in by_model.values()) == 3
+    assert set(by_model) == {"before", "after", "x?y"}, by_model
+    ledger.close()
+
+
 def test_broken_ledger_logs_one_warning_and_the_proxy_serves_on(tmp_path, caplog):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "usage.db").write_bytes(b"this is not a database" * 100)
@@ -9730,15 +9741,21 @@ class _BenchProcs:
         with open(self.config_path, "w") as fh:
             json.dump(config, fh)
 
-    def start_proxy(self, profile_out: str = None, **extra_env: str) -> float:
-        """Spawn the proxy; seconds from spawn to the first /health 200."""
+    def start_proxy(self, profile_out: str = None, as_module: bool = False, **extra_env: str) -> float:
+        """Spawn the proxy (as `python3 claude_proxy.py`, or `python3 -m claude_proxy` from cached
+        bytecode); seconds from spawn to the first /health 200."""
         self.proxy_port = _bench_free_port()
         env = {k: v for k, v in os.environ.items()
-               if k not in ("LOG_LEVEL", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+               if k not in ("LOG_LEVEL", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "PYTHONDONTWRITEBYTECODE",
                             "ANTHROPIC_API_KEY", "OPENAI_API_KEY", "PROXY_API_KEY", "CLAUDE_PROXY_CONFIG")}
         env.update(CLAUDE_PROXY_HOME=os.path.join(self.tmp, "home"), LOG_LEVEL="WARNING", **extra_env)
         prefix = [sys.executable] + (["-m", "cProfile", "-o", profile_out] if profile_out else [])
-        cmd = prefix + [_bench_script(), "serve", "--port", str(self.proxy_port), "--config", self.config_path]
+        if as_module:
+            env["PYTHONPATH"] = os.path.dirname(_bench_script())
+            prefix, script = [sys.executable, "-m", "claude_proxy"], []
+        else:
+            script = [_bench_script()]
+        cmd = prefix + script + ["serve", "--port", str(self.proxy_port), "--config", self.config_path]
         t0 = time.perf_counter()
         self.proxy = subprocess.Popen(cmd, env=env, cwd=self.tmp)
         self.pin(self.proxy.pid, proxy=True)
@@ -10027,19 +10044,24 @@ async def _bench_scenarios(procs: _BenchProcs) -> list:
         for conc in (1, 16, 64):
             r = await b.measure(kind, model, False, conc, duration=1.0, warm=conc * 2)
             if conc == 64:
-                row(f"{label}", conc, r, target="req/s>=500, RSS<=40MB",
-                    ok=r["rps"] >= 500 and (r["rss_peak"] != r["rss_peak"] or r["rss_peak"] <= 40)
-                    and not r["errors"])
+                row(f"{label}", conc, r, target="req/s>=2000", ok=r["rps"] >= 2000 and not r["errors"])
             else:
                 row(f"{label}", conc, r)
 
-    # 100 concurrent 1-second streams (200 events each), connections opened inside the run.
+    if b.stats_conn:
+        b.stats_conn.close()
+    return rows + await _bench_concurrent_streams(procs)
+
+
+async def _bench_concurrent_streams(procs: _BenchProcs, suffix: str = "") -> list:
+    """100 concurrent 1-second streams (200 events each), connections opened inside the run."""
+    b, rows = _Bench(procs), []
     for kind, label in (("pass", "100 x 1s streams passthrough"), ("o2a", "100 x 1s streams o2a")):
         model = "anth-slow-200" if kind == "pass" else "oai-slow-200"
         r = await b.measure(kind, model, True, 100, count=100, warm=0)
-        row(label, 100, r, target="p50<=1.05s, 0 errors, RSS<=40MB",
-            ok=r["p50"] <= 1.05 and not r["errors"] and
-            (r["rss_peak"] != r["rss_peak"] or r["rss_peak"] <= 40))
+        ok = r["p50"] <= 1.05 and not r["errors"] and (r["rss_peak"] != r["rss_peak"] or r["rss_peak"] <= 40)
+        rows.append({"name": label + suffix, "conc": 100, **r, "target": "p50<=1.05s, 0 errors, RSS<=40MB",
+                     "verdict": _bench_verdict(ok), "extra": ""})
     if b.stats_conn:
         b.stats_conn.close()
     return rows
@@ -10149,7 +10171,7 @@ def _bench_ledger_micro(tmp: str, n: int = 20000) -> str:
     return "\n".join(lines)
 
 
-def _bench_table(rows: list, startup: dict, peak: float) -> str:
+def _bench_table(rows: list, startup: dict, peak: tuple) -> str:
     head = (f"{'scenario':38} {'c':>3} {'n':>5} {'p50ms':>8} {'p99ms':>8} {'dir50':>8} {'added':>7} "
             f"{'req/s':>7} {'dir r/s':>7} {'us/chk':>7} {'marg':>6} {'us/req':>7} {'RSSpk':>6} {'err':>4} "
             f"{'up-cx':>5}  target / verdict")
@@ -10165,11 +10187,15 @@ def _bench_table(rows: list, startup: dict, peak: float) -> str:
             f"{r['cpu_req_us']:7.0f} {r['rss_peak']:6.1f} {len(r['errors']):>4} {int(r['upstream_conns']):>5}  "
             f"{r['target']} {r['verdict']}")
     lines.append("")
-    lines.append(f"startup spawn->/health 200: median {startup['median'] * 1e3:.0f} ms of {startup['n']} "
-                 f"(min {startup['min'] * 1e3:.0f}, max {startup['max'] * 1e3:.0f}); target <=150 ms "
-                 f"{_bench_verdict(startup['median'] <= 0.150)}; `python -c pass` {startup['python'] * 1e3:.0f} ms; "
-                 f"compiling claude_proxy.py (no .pyc for __main__) {startup['compile'] * 1e3:.0f} ms")
-    lines.append(f"proxy peak RSS over the whole run (VmHWM): {peak:.1f} MB; target <=40 MB {_bench_verdict(peak <= 40)}")
+    lines.append(f"start, spawn->/health 200 (median of {startup['n']}; target <=150 ms): `python3 claude_proxy.py serve` "
+                 f"{startup['median'] * 1e3:.0f} ms {_bench_verdict(startup['median'] <= 0.150)} (min {startup['min'] * 1e3:.0f}, "
+                 f"max {startup['max'] * 1e3:.0f}), RSS at ready {startup['rss']:.1f} MB; `python3 -m claude_proxy serve` "
+                 f"{startup['module'] * 1e3:.0f} ms {_bench_verdict(startup['module'] <= 0.150)}, RSS at ready "
+                 f"{startup['module_rss']:.1f} MB; `python -c pass` {startup['python'] * 1e3:.0f} ms; compiling "
+                 f"claude_proxy.py (a script's bytecode is never cached) {startup['compile'] * 1e3:.0f} ms")
+    lines.append(f"proxy peak RSS (VmHWM; target <=40 MB): as a script, over the whole run, {peak[0]:.1f} MB "
+                 f"{_bench_verdict(peak[0] <= 40)}; as -m, 100 concurrent streams {peak[1]:.1f} MB {_bench_verdict(peak[1] <= 40)} "
+                 "(a script keeps its parse tree for its lifetime: CPython frees it when the script returns)")
     lines.append("columns: dir50/dir r/s = same work straight to the fake; added = p50 - dir50 (ms); us/chk = "
                  "proxy CPU per upstream SSE event, all-in; marg = marginal CPU per event (400- vs 50-event "
                  "streams); us/req = proxy CPU per request; RSSpk = VmHWM during the scenario (MB); up-cx = "
@@ -10178,10 +10204,18 @@ def _bench_table(rows: list, startup: dict, peak: float) -> str:
 
 
 def _bench_startup(procs: _BenchProcs, n: int = 5) -> dict:
-    times = []
+    """Spawn-to-/health times as a script and as `-m` (its bytecode cached by a first start), the
+    RSS at ready of each, `python -c pass`, and compiling the file."""
+    times: dict = {False: [], True: []}
+    ready_rss: dict = {False: [], True: []}
+    procs.start_proxy(as_module=True)            # writes __pycache__/claude_proxy.*.pyc
+    procs.stop_proxy()
     for _ in range(n):
-        times.append(procs.start_proxy())
-        procs.stop_proxy()
+        for as_module in (False, True):
+            times[as_module].append(procs.start_proxy(as_module=as_module))
+            time.sleep(0.2)                      # past the post-start trim
+            ready_rss[as_module].append(_bench_status(procs.proxy.pid, "VmRSS"))
+            procs.stop_proxy()
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     python = time.perf_counter() - t0
@@ -10189,8 +10223,9 @@ def _bench_startup(procs: _BenchProcs, n: int = 5) -> dict:
         src = fh.read()
     t0 = time.perf_counter()
     compile(src, _bench_script(), "exec")
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": n,
-            "python": python, "compile": time.perf_counter() - t0}
+    return {"median": statistics.median(times[False]), "min": min(times[False]), "max": max(times[False]), "n": n,
+            "module": statistics.median(times[True]), "rss": statistics.median(ready_rss[False]),
+            "module_rss": statistics.median(ready_rss[True]), "python": python, "compile": time.perf_counter() - t0}
 
 
 def _bench_profile(procs: _BenchProcs, out_dir: str) -> str:
@@ -10234,8 +10269,12 @@ def test_benchmark(request):
             floor = asyncio.run(_bench_floor(procs))
             procs.stop_floor()
             rows = asyncio.run(_bench_scenarios(procs))
-            peak = max([_bench_status(procs.proxy.pid, "VmHWM")] +
-                       [r["rss_peak"] for r in rows if r["rss_peak"] == r["rss_peak"]])
+            script_peak = max([_bench_status(procs.proxy.pid, "VmHWM")] +
+                              [r["rss_peak"] for r in rows if r["rss_peak"] == r["rss_peak"]])
+            procs.stop_proxy()
+            procs.start_proxy(as_module=True)
+            rows += asyncio.run(_bench_concurrent_streams(procs, " (-m)"))
+            peak = (script_peak, _bench_status(procs.proxy.pid, "VmHWM"))
             rows += asyncio.run(_bench_ledger(procs))
             procs.stop_proxy()
             table = _bench_table(rows, startup, peak)
@@ -10255,7 +10294,7 @@ def test_benchmark(request):
     assert not errors, f"{len(errors)} failed requests, first: {errors[:3]}"
     if os.environ.get("CLAUDE_PROXY_BENCH_STRICT"):
         missed = [r["name"] for r in rows if r["verdict"] == "MISS"]
-        assert not missed and startup["median"] <= 0.150 and peak <= 40, f"targets missed: {missed}"
+        assert not missed and startup["median"] <= 0.150 and peak[0] <= 40, f"targets missed: {missed}"
 
 
 async def _requests_on_keepalive(port, n, bodies):
