@@ -8336,6 +8336,7 @@ async def handle_responses(x: Exchange) -> None:
     """POST /v1/responses: a Responses client, to Claude or a chat provider (converted through the
     hub), or relayed to a provider that serves /responses itself."""
     body = await x.json_body({"model": str})
+    x.meter.requested = body["model"]
     x.target = resolve_openai_target(x.config, body["model"], thinking=responses_reasoning_on(body))
     if x.target.provider.get("responses"):
         await openai_passthrough(x, body, "/responses")
@@ -8388,7 +8389,7 @@ async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: 
         if stream and "text/event-stream" in response.headers.get("content-type", ""):
             await x.relay_converted(response, upstream, format_responses_event)
             return
-        answer = parse_upstream_json(await response.read())
+        answer = await x.read_upstream_json(response)
         message = convert(UpstreamError, "upstream answer", openai_response_to_anthropic, answer, body["model"]) \
             if via_chat else answer
         if stream:
@@ -8396,7 +8397,7 @@ async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: 
             await send_events(x, feed_events(machine, events, parsed=True), format_responses_event)
         else:
             answer = convert(UpstreamError, "upstream answer", anthropic_to_responses_response, message, machine)
-            await x.out.respond_json(200, answer, relayed_headers(response.headers))
+            await x.answer_json(200, answer, relayed_headers(response.headers))
     finally:
         response.close()
 

@@ -6352,17 +6352,20 @@ SESSION_CALLS = [  # (path, model, stream): every path, both ways, streaming or 
     ("/v1/messages", "sonnet-direct", True), ("/v1/messages", "sonnet-direct", False),
     ("/v1/messages", "gpt-up", True), ("/v1/messages", "gpt-up", False),
     ("/v1/chat/completions", "gpt-up", True), ("/v1/chat/completions", "gpt-up", False),
-    ("/v1/chat/completions", "sonnet-direct", True), ("/v1/chat/completions", "sonnet-direct", False)]
+    ("/v1/chat/completions", "sonnet-direct", True), ("/v1/chat/completions", "sonnet-direct", False),
+    ("/v1/responses", "sonnet-direct", True), ("/v1/responses", "sonnet-direct", False),
+    ("/v1/responses", "gpt-up", True), ("/v1/responses", "gpt-up", False)]
 
 
 def expected_session_totals():
     """What SESSION_CALLS plus one failed request must add up to."""
     sonnet = cp.request_cost(tuple(SONNET_PRICES.values()), ANTHROPIC_TOKENS)
     gpt = cp.request_cost((2.5e-6, 10e-6, 1.25e-6, 2.5e-6), OPENAI_TOKENS)
-    per_model = {"sonnet-direct": (5, 1, ANTHROPIC_TOKENS, 4 * sonnet), "gpt-up": (4, 0, OPENAI_TOKENS, 4 * gpt)}
-    return {model: {"requests": n, "errors": errors, "input_tokens": 4 * t[0], "output_tokens": 4 * t[1],
-                    "cache_read_input_tokens": 4 * t[2], "cache_creation_input_tokens": 4 * t[3],
-                    "reasoning_tokens": 4 * t[4], "cost_usd": pytest.approx(cost), "unpriced_requests": 0}
+    ok = len([call for call in SESSION_CALLS if call[1] == "gpt-up"])          # as many for each model
+    per_model = {"sonnet-direct": (ok + 1, 1, ANTHROPIC_TOKENS, ok * sonnet), "gpt-up": (ok, 0, OPENAI_TOKENS, ok * gpt)}
+    return {model: {"requests": n, "errors": errors, "input_tokens": ok * t[0], "output_tokens": ok * t[1],
+                    "cache_read_input_tokens": ok * t[2], "cache_creation_input_tokens": ok * t[3],
+                    "reasoning_tokens": ok * t[4], "cost_usd": pytest.approx(cost), "unpriced_requests": 0}
             for model, (n, errors, t, cost) in per_model.items()}
 
 
@@ -6370,7 +6373,9 @@ async def run_session(port):
     """SESSION_CALLS and one request the upstream refuses."""
     for path, model, stream in SESSION_CALLS:
         body = dict(HELLO, model=model, stream=stream)
-        if path == "/v1/chat/completions" and stream:
+        if path == "/v1/responses":                     # Codex and the Agents SDK are counted too
+            body = {"model": model, "input": "hi", "stream": stream, "store": False}
+        elif path == "/v1/chat/completions" and stream:
             body["stream_options"] = {"include_usage": True}
         status, _, _ = await call(port, "POST", path, body, ANTHROPIC_HEADERS)
         assert status == 200, (path, model, stream)
@@ -6383,10 +6388,10 @@ def test_stats_count_every_path_exactly_and_survive_a_restart(tmp_path):
 
     def check(totals):
         assert {m: {k: totals["by_model"][m][k] for k in cp.COUNTERS} for m in want} == want
-        assert totals["requests"] == 9 and totals["errors"] == 1
+        assert totals["requests"] == len(SESSION_CALLS) + 1 and totals["errors"] == 1
         assert totals["cost_usd"] == pytest.approx(want["sonnet-direct"]["cost_usd"].expected
                                                    + want["gpt-up"]["cost_usd"].expected)
-        assert totals["by_route"]["model"]["requests"] == 9 and len(totals["by_day"]) == 1
+        assert totals["by_route"]["model"]["requests"] == len(SESSION_CALLS) + 1 and len(totals["by_day"]) == 1
 
     async def scenario():
         async with FakeUpstream(usage_anthropic_upstream) as a, FakeUpstream(usage_openai_upstream) as o:
@@ -6397,7 +6402,7 @@ def test_stats_count_every_path_exactly_and_survive_a_restart(tmp_path):
                 stats = json.loads(body)
                 check(stats["session"])
                 check(stats["all_time"])
-                recent = server.ops.recent[-2]
+                recent = server.ops.recent[-4]                                 # POST /v1/responses to Claude
                 assert recent.provider == "anthropic" and recent.upstream_model == "claude-sonnet-4-5"
                 assert recent.dialect == "openai" and recent.duration_ms > 0
             async with running_proxy(config) as (_, port):                   # a restart
@@ -6419,9 +6424,9 @@ def test_stats_count_every_path_exactly_and_survive_a_restart(tmp_path):
     table = subprocess.run(cli + ["--by", "model"], capture_output=True, text=True, env=env, cwd=str(tmp_path),
                            timeout=30).stdout
     rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split()}
-    assert rows["sonnet-direct"][1:9] == ["5", "1", "40", "28", "400", "80", "0",
+    assert rows["sonnet-direct"][1:9] == ["7", "1", "60", "42", "600", "120", "0",
                                           f"${want['sonnet-direct']['cost_usd'].expected:,.4f}"]
-    assert rows["gpt-up"][1:8] == ["4", "0", "80", "36", "120", "0", "16"]
+    assert rows["gpt-up"][1:8] == ["6", "0", "120", "54", "180", "0", "24"]
 
 
 def test_unpriced_model_has_null_cost_and_errors_are_counted(tmp_path):
