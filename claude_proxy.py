@@ -700,6 +700,7 @@ class Config:
         self.files: Dict[str, Optional[str]] = {"config": None, "dotenv": None, "models": None}
         self.warnings: List[str] = []          # unknown keys, missing keys, notes for the start
         self.aliases: Dict[str, str] = dict(MODEL_ALIASES)   # client model name -> routed name
+        self.proxy_key_var = "PROXY_API_KEY"   # the variable holding the key clients send
 
     @property
     def home(self) -> str:
@@ -950,7 +951,7 @@ def adopt_seed_client_key(config: Config, env: Mapping[str, str]) -> None:
         return
     if any(p.get("api_key_env") == "ANTHROPIC_API_KEY" for name, p in config.providers.items() if name != "anthropic"):
         return                                    # another provider's upstream key (a seed model file's)
-    config.settings["proxy_api_key"] = env["ANTHROPIC_API_KEY"]
+    config.settings["proxy_api_key"], config.proxy_key_var = env["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEY"
     config.warnings.append("no route reaches Anthropic, so ANTHROPIC_API_KEY is the key clients must "
                            "send (x-api-key or Bearer), as in claude-code-proxy; set PROXY_API_KEY to choose another")
 
@@ -1468,6 +1469,8 @@ def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapp
             return f".env ${dot} ({files['dotenv']})"
         return f"config file {files['config']}" if key in file_raw else "default"
     origins = {f"settings.{key}": origin(key) for key in SETTINGS}
+    if config.proxy_key_var != "PROXY_API_KEY":            # adopted by adopt_seed_client_key
+        origins["settings.proxy_api_key"] = origin(config.proxy_key_var) + " (the client key, as in claude-code-proxy)"
     for name in config.providers:
         if isinstance((file_raw.get("providers") or {}).get(name), dict) and "base_url" in file_raw["providers"][name]:
             where = f"config file {files['config']}"
@@ -8718,14 +8721,22 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
     raise NotFound(f"no route for {path}")
 
 
-def check_access(settings: dict, req: Request) -> None:
+class WrongProxyKey(AuthError):
+    """A client without the proxy's key: it must change its key, so a retry cannot help (Claude
+    Code retries a plain 401 silently for about three minutes)."""
+    retryable = False
+
+
+def check_access(config: Config, req: Request) -> None:
     """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
     which never carry credentials, and the public paths excepted)."""
-    key = settings.get("proxy_api_key")
+    key = config.settings.get("proxy_api_key")
     if not key or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
         return
-    if not hmac.compare_digest(offered_key(req).encode(), key.encode()):
-        raise AuthError("invalid proxy key: send PROXY_API_KEY as x-api-key or Bearer token")
+    offered = offered_key(req)
+    if not hmac.compare_digest(offered.encode(), key.encode()):
+        raise WrongProxyKey(f"{'wrong' if offered else 'no'} proxy key: send the value of ${config.proxy_key_var} "
+                            "as x-api-key or as a Bearer token (Claude Code: ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN)")
 
 
 def error_body(x: Exchange, exc: ProxyError) -> dict:
@@ -10647,7 +10658,7 @@ class ProxyServer:
             req.keep_alive = False
         try:
             check_browser_guard(settings, req, self.loopback_bind)
-            check_access(settings, req)
+            check_access(self.config, req)
         except ProxyError as exc:
             await self._refuse(conn, req, exc)
             return None
@@ -10831,9 +10842,21 @@ def startup_summary(server: "ProxyServer", host: str, port: int) -> List[Tuple[i
     return lines
 
 
+def proxy_key_hint(config: Config) -> str:
+    """How to name the proxy key in a pasted command: $VAR when the shell has it, else where it is."""
+    where = config.origins.get("settings.proxy_api_key", "default")
+    if where.startswith("environment "):
+        return f"${config.proxy_key_var}"
+    if where.startswith(".env "):
+        return f"<{config.proxy_key_var} in {where[where.find('(') + 1:where.find(')')]}>"
+    if where.startswith("config file "):
+        return f"<proxy_api_key in {where[len('config file '):]}>"
+    return "<the proxy key>"
+
+
 def client_hints(config: Config, url: str) -> List[str]:
     """The lines to paste for the clients."""
-    key = " ANTHROPIC_AUTH_TOKEN=$PROXY_API_KEY" if config.settings.get("proxy_api_key") else ""
+    key = f" ANTHROPIC_AUTH_TOKEN={proxy_key_hint(config)}" if config.settings.get("proxy_api_key") else ""
     local = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
     return [f"Claude Code: ANTHROPIC_BASE_URL={local}{key} claude",
             f"OpenAI SDKs and Codex: base_url {local}/v1"]

@@ -7588,9 +7588,10 @@ def test_proxy_api_key_is_required_except_on_health(tmp_path):
                 assert_error_response("anthropic", status, body, 401, "authentication_error")
                 status, _, body = await call(port, "POST", "/v1/chat/completions", OPENAI_HELLO, OPENAI_HEADERS)
                 assert_error_response("openai", status, body, 401, "authentication_error")
-                status, _, body = await call(port, "POST", "/v1/messages", HELLO,
-                                             dict(ANTHROPIC_HEADERS, **{"x-api-key": "pk-test-wrong!"}))
-                assert status == 401
+                status, headers, body = await call(port, "POST", "/v1/messages", HELLO,
+                                                   dict(ANTHROPIC_HEADERS, **{"x-api-key": "pk-test-wrong!"}))
+                assert status == 401 and headers.get("x-should-retry") == "false"   # Claude Code says so at once
+                assert "wrong proxy key: send the value of $PROXY_API_KEY" in json.loads(body)["error"]["message"]
                 status, _, body = await call(port, "POST", "/v1/messages", HELLO,
                                              dict(ANTHROPIC_HEADERS, authorization="Bearer " + PROXY_KEY + "x"))
                 assert status == 401
@@ -9100,8 +9101,11 @@ def test_seed_002_claude_code_proxy_user(tmp_path, azure):
             async with proxy_process(tmp_path) as (listening, lines):
                 assert listening == port
                 assert any("ANTHROPIC_API_KEY is the key clients must send" in line for line in lines)
-                status, _, _ = await call(port, "POST", "/v1/messages", HELLO, dict(ANTHROPIC_HEADERS, **{"x-api-key": "wrong"}))
-                assert status == 401 and up.requests == []
+                assert any(f"ANTHROPIC_AUTH_TOKEN=<ANTHROPIC_API_KEY in {tmp_path / '.env'}> claude" in line for line in lines)
+                status, headers, body = await call(port, "POST", "/v1/messages", HELLO,
+                                                   dict(ANTHROPIC_HEADERS, **{"x-api-key": "wrong"}))
+                assert status == 401 and up.requests == [] and headers.get("x-should-retry") == "false"
+                assert "send the value of $ANTHROPIC_API_KEY" in json.loads(body)["error"]["message"]
                 request = dict(HELLO, model="claude-sonnet-4-5", max_tokens=50, stream=True)
                 status, _, _ = await call(port, "POST", "/v1/messages", request,
                                           dict(ANTHROPIC_HEADERS, **{"x-api-key": "client-key-0123456789"}))
