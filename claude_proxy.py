@@ -6808,6 +6808,13 @@ class OAuthService:
         return record
 
 
+def cli_error(message: str, stream: Any = None) -> None:
+    """A command's failure, one line with the program's name once (messages made for clients
+    already start with it)."""
+    prefix = "" if message.startswith("claude_proxy:") else "claude_proxy: "
+    print(prefix + message, file=stream or sys.stderr)
+
+
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
     """login / logout / status / import / import-claude-code / verify-login, on a pool of their own."""
@@ -6818,6 +6825,7 @@ async def run_oauth_command(command: str, args: argparse.Namespace, config: Conf
         if command == "login":
             return await cli_login(service, args)
         if command == "verify-login":
+            await adopt_seed_login(config, service)       # as serve would: a seed's token file first
             return await cli_verify_login(service)
         if command == "logout":
             had = service.store.load() is not None
@@ -6854,7 +6862,7 @@ async def cli_verify_login(service: OAuthService) -> int:
     try:
         await service.access_token()
     except ProxyError as exc:
-        print(f"claude_proxy: {exc.message}", file=sys.stderr)
+        cli_error(exc.message)
         return 1
     print(json.dumps(service.tokens.status(), indent=2))
     print("Auto-start disabled: the login is valid; the proxy was not started.")
@@ -10803,19 +10811,19 @@ def upstream_notes(config: Config, has_login: bool) -> List[Tuple[int, str]]:
     return notes
 
 
-async def adopt_seed_login(server: "ProxyServer") -> None:
+async def adopt_seed_login(config: Config, oauth: OAuthService) -> None:
     """A seed's token file named in the environment (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE) is
     imported, read only, when the proxy has no login of its own: the seed's users keep theirs."""
-    path = server.config.settings.get("import_token_file")
-    if not path or await run_off_loop(server.oauth.tokens.record) is not None:
+    path = config.settings.get("import_token_file")
+    if not path or await run_off_loop(oauth.tokens.record) is not None:
         return
     try:
-        record = await run_off_loop(import_token_file, path, server.oauth.store)
+        record = await run_off_loop(import_token_file, path, oauth.store)
     except BadRequest as exc:
         log.warning("the login in %s (%s) was not imported: %s", path,
-                    server.config.origins.get("settings.import_token_file"), exc.message)
+                    config.origins.get("settings.import_token_file"), exc.message)
         return
-    server.oauth.tokens.save(record)
+    oauth.tokens.save(record)
     log.info("using the login imported from %s (read only)", path)
 
 
@@ -10892,7 +10900,7 @@ async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str],
     """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully."""
     server = ProxyServer(config, redactor=redactor, proxies=proxies, source=source)
     install_reload_signal(asyncio.get_running_loop(), server)
-    await adopt_seed_login(server)
+    await adopt_seed_login(server.config, server.oauth)
     host, port = await server.start()
     release_freed_memory()
     stop = asyncio.Event()
@@ -11020,20 +11028,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         source = ConfigSource(getattr(args, "config", None), env, cli_overrides(args, command))
         config = source.load()
     except ConfigError as exc:
-        print(f"claude_proxy: config error: {exc}", file=sys.stderr)
+        cli_error(f"config error: {exc}")
         return 2
     except BadRequest as exc:
-        print(f"claude_proxy: {exc.message}", file=sys.stderr)
+        cli_error(exc.message)
         return 2
     redactor = Redactor(config.secret_values())
     setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
     try:
         return run_command(command, args, config, redactor, env, source)
     except ConfigError as exc:
-        print(f"claude_proxy: {exc}", file=sys.stderr)
+        cli_error(str(exc))
         return 2
     except ProxyError as exc:
-        print(f"claude_proxy: {redactor.scrub(exc.message)}", file=sys.stderr)
+        cli_error(redactor.scrub(exc.message))
         return 1
     except KeyboardInterrupt:
         return 130
@@ -11128,7 +11136,7 @@ def run_menu_action(action: str, config: Config, redactor: Redactor, env: Mappin
     except KeyboardInterrupt:
         print()
     except (ProxyError, ConfigError) as exc:
-        print(f"claude_proxy: {redactor.scrub(exc.message if isinstance(exc, ProxyError) else str(exc))}")
+        cli_error(redactor.scrub(exc.message if isinstance(exc, ProxyError) else str(exc)), sys.stdout)
 
 
 async def print_proxy_health(config: Config) -> None:

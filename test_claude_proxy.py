@@ -9247,7 +9247,15 @@ def test_import_reads_seed_token_files_without_writing_them(tmp_path):
 
 def test_no_auto_start_checks_the_login_and_exits(tmp_path):
     code, _, err = cli_run(tmp_path, "--headless", "--no-auto-start")
-    assert code == 1 and "not logged in" in err
+    assert code == 1 and "not logged in" in err and err.count("claude_proxy:") == 1
+    seed = tmp_path / "pimzino" / "tokens.json"                  # anthropic-claude-max-proxy's file
+    seed.parent.mkdir()
+    seed.write_text(json.dumps({"access_token": "sk-ant-oat01-" + "s" * 30, "refresh_token": "sk-ant-ort01-" + "r" * 30,
+                                "expires_at": int(time.time()) + 3600}))
+    before = seed.read_bytes()
+    code, out, err = cli_run(tmp_path, "--headless", "--no-auto-start", env={"TOKEN_FILE": str(seed)})
+    assert code == 0 and "Auto-start disabled" in out, err      # imported as serve would, before checking
+    assert seed.read_bytes() == before
     code, out, _ = cli_run(tmp_path, "--headless", "--no-auto-start", "--token", "sk-ant-oat01-" + "t" * 30)
     assert code == 0 and "Auto-start disabled" in out
 
