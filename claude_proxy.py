@@ -127,6 +127,19 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "plugins": ("CLAUDE_PROXY_PLUGINS", "list", []),
     "filter_tools": ("FILTER_TOOLS", "list", []),
 }
+# The range of each numeric setting: (lowest, whether the lowest itself is allowed, what 0 means
+# where 0 is allowed). A value outside is a ConfigError at start, not a failure on every request.
+SETTING_RANGES: Dict[str, Tuple[float, bool]] = {
+    "port": (1, True), "max_body_bytes": (1, True), "max_buffered_bytes": (1, True), "pool_size": (1, True),
+    "header_timeout": (0, False), "idle_timeout": (0, False), "connect_timeout": (0, False),
+    "read_timeout": (0, False), "body_timeout": (0, False), "min_tokens_limit": (1, True),
+    "max_connections": (0, True),            # 0: half the process's file limit
+    "shutdown_grace": (0, True), "max_retries": (0, True), "retry_deadline": (0, True),
+    "keepalive_interval": (0, True),         # 0: no keep-alive comments
+    "long_context_threshold": (0, True), "responses_store_mb": (0, True), "responses_store_days": (0, True),
+    "usage_max_age_days": (0, True), "usage_max_rows": (0, True),    # 0: no limit
+    "reload_interval": (0, True),            # 0: no polling (SIGHUP still reloads)
+}
 # The earlier proxies' environment names (after the project's own, which wins), in order.
 SEED_ENV_ALIASES: Dict[str, Tuple[str, ...]] = {
     "host": ("HOST", "BIND_ADDRESS", "ANTHROPIC_PROXY_HOST"),        # seeds 001/002/004, 000, 003
@@ -964,7 +977,12 @@ def parse_settings(raw: dict) -> Dict[str, Any]:
         settings[key] = value if value is None else coerce_setting(key, kind, value)
     if settings["log_level"].upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"log_level: unknown level {settings['log_level']!r}")
-    if not 0 < settings["port"] < 65536:
+    for key, (lowest, inclusive) in SETTING_RANGES.items():
+        value = settings[key]
+        if value is not None and (value < lowest if inclusive else value <= lowest):
+            raise ConfigError(f"{key} (${SETTINGS[key][0]}): expected a number {'>=' if inclusive else '>'} {lowest:g}, "
+                              f"got {value!r}")
+    if settings["port"] > 65535:
         raise ConfigError("port: expected 1-65535")
     check_url(settings["anthropic_url"], "anthropic_url")
     return settings
@@ -973,10 +991,18 @@ def parse_settings(raw: dict) -> Dict[str, Any]:
 def coerce_setting(key: str, kind: str, value: Any) -> Any:
     """One setting converted to its type, or ConfigError naming the key."""
     try:
+        if kind in ("int", "float") and isinstance(value, bool):
+            raise TypeError                       # JSON true is not the number 1
         if kind == "int":
-            return int(value)
+            number = float(value) if isinstance(value, float) else int(value)
+            if number != int(number):
+                raise ValueError                  # 8082.7 is not a port, and not silently 8082
+            return int(number)
         if kind == "float":
-            return float(value)
+            number = float(value)
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError
+            return number
         if kind == "bool":
             return parse_bool(value)
         if kind == "list":
@@ -987,7 +1013,8 @@ def coerce_setting(key: str, kind: str, value: Any) -> Any:
             return {str(k).lower(): v for k, v in value.items()}
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+        expected = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind, kind)
+        raise ConfigError(f"{key} (${SETTINGS[key][0]}): expected {expected}, got {value!r}") from None
 
 
 def check_url(url: Any, path: str) -> str:
