@@ -10029,19 +10029,19 @@ border-bottom:1px solid var(--line)}
 h1{font-size:18px;margin:0}h2{font-size:13px;margin:0 0 10px;text-transform:uppercase;letter-spacing:.06em;color:var(--dim)}
 .meta{color:var(--dim)}.live{margin-left:auto;color:var(--dim)}.live b{color:var(--ok)}
 main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
-.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0;overflow-x:auto}
 .wide{grid-column:1/-1}
 .kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:12px}
 .kpi b{display:block;font-size:22px;font-variant-numeric:tabular-nums}.kpi span{color:var(--dim);font-size:12px}
 table{width:100%;border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:top;
 overflow-wrap:break-word}th{color:var(--dim);font-weight:600;font-size:12px}td:first-child{white-space:nowrap}
-td.n,th.n{text-align:right;white-space:nowrap}
+td.n,th.n,.key{text-align:right;white-space:nowrap}.key{text-align:left}
 .badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:12px;background:var(--line)}
 .s2{background:#d1fae5;color:#065f46}.s4{background:#fef3c7;color:#92400e}.s5{background:#fee2e2;color:#991b1b}
 .banner{grid-column:1/-1;border-radius:8px;padding:10px 14px;border:1px solid}
 .error{background:#fef2f2;border-color:#fecaca;color:#991b1b}.note{background:#fffbeb;border-color:#fde68a;color:#92400e}
-.bad{color:var(--bad)}.dim{color:var(--dim)}dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
+.bad{color:var(--bad);overflow-wrap:anywhere}.dim{color:var(--dim)}dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
 dt{color:var(--dim)}dd{margin:0;overflow-wrap:anywhere}
 .charts{display:grid;gap:18px 28px;grid-template-columns:repeat(auto-fit,minmax(400px,1fr));margin-top:12px}
 .legend{font-size:12px;color:var(--dim)}.legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
@@ -10060,8 +10060,8 @@ background:var(--bg);color:var(--ink)}button{padding:7px 14px;border:0;border-ra
 <div class="banner error" id="config-error" hidden></div>
 <div class="banner note" id="restart" hidden></div>
 <section class="card wide" id="status-body" hidden><div class="kpis" id="kpis"></div></section>
-<section class="card" id="routes-card" hidden><h2>Routes</h2><table id="routes"></table></section>
-<section class="card" id="providers-card" hidden><h2>Providers</h2><table id="providers"></table></section>
+<section class="card wide" id="routes-card" hidden><h2>Routes</h2><table id="routes"></table></section>
+<section class="card wide" id="providers-card" hidden><h2>Providers</h2><table id="providers"></table></section>
 <section class="card" id="login-card" hidden><h2>Claude login</h2><dl id="claude"></dl></section>
 <section class="card" id="config-card" hidden><h2>Config and ledger</h2><dl id="config"></dl></section>
 <section class="card wide" id="charts-card" hidden><h2 id="charts-title">Usage</h2>
@@ -10171,7 +10171,7 @@ function render(st) {
   table("routes", [["route"], ["provider"], ["model"], ["format"]], st.routes.map((r) => [r.route, r.provider, r.model, r.format]));
   table("providers", [["provider"], ["endpoint"], ["credentials"], ["keys"], ["last error"]], st.providers.map((p) => [
     p.name, p.base_url, p.credential,
-    p.keys ? h("span", {}, ...p.keys.map((k) => h("div", {class: k.state === "healthy" ? "" : "bad"},
+    p.keys ? h("span", {}, ...p.keys.map((k) => h("div", {class: k.state === "healthy" ? "key" : "key bad"},
       `${k.key} ${k.state}${k.cooling_until ? " until " + clock(k.cooling_until) : ""} \u00b7 ${k.requests} requests`))) : h("span", {class: "dim"}, "one"),
     p.last_error ? h("span", {class: "bad"}, `${clock(p.last_error.at)} ${p.last_error.status}: ${p.last_error.message}`) : h("span", {class: "dim"}, "none")]));
   const lg = st.login;

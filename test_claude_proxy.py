@@ -6841,6 +6841,9 @@ def test_status_page_renders_in_headless_chromium(tmp_path):
     assert "API key in the config" in dom and "Claude login (auth auto)" in dom and "Overloaded" in dom
     assert dom.count("<rect") >= 6 and "invalid_request_error" in dom          # charts drawn; the failed request listed
     assert SECRET_TOKEN not in dom and "sk-ant-api03" not in dom
+    for table in ("routes", "providers"):        # wide tables get a row of their own, never clipped by the next card
+        assert re.search(rf'<section class="card wide" id="{table}-card"', dom), table
+    assert re.search(r"\.card\{[^}]*overflow-x:auto", cp.STATUS_PAGE)   # and scroll on a narrow screen
     assert os.path.getsize(shot) > 10000
     print(f"\nstatus page screenshot: {shot}")
 
