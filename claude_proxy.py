@@ -8894,6 +8894,30 @@ def host_name(value: str) -> Optional[str]:
         return None
 
 
+_IPV4_LITERAL = re.compile(r"[0-9a-fx.]+")
+
+
+def own_host(name: Optional[str]) -> bool:
+    """A Host no DNS-rebinding page can send: localhost or *.localhost (browsers resolve those to
+    loopback themselves), an IP literal (a page at an IP has that IP as its origin, not a domain
+    of the attacker's that now points here), or this machine's own name."""
+    if not name:
+        return False
+    if name in LOCAL_HOST_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        if ":" in name:
+            socket.inet_pton(socket.AF_INET6, name)
+        elif _IPV4_LITERAL.fullmatch(name):
+            socket.inet_aton(name)                 # 127.1 and 0x7f.1 are IP literals to a browser too
+        else:
+            raise ValueError
+        return True
+    except (OSError, ValueError):
+        machine = socket.gethostname().lower()
+        return name in (machine, machine.split(".")[0])
+
+
 def cors_allowed(settings: dict, origin: str) -> bool:
     """Whether CORS was configured for this origin."""
     return origin in settings["cors_origins"] or "*" in settings["cors_origins"]
@@ -8901,13 +8925,13 @@ def cors_allowed(settings: dict, origin: str) -> bool:
 
 def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> None:
     """What a web page in the user's browser must not be able to do (DNS rebinding, CSRF):
-    on a loopback bind a Host that is not this machine's (unless ALLOWED_HOSTS names it); an
+    on a loopback bind a Host that is not this machine's (own_host; or one ALLOWED_HOSTS names); an
     Origin other than the proxy's own or a CORS-configured one; a cross-site or same-site
     fetch without such an Origin (Sec-Fetch-Site, sent by every current browser); a form or
     text/plain body on a JSON endpoint. Clients that send none of these (curl, the SDKs,
     Claude Code, Codex) are unaffected. Exposed binds rely on the proxy key for the rest."""
     host = req.headers.get("host")
-    if loopback_bind and host is not None and host_name(host) not in LOCAL_HOST_NAMES \
+    if loopback_bind and host is not None and not own_host(host_name(host)) \
             and host not in settings["allowed_hosts"] and host_name(host) not in settings["allowed_hosts"]:
         raise PermissionDenied(f"Host {log_safe(host)!r} is not this proxy's (a DNS-rebinding page?); "
                                "list it in ALLOWED_HOSTS if a reverse proxy serves the proxy under it")

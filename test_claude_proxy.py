@@ -8224,6 +8224,11 @@ def test_a_connection_whose_framing_is_in_doubt_is_never_reused(tmp_path, answer
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "same-site"}, 403),
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "none"}, 200),           # typed in the address bar
     ({"host": "app.internal:8082"}, 200),                                  # ALLOWED_HOSTS
+    ({"host": "127.1:8082"}, 200), ({"host": "0.0.0.0:8082"}, 200),        # IP literals: no domain to rebind
+    ({"host": "192.168.1.20:8082"}, 200), ({"host": "[fe80::1]:8082"}, 200),
+    ({"host": "proxy.localhost:8082"}, 200),                               # browsers keep *.localhost local
+    ({"host": socket.gethostname() + ":8082"}, 200),                       # this machine's name
+    ({"host": "127.0.0.1.evil.example"}, 403), ({"host": "0x7f.evil"}, 403), ({"host": "localhost.evil.example"}, 403),
 ])
 def test_browser_guard_on_a_loopback_bind(tmp_path, headers, status):
     settings = dict(make_config(tmp_path).settings, cors_origins=["https://app.example"],
