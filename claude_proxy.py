@@ -2789,18 +2789,30 @@ def _own_turn(message: dict, provider: dict, param: str, notes: Optional[Notes])
     return dict(message, content=kept) if kept else None
 
 
-def _thinking_off_without_lead(anthropic_body: dict, notes: Optional[Notes]) -> dict:
-    """With thinking on, a last assistant turn whose tool_use does not follow a thinking block is a 400
-    (PROTOCOLS B.2): such a request goes without thinking (and without clear_thinking edits)."""
+def _last_assistant_content(anthropic_body: dict) -> Any:
+    """The content of the last assistant turn (None without one)."""
     turns = [m for m in anthropic_body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "assistant"]
-    content = turns[-1].get("content") if turns else None
+    return turns[-1].get("content") if turns else None
+
+
+def _thinking_off_without_lead(anthropic_body: dict, stripped: bool, notes: Optional[Notes]) -> dict:
+    """With thinking on, a last assistant turn whose tool_use does not follow a thinking block is a 400
+    (PROTOCOLS B.2) when that turn lost its thinking (`stripped`: another provider's blocks were
+    removed) or thinking is `enabled` (the model always thinks first, so another route answered
+    it): such a request goes without thinking (and without clear_thinking edits). An adaptive
+    turn the model chose not to think in is sent as the client sent it."""
+    content = _last_assistant_content(anthropic_body)
     if not anthropic_thinking_on(anthropic_body) or not isinstance(content, list) or not content:
         return anthropic_body
     uses_tool = any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content)
     if not uses_tool or (isinstance(content[0], dict) and content[0].get("type") in THINKING_BLOCKS):
         return anthropic_body
-    _note(notes, "thinking", "left off for this request: the last assistant turn's tool call has no "
-                             "thinking block this provider issued (another route answered it)")
+    thinking = anthropic_body.get("thinking")
+    if not stripped and not (isinstance(thinking, dict) and thinking.get("type") == "enabled"):
+        return anthropic_body
+    _note(notes, "thinking", "left off for this request: the last assistant turn's tool call has no thinking "
+                             "block this provider issued (" + ("its thinking came from another provider)" if stripped
+                                                               else "another route answered it)"))
     return _without_clear_thinking({k: v for k, v in anthropic_body.items() if k != "thinking"}, notes)
 
 
@@ -2814,7 +2826,9 @@ def _without_clear_thinking(anthropic_body: dict, notes: Optional[Notes]) -> dic
     if len(kept) == len(edits):
         return anthropic_body
     _note(notes, "context_management.edits", "clear_thinking edits removed with thinking")
-    return dict(anthropic_body, context_management=dict(management, edits=kept))
+    if kept or len(management) > 1:
+        return dict(anthropic_body, context_management=dict(management, edits=kept))
+    return {k: v for k, v in anthropic_body.items() if k != "context_management"}     # no edits left: none sent
 
 
 def own_thinking_only(anthropic_body: dict, provider: dict, notes: Optional[Notes] = None) -> dict:
@@ -2831,7 +2845,8 @@ def own_thinking_only(anthropic_body: dict, provider: dict, notes: Optional[Note
         if message is not None:
             kept.append(message)
     body = anthropic_body if kept == messages else dict(anthropic_body, messages=kept)
-    return _thinking_off_without_lead(body, notes)
+    stripped = body is not anthropic_body and _last_assistant_content(body) != _last_assistant_content(anthropic_body)
+    return _thinking_off_without_lead(body, stripped, notes)
 
 
 def _as_blocks(content: Any) -> List[Any]:

@@ -3482,6 +3482,21 @@ def test_a_tool_turn_answered_on_another_route_goes_without_thinking():
     assert cp.own_thinking_only(signed, NATIVE) is signed
 
 
+def test_an_adaptive_tool_turn_the_model_did_not_think_in_is_sent_as_it_is():
+    """Claude Code through passthrough: adaptive thinking, and a tool turn with no thinking block
+    (the model chose not to think). Nothing was removed, so the request is the client's, byte
+    for byte; with `enabled` thinking the same turn is a certain 400, so thinking goes off."""
+    loop = [U("go"), A(T("Writing."), TU("t1", "Write", {})), {"role": "user", "content": [TR("t1", "ok")]}]
+    adaptive = {"model": "m", "thinking": {"type": "adaptive", "display": "omitted"},
+                "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "messages": loop}
+    notes = []
+    assert cp.own_thinking_only(adaptive, NATIVE, notes) is adaptive and notes == []
+    enabled = dict(adaptive, thinking={"type": "enabled", "budget_tokens": 2048})
+    body = cp.own_thinking_only(enabled, NATIVE, notes)
+    assert "thinking" not in body and "context_management" not in body        # an empty edits list is not sent
+    assert "another route answered it" in dict(notes)["thinking"]
+
+
 def test_a_turn_left_empty_is_removed():
     history = {"model": "m", "messages": [U("q"), A(UNSIGNED), U("again")]}
     assert cp.own_thinking_only(history, NATIVE)["messages"] == [U("q"), U("again")]
