@@ -8397,8 +8397,9 @@ async def handle_responses(x: Exchange) -> None:
     own_input = with_item_ids(await x.run(convert, BadRequest, "request", responses_input_items, body))
     expanded = dict(body, input=await responses_history(x, body, own_input))
     _, tools, dropped = convert(BadRequest, "request", responses_tools, body)
-    if dropped:
-        log.info("built-in tools without an equivalent on %s dropped: %s", x.target.describe(), ", ".join(dropped))
+    if dropped:                                    # Codex sends web_search on every request: said once
+        log.debug("request %s: built-in tools without an equivalent dropped: %s", x.req.id, ", ".join(dropped))
+        x.say([(f"tools.{kind}", "a built-in tool without an equivalent on this route, dropped") for kind in dropped])
     store, response_id = x.server.responses, new_id("resp_")
     shell = responses_shell(body, response_id, int(time.time()))
     machine = AnthropicToResponsesStream(shell, tools=tools, summaries=shell["reasoning"]["summary"] is not None)

@@ -5925,6 +5925,19 @@ def test_responses_stream_wire_format_and_custom_tool_on_claude(tmp_path):
     run(scenario())
 
 
+def test_a_dropped_built_in_tool_is_said_once_not_on_every_request(tmp_path, caplog):
+    async def scenario():
+        async with responses_client(tmp_path) as (_, up, port):
+            for _ in range(3):                      # Codex sends web_search with every request
+                sent = {"model": "claude-sonnet-4-5", "input": "hi", "store": False, "tools": [{"type": "web_search"}]}
+                status, _, _ = await call(port, "POST", "/v1/responses", sent)
+                assert status == 200
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        run(scenario())
+    said = [r.getMessage() for r in caplog.records if "tools.web_search" in r.getMessage() and r.levelno == logging.INFO]
+    assert len(said) == 1 and "said once" in said[0], said
+
+
 def test_native_responses_provider_is_relayed_as_is(tmp_path):
     async def scenario():
         async with responses_client(tmp_path, "native") as (_, up, port):
