@@ -932,7 +932,10 @@ def parse_oauth(oauth: Any) -> dict:
 def unknown_key_warnings(raw: dict) -> List[str]:
     """One line per key nothing reads, with the nearest known key (keys starting with _ or $
     are comments)."""
-    found = _unknown(raw, set(SETTINGS) | CONFIG_SECTIONS, "")
+    top = {key: value for key, value in raw.items() if key not in MODEL_DEFAULTS}
+    found = [f"{key}: a model setting at the top level, ignored (put it in an entry of models)"
+             for key in raw if key in MODEL_DEFAULTS]
+    found += _unknown(top, set(SETTINGS) | CONFIG_SECTIONS, "")
     for name, provider in (raw.get("providers") or {}).items() if isinstance(raw.get("providers"), dict) else ():
         found += _unknown(provider, PROVIDER_KEYS, f"providers.{name}.") if isinstance(provider, dict) else []
     for key, known in (("models", set(MODEL_DEFAULTS) | {"id", "provider", "model"}), ("custom_models", CUSTOM_MODEL_KEYS)):
@@ -1020,6 +1023,8 @@ def coerce_setting(key: str, kind: str, value: Any) -> Any:
 def check_url(url: Any, path: str) -> str:
     """An http(s) URL without trailing slash, or ConfigError (whitespace or control characters
     in it, a ` # note` left from a .env line say, are refused, not sent in a request line)."""
+    if url is None or url == "":
+        raise ConfigError(f"{path}: required (the provider's http(s) URL, e.g. https://api.example.com/v1)")
     if not isinstance(url, str) or re.search(r"[\s\x00-\x1f\x7f]", url):
         raise ConfigError(f"{path}: expected an http(s) URL without spaces, got {url!r}")
     parts = urllib.parse.urlsplit(url)
@@ -1430,8 +1435,10 @@ def parse_json_config(text: str, path: str) -> dict:
     except ValueError as exc:
         raise ConfigError(f"config file {path}: invalid JSON: {exc}") from None
     if not isinstance(raw, dict):
+        hint = (" (a list of models is a model file: name it with CLAUDE_PROXY_MODELS_FILE or \"models_file\", "
+                "or put it under \"models\" in a config object)") if isinstance(raw, list) else ""
         raise ConfigError(f"config file {path}: expected a JSON object at the top level, found "
-                          f"{type(raw).__name__ if raw is not None else 'null'}")
+                          f"{type(raw).__name__ if raw is not None else 'null'}{hint}")
     return raw
 
 
@@ -1584,9 +1591,24 @@ def parse_request_head(head: bytes) -> Tuple[str, str, str, Headers]:
         raise HTTPVersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
     method, target, version = (p.decode("latin-1") for p in parts)
     headers = parse_header_lines(lines[1:])
+    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+        target, headers["host"] = absolute_form(target)
     if version == "HTTP/1.1" and "host" not in headers:
         raise BadRequest("missing Host header")
     return method, target, version, headers
+
+
+def absolute_form(target: str) -> Tuple[str, str]:
+    """(origin-form target, authority) of an absolute-form target such as a forward proxy's
+    client sends; its authority replaces the Host header (RFC 9112 3.2.2)."""
+    scheme_end = target.index("//") + 2
+    slash = target.find("/", scheme_end)
+    query = target.find("?", scheme_end)
+    end = min(i for i in (slash, query, len(target)) if i >= 0)
+    authority, rest = target[scheme_end:end], target[end:]
+    if not authority or "@" in authority:
+        raise BadRequest("malformed request target")
+    return (rest if rest.startswith("/") else "/" + rest), authority
 
 
 def parse_response_head(head: bytes) -> Tuple[int, Headers]:
@@ -7013,8 +7035,10 @@ def pick_route(config: Config, requested: str, *, thinking: bool = False,
             return name, spec
     if "default" in routes:
         return "default", routes["default"]
-    raise NotFound(f"model {requested!r} is not configured; configured models: "
-                   f"{', '.join(config.models) or '(none)'}", param="model")
+    names = [name for name in routes if name not in SPECIAL_ROUTES]
+    raise NotFound(f"model {requested!r} is not configured; configured models: {', '.join(config.models) or '(none)'}"
+                   + (f"; routes: {', '.join(names)} (a model name containing one goes there)" if names else ""),
+                   param="model")
 
 
 def resolve_target(config: Config, requested: str, *, thinking: bool = False, input_tokens: int = 0) -> Target:
@@ -9914,7 +9938,10 @@ async def check_tls(provider: str, host: str, port: int, context: ssl.SSLContext
         return _check(provider, "tls", "fail", f"{host}: certificate not trusted ({exc.verify_message})",
                       DOCTOR_FIXES["tls"])
     except (OSError, asyncio.TimeoutError) as exc:
-        return _check(provider, "tls", "fail", f"{host}: handshake failed ({_error_text(exc)})", DOCTOR_FIXES["tls"])
+        plain = isinstance(exc, asyncio.TimeoutError) or "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc)
+        fix = (f"the server at {host}:{port} does not speak TLS there (a plain-http server waits or answers "
+               "in text): if it is http, write the base_url with http://") if plain else DOCTOR_FIXES["tls"]
+        return _check(provider, "tls", "fail", f"{host}: handshake failed ({_error_text(exc)})", fix)
     version = writer.get_extra_info("ssl_object").version()
     writer.close()
     verified = "certificate verified" if context.verify_mode == ssl.CERT_REQUIRED else "NOT verified (SSL_VERIFY=false)"
@@ -10909,7 +10936,9 @@ def startup_summary(server: "ProxyServer", host: str, port: int) -> List[Tuple[i
         lines.append((logging.INFO, f"  {row['route']:<22} -> {row['provider']}/{row['model']} ({row['format']})"))
     for name, provider in config.providers.items():
         if name == "anthropic" or any(row["provider"] == name for row in route_rows(config)):
-            lines.append((logging.INFO, f"  provider {name}: {public_url(provider['base_url'])}, "
+            where = config.origins.get(f"providers.{name}.base_url", "default")
+            source = "" if where == "default" or where.startswith(".env") else f" (from {where})"   # .env: a warning below
+            lines.append((logging.INFO, f"  provider {name}: {public_url(provider['base_url'])}{source}, "
                           f"credentials: {credential_source(server, provider, logged_in)}"))
     lines += [(logging.WARNING, line) for line in config.warnings]
     lines += [note for note in upstream_notes(config, logged_in) if note[0] >= logging.WARNING]

@@ -475,6 +475,9 @@ def test_routing_order(tmp_path):
     with pytest.raises(cp.NotFound) as err:
         cp.resolve_target(cp.parse_config({"routes": {}, "models": [{"id": "a", "provider": "anthropic"}]}, {}), "zzz")
     assert "configured models: a" in err.value.message
+    config = cp.parse_config({"routes": {"sonnet": "a", "think": "a"}, "models": [{"id": "a", "provider": "anthropic"}]}, {})
+    with pytest.raises(cp.NotFound, match=r"configured models: a; routes: sonnet \(a model name containing one goes there\)"):
+        cp.resolve_target(config, "zzz")
 
 
 def test_provider_switches_default_by_host_and_can_be_set():
@@ -553,6 +556,13 @@ def test_invalid_config_fails_at_start(tmp_path):
 def test_parse_request_head():
     head = b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\n"
     assert cp.parse_request_head(head) == ("POST", "/v1/messages?beta=true", "HTTP/1.1", {"host": "x", "x-a": "1, 2"})
+    # absolute form (RFC 9112 3.2.2): the target's authority is the Host
+    assert cp.parse_request_head(b"GET http://127.0.0.1:8082/health HTTP/1.1\r\nHost: other\r\n\r\n") == \
+        ("GET", "/health", "HTTP/1.1", {"host": "127.0.0.1:8082"})
+    assert cp.parse_request_head(b"GET HTTP://h?x=1 HTTP/1.0\r\n\r\n")[1:2] == ("/?x=1",)
+    for bad in (b"GET http:///x HTTP/1.1\r\nHost: h\r\n\r\n", b"GET http://u:p@h/ HTTP/1.1\r\nHost: h\r\n\r\n"):
+        with pytest.raises(cp.BadRequest):
+            cp.parse_request_head(bad)
 
 
 @pytest.mark.parametrize("head, error", [
@@ -6970,6 +6980,18 @@ def test_doctor_trusts_a_ca_bundle_and_the_cli_exits_nonzero_on_failure(tmp_path
     out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "doctor", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert out.returncode == 1 and out.stdout.startswith("FAIL x") and "1 failed" in out.stdout
+
+
+def test_doctor_names_a_plain_http_server_behind_an_https_url(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, {})) as up:     # plain http
+            port = up.url.rsplit(":", 1)[1]
+            provider = {"format": "openai", "base_url": f"https://127.0.0.1:{port}/v1", "auth": "none"}
+            server = cp.ProxyServer(make_config(tmp_path, None, providers={"p": provider}, routes={"default": "p"},
+                                                connect_timeout=1.0))
+            return await cp.check_provider(cp.doctor_exchange(server), server.config.providers["p"], False)
+    tls = next(c for c in run(scenario()) if c["check"] == "tls")
+    assert tls["status"] == "fail" and "write the base_url with http://" in tls["fix"], tls
 
 
 def test_doctor_login_check_when_a_provider_needs_the_login(tmp_path):
