@@ -127,8 +127,9 @@ SETTINGS: Dict[str, Tuple[str, str, Any]] = {
     "plugins": ("CLAUDE_PROXY_PLUGINS", "list", []),
     "filter_tools": ("FILTER_TOOLS", "list", []),
 }
-# The range of each numeric setting: (lowest, whether the lowest itself is allowed, what 0 means
-# where 0 is allowed). A value outside is a ConfigError at start, not a failure on every request.
+# The range of each numeric setting: (lowest value, whether the lowest itself is allowed); what 0
+# means, where it is allowed, beside it. A value outside is a ConfigError at start, not a failure
+# on every request.
 SETTING_RANGES: Dict[str, Tuple[float, bool]] = {
     "port": (1, True), "max_body_bytes": (1, True), "max_buffered_bytes": (1, True), "pool_size": (1, True),
     "header_timeout": (0, False), "idle_timeout": (0, False), "connect_timeout": (0, False),
@@ -310,6 +311,12 @@ class AuthError(ProxyError):
 
 class LoginDead(AuthError):
     """The Claude login expired or was revoked: retrying cannot help (the user must log in)."""
+    retryable = False
+
+
+class WrongProxyKey(AuthError):
+    """A client without the proxy's key: it must change its key, so a retry cannot help (Claude
+    Code retries a plain 401 silently for about three minutes)."""
     retryable = False
 
 
@@ -6872,6 +6879,22 @@ class OAuthService:
         return record
 
 
+async def adopt_seed_login(config: Config, oauth: OAuthService) -> None:
+    """A seed's token file named in the environment (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE) is
+    imported, read only, when the proxy has no login of its own: the seed's users keep theirs."""
+    path = config.settings.get("import_token_file")
+    if not path or await run_off_loop(oauth.tokens.record) is not None:
+        return
+    try:
+        record = await run_off_loop(import_token_file, path, oauth.store)
+    except BadRequest as exc:
+        log.warning("the login in %s (%s) was not imported: %s", path,
+                    config.origins.get("settings.import_token_file"), exc.message)
+        return
+    oauth.tokens.save(record)
+    log.info("using the login imported from %s (read only)", path)
+
+
 def cli_error(message: str, stream: Any = None) -> None:
     """A command's failure, one line with the program's name once (messages made for clients
     already start with it)."""
@@ -8794,12 +8817,6 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
         raise ProxyError(f"method {method} not allowed on {path}", status=405,
                          error_type="invalid_request_error")
     raise NotFound(f"no route for {path}")
-
-
-class WrongProxyKey(AuthError):
-    """A client without the proxy's key: it must change its key, so a retry cannot help (Claude
-    Code retries a plain 401 silently for about three minutes)."""
-    retryable = False
 
 
 def check_access(config: Config, req: Request) -> None:
@@ -10903,22 +10920,6 @@ def upstream_notes(config: Config, has_login: bool) -> List[Tuple[int, str]]:
                           f"{provider['base_url']} (not an Anthropic host); to send it there, set "
                           f"\"auth\": \"oauth\" on provider {name} in the config file"))
     return notes
-
-
-async def adopt_seed_login(config: Config, oauth: OAuthService) -> None:
-    """A seed's token file named in the environment (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE) is
-    imported, read only, when the proxy has no login of its own: the seed's users keep theirs."""
-    path = config.settings.get("import_token_file")
-    if not path or await run_off_loop(oauth.tokens.record) is not None:
-        return
-    try:
-        record = await run_off_loop(import_token_file, path, oauth.store)
-    except BadRequest as exc:
-        log.warning("the login in %s (%s) was not imported: %s", path,
-                    config.origins.get("settings.import_token_file"), exc.message)
-        return
-    oauth.tokens.save(record)
-    log.info("using the login imported from %s (read only)", path)
 
 
 def startup_summary(server: "ProxyServer", host: str, port: int) -> List[Tuple[int, str]]:
