@@ -1670,8 +1670,10 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> bytes:
         """Consume bytes; return the payload they complete."""
         whole = self.whole_chunk(data)
-        if whole is not None:
-            return whole
+        return whole if whole is not None else self.feed_pieces(data)
+
+    def feed_pieces(self, data: bytes) -> bytes:
+        """feed() for a read that whole_chunk() already turned down: any split, any number of chunks."""
         buf, self._buf = (self._buf + data if self._buf else data), b""
         out: List[bytes] = []
         pos, end = 0, len(buf)
@@ -2297,7 +2299,7 @@ class BodyPipe(asyncio.Protocol):
             else:
                 payload = decoder.whole_chunk(data)
                 if payload is None:
-                    payload = decoder.feed(data)
+                    payload = decoder.feed_pieces(data)      # whole_chunk is not asked twice
                 else:
                     framed = data
             if payload and not self.draining and self.sink(payload, framed) is PUMP_STOP:
