@@ -1586,6 +1586,21 @@ def split_head(head: bytes) -> List[bytes]:
     return lines
 
 
+def connection_options(headers: Headers) -> frozenset:
+    """The Connection header's options, lower case: a list of tokens ("close, close", "Close")."""
+    return frozenset(option.strip().lower() for option in headers.get("connection", "").split(","))
+
+
+def keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether the connection persists after this message (RFC 9112 9.3): not after `close`;
+    HTTP/1.0 only with keep-alive, and never after a Transfer-Encoding, whose framing a 1.0
+    peer may not share (6.1)."""
+    options = connection_options(headers)
+    if "close" in options:
+        return False
+    return version != "HTTP/1.0" or ("keep-alive" in options and "transfer-encoding" not in headers)
+
+
 def parse_request_head(head: bytes) -> Tuple[str, str, str, Headers]:
     """Request head (up to the blank line) -> (method, target, version, headers)."""
     lines = split_head(head)
@@ -1629,7 +1644,7 @@ def parse_response_head(head: bytes) -> Tuple[int, Headers]:
         headers = parse_header_lines(lines[1:])
     except BadRequest:
         raise UpstreamError("upstream sent a malformed header") from None
-    if parts[0] == b"HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+    if not keeps_alive(parts[0].decode("ascii"), headers):
         headers["connection"] = "close"
     return int(parts[1]), headers
 
@@ -1975,7 +1990,7 @@ class Request:
         self.body = body
         self.peer = peer
         self.id = new_id("req_")
-        self.keep_alive = headers.get("connection", "").lower() != "close"
+        self.keep_alive = "close" not in connection_options(headers)
         self.http10 = False
         self.reserved = 0          # body bytes counted against the server's in-flight bound
 
@@ -2376,7 +2391,7 @@ class UpstreamResponse:
         self.done = False
         framing, self._remaining = ("length", 0) if head_only or status in (204, 304) else body_framing(headers)
         self._framing = framing
-        self._reusable = framing != "close" and headers.get("connection", "").lower() != "close"
+        self._reusable = framing != "close" and "close" not in connection_options(headers)
         self._encoding = headers.pop("content-encoding", "identity").strip().lower()
         if self._encoding not in CONTENT_DECODERS:
             raise UpstreamError(f"upstream answered in content-encoding {self._encoding!r}, "
@@ -10774,9 +10789,7 @@ class ProxyServer:
             await self._refuse(conn, Request("GET", "/", {}, b"", conn.peer), exc)
             return None
         req = Request(method, target, headers, b"", conn.peer)
-        req.http10 = version == "HTTP/1.0"
-        if req.http10 and headers.get("connection", "").lower() != "keep-alive":
-            req.keep_alive = False
+        req.http10, req.keep_alive = version == "HTTP/1.0", keeps_alive(version, headers)
         try:
             check_browser_guard(settings, req, self.loopback_bind)
             check_access(self.config, req)

@@ -8844,6 +8844,56 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert len([line for line in result.stderr.splitlines() if "claude_proxy:" in line and "in use" in line]) == 1
 
 # =============================================================================================
+# 7b. Hardening, round 3 (issue 19)
+# =============================================================================================
+
+# ---- 18. Connection options read as token lists; HTTP/1.0 never persists after chunked -------
+
+def count_answers(answer):
+    """How many responses a raw answer holds (its bodies are JSON: no status line inside)."""
+    return len(re.findall(rb"HTTP/1\.1 \d\d\d ", answer))
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /health HTTP/1.0\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close, close\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: keep-alive,Close\r\n\r\n",
+], ids=["http10-chunked", "close-close", "keep-alive-Close"])
+def test_a_request_that_ends_its_connection_gets_one_answer_and_the_close(tmp_path, first):
+    second = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            answer = await raw_request(port, first + second)
+            assert answer.startswith(b"HTTP/1.1 200") and count_answers(answer) == 1, answer
+    run(scenario())
+
+
+def test_an_http10_keep_alive_request_with_a_length_still_persists(tmp_path):
+    first = b"GET /health HTTP/1.0\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+    second = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            assert count_answers(await raw_request(port, first + second)) == 2
+    run(scenario())
+
+
+def test_an_upstream_answer_saying_close_in_a_token_list_is_not_reused(tmp_path):
+    body = json.dumps(anthropic_message()).encode()
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: keep-alive, close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def scenario():
+        async with ScriptedRaw(lambda n: answer) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                for _ in range(2):
+                    assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+            assert up.connections == 2
+    run(scenario())
+
+
+# =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
 
