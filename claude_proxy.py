@@ -82,6 +82,7 @@ MAX_CHUNKS = 16384                   # a request body in more chunks is refused 
 MAX_SSE_LINE = 8 * 1024 * 1024       # an upstream SSE line or event beyond this fails the stream
 MAX_INTERIM_RESPONSES = 8            # upstream 1xx responses tolerated before the real one
 OFF_LOOP_BODY_BYTES = 256 * 1024     # request bodies this large are parsed and converted in a thread
+MAX_PUBLIC_BODY = 4 * 1024           # a body to a keyless path (the status page's key form): 413 beyond
 
 # Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
 # at its top level; CLI flags override the few that have one.
@@ -10488,11 +10489,20 @@ async def handle_index(x: "Exchange") -> None:
     await x.out.respond(200, PAGE_HEADERS, STATUS_PAGE_BYTES)
 
 
+def form_field(form: bytes, name: str) -> str:
+    """The first `name=` field of a urlencoded form (MAX_PUBLIC_BODY at most), decoded; nothing
+    else of the form is parsed. "" when absent."""
+    prefix = name.encode("ascii") + b"="
+    for pair in form.split(b"&"):
+        if pair.startswith(prefix):
+            return urllib.parse.unquote_plus(pair[len(prefix):].decode("utf-8", "replace"), errors="replace")
+    return ""
+
+
 async def handle_page_login(x: "Exchange") -> None:
     """POST / from the page's key form (key=...): the cookie, and back to the page."""
     check_page_origin(x)
-    form = urllib.parse.parse_qs(x.req.body.decode("utf-8", "replace"))
-    await page_login(x, (form.get("key") or [""])[0])
+    await page_login(x, form_field(x.req.body, "key"))
 
 
 async def page_login(x: "Exchange", offered: str) -> None:
@@ -10799,11 +10809,14 @@ class ProxyServer:
         return req
 
     async def _read_body(self, conn: ClientConnection, req: Request) -> bool:
-        """The body within BODY_TIMEOUT and the in-flight bound; False when refused."""
+        """The body within BODY_TIMEOUT, its limit and the in-flight bound; False when refused. A
+        path that answers without a key takes at most MAX_PUBLIC_BODY (the page's key form), so no
+        request that has not authenticated costs the loop more than a few KiB."""
         settings = self.config.settings
+        limit = MAX_PUBLIC_BODY if req.path in PUBLIC_PATHS else settings["max_body_bytes"]
         try:
             req.body = await asyncio.wait_for(read_body(
-                conn.reader, conn.writer, req.headers, settings["max_body_bytes"], not req.http10,
+                conn.reader, conn.writer, req.headers, limit, not req.http10,
                 lambda size: self._reserve(req, size)), settings["body_timeout"])
             return True
         except asyncio.TimeoutError:

@@ -8847,6 +8847,46 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
 # 7b. Hardening, round 3 (issue 19)
 # =============================================================================================
 
+# ---- 1. the status page's key form: a few KiB, refused before the body, one field parsed ------
+
+FORM_HEAD = ["host: 127.0.0.1", "content-type: application/x-www-form-urlencoded"]
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/status.json"])
+def test_a_keyless_body_over_the_form_cap_is_a_413_before_any_body_byte(tmp_path, path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key="pk-123456789", body_timeout=30)) as (_, port):
+            started = time.monotonic()
+            media = FORM_HEAD if path == "/" else ["host: 127.0.0.1", "content-type: application/json"]
+            answer = await raw_request(port, head_bytes("POST", path, media + [f"content-length: {30 << 20}"]), timeout=5)
+            assert answer.startswith(b"HTTP/1.1 413") and b"4096 bytes" in answer, answer[:200]
+            assert time.monotonic() - started < 3       # the body is never awaited
+    run(scenario())
+
+
+def test_a_chunked_form_body_over_the_cap_is_a_413(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key="pk-123456789")) as (_, port):
+            chunk = b"a=%&" * 1024
+            body = b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2 + b"0\r\n\r\n"
+            answer = await raw_request(port, head_bytes("POST", "/", FORM_HEAD + ["transfer-encoding: chunked"], body))
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    run(scenario())
+
+
+def test_the_key_form_reads_its_key_field_and_nothing_else(tmp_path):
+    key = "pk-123456789+/=&"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key=key)) as (_, port):
+            form = b"a=%&x=%zz&key=" + urllib.parse.quote_plus(key).encode() + b"&key=second&" + b"b=%" * 900
+            assert len(form) <= cp.MAX_PUBLIC_BODY
+            status, headers, _ = await call(port, "POST", "/", raw=form, headers={"content-type": FORM_HEAD[1][14:]})
+            assert status == 303 and headers["location"] == "/" and "set-cookie" in headers
+    assert cp.form_field(b"a=1&key=x+y%2B%zz", "key") == "x y+%zz" and cp.form_field(b"akey=1", "key") == ""
+    run(scenario())
+
+
 # ---- 18. Connection options read as token lists; HTTP/1.0 never persists after chunked -------
 
 def count_answers(answer):
