@@ -439,24 +439,61 @@ def json_text(obj: Any) -> str:
     return "".join(_json_c_encode(obj, 0))
 
 
+# JSON lets a surrogate escape stand alone ("\\ud800"), json.loads(bytes) lets raw surrogate bytes
+# through, and UTF-8 can carry neither: every JSON text the proxy takes in (a client's body, an
+# upstream's answer or event, JSON nested in a string) is parsed by loads_json or loads_event,
+# which put U+FFFD in place of each lone surrogate, so no text beyond them (hashes, sqlite, SSE,
+# the upstream call, log lines) ever meets one.
+_LONE_SURROGATE_ESCAPE = (r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                          r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE_IN_TEXT = re.compile(_LONE_SURROGATE_ESCAPE)
+_LONE_SURROGATE_IN_BYTES = re.compile(_LONE_SURROGATE_ESCAPE.encode("ascii"))
+_SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def may_hold_lone_surrogate(json_source: Any) -> bool:
+    """Whether JSON text or bytes may parse to a lone surrogate (a cheap scan; false positives
+    only cost a walk)."""
+    if isinstance(json_source, str):
+        return "\\u" in json_source and _LONE_SURROGATE_IN_TEXT.search(json_source) is not None
+    if json.detect_encoding(json_source) != "utf-8":          # UTF-16 or -32: not worth a scan
+        return True
+    return (b"\\u" in json_source and _LONE_SURROGATE_IN_BYTES.search(json_source) is not None) or \
+        (b"\xed" in json_source and _SURROGATE_BYTES.search(json_source) is not None)
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """A parsed JSON value with U+FFFD for each lone surrogate, in keys and strings alike."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(key): without_lone_surrogates(item) for key, item in value.items()}
+    return value
+
+
+def loads_json(json_source: Any, **kw: Any) -> Any:
+    """json.loads whose strings all encode as UTF-8 (see above)."""
+    value = json.loads(json_source, **kw)
+    return without_lone_surrogates(value) if may_hold_lone_surrogate(json_source) else value
+
+
 def loads_event(text: str) -> Any:
-    """json.loads for one stream event: the C scanner first, json.loads for anything unusual."""
+    """loads_json for one stream event: the C scanner first, json.loads for anything unusual."""
     try:
         value, end = _json_scan(text, 0)
         if end == len(text):
-            return value
+            return without_lone_surrogates(value) if may_hold_lone_surrogate(text) else value
     except (StopIteration, ValueError):
         pass
-    return json.loads(text)
+    return loads_json(text)
 
 
 def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes; text holding lone surrogates is sent \\u-escaped, as received."""
-    text = _json_encoder.encode(obj)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    """Compact JSON as UTF-8 bytes."""
+    return _json_encoder.encode(obj).encode("utf-8")
 
 
 def _reject_constant(name: str) -> Any:
@@ -467,7 +504,7 @@ def _reject_constant(name: str) -> Any:
 def parse_json_body(raw: bytes, what: str = "request body") -> Any:
     """Parse JSON bytes or raise BadRequest naming what was malformed (NaN, over-deep nesting)."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return loads_json(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -1904,21 +1941,16 @@ class SSEDecoder:
 
 
 def format_sse(data: str, event: Optional[str] = None) -> bytes:
-    """One SSE event; multi-line data becomes several data lines. A lone surrogate (only ever
-    inside a JSON string here) goes out as its JSON escape."""
+    """One SSE event; multi-line data becomes several data lines."""
     head = f"event: {event}\n" if event else ""
     if "\n" in data:
         data = data.replace("\n", "\ndata: ")
-    text = f"{head}data: {data}\n\n"
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace")
+    return f"{head}data: {data}\n\n".encode("utf-8")
 
 
 # The hot events (a text delta: nearly every event of a stream) are written through byte
 # templates around the JSON-escaped text: the same bytes json_text() would produce, in a fifth of
-# the time. Anything else, or text the template cannot encode, takes the general path.
+# the time. Anything else takes the general path.
 _escape = json.encoder.encode_basestring        # JSON string with quotes, non-ASCII kept (C)
 ANTHROPIC_TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                         b'"delta":{"type":"text_delta","text":%s}}\n\n')
@@ -1936,7 +1968,7 @@ def format_anthropic_event(anthropic_event: dict) -> bytes:
             type(delta) is dict and len(delta) == 2 and delta.get("type") == "text_delta":
         try:
             return ANTHROPIC_TEXT_DELTA % (anthropic_event["index"], _escape(delta["text"]).encode())
-        except (TypeError, KeyError, UnicodeEncodeError):
+        except (TypeError, KeyError):
             pass
     return format_sse(json_text(anthropic_event), anthropic_event.get("type"))
 
@@ -1952,7 +1984,7 @@ def format_openai_item(openai_item: Any) -> bytes:
             try:
                 return OPENAI_CONTENT_CHUNK % (_escape(openai_item["id"]).encode(), openai_item["created"],
                                                _escape(openai_item["model"]).encode(), _escape(delta["content"]).encode())
-            except (TypeError, KeyError, UnicodeEncodeError):
+            except (TypeError, KeyError):
                 pass
     return format_sse(json_text(openai_item))
 
@@ -1966,7 +1998,7 @@ def format_responses_event(responses_event: dict) -> bytes:
                 responses_event["output_index"], responses_event["content_index"],
                 _escape(responses_event["delta"]).encode()) if responses_event["logprobs"] == [] else \
                 format_sse(json_text(responses_event), responses_event["type"])
-        except (TypeError, KeyError, UnicodeEncodeError):
+        except (TypeError, KeyError):
             pass
     return format_sse(json_text(responses_event), responses_event["type"])
 
@@ -2106,6 +2138,7 @@ class ClientStream:
         self.chunked = chunked
         self.must_close = False       # a close-delimited stream was sent
         self.started = False
+        self.finished = False         # the whole response is on the wire: nothing may follow it
         self.streaming = False        # start() opened a stream (SSE)
         self.at_boundary = True       # what was sent ends on an SSE event boundary
         self.status = 0
@@ -2120,6 +2153,7 @@ class ClientStream:
         if not self.head_only:
             self.writer.write(body)
             self.bytes_sent += len(body)
+        self.finished = True
         await self.writer.drain()
 
     async def respond_json(self, status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> None:
@@ -2171,6 +2205,7 @@ class ClientStream:
         """The terminating chunk (HTTP/1.0: the connection closes after this response)."""
         if self.chunked:
             self.writer.write(LAST_CHUNK)
+        self.finished = True
         await self.writer.drain()
 
 # =============================================================================================
@@ -2692,7 +2727,7 @@ async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
                                   json_bytes(payload))
     raw = await response.read()
     try:
-        return response.status, json.loads(raw) if raw else {}
+        return response.status, loads_json(raw) if raw else {}
     except ValueError:
         return response.status, {"raw": raw[:500].decode("utf-8", "replace")}
 
@@ -4135,7 +4170,7 @@ def _parse_tool_input(partial_json: str) -> Any:
     if not partial_json.strip():
         return {}
     try:
-        return json.loads(partial_json)
+        return loads_json(partial_json)
     except ValueError:
         log.debug("tool input JSON incomplete (truncated stream?): %.80r", partial_json)
         return {}
@@ -4525,7 +4560,7 @@ def _tool_input(arguments: Any, param: str) -> dict:
     if not isinstance(arguments, str):
         raise BadRequest("arguments must be a JSON string", param=param)
     try:
-        parsed = json.loads(arguments)
+        parsed = loads_json(arguments)
     except ValueError:
         parsed = None
     return parsed if isinstance(parsed, dict) else {"_raw": arguments}
@@ -5325,7 +5360,7 @@ def decode_reasoning(blob: Any, origin: str, param: str) -> List[dict]:
         return []
     text = blob[len(REASONING_BLOB_PREFIX):]
     try:
-        payload = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        payload = loads_json(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except (ValueError, TypeError):
         log.debug("dropping reasoning item at %s: unreadable encrypted_content", param)
         return []
@@ -7138,7 +7173,7 @@ def session_key(headers: Headers, anthropic_body: dict) -> Optional[str]:
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not value and isinstance(user_id, str) and user_id:
         try:
-            parsed = json.loads(user_id)
+            parsed = loads_json(user_id)
         except ValueError:
             parsed = None
         value = parsed.get("session_id") if isinstance(parsed, dict) and parsed.get("session_id") else user_id
@@ -7176,7 +7211,7 @@ def require_fields(body: Any, fields: Dict[str, type], dialect: str) -> dict:
 def upstream_error_detail(raw: bytes) -> Tuple[Optional[str], str]:
     """(error type, message) from an upstream error body in either dialect, or its text."""
     try:
-        body = json.loads(raw)
+        body = loads_json(raw)
     except ValueError:
         return None, raw[:300].decode("utf-8", "replace").strip() or "upstream error"
     error = body.get("error") if isinstance(body, dict) else None
@@ -7323,7 +7358,7 @@ def convert(error: type, what: str, fn: Callable[..., Any], *args: Any, **kw: An
 def parse_upstream_json(raw: bytes) -> dict:
     """An upstream's JSON answer, or UpstreamError (never the client's fault)."""
     try:
-        body = json.loads(raw)
+        body = loads_json(raw)
     except ValueError:
         raise UpstreamError("upstream answered with invalid JSON") from None
     if not isinstance(body, dict):
@@ -8862,8 +8897,11 @@ def error_event(x: Exchange, exc: ProxyError) -> bytes:
 async def render_error(x: Exchange, exc: ProxyError) -> None:
     """An error in the client's dialect: a JSON response, or one event if streaming began. An
     upstream's own error body is relayed (same dialect) or converted, with every secret the
-    proxy knows scrubbed from it (an upstream may quote the credential it rejected)."""
+    proxy knows scrubbed from it (an upstream may quote the credential it rejected). After a
+    complete response (a failure in what follows it, such as storing it) nothing is sent."""
     x.error = exc
+    if x.out.finished:
+        return
     if exc.retryable is False:
         x.out.extra_headers = x.out.extra_headers + [("x-should-retry", "false")]
     if isinstance(exc, UpstreamStatus):
@@ -8894,6 +8932,8 @@ def cut_at_shutdown(x: Exchange) -> None:
     """Past the shutdown grace: end the answer at once (no await) with an error in the client's
     dialect, so a cut stream is never mistaken for a complete one."""
     x.error, x.req.keep_alive = ProxyError("cut at the shutdown deadline", status=503, error_type="shutdown"), False
+    if x.out.finished:
+        return
     if not x.out.started:
         x.out.started, x.out.status = True, 503
         x.out.writer.write(http_error_bytes(503, SHUTDOWN_CUT.error_type, SHUTDOWN_CUT.message))
@@ -9587,7 +9627,7 @@ class Plugins:
         if not self.response:
             return raw
         try:
-            answer = json.loads(raw)
+            answer = loads_json(raw)
         except (ValueError, UnicodeDecodeError):
             return raw
         return json_bytes(self.on_response(x, answer)) if isinstance(answer, dict) else raw

@@ -722,7 +722,7 @@ HOT_TEXTS = ["", "a", " quick", "é\u00e9\U0001f600", 'quote " and \\ back', "li
              "\u2028\u2029", "<think>", "x" * 5000]
 
 
-@pytest.mark.parametrize("text", HOT_TEXTS + ["\ud800 lone"])
+@pytest.mark.parametrize("text", HOT_TEXTS)
 def test_byte_templates_write_exactly_what_the_general_encoder_writes(text):
     def general(obj, event=None):
         return cp.format_sse(cp._json_encoder.encode(obj), event)
@@ -8885,6 +8885,92 @@ def test_the_key_form_reads_its_key_field_and_nothing_else(tmp_path):
             assert status == 303 and headers["location"] == "/" and "set-cookie" in headers
     assert cp.form_field(b"a=1&key=x+y%2B%zz", "key") == "x y+%zz" and cp.form_field(b"akey=1", "key") == ""
     run(scenario())
+
+
+# ---- 8. a lone surrogate anywhere a client puts text is made encodable where it enters -------
+
+LONE_SURROGATES = {"escape": b'"a\\ud800b"', "raw bytes": b'"a\xed\xa0\x80b"',
+                   "nested JSON": b'"{\\"session_id\\": \\"a\\\\udfffb\\"}"'}
+USER_ID_BODIES = [("/v1/messages", HELLO), ("/v1/chat/completions", OPENAI_HELLO),
+                  ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi", "store": False})]
+
+
+@pytest.mark.parametrize("path, body", USER_ID_BODIES, ids=["messages", "chat", "responses"])
+@pytest.mark.parametrize("lone", LONE_SURROGATES.values(), ids=LONE_SURROGATES.keys())
+def test_a_lone_surrogate_in_metadata_user_id_is_served_not_a_500(tmp_path, path, body, lone):
+    raw = json.dumps(dict(body, metadata={"user_id": "@"})).encode().replace(b'"@"', lone)
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, answer = await call(port, "POST", path, raw=raw, headers=OPENAI_HEADERS)
+        assert status == 200, answer[:300]
+    run(scenario())
+
+
+def test_loads_json_puts_u_fffd_for_each_lone_surrogate_and_keeps_pairs():
+    assert cp.loads_json(b'{"a\\udc00": ["\\ud800", "\\ud83d\\ude00", "\\\\ud800", "\xed\xb0\x80"]}') == \
+        {"a\ufffd": ["\ufffd", "\U0001f600", "\\ud800", "\ufffd"]}
+    assert cp.loads_json('"\\ud800\\ud800\\udc00"') == "\ufffd\U00010000"
+    assert cp.loads_json('"x"'.encode("utf-16")) == "x" and cp.loads_json('"\\udfff"'.encode("utf-16-le")) == "\ufffd"
+    assert cp.loads_event('{"delta": "\\ud800"}') == {"delta": "\ufffd"} and cp.loads_event('["\\ud800"] ') == ["\ufffd"]
+    assert cp.parse_json_body(b'{"model": "m\\udbff"}') == {"model": "m\ufffd"}
+
+
+def exactly_one_response(answer):
+    """The raw answer is one whole response and nothing after it (no stray bytes)."""
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        assert rest.endswith(b"\r\n0\r\n\r\n") and rest.count(b"\r\n0\r\n\r\n") == 1, rest[-60:]
+        parsed = b""
+        while rest:
+            size_line, rest = rest.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            parsed, rest = parsed + rest[:size], rest[size + 2:]
+            if size == 0:
+                assert rest == b"", rest
+        return
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    assert len(rest) == length, (len(rest), length, rest[-60:])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stored_request_with_a_lone_surrogate_is_stored_and_leaves_no_stray_bytes(tmp_path, stream):
+    raw = json.dumps({"model": "claude-sonnet-4-5", "input": "@", "stream": stream}).encode().replace(b'"@"', b'"a\\ud800b"')
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                answer = await raw_request(port, head_bytes("POST", "/v1/responses", [
+                    "host: localhost", "content-type: application/json", "connection: close",
+                    f"content-length: {len(raw)}"], raw))
+                assert answer.startswith(b"HTTP/1.1 200")
+                exactly_one_response(answer)
+                response_id = re.search(rb'"id":"(resp_[0-9a-f]+)"', answer).group(1).decode()
+                status, _, items = await call(port, "GET", f"/v1/responses/{response_id}/input_items")
+        assert status == 200 and json.loads(items)["data"][0]["content"] in ("a\ufffdb", [
+            {"type": "input_text", "text": "a\ufffdb"}]), items
+    run(scenario())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failure_after_a_complete_response_sends_nothing_more(tmp_path, monkeypatch, caplog, stream):
+    def broken_put(self, response, input_items):
+        raise RuntimeError("the disk is on fire")
+    monkeypatch.setattr(cp.ResponseStore, "put", broken_put)
+    raw = json.dumps({"model": "claude-sonnet-4-5", "input": "hi", "stream": stream}).encode()
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                answer = await raw_request(port, head_bytes("POST", "/v1/responses", [
+                    "host: localhost", "content-type: application/json", "connection: close",
+                    f"content-length: {len(raw)}"], raw))
+        assert answer.startswith(b"HTTP/1.1 200")
+        exactly_one_response(answer)
+    run(scenario())
+    assert any("the disk is on fire" in (r.exc_text or "") or "the disk is on fire" in r.getMessage()
+               for r in caplog.records)
 
 
 # ---- 18. Connection options read as token lists; HTTP/1.0 never persists after chunked -------
