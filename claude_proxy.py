@@ -376,6 +376,15 @@ class UpstreamError(ProxyError):
     error_type = "api_error"
 
 
+class MalformedStream(UpstreamError):
+    """An upstream stream event a converter could not take; `converted` holds the client events
+    made before it from the same read, which the client gets before the error."""
+
+    def __init__(self, message: str, converted: List[Any]):
+        super().__init__(message)
+        self.converted = converted
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "timeout_error"
@@ -7304,7 +7313,8 @@ async def drain_rest(body: AsyncIterator[bytes], timeout: float = 0.5) -> None:
 
 def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
     """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
-    [DONE] closes it; an event of a shape the converter cannot take is an UpstreamError."""
+    [DONE] closes it; an event of a shape the converter cannot take is a MalformedStream holding
+    what the events before it converted to."""
     out: List[Any] = []
     try:
         for event in events:
@@ -7319,7 +7329,7 @@ def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[A
         if parsed:
             out += machine.close()
     except SHAPE_ERRORS as exc:
-        raise UpstreamError(f"upstream sent a malformed stream event ({exc.__class__.__name__})") from None
+        raise MalformedStream(f"upstream sent a malformed stream event ({exc.__class__.__name__})", out) from None
     return out
 
 
@@ -8036,19 +8046,25 @@ class Exchange:
         if self.plugins:
             encode = self.plugins.hooked_encode(self, encode)
 
+        def converted(upstream_events: List[Any]) -> bytes:
+            """The client's bytes for these upstream events; at a malformed one, what the events
+            before it made is written first, then the fault is raised (rendered in the dialect)."""
+            try:
+                return b"".join([encode(item) for item in feed_events(machine, upstream_events)])
+            except MalformedStream as fault:
+                push(b"".join([encode(item) for item in fault.converted]))
+                raise
+
         def sink(data: bytes, _framed: Optional[bytes]) -> Any:
             scan(data)
-            items = feed_events(machine, decoder.feed(data))
-            if items:
-                push(b"".join([encode(item) for item in items]))
+            push(converted(decoder.feed(data)))
             return PUMP_STOP if machine.finished else None
         await response.pump(sink, self.out.writer)
-        items = feed_events(machine, decoder.close())
+        tail = converted(decoder.close())
         if not machine.finished and not machine.saw_finish:   # the body ended, the answer did not
-            await relay.send(b"".join([encode(item) for item in items]))
+            await relay.send(tail)
             raise UpstreamError("upstream stream ended before its answer finished")
-        items += feed_events(machine, [END_OF_STREAM])         # close() is idempotent
-        await relay.send(b"".join([encode(item) for item in items]))
+        await relay.send(tail + converted([END_OF_STREAM]))      # close() is idempotent
         relay.stop()
         await self.out.finish()
 

@@ -9019,6 +9019,46 @@ def test_an_upstream_answer_saying_close_in_a_token_list_is_not_reused(tmp_path)
     run(scenario())
 
 
+# ---- 21. events converted from the read that held a malformed line go out before the error ---
+
+BAD_LINE = b"data: {\"choices\": [\n\n"
+
+
+def malformed_in_one_read(provider):
+    """An upstream stream whose first read holds good events, then a malformed line."""
+    if provider == "openai":
+        good = openai_stream_chunks("Hi")[:2]
+    else:
+        good = anthropic_stream("Hi")[:3]
+    return Stream([b"".join(good) + BAD_LINE])
+
+
+@pytest.mark.parametrize("client, provider", [("anthropic", "openai"), ("openai", "anthropic"), ("responses", "anthropic"),
+                                              ("responses", "openai")])
+def test_events_before_a_malformed_line_in_the_same_read_reach_the_client_then_the_error(tmp_path, client, provider):
+    path, body = {"anthropic": ("/v1/messages", HELLO), "openai": ("/v1/chat/completions", OPENAI_HELLO),
+                  "responses": ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi", "store": False})}[client]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: malformed_in_one_read(provider)) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                status, _, raw_body, raw = await call_raw(port, "POST", path, dict(body, stream=True), OPENAI_HEADERS)
+        assert status == 200 and raw.endswith(b"0\r\n\r\n")
+        events = sse_events(raw_body)
+        if client == "anthropic":
+            assert [e for e, _ in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
+            assert events[2][1]["delta"]["text"] == "Hi" and events[-1][1]["error"]["type"] == "api_error"
+        elif client == "openai":
+            assert "".join(d["choices"][0]["delta"].get("content") or "" for _, d in events[:-1]) == "Hi"
+            assert events[-1][1]["error"]["message"].startswith("upstream sent a malformed stream event")
+        else:
+            kinds = [e for e, _ in events]
+            assert kinds[:2] == ["response.created", "response.in_progress"] and kinds.count("response.created") == 1
+            assert kinds[-1] == "response.failed" and "response.output_text.delta" in kinds
+            assert "malformed" in events[-1][1]["response"]["error"]["message"]
+    run(scenario())
+
+
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
