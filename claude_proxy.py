@@ -1949,6 +1949,18 @@ class SSEDecoder:
             self._event = value.decode("utf-8", "replace")
 
 
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_ANSWER_END = re.compile(rb'(?:^|\n)(?:event: ?(?:message_stop|response\.(?:completed|incomplete|failed))\r?\n'
+                         rb'|data: ?(?:\[DONE\]|\{"type": ?"(?:message_stop|response\.(?:completed|incomplete|failed))"))')
+
+
+def sse_answer_ended(data: bytes) -> bool:
+    """Whether relayed SSE bytes end with an event that ends an answer: OpenAI's [DONE],
+    Anthropic's message_stop, a terminal Responses event (for a stream the proxy does not parse)."""
+    events = _EVENT_END.split(data.rstrip(b"\r\n")) if data.endswith(b"\n") else []
+    return bool(events) and _ANSWER_END.search(events[-1][:200]) is not None
+
+
 def format_sse(data: str, event: Optional[str] = None) -> bytes:
     """One SSE event; multi-line data becomes several data lines."""
     head = f"event: {event}\n" if event else ""
@@ -2139,12 +2151,15 @@ async def _read_chunk_line(reader: asyncio.StreamReader) -> bytes:
 
 class ClientStream:
     """The response side of one client connection: whole responses or a stream, chunked for
-    HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 ones (no chunks there)."""
+    HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 ones (no chunks there).
+    A head written when the connection will close after it (`closing()`) says so."""
 
-    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False, chunked: bool = True):
+    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False, chunked: bool = True,
+                 closing: Callable[[], bool] = lambda: False):
         self.writer = writer
         self.head_only = head_only
         self.chunked = chunked
+        self.closing = closing
         self.must_close = False       # a close-delimited stream was sent
         self.started = False
         self.finished = False         # the whole response is on the wire: nothing may follow it
@@ -2158,6 +2173,8 @@ class ClientStream:
         """Send a whole response with Content-Length."""
         self.started, self.status = True, status
         headers = headers + self.extra_headers + [("content-length", str(len(body)))]
+        if self.closing():
+            headers.append(("connection", "close"))
         self.writer.write(format_head(format_status_line(status), headers))
         if not self.head_only:
             self.writer.write(body)
@@ -2172,9 +2189,11 @@ class ClientStream:
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         """Begin a streamed response (written with the first data)."""
         self.started, self.streaming, self.status = True, True, status
-        framing = ("transfer-encoding", "chunked") if self.chunked else ("connection", "close")
+        framing = [("transfer-encoding", "chunked")] if self.chunked else []
         self.must_close = not self.chunked
-        self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + [framing]))
+        if self.must_close or self.closing():
+            framing.append(("connection", "close"))
+        self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + framing))
 
     async def send(self, data: bytes) -> None:
         """One chunk; waits for the client (backpressure) only when much is buffered."""
@@ -2405,12 +2424,20 @@ class BodyPipe(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        self._end(None if self.until_close else self.response._failure())
+        self._end(None if self.until_close or self._complete() else self.response._failure())
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if not self.done.done():
-            self._end(None if self.until_close and not self.response.timer.fired else self.response._failure())
+            clean = (self.until_close and not self.response.timer.fired) or self._complete()
+            self._end(None if clean else self.response._failure())
+
+    def _complete(self) -> bool:
+        """Whether the answer was whole before the body broke off (the sink stopped): that costs
+        the client nothing; the connection is not reused."""
+        if self.draining:
+            self.response._reusable = False
+        return self.draining
 
     def _end(self, error: Optional[Exception]) -> None:
         if self.decoder is not None and self.decoder.excess:
@@ -8028,11 +8055,19 @@ class Exchange:
         relay = self.open_stream(response.status, headers + [("cache-control", "no-cache")])
         scan, push = UsageScanner(self.meter).feed, self.out.push
         rewrite = self.plugins.event_rewriter(self) if self.plugins else None
+        last = b""
 
         def sink(data: bytes, framed: Optional[bytes]) -> None:
+            nonlocal last
             scan(data)
+            last = data
             push(data, framed) if rewrite is None else push(rewrite.feed(data))
-        await response.pump(sink, self.out.writer)
+        try:
+            await response.pump(sink, self.out.writer)
+        except UpstreamError as exc:
+            if not sse_answer_ended(last):
+                raise                                   # cut mid-answer: the client must know
+            log.debug("request %s: %s after the answer ended; the client has all of it", self.req.id, exc.message)
         if rewrite is not None:
             await relay.send(rewrite.close())
         relay.stop()
@@ -8911,7 +8946,8 @@ def error_event(x: Exchange, exc: ProxyError) -> bytes:
 
 
 async def render_error(x: Exchange, exc: ProxyError) -> None:
-    """An error in the client's dialect: a JSON response, or one event if streaming began. An
+    """An error in the client's dialect: a JSON response, or one event if streaming began (the
+    stream then ends whole, so its connection stays usable for the client's next request). An
     upstream's own error body is relayed (same dialect) or converted, with every secret the
     proxy knows scrubbed from it (an upstream may quote the credential it rejected). After a
     complete response (a failure in what follows it, such as storing it) nothing is sent."""
@@ -8934,7 +8970,6 @@ async def render_error(x: Exchange, exc: ProxyError) -> None:
     if not x.out.started:
         await x.out.respond_json(exc.status, error_body(x, exc), extra)
         return
-    x.req.keep_alive = False
     event = x.stream_error(exc) if x.stream_error else error_event(x, exc)
     await (x.relay.error(event) if x.relay else x.out.send(event))
     await x.out.finish()
@@ -10894,7 +10929,7 @@ class ProxyServer:
     async def _refuse(self, conn: ClientConnection, req: Request, exc: ProxyError) -> None:
         """Answer a request that will not be served, then end the connection."""
         req.keep_alive = False
-        await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
+        await render_safely(Exchange(self, req, ClientStream(conn.writer, closing=lambda: True)), exc)
         access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
                         log_safe(exc.message[:200]))
         conn.busy = False                               # nothing left to finish at shutdown
@@ -10904,7 +10939,8 @@ class ProxyServer:
         """Dispatch one request. End of input from the client is not taken as leaving: one that
         half-closed after its request (`nc -N`) is answered; the handler is cancelled only when
         the connection is reset or lost (a write fails)."""
-        out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10)
+        out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10,
+                           closing=lambda: not req.keep_alive or self.closing)
         handler = conn.handler = asyncio.ensure_future(dispatch(self, req, out))
         watcher = asyncio.ensure_future(conn.reader.read(1))
         await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)

@@ -9019,6 +9019,102 @@ def test_an_upstream_answer_saying_close_in_a_token_list_is_not_reused(tmp_path)
     run(scenario())
 
 
+# ---- 20. a stream the upstream broke off ends whole and its connection serves the next request
+
+async def read_response(reader):
+    """One whole response from a keep-alive connection: (status, headers, body, raw)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, headers, _ = parse_http(head)
+    if headers.get("transfer-encoding") == "chunked":
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n") and raw != b"0\r\n\r\n":
+            raw += await reader.readuntil(b"\r\n")
+        return status, headers, dechunk(raw), head + raw
+    raw = await reader.readexactly(int(headers.get("content-length", 0)))
+    return status, headers, raw, head + raw
+
+
+def broken_off(provider):
+    """A stream that sends its first events, then resets."""
+    good = openai_stream_chunks("Hi")[:2] if provider == "openai" else anthropic_stream("Hi")[:3]
+    return Stream(good + [("sleep", 0.05), ("reset",)])
+
+
+@pytest.mark.parametrize("client, provider", [("anthropic", "anthropic"), ("anthropic", "openai"), ("openai", "anthropic"),
+                                              ("openai", "openai"), ("responses", "anthropic")])
+def test_after_an_upstream_breaks_off_mid_stream_the_same_connection_serves_the_next_request(tmp_path, client, provider):
+    path, body = {"anthropic": ("/v1/messages", HELLO), "openai": ("/v1/chat/completions", OPENAI_HELLO),
+                  "responses": ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi", "store": False})}[client]
+    calls = []
+
+    def script(req):
+        calls.append(req)
+        if len(calls) == 1:
+            return broken_off(provider)
+        return http_response(200, OPENAI_COMPLETION if provider == "openai" else anthropic_message())
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                for stream in (True, False):
+                    data = json.dumps(dict(body, stream=stream)).encode()
+                    writer.write(head_bytes("POST", path, ["host: localhost", "content-type: application/json",
+                                                           f"content-length: {len(data)}"], data))
+                    status, headers, answer, _ = await asyncio.wait_for(read_response(reader), 5)
+                    assert status == 200 and headers.get("connection") != "close", (headers, answer[-200:])
+                    if stream:
+                        assert b"error" in answer.rsplit(b"\n\n", 2)[-2], answer[-200:]
+                writer.close()
+        assert len(calls) == 2
+    run(scenario())
+
+
+@pytest.mark.parametrize("client, provider", COMBOS)
+def test_an_upstream_that_breaks_off_after_its_answer_ended_costs_the_client_nothing(tmp_path, client, provider):
+    good = openai_stream_chunks("Hi") if provider == "openai" else anthropic_stream("Hi")
+    path, body, headers = client_request(client, True)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(good + [("sleep", 0.05), ("reset",)])) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                status, resp_headers, answer, _ = await call_raw(port, "POST", path, body, headers)
+        assert_success(client, True, status, resp_headers, answer)
+    run(scenario())
+
+
+@pytest.mark.parametrize("data, ended", [
+    (b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n", True),
+    (b"data: {\"type\": \"message_stop\"}\r\n\r\n", True),
+    (b"data: {\"id\":\"c\"}\n\ndata: [DONE]\n\n", True),
+    (b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{}}\n\n", True),
+    (b"data: {\"type\":\"response.incomplete\",\"response\":{}}\n\n", True),
+    (b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n: ping\n\n", False),
+    (b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"[DONE]\"}}\n\n", False),
+    (b"data: [DONE]", False),
+    (b"event: message_delta\ndata: {}\n\n", False),
+    (b"", False),
+])
+def test_sse_answer_ended_reads_the_last_event_of_what_was_relayed(data, ended):
+    assert cp.sse_answer_ended(data) is ended
+
+
+@pytest.mark.parametrize("data", [
+    head_bytes("POST", "/", ["host: localhost", "content-type: application/x-www-form-urlencoded",
+                             "content-length: 99999"]),
+    head_bytes("GET", "/v1/responses", ["host: localhost", "upgrade: websocket", "connection: Upgrade"]),
+    head_bytes("GET", "/health", ["host: localhost", "connection: close"]),
+    b"GET /health HTTP/1.0\r\n\r\n",
+], ids=["refused", "websocket", "asked-to-close", "http10"])
+def test_a_response_after_which_the_proxy_closes_says_so_in_its_head(tmp_path, data):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            answer = await raw_request(port, data)
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"\r\nconnection: close" in head, head
+    run(scenario())
+
+
 # ---- 21. events converted from the read that held a malformed line go out before the error ---
 
 BAD_LINE = b"data: {\"choices\": [\n\n"
