@@ -83,6 +83,7 @@ MAX_SSE_LINE = 8 * 1024 * 1024       # an upstream SSE line or event beyond this
 MAX_INTERIM_RESPONSES = 8            # upstream 1xx responses tolerated before the real one
 OFF_LOOP_BODY_BYTES = 256 * 1024     # request bodies this large are parsed and converted in a thread
 MAX_PUBLIC_BODY = 4 * 1024           # a body to a keyless path (the status page's key form): 413 beyond
+MAX_MODEL_NAME = 256                 # a longer requested model name: 400
 
 # Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
 # at its top level; CLI flags override the few that have one.
@@ -167,6 +168,7 @@ RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
 MODELS_TTL = 300.0                   # seconds a provider's own /v1/models list is reused
 MODELS_FETCH_TIMEOUT = 5.0           # a provider's /v1/models may delay a listing this long
+MAX_MODEL_LISTS = 64                 # providers' lists kept (one per provider and credential)
 
 # ---- Model facts ----------------------------------------------------------------------------
 # Every fact the proxy needs about a Claude model lives in MODEL_TABLE; code asks model_facts()
@@ -7614,8 +7616,12 @@ class ModelLists:
         return entry[1] if entry and entry[0] > self.clock() else None
 
     def put(self, key: Tuple[str, str], models: List[dict]) -> None:
-        """Keep a list for MODELS_TTL seconds."""
+        """Keep a list for MODELS_TTL seconds (the oldest forgotten past MAX_MODEL_LISTS: clients'
+        own keys each make one)."""
+        self._lists.pop(key, None)
         self._lists[key] = (self.clock() + MODELS_TTL, models)
+        if len(self._lists) > MAX_MODEL_LISTS:
+            self._lists.pop(next(iter(self._lists)))
 
     def failed(self, provider: str, why: str) -> None:
         """Log a provider's failed listing: WARNING the first time, DEBUG after."""
@@ -7767,6 +7773,9 @@ class Exchange:
         """The request body parsed (off the loop when large), required fields checked; the client
         session is noted (key affinity)."""
         body = require_fields(await self.run(parse_json_body, self.req.body), fields, self.req.dialect)
+        if "model" in fields and len(body["model"]) > MAX_MODEL_NAME:
+            raise BadRequest(f"model: a name of {len(body['model'])} characters; at most {MAX_MODEL_NAME} "
+                             "are accepted", param="model")
         self.session = session_key(self.req.headers, body) or (offered_key(self.req) or None)
         return body
 
@@ -9145,6 +9154,9 @@ USAGE_CHART_DAYS = 14                 # the status page's per-day chart
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 COUNTERS = ("requests", "errors") + METER_FIELDS + ("cost_usd", "unpriced_requests")
 GROUPS = ("by_model", "by_route", "by_day")
+OTHER_MODELS = "other"                # the row of requested names past the bounds below
+MAX_UNCONFIGURED_MODELS = 32          # names neither a configured model nor a route kept by name
+MAX_MODEL_ROWS = 256                  # model rows any totals hold (an old ledger's too)
 
 # ---- Prices and cost ------------------------------------------------------------------------
 
@@ -9231,15 +9243,26 @@ class UsageTotals:
 
     def __init__(self) -> None:
         self.groups: Dict[Tuple[str, str, str], list] = {}
+        self.models: set = set()
 
     def add(self, model: Optional[str], route: Optional[str], day: str, counts: Iterable[Any]) -> None:
         """Add one record's counts, or one ledger group's sums."""
-        key = (model or "-", route or "-", day)
+        key = (self._model_row(model or "-"), route or "-", day)
         counts = list(counts)
         into = self.groups.get(key)
         if into is None:
             self.groups[key] = into = _zero_counts()
         _accumulate(into, counts)
+
+    def _model_row(self, model: str) -> str:
+        """The model's own row; OTHER_MODELS for a name over MAX_MODEL_NAME or past MAX_MODEL_ROWS
+        names (a ledger written before those bounds may hold any)."""
+        if model in self.models:
+            return model
+        if len(model) > MAX_MODEL_NAME or len(self.models) >= MAX_MODEL_ROWS:
+            return OTHER_MODELS
+        self.models.add(model)
+        return model
 
     def add_record(self, record: UsageRecord) -> None:
         """Add one request."""
@@ -9888,6 +9911,7 @@ class Operations:
         self.watcher: Optional[asyncio.Future] = None
         self._reload_lock: Optional[asyncio.Lock] = None
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
+        self._unconfigured_models: set = set()
 
     def start(self, server: "ProxyServer") -> None:
         """Watch the config files, when the server knows how to reload."""
@@ -9927,11 +9951,24 @@ class Operations:
         tokens = meter.tokens()
         ttft = None if meter.first_byte_at is None else round((meter.first_byte_at - started) * 1000, 1)
         return UsageRecord(
-            self.clock() - elapsed, x.req.dialect, meter.requested, target and target.route,
+            self.clock() - elapsed, x.req.dialect, self.model_label(x.config, meter.requested),
+            target and target.route,
             target and target.provider["name"], target and target.spec["model"],
             x.out.status or (error.status if error else None), error.error_type if error else None,
             *tokens, ttft, round(elapsed * 1000, 1),
             request_cost(self.prices(target.spec), tokens) if target else None, meter.key)
+
+    def model_label(self, config: Config, requested: str) -> str:
+        """The name the totals and the ledger keep for a requested model: itself when it is a
+        configured model or names a route, or is among the first MAX_UNCONFIGURED_MODELS other
+        names; OTHER_MODELS after them (client-chosen names must not grow memory or disk)."""
+        if requested in self._unconfigured_models or requested in config.models or \
+                any(requested.lower() in (route.lower(), route_alias(route).lower()) for route in config.routes):
+            return requested
+        if len(self._unconfigured_models) >= MAX_UNCONFIGURED_MODELS:
+            return OTHER_MODELS
+        self._unconfigured_models.add(requested)
+        return requested
 
     def prices(self, spec: dict) -> Optional[Prices]:
         """The spec's prices; table rows are looked up once per model name."""
@@ -10683,8 +10720,7 @@ async def dry_run_request(x: "Exchange", body: dict) -> dict:
 async def handle_test_conversion(x: "Exchange") -> None:
     """POST /v1/messages/test_conversion[?dry_run=1]: an Anthropic request sent to the model its
     body names, bypassing routing; dry_run answers the converted upstream request instead."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
-                          "anthropic")
+    body = await x.json_body({"model": str, "messages": list, "max_tokens": int})
     x.target = direct_target(x.config, body["model"])
     if parse_bool(query_value(x, "dry_run") or "0"):
         await x.out.respond_json(200, await dry_run_request(x, body))

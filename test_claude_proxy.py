@@ -8887,6 +8887,58 @@ def test_the_key_form_reads_its_key_field_and_nothing_else(tmp_path):
     run(scenario())
 
 
+# ---- 6. client-chosen model names: a capped length, a bounded set of rows -------------------
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/responses",
+                                  "/v1/messages/test_conversion"])
+def test_a_model_name_over_the_cap_is_a_400_naming_the_limit(tmp_path, path):
+    body = {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, answer = await call(port, "POST", path, dict(body, model="m" * 257), OPENAI_HEADERS)
+                assert status == 400 and "at most 256" in answer.decode(), answer[:300]
+                status, _, _ = await call(port, "POST", "/v1/messages", dict(body, model="claude-" + "m" * 249),
+                                          ANTHROPIC_HEADERS)
+                assert status == 200
+    run(scenario())
+
+
+def test_unconfigured_model_names_fold_into_one_other_row_after_a_few(tmp_path):
+    config = make_config(tmp_path, "http://127.0.0.1:9", routes={"default": "anthropic", "fast": "anthropic,claude-haiku-4-5"},
+                         models=[{"id": "mine", "provider": "anthropic", "model": "claude-x"}])
+    server = cp.ProxyServer(config)
+    names = [f"junk-{i}" for i in range(cp.MAX_UNCONFIGURED_MODELS + 8)] + ["mine", "claude-fast", "FAST", "junk-0"]
+    for name in names:
+        x = cp.Exchange(server, cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"), cp.ClientStream(FuzzWriter()))
+        x.meter.requested = name
+        server.ops.request_done(x, time.monotonic())
+    by_model = server.ops.session.as_dict()["by_model"]
+    assert len(by_model) == cp.MAX_UNCONFIGURED_MODELS + 4, sorted(by_model)
+    assert by_model["other"]["requests"] == 8 and by_model["junk-0"]["requests"] == 2
+    assert {"mine", "claude-fast", "FAST"} <= set(by_model)
+    assert [r.requested_model for r in server.ops.recent][-5:] == ["other", "mine", "claude-fast", "FAST", "junk-0"]
+    server.ops.ledger.close()
+
+
+def test_totals_hold_a_bounded_number_of_model_rows_whatever_the_ledger_holds():
+    totals = cp.UsageTotals()
+    for i in range(cp.MAX_MODEL_ROWS + 50):
+        totals.add(f"m{i}", "default", "2026-01-01", [1] + [0] * 6 + [None, 0])
+    totals.add("x" * 4_000_000, "default", "2026-01-01", [1] + [0] * 6 + [None, 0])
+    by_model = totals.as_dict()["by_model"]
+    assert len(by_model) == cp.MAX_MODEL_ROWS + 1 and by_model["other"]["requests"] == 51
+
+
+def test_the_cache_of_providers_model_lists_is_bounded():
+    lists = cp.ModelLists()
+    for i in range(cp.MAX_MODEL_LISTS + 36):
+        lists.put(("anthropic", f"credential-{i}"), [{"id": "m"}])
+    assert len(lists._lists) == cp.MAX_MODEL_LISTS and lists.get(("anthropic", f"credential-{cp.MAX_MODEL_LISTS + 35}"))
+    assert lists.get(("anthropic", "credential-0")) is None
+
+
 # ---- 8. a lone surrogate anywhere a client puts text is made encodable where it enters -------
 
 LONE_SURROGATES = {"escape": b'"a\\ud800b"', "raw bytes": b'"a\xed\xa0\x80b"',
