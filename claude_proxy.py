@@ -8135,7 +8135,7 @@ class Exchange:
 
 RESPONSES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, previous TEXT,
-                                      size INTEGER NOT NULL, response TEXT NOT NULL);
+                                      size INTEGER NOT NULL, response TEXT NOT NULL, owner TEXT);
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);
 CREATE TABLE IF NOT EXISTS items (response_id TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT,
                                   kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (response_id, seq));
@@ -8151,7 +8151,9 @@ class ResponseStore:
     """Stored responses in one sqlite3 file (WAL: several proxy processes share it), bounded by
     size and age with the oldest evicted at each write. The blocking methods each open their own
     connection and run in the loop's executor through `call`; a response is reserved while it is
-    being answered, so a request naming it as previous_response_id waits for its write."""
+    being answered, so a request naming it as previous_response_id waits for its write. Each
+    response and its items belong to the credential that created it (`owner`, see
+    response_owner): reads, continuations and deletes by anyone else find nothing."""
 
     def __init__(self, path: str, *, max_bytes: int, max_age: float, clock: Clock = time.time):
         self.path = path
@@ -8177,12 +8179,14 @@ class ResponseStore:
             if not self._ready:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(RESPONSES_SCHEMA)
+                if "owner" not in [row[1] for row in db.execute("PRAGMA table_info(responses)")]:
+                    db.execute("ALTER TABLE responses ADD COLUMN owner TEXT")   # older rows: no one's
                 self._ready = True
             return work(db)
         finally:
             db.close()
 
-    def put(self, response: dict, input_items: List[dict]) -> None:
+    def put(self, response: dict, input_items: List[dict], owner: str) -> None:
         """Store a response with its own input items (replacing one of the same id), then evict."""
         rows = [("input", item) for item in input_items] + [("output", item) for item in response["output"]]
         texts = [(kind, item.get("id"), json_text(item)) for kind, item in rows]
@@ -8192,8 +8196,8 @@ class ResponseStore:
         def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             self._delete(db, [response["id"]])
-            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (
-                response["id"], self.clock(), response.get("previous_response_id"), size, response_text))
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", (
+                response["id"], self.clock(), response.get("previous_response_id"), size, response_text, owner))
             db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)", [
                 (response["id"], seq, item_id, kind, text) for seq, (kind, item_id, text) in enumerate(texts)])
             self._delete(db, self._doomed(db))
@@ -8225,35 +8229,42 @@ class ResponseStore:
             db.execute("DELETE FROM items WHERE response_id = ?", (rid,))
         return gone
 
-    def get(self, response_id: str) -> Optional[dict]:
+    def get(self, response_id: str, owner: str) -> Optional[dict]:
         """A stored response object, or None."""
-        row = self._run(lambda db: db.execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone())
+        row = self._run(lambda db: db.execute("SELECT response FROM responses WHERE id = ? AND owner = ?",
+                                              (response_id, owner)).fetchone())
         return json.loads(row[0]) if row else None
 
-    def delete(self, response_id: str) -> bool:
+    def delete(self, response_id: str, owner: str) -> bool:
         """Forget one response (the chain through it is then cut there, as at OpenAI)."""
         def work(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
-            gone = self._delete(db, [response_id])
+            owned = self._owned(db, response_id, owner)
+            gone = self._delete(db, [response_id]) if owned else 0
             db.execute("COMMIT")
             return gone
         return bool(self._run(work, absent=0))
 
-    def input_items(self, response_id: str) -> Optional[List[dict]]:
+    @staticmethod
+    def _owned(db: sqlite3.Connection, response_id: str, owner: str) -> bool:
+        """Whether the response exists and belongs to `owner`."""
+        return db.execute("SELECT 1 FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).fetchone() is not None
+
+    def input_items(self, response_id: str, owner: str) -> Optional[List[dict]]:
         """A stored response's own input items, or None when it is unknown."""
         def work(db: sqlite3.Connection) -> Optional[List[dict]]:
-            if db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone() is None:
+            if not self._owned(db, response_id, owner):
                 return None
             return [json.loads(text) for (text,) in db.execute(
                 "SELECT item FROM items WHERE response_id = ? AND kind = 'input' ORDER BY seq", (response_id,))]
         return self._run(work)
 
-    def history(self, response_id: str) -> Optional[List[dict]]:
+    def history(self, response_id: str, owner: str) -> Optional[List[dict]]:
         """Input and output items of a response and its predecessors, oldest first; None if unknown."""
         def work(db: sqlite3.Connection) -> Optional[List[dict]]:
             chain, current = [], response_id
             while current and len(chain) < MAX_RESPONSE_CHAIN:
-                row = db.execute("SELECT previous FROM responses WHERE id = ?", (current,)).fetchone()
+                row = db.execute("SELECT previous FROM responses WHERE id = ? AND owner = ?", (current, owner)).fetchone()
                 if row is None:
                     break
                 chain.append(current)
@@ -8264,12 +8275,13 @@ class ResponseStore:
                 "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))]
         return self._run(work)
 
-    def items(self, item_ids: List[str]) -> Dict[str, dict]:
-        """Stored items by id (for item_reference); unknown ids are absent."""
+    def items(self, item_ids: List[str], owner: str) -> Dict[str, dict]:
+        """Stored items by id (for item_reference); unknown ids, and other owners' items, are absent."""
         def work(db: sqlite3.Connection) -> Dict[str, dict]:
             found = {}
             for item_id in item_ids:
-                row = db.execute("SELECT item FROM items WHERE id = ? LIMIT 1", (item_id,)).fetchone()
+                row = db.execute("SELECT item FROM items JOIN responses ON responses.id = items.response_id "
+                                 "WHERE items.id = ? AND responses.owner = ? LIMIT 1", (item_id, owner)).fetchone()
                 if row:
                     found[item_id] = json.loads(row[0])
             return found
@@ -8298,6 +8310,13 @@ class ResponseStore:
         future = self._pending.pop(response_id, None)
         if future is not None and not future.done():
             future.set_result(None)
+
+
+def response_owner(req: Request) -> str:
+    """Whose stored responses a request may see: a hash of the key it sent (the proxy key or the
+    client's own), "" for a client without one."""
+    key = offered_key(req)
+    return hashlib.sha256(b"claude_proxy response owner\0" + key.encode("utf-8")).hexdigest()[:32] if key else ""
 
 
 def with_item_ids(items: List[dict]) -> List[dict]:
@@ -8568,7 +8587,7 @@ async def handle_responses(x: Exchange) -> None:
     try:
         await responses_converted(x, body, expanded, machine)
         if body.get("store") is not False and machine.response:
-            await store_response(store, machine.response, own_input)
+            await store_response(store, machine.response, own_input, response_owner(x.req))
     finally:
         store.release(response_id)
 
@@ -8578,12 +8597,13 @@ async def responses_history(x: Exchange, body: dict, own_input: List[dict]) -> L
     previous = body.get("previous_response_id")
     history: List[dict] = []
     if previous is not None:
-        found = await x.server.responses.call(x.server.responses.history, str(previous))
+        found = await x.server.responses.call(x.server.responses.history, str(previous), response_owner(x.req))
         if found is None:
             raise NotFound(f"Previous response with id {previous!r} not found.", param="previous_response_id")
         history = found
     references = [str(item.get("id")) for item in own_input if item["type"] == "item_reference"]
-    stored = await x.server.responses.call(x.server.responses.items, references) if references else {}
+    stored = await x.server.responses.call(x.server.responses.items, references, response_owner(x.req)) \
+        if references else {}
     for item_id in references:
         if item_id not in stored:
             raise NotFound(f"Item with id {item_id!r} not found.", param="input")
@@ -8637,10 +8657,10 @@ async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[s
     return await anthropic_converted_call(x, target, anthropic_body)
 
 
-async def store_response(store: ResponseStore, response: dict, own_input: List[dict]) -> None:
+async def store_response(store: ResponseStore, response: dict, own_input: List[dict], owner: str) -> None:
     """Keep a finished response; a store that fails costs the client nothing but a warning."""
     try:
-        await store.call(store.put, response, own_input)
+        await store.call(store.put, response, own_input, owner)
     except ProxyError as exc:
         log.warning("response %s not stored: %s", response["id"], exc.message)
 
@@ -8661,14 +8681,14 @@ async def handle_stored_response(x: Exchange) -> None:
         limit, order = query.get("limit", "20"), query.get("order", "desc")
         if not limit.isdigit() or not 1 <= int(limit) <= 100 or order not in ("asc", "desc"):
             raise BadRequest("limit must be 1-100 and order asc or desc", param="limit" if order in ("asc", "desc") else "order")
-        items = await store.call(store.input_items, response_id)
+        items = await store.call(store.input_items, response_id, response_owner(x.req))
         if items is None:
             raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
         await x.out.respond_json(200, list_page(items, int(limit), order, query.get("after")))
         return
     if parse_bool(urllib.parse.parse_qs(x.req.query).get("stream", ["false"])[-1]):
         raise BadRequest("stream=true is not supported here: a stored response is answered as JSON", param="stream")
-    response = await store.call(store.get, response_id) if not tail else None
+    response = await store.call(store.get, response_id, response_owner(x.req)) if not tail else None
     if response is None:
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
     await x.out.respond_json(200, response)
@@ -8678,7 +8698,7 @@ async def handle_delete_response(x: Exchange) -> None:
     """DELETE /v1/responses/{id}."""
     response_id, tail = stored_response_path(x)
     store = x.server.responses
-    if tail or not await store.call(store.delete, response_id):
+    if tail or not await store.call(store.delete, response_id, response_owner(x.req)):
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
     await x.out.respond_json(200, {"id": response_id, "object": "response", "deleted": True})
 

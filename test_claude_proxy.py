@@ -6017,18 +6017,18 @@ def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
     big = {"id": "", "output": [{"type": "message", "id": "msg_o", "content": [{"type": "output_text", "text": "x" * 400}]}]}
     for i in range(5):
         store.put(dict(big, id=f"resp_{i}", previous_response_id=f"resp_{i - 1}" if i else None),
-                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}])
+                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}], "")
         now[0] += 1
-    kept = [i for i in range(5) if store.get(f"resp_{i}")]
+    kept = [i for i in range(5) if store.get(f"resp_{i}", "")]
     assert kept == [3, 4]                          # each ~1100 bytes: the oldest went first
-    assert [i["id"] for i in store.history("resp_4")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
+    assert [i["id"] for i in store.history("resp_4", "")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
     other = cp.ResponseStore(store.path, max_bytes=10 ** 6, max_age=100.0, clock=lambda: now[0])
-    assert other.get("resp_4")["id"] == "resp_4" and other.items(["msg_4", "nope"]).keys() == {"msg_4"}
+    assert other.get("resp_4", "")["id"] == "resp_4" and other.items(["msg_4", "nope"], "").keys() == {"msg_4"}
     now[0] += 200
-    other.put(dict(big, id="resp_new"), [])
-    assert store.get("resp_4") is None and store.get("resp_new") is not None
+    other.put(dict(big, id="resp_new"), [], "")
+    assert store.get("resp_4", "") is None and store.get("resp_new", "") is not None
     assert os.stat(store.path).st_mode & 0o777 == 0o600 if POSIX else True
-    assert store.delete("resp_new") and not store.delete("resp_new") and store.input_items("resp_new") is None
+    assert store.delete("resp_new", "") and not store.delete("resp_new", "") and store.input_items("resp_new", "") is None
 
     async def scenario():
         async with responses_client(tmp_path / "p") as (client, _, _):
@@ -8939,6 +8939,50 @@ def test_the_cache_of_providers_model_lists_is_bounded():
     assert lists.get(("anthropic", "credential-0")) is None
 
 
+# ---- 7. stored responses belong to the credential that created them -----------------------
+
+def test_a_stored_response_is_found_only_with_the_key_that_created_it(tmp_path):
+    mine, theirs = {"authorization": "Bearer sk-client-aaaa-0001"}, {"authorization": "Bearer sk-client-bbbb-0002"}
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"}, mine)
+                assert status == 200
+                created = json.loads(body)
+                rid, item = created["id"], created["output"][0]["id"]
+                probes = [("GET", f"/v1/responses/{rid}", None), ("GET", f"/v1/responses/{rid}/input_items", None),
+                          ("POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "more", "previous_response_id": rid}),
+                          ("POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": [
+                              {"type": "item_reference", "id": item}, {"role": "user", "content": "more"}]}),
+                          ("DELETE", f"/v1/responses/{rid}", None)]
+                for headers in (theirs, {}, {"x-api-key": "sk-client-aaaa-0001x"}):
+                    for method, path, body in probes:
+                        status, _, answer = await call(port, method, path, body, headers)
+                        assert status == 404, (headers, method, path, status, answer[:200])
+                same_key_other_header = {"x-api-key": "sk-client-aaaa-0001"}
+                for method, path, body in probes:
+                    status, _, answer = await call(port, method, path, body, same_key_other_header)
+                    assert status == 200, (method, path, answer[:200])
+        assert len(up.requests) == 3          # the first turn and the owner's two continuations
+    run(scenario())
+
+
+def test_responses_stored_before_owners_existed_belong_to_no_one(tmp_path):
+    import sqlite3
+    path = tmp_path / "responses.db"
+    db = sqlite3.connect(str(path))
+    db.executescript("CREATE TABLE responses (id TEXT PRIMARY KEY, created REAL NOT NULL, previous TEXT, "
+                     "size INTEGER NOT NULL, response TEXT NOT NULL); CREATE TABLE items (response_id TEXT NOT NULL, "
+                     "seq INTEGER NOT NULL, id TEXT, kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (response_id, seq));")
+    db.execute("INSERT INTO responses VALUES ('resp_old', 1.0, NULL, 10, '{\"id\": \"resp_old\"}')")
+    db.commit()
+    db.close()
+    store = cp.ResponseStore(str(path), max_bytes=10 ** 6, max_age=10 ** 9, clock=lambda: 2.0)
+    store.put({"id": "resp_new", "output": []}, [], "")
+    assert store.get("resp_old", "") is None and store.get("resp_new", "") == {"id": "resp_new", "output": []}
+
+
 # ---- 8. a lone surrogate anywhere a client puts text is made encodable where it enters -------
 
 LONE_SURROGATES = {"escape": b'"a\\ud800b"', "raw bytes": b'"a\xed\xa0\x80b"',
@@ -9007,7 +9051,7 @@ def test_a_stored_request_with_a_lone_surrogate_is_stored_and_leaves_no_stray_by
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_failure_after_a_complete_response_sends_nothing_more(tmp_path, monkeypatch, caplog, stream):
-    def broken_put(self, response, input_items):
+    def broken_put(self, response, input_items, owner):
         raise RuntimeError("the disk is on fire")
     monkeypatch.setattr(cp.ResponseStore, "put", broken_put)
     raw = json.dumps({"model": "claude-sonnet-4-5", "input": "hi", "stream": stream}).encode()
