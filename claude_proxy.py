@@ -7759,13 +7759,15 @@ class Exchange:
         self.key_pools = server.key_pools       # this config generation's key pools
         self.pool_key: Optional[Tuple[KeyPool, PoolKey]] = None     # the pooled key of the last call
         self.session: Optional[str] = None      # the client session, for key affinity
+        self.work_bytes = len(req.body)         # the request's size with what stored items add to it
 
     # -- work off the loop ----------------------------------------------------------------------
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """fn(*args) now, or in a worker thread when the request body is large, so that no one
-        request's parsing or conversion holds the event loop (and every other client)."""
-        if len(self.req.body) < OFF_LOOP_BODY_BYTES:
+        """fn(*args) now, or in a worker thread when the request is large (its body, or what a
+        stored conversation adds: work_bytes), so that no one request's parsing or conversion
+        holds the event loop (and every other client)."""
+        if self.work_bytes < OFF_LOOP_BODY_BYTES:
             return fn(*args, **kw)
         return await run_off_loop(lambda: fn(*args, **kw))
 
@@ -8259,31 +8261,35 @@ class ResponseStore:
                 "SELECT item FROM items WHERE response_id = ? AND kind = 'input' ORDER BY seq", (response_id,))]
         return self._run(work)
 
-    def history(self, response_id: str, owner: str) -> Optional[List[dict]]:
-        """Input and output items of a response and its predecessors, oldest first; None if unknown."""
-        def work(db: sqlite3.Connection) -> Optional[List[dict]]:
-            chain, current = [], response_id
+    def history(self, response_id: str, owner: str, limit: int) -> Optional[Tuple[List[dict], int]]:
+        """(input and output items of a response and its predecessors, oldest first; their JSON
+        size in bytes); no items are read when that size is over `limit`; None if unknown."""
+        def work(db: sqlite3.Connection) -> Optional[Tuple[List[dict], int]]:
+            chain, current, size = [], response_id, 0
             while current and len(chain) < MAX_RESPONSE_CHAIN:
                 row = db.execute("SELECT previous FROM responses WHERE id = ? AND owner = ?", (current, owner)).fetchone()
                 if row is None:
                     break
                 chain.append(current)
+                size += db.execute("SELECT COALESCE(SUM(LENGTH(CAST(item AS BLOB))), 0) FROM items "
+                                   "WHERE response_id = ?", (current,)).fetchone()[0]
                 current = row[0]
-            if not chain:
-                return None
+            if not chain or size > limit:
+                return (([], size) if chain else None)
             return [json.loads(text) for rid in reversed(chain) for (text,) in db.execute(
-                "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))]
+                "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))], size
         return self._run(work)
 
-    def items(self, item_ids: List[str], owner: str) -> Dict[str, dict]:
-        """Stored items by id (for item_reference); unknown ids, and other owners' items, are absent."""
-        def work(db: sqlite3.Connection) -> Dict[str, dict]:
+    def items(self, item_ids: List[str], owner: str) -> Dict[str, Tuple[dict, int]]:
+        """Stored items by id, each read once (for item_reference), with its JSON size in bytes;
+        unknown ids, and other owners' items, are absent."""
+        def work(db: sqlite3.Connection) -> Dict[str, Tuple[dict, int]]:
             found = {}
-            for item_id in item_ids:
+            for item_id in dict.fromkeys(item_ids):
                 row = db.execute("SELECT item FROM items JOIN responses ON responses.id = items.response_id "
                                  "WHERE items.id = ? AND responses.owner = ? LIMIT 1", (item_id, owner)).fetchone()
                 if row:
-                    found[item_id] = json.loads(row[0])
+                    found[item_id] = (json.loads(row[0]), len(row[0].encode("utf-8")))
             return found
         return self._run(work, absent={})
 
@@ -8593,21 +8599,29 @@ async def handle_responses(x: Exchange) -> None:
 
 
 async def responses_history(x: Exchange, body: dict, own_input: List[dict]) -> List[dict]:
-    """The input with the stored chain of previous_response_id in front and item references resolved."""
-    previous = body.get("previous_response_id")
-    history: List[dict] = []
+    """The input with the stored chain of previous_response_id in front and item references
+    resolved. What the stored items add is bounded like a body (MAX_BODY_BYTES, a 400 naming it),
+    counted against the bodies in flight, and makes the request's work large (off the loop)."""
+    store, owner, limit = x.server.responses, response_owner(x.req), x.config.settings["max_body_bytes"]
+    previous, history, size = body.get("previous_response_id"), [], 0
     if previous is not None:
-        found = await x.server.responses.call(x.server.responses.history, str(previous), response_owner(x.req))
+        found = await store.call(store.history, str(previous), owner, limit)
         if found is None:
             raise NotFound(f"Previous response with id {previous!r} not found.", param="previous_response_id")
-        history = found
+        history, size = found
     references = [str(item.get("id")) for item in own_input if item["type"] == "item_reference"]
-    stored = await x.server.responses.call(x.server.responses.items, references, response_owner(x.req)) \
-        if references else {}
+    stored = await store.call(store.items, references, owner) if references else {}
     for item_id in references:
         if item_id not in stored:
             raise NotFound(f"Item with id {item_id!r} not found.", param="input")
-    return history + [stored[item["id"]] if item["type"] == "item_reference" else item for item in own_input]
+        size += stored[item_id][1]
+    if size > limit:
+        raise BadRequest(f"the stored items this request continues or references come to {size} bytes, over the "
+                         f"{limit}-byte limit of a request (MAX_BODY_BYTES): start a new conversation",
+                         param="previous_response_id" if previous is not None else "input")
+    x.server.reserve_body(x.req, size)
+    x.work_bytes += size
+    return history + [stored[item["id"]][0] if item["type"] == "item_reference" else item for item in own_input]
 
 
 async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: AnthropicToResponsesStream) -> None:
@@ -8653,7 +8667,7 @@ async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[s
     anthropic_body["stream"] = streams_upstream(target, expanded)
     x.say(notes)
     if expanded.get("prompt_cache_key"):       # the client asked for caching: stable breakpoints
-        anthropic_body = add_cache_breakpoints(anthropic_body)
+        anthropic_body = await x.run(add_cache_breakpoints, anthropic_body)
     return await anthropic_converted_call(x, target, anthropic_body)
 
 
@@ -8672,6 +8686,11 @@ def stored_response_path(x: Exchange) -> Tuple[str, str]:
     return urllib.parse.unquote(response_id), tail
 
 
+async def respond_stored(x: Exchange, stored: dict) -> None:
+    """A stored object as the JSON answer, serialised off the loop (stored items may be large)."""
+    await x.out.respond(200, [("content-type", "application/json")], await run_off_loop(json_bytes, stored))
+
+
 async def handle_stored_response(x: Exchange) -> None:
     """GET /v1/responses/{id} and GET /v1/responses/{id}/input_items (limit, order, after)."""
     response_id, tail = stored_response_path(x)
@@ -8684,14 +8703,14 @@ async def handle_stored_response(x: Exchange) -> None:
         items = await store.call(store.input_items, response_id, response_owner(x.req))
         if items is None:
             raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
-        await x.out.respond_json(200, list_page(items, int(limit), order, query.get("after")))
+        await respond_stored(x, list_page(items, int(limit), order, query.get("after")))
         return
     if parse_bool(urllib.parse.parse_qs(x.req.query).get("stream", ["false"])[-1]):
         raise BadRequest("stream=true is not supported here: a stored response is answered as JSON", param="stream")
     response = await store.call(store.get, response_id, response_owner(x.req)) if not tail else None
     if response is None:
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
-    await x.out.respond_json(200, response)
+    await respond_stored(x, response)
 
 
 async def handle_delete_response(x: Exchange) -> None:
@@ -10964,7 +10983,7 @@ class ProxyServer:
         try:
             req.body = await asyncio.wait_for(read_body(
                 conn.reader, conn.writer, req.headers, limit, not req.http10,
-                lambda size: self._reserve(req, size)), settings["body_timeout"])
+                lambda size: self.reserve_body(req, size)), settings["body_timeout"])
             return True
         except asyncio.TimeoutError:
             exc = ProxyError(f"the request body did not arrive within {settings['body_timeout']:.0f}s "
@@ -10974,8 +10993,9 @@ class ProxyServer:
         await self._refuse(conn, req, exc)
         return False
 
-    def _reserve(self, req: Request, size: int) -> None:
-        """Count size more body bytes in flight, or refuse with 503 past MAX_BUFFERED_BYTES."""
+    def reserve_body(self, req: Request, size: int) -> None:
+        """Count size more body bytes in flight (a body, or what stored items expand it by), or
+        refuse with 503 past MAX_BUFFERED_BYTES."""
         if self.buffered + size > self.config.settings["max_buffered_bytes"]:
             raise ProxyError("the proxy holds too many large request bodies right now; retry shortly",
                              status=503, error_type="overloaded_error")

@@ -31,6 +31,7 @@ import shutil
 import signal
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -6021,9 +6022,12 @@ def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
         now[0] += 1
     kept = [i for i in range(5) if store.get(f"resp_{i}", "")]
     assert kept == [3, 4]                          # each ~1100 bytes: the oldest went first
-    assert [i["id"] for i in store.history("resp_4", "")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
+    items, size = store.history("resp_4", "", 10 ** 6)
+    assert [i["id"] for i in items] == ["msg_3", "msg_o", "msg_4", "msg_o"] and size == sum(len(json.dumps(
+        i, separators=(",", ":"))) for i in items)
+    assert store.history("resp_4", "", size - 1) == ([], size) and store.history("resp_4", "other", 10 ** 6) is None
     other = cp.ResponseStore(store.path, max_bytes=10 ** 6, max_age=100.0, clock=lambda: now[0])
-    assert other.get("resp_4", "")["id"] == "resp_4" and other.items(["msg_4", "nope"], "").keys() == {"msg_4"}
+    assert other.get("resp_4", "")["id"] == "resp_4" and other.items(["msg_4", "nope", "msg_4"], "").keys() == {"msg_4"}
     now[0] += 200
     other.put(dict(big, id="resp_new"), [], "")
     assert store.get("resp_4", "") is None and store.get("resp_new", "") is not None
@@ -8884,6 +8888,64 @@ def test_the_key_form_reads_its_key_field_and_nothing_else(tmp_path):
             status, headers, _ = await call(port, "POST", "/", raw=form, headers={"content-type": FORM_HEAD[1][14:]})
             assert status == 303 and headers["location"] == "/" and "set-cookie" in headers
     assert cp.form_field(b"a=1&key=x+y%2B%zz", "key") == "x y+%zz" and cp.form_field(b"akey=1", "key") == ""
+    run(scenario())
+
+
+# ---- 5. a stored conversation is expanded off the loop, within the body limit ---------------
+
+def test_a_tiny_request_continuing_a_large_stored_response_is_converted_off_the_loop(tmp_path, monkeypatch):
+    threads = []
+    for name in ("responses_to_anthropic_request", "json_bytes"):
+        original = getattr(cp, name)
+
+        def recorded(*args, _original=original, _name=name, **kw):
+            threads.append((_name, threading.current_thread() is threading.main_thread()))
+            return _original(*args, **kw)
+        monkeypatch.setattr(cp, name, recorded)
+    big = [{"role": "user", "content": "x" * 1000, "id": f"msg_{i}"} for i in range(cp.OFF_LOOP_BODY_BYTES // 1000 + 10)]
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": big})
+                rid = json.loads(body)["id"]
+                threads.clear()
+                tiny = {"model": "claude-sonnet-4-5", "input": "next", "previous_response_id": rid, "store": False}
+                assert len(json.dumps(tiny)) <= 120
+                assert (await call(port, "POST", "/v1/responses", tiny))[0] == 200
+                assert ("responses_to_anthropic_request", False) in threads and ("json_bytes", False) in threads
+                assert ("responses_to_anthropic_request", True) not in threads, threads
+                threads.clear()
+                status, _, page = await call(port, "GET", f"/v1/responses/{rid}/input_items?limit=100")
+                assert status == 200 and len(json.loads(page)["data"]) == 100
+                assert threads == [("json_bytes", False)], threads
+    run(scenario())
+
+
+def test_a_stored_conversation_may_expand_a_request_only_to_the_body_limit(tmp_path):
+    limit = 64 * 1024
+    turn = {"role": "user", "content": "x" * 40_000}
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url, max_body_bytes=limit)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": [turn]})
+                first = json.loads(body)
+                status, _, body = await call(port, "POST", "/v1/responses", {
+                    "model": "claude-sonnet-4-5", "input": [turn], "previous_response_id": first["id"]})
+                assert status == 200, body[:300]                   # 40 KB stored + 40 KB sent: each within the limit
+                second = json.loads(body)["id"]
+                status, _, body = await call(port, "POST", "/v1/responses", {
+                    "model": "claude-sonnet-4-5", "input": "more", "previous_response_id": second})
+                error = json.loads(body)["error"]
+                assert status == 400 and error["param"] == "previous_response_id", body[:300]
+                assert f"{limit}-byte limit" in error["message"] and "MAX_BODY_BYTES" in error["message"]
+                item = (await call(port, "GET", f"/v1/responses/{first['id']}/input_items"))[2]
+                reference = {"type": "item_reference", "id": json.loads(item)["data"][0]["id"]}
+                status, _, body = await call(port, "POST", "/v1/responses", {
+                    "model": "claude-sonnet-4-5", "input": [reference, reference]})
+                assert status == 400 and json.loads(body)["error"]["param"] == "input", body[:300]
+        assert len(up.requests) == 2
     run(scenario())
 
 
