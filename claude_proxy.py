@@ -5515,6 +5515,8 @@ def responses_input_items(responses_body: dict) -> List[dict]:
     _expect(isinstance(value, list), "input must be a string or a list of items", "input")
     for i, item in enumerate(value):
         _expect(isinstance(item, dict), "input item must be an object", f"input.{i}")
+        _expect(isinstance(item.get("type") or "", str), "input item type must be a string", f"input.{i}.type")
+        _expect(isinstance(item.get("id") or "", str), "input item id must be a string", f"input.{i}.id")
     return [item if item.get("type") else dict(item, type="message") for item in value]
 
 

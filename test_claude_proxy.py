@@ -8600,11 +8600,40 @@ def nested_json(depth):
     return opens + '"x"' + "".join("}" if i % 2 else "]" for i in reversed(range(depth)))
 
 
+RESPONSES_BODIES = [
+    {"model": "claude-sonnet-4-5", "input": "hi"},
+    {"model": "claude-sonnet-4-5", "stream": True, "instructions": "be brief", "store": True, "prompt_cache_key": "k",
+     "reasoning": {"effort": "high", "summary": "auto"}, "metadata": {"user_id": "u"}, "max_output_tokens": 100,
+     "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+               {"type": "web_search"}], "tool_choice": "auto",
+     "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+     "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                            {"type": "input_image", "image_url": "data:image/png;base64,iVBO"}]},
+               {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "t"}],
+                "encrypted_content": "x"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"P\"}"},
+               {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+               {"type": "item_reference", "id": "msg_nope"}]},
+    {"model": "claude-sonnet-4-5", "input": "more", "previous_response_id": "resp_nope"},
+]
+LONE_SURROGATE_FORMS = [b'"\\ud800"', b'"a\\udfff"', b'"\xed\xa0\x80"', b'"{\\"session_id\\": \\"\\\\ud800\\"}"']
+
+
 def fuzz_bodies(rand):
-    """Request bodies of the classes that used to get a 500, plus generic mutations."""
+    """Request bodies of the classes that used to get a 500, plus generic mutations, in the three
+    JSON dialects."""
     anthropic = rand.choice(ANTHROPIC_BODIES)
     openai = rand.choice(OPENAI_BODIES)
-    pick = rand.randrange(9)
+    pick = rand.randrange(12)
+    if pick == 9:
+        return "/v1/responses", json.dumps(mutate(rand.choice(RESPONSES_BODIES), rand, rate=rand.choice([0.1, 0.3]))).encode()
+    if pick == 10:                          # a lone surrogate where a client id or text goes, any dialect
+        path, body = rand.choice([("/v1/messages", anthropic), ("/v1/chat/completions", openai),
+                                  ("/v1/responses", rand.choice(RESPONSES_BODIES))])
+        where = rand.choice(["metadata", "model", "text"])
+        shaped = dict(body, metadata={"user_id": "@"}) if where == "metadata" else dict(body, model="@") \
+            if where == "model" else json.loads(json.dumps(body).replace('"hi"', '"@"', 1))
+        return path, json.dumps(shaped).encode().replace(b'"@"', rand.choice(LONE_SURROGATE_FORMS), 1)
     if pick == 0:
         deep = nested_json(rand.choice([50, 500, 990, 5000]))
         return "/v1/messages", json.dumps(dict(anthropic, metadata="@")).replace('"@"', deep).encode()
@@ -8612,11 +8641,12 @@ def fuzz_bodies(rand):
         deep = nested_json(rand.choice([990, 3000]))
         return "/v1/chat/completions", json.dumps(dict(openai, user="@")).replace('"@"', deep).encode()
     if pick == 2:
-        text = json.dumps(anthropic if rand.random() < 0.5 else openai)
+        path, body = rand.choice([("/v1/messages", anthropic), ("/v1/chat/completions", openai),
+                                  ("/v1/responses", rand.choice(RESPONSES_BODIES))])
+        text = json.dumps(body)
         at = rand.randrange(len(text))
         at = text.rfind('"', 0, at)
-        return rand.choice(["/v1/messages", "/v1/chat/completions"]), (text[:at + 1] + "\\ud800" + text[at + 1:]).encode() \
-            if at > 0 and text[at - 1] != "\\" else text.encode()
+        return path, (text[:at + 1] + "\\ud800" + text[at + 1:]).encode() if at > 0 and text[at - 1] != "\\" else text.encode()
     if pick == 3:
         return "/v1/chat/completions", json.dumps(dict(openai, stream=True, stream_options=rand.choice(
             ["x", 1, [], True, None, {"include_usage": "yes"}]))).encode()
@@ -8637,34 +8667,50 @@ def fuzz_bodies(rand):
     return "/v1/messages", raw[:cut] + bytes([rand.randrange(256)]) + raw[cut + 1:]
 
 
-def test_fuzzed_requests_never_get_a_500(tmp_path, monkeypatch):
-    rand = random.Random(FUZZ_SEED + 10)
-    statuses = {}
-    dead = f"http://127.0.0.1:{free_port()}"      # nothing listens: what passes validation fails fast (502)
+def fuzz_upstream_answer(req):
+    """A live upstream's answer to whatever a fuzzed request became: Anthropic or OpenAI, streamed
+    when asked, so the answer side (conversion, store, ledger) sees fuzzed requests too."""
+    body = req["body"] if isinstance(req["body"], dict) else {}
+    if req["path"].endswith("/chat/completions"):
+        return Stream(openai_stream_chunks("Hi")) if body.get("stream") else http_response(200, OPENAI_COMPLETION)
+    return Stream(anthropic_stream("Hi")) if body.get("stream") else http_response(200, anthropic_message("Hi"))
 
-    async def scenario():
+
+async def fuzz_dispatch_campaign(tmp_path, count, seed):
+    """count fuzzed bodies (fuzz_bodies) through the whole request path of five proxies: a dead
+    upstream (what passes validation fails fast), an OAuth one, an openai-format one, and live
+    anthropic- and openai-format upstreams. Returns {status: count}; a 500 fails at once."""
+    rand, statuses = random.Random(seed), {}
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with FakeUpstream(fuzz_upstream_answer) as up:
         configs = [make_config(tmp_path, dead), make_config(tmp_path / "o", None, oauth_token="sk-ant-oat01-fuzz",
                                                             providers={"anthropic": {"base_url": dead, "auth": "oauth",
                                                                                      "format": "anthropic"}}),
-                   config_for(tmp_path / "p", "openai", dead)]
+                   config_for(tmp_path / "p", "openai", dead), make_config(tmp_path / "l", up.url),
+                   config_for(tmp_path / "q", "openai", up.url)]
         servers = [cp.ProxyServer(c) for c in configs]
-        for i in range(20_000):
+        for i in range(count):
             path, raw = fuzz_bodies(rand)
             req = cp.Request("POST", path, {"content-type": "application/json", "host": "localhost",
                                             "anthropic-version": "2023-06-01"}, raw, "127.0.0.1")
             writer = FuzzWriter()
-            await cp.dispatch(servers[i % 3], req, cp.ClientStream(writer))
+            await asyncio.wait_for(cp.dispatch(servers[i % len(servers)], req, cp.ClientStream(writer)), 10)
             status = int(bytes(writer.data[9:12]))
             statuses[status] = statuses.get(status, 0) + 1
             assert status != 500, (path, raw[:300], bytes(writer.data[:600]))
         for server in servers:
             server.pool.close()
+            await server.ops.close()
+    return statuses
+
+
+def test_fuzzed_requests_never_get_a_500(tmp_path):
     logging.getLogger("claude_proxy").disabled = True
     try:
-        run(scenario())
+        statuses = run(fuzz_dispatch_campaign(tmp_path, 20_000, FUZZ_SEED + 10))
     finally:
         logging.getLogger("claude_proxy").disabled = False
-    assert sum(statuses.values()) == 20_000 and statuses.get(400, 0) > 5000, statuses
+    assert sum(statuses.values()) == 20_000 and statuses.get(400, 0) > 5000 and statuses.get(200, 0) > 2000, statuses
 
 
 @pytest.mark.parametrize("data, status", [
@@ -9311,6 +9357,140 @@ def test_events_before_a_malformed_line_in_the_same_read_reach_the_client_then_t
             assert kinds[-1] == "response.failed" and "response.output_text.delta" in kinds
             assert "malformed" in events[-1][1]["response"]["error"]["message"]
     run(scenario())
+
+
+@pytest.mark.parametrize("item, param", [({"type": {"x": 1}, "content": "hi"}, "input.0.type"),
+                                         ({"type": "message", "role": "user", "content": "hi", "id": ["x"]}, "input.0.id")])
+def test_a_responses_input_item_with_a_non_string_type_or_id_is_a_400(tmp_path, item, param):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, f"http://127.0.0.1:{free_port()}")) as (_, port):
+            status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": [item]})
+        assert status == 400 and json.loads(body)["error"]["param"] == param, body
+    run(scenario())
+
+
+# ---- the fuzz campaign: HTTP heads over real sockets, with bodies of the three JSON dialects ---
+
+FUZZ_METHODS = ["GET", "POST", "HEAD", "OPTIONS", "DELETE", "PUT", "PATCH", "TRACE", "CONNECT", "get", "G\x00T", "P(ST"]
+FUZZ_TARGETS = ["/", "/health", "/status.json", "/v1/stats?since=x", "/v1/messages", "/v1/messages/count_tokens",
+                "/v1/chat/completions", "/chat/completions", "/v1/responses", "/v1/responses/resp_x",
+                "/v1/responses/resp_x/input_items?limit=abc&order=x", "/v1/responses/%ff%00/input_items",
+                "/v1/models", "/v1/models/claude%00x", "/auth/status", "/auth/start", "/test-connection",
+                "/v1/messages/test_conversion?dry_run=1", "*", "http://127.0.0.1/health",
+                "https://evil.example/v1/messages", "//x", "/%", "/?key=%zz", "/" + "a" * 9000, "/v1/messages?x=\x7f",
+                "/api/x", "/v1/responses/resp_x/cancel"]
+FUZZ_VERSIONS = ["HTTP/1.1"] * 20 + ["HTTP/1.0", "HTTP/1.0", "HTTP/2.0", "http/1.1", "HTTP/1.", "HTTP/1.1 x", ""]
+FUZZ_HEADERS = {
+    "host": ["127.0.0.1", "localhost:1", "evil.example", "", "a b", "[::1]:8082", "127.0.0.1\x00"],
+    "content-length": ["0", "5", "-1", "1e3", "99999999999999999999", "+5", " 5", "5, 5", "0x10"],
+    "transfer-encoding": ["chunked", "Chunked", "chunked, gzip", "gzip", " chunked", "identity", "chunked, chunked"],
+    "connection": ["close", "keep-alive", "close, close", "upgrade", "Keep-Alive, Close", ""],
+    "expect": ["100-continue", "x"],
+    "content-type": ["application/json", "text/plain", "application/x-www-form-urlencoded",
+                     "multipart/form-data; boundary=x", "application/json; charset=utf-16"],
+    "origin": ["http://127.0.0.1", "http://evil.example", "null", ""],
+    "sec-fetch-site": ["cross-site", "same-origin", "none"],
+    "x-api-key": ["", "k", "sk-ant-api03-" + "x" * 40],
+    "authorization": ["Bearer", "Basic x", "Bearer " + "k" * 300, "bearer  x"],
+    "accept": ["text/html", "*/*", "text/event-stream"],
+    "upgrade": ["websocket", "h2c"],
+    "anthropic-version": ["2023-06-01", "x"],
+    "anthropic-beta": ["a,b,,", "x" * 5000],
+    "cookie": ["claude_proxy_page=x", "a=b; claude_proxy_page=" + "y" * 300],
+    "x-claude-code-session-id": ["s", "\xff\xfe"],
+    "access-control-request-headers": ["x-api-key"],
+}
+
+
+def _fuzz_header_line(rand):
+    """One header line: a known name with a picked value, or a malformed line."""
+    roll = rand.random()
+    name = rand.choice(list(FUZZ_HEADERS))
+    value = rand.choice(FUZZ_HEADERS[name])
+    if roll < 0.95:
+        return f"{name}: {value}"
+    return rand.choice([f"{name} : {value}", f"{name}:{value}\r", f" {name}: {value}", f"{name}\x01: {value}",
+                        f"{name}: {value}\x7f", "no-colon-here", f"x-long: {'v' * 70000}", f"{name}:", ":"])
+
+
+def _chunk_framing(rand, body):
+    """A body in chunks, now and then with odd framing."""
+    if not body:
+        return b"0\r\n\r\n"
+    cuts = sorted(rand.sample(range(1, len(body)), min(len(body) - 1, rand.randint(0, 5)))) if len(body) > 1 else []
+    pieces = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
+    out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), rand.choice([b"", b"", b";ext=1", b" "]), p) for p in pieces)
+    tail = rand.choice([b"0\r\n\r\n"] * 4 + [b"0\r\nx-trailer: 1\r\n\r\n", b"0\r\n", b"", b"zz\r\n\r\n"])
+    return out + tail
+
+
+def fuzz_request_bytes(rand):
+    """One raw request (now and then two, pipelined): a head from the pools above, mutated, with a
+    body from fuzz_bodies (the three JSON dialects), a form or nothing."""
+    method, target, version = rand.choice(FUZZ_METHODS), rand.choice(FUZZ_TARGETS), rand.choice(FUZZ_VERSIONS)
+    if rand.random() < 0.5:
+        target, body = fuzz_bodies(rand)
+        method = "POST"
+    else:
+        body = rand.choice([b"", b"", b"key=x&a=%", b"{}", b"\x00\xff", b"a=%&" * 2000])
+    lines = [f"{method} {target} {version}".rstrip(" ") if rand.random() > 0.03 else f"{method}  {target}",
+             "host: 127.0.0.1"] if rand.random() > 0.05 else [f"{method} {target} {version}"]
+    lines += [_fuzz_header_line(rand) for _ in range(rand.randint(0, 6))]
+    lines += ["x-api-key: k"] if rand.random() < 0.6 else []         # the live proxy's key
+    chunked = rand.random() < 0.2
+    if chunked:
+        lines.append("transfer-encoding: chunked")
+    elif rand.random() < 0.9:
+        lines.append(f"content-length: {len(body) if rand.random() < 0.9 else len(body) + rand.choice([-3, 7])}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    if rand.random() < 0.03:
+        head = head.replace(b"\r\n", b"\n", rand.randint(1, 3))
+    data = head + (_chunk_framing(rand, body) if chunked else body)
+    if rand.random() < 0.1:
+        data += b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    return data
+
+
+async def fuzz_socket_campaign(tmp_path, count, seed, concurrency=16, hang_after=15.0):
+    """count fuzzed raw requests over loopback to two proxies (a dead upstream, and a live one with
+    a proxy key); each connection half-closes after sending. Returns ({status: count}, hangs,
+    answers without a status line); a 500 fails at once."""
+    rand, statuses, hangs, silent = random.Random(seed), {}, [], 0
+    inputs = [fuzz_request_bytes(rand) for _ in range(count)]
+    limits = dict(header_timeout=2, body_timeout=2, idle_timeout=2, max_body_bytes=1 << 20)
+    async with FakeUpstream(fuzz_upstream_answer) as up:
+        async with running_proxy(make_config(tmp_path, f"http://127.0.0.1:{free_port()}", **limits)) as (_, dead_port), \
+                running_proxy(make_config(tmp_path / "k", up.url, proxy_api_key="k", **limits)) as (_, live_port):
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(i, data):
+                nonlocal silent
+                async with gate:
+                    try:
+                        answer = await raw_request(dead_port if i % 2 else live_port, data, half_close=True,
+                                                   timeout=hang_after)
+                    except asyncio.TimeoutError:
+                        hangs.append(data[:200])
+                        return
+                    except ConnectionError:
+                        answer = b""
+                found = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d\d\d) ", answer)]
+                silent += not found
+                for status in found:
+                    statuses[status] = statuses.get(status, 0) + 1
+                assert 500 not in found, (data[:400], answer[:600])
+            await asyncio.gather(*(one(i, data) for i, data in enumerate(inputs)))
+    return statuses, hangs, silent
+
+
+def test_fuzzed_raw_requests_never_get_a_500_and_never_hang(tmp_path):
+    logging.getLogger("claude_proxy").disabled = True
+    try:
+        statuses, hangs, silent = run(fuzz_socket_campaign(tmp_path, 6000, FUZZ_SEED + 20))
+    finally:
+        logging.getLogger("claude_proxy").disabled = False
+    assert hangs == [] and 500 not in statuses, (hangs[:3], statuses)
+    assert statuses.get(400, 0) > 1500 and statuses.get(200, 0) > 100 and silent < 400, (statuses, silent)
 
 
 # =============================================================================================
