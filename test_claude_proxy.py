@@ -9138,6 +9138,12 @@ def exactly_one_response(answer):
     assert len(rest) == length, (len(rest), length, rest[-60:])
 
 
+async def post_raw_responses(port, raw):
+    """POST raw bytes to /v1/responses on a fresh connection; every byte the proxy answers."""
+    return await raw_request(port, head_bytes("POST", "/v1/responses", [
+        "host: localhost", "content-type: application/json", "connection: close", f"content-length: {len(raw)}"], raw))
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stored_request_with_a_lone_surrogate_is_stored_and_leaves_no_stray_bytes(tmp_path, stream):
     raw = json.dumps({"model": "claude-sonnet-4-5", "input": "@", "stream": stream}).encode().replace(b'"@"', b'"a\\ud800b"')
@@ -9145,9 +9151,7 @@ def test_a_stored_request_with_a_lone_surrogate_is_stored_and_leaves_no_stray_by
     async def scenario():
         async with FakeUpstream(fake_claude) as up:
             async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
-                answer = await raw_request(port, head_bytes("POST", "/v1/responses", [
-                    "host: localhost", "content-type: application/json", "connection: close",
-                    f"content-length: {len(raw)}"], raw))
+                answer = await post_raw_responses(port, raw)
                 assert answer.startswith(b"HTTP/1.1 200")
                 exactly_one_response(answer)
                 response_id = re.search(rb'"id":"(resp_[0-9a-f]+)"', answer).group(1).decode()
@@ -9167,9 +9171,7 @@ def test_a_failure_after_a_complete_response_sends_nothing_more(tmp_path, monkey
     async def scenario():
         async with FakeUpstream(fake_claude) as up:
             async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
-                answer = await raw_request(port, head_bytes("POST", "/v1/responses", [
-                    "host: localhost", "content-type: application/json", "connection: close",
-                    f"content-length: {len(raw)}"], raw))
+                answer = await post_raw_responses(port, raw)
         assert answer.startswith(b"HTTP/1.1 200")
         exactly_one_response(answer)
     run(scenario())
