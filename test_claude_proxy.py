@@ -9361,6 +9361,10 @@ def test_events_before_a_malformed_line_in_the_same_read_reach_the_client_then_t
     run(scenario())
 
 
+# ---- the fuzz campaign: HTTP heads over real sockets, with bodies of the three JSON dialects ---
+
+# (what it found first: a Responses input item whose type or id is not a string was a 500)
+
 @pytest.mark.parametrize("item, param", [({"type": {"x": 1}, "content": "hi"}, "input.0.type"),
                                          ({"type": "message", "role": "user", "content": "hi", "id": ["x"]}, "input.0.id")])
 def test_a_responses_input_item_with_a_non_string_type_or_id_is_a_400(tmp_path, item, param):
@@ -9370,8 +9374,6 @@ def test_a_responses_input_item_with_a_non_string_type_or_id_is_a_400(tmp_path, 
         assert status == 400 and json.loads(body)["error"]["param"] == param, body
     run(scenario())
 
-
-# ---- the fuzz campaign: HTTP heads over real sockets, with bodies of the three JSON dialects ---
 
 FUZZ_METHODS = ["GET", "POST", "HEAD", "OPTIONS", "DELETE", "PUT", "PATCH", "TRACE", "CONNECT", "get", "G\x00T", "P(ST"]
 FUZZ_TARGETS = ["/", "/health", "/status.json", "/v1/stats?since=x", "/v1/messages", "/v1/messages/count_tokens",
