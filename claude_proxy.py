@@ -82,6 +82,8 @@ MAX_CHUNKS = 16384                   # a request body in more chunks is refused 
 MAX_SSE_LINE = 8 * 1024 * 1024       # an upstream SSE line or event beyond this fails the stream
 MAX_INTERIM_RESPONSES = 8            # upstream 1xx responses tolerated before the real one
 OFF_LOOP_BODY_BYTES = 256 * 1024     # request bodies this large are parsed and converted in a thread
+MAX_PUBLIC_BODY = 4 * 1024           # a body to a keyless path (the status page's key form): 413 beyond
+MAX_MODEL_NAME = 256                 # a longer requested model name: 400
 
 # Settings: key -> (environment variable, type, default). The JSON file may carry the same keys
 # at its top level; CLI flags override the few that have one.
@@ -166,6 +168,7 @@ RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
 MODELS_TTL = 300.0                   # seconds a provider's own /v1/models list is reused
 MODELS_FETCH_TIMEOUT = 5.0           # a provider's /v1/models may delay a listing this long
+MAX_MODEL_LISTS = 64                 # providers' lists kept (one per provider and credential)
 
 # ---- Model facts ----------------------------------------------------------------------------
 # Every fact the proxy needs about a Claude model lives in MODEL_TABLE; code asks model_facts()
@@ -375,6 +378,15 @@ class UpstreamError(ProxyError):
     error_type = "api_error"
 
 
+class MalformedStream(UpstreamError):
+    """An upstream stream event a converter could not take; `converted` holds the client events
+    made before it from the same read, which the client gets before the error."""
+
+    def __init__(self, message: str, converted: List[Any]):
+        super().__init__(message)
+        self.converted = converted
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "timeout_error"
@@ -438,24 +450,61 @@ def json_text(obj: Any) -> str:
     return "".join(_json_c_encode(obj, 0))
 
 
+# JSON lets a surrogate escape stand alone ("\\ud800"), json.loads(bytes) lets raw surrogate bytes
+# through, and UTF-8 can carry neither: every JSON text the proxy takes in (a client's body, an
+# upstream's answer or event, JSON nested in a string) is parsed by loads_json or loads_event,
+# which put U+FFFD in place of each lone surrogate, so no text beyond them (hashes, sqlite, SSE,
+# the upstream call, log lines) ever meets one.
+_LONE_SURROGATE_ESCAPE = (r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                          r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE_IN_TEXT = re.compile(_LONE_SURROGATE_ESCAPE)
+_LONE_SURROGATE_IN_BYTES = re.compile(_LONE_SURROGATE_ESCAPE.encode("ascii"))
+_SURROGATE_BYTES = re.compile(rb"\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def may_hold_lone_surrogate(json_source: Any) -> bool:
+    """Whether JSON text or bytes may parse to a lone surrogate (a cheap scan; false positives
+    only cost a walk)."""
+    if isinstance(json_source, str):
+        return "\\u" in json_source and _LONE_SURROGATE_IN_TEXT.search(json_source) is not None
+    if json.detect_encoding(json_source) != "utf-8":          # UTF-16 or -32: not worth a scan
+        return True
+    return (b"\\u" in json_source and _LONE_SURROGATE_IN_BYTES.search(json_source) is not None) or \
+        (b"\xed" in json_source and _SURROGATE_BYTES.search(json_source) is not None)
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """A parsed JSON value with U+FFFD for each lone surrogate, in keys and strings alike."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(key): without_lone_surrogates(item) for key, item in value.items()}
+    return value
+
+
+def loads_json(json_source: Any, **kw: Any) -> Any:
+    """json.loads whose strings all encode as UTF-8 (see above)."""
+    value = json.loads(json_source, **kw)
+    return without_lone_surrogates(value) if may_hold_lone_surrogate(json_source) else value
+
+
 def loads_event(text: str) -> Any:
-    """json.loads for one stream event: the C scanner first, json.loads for anything unusual."""
+    """loads_json for one stream event: the C scanner first, json.loads for anything unusual."""
     try:
         value, end = _json_scan(text, 0)
         if end == len(text):
-            return value
+            return without_lone_surrogates(value) if may_hold_lone_surrogate(text) else value
     except (StopIteration, ValueError):
         pass
-    return json.loads(text)
+    return loads_json(text)
 
 
 def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes; text holding lone surrogates is sent \\u-escaped, as received."""
-    text = _json_encoder.encode(obj)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    """Compact JSON as UTF-8 bytes."""
+    return _json_encoder.encode(obj).encode("utf-8")
 
 
 def _reject_constant(name: str) -> Any:
@@ -466,7 +515,7 @@ def _reject_constant(name: str) -> Any:
 def parse_json_body(raw: bytes, what: str = "request body") -> Any:
     """Parse JSON bytes or raise BadRequest naming what was malformed (NaN, over-deep nesting)."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return loads_json(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -1586,6 +1635,21 @@ def split_head(head: bytes) -> List[bytes]:
     return lines
 
 
+def connection_options(headers: Headers) -> frozenset:
+    """The Connection header's options, lower case: a list of tokens ("close, close", "Close")."""
+    return frozenset(option.strip().lower() for option in headers.get("connection", "").split(","))
+
+
+def keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether the connection persists after this message (RFC 9112 9.3): not after `close`;
+    HTTP/1.0 only with keep-alive, and never after a Transfer-Encoding, whose framing a 1.0
+    peer may not share (6.1)."""
+    options = connection_options(headers)
+    if "close" in options:
+        return False
+    return version != "HTTP/1.0" or ("keep-alive" in options and "transfer-encoding" not in headers)
+
+
 def parse_request_head(head: bytes) -> Tuple[str, str, str, Headers]:
     """Request head (up to the blank line) -> (method, target, version, headers)."""
     lines = split_head(head)
@@ -1629,7 +1693,7 @@ def parse_response_head(head: bytes) -> Tuple[int, Headers]:
         headers = parse_header_lines(lines[1:])
     except BadRequest:
         raise UpstreamError("upstream sent a malformed header") from None
-    if parts[0] == b"HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+    if not keeps_alive(parts[0].decode("ascii"), headers):
         headers["connection"] = "close"
     return int(parts[1]), headers
 
@@ -1887,22 +1951,29 @@ class SSEDecoder:
             self._event = value.decode("utf-8", "replace")
 
 
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_ANSWER_END = re.compile(rb'(?:^|\n)(?:event: ?(?:message_stop|response\.(?:completed|incomplete|failed))\r?\n'
+                         rb'|data: ?(?:\[DONE\]|\{"type": ?"(?:message_stop|response\.(?:completed|incomplete|failed))"))')
+
+
+def sse_answer_ended(data: bytes) -> bool:
+    """Whether relayed SSE bytes end with an event that ends an answer: OpenAI's [DONE],
+    Anthropic's message_stop, a terminal Responses event (for a stream the proxy does not parse)."""
+    events = _EVENT_END.split(data.rstrip(b"\r\n")) if data.endswith(b"\n") else []
+    return bool(events) and _ANSWER_END.search(events[-1][:200]) is not None
+
+
 def format_sse(data: str, event: Optional[str] = None) -> bytes:
-    """One SSE event; multi-line data becomes several data lines. A lone surrogate (only ever
-    inside a JSON string here) goes out as its JSON escape."""
+    """One SSE event; multi-line data becomes several data lines."""
     head = f"event: {event}\n" if event else ""
     if "\n" in data:
         data = data.replace("\n", "\ndata: ")
-    text = f"{head}data: {data}\n\n"
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace")
+    return f"{head}data: {data}\n\n".encode("utf-8")
 
 
 # The hot events (a text delta: nearly every event of a stream) are written through byte
 # templates around the JSON-escaped text: the same bytes json_text() would produce, in a fifth of
-# the time. Anything else, or text the template cannot encode, takes the general path.
+# the time. Anything else takes the general path.
 _escape = json.encoder.encode_basestring        # JSON string with quotes, non-ASCII kept (C)
 ANTHROPIC_TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                         b'"delta":{"type":"text_delta","text":%s}}\n\n')
@@ -1920,7 +1991,7 @@ def format_anthropic_event(anthropic_event: dict) -> bytes:
             type(delta) is dict and len(delta) == 2 and delta.get("type") == "text_delta":
         try:
             return ANTHROPIC_TEXT_DELTA % (anthropic_event["index"], _escape(delta["text"]).encode())
-        except (TypeError, KeyError, UnicodeEncodeError):
+        except (TypeError, KeyError):
             pass
     return format_sse(json_text(anthropic_event), anthropic_event.get("type"))
 
@@ -1936,7 +2007,7 @@ def format_openai_item(openai_item: Any) -> bytes:
             try:
                 return OPENAI_CONTENT_CHUNK % (_escape(openai_item["id"]).encode(), openai_item["created"],
                                                _escape(openai_item["model"]).encode(), _escape(delta["content"]).encode())
-            except (TypeError, KeyError, UnicodeEncodeError):
+            except (TypeError, KeyError):
                 pass
     return format_sse(json_text(openai_item))
 
@@ -1950,7 +2021,7 @@ def format_responses_event(responses_event: dict) -> bytes:
                 responses_event["output_index"], responses_event["content_index"],
                 _escape(responses_event["delta"]).encode()) if responses_event["logprobs"] == [] else \
                 format_sse(json_text(responses_event), responses_event["type"])
-        except (TypeError, KeyError, UnicodeEncodeError):
+        except (TypeError, KeyError):
             pass
     return format_sse(json_text(responses_event), responses_event["type"])
 
@@ -1975,7 +2046,7 @@ class Request:
         self.body = body
         self.peer = peer
         self.id = new_id("req_")
-        self.keep_alive = headers.get("connection", "").lower() != "close"
+        self.keep_alive = "close" not in connection_options(headers)
         self.http10 = False
         self.reserved = 0          # body bytes counted against the server's in-flight bound
 
@@ -2082,14 +2153,18 @@ async def _read_chunk_line(reader: asyncio.StreamReader) -> bytes:
 
 class ClientStream:
     """The response side of one client connection: whole responses or a stream, chunked for
-    HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 ones (no chunks there)."""
+    HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 ones (no chunks there).
+    A head written when the connection will close after it (`closing()`) says so."""
 
-    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False, chunked: bool = True):
+    def __init__(self, writer: asyncio.StreamWriter, head_only: bool = False, chunked: bool = True,
+                 closing: Callable[[], bool] = lambda: False):
         self.writer = writer
         self.head_only = head_only
         self.chunked = chunked
+        self.closing = closing
         self.must_close = False       # a close-delimited stream was sent
         self.started = False
+        self.finished = False         # the whole response is on the wire: nothing may follow it
         self.streaming = False        # start() opened a stream (SSE)
         self.at_boundary = True       # what was sent ends on an SSE event boundary
         self.status = 0
@@ -2100,10 +2175,13 @@ class ClientStream:
         """Send a whole response with Content-Length."""
         self.started, self.status = True, status
         headers = headers + self.extra_headers + [("content-length", str(len(body)))]
+        if self.closing():
+            headers.append(("connection", "close"))
         self.writer.write(format_head(format_status_line(status), headers))
         if not self.head_only:
             self.writer.write(body)
             self.bytes_sent += len(body)
+        self.finished = True
         await self.writer.drain()
 
     async def respond_json(self, status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> None:
@@ -2113,9 +2191,11 @@ class ClientStream:
     def start(self, status: int, headers: List[Tuple[str, str]]) -> None:
         """Begin a streamed response (written with the first data)."""
         self.started, self.streaming, self.status = True, True, status
-        framing = ("transfer-encoding", "chunked") if self.chunked else ("connection", "close")
+        framing = [("transfer-encoding", "chunked")] if self.chunked else []
         self.must_close = not self.chunked
-        self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + [framing]))
+        if self.must_close or self.closing():
+            framing.append(("connection", "close"))
+        self.writer.write(format_head(format_status_line(status), headers + self.extra_headers + framing))
 
     async def send(self, data: bytes) -> None:
         """One chunk; waits for the client (backpressure) only when much is buffered."""
@@ -2155,6 +2235,7 @@ class ClientStream:
         """The terminating chunk (HTTP/1.0: the connection closes after this response)."""
         if self.chunked:
             self.writer.write(LAST_CHUNK)
+        self.finished = True
         await self.writer.drain()
 
 # =============================================================================================
@@ -2345,12 +2426,20 @@ class BodyPipe(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        self._end(None if self.until_close else self.response._failure())
+        self._end(None if self.until_close or self._complete() else self.response._failure())
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if not self.done.done():
-            self._end(None if self.until_close and not self.response.timer.fired else self.response._failure())
+            clean = (self.until_close and not self.response.timer.fired) or self._complete()
+            self._end(None if clean else self.response._failure())
+
+    def _complete(self) -> bool:
+        """Whether the answer was whole before the body broke off (the sink stopped): that costs
+        the client nothing; the connection is not reused."""
+        if self.draining:
+            self.response._reusable = False
+        return self.draining
 
     def _end(self, error: Optional[Exception]) -> None:
         if self.decoder is not None and self.decoder.excess:
@@ -2376,7 +2465,7 @@ class UpstreamResponse:
         self.done = False
         framing, self._remaining = ("length", 0) if head_only or status in (204, 304) else body_framing(headers)
         self._framing = framing
-        self._reusable = framing != "close" and headers.get("connection", "").lower() != "close"
+        self._reusable = framing != "close" and "close" not in connection_options(headers)
         self._encoding = headers.pop("content-encoding", "identity").strip().lower()
         if self._encoding not in CONTENT_DECODERS:
             raise UpstreamError(f"upstream answered in content-encoding {self._encoding!r}, "
@@ -2676,7 +2765,7 @@ async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
                                   json_bytes(payload))
     raw = await response.read()
     try:
-        return response.status, json.loads(raw) if raw else {}
+        return response.status, loads_json(raw) if raw else {}
     except ValueError:
         return response.status, {"raw": raw[:500].decode("utf-8", "replace")}
 
@@ -4119,7 +4208,7 @@ def _parse_tool_input(partial_json: str) -> Any:
     if not partial_json.strip():
         return {}
     try:
-        return json.loads(partial_json)
+        return loads_json(partial_json)
     except ValueError:
         log.debug("tool input JSON incomplete (truncated stream?): %.80r", partial_json)
         return {}
@@ -4509,7 +4598,7 @@ def _tool_input(arguments: Any, param: str) -> dict:
     if not isinstance(arguments, str):
         raise BadRequest("arguments must be a JSON string", param=param)
     try:
-        parsed = json.loads(arguments)
+        parsed = loads_json(arguments)
     except ValueError:
         parsed = None
     return parsed if isinstance(parsed, dict) else {"_raw": arguments}
@@ -5309,7 +5398,7 @@ def decode_reasoning(blob: Any, origin: str, param: str) -> List[dict]:
         return []
     text = blob[len(REASONING_BLOB_PREFIX):]
     try:
-        payload = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        payload = loads_json(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except (ValueError, TypeError):
         log.debug("dropping reasoning item at %s: unreadable encrypted_content", param)
         return []
@@ -5426,6 +5515,8 @@ def responses_input_items(responses_body: dict) -> List[dict]:
     _expect(isinstance(value, list), "input must be a string or a list of items", "input")
     for i, item in enumerate(value):
         _expect(isinstance(item, dict), "input item must be an object", f"input.{i}")
+        _expect(isinstance(item.get("type") or "", str), "input item type must be a string", f"input.{i}.type")
+        _expect(isinstance(item.get("id") or "", str), "input item id must be a string", f"input.{i}.id")
     return [item if item.get("type") else dict(item, type="message") for item in value]
 
 
@@ -7122,7 +7213,7 @@ def session_key(headers: Headers, anthropic_body: dict) -> Optional[str]:
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not value and isinstance(user_id, str) and user_id:
         try:
-            parsed = json.loads(user_id)
+            parsed = loads_json(user_id)
         except ValueError:
             parsed = None
         value = parsed.get("session_id") if isinstance(parsed, dict) and parsed.get("session_id") else user_id
@@ -7160,7 +7251,7 @@ def require_fields(body: Any, fields: Dict[str, type], dialect: str) -> dict:
 def upstream_error_detail(raw: bytes) -> Tuple[Optional[str], str]:
     """(error type, message) from an upstream error body in either dialect, or its text."""
     try:
-        body = json.loads(raw)
+        body = loads_json(raw)
     except ValueError:
         return None, raw[:300].decode("utf-8", "replace").strip() or "upstream error"
     error = body.get("error") if isinstance(body, dict) else None
@@ -7253,7 +7344,8 @@ async def drain_rest(body: AsyncIterator[bytes], timeout: float = 0.5) -> None:
 
 def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
     """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
-    [DONE] closes it; an event of a shape the converter cannot take is an UpstreamError."""
+    [DONE] closes it; an event of a shape the converter cannot take is a MalformedStream holding
+    what the events before it converted to."""
     out: List[Any] = []
     try:
         for event in events:
@@ -7268,7 +7360,7 @@ def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[A
         if parsed:
             out += machine.close()
     except SHAPE_ERRORS as exc:
-        raise UpstreamError(f"upstream sent a malformed stream event ({exc.__class__.__name__})") from None
+        raise MalformedStream(f"upstream sent a malformed stream event ({exc.__class__.__name__})", out) from None
     return out
 
 
@@ -7307,7 +7399,7 @@ def convert(error: type, what: str, fn: Callable[..., Any], *args: Any, **kw: An
 def parse_upstream_json(raw: bytes) -> dict:
     """An upstream's JSON answer, or UpstreamError (never the client's fault)."""
     try:
-        body = json.loads(raw)
+        body = loads_json(raw)
     except ValueError:
         raise UpstreamError("upstream answered with invalid JSON") from None
     if not isinstance(body, dict):
@@ -7526,8 +7618,12 @@ class ModelLists:
         return entry[1] if entry and entry[0] > self.clock() else None
 
     def put(self, key: Tuple[str, str], models: List[dict]) -> None:
-        """Keep a list for MODELS_TTL seconds."""
+        """Keep a list for MODELS_TTL seconds (the oldest forgotten past MAX_MODEL_LISTS: clients'
+        own keys each make one)."""
+        self._lists.pop(key, None)
         self._lists[key] = (self.clock() + MODELS_TTL, models)
+        if len(self._lists) > MAX_MODEL_LISTS:
+            self._lists.pop(next(iter(self._lists)))
 
     def failed(self, provider: str, why: str) -> None:
         """Log a provider's failed listing: WARNING the first time, DEBUG after."""
@@ -7665,13 +7761,15 @@ class Exchange:
         self.key_pools = server.key_pools       # this config generation's key pools
         self.pool_key: Optional[Tuple[KeyPool, PoolKey]] = None     # the pooled key of the last call
         self.session: Optional[str] = None      # the client session, for key affinity
+        self.work_bytes = len(req.body)         # the request's size with what stored items add to it
 
     # -- work off the loop ----------------------------------------------------------------------
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """fn(*args) now, or in a worker thread when the request body is large, so that no one
-        request's parsing or conversion holds the event loop (and every other client)."""
-        if len(self.req.body) < OFF_LOOP_BODY_BYTES:
+        """fn(*args) now, or in a worker thread when the request is large (its body, or what a
+        stored conversation adds: work_bytes), so that no one request's parsing or conversion
+        holds the event loop (and every other client)."""
+        if self.work_bytes < OFF_LOOP_BODY_BYTES:
             return fn(*args, **kw)
         return await run_off_loop(lambda: fn(*args, **kw))
 
@@ -7679,6 +7777,9 @@ class Exchange:
         """The request body parsed (off the loop when large), required fields checked; the client
         session is noted (key affinity)."""
         body = require_fields(await self.run(parse_json_body, self.req.body), fields, self.req.dialect)
+        if "model" in fields and len(body["model"]) > MAX_MODEL_NAME:
+            raise BadRequest(f"model: a name of {len(body['model'])} characters; at most {MAX_MODEL_NAME} "
+                             "are accepted", param="model")
         self.session = session_key(self.req.headers, body) or (offered_key(self.req) or None)
         return body
 
@@ -7967,11 +8068,19 @@ class Exchange:
         relay = self.open_stream(response.status, headers + [("cache-control", "no-cache")])
         scan, push = UsageScanner(self.meter).feed, self.out.push
         rewrite = self.plugins.event_rewriter(self) if self.plugins else None
+        last = b""
 
         def sink(data: bytes, framed: Optional[bytes]) -> None:
+            nonlocal last
             scan(data)
+            last = data
             push(data, framed) if rewrite is None else push(rewrite.feed(data))
-        await response.pump(sink, self.out.writer)
+        try:
+            await response.pump(sink, self.out.writer)
+        except UpstreamError as exc:
+            if not sse_answer_ended(last):
+                raise                                   # cut mid-answer: the client must know
+            log.debug("request %s: %s after the answer ended; the client has all of it", self.req.id, exc.message)
         if rewrite is not None:
             await relay.send(rewrite.close())
         relay.stop()
@@ -7985,19 +8094,25 @@ class Exchange:
         if self.plugins:
             encode = self.plugins.hooked_encode(self, encode)
 
+        def converted(upstream_events: List[Any]) -> bytes:
+            """The client's bytes for these upstream events; at a malformed one, what the events
+            before it made is written first, then the fault is raised (rendered in the dialect)."""
+            try:
+                return b"".join([encode(item) for item in feed_events(machine, upstream_events)])
+            except MalformedStream as fault:
+                push(b"".join([encode(item) for item in fault.converted]))
+                raise
+
         def sink(data: bytes, _framed: Optional[bytes]) -> Any:
             scan(data)
-            items = feed_events(machine, decoder.feed(data))
-            if items:
-                push(b"".join([encode(item) for item in items]))
+            push(converted(decoder.feed(data)))
             return PUMP_STOP if machine.finished else None
         await response.pump(sink, self.out.writer)
-        items = feed_events(machine, decoder.close())
+        tail = converted(decoder.close())
         if not machine.finished and not machine.saw_finish:   # the body ended, the answer did not
-            await relay.send(b"".join([encode(item) for item in items]))
+            await relay.send(tail)
             raise UpstreamError("upstream stream ended before its answer finished")
-        items += feed_events(machine, [END_OF_STREAM])         # close() is idempotent
-        await relay.send(b"".join([encode(item) for item in items]))
+        await relay.send(tail + converted([END_OF_STREAM]))      # close() is idempotent
         relay.stop()
         await self.out.finish()
 
@@ -8024,7 +8139,7 @@ class Exchange:
 
 RESPONSES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, previous TEXT,
-                                      size INTEGER NOT NULL, response TEXT NOT NULL);
+                                      size INTEGER NOT NULL, response TEXT NOT NULL, owner TEXT);
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created);
 CREATE TABLE IF NOT EXISTS items (response_id TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT,
                                   kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (response_id, seq));
@@ -8040,7 +8155,9 @@ class ResponseStore:
     """Stored responses in one sqlite3 file (WAL: several proxy processes share it), bounded by
     size and age with the oldest evicted at each write. The blocking methods each open their own
     connection and run in the loop's executor through `call`; a response is reserved while it is
-    being answered, so a request naming it as previous_response_id waits for its write."""
+    being answered, so a request naming it as previous_response_id waits for its write. Each
+    response and its items belong to the credential that created it (`owner`, see
+    response_owner): reads, continuations and deletes by anyone else find nothing."""
 
     def __init__(self, path: str, *, max_bytes: int, max_age: float, clock: Clock = time.time):
         self.path = path
@@ -8066,12 +8183,14 @@ class ResponseStore:
             if not self._ready:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(RESPONSES_SCHEMA)
+                if "owner" not in [row[1] for row in db.execute("PRAGMA table_info(responses)")]:
+                    db.execute("ALTER TABLE responses ADD COLUMN owner TEXT")   # older rows: no one's
                 self._ready = True
             return work(db)
         finally:
             db.close()
 
-    def put(self, response: dict, input_items: List[dict]) -> None:
+    def put(self, response: dict, input_items: List[dict], owner: str) -> None:
         """Store a response with its own input items (replacing one of the same id), then evict."""
         rows = [("input", item) for item in input_items] + [("output", item) for item in response["output"]]
         texts = [(kind, item.get("id"), json_text(item)) for kind, item in rows]
@@ -8081,8 +8200,8 @@ class ResponseStore:
         def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             self._delete(db, [response["id"]])
-            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (
-                response["id"], self.clock(), response.get("previous_response_id"), size, response_text))
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", (
+                response["id"], self.clock(), response.get("previous_response_id"), size, response_text, owner))
             db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)", [
                 (response["id"], seq, item_id, kind, text) for seq, (kind, item_id, text) in enumerate(texts)])
             self._delete(db, self._doomed(db))
@@ -8114,53 +8233,65 @@ class ResponseStore:
             db.execute("DELETE FROM items WHERE response_id = ?", (rid,))
         return gone
 
-    def get(self, response_id: str) -> Optional[dict]:
+    def get(self, response_id: str, owner: str) -> Optional[dict]:
         """A stored response object, or None."""
-        row = self._run(lambda db: db.execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone())
+        row = self._run(lambda db: db.execute("SELECT response FROM responses WHERE id = ? AND owner = ?",
+                                              (response_id, owner)).fetchone())
         return json.loads(row[0]) if row else None
 
-    def delete(self, response_id: str) -> bool:
+    def delete(self, response_id: str, owner: str) -> bool:
         """Forget one response (the chain through it is then cut there, as at OpenAI)."""
         def work(db: sqlite3.Connection) -> int:
             db.execute("BEGIN IMMEDIATE")
-            gone = self._delete(db, [response_id])
+            owned = self._owned(db, response_id, owner)
+            gone = self._delete(db, [response_id]) if owned else 0
             db.execute("COMMIT")
             return gone
         return bool(self._run(work, absent=0))
 
-    def input_items(self, response_id: str) -> Optional[List[dict]]:
+    @staticmethod
+    def _owned(db: sqlite3.Connection, response_id: str, owner: str) -> bool:
+        """Whether the response exists and belongs to `owner`."""
+        return db.execute("SELECT 1 FROM responses WHERE id = ? AND owner = ?", (response_id, owner)).fetchone() is not None
+
+    def input_items(self, response_id: str, owner: str) -> Optional[List[dict]]:
         """A stored response's own input items, or None when it is unknown."""
         def work(db: sqlite3.Connection) -> Optional[List[dict]]:
-            if db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone() is None:
+            if not self._owned(db, response_id, owner):
                 return None
             return [json.loads(text) for (text,) in db.execute(
                 "SELECT item FROM items WHERE response_id = ? AND kind = 'input' ORDER BY seq", (response_id,))]
         return self._run(work)
 
-    def history(self, response_id: str) -> Optional[List[dict]]:
-        """Input and output items of a response and its predecessors, oldest first; None if unknown."""
-        def work(db: sqlite3.Connection) -> Optional[List[dict]]:
-            chain, current = [], response_id
+    def history(self, response_id: str, owner: str, limit: int) -> Optional[Tuple[List[dict], int]]:
+        """(input and output items of a response and its predecessors, oldest first; their JSON
+        size in bytes); no items are read when that size is over `limit`; None if unknown."""
+        def work(db: sqlite3.Connection) -> Optional[Tuple[List[dict], int]]:
+            chain, current, size = [], response_id, 0
             while current and len(chain) < MAX_RESPONSE_CHAIN:
-                row = db.execute("SELECT previous FROM responses WHERE id = ?", (current,)).fetchone()
+                row = db.execute("SELECT previous FROM responses WHERE id = ? AND owner = ?", (current, owner)).fetchone()
                 if row is None:
                     break
                 chain.append(current)
+                size += db.execute("SELECT COALESCE(SUM(LENGTH(CAST(item AS BLOB))), 0) FROM items "
+                                   "WHERE response_id = ?", (current,)).fetchone()[0]
                 current = row[0]
-            if not chain:
-                return None
+            if not chain or size > limit:
+                return (([], size) if chain else None)
             return [json.loads(text) for rid in reversed(chain) for (text,) in db.execute(
-                "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))]
+                "SELECT item FROM items WHERE response_id = ? ORDER BY seq", (rid,))], size
         return self._run(work)
 
-    def items(self, item_ids: List[str]) -> Dict[str, dict]:
-        """Stored items by id (for item_reference); unknown ids are absent."""
-        def work(db: sqlite3.Connection) -> Dict[str, dict]:
+    def items(self, item_ids: List[str], owner: str) -> Dict[str, Tuple[dict, int]]:
+        """Stored items by id, each read once (for item_reference), with its JSON size in bytes;
+        unknown ids, and other owners' items, are absent."""
+        def work(db: sqlite3.Connection) -> Dict[str, Tuple[dict, int]]:
             found = {}
-            for item_id in item_ids:
-                row = db.execute("SELECT item FROM items WHERE id = ? LIMIT 1", (item_id,)).fetchone()
+            for item_id in dict.fromkeys(item_ids):
+                row = db.execute("SELECT item FROM items JOIN responses ON responses.id = items.response_id "
+                                 "WHERE items.id = ? AND responses.owner = ? LIMIT 1", (item_id, owner)).fetchone()
                 if row:
-                    found[item_id] = json.loads(row[0])
+                    found[item_id] = (json.loads(row[0]), len(row[0].encode("utf-8")))
             return found
         return self._run(work, absent={})
 
@@ -8187,6 +8318,13 @@ class ResponseStore:
         future = self._pending.pop(response_id, None)
         if future is not None and not future.done():
             future.set_result(None)
+
+
+def response_owner(req: Request) -> str:
+    """Whose stored responses a request may see: a hash of the key it sent (the proxy key or the
+    client's own), "" for a client without one."""
+    key = offered_key(req)
+    return hashlib.sha256(b"claude_proxy response owner\0" + key.encode("utf-8")).hexdigest()[:32] if key else ""
 
 
 def with_item_ids(items: List[dict]) -> List[dict]:
@@ -8457,26 +8595,35 @@ async def handle_responses(x: Exchange) -> None:
     try:
         await responses_converted(x, body, expanded, machine)
         if body.get("store") is not False and machine.response:
-            await store_response(store, machine.response, own_input)
+            await store_response(store, machine.response, own_input, response_owner(x.req))
     finally:
         store.release(response_id)
 
 
 async def responses_history(x: Exchange, body: dict, own_input: List[dict]) -> List[dict]:
-    """The input with the stored chain of previous_response_id in front and item references resolved."""
-    previous = body.get("previous_response_id")
-    history: List[dict] = []
+    """The input with the stored chain of previous_response_id in front and item references
+    resolved. What the stored items add is bounded like a body (MAX_BODY_BYTES, a 400 naming it),
+    counted against the bodies in flight, and makes the request's work large (off the loop)."""
+    store, owner, limit = x.server.responses, response_owner(x.req), x.config.settings["max_body_bytes"]
+    previous, history, size = body.get("previous_response_id"), [], 0
     if previous is not None:
-        found = await x.server.responses.call(x.server.responses.history, str(previous))
+        found = await store.call(store.history, str(previous), owner, limit)
         if found is None:
             raise NotFound(f"Previous response with id {previous!r} not found.", param="previous_response_id")
-        history = found
+        history, size = found
     references = [str(item.get("id")) for item in own_input if item["type"] == "item_reference"]
-    stored = await x.server.responses.call(x.server.responses.items, references) if references else {}
+    stored = await store.call(store.items, references, owner) if references else {}
     for item_id in references:
         if item_id not in stored:
             raise NotFound(f"Item with id {item_id!r} not found.", param="input")
-    return history + [stored[item["id"]] if item["type"] == "item_reference" else item for item in own_input]
+        size += stored[item_id][1]
+    if size > limit:
+        raise BadRequest(f"the stored items this request continues or references come to {size} bytes, over the "
+                         f"{limit}-byte limit of a request (MAX_BODY_BYTES): start a new conversation",
+                         param="previous_response_id" if previous is not None else "input")
+    x.server.reserve_body(x.req, size)
+    x.work_bytes += size
+    return history + [stored[item["id"]][0] if item["type"] == "item_reference" else item for item in own_input]
 
 
 async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: AnthropicToResponsesStream) -> None:
@@ -8522,14 +8669,14 @@ async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[s
     anthropic_body["stream"] = streams_upstream(target, expanded)
     x.say(notes)
     if expanded.get("prompt_cache_key"):       # the client asked for caching: stable breakpoints
-        anthropic_body = add_cache_breakpoints(anthropic_body)
+        anthropic_body = await x.run(add_cache_breakpoints, anthropic_body)
     return await anthropic_converted_call(x, target, anthropic_body)
 
 
-async def store_response(store: ResponseStore, response: dict, own_input: List[dict]) -> None:
+async def store_response(store: ResponseStore, response: dict, own_input: List[dict], owner: str) -> None:
     """Keep a finished response; a store that fails costs the client nothing but a warning."""
     try:
-        await store.call(store.put, response, own_input)
+        await store.call(store.put, response, own_input, owner)
     except ProxyError as exc:
         log.warning("response %s not stored: %s", response["id"], exc.message)
 
@@ -8541,6 +8688,11 @@ def stored_response_path(x: Exchange) -> Tuple[str, str]:
     return urllib.parse.unquote(response_id), tail
 
 
+async def respond_stored(x: Exchange, stored: dict) -> None:
+    """A stored object as the JSON answer, serialised off the loop (stored items may be large)."""
+    await x.out.respond(200, [("content-type", "application/json")], await run_off_loop(json_bytes, stored))
+
+
 async def handle_stored_response(x: Exchange) -> None:
     """GET /v1/responses/{id} and GET /v1/responses/{id}/input_items (limit, order, after)."""
     response_id, tail = stored_response_path(x)
@@ -8550,24 +8702,24 @@ async def handle_stored_response(x: Exchange) -> None:
         limit, order = query.get("limit", "20"), query.get("order", "desc")
         if not limit.isdigit() or not 1 <= int(limit) <= 100 or order not in ("asc", "desc"):
             raise BadRequest("limit must be 1-100 and order asc or desc", param="limit" if order in ("asc", "desc") else "order")
-        items = await store.call(store.input_items, response_id)
+        items = await store.call(store.input_items, response_id, response_owner(x.req))
         if items is None:
             raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
-        await x.out.respond_json(200, list_page(items, int(limit), order, query.get("after")))
+        await respond_stored(x, list_page(items, int(limit), order, query.get("after")))
         return
     if parse_bool(urllib.parse.parse_qs(x.req.query).get("stream", ["false"])[-1]):
         raise BadRequest("stream=true is not supported here: a stored response is answered as JSON", param="stream")
-    response = await store.call(store.get, response_id) if not tail else None
+    response = await store.call(store.get, response_id, response_owner(x.req)) if not tail else None
     if response is None:
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
-    await x.out.respond_json(200, response)
+    await respond_stored(x, response)
 
 
 async def handle_delete_response(x: Exchange) -> None:
     """DELETE /v1/responses/{id}."""
     response_id, tail = stored_response_path(x)
     store = x.server.responses
-    if tail or not await store.call(store.delete, response_id):
+    if tail or not await store.call(store.delete, response_id, response_owner(x.req)):
         raise NotFound(f"Response with id {response_id!r} not found.", param="response_id")
     await x.out.respond_json(200, {"id": response_id, "object": "response", "deleted": True})
 
@@ -8844,10 +8996,14 @@ def error_event(x: Exchange, exc: ProxyError) -> bytes:
 
 
 async def render_error(x: Exchange, exc: ProxyError) -> None:
-    """An error in the client's dialect: a JSON response, or one event if streaming began. An
+    """An error in the client's dialect: a JSON response, or one event if streaming began (the
+    stream then ends whole, so its connection stays usable for the client's next request). An
     upstream's own error body is relayed (same dialect) or converted, with every secret the
-    proxy knows scrubbed from it (an upstream may quote the credential it rejected)."""
+    proxy knows scrubbed from it (an upstream may quote the credential it rejected). After a
+    complete response (a failure in what follows it, such as storing it) nothing is sent."""
     x.error = exc
+    if x.out.finished:
+        return
     if exc.retryable is False:
         x.out.extra_headers = x.out.extra_headers + [("x-should-retry", "false")]
     if isinstance(exc, UpstreamStatus):
@@ -8864,7 +9020,6 @@ async def render_error(x: Exchange, exc: ProxyError) -> None:
     if not x.out.started:
         await x.out.respond_json(exc.status, error_body(x, exc), extra)
         return
-    x.req.keep_alive = False
     event = x.stream_error(exc) if x.stream_error else error_event(x, exc)
     await (x.relay.error(event) if x.relay else x.out.send(event))
     await x.out.finish()
@@ -8878,6 +9033,8 @@ def cut_at_shutdown(x: Exchange) -> None:
     """Past the shutdown grace: end the answer at once (no await) with an error in the client's
     dialect, so a cut stream is never mistaken for a complete one."""
     x.error, x.req.keep_alive = ProxyError("cut at the shutdown deadline", status=503, error_type="shutdown"), False
+    if x.out.finished:
+        return
     if not x.out.started:
         x.out.started, x.out.status = True, 503
         x.out.writer.write(http_error_bytes(503, SHUTDOWN_CUT.error_type, SHUTDOWN_CUT.message))
@@ -9038,6 +9195,9 @@ USAGE_CHART_DAYS = 14                 # the status page's per-day chart
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 COUNTERS = ("requests", "errors") + METER_FIELDS + ("cost_usd", "unpriced_requests")
 GROUPS = ("by_model", "by_route", "by_day")
+OTHER_MODELS = "other"                # the row of requested names past the bounds below
+MAX_UNCONFIGURED_MODELS = 32          # names neither a configured model nor a route kept by name
+MAX_MODEL_ROWS = 256                  # model rows any totals hold (an old ledger's too)
 
 # ---- Prices and cost ------------------------------------------------------------------------
 
@@ -9124,15 +9284,26 @@ class UsageTotals:
 
     def __init__(self) -> None:
         self.groups: Dict[Tuple[str, str, str], list] = {}
+        self.models: set = set()
 
     def add(self, model: Optional[str], route: Optional[str], day: str, counts: Iterable[Any]) -> None:
         """Add one record's counts, or one ledger group's sums."""
-        key = (model or "-", route or "-", day)
+        key = (self._model_row(model or "-"), route or "-", day)
         counts = list(counts)
         into = self.groups.get(key)
         if into is None:
             self.groups[key] = into = _zero_counts()
         _accumulate(into, counts)
+
+    def _model_row(self, model: str) -> str:
+        """The model's own row; OTHER_MODELS for a name over MAX_MODEL_NAME or past MAX_MODEL_ROWS
+        names (a ledger written before those bounds may hold any)."""
+        if model in self.models:
+            return model
+        if len(model) > MAX_MODEL_NAME or len(self.models) >= MAX_MODEL_ROWS:
+            return OTHER_MODELS
+        self.models.add(model)
+        return model
 
     def add_record(self, record: UsageRecord) -> None:
         """Add one request."""
@@ -9571,7 +9742,7 @@ class Plugins:
         if not self.response:
             return raw
         try:
-            answer = json.loads(raw)
+            answer = loads_json(raw)
         except (ValueError, UnicodeDecodeError):
             return raw
         return json_bytes(self.on_response(x, answer)) if isinstance(answer, dict) else raw
@@ -9781,6 +9952,7 @@ class Operations:
         self.watcher: Optional[asyncio.Future] = None
         self._reload_lock: Optional[asyncio.Lock] = None
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
+        self._unconfigured_models: set = set()
 
     def start(self, server: "ProxyServer") -> None:
         """Watch the config files, when the server knows how to reload."""
@@ -9820,11 +9992,24 @@ class Operations:
         tokens = meter.tokens()
         ttft = None if meter.first_byte_at is None else round((meter.first_byte_at - started) * 1000, 1)
         return UsageRecord(
-            self.clock() - elapsed, x.req.dialect, meter.requested, target and target.route,
+            self.clock() - elapsed, x.req.dialect, self.model_label(x.config, meter.requested),
+            target and target.route,
             target and target.provider["name"], target and target.spec["model"],
             x.out.status or (error.status if error else None), error.error_type if error else None,
             *tokens, ttft, round(elapsed * 1000, 1),
             request_cost(self.prices(target.spec), tokens) if target else None, meter.key)
+
+    def model_label(self, config: Config, requested: str) -> str:
+        """The name the totals and the ledger keep for a requested model: itself when it is a
+        configured model or names a route, or is among the first MAX_UNCONFIGURED_MODELS other
+        names; OTHER_MODELS after them (client-chosen names must not grow memory or disk)."""
+        if requested in self._unconfigured_models or requested in config.models or \
+                any(requested.lower() in (route.lower(), route_alias(route).lower()) for route in config.routes):
+            return requested
+        if len(self._unconfigured_models) >= MAX_UNCONFIGURED_MODELS:
+            return OTHER_MODELS
+        self._unconfigured_models.add(requested)
+        return requested
 
     def prices(self, spec: dict) -> Optional[Prices]:
         """The spec's prices; table rows are looked up once per model name."""
@@ -10473,11 +10658,20 @@ async def handle_index(x: "Exchange") -> None:
     await x.out.respond(200, PAGE_HEADERS, STATUS_PAGE_BYTES)
 
 
+def form_field(form: bytes, name: str) -> str:
+    """The first `name=` field of a urlencoded form (MAX_PUBLIC_BODY at most), decoded; nothing
+    else of the form is parsed. "" when absent."""
+    prefix = name.encode("ascii") + b"="
+    for pair in form.split(b"&"):
+        if pair.startswith(prefix):
+            return urllib.parse.unquote_plus(pair[len(prefix):].decode("utf-8", "replace"), errors="replace")
+    return ""
+
+
 async def handle_page_login(x: "Exchange") -> None:
     """POST / from the page's key form (key=...): the cookie, and back to the page."""
     check_page_origin(x)
-    form = urllib.parse.parse_qs(x.req.body.decode("utf-8", "replace"))
-    await page_login(x, (form.get("key") or [""])[0])
+    await page_login(x, form_field(x.req.body, "key"))
 
 
 async def page_login(x: "Exchange", offered: str) -> None:
@@ -10567,8 +10761,7 @@ async def dry_run_request(x: "Exchange", body: dict) -> dict:
 async def handle_test_conversion(x: "Exchange") -> None:
     """POST /v1/messages/test_conversion[?dry_run=1]: an Anthropic request sent to the model its
     body names, bypassing routing; dry_run answers the converted upstream request instead."""
-    body = require_fields(parse_json_body(x.req.body), {"model": str, "messages": list, "max_tokens": int},
-                          "anthropic")
+    body = await x.json_body({"model": str, "messages": list, "max_tokens": int})
     x.target = direct_target(x.config, body["model"])
     if parse_bool(query_value(x, "dry_run") or "0"):
         await x.out.respond_json(200, await dry_run_request(x, body))
@@ -10774,9 +10967,7 @@ class ProxyServer:
             await self._refuse(conn, Request("GET", "/", {}, b"", conn.peer), exc)
             return None
         req = Request(method, target, headers, b"", conn.peer)
-        req.http10 = version == "HTTP/1.0"
-        if req.http10 and headers.get("connection", "").lower() != "keep-alive":
-            req.keep_alive = False
+        req.http10, req.keep_alive = version == "HTTP/1.0", keeps_alive(version, headers)
         try:
             check_browser_guard(settings, req, self.loopback_bind)
             check_access(self.config, req)
@@ -10786,12 +10977,15 @@ class ProxyServer:
         return req
 
     async def _read_body(self, conn: ClientConnection, req: Request) -> bool:
-        """The body within BODY_TIMEOUT and the in-flight bound; False when refused."""
+        """The body within BODY_TIMEOUT, its limit and the in-flight bound; False when refused. A
+        path that answers without a key takes at most MAX_PUBLIC_BODY (the page's key form), so no
+        request that has not authenticated costs the loop more than a few KiB."""
         settings = self.config.settings
+        limit = MAX_PUBLIC_BODY if req.path in PUBLIC_PATHS else settings["max_body_bytes"]
         try:
             req.body = await asyncio.wait_for(read_body(
-                conn.reader, conn.writer, req.headers, settings["max_body_bytes"], not req.http10,
-                lambda size: self._reserve(req, size)), settings["body_timeout"])
+                conn.reader, conn.writer, req.headers, limit, not req.http10,
+                lambda size: self.reserve_body(req, size)), settings["body_timeout"])
             return True
         except asyncio.TimeoutError:
             exc = ProxyError(f"the request body did not arrive within {settings['body_timeout']:.0f}s "
@@ -10801,8 +10995,9 @@ class ProxyServer:
         await self._refuse(conn, req, exc)
         return False
 
-    def _reserve(self, req: Request, size: int) -> None:
-        """Count size more body bytes in flight, or refuse with 503 past MAX_BUFFERED_BYTES."""
+    def reserve_body(self, req: Request, size: int) -> None:
+        """Count size more body bytes in flight (a body, or what stored items expand it by), or
+        refuse with 503 past MAX_BUFFERED_BYTES."""
         if self.buffered + size > self.config.settings["max_buffered_bytes"]:
             raise ProxyError("the proxy holds too many large request bodies right now; retry shortly",
                              status=503, error_type="overloaded_error")
@@ -10812,7 +11007,7 @@ class ProxyServer:
     async def _refuse(self, conn: ClientConnection, req: Request, exc: ProxyError) -> None:
         """Answer a request that will not be served, then end the connection."""
         req.keep_alive = False
-        await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
+        await render_safely(Exchange(self, req, ClientStream(conn.writer, closing=lambda: True)), exc)
         access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
                         log_safe(exc.message[:200]))
         conn.busy = False                               # nothing left to finish at shutdown
@@ -10822,7 +11017,8 @@ class ProxyServer:
         """Dispatch one request. End of input from the client is not taken as leaving: one that
         half-closed after its request (`nc -N`) is answered; the handler is cancelled only when
         the connection is reset or lost (a write fails)."""
-        out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10)
+        out = ClientStream(conn.writer, req.method == "HEAD", chunked=not req.http10,
+                           closing=lambda: not req.keep_alive or self.closing)
         handler = conn.handler = asyncio.ensure_future(dispatch(self, req, out))
         watcher = asyncio.ensure_future(conn.reader.read(1))
         await asyncio.wait((handler, watcher), return_when=asyncio.FIRST_COMPLETED)

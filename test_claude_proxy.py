@@ -31,6 +31,7 @@ import shutil
 import signal
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -722,7 +723,7 @@ HOT_TEXTS = ["", "a", " quick", "é\u00e9\U0001f600", 'quote " and \\ back', "li
              "\u2028\u2029", "<think>", "x" * 5000]
 
 
-@pytest.mark.parametrize("text", HOT_TEXTS + ["\ud800 lone"])
+@pytest.mark.parametrize("text", HOT_TEXTS)
 def test_byte_templates_write_exactly_what_the_general_encoder_writes(text):
     def general(obj, event=None):
         return cp.format_sse(cp._json_encoder.encode(obj), event)
@@ -6017,18 +6018,21 @@ def test_store_false_keeps_nothing_and_store_is_bounded(tmp_path):
     big = {"id": "", "output": [{"type": "message", "id": "msg_o", "content": [{"type": "output_text", "text": "x" * 400}]}]}
     for i in range(5):
         store.put(dict(big, id=f"resp_{i}", previous_response_id=f"resp_{i - 1}" if i else None),
-                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}])
+                  [{"type": "message", "id": f"msg_{i}", "role": "user", "content": "q"}], "")
         now[0] += 1
-    kept = [i for i in range(5) if store.get(f"resp_{i}")]
+    kept = [i for i in range(5) if store.get(f"resp_{i}", "")]
     assert kept == [3, 4]                          # each ~1100 bytes: the oldest went first
-    assert [i["id"] for i in store.history("resp_4")] == ["msg_3", "msg_o", "msg_4", "msg_o"]
+    items, size = store.history("resp_4", "", 10 ** 6)
+    assert [i["id"] for i in items] == ["msg_3", "msg_o", "msg_4", "msg_o"] and size == sum(len(json.dumps(
+        i, separators=(",", ":"))) for i in items)
+    assert store.history("resp_4", "", size - 1) == ([], size) and store.history("resp_4", "other", 10 ** 6) is None
     other = cp.ResponseStore(store.path, max_bytes=10 ** 6, max_age=100.0, clock=lambda: now[0])
-    assert other.get("resp_4")["id"] == "resp_4" and other.items(["msg_4", "nope"]).keys() == {"msg_4"}
+    assert other.get("resp_4", "")["id"] == "resp_4" and other.items(["msg_4", "nope", "msg_4"], "").keys() == {"msg_4"}
     now[0] += 200
-    other.put(dict(big, id="resp_new"), [])
-    assert store.get("resp_4") is None and store.get("resp_new") is not None
+    other.put(dict(big, id="resp_new"), [], "")
+    assert store.get("resp_4", "") is None and store.get("resp_new", "") is not None
     assert os.stat(store.path).st_mode & 0o777 == 0o600 if POSIX else True
-    assert store.delete("resp_new") and not store.delete("resp_new") and store.input_items("resp_new") is None
+    assert store.delete("resp_new", "") and not store.delete("resp_new", "") and store.input_items("resp_new", "") is None
 
     async def scenario():
         async with responses_client(tmp_path / "p") as (client, _, _):
@@ -8596,11 +8600,40 @@ def nested_json(depth):
     return opens + '"x"' + "".join("}" if i % 2 else "]" for i in reversed(range(depth)))
 
 
+RESPONSES_BODIES = [
+    {"model": "claude-sonnet-4-5", "input": "hi"},
+    {"model": "claude-sonnet-4-5", "stream": True, "instructions": "be brief", "store": True, "prompt_cache_key": "k",
+     "reasoning": {"effort": "high", "summary": "auto"}, "metadata": {"user_id": "u"}, "max_output_tokens": 100,
+     "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+               {"type": "web_search"}], "tool_choice": "auto",
+     "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+     "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                            {"type": "input_image", "image_url": "data:image/png;base64,iVBO"}]},
+               {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "t"}],
+                "encrypted_content": "x"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"P\"}"},
+               {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+               {"type": "item_reference", "id": "msg_nope"}]},
+    {"model": "claude-sonnet-4-5", "input": "more", "previous_response_id": "resp_nope"},
+]
+LONE_SURROGATE_FORMS = [b'"\\ud800"', b'"a\\udfff"', b'"\xed\xa0\x80"', b'"{\\"session_id\\": \\"\\\\ud800\\"}"']
+
+
 def fuzz_bodies(rand):
-    """Request bodies of the classes that used to get a 500, plus generic mutations."""
+    """Request bodies of the classes that used to get a 500, plus generic mutations, in the three
+    JSON dialects."""
     anthropic = rand.choice(ANTHROPIC_BODIES)
     openai = rand.choice(OPENAI_BODIES)
-    pick = rand.randrange(9)
+    pick = rand.randrange(12)
+    if pick == 9:
+        return "/v1/responses", json.dumps(mutate(rand.choice(RESPONSES_BODIES), rand, rate=rand.choice([0.1, 0.3]))).encode()
+    if pick == 10:                          # a lone surrogate where a client id or text goes, any dialect
+        path, body = rand.choice([("/v1/messages", anthropic), ("/v1/chat/completions", openai),
+                                  ("/v1/responses", rand.choice(RESPONSES_BODIES))])
+        where = rand.choice(["metadata", "model", "text"])
+        shaped = dict(body, metadata={"user_id": "@"}) if where == "metadata" else dict(body, model="@") \
+            if where == "model" else json.loads(json.dumps(body).replace('"hi"', '"@"', 1))
+        return path, json.dumps(shaped).encode().replace(b'"@"', rand.choice(LONE_SURROGATE_FORMS), 1)
     if pick == 0:
         deep = nested_json(rand.choice([50, 500, 990, 5000]))
         return "/v1/messages", json.dumps(dict(anthropic, metadata="@")).replace('"@"', deep).encode()
@@ -8608,11 +8641,12 @@ def fuzz_bodies(rand):
         deep = nested_json(rand.choice([990, 3000]))
         return "/v1/chat/completions", json.dumps(dict(openai, user="@")).replace('"@"', deep).encode()
     if pick == 2:
-        text = json.dumps(anthropic if rand.random() < 0.5 else openai)
+        path, body = rand.choice([("/v1/messages", anthropic), ("/v1/chat/completions", openai),
+                                  ("/v1/responses", rand.choice(RESPONSES_BODIES))])
+        text = json.dumps(body)
         at = rand.randrange(len(text))
         at = text.rfind('"', 0, at)
-        return rand.choice(["/v1/messages", "/v1/chat/completions"]), (text[:at + 1] + "\\ud800" + text[at + 1:]).encode() \
-            if at > 0 and text[at - 1] != "\\" else text.encode()
+        return path, (text[:at + 1] + "\\ud800" + text[at + 1:]).encode() if at > 0 and text[at - 1] != "\\" else text.encode()
     if pick == 3:
         return "/v1/chat/completions", json.dumps(dict(openai, stream=True, stream_options=rand.choice(
             ["x", 1, [], True, None, {"include_usage": "yes"}]))).encode()
@@ -8633,34 +8667,50 @@ def fuzz_bodies(rand):
     return "/v1/messages", raw[:cut] + bytes([rand.randrange(256)]) + raw[cut + 1:]
 
 
-def test_fuzzed_requests_never_get_a_500(tmp_path, monkeypatch):
-    rand = random.Random(FUZZ_SEED + 10)
-    statuses = {}
-    dead = f"http://127.0.0.1:{free_port()}"      # nothing listens: what passes validation fails fast (502)
+def fuzz_upstream_answer(req):
+    """A live upstream's answer to whatever a fuzzed request became: Anthropic or OpenAI, streamed
+    when asked, so the answer side (conversion, store, ledger) sees fuzzed requests too."""
+    body = req["body"] if isinstance(req["body"], dict) else {}
+    if req["path"].endswith("/chat/completions"):
+        return Stream(openai_stream_chunks("Hi")) if body.get("stream") else http_response(200, OPENAI_COMPLETION)
+    return Stream(anthropic_stream("Hi")) if body.get("stream") else http_response(200, anthropic_message("Hi"))
 
-    async def scenario():
+
+async def fuzz_dispatch_campaign(tmp_path, count, seed):
+    """count fuzzed bodies (fuzz_bodies) through the whole request path of five proxies: a dead
+    upstream (what passes validation fails fast), an OAuth one, an openai-format one, and live
+    anthropic- and openai-format upstreams. Returns {status: count}; a 500 fails at once."""
+    rand, statuses = random.Random(seed), {}
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with FakeUpstream(fuzz_upstream_answer) as up:
         configs = [make_config(tmp_path, dead), make_config(tmp_path / "o", None, oauth_token="sk-ant-oat01-fuzz",
                                                             providers={"anthropic": {"base_url": dead, "auth": "oauth",
                                                                                      "format": "anthropic"}}),
-                   config_for(tmp_path / "p", "openai", dead)]
+                   config_for(tmp_path / "p", "openai", dead), make_config(tmp_path / "l", up.url),
+                   config_for(tmp_path / "q", "openai", up.url)]
         servers = [cp.ProxyServer(c) for c in configs]
-        for i in range(20_000):
+        for i in range(count):
             path, raw = fuzz_bodies(rand)
             req = cp.Request("POST", path, {"content-type": "application/json", "host": "localhost",
                                             "anthropic-version": "2023-06-01"}, raw, "127.0.0.1")
             writer = FuzzWriter()
-            await cp.dispatch(servers[i % 3], req, cp.ClientStream(writer))
+            await asyncio.wait_for(cp.dispatch(servers[i % len(servers)], req, cp.ClientStream(writer)), 10)
             status = int(bytes(writer.data[9:12]))
             statuses[status] = statuses.get(status, 0) + 1
             assert status != 500, (path, raw[:300], bytes(writer.data[:600]))
         for server in servers:
             server.pool.close()
+            await server.ops.close()
+    return statuses
+
+
+def test_fuzzed_requests_never_get_a_500(tmp_path):
     logging.getLogger("claude_proxy").disabled = True
     try:
-        run(scenario())
+        statuses = run(fuzz_dispatch_campaign(tmp_path, 20_000, FUZZ_SEED + 10))
     finally:
         logging.getLogger("claude_proxy").disabled = False
-    assert sum(statuses.values()) == 20_000 and statuses.get(400, 0) > 5000, statuses
+    assert sum(statuses.values()) == 20_000 and statuses.get(400, 0) > 5000 and statuses.get(200, 0) > 2000, statuses
 
 
 @pytest.mark.parametrize("data, status", [
@@ -8842,6 +8892,610 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert "already in use" in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "claude_proxy:" in line and "in use" in line]) == 1
+
+# =============================================================================================
+# 7b. Hardening, round 3 (issue 19)
+# =============================================================================================
+
+# ---- 1. the status page's key form: a few KiB, refused before the body, one field parsed ------
+
+FORM_HEAD = ["host: 127.0.0.1", "content-type: application/x-www-form-urlencoded"]
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/status.json"])
+def test_a_keyless_body_over_the_form_cap_is_a_413_before_any_body_byte(tmp_path, path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key="pk-123456789", body_timeout=30)) as (_, port):
+            started = time.monotonic()
+            media = FORM_HEAD if path == "/" else ["host: 127.0.0.1", "content-type: application/json"]
+            answer = await raw_request(port, head_bytes("POST", path, media + [f"content-length: {30 << 20}"]), timeout=5)
+            assert answer.startswith(b"HTTP/1.1 413") and b"4096 bytes" in answer, answer[:200]
+            assert time.monotonic() - started < 3       # the body is never awaited
+    run(scenario())
+
+
+def test_a_chunked_form_body_over_the_cap_is_a_413(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key="pk-123456789")) as (_, port):
+            chunk = b"a=%&" * 1024
+            body = b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2 + b"0\r\n\r\n"
+            answer = await raw_request(port, head_bytes("POST", "/", FORM_HEAD + ["transfer-encoding: chunked"], body))
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    run(scenario())
+
+
+def test_the_key_form_reads_its_key_field_and_nothing_else(tmp_path):
+    key = "pk-123456789+/=&"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key=key)) as (_, port):
+            form = b"a=%&x=%zz&key=" + urllib.parse.quote_plus(key).encode() + b"&key=second&" + b"b=%" * 900
+            assert len(form) <= cp.MAX_PUBLIC_BODY
+            status, headers, _ = await call(port, "POST", "/", raw=form, headers={"content-type": FORM_HEAD[1][14:]})
+            assert status == 303 and headers["location"] == "/" and "set-cookie" in headers
+    assert cp.form_field(b"a=1&key=x+y%2B%zz", "key") == "x y+%zz" and cp.form_field(b"akey=1", "key") == ""
+    run(scenario())
+
+
+# ---- 5. a stored conversation is expanded off the loop, within the body limit ---------------
+
+def test_a_tiny_request_continuing_a_large_stored_response_is_converted_off_the_loop(tmp_path, monkeypatch):
+    threads = []
+    for name in ("responses_to_anthropic_request", "json_bytes"):
+        original = getattr(cp, name)
+
+        def recorded(*args, _original=original, _name=name, **kw):
+            threads.append((_name, threading.current_thread() is threading.main_thread()))
+            return _original(*args, **kw)
+        monkeypatch.setattr(cp, name, recorded)
+    big = [{"role": "user", "content": "x" * 1000, "id": f"msg_{i}"} for i in range(cp.OFF_LOOP_BODY_BYTES // 1000 + 10)]
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": big})
+                rid = json.loads(body)["id"]
+                threads.clear()
+                tiny = {"model": "claude-sonnet-4-5", "input": "next", "previous_response_id": rid, "store": False}
+                assert len(json.dumps(tiny)) <= 120
+                assert (await call(port, "POST", "/v1/responses", tiny))[0] == 200
+                assert ("responses_to_anthropic_request", False) in threads and ("json_bytes", False) in threads
+                assert ("responses_to_anthropic_request", True) not in threads, threads
+                threads.clear()
+                status, _, page = await call(port, "GET", f"/v1/responses/{rid}/input_items?limit=100")
+                assert status == 200 and len(json.loads(page)["data"]) == 100
+                assert threads == [("json_bytes", False)], threads
+    run(scenario())
+
+
+def test_a_stored_conversation_may_expand_a_request_only_to_the_body_limit(tmp_path):
+    limit = 64 * 1024
+    turn = {"role": "user", "content": "x" * 40_000}
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url, max_body_bytes=limit)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": [turn]})
+                first = json.loads(body)
+                status, _, body = await call(port, "POST", "/v1/responses", {
+                    "model": "claude-sonnet-4-5", "input": [turn], "previous_response_id": first["id"]})
+                assert status == 200, body[:300]                   # 40 KB stored + 40 KB sent: each within the limit
+                second = json.loads(body)["id"]
+                status, _, body = await call(port, "POST", "/v1/responses", {
+                    "model": "claude-sonnet-4-5", "input": "more", "previous_response_id": second})
+                error = json.loads(body)["error"]
+                assert status == 400 and error["param"] == "previous_response_id", body[:300]
+                assert f"{limit}-byte limit" in error["message"] and "MAX_BODY_BYTES" in error["message"]
+                item = (await call(port, "GET", f"/v1/responses/{first['id']}/input_items"))[2]
+                reference = {"type": "item_reference", "id": json.loads(item)["data"][0]["id"]}
+                status, _, body = await call(port, "POST", "/v1/responses", {
+                    "model": "claude-sonnet-4-5", "input": [reference, reference]})
+                assert status == 400 and json.loads(body)["error"]["param"] == "input", body[:300]
+        assert len(up.requests) == 2
+    run(scenario())
+
+
+# ---- 6. client-chosen model names: a capped length, a bounded set of rows -------------------
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/responses",
+                                  "/v1/messages/test_conversion"])
+def test_a_model_name_over_the_cap_is_a_400_naming_the_limit(tmp_path, path):
+    body = {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "input": "hi"}
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, answer = await call(port, "POST", path, dict(body, model="m" * 257), OPENAI_HEADERS)
+                assert status == 400 and "at most 256" in answer.decode(), answer[:300]
+                status, _, _ = await call(port, "POST", "/v1/messages", dict(body, model="claude-" + "m" * 249),
+                                          ANTHROPIC_HEADERS)
+                assert status == 200
+    run(scenario())
+
+
+def test_unconfigured_model_names_fold_into_one_other_row_after_a_few(tmp_path):
+    config = make_config(tmp_path, "http://127.0.0.1:9", routes={"default": "anthropic", "fast": "anthropic,claude-haiku-4-5"},
+                         models=[{"id": "mine", "provider": "anthropic", "model": "claude-x"}])
+    server = cp.ProxyServer(config)
+    names = [f"junk-{i}" for i in range(cp.MAX_UNCONFIGURED_MODELS + 8)] + ["mine", "claude-fast", "FAST", "junk-0"]
+    for name in names:
+        x = cp.Exchange(server, cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"), cp.ClientStream(FuzzWriter()))
+        x.meter.requested = name
+        server.ops.request_done(x, time.monotonic())
+    by_model = server.ops.session.as_dict()["by_model"]
+    assert len(by_model) == cp.MAX_UNCONFIGURED_MODELS + 4, sorted(by_model)
+    assert by_model["other"]["requests"] == 8 and by_model["junk-0"]["requests"] == 2
+    assert {"mine", "claude-fast", "FAST"} <= set(by_model)
+    assert [r.requested_model for r in server.ops.recent][-5:] == ["other", "mine", "claude-fast", "FAST", "junk-0"]
+    server.ops.ledger.close()
+
+
+def test_totals_hold_a_bounded_number_of_model_rows_whatever_the_ledger_holds():
+    totals = cp.UsageTotals()
+    for i in range(cp.MAX_MODEL_ROWS + 50):
+        totals.add(f"m{i}", "default", "2026-01-01", [1] + [0] * 6 + [None, 0])
+    totals.add("x" * 4_000_000, "default", "2026-01-01", [1] + [0] * 6 + [None, 0])
+    by_model = totals.as_dict()["by_model"]
+    assert len(by_model) == cp.MAX_MODEL_ROWS + 1 and by_model["other"]["requests"] == 51
+
+
+def test_the_cache_of_providers_model_lists_is_bounded():
+    lists = cp.ModelLists()
+    for i in range(cp.MAX_MODEL_LISTS + 36):
+        lists.put(("anthropic", f"credential-{i}"), [{"id": "m"}])
+    assert len(lists._lists) == cp.MAX_MODEL_LISTS and lists.get(("anthropic", f"credential-{cp.MAX_MODEL_LISTS + 35}"))
+    assert lists.get(("anthropic", "credential-0")) is None
+
+
+# ---- 7. stored responses belong to the credential that created them -----------------------
+
+def test_a_stored_response_is_found_only_with_the_key_that_created_it(tmp_path):
+    mine, theirs = {"authorization": "Bearer sk-client-aaaa-0001"}, {"authorization": "Bearer sk-client-bbbb-0002"}
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi"}, mine)
+                assert status == 200
+                created = json.loads(body)
+                rid, item = created["id"], created["output"][0]["id"]
+                probes = [("GET", f"/v1/responses/{rid}", None), ("GET", f"/v1/responses/{rid}/input_items", None),
+                          ("POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": "more", "previous_response_id": rid}),
+                          ("POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": [
+                              {"type": "item_reference", "id": item}, {"role": "user", "content": "more"}]}),
+                          ("DELETE", f"/v1/responses/{rid}", None)]
+                for headers in (theirs, {}, {"x-api-key": "sk-client-aaaa-0001x"}):
+                    for method, path, body in probes:
+                        status, _, answer = await call(port, method, path, body, headers)
+                        assert status == 404, (headers, method, path, status, answer[:200])
+                same_key_other_header = {"x-api-key": "sk-client-aaaa-0001"}
+                for method, path, body in probes:
+                    status, _, answer = await call(port, method, path, body, same_key_other_header)
+                    assert status == 200, (method, path, answer[:200])
+        assert len(up.requests) == 3          # the first turn and the owner's two continuations
+    run(scenario())
+
+
+def test_responses_stored_before_owners_existed_belong_to_no_one(tmp_path):
+    import sqlite3
+    path = tmp_path / "responses.db"
+    db = sqlite3.connect(str(path))
+    db.executescript("CREATE TABLE responses (id TEXT PRIMARY KEY, created REAL NOT NULL, previous TEXT, "
+                     "size INTEGER NOT NULL, response TEXT NOT NULL); CREATE TABLE items (response_id TEXT NOT NULL, "
+                     "seq INTEGER NOT NULL, id TEXT, kind TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (response_id, seq));")
+    db.execute("INSERT INTO responses VALUES ('resp_old', 1.0, NULL, 10, '{\"id\": \"resp_old\"}')")
+    db.commit()
+    db.close()
+    store = cp.ResponseStore(str(path), max_bytes=10 ** 6, max_age=10 ** 9, clock=lambda: 2.0)
+    store.put({"id": "resp_new", "output": []}, [], "")
+    assert store.get("resp_old", "") is None and store.get("resp_new", "") == {"id": "resp_new", "output": []}
+
+
+# ---- 8. a lone surrogate anywhere a client puts text is made encodable where it enters -------
+
+LONE_SURROGATES = {"escape": b'"a\\ud800b"', "raw bytes": b'"a\xed\xa0\x80b"',
+                   "nested JSON": b'"{\\"session_id\\": \\"a\\\\udfffb\\"}"'}
+USER_ID_BODIES = [("/v1/messages", HELLO), ("/v1/chat/completions", OPENAI_HELLO),
+                  ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi", "store": False})]
+
+
+@pytest.mark.parametrize("path, body", USER_ID_BODIES, ids=["messages", "chat", "responses"])
+@pytest.mark.parametrize("lone", LONE_SURROGATES.values(), ids=LONE_SURROGATES.keys())
+def test_a_lone_surrogate_in_metadata_user_id_is_served_not_a_500(tmp_path, path, body, lone):
+    raw = json.dumps(dict(body, metadata={"user_id": "@"})).encode().replace(b'"@"', lone)
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                status, _, answer = await call(port, "POST", path, raw=raw, headers=OPENAI_HEADERS)
+        assert status == 200, answer[:300]
+    run(scenario())
+
+
+def test_loads_json_puts_u_fffd_for_each_lone_surrogate_and_keeps_pairs():
+    assert cp.loads_json(b'{"a\\udc00": ["\\ud800", "\\ud83d\\ude00", "\\\\ud800", "\xed\xb0\x80"]}') == \
+        {"a\ufffd": ["\ufffd", "\U0001f600", "\\ud800", "\ufffd"]}
+    assert cp.loads_json('"\\ud800\\ud800\\udc00"') == "\ufffd\U00010000"
+    assert cp.loads_json('"x"'.encode("utf-16")) == "x" and cp.loads_json('"\\udfff"'.encode("utf-16-le")) == "\ufffd"
+    assert cp.loads_event('{"delta": "\\ud800"}') == {"delta": "\ufffd"} and cp.loads_event('["\\ud800"] ') == ["\ufffd"]
+    assert cp.parse_json_body(b'{"model": "m\\udbff"}') == {"model": "m\ufffd"}
+
+
+def exactly_one_response(answer):
+    """The raw answer is one whole response and nothing after it (no stray bytes)."""
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        assert rest.endswith(b"\r\n0\r\n\r\n") and rest.count(b"\r\n0\r\n\r\n") == 1, rest[-60:]
+        parsed = b""
+        while rest:
+            size_line, rest = rest.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            parsed, rest = parsed + rest[:size], rest[size + 2:]
+            if size == 0:
+                assert rest == b"", rest
+        return
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    assert len(rest) == length, (len(rest), length, rest[-60:])
+
+
+async def post_raw_responses(port, raw):
+    """POST raw bytes to /v1/responses on a fresh connection; every byte the proxy answers."""
+    return await raw_request(port, head_bytes("POST", "/v1/responses", [
+        "host: localhost", "content-type: application/json", "connection: close", f"content-length: {len(raw)}"], raw))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stored_request_with_a_lone_surrogate_is_stored_and_leaves_no_stray_bytes(tmp_path, stream):
+    raw = json.dumps({"model": "claude-sonnet-4-5", "input": "@", "stream": stream}).encode().replace(b'"@"', b'"a\\ud800b"')
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                answer = await post_raw_responses(port, raw)
+                assert answer.startswith(b"HTTP/1.1 200")
+                exactly_one_response(answer)
+                response_id = re.search(rb'"id":"(resp_[0-9a-f]+)"', answer).group(1).decode()
+                status, _, items = await call(port, "GET", f"/v1/responses/{response_id}/input_items")
+        assert status == 200 and json.loads(items)["data"][0]["content"] in ("a\ufffdb", [
+            {"type": "input_text", "text": "a\ufffdb"}]), items
+    run(scenario())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failure_after_a_complete_response_sends_nothing_more(tmp_path, monkeypatch, caplog, stream):
+    def broken_put(self, response, input_items, owner):
+        raise RuntimeError("the disk is on fire")
+    monkeypatch.setattr(cp.ResponseStore, "put", broken_put)
+    raw = json.dumps({"model": "claude-sonnet-4-5", "input": "hi", "stream": stream}).encode()
+
+    async def scenario():
+        async with FakeUpstream(fake_claude) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                answer = await post_raw_responses(port, raw)
+        assert answer.startswith(b"HTTP/1.1 200")
+        exactly_one_response(answer)
+    run(scenario())
+    assert any("the disk is on fire" in (r.exc_text or "") or "the disk is on fire" in r.getMessage()
+               for r in caplog.records)
+
+
+# ---- 18. Connection options read as token lists; HTTP/1.0 never persists after chunked -------
+
+def count_answers(answer):
+    """How many responses a raw answer holds (its bodies are JSON: no status line inside)."""
+    return len(re.findall(rb"HTTP/1\.1 \d\d\d ", answer))
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /health HTTP/1.0\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close, close\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: keep-alive,Close\r\n\r\n",
+], ids=["http10-chunked", "close-close", "keep-alive-Close"])
+def test_a_request_that_ends_its_connection_gets_one_answer_and_the_close(tmp_path, first):
+    second = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            answer = await raw_request(port, first + second)
+            assert answer.startswith(b"HTTP/1.1 200") and count_answers(answer) == 1, answer
+    run(scenario())
+
+
+def test_an_http10_keep_alive_request_with_a_length_still_persists(tmp_path):
+    first = b"GET /health HTTP/1.0\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+    second = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            assert count_answers(await raw_request(port, first + second)) == 2
+    run(scenario())
+
+
+def test_an_upstream_answer_saying_close_in_a_token_list_is_not_reused(tmp_path):
+    body = json.dumps(anthropic_message()).encode()
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: keep-alive, close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def scenario():
+        async with ScriptedRaw(lambda n: answer) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                for _ in range(2):
+                    assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+            assert up.connections == 2
+    run(scenario())
+
+
+# ---- 20. a stream the upstream broke off ends whole and its connection serves the next request
+
+async def read_response(reader):
+    """One whole response from a keep-alive connection: (status, headers, body, raw)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, headers, _ = parse_http(head)
+    if headers.get("transfer-encoding") == "chunked":
+        raw = b""
+        while not raw.endswith(b"\r\n0\r\n\r\n") and raw != b"0\r\n\r\n":
+            raw += await reader.readuntil(b"\r\n")
+        return status, headers, dechunk(raw), head + raw
+    raw = await reader.readexactly(int(headers.get("content-length", 0)))
+    return status, headers, raw, head + raw
+
+
+def broken_off(provider):
+    """A stream that sends its first events, then resets."""
+    good = openai_stream_chunks("Hi")[:2] if provider == "openai" else anthropic_stream("Hi")[:3]
+    return Stream(good + [("sleep", 0.05), ("reset",)])
+
+
+@pytest.mark.parametrize("client, provider", [("anthropic", "anthropic"), ("anthropic", "openai"), ("openai", "anthropic"),
+                                              ("openai", "openai"), ("responses", "anthropic")])
+def test_after_an_upstream_breaks_off_mid_stream_the_same_connection_serves_the_next_request(tmp_path, client, provider):
+    path, body = {"anthropic": ("/v1/messages", HELLO), "openai": ("/v1/chat/completions", OPENAI_HELLO),
+                  "responses": ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi", "store": False})}[client]
+    calls = []
+
+    def script(req):
+        calls.append(req)
+        if len(calls) == 1:
+            return broken_off(provider)
+        return http_response(200, OPENAI_COMPLETION if provider == "openai" else anthropic_message())
+
+    async def scenario():
+        async with FakeUpstream(script) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                for stream in (True, False):
+                    data = json.dumps(dict(body, stream=stream)).encode()
+                    writer.write(head_bytes("POST", path, ["host: localhost", "content-type: application/json",
+                                                           f"content-length: {len(data)}"], data))
+                    status, headers, answer, _ = await asyncio.wait_for(read_response(reader), 5)
+                    assert status == 200 and headers.get("connection") != "close", (headers, answer[-200:])
+                    if stream:
+                        assert b"error" in answer.rsplit(b"\n\n", 2)[-2], answer[-200:]
+                writer.close()
+        assert len(calls) == 2
+    run(scenario())
+
+
+@pytest.mark.parametrize("client, provider", COMBOS)
+def test_an_upstream_that_breaks_off_after_its_answer_ended_costs_the_client_nothing(tmp_path, client, provider):
+    good = openai_stream_chunks("Hi") if provider == "openai" else anthropic_stream("Hi")
+    path, body, headers = client_request(client, True)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(good + [("sleep", 0.05), ("reset",)])) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                status, resp_headers, answer, _ = await call_raw(port, "POST", path, body, headers)
+        assert_success(client, True, status, resp_headers, answer)
+    run(scenario())
+
+
+@pytest.mark.parametrize("data, ended", [
+    (b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n", True),
+    (b"data: {\"type\": \"message_stop\"}\r\n\r\n", True),
+    (b"data: {\"id\":\"c\"}\n\ndata: [DONE]\n\n", True),
+    (b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{}}\n\n", True),
+    (b"data: {\"type\":\"response.incomplete\",\"response\":{}}\n\n", True),
+    (b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n: ping\n\n", False),
+    (b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"[DONE]\"}}\n\n", False),
+    (b"data: [DONE]", False),
+    (b"event: message_delta\ndata: {}\n\n", False),
+    (b"", False),
+])
+def test_sse_answer_ended_reads_the_last_event_of_what_was_relayed(data, ended):
+    assert cp.sse_answer_ended(data) is ended
+
+
+@pytest.mark.parametrize("data", [
+    head_bytes("POST", "/", ["host: localhost", "content-type: application/x-www-form-urlencoded",
+                             "content-length: 99999"]),
+    head_bytes("GET", "/v1/responses", ["host: localhost", "upgrade: websocket", "connection: Upgrade"]),
+    head_bytes("GET", "/health", ["host: localhost", "connection: close"]),
+    b"GET /health HTTP/1.0\r\n\r\n",
+], ids=["refused", "websocket", "asked-to-close", "http10"])
+def test_a_response_after_which_the_proxy_closes_says_so_in_its_head(tmp_path, data):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (_, port):
+            answer = await raw_request(port, data)
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"\r\nconnection: close" in head, head
+    run(scenario())
+
+
+# ---- 21. events converted from the read that held a malformed line go out before the error ---
+
+BAD_LINE = b"data: {\"choices\": [\n\n"
+
+
+def malformed_in_one_read(provider):
+    """An upstream stream whose first read holds good events, then a malformed line."""
+    if provider == "openai":
+        good = openai_stream_chunks("Hi")[:2]
+    else:
+        good = anthropic_stream("Hi")[:3]
+    return Stream([b"".join(good) + BAD_LINE])
+
+
+@pytest.mark.parametrize("client, provider", [("anthropic", "openai"), ("openai", "anthropic"), ("responses", "anthropic"),
+                                              ("responses", "openai")])
+def test_events_before_a_malformed_line_in_the_same_read_reach_the_client_then_the_error(tmp_path, client, provider):
+    path, body = {"anthropic": ("/v1/messages", HELLO), "openai": ("/v1/chat/completions", OPENAI_HELLO),
+                  "responses": ("/v1/responses", {"model": "claude-sonnet-4-5", "input": "hi", "store": False})}[client]
+
+    async def scenario():
+        async with FakeUpstream(lambda req: malformed_in_one_read(provider)) as up:
+            async with running_proxy(config_for(tmp_path, provider, up.url)) as (_, port):
+                status, _, raw_body, raw = await call_raw(port, "POST", path, dict(body, stream=True), OPENAI_HEADERS)
+        assert status == 200 and raw.endswith(b"0\r\n\r\n")
+        events = sse_events(raw_body)
+        if client == "anthropic":
+            assert [e for e, _ in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
+            assert events[2][1]["delta"]["text"] == "Hi" and events[-1][1]["error"]["type"] == "api_error"
+        elif client == "openai":
+            assert "".join(d["choices"][0]["delta"].get("content") or "" for _, d in events[:-1]) == "Hi"
+            assert events[-1][1]["error"]["message"].startswith("upstream sent a malformed stream event")
+        else:
+            kinds = [e for e, _ in events]
+            assert kinds[:2] == ["response.created", "response.in_progress"] and kinds.count("response.created") == 1
+            assert kinds[-1] == "response.failed" and "response.output_text.delta" in kinds
+            assert "malformed" in events[-1][1]["response"]["error"]["message"]
+    run(scenario())
+
+
+# ---- the fuzz campaign: HTTP heads over real sockets, with bodies of the three JSON dialects ---
+
+# (what it found first: a Responses input item whose type or id is not a string was a 500)
+
+@pytest.mark.parametrize("item, param", [({"type": {"x": 1}, "content": "hi"}, "input.0.type"),
+                                         ({"type": "message", "role": "user", "content": "hi", "id": ["x"]}, "input.0.id")])
+def test_a_responses_input_item_with_a_non_string_type_or_id_is_a_400(tmp_path, item, param):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, f"http://127.0.0.1:{free_port()}")) as (_, port):
+            status, _, body = await call(port, "POST", "/v1/responses", {"model": "claude-sonnet-4-5", "input": [item]})
+        assert status == 400 and json.loads(body)["error"]["param"] == param, body
+    run(scenario())
+
+
+FUZZ_METHODS = ["GET", "POST", "HEAD", "OPTIONS", "DELETE", "PUT", "PATCH", "TRACE", "CONNECT", "get", "G\x00T", "P(ST"]
+FUZZ_TARGETS = ["/", "/health", "/status.json", "/v1/stats?since=x", "/v1/messages", "/v1/messages/count_tokens",
+                "/v1/chat/completions", "/chat/completions", "/v1/responses", "/v1/responses/resp_x",
+                "/v1/responses/resp_x/input_items?limit=abc&order=x", "/v1/responses/%ff%00/input_items",
+                "/v1/models", "/v1/models/claude%00x", "/auth/status", "/auth/start", "/test-connection",
+                "/v1/messages/test_conversion?dry_run=1", "*", "http://127.0.0.1/health",
+                "https://evil.example/v1/messages", "//x", "/%", "/?key=%zz", "/" + "a" * 9000, "/v1/messages?x=\x7f",
+                "/api/x", "/v1/responses/resp_x/cancel"]
+FUZZ_VERSIONS = ["HTTP/1.1"] * 20 + ["HTTP/1.0", "HTTP/1.0", "HTTP/2.0", "http/1.1", "HTTP/1.", "HTTP/1.1 x", ""]
+FUZZ_HEADERS = {
+    "host": ["127.0.0.1", "localhost:1", "evil.example", "", "a b", "[::1]:8082", "127.0.0.1\x00"],
+    "content-length": ["0", "5", "-1", "1e3", "99999999999999999999", "+5", " 5", "5, 5", "0x10"],
+    "transfer-encoding": ["chunked", "Chunked", "chunked, gzip", "gzip", " chunked", "identity", "chunked, chunked"],
+    "connection": ["close", "keep-alive", "close, close", "upgrade", "Keep-Alive, Close", ""],
+    "expect": ["100-continue", "x"],
+    "content-type": ["application/json", "text/plain", "application/x-www-form-urlencoded",
+                     "multipart/form-data; boundary=x", "application/json; charset=utf-16"],
+    "origin": ["http://127.0.0.1", "http://evil.example", "null", ""],
+    "sec-fetch-site": ["cross-site", "same-origin", "none"],
+    "x-api-key": ["", "k", "sk-ant-api03-" + "x" * 40],
+    "authorization": ["Bearer", "Basic x", "Bearer " + "k" * 300, "bearer  x"],
+    "accept": ["text/html", "*/*", "text/event-stream"],
+    "upgrade": ["websocket", "h2c"],
+    "anthropic-version": ["2023-06-01", "x"],
+    "anthropic-beta": ["a,b,,", "x" * 5000],
+    "cookie": ["claude_proxy_page=x", "a=b; claude_proxy_page=" + "y" * 300],
+    "x-claude-code-session-id": ["s", "\xff\xfe"],
+    "access-control-request-headers": ["x-api-key"],
+}
+
+
+def _fuzz_header_line(rand):
+    """One header line: a known name with a picked value, or a malformed line."""
+    roll = rand.random()
+    name = rand.choice(list(FUZZ_HEADERS))
+    value = rand.choice(FUZZ_HEADERS[name])
+    if roll < 0.95:
+        return f"{name}: {value}"
+    return rand.choice([f"{name} : {value}", f"{name}:{value}\r", f" {name}: {value}", f"{name}\x01: {value}",
+                        f"{name}: {value}\x7f", "no-colon-here", f"x-long: {'v' * 70000}", f"{name}:", ":"])
+
+
+def _chunk_framing(rand, body):
+    """A body in chunks, now and then with odd framing."""
+    if not body:
+        return b"0\r\n\r\n"
+    cuts = sorted(rand.sample(range(1, len(body)), min(len(body) - 1, rand.randint(0, 5)))) if len(body) > 1 else []
+    pieces = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
+    out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), rand.choice([b"", b"", b";ext=1", b" "]), p) for p in pieces)
+    tail = rand.choice([b"0\r\n\r\n"] * 4 + [b"0\r\nx-trailer: 1\r\n\r\n", b"0\r\n", b"", b"zz\r\n\r\n"])
+    return out + tail
+
+
+def fuzz_request_bytes(rand):
+    """One raw request (now and then two, pipelined): a head from the pools above, mutated, with a
+    body from fuzz_bodies (the three JSON dialects), a form or nothing."""
+    method, target, version = rand.choice(FUZZ_METHODS), rand.choice(FUZZ_TARGETS), rand.choice(FUZZ_VERSIONS)
+    if rand.random() < 0.5:
+        target, body = fuzz_bodies(rand)
+        method = "POST"
+    else:
+        body = rand.choice([b"", b"", b"key=x&a=%", b"{}", b"\x00\xff", b"a=%&" * 2000])
+    lines = [f"{method} {target} {version}".rstrip(" ") if rand.random() > 0.03 else f"{method}  {target}",
+             "host: 127.0.0.1"] if rand.random() > 0.05 else [f"{method} {target} {version}"]
+    lines += [_fuzz_header_line(rand) for _ in range(rand.randint(0, 6))]
+    lines += ["x-api-key: k"] if rand.random() < 0.6 else []         # the live proxy's key
+    chunked = rand.random() < 0.2
+    if chunked:
+        lines.append("transfer-encoding: chunked")
+    elif rand.random() < 0.9:
+        lines.append(f"content-length: {len(body) if rand.random() < 0.9 else len(body) + rand.choice([-3, 7])}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    if rand.random() < 0.03:
+        head = head.replace(b"\r\n", b"\n", rand.randint(1, 3))
+    data = head + (_chunk_framing(rand, body) if chunked else body)
+    if rand.random() < 0.1:
+        data += b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    return data
+
+
+async def fuzz_socket_campaign(tmp_path, count, seed, concurrency=16, hang_after=15.0):
+    """count fuzzed raw requests over loopback to two proxies (a dead upstream, and a live one with
+    a proxy key); each connection half-closes after sending. Returns ({status: count}, hangs,
+    answers without a status line); a 500 fails at once."""
+    rand, statuses, hangs, silent = random.Random(seed), {}, [], 0
+    inputs = [fuzz_request_bytes(rand) for _ in range(count)]
+    limits = dict(header_timeout=2, body_timeout=2, idle_timeout=2, max_body_bytes=1 << 20)
+    async with FakeUpstream(fuzz_upstream_answer) as up:
+        async with running_proxy(make_config(tmp_path, f"http://127.0.0.1:{free_port()}", **limits)) as (_, dead_port), \
+                running_proxy(make_config(tmp_path / "k", up.url, proxy_api_key="k", **limits)) as (_, live_port):
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(i, data):
+                nonlocal silent
+                async with gate:
+                    try:
+                        answer = await raw_request(dead_port if i % 2 else live_port, data, half_close=True,
+                                                   timeout=hang_after)
+                    except asyncio.TimeoutError:
+                        hangs.append(data[:200])
+                        return
+                    except ConnectionError:
+                        answer = b""
+                found = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d\d\d) ", answer)]
+                silent += not found
+                for status in found:
+                    statuses[status] = statuses.get(status, 0) + 1
+                assert 500 not in found, (data[:400], answer[:600])
+            await asyncio.gather(*(one(i, data) for i, data in enumerate(inputs)))
+    return statuses, hangs, silent
+
+
+def test_fuzzed_raw_requests_never_get_a_500_and_never_hang(tmp_path):
+    logging.getLogger("claude_proxy").disabled = True
+    try:
+        statuses, hangs, silent = run(fuzz_socket_campaign(tmp_path, 6000, FUZZ_SEED + 20))
+    finally:
+        logging.getLogger("claude_proxy").disabled = False
+    assert hangs == [] and 500 not in statuses, (hangs[:3], statuses)
+    assert statuses.get(400, 0) > 1500 and statuses.get(200, 0) > 100 and silent < 400, (statuses, silent)
+
 
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
