@@ -6093,6 +6093,7 @@ MID_CONVERSATION_SYSTEM_BETA = "mid-conversation-system-2026-04-07"
 CLAUDE_CODE_IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
 LONG_LIVED_SECONDS = 31536000          # one year, honoured only with scope user:inference (A.7)
 REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
+MAX_EPOCH = 253402300799.0             # 9999-12-31T23:59:59Z: the last expiry a date can say
 MAX_CACHE_BREAKPOINTS = 4              # the API rejects a fifth cache_control
 UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
 LOGIN_AGAIN = "run `python claude_proxy.py login` again"
@@ -6216,12 +6217,22 @@ def _token_error(status: int, token_body: Any) -> ProxyError:
     return UpstreamError(f"token endpoint answered HTTP {status} ({detail})")
 
 
-def _expires_at(expires_in: Any, now: float) -> Optional[float]:
-    """Epoch seconds of expiry from a relative `expires_in`; None when absent or not a number."""
-    try:
-        return now + float(expires_in)
-    except (TypeError, ValueError):
+def expiry_epoch(value: Any, per_second: int = 1) -> Optional[float]:
+    """An expiry (in 1/per_second seconds) as epoch seconds a date can say, 1970 to year 9999,
+    from a token answer or a saved file; None for anything else (1e999, NaN, text: unknown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    return value / per_second if 0 <= value <= MAX_EPOCH * per_second else None
+
+
+def _expires_at(expires_in: Any, now: float) -> Optional[float]:
+    """Epoch seconds of expiry from a relative `expires_in` (seconds, a number or its text); None
+    when absent, not positive, not finite or beyond year 9999 (the token then lives until a 401)."""
+    try:
+        seconds = float(expires_in) if not isinstance(expires_in, bool) else float("nan")
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return expiry_epoch(now + seconds) if seconds > 0 else None
 
 
 def token_record(token_body: dict, *, source: str, now: float,
@@ -6297,7 +6308,7 @@ class TokenStore:
             return None
         token = document.get("token") if isinstance(document, dict) else None
         if isinstance(token, dict) and token.get("access_token"):
-            return token
+            return dict(token, expires_at=expiry_epoch(token.get("expires_at")))
         log.warning("token store %s is not in claude_proxy's shape (a file of another proxy? "
                     "`python3 claude_proxy.py import FILE` reads those); ignoring it", self.path)
         return None
@@ -6604,7 +6615,7 @@ def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
     token expires (about 8 h), the user imports again (after Claude Code refreshed) or logs in."""
     oauth = _read_claude_code_oauth(path)
     expires_ms = oauth.get("expiresAt")
-    expires_at = float(expires_ms) / 1000.0 if isinstance(expires_ms, (int, float)) else None
+    expires_at = expiry_epoch(expires_ms, 1000)
     if expires_at is not None and expires_at <= store.clock():
         raise BadRequest("the Claude Code token has expired: run Claude Code once, then import again")
     scopes = oauth.get("scopes")
@@ -6636,9 +6647,8 @@ def seed_token_record(document: Any, path: str, now: float) -> dict:
     if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
         raise BadRequest(f"{path} holds no access_token: not a token file claude_proxy can read")
     expires = document.get("expires_at")
-    expires_at = float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
-    if expires_at is not None and expires_at > 1e12:          # milliseconds
-        expires_at /= 1000.0
+    in_ms = isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires > 1e12
+    expires_at = expiry_epoch(expires, 1000 if in_ms else 1)
     refresh = document.get("refresh_token") if document.get("token_type") != "long_term" else None
     if expires_at is not None and expires_at <= now and not refresh:
         raise BadRequest(f"the token in {path} has expired and cannot be refreshed: log in again")

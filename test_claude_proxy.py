@@ -8844,6 +8844,48 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
     assert len([line for line in result.stderr.splitlines() if "claude_proxy:" in line and "in use" in line]) == 1
 
 # =============================================================================================
+# 7b. Hardening, round 3 (issue 19): files the proxy trusts, key pools, operations endpoints
+# =============================================================================================
+
+def raw_token_answer(expires_in):
+    """A token endpoint script answering every grant with this raw `expires_in` JSON text."""
+    body = (b'{"access_token": "sk-ant-oat01-odd", "refresh_token": "sk-ant-ort01-odd", '
+            b'"token_type": "Bearer", "scope": "user:inference", "expires_in": ' + expires_in + b"}")
+    return lambda req: http_response(200, body)
+
+
+@pytest.mark.parametrize("expires_in", [b"1e999", b"-1e999", b"NaN", b"Infinity", b'"nan"', b'"1e999"', b"-3600",
+                                        b'"soon"', b"1" + b"0" * 400, b"true", b"[1]", b"1e300"])
+def test_an_odd_expires_in_never_breaks_auth_status_or_the_status_command(tmp_path, expires_in, capsys):
+    async def scenario():
+        async with FakeUpstream(raw_token_answer(expires_in)) as auth:
+            config = oauth_config(tmp_path, "http://127.0.0.1:9", auth.url + "/v1/oauth/token")
+            async with running_proxy(config) as (_, port):
+                start = json.loads((await call(port, "GET", "/auth/start"))[2])
+                status, _, body = await call(port, "POST", "/auth/callback", {"code": "c#" + start["state"]})
+                assert status == 200, body
+                status, _, body = await call(port, "GET", "/auth/status")
+                return status, json.loads(body)
+    status, login = run(scenario())
+    assert status == 200 and login["logged_in"] is True
+    assert (login["expires_at"], login["expires_in_seconds"]) == (None, None)     # unknown, not a crash
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"home": str(tmp_path / "home")}))
+    assert cp.main(["status", "--config", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out)["logged_in"] is True
+
+
+def test_a_saved_login_with_an_unsayable_expiry_reads_as_unknown(tmp_path):
+    path = tmp_path / "oauth_token.json"
+    for stored in ("1e999", "NaN", "-Infinity", "1" + "0" * 400, '"tomorrow"', "99999999999999"):
+        path.write_text('{"token": {"access_token": "sk-ant-oat01-x", "expires_at": %s}}' % stored)
+        assert cp.TokenStore(str(path)).load()["expires_at"] is None
+        manager = cp.TokenManager(cp.TokenStore(str(path)), OAUTH_DEFAULTS, FakeTokenEndpoint())
+        assert manager.status()["expires_in_seconds"] is None
+    assert cp.expiry_epoch(1.5e12, 1000) == 1.5e9 and cp.expiry_epoch(0) == 0
+    assert cp._expires_at("3600", 1000.0) == 4600.0 and cp._expires_at(3600, 1000.0) == 4600.0
+
+# =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
 
