@@ -164,6 +164,7 @@ RELAYED_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
 OAUTH_KEYS = ("client_id", "authorize_url", "token_url", "redirect_uri", "scope", "long_lived_scope")
 RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
+MAX_RETRY_AFTER = 600.0              # seconds: the longest wait an upstream's retry-after may impose
 MODELS_TTL = 300.0                   # seconds a provider's own /v1/models list is reused
 MODELS_FETCH_TIMEOUT = 5.0           # a provider's /v1/models may delay a listing this long
 
@@ -7223,14 +7224,34 @@ def relayed_headers(upstream_headers: Headers) -> List[Tuple[str, str]]:
             if k in RELAYED_HEADERS or k.startswith(RELAYED_PREFIXES)]
 
 
-def retry_delay(headers: Headers, attempt: int, rand: Callable[[], float] = random.random) -> float:
-    """retry-after-ms / retry-after when given, else exponential backoff with jitter."""
+def retry_after_seconds(headers: Headers, now: Optional[float] = None) -> Optional[float]:
+    """The upstream's wait hint: retry-after-ms, else retry-after in seconds or as an HTTP-date,
+    at most MAX_RETRY_AFTER; a past date or a negative number is 0; None when absent or
+    unreadable (NaN, inf, a date no calendar has), so the caller backs off on its own."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        text = headers.get(name, "").strip()
         try:
-            return max(0.0, float(headers[name]) * scale)
-        except (KeyError, ValueError):
-            pass
-    return min(8.0, 0.5 * 2 ** attempt) * (0.75 + 0.5 * rand())
+            seconds = float(text) * scale
+        except ValueError:
+            seconds = http_date_seconds(text, time.time() if now is None else now) if scale == 1.0 and text else None
+        if seconds is not None and seconds == seconds and abs(seconds) != float("inf"):
+            return min(MAX_RETRY_AFTER, max(0.0, seconds))
+    return None
+
+
+def http_date_seconds(text: str, now: float) -> Optional[float]:
+    """Seconds from now until an HTTP-date (RFC 9110 5.6.7); None when it is not one."""
+    import email.utils
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def retry_delay(headers: Headers, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """retry-after-ms / retry-after when given and readable, else exponential backoff with jitter."""
+    hint = retry_after_seconds(headers)
+    return hint if hint is not None else min(8.0, 0.5 * 2 ** min(attempt, 5)) * (0.75 + 0.5 * rand())
 
 
 class ReplayResponse(UpstreamResponse):
@@ -7614,8 +7635,8 @@ class KeyPool:
         key.requests += 1
         if status in KEY_COOLDOWN_STATUS:
             key.strikes += 1
-            given = "retry-after" in headers or "retry-after-ms" in headers
-            wait = retry_delay(headers, 0) if given else min(60.0, 2.0 ** (key.strikes - 1))
+            wait = retry_after_seconds(headers)
+            wait = min(60.0, 2.0 ** min(key.strikes - 1, 6)) if wait is None else wait
             key.cooling_until, key.last_error = self.clock() + wait, f"{status} at {iso_time(time.time())}"
             log.info("provider %s: key %s answered %d; cooling down for %.0fs", self.name, key.label, status, wait)
             return True

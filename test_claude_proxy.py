@@ -8885,6 +8885,50 @@ def test_a_saved_login_with_an_unsayable_expiry_reads_as_unknown(tmp_path):
     assert cp.expiry_epoch(1.5e12, 1000) == 1.5e9 and cp.expiry_epoch(0) == 0
     assert cp._expires_at("3600", 1000.0) == 4600.0 and cp._expires_at(3600, 1000.0) == 4600.0
 
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize("headers, seconds", [
+    ({"retry-after": "7"}, 7.0), ({"retry-after-ms": "1500"}, 1.5), ({"retry-after-ms": "x", "retry-after": "3"}, 3.0),
+    ({"retry-after": "1e9"}, 600.0), ({"retry-after-ms": "1e12"}, 600.0), ({"retry-after": "-5"}, 0.0),
+    ({"retry-after": "inf"}, None), ({"retry-after": "-inf"}, None), ({"retry-after": "nan"}, None),
+    ({"retry-after": "1e999"}, None), ({"retry-after": "soon"}, None), ({"retry-after": ""}, None), ({}, None),
+    ({"retry-after": "Tue, 14 Nov 2023 22:13:50 GMT"}, 30.0),         # NOW + 30 s as an HTTP-date
+    ({"retry-after": "Sun, 06 Nov 1994 08:49:37 GMT"}, 0.0),          # a past date: at once
+    ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, 600.0),
+    ({"retry-after": "Fri, 31 Dec 99999 23:59:59 GMT"}, None),        # no calendar has it
+    ({"retry-after": "Mon, 32 Foo 2023 99:99:99 GMT"}, None),
+])
+def test_retry_after_is_read_defensively_and_capped(headers, seconds):
+    assert cp.retry_after_seconds(headers, NOW) == seconds
+
+
+@pytest.mark.parametrize("hint", ["1e9", "inf", "nan", "Fri, 31 Dec 9999 23:59:59 GMT", "1e999"])
+def test_a_wild_retry_after_cools_a_key_at_most_ten_minutes_and_stats_stay_200(tmp_path, hint):
+    upstream = KeyedUpstream(lambda key, n: (429, [("retry-after", hint)]))
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (server, port):
+                status, headers, _ = await call(port, "POST", "/v1/messages", HELLO, session_headers("s1"))
+                assert status == 429 and 1 <= int(headers["retry-after"]) <= 600
+                status, headers, _ = await call(port, "POST", "/v1/messages", HELLO, session_headers("s2"))
+                assert status == 429 and 1 <= int(headers["retry-after"]) <= 600
+                for path in ("/v1/stats", "/status.json"):
+                    status, _, body = await call(port, "GET", path)
+                    assert status == 200, body
+                pool = server.key_pools["pool"]
+                assert all(0 <= k.cooling_until - pool.clock() <= 600 for k in pool.keys)
+                assert len(upstream.log) == 2
+    run(scenario())
+
+
+def test_a_key_answering_429_a_thousand_times_backs_off_without_overflow():
+    pool = cp.KeyPool({"name": "p", "key_strategy": "fill_first", "api_keys": [KEY_A, KEY_B]}, clock=lambda: 0.0)
+    for _ in range(1100):
+        assert pool.report(pool.keys[0], 429, {}) is True
+    assert pool.keys[0].cooling_until == 60.0
+
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
