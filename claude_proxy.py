@@ -7573,13 +7573,22 @@ class ModelLists:
 # metadata.user_id, else the key the client sent) stays on one key while that key is healthy,
 # so the upstream's prompt cache, which is per key or account, keeps hitting; new sessions take
 # the first healthy key (fill_first) or the next in turn (round_robin). A 429 or 529 cools the
-# key down for the upstream's retry-after (else 1, 2, 4 ... 60 s), a 401 or 403 disables it
-# until the next config reload; either way the request moves to the next healthy key at once,
-# before any byte reached the client, as one of its MAX_RETRIES. With every key cooling, the
-# client gets the 429 with the shortest wait. Cooldowns live in this process only.
+# key down for the upstream's retry-after (else 1, 2, 4 ... 60 s; at most MAX_RETRY_AFTER). An
+# answer about the key itself disables it until the next config reload: a 401, or a 403 whose
+# error type or message says the key is invalid, revoked or expired. Any other 403 (moderation,
+# a model the workspace may not use, a region) is that request's answer, relayed as it is. Either
+# way the request moves to the next healthy key at once, before any byte reached the client, as
+# one of its MAX_RETRIES; one request disables at most one key (a second key's 401 is its answer),
+# so no single request can empty the pool. With every key cooling, the client gets the 429 with
+# the shortest wait. Cooldowns live in this process only.
 
 KEY_COOLDOWN_STATUS = frozenset((429, 529))
-KEY_DISABLE_STATUS = frozenset((401, 403))
+# A 403 is about the key when its error type / code is one of these, or its message says so.
+KEY_REJECTED_TYPES = frozenset(("authentication_error", "invalid_api_key", "api_key_invalid", "invalid_key",
+                                "unauthenticated", "unauthorized", "key_revoked", "key_expired"))
+_KEY_STATES = r"invalid|not valid|incorrect|revoked|expired|disabled|suspended|deleted|deactivated|unknown|wrong"
+KEY_REJECTED_TEXT = re.compile(rf"(?i)\b(?:api[ _-]?)?key\b[^.]{{0,40}}?\b(?:{_KEY_STATES})\b"
+                               rf"|\b(?:{_KEY_STATES})\b[^.]{{0,20}}?\b(?:api[ _-]?)?key\b")
 MAX_KEY_SESSIONS = 10000                     # session -> key bindings kept (oldest forgotten)
 
 
@@ -7630,8 +7639,9 @@ class KeyPool:
                 return key
         return None
 
-    def report(self, key: PoolKey, status: int, headers: Headers) -> bool:
-        """Take the upstream's answer to a request on `key`; True when the key is now out."""
+    def report(self, key: PoolKey, status: int, headers: Headers, rejected: bool = False) -> bool:
+        """Take the upstream's answer to a request on `key` (`rejected`: it says the key itself is
+        bad, key_rejected()); True when the key is now out."""
         key.requests += 1
         if status in KEY_COOLDOWN_STATUS:
             key.strikes += 1
@@ -7640,7 +7650,7 @@ class KeyPool:
             key.cooling_until, key.last_error = self.clock() + wait, f"{status} at {iso_time(time.time())}"
             log.info("provider %s: key %s answered %d; cooling down for %.0fs", self.name, key.label, status, wait)
             return True
-        if status in KEY_DISABLE_STATUS:
+        if rejected:
             key.disabled, key.last_error = True, f"{status}: disabled until the config is reloaded"
             log.warning("provider %s: key %s answered %d; disabled until the next config reload",
                         self.name, key.label, status)
@@ -7659,6 +7669,15 @@ class KeyPool:
         return [{"key": k.label, "state": "disabled" if k.disabled else "cooling" if k.cooling_until > now else "healthy",
                  "cooling_until": iso_time(wall + k.cooling_until - now) if k.cooling_until > now and not k.disabled else None,
                  "requests": k.requests, "last_error": k.last_error} for k in self.keys]
+
+
+def key_rejected(status: int, body: bytes) -> bool:
+    """Whether an upstream answer says the key itself is bad: any 401, or a 403 whose error type
+    or message is about the key (not a moderation, model-access or region 403)."""
+    if status != 403:
+        return status == 401
+    kind, message = upstream_error_detail(body)
+    return str(kind).lower() in KEY_REJECTED_TYPES or bool(KEY_REJECTED_TEXT.search(message))
 
 
 def key_pools_for(config: Config) -> Dict[str, KeyPool]:
@@ -7695,6 +7714,7 @@ class Exchange:
         self.stream_error: Optional[Callable[[ProxyError], bytes]] = None  # an error in the stream's own grammar
         self.key_pools = server.key_pools       # this config generation's key pools
         self.pool_key: Optional[Tuple[KeyPool, PoolKey]] = None     # the pooled key of the last call
+        self.key_disabled = False               # this request already disabled a pooled key
         self.session: Optional[str] = None      # the client session, for key affinity
 
     # -- work off the loop ----------------------------------------------------------------------
@@ -7765,22 +7785,29 @@ class Exchange:
             return [("x-api-key", key.key)]
         return [("api-key", key.key)] if provider.get("azure") else [("authorization", f"Bearer {key.key}")]
 
-    def key_outcome(self, response: UpstreamResponse) -> Optional[str]:
-        """After a pooled call: "next" when its key is out and another healthy one can take the
-        request, "answer" when every key is out (the client gets this answer, with the shortest
-        retry-after), None when the key is fine (or the call used none)."""
+    async def key_outcome(self, response: UpstreamResponse) -> Tuple[UpstreamResponse, Optional[str]]:
+        """After a pooled call, the response (a 403's body read to judge it) and: "next" when its
+        key is out and another healthy one can take the request, "answer" when every key is out
+        (the client gets this answer, with the shortest retry-after), None when the key is fine,
+        the call used none, or the answer is this request's own."""
         if self.pool_key is None:
-            return None
+            return response, None
         pool, key = self.pool_key
         self.pool_key = None
-        if not pool.report(key, response.status, response.headers):
-            return None
+        body = b""
+        if response.status == 403:
+            body = await response.read(1 << 20)
+            response = ReplayResponse(response, body)
+        rejected = key_rejected(response.status, body) and not self.key_disabled
+        if not pool.report(key, response.status, response.headers, rejected):
+            return response, None
+        self.key_disabled = self.key_disabled or rejected
         if any(pool.healthy(k) for k in pool.keys):
-            return "next"
+            return response, "next"
         wait = pool.shortest_wait()
         if wait is not None and response.status in KEY_COOLDOWN_STATUS:
             response.headers["retry-after"] = str(max(1, int(wait + 0.999)))
-        return "answer"
+        return response, "answer"
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -7848,7 +7875,7 @@ class Exchange:
                 log.info("upstream attempt %d failed (%s); retrying", attempt + 1, exc.message)
                 await asyncio.sleep(delay)
                 continue
-            outcome = self.key_outcome(response)
+            response, outcome = await self.key_outcome(response)
             if outcome == "next" and not last:
                 response.close()                      # the next healthy key, at once
                 continue

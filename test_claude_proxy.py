@@ -8929,6 +8929,80 @@ def test_a_key_answering_429_a_thousand_times_backs_off_without_overflow():
         assert pool.report(pool.keys[0], 429, {}) is True
     assert pool.keys[0].cooling_until == 60.0
 
+NOT_ABOUT_THE_KEY = [                          # 403s that are one request's answer, not the key's
+    {"type": "error", "error": {"type": "permission_error",
+                                "message": "Your API key does not have permission to use the specified resource."}},
+    {"error": {"message": "Input was flagged by moderation: violence", "code": 403}},
+    {"error": {"code": "unsupported_country_region_territory", "type": "request_forbidden",
+               "message": "Country, region, or territory not supported"}},
+    b"<html><body>403 Forbidden</body></html>",
+]
+ABOUT_THE_KEY = [
+    {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}},
+    {"error": {"code": 403, "status": "PERMISSION_DENIED", "message": "API key not valid. Please pass a valid API key."}},
+    {"error": {"message": "This key has been revoked", "type": "forbidden"}},
+]
+
+
+def answering(status, body, keys=None):
+    """An upstream answering `status` with `body` to the given keys (every key when None), 200 otherwise."""
+    log = []
+
+    def script(req):
+        key = req["headers"].get("x-api-key")
+        log.append(key)
+        if keys is None or key in keys:
+            return http_response(status, body if isinstance(body, bytes) else json.dumps(body).encode())
+        return http_response(200, anthropic_message())
+    script.log = log
+    return script
+
+
+@pytest.mark.parametrize("body", NOT_ABOUT_THE_KEY)
+def test_a_403_not_about_the_key_is_relayed_and_disables_no_key(tmp_path, body):
+    upstream = answering(403, body)
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B, KEY_C])) as (server, port):
+                for session in ("s1", "s2", "s3", "s4"):
+                    status, _, raw = await call(port, "POST", "/v1/messages", HELLO, session_headers(session))
+                    assert status == 403
+                    if isinstance(body, dict) and body.get("type") == "error":
+                        assert json.loads(raw) == body                      # relayed as it is
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["healthy"] * 3
+        assert upstream.log == [KEY_A] * 4                                   # one call each, no walk
+    run(scenario())
+
+
+@pytest.mark.parametrize("body", ABOUT_THE_KEY)
+def test_a_403_about_the_key_disables_that_key_and_the_next_one_answers(tmp_path, body):
+    upstream = answering(403, body, keys={KEY_A})
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (server, port):
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s1")))[0] == 200
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s2")))[0] == 200
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "healthy"]
+        assert upstream.log == [KEY_A, KEY_B, KEY_B]
+    run(scenario())
+
+
+def test_one_request_disables_at_most_one_key_of_a_pool(tmp_path):
+    upstream = answering(401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B, KEY_C])) as (server, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, session_headers("s1"))
+                assert status == 401 and json.loads(body)["error"]["message"] == "invalid x-api-key"
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "healthy", "healthy"]
+                assert upstream.log == [KEY_A, KEY_B]
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s2")))[0] == 401
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "disabled", "healthy"]
+    run(scenario())
+
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
