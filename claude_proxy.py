@@ -44,6 +44,7 @@ import datetime
 import hashlib
 import hmac
 import http
+import ipaddress
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ import threading
 import time
 import urllib.parse
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Mapping,
-                    Optional, Tuple)
+                    Optional, Tuple, Union)
 
 log = logging.getLogger("claude_proxy")
 access_log = logging.getLogger("claude_proxy.access")
@@ -606,10 +607,31 @@ def open_no_follow(path: str, flags: int, mode: int = 0o600) -> int:
         raise exc
 
 
+_IPV4_LITERAL = re.compile(r"[0-9a-fx.]+")
+
+
+def ip_literal(host: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The address an IP literal names, as a resolver reads it (127.1 and 0x7f.1 too; [::1];
+    ::ffff:127.0.0.1 as its IPv4 address); None for a host name."""
+    host = host.strip().strip("[]").split("%", 1)[0].lower()
+    try:
+        if ":" in host:
+            address = ipaddress.IPv6Address(host)
+            return address.ipv4_mapped or address
+        if _IPV4_LITERAL.fullmatch(host):
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    host = host.strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    """A loopback address (127.0.0.0/8, ::1) written as an IP literal, or the name localhost;
+    never a name that only starts like one (127.example.com)."""
+    if host.strip().lower() == "localhost":
+        return True
+    address = ip_literal(host)
+    return address is not None and address.is_loopback
 
 # ---- model facts (the table is in section 1) ------------------------------------------------
 
@@ -9011,28 +9033,16 @@ def host_name(value: str) -> Optional[str]:
         return None
 
 
-_IPV4_LITERAL = re.compile(r"[0-9a-fx.]+")
-
-
 def own_host(name: Optional[str]) -> bool:
     """A Host no DNS-rebinding page can send: localhost or *.localhost (browsers resolve those to
     loopback themselves), an IP literal (a page at an IP has that IP as its origin, not a domain
     of the attacker's that now points here), or this machine's own name."""
     if not name:
         return False
-    if name in LOCAL_HOST_NAMES or name.endswith(".localhost"):
-        return True
-    try:
-        if ":" in name:
-            socket.inet_pton(socket.AF_INET6, name)
-        elif _IPV4_LITERAL.fullmatch(name):
-            socket.inet_aton(name)                 # 127.1 and 0x7f.1 are IP literals to a browser too
-        else:
-            raise ValueError
-        return True
-    except (OSError, ValueError):
-        machine = socket.gethostname().lower()
-        return name in (machine, machine.split(".")[0])
+    if name in LOCAL_HOST_NAMES or name.endswith(".localhost") or ip_literal(name) is not None:
+        return True                                # 127.1 and 0x7f.1 are IP literals to a browser too
+    machine = socket.gethostname().lower()
+    return name in (machine, machine.split(".")[0])
 
 
 def cors_allowed(settings: dict, origin: str) -> bool:

@@ -9003,6 +9003,27 @@ def test_one_request_disables_at_most_one_key_of_a_pool(tmp_path):
                 assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "disabled", "healthy"]
     run(scenario())
 
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.9.8.7", True), ("127.1", True), ("0x7f.1", True), ("[::1]", True), ("::1", True),
+    ("::ffff:127.0.0.1", True), ("localhost", True), ("LOCALHOST", True),
+    ("127.attacker.example", False), ("127.0.0.1.nip.io", False), ("127.0.0.1.attacker.example", False),
+    ("127.", False), ("128.0.0.1", False), ("::2", False), ("10.0.0.1", False), ("localhost.attacker.example", False),
+    ("", False), ("0.0.0.0", False),
+])
+def test_loopback_is_decided_on_an_ip_literal_never_a_names_prefix(host, loopback):
+    assert cp.is_loopback(host) is loopback
+
+
+def test_auth_auto_never_sends_the_saved_login_to_a_name_starting_with_127(tmp_path):
+    for url, trusted in (("http://127.attacker.example:8080", False), ("http://127.0.0.1.nip.io", False),
+                         ("http://127.0.0.1:8080", True), ("http://[::1]:8080", True), ("https://api.anthropic.com", True)):
+        config = make_config(tmp_path, providers={"p": {"format": "anthropic", "base_url": url}}, routes={"default": "p"})
+        assert config.providers["p"]["oauth_trusted"] is trusted, url
+    pool = make_pool()
+    pool.proxies = {"http": "http://proxy.example:3128"}
+    assert pool.proxy_for("http", "127.attacker.example") == "http://proxy.example:3128"
+    assert pool.proxy_for("http", "127.0.0.1") is None
+
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
