@@ -281,7 +281,12 @@ PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token", "cache_read_cost_
 
 
 class ConfigError(Exception):
-    """Invalid configuration; the message names the key path."""
+    """Invalid configuration; the message names the key path. A value in it shaped like a
+    credential is masked (mask_secret_shapes, section 3): a key pasted into base_url is not echoed
+    by the start, the reload log or the status page."""
+
+    def __init__(self, message: str):
+        super().__init__(mask_secret_shapes(message))
 
 
 class ProxyError(Exception):
@@ -511,6 +516,15 @@ def looks_secret(key: str, value: Any) -> bool:
     return bool(_SECRET_KEY.search(key) or _SECRET_VALUE.match(value.strip()))
 
 
+_WORD = re.compile(r"(?i)\b(?:bearer|basic)\s+[^\s'\",]+|[^\s'\"=&?/:@,;()<>\[\]{}]{8,}")
+
+
+def mask_secret_shapes(text: str) -> str:
+    """Text with every word shaped like a credential (sk-..., a JWT, a long random token,
+    `Bearer ...`) masked, for text the Redactor's list cannot know (a key pasted in a config)."""
+    return _WORD.sub(lambda m: mask(m.group()) if looks_secret("", m.group()) else m.group(), text)
+
+
 def key_label(key: str) -> str:
     """An API key by its last four characters only (check-config, stats, the ledger)."""
     return "..." + key[-4:] if len(key) > 8 else "(short key)"
@@ -541,6 +555,12 @@ class Redactor(logging.Filter):
             if value in text:
                 text = text.replace(value, mask(value))
         return text
+
+    def clip(self, text: str, limit: int, shapes: bool = True) -> str:
+        """Text to show or log, at most `limit` characters: secrets masked first (the known ones,
+        and with `shapes` any credential-shaped word), then cut, so no cut leaves part of a key."""
+        text = self.scrub(text)
+        return mask_secret_shapes(text[:limit + 256])[:limit] if shapes else text[:limit]
 
     def filter(self, record: logging.LogRecord) -> bool:
         """logging.Filter hook: render the message once, scrubbed and on one line."""
@@ -1291,7 +1311,7 @@ def _yaml_scalar(text: str, where: str) -> Any:
     if not text:
         return None
     if text[0] in "[{&*!|>%@`":
-        raise ConfigError(f"{where}: {text[:20]!r} is YAML beyond what claude_proxy reads "
+        raise ConfigError(f"{where}: {mask_secret_shapes(text)[:20]!r} is YAML beyond what claude_proxy reads "
                           "(plain or quoted scalars, one nested mapping); write it as JSON instead")
     if text[0] == '"' and text.endswith('"') and len(text) > 1:
         try:
@@ -1353,7 +1373,7 @@ def _yaml_entry(item: dict, state: dict, indent: int, line: str, where: str) -> 
     """Apply one `key: value` line to the current item, or to its open nested mapping."""
     match = _YAML_KEY.match(line)
     if not match:
-        raise ConfigError(f"{where}: expected `key: value`, got {line[:40]!r}")
+        raise ConfigError(f"{where}: expected `key: value`, got {mask_secret_shapes(line)[:40]!r}")
     key, value = _yaml_key(match.group("key")), (match.group("value") or "").strip()
     key_indent = state["item_indent"] + 2
     if indent == key_indent:
@@ -7190,18 +7210,19 @@ def require_fields(body: Any, fields: Dict[str, type], dialect: str) -> dict:
     return body
 
 
-def upstream_error_detail(raw: bytes) -> Tuple[Optional[str], str]:
-    """(error type, message) from an upstream error body in either dialect, or its text."""
+def upstream_error_detail(raw: bytes, scrub: Callable[[str], str] = str) -> Tuple[Optional[str], str]:
+    """(error type, message) from an upstream error body in either dialect, or its text (scrubbed
+    by `scrub` before a long text is cut to 300 characters)."""
     try:
         body = json.loads(raw)
     except ValueError:
-        return None, raw[:300].decode("utf-8", "replace").strip() or "upstream error"
+        return None, scrub(raw.decode("utf-8", "replace")).strip()[:300] or "upstream error"
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        return error.get("type") or error.get("code"), str(error.get("message") or error)
+        return error.get("type") or error.get("code"), scrub(str(error.get("message") or error))
     if isinstance(error, str):
-        return error, str(body.get("error_description") or body.get("message") or error)
-    return None, json_text(body)[:300]
+        return error, scrub(str(body.get("error_description") or body.get("message") or error))
+    return None, scrub(json_text(body))[:300]
 
 
 def anthropic_error_body(exc: ProxyError, request_id: str) -> dict:
@@ -8031,8 +8052,9 @@ class Exchange:
         self.upstream_status = response.status
         if response.status >= 300:
             body = await response.read(1 << 20)
-            log.debug("request %s: %s answered %d: %s", self.req.id, self.target.describe() if self.target else "upstream",
-                      response.status, self.server.redactor.scrub(body[:2000].decode("utf-8", "replace")))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s: %s answered %d: %s", self.req.id, self.target.describe() if self.target else
+                          "upstream", response.status, self.server.redactor.clip(body.decode("utf-8", "replace"), 2000))
             raise UpstreamStatus(response.status, response.headers, body)
 
     async def relay_raw(self, response: UpstreamResponse) -> None:
@@ -9003,7 +9025,8 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
 def write_access_line(x: Exchange, elapsed: float) -> None:
     """The one access line of a request (client-controlled parts escaped by the log filter)."""
     status = f"{x.out.status or '-'}" + (f" error={x.error.error_type}" if x.error else "")
-    access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method, x.req.path[:300],
+    access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method,
+                    x.server.redactor.clip(x.req.path, 300, shapes=False),
                     x.target.describe() if x.target else "-", x.upstream_status or "-",
                     status, elapsed * 1000, x.out.bytes_sent)
 
@@ -9907,10 +9930,11 @@ class Operations:
     def note_provider_error(self, x: "Exchange") -> None:
         """Remember the provider's last error for the status page (secrets scrubbed)."""
         exc = x.error
-        message = upstream_error_detail(exc.body)[1] if isinstance(exc, UpstreamStatus) else exc.message
+        redactor = x.server.redactor
+        message = upstream_error_detail(exc.body, redactor.scrub)[1] if isinstance(exc, UpstreamStatus) else exc.message
         self.provider_errors[x.target.provider["name"]] = {
             "at": iso_time(self.clock()), "status": exc.status, "type": exc.error_type,
-            "message": x.server.redactor.scrub(message[:300])}
+            "message": redactor.clip(message, 300)}
 
     async def ledger_totals(self, since: float) -> Optional[dict]:
         """The ledger's T object since `since`, after a flush (off the loop); None without one."""
@@ -9958,6 +9982,7 @@ DOCTOR_FIXES = {
     "login": "run `python claude_proxy.py login` (or `import-claude-code`)",
 }
 DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL"}
+DOCTOR_DETAIL_CHARS = 300                                # a check's detail, secrets masked first
 DOCTOR_MODEL = {"anthropic": "claude-haiku-4-5"}       # a --deep request on a pass-through route
 
 
@@ -10039,7 +10064,7 @@ def _answer_check(provider: dict, name: str, status: int, raw: bytes, what: str)
     """A provider's HTTP answer to a doctor call as a check line."""
     if 200 <= status < 300:
         return _check(provider["name"], name, "ok", f"{what}: {status}")
-    detail = f"{what}: {status} {upstream_error_detail(raw)[1][:160]}"
+    detail = f"{what}: {status} {upstream_error_detail(raw)[1]}"      # run_doctor scrubs, then cuts
     if status in (401, 403):
         return _check(provider["name"], name, "fail", detail, DOCTOR_FIXES["credentials"].format(hint=key_hint(provider)))
     return _check(provider["name"], name, "fail", detail, DOCTOR_FIXES["request"])
@@ -10150,7 +10175,7 @@ async def run_doctor(x: "Exchange", deep: bool = False) -> List[dict]:
     login = check_login(x)
     checks += [login] if login else []
     for check in checks:
-        check["detail"] = x.server.redactor.scrub(check["detail"])
+        check["detail"] = x.server.redactor.clip(check["detail"], DOCTOR_DETAIL_CHARS)
     return checks
 
 
@@ -10881,8 +10906,8 @@ class ProxyServer:
         """Answer a request that will not be served, then end the connection."""
         req.keep_alive = False
         await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
-        access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
-                        log_safe(exc.message[:200]))
+        access_log.info("%s %s refused status=%d %s", req.method, log_safe(self.redactor.clip(req.path, 200, shapes=False)),
+                        exc.status, log_safe(self.redactor.clip(exc.message, 200, shapes=False)))
         conn.busy = False                               # nothing left to finish at shutdown
         await linger(conn.reader, conn.writer, 1.0, 16 << 20)
 

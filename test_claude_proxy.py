@@ -8869,9 +8869,8 @@ def test_an_odd_expires_in_never_breaks_auth_status_or_the_status_command(tmp_pa
     status, login = run(scenario())
     assert status == 200 and login["logged_in"] is True
     assert (login["expires_at"], login["expires_in_seconds"]) == (None, None)     # unknown, not a crash
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"home": str(tmp_path / "home")}))
-    assert cp.main(["status", "--config", str(cfg)]) == 0
+    config = make_config(tmp_path)                    # the `status` command, on the same saved login
+    assert run(cp.run_oauth_command("status", types.SimpleNamespace(), config, {})) == 0
     assert json.loads(capsys.readouterr().out)["logged_in"] is True
 
 
@@ -9023,6 +9022,75 @@ def test_auth_auto_never_sends_the_saved_login_to_a_name_starting_with_127(tmp_p
     pool.proxies = {"http": "http://proxy.example:3128"}
     assert pool.proxy_for("http", "127.attacker.example") == "http://proxy.example:3128"
     assert pool.proxy_for("http", "127.0.0.1") is None
+
+STRADDLING_KEY = "sk-ant-api03-straddle-0123456789abcdefghij"
+
+
+def no_key_part(text, key=STRADDLING_KEY):
+    """No piece of the key past what mask() shows (its first six characters) is in text."""
+    return not any(key[i:i + 8] in text for i in range(6, len(key) - 7))
+
+
+@pytest.mark.parametrize("pad", [280, 140, 1980])
+def test_texts_are_scrubbed_before_they_are_cut(tmp_path, pad, caplog):
+    """A provider's last error (cut at 300), a doctor detail (cut at 300) and a DEBUG upstream
+    body (cut at 2000), each with the configured key where the cut falls, show none of it."""
+    body = b"x" * pad + STRADDLING_KEY.encode() + b" and more"
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(401 if req["method"] == "GET" else 500, body,
+                                                          content_type="text/plain")) as up:
+            config = make_config(tmp_path, None, routes={"default": "p"},
+                                 providers={"p": {"format": "anthropic", "base_url": up.url, "api_key": STRADDLING_KEY}})
+            async with running_proxy(config) as (server, port):
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 500
+                page = (await call(port, "GET", "/status.json"))[2].decode()
+                checks = await cp.run_doctor(cp.doctor_exchange(server))
+                return server.ops.provider_errors["p"]["message"], page, checks
+    logger = logging.getLogger("claude_proxy")
+    with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
+        old = logger.level
+        try:
+            message, page, checks = run(scenario())
+        finally:
+            logger.setLevel(old)
+    details = " ".join(c["detail"] for c in checks)
+    assert message.startswith("xxx") and "401" in details
+    debug = [r.getMessage() for r in caplog.records if "answered 500" in r.getMessage()]
+    assert debug and all(no_key_part(text) for text in [message, page, details] + debug)
+
+
+def test_an_unknown_key_an_upstream_echoes_is_masked_by_its_shape(tmp_path):
+    echoed = "sk-proj-Zx81LmQ0cVb7TyUi93NdWe4RtY5uI6oP"
+    redactor = cp.Redactor([])
+    assert echoed not in redactor.clip(f"Incorrect API key provided: {echoed}.", 300)
+    assert redactor.clip("Bearer abc.def.ghi-1234567 went wrong", 300) == "Bearer...(redacted) went wrong"
+    assert redactor.clip("model claude-sonnet-4-5-20250929 is unknown", 300) == "model claude-sonnet-4-5-20250929 is unknown"
+    assert cp.Redactor([echoed]).clip("a" * 295 + echoed, 300) == "a" * 295 + "sk-pr"
+
+
+@pytest.mark.parametrize("base_url", ["sk-ant-api03-pasted0123456789abcdef", "https://api.example.com/v1 sk-ant-api03-pasted0123456789abcdef",
+                                      "Bearer sk-ant-api03-pasted0123456789abcdef"])
+def test_a_key_pasted_into_base_url_is_masked_in_the_config_error_at_start_and_reload(tmp_path, base_url):
+    pasted = "sk-ant-api03-pasted0123456789abcdef"
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = cp.ConfigSource(str(cfg), {})
+
+    async def scenario():
+        server = cp.ProxyServer(source.load(), source=source)
+        write_config(cfg, "http://127.0.0.1:9", providers={"anthropic": {"format": "anthropic", "base_url": base_url}})
+        assert not await cp.reload_config(server, "test")
+        return server.ops.config_error["message"]
+    with pytest.raises(cp.ConfigError) as start_error:
+        cp.parse_config({"providers": {"p": {"format": "openai", "base_url": base_url}}}, {})
+    shown = run(scenario())
+    assert "providers.anthropic.base_url" in shown and "providers.p.base_url" in str(start_error.value)
+    assert no_key_part(shown, pasted) and no_key_part(str(start_error.value), pasted)
+    for line in ("  api_key " + pasted, "  api_key: [" + pasted):      # echoed cut: masked first
+        with pytest.raises(cp.ConfigError) as yaml_error:
+            cp.parse_yaml_models("- model_name: x\n" + line + "\n", "models.yaml")
+        assert "models.yaml:2" in str(yaml_error.value) and no_key_part(str(yaml_error.value), pasted)
 
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
