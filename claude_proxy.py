@@ -764,6 +764,7 @@ class Config:
         self.warnings: List[str] = []          # unknown keys, missing keys, notes for the start
         self.aliases: Dict[str, str] = dict(MODEL_ALIASES)   # client model name -> routed name
         self.proxy_key_var = "PROXY_API_KEY"   # the variable holding the key clients send
+        self.plugin_folder: Optional[str] = None   # <home>/plugins of the trusted home; None: settings' home
 
     @property
     def home(self) -> str:
@@ -1519,22 +1520,47 @@ def find_models_file(config_file: Optional[str], file_raw: dict, env: Mapping[st
 def load_config(path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None) -> Config:
     """The whole flow: seed model file < config file < .env < environment < CLI, parsed once.
     Without a `routes` table in a file, `default` goes to Anthropic (a lone ROUTER_* adds to
-    that table; it never empties it)."""
+    that table; it never empties it). Plugins come only from the trusted layers (untrusted_plugins)."""
     dotenv = read_dotenv(".env")
     merged_env = dict(dotenv, **env)
     is_yaml = bool(path) and path.lower().endswith((".yaml", ".yml"))
     file_raw = parse_json_config(read_text(path, "config file"), path) if path and not is_yaml else {}
     models_path = find_models_file(path, file_raw, merged_env)
     models_raw, notes = read_models_file(models_path) if models_path else ({}, [])
+    notes = notes + untrusted_plugins(dotenv, models_raw, file_raw, env)
     raw = {} if "routes" in file_raw or "routes" in models_raw else {"routes": {"default": "anthropic"}}
     for layer in (models_raw, file_raw, env_layer(merged_env), cli or {}):
         raw = merge_raw(raw, layer)
+    raw["plugins"] = merge_raw(file_raw, env_layer(env)).get("plugins", [])
     config = parse_config(raw, merged_env, notes)
+    config.plugin_folder = os.path.join(os.path.expanduser(trusted_home(file_raw, env)), "plugins")
     config.files = {"config": os.path.abspath(path) if path and not is_yaml else None,
                     "dotenv": os.path.abspath(".env") if dotenv else None,
                     "models": os.path.abspath(models_path) if models_path else None}
     config.origins = value_origins(config, file_raw, models_raw, dotenv, env, cli or {})
     return config
+
+
+def trusted_home(file_raw: dict, env: Mapping[str, str]) -> str:
+    """The home whose plugins/ folder may run code: the environment's, else the config file's."""
+    return str(env_layer(env).get("home") or file_raw.get("home") or SETTINGS["home"][2])
+
+
+def untrusted_plugins(dotenv: Mapping[str, str], models_raw: dict, file_raw: dict, env: Mapping[str, str]) -> List[str]:
+    """Warnings for what a .env or a model file (both may lie in a cloned folder) tried to do to
+    the plugins, which run code: name them, or move <home>/plugins. Both are ignored."""
+    notes = []
+    if setting_var("plugins", dotenv):
+        notes.append(".env: CLAUDE_PROXY_PLUGINS ignored: plugins run code, so only the config file, the "
+                     "environment or <home>/plugins name them")
+    if "plugins" in models_raw:
+        notes.append("model file: \"plugins\" ignored: plugins are named only in the config file, the environment "
+                     "or <home>/plugins")
+    home = env_layer(dotenv).get("home")
+    if home and os.path.expanduser(home) != os.path.expanduser(trusted_home(file_raw, env)):
+        notes.append(f".env: CLAUDE_PROXY_HOME moves the proxy's state, not its plugins: they still load from "
+                     f"{os.path.join(trusted_home(file_raw, env), 'plugins')}")
+    return notes
 
 
 def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapping[str, str],
@@ -1545,6 +1571,7 @@ def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapp
     def origin(key: str) -> str:
         var = setting_var(key, environ) if key in SETTINGS else (key if environ.get(key) else None)
         dot = setting_var(key, dotenv) if key in SETTINGS else (key if dotenv.get(key) else None)
+        dot = None if key == "plugins" else dot                  # ignored there: untrusted_plugins()
         if key in cli:
             return "the command line"
         if var:
@@ -9565,6 +9592,11 @@ def load_plugin_module(path: str) -> Any:
     return module
 
 
+def plugin_folder(config: Config) -> str:
+    """<home>/plugins, of the home a .env cannot move (load_config sets it)."""
+    return config.plugin_folder or os.path.join(config.home, "plugins")
+
+
 def plugin_paths(config: Config, base_dir: str) -> List[str]:
     """The config's plugins (relative to the config file's folder), then home/plugins/*.py."""
     listed = []
@@ -9572,29 +9604,49 @@ def plugin_paths(config: Config, base_dir: str) -> List[str]:
         if not isinstance(path, str) or not path.endswith(".py"):
             raise ConfigError(f"plugins.{i}: expected the path of a .py file")
         listed.append(os.path.abspath(os.path.join(base_dir, os.path.expanduser(path))))
-    folder = os.path.join(config.home, "plugins")
+    folder = plugin_folder(config)
     found = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")) \
         if os.path.isdir(folder) else []
     return list(dict.fromkeys(listed + found))
 
 
+def check_plugin_owner(path: str) -> None:
+    """ConfigError unless `path` (a plugin file or the folder holding one) belongs to this user
+    (or root) and no other user may write it: code another user can change is not run."""
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return                                   # load_plugin_module says "no such file"
+    if info.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"plugins: {path} belongs to another user (uid {info.st_uid}); refusing to run "
+                          "code from it (chown it to the proxy's user)")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"plugins: {path} is writable by {'others' if info.st_mode & 0o002 else 'its group'} "
+                          f"(mode {stat.S_IMODE(info.st_mode):o}); refusing to run code from it (chmod go-w it)")
+
+
 def load_plugins(config: Config, base_dir: str = ".") -> Optional["Plugins"]:
-    """This config's hooks (blocking file work), or None when there is none."""
+    """This config's hooks (blocking file work), or None when there is none; every plugin loaded
+    is named in the log with its hooks, at start and at each reload."""
     hooks: Dict[str, List[Hook]] = {kind: [] for kind in HOOK_KINDS}
     names = []
     if config.settings["filter_tools"]:
         hooks["request_hook"].append(("filter_tools", filter_tools_hook(config.settings["filter_tools"]), True))
         names.append("filter_tools")
     for path in plugin_paths(config, base_dir):
+        for checked in dict.fromkeys((os.path.dirname(path), path)):
+            check_plugin_owner(checked)
         module = load_plugin_module(path)
         names.append(os.path.basename(path))
-        for kind in HOOK_KINDS:
-            fn = getattr(module, kind, None)
-            if callable(fn):
-                hooks[kind].append((os.path.basename(path), fn, takes_context(fn)))
+        found = [kind for kind in HOOK_KINDS if callable(getattr(module, kind, None))]
+        for kind in found:
+            fn = getattr(module, kind)
+            hooks[kind].append((os.path.basename(path), fn, takes_context(fn)))
+        log.info("plugin %s loaded: %s", path, ", ".join(found) or "no hooks")
     if not any(hooks.values()):
         return None
-    log.info("plugins: %s", ", ".join(names))
     return Plugins(names, hooks["request_hook"], hooks["response_hook"], hooks["stream_event_hook"])
 
 
@@ -9748,7 +9800,7 @@ class ConfigSource:
         models file, the plugins and the home plugins folder."""
         home = os.path.expanduser(self.env.get("CLAUDE_PROXY_HOME") or SETTINGS["home"][2])
         paths = [self.path() or os.path.join(home, "config.json"), ".env", config.files.get("models"),
-                 os.path.join(config.home, "plugins")]
+                 plugin_folder(config)]
         try:
             paths += plugin_paths(config, self.base_dir())
         except (ConfigError, OSError):

@@ -9092,6 +9092,91 @@ def test_a_key_pasted_into_base_url_is_masked_in_the_config_error_at_start_and_r
             cp.parse_yaml_models("- model_name: x\n" + line + "\n", "models.yaml")
         assert "models.yaml:2" in str(yaml_error.value) and no_key_part(str(yaml_error.value), pasted)
 
+def marker_plugin(folder, name, hooks=""):
+    """A plugin file that leaves <name>.ran beside itself when its code runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(f"open(__file__ + '.ran', 'w').close()\n{hooks}")
+    return folder / (name + ".ran")
+
+
+def test_a_dotenv_or_a_model_file_in_the_working_directory_never_runs_a_plugin(tmp_path, monkeypatch, caplog):
+    work = tmp_path / "cloned-repo"
+    ran = [marker_plugin(work, "x.py"), marker_plugin(work / "evil" / "plugins", "y.py"),
+           marker_plugin(work, "z.py")]
+    (work / ".env").write_text("CLAUDE_PROXY_PLUGINS=x.py\nCLAUDE_PROXY_HOME=./evil\n")
+    (work / "models.json").write_text(json.dumps({"plugins": ["z.py"], "models": [{"id": "m", "provider": "anthropic"}]}))
+    monkeypatch.chdir(work)
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = cp.ConfigSource(str(cfg), {})
+
+    async def scenario():
+        config = source.load()
+        assert config.settings["plugins"] == [] and "m" in config.models          # the model file still works
+        assert config.home.endswith("evil") and config.plugin_folder == str(tmp_path / "home" / "plugins")
+        assert config.origins["settings.plugins"] == "default"
+        server = cp.ProxyServer(config, source=source)
+        watcher = cp.ConfigWatcher(server)
+        (work / ".env").write_text("CLAUDE_PROXY_PLUGINS=x.py,z.py\nCLAUDE_PROXY_HOME=./evil\nMAX_RETRIES=3\n")
+        assert await watcher.check() and server.config.settings["max_retries"] == 3      # reloaded
+        return config.warnings
+    warnings = run(scenario())
+    assert not any(path.exists() for path in ran)
+    assert any(".env: CLAUDE_PROXY_PLUGINS ignored" in w for w in warnings)
+    assert any('model file: "plugins" ignored' in w for w in warnings)
+    assert any(".env: CLAUDE_PROXY_HOME moves the proxy's state, not its plugins" in w for w in warnings)
+
+
+def test_plugins_named_by_the_config_file_the_environment_or_home_run_and_each_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    ran = [marker_plugin(tmp_path / "conf", "from_file.py"), marker_plugin(tmp_path / "envdir", "from_env.py"),
+           marker_plugin(tmp_path / "home" / "plugins", "from_home.py", "def request_hook(payload):\n    return None\n")]
+    cfg = tmp_path / "conf" / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", plugins=["from_file.py"], home=str(tmp_path / "home"))
+    source = cp.ConfigSource(str(cfg), {"CLAUDE_PROXY_PLUGINS": str(tmp_path / "envdir" / "from_env.py")})
+
+    async def scenario():
+        server = cp.ProxyServer(source.load(), source=source)
+        assert server.plugins.names == ["from_env.py", "from_home.py"]      # the environment wins over the file
+        assert await cp.reload_config(server, "SIGHUP")
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        run(scenario())
+    assert not ran[0].exists() and ran[1].exists() and ran[2].exists()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plugin ")]
+    assert lines.count(f"plugin {tmp_path / 'envdir' / 'from_env.py'} loaded: no hooks") == 2      # start and reload
+    assert lines.count(f"plugin {tmp_path / 'home' / 'plugins' / 'from_home.py'} loaded: request_hook") == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX ownership")
+def test_plugins_another_user_may_write_are_refused_saying_why(tmp_path):
+    folder = tmp_path / "home" / "plugins"
+    ran = marker_plugin(folder, "p.py")
+    config = make_config(tmp_path)
+    for mode, file_mode, why in ((0o777, 0o644, "writable by others"), (0o775, 0o644, "writable by its group"),
+                                 (0o755, 0o646, "writable by others"), (0o755, 0o664, "writable by its group")):
+        os.chmod(folder, mode)
+        os.chmod(folder / "p.py", file_mode)
+        with pytest.raises(cp.ConfigError, match=why + ".*refusing to run code from it"):
+            cp.load_plugins(config)
+    listed = tmp_path / "shared"
+    marker_plugin(listed, "q.py")
+    os.chmod(listed, 0o1777)                                  # a /tmp-like folder: anyone may swap the file
+    with pytest.raises(cp.ConfigError, match=r"shared is writable by others"):
+        cp.load_plugins(make_config(tmp_path / "other", plugins=[str(listed / "q.py")]))
+    if os.getuid() == 0:                                      # root can hand the file to someone else
+        os.chmod(folder, 0o755)
+        os.chmod(folder / "p.py", 0o644)
+        os.chown(folder / "p.py", 54321, 54321)
+        with pytest.raises(cp.ConfigError, match="belongs to another user"):
+            cp.load_plugins(config)
+    assert not ran.exists()
+    os.chmod(folder, 0o700)
+    os.chmod(folder / "p.py", 0o600)
+    if os.getuid() == 0:
+        os.chown(folder / "p.py", 0, 0)
+    cp.load_plugins(config)
+    assert ran.exists()
+
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
