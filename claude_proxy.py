@@ -61,7 +61,7 @@ import threading
 import time
 import urllib.parse
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Mapping,
-                    Optional, Tuple, Union)
+                    NamedTuple, Optional, Tuple, Union)
 
 log = logging.getLogger("claude_proxy")
 access_log = logging.getLogger("claude_proxy.access")
@@ -287,6 +287,11 @@ class ConfigError(Exception):
 
     def __init__(self, message: str):
         super().__init__(mask_secret_shapes(message))
+
+
+class ConfigMissing(ConfigError):
+    """The config file in use vanished (an editor saving by unlink and create): a reload keeps the
+    running config and is retried when the file is back."""
 
 
 class ProxyError(Exception):
@@ -602,6 +607,51 @@ async def run_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args))
 
 
+def read_regular_file(path: str) -> bytes:
+    """A regular file's bytes, opened without blocking: at a FIFO, a device or a folder it raises
+    OSError at once instead of waiting for a writer that may never come."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file (a FIFO, a device or a folder?): {path}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+async def run_in_thread(fn: Callable[[], Any], timeout: float, name: str) -> Any:
+    """fn() in a daemon thread of its own (start_thread), awaited at most `timeout` seconds
+    (asyncio.TimeoutError after)."""
+    return await asyncio.wait_for(asyncio.shield(start_thread(fn, name)), timeout)
+
+
+def start_thread(fn: Callable[[], Any], name: str) -> "asyncio.Future[Any]":
+    """fn() in a daemon thread of its own; the future its outcome settles. Work that may hang for
+    good (a hung mount, foreign code) so never holds up the loop, a pool's threads or the
+    process's exit: a thread that hangs is left behind, and its late outcome is dropped."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved: no GC warning
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc if isinstance(exc, Exception) else RuntimeError(f"{name}: {exc!r}")
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass                                  # the loop is gone: nobody waits any more
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
+
+
 def ensure_private_dir(path: str) -> str:
     """The state directory, created 0700, or tightened to 0700 when it already exists with
     looser modes (0777 stays 0777 otherwise); returns the path."""
@@ -805,9 +855,8 @@ def read_dotenv(path: str) -> Dict[str, str]:
     """KEY=VALUE lines of a .env file, read as python-dotenv reads them: `export`, quotes (double
     with escapes, single literal) and comments, also after a value (` # note`); {} when absent."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+        lines = read_regular_file(path).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
         return {}
     values = {}
     for line in lines:
@@ -1469,10 +1518,9 @@ def read_models_file(path: str) -> Tuple[dict, List[str]]:
 
 
 def read_text(path: str, what: str) -> str:
-    """A whole text file, or ConfigError in one line."""
+    """A whole text file, or ConfigError in one line (a FIFO or a device too, at once)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        return read_regular_file(path).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -9148,6 +9196,7 @@ def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
 # =============================================================================================
 
 RECENT_REQUESTS = 50                  # the status page's "last requests"
+CONFIG_READ_TIMEOUT = 10.0            # seconds a reload may spend reading files (a hung mount)
 LEDGER_BATCH_ROWS = 500               # the writer commits at most this many rows at once
 LEDGER_FLUSH_INTERVAL = 0.5           # seconds the writer gathers rows before a commit
 LEDGER_BUSY_TIMEOUT = 5.0             # seconds a writer or reader waits for another process's lock
@@ -9775,20 +9824,32 @@ RESTART_SETTINGS = ("host", "port", "home", "pool_size", "connect_timeout", "rea
 
 class ConfigSource:
     """How main() loaded the config (--config, the environment, the CLI overrides), so that a
-    reload repeats exactly that flow."""
+    reload repeats exactly that flow. Once a config file was read it stays the one in use: only
+    --config / CLAUDE_PROXY_CONFIG choose another, so a default <home>/config.json that an editor
+    unlinks and creates again is never taken for "no file" (the built-in defaults)."""
 
     def __init__(self, cli_path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None):
         self.cli_path = cli_path
         self.env = dict(env)
         self.cli = dict(cli or {})
+        self.used: Optional[str] = None           # the config file the last good load read
 
     def path(self) -> Optional[str]:
-        """The config file in use (looked up again: the default one may appear later)."""
-        return config_path(self.cli_path, self.env)
+        """The config file in use: the one read before, else looked up (the default may appear later)."""
+        return config_path(self.cli_path, self.env) or self.used
 
     def load(self) -> Config:
-        """load_config() as main() calls it (blocking)."""
-        return load_config(self.path(), self.env, self.cli)
+        """load_config() as main() calls it (blocking); ConfigMissing when the file it read is gone."""
+        path = self.path()
+        try:
+            config = load_config(path, self.env, self.cli)
+        except ConfigError:
+            if path and path == self.used and not os.path.lexists(path):
+                raise ConfigMissing(f"config file {path} is missing (an editor saving it?): the running config "
+                                    "stays, and the reload is retried when the file is back") from None
+            raise
+        self.used = path
+        return config
 
     def base_dir(self) -> str:
         """The folder relative plugin paths start from: the config file's, else the working one."""
@@ -9846,26 +9907,62 @@ def apply_config(server: "ProxyServer", config: Config, plugins: Optional[Plugin
     server.ops.config_loaded(restart)
 
 
+class Reading(NamedTuple):
+    """One reload's blocking part: the watched files before, the new generation (or the error),
+    and the files the new generation watches as they were then."""
+    before: Dict[str, Optional[Tuple[int, int]]]
+    config: Optional[Config]
+    plugins: Optional[Plugins]
+    after: Dict[str, Optional[Tuple[int, int]]]
+    error: Optional[Exception]
+
+
+def read_generation(server: "ProxyServer") -> Reading:
+    """Stat the watched files, load the config and its plugins (blocking; in run_in_thread)."""
+    before = watched_signatures(server)
+    try:
+        config = server.source.load()
+        check_exposure(config, server.host or config.settings["host"])
+        plugins = load_plugins(config, server.source.base_dir())
+    except (ConfigError, OSError) as exc:
+        return Reading(before, None, None, {}, exc)
+    after = {path: before[path] if path in before else file_signature(path) for path in server.source.files(config)}
+    return Reading(before, config, plugins, after, None)
+
+
 async def reload_config(server: "ProxyServer", reason: str) -> bool:
     """Load the config again, exactly as at start, and swap it in when it is valid; an invalid
-    one keeps the old generation and is logged and shown with its key path."""
-    async with server.ops.reload_lock():
-        loop, before = asyncio.get_running_loop(), watched_signatures(server)
-        try:
-            config = await loop.run_in_executor(None, server.source.load)
-            check_exposure(config, server.host or config.settings["host"])
-            plugins = await loop.run_in_executor(None, load_plugins, config, server.source.base_dir())
-        except (ConfigError, OSError) as exc:
-            server.ops.config_failed(str(exc))
-            server.ops.file_signatures = before
-            log.error("config reload (%s) failed; generation %d stays: %s", reason, server.generation, exc)
-            return False
-        apply_config(server, config, plugins)
-        # The files as they were read; one the new config adds to the watch is taken as it is now.
-        server.ops.file_signatures = {path: before.get(path, signature)
-                                      for path, signature in watched_signatures(server).items()}
+    one keeps the old generation and is logged and shown with its key path. The files are read
+    in a thread of their own within CONFIG_READ_TIMEOUT and outside the reload lock, which covers
+    the swap only (a FIFO or a hung mount never wedges a reload, SIGHUP or SIGTERM); of two
+    reloads that overlap, an older reading never replaces a newer one."""
+    ops = server.ops
+    ops.reload_seq += 1
+    ticket = ops.reload_seq
+    try:
+        reading = await ops.read_off_loop(lambda: read_generation(server))
+    except ConfigError as exc:
+        return reload_failed(server, reason, exc)
+    async with ops.reload_lock():
+        if reading.error is not None:
+            ops.file_signatures = reading.before
+            return reload_failed(server, reason, reading.error)
+        if ticket < ops.applied_seq:
+            return False                          # a reload that started later was applied already
+        ops.applied_seq = ticket
+        apply_config(server, reading.config, reading.plugins)
+        ops.file_signatures = reading.after       # the files as they were read
         log.info("config reloaded (%s): generation %d", reason, server.generation)
         return True
+
+
+def reload_failed(server: "ProxyServer", reason: str, exc: Exception) -> bool:
+    """Keep the running generation, and say why (a vanished file as a warning: it is retried)."""
+    server.ops.config_failed(str(exc))
+    server.ops.config_missing = isinstance(exc, ConfigMissing)
+    level = logging.WARNING if server.ops.config_missing else logging.ERROR
+    log.log(level, "config reload (%s) failed; generation %d stays: %s", reason, server.generation, exc)
+    return False
 
 
 class ConfigWatcher:
@@ -9877,16 +9974,23 @@ class ConfigWatcher:
         server.ops.file_signatures = watched_signatures(server)
 
     async def run(self) -> None:
-        """Poll until cancelled (reload_interval 0 pauses polling; SIGHUP still reloads)."""
+        """Poll until cancelled (reload_interval 0 pauses polling, except to retry a config file
+        that went missing; SIGHUP still reloads)."""
         while True:
             interval = self.server.config.settings["reload_interval"]
             await asyncio.sleep(interval if interval > 0 else 1.0)
-            if interval > 0:
+            if interval > 0 or self.server.ops.config_missing:
                 await self.check()
 
     async def check(self) -> bool:
-        """Reload if a file changed since the last reload read it; True when one did."""
-        if watched_signatures(self.server) == self.server.ops.file_signatures:
+        """Reload if a file changed since the last reload read it; True when one did. The stats
+        run off the loop (a hung mount must not stall every client); a hung one skips the poll."""
+        try:
+            now = await self.server.ops.read_off_loop(lambda: watched_signatures(self.server))
+        except ConfigError as exc:
+            log.debug("config watch skipped: %s", exc)
+            return False
+        if now == self.server.ops.file_signatures:
             return False
         await reload_config(self.server, "a watched file changed")
         return True
@@ -9922,7 +10026,10 @@ class Operations:
         self.restart_needed: List[str] = []
         self.file_signatures: Dict[str, Optional[Tuple[int, int]]] = {}
         self.watcher: Optional[asyncio.Future] = None
+        self.config_missing = False               # the last reload found the config file gone
+        self.reload_seq = self.applied_seq = 0    # reloads started, and the latest one applied
         self._reload_lock: Optional[asyncio.Lock] = None
+        self._reading: Optional[asyncio.Future] = None   # a config read still in its thread
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
 
     def start(self, server: "ProxyServer") -> None:
@@ -9939,10 +10046,23 @@ class Operations:
             await asyncio.get_running_loop().run_in_executor(None, self.ledger.close)
 
     def reload_lock(self) -> asyncio.Lock:
-        """One reload at a time (created inside the running loop)."""
+        """One swap of generations at a time (created inside the running loop)."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         return self._reload_lock
+
+    async def read_off_loop(self, fn: Callable[[], Any]) -> Any:
+        """fn() (config file work) in a thread within CONFIG_READ_TIMEOUT, one at a time: while an
+        earlier read hangs (a FIFO, a hung mount), ConfigError at once instead of another thread."""
+        if self._reading is not None and not self._reading.done():
+            raise ConfigError("the config files are still being read by an earlier reload (a hung file system?); "
+                              "the running config stays")
+        self._reading = start_thread(fn, "config-read")
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._reading), CONFIG_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ConfigError(f"reading the config files took over {CONFIG_READ_TIMEOUT:.0f}s (a FIFO or a hung "
+                              "mount?); the running config stays") from None
 
     def request_done(self, x: "Exchange", started: float) -> None:
         """Account one finished request the handler metered (x.meter.requested set)."""
@@ -10009,7 +10129,7 @@ class Operations:
     def config_loaded(self, restart: List[str]) -> None:
         """A reload succeeded."""
         self.config_loaded_at = self.clock()
-        self.config_error = None
+        self.config_error, self.config_missing = None, False
         self.restart_needed = restart
 
     def config_failed(self, message: str) -> None:
@@ -10556,8 +10676,8 @@ def recent_rows(ops: Operations) -> List[dict]:
 
 
 def config_file_shown(server: "ProxyServer") -> Optional[str]:
-    """The config file in use, as an absolute path."""
-    path = server.source.path() if server.source else None
+    """The config file in use, as an absolute path (the one last read: no file work on the loop)."""
+    path = server.source.used if server.source else None
     return os.path.abspath(path) if path else None
 
 

@@ -31,6 +31,7 @@ import shutil
 import signal
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -9176,6 +9177,146 @@ def test_plugins_another_user_may_write_are_refused_saying_why(tmp_path):
         os.chown(folder / "p.py", 0, 0)
     cp.load_plugins(config)
     assert ran.exists()
+
+PROXY_KEY_19 = "sk-proxy-issue19-0123456789"
+
+
+@pytest.mark.parametrize("save", ["unlink", "rename"])
+def test_an_editor_saving_the_default_config_by_unlink_and_create_never_loads_the_defaults(tmp_path, save, caplog):
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            write_config(cfg, up.url, home=str(home), proxy_api_key=PROXY_KEY_19)
+            env = {"CLAUDE_PROXY_HOME": str(home), "ANTHROPIC_UPSTREAM_URL": up.url}      # defaults stay loopback
+            source = cp.ConfigSource(None, env)
+            async with running_proxy(source.load(), source=source) as (server, port):
+                watcher = cp.ConfigWatcher(server)
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 401
+                if save == "unlink":
+                    cfg.unlink()
+                else:
+                    cfg.rename(home / "config.json~")
+                assert await watcher.check() and server.generation == 1            # kept, said, not the defaults
+                assert server.ops.config_missing and "is missing" in server.ops.config_error["message"]
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 401
+                assert not await watcher.check()                                  # nothing new to read
+                write_config(cfg, up.url, home=str(home), proxy_api_key=PROXY_KEY_19, max_retries=1)
+                assert await watcher.check() and server.generation == 2           # retried once it is back
+                assert server.config.settings["max_retries"] == 1 and not server.ops.config_missing
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 401
+                auth = dict(ANTHROPIC_HEADERS, **{"x-api-key": PROXY_KEY_19})
+                assert (await call(port, "POST", "/v1/messages", HELLO, auth))[0] == 200
+                assert json.loads((await call(port, "GET", "/status.json", headers=auth))[2])["config"]["path"] == str(cfg)
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        run(scenario())
+    missing = [r for r in caplog.records if "is missing" in r.getMessage()]
+    assert missing and all(r.levelno == logging.WARNING for r in missing)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_config_path_that_is_a_fifo_is_refused_at_once_at_start(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+
+    outcome = {}
+
+    def load():
+        try:
+            outcome["config"] = cp.load_config(str(fifo), {})
+        except cp.ConfigError as exc:
+            outcome["error"] = str(exc)
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    hung = thread.is_alive()
+    with contextlib.suppress(OSError):                  # frees a reader still blocked in open()
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    thread.join(5)
+    assert not hung and "not a regular file" in outcome["error"]
+    (tmp_path / "work").mkdir()
+    os.mkfifo(tmp_path / "work" / ".env")
+    assert cp.read_dotenv(str(tmp_path / "work" / ".env")) == {}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_config_file_replaced_by_a_fifo_wedges_neither_sighup_reload_nor_sigterm(tmp_path):
+    port = free_port()
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_API_KEY", "CLAUDE_PROXY_CONFIG", "CLAUDE_PROXY_HOME")}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port),
+                             "--config", str(cfg)], stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            time.sleep(0.05)
+        cfg.unlink()
+        os.mkfifo(cfg)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert run(call(port, "GET", "/health"))[0] == 200                      # still serving
+        proc.send_signal(signal.SIGHUP)
+        proc.terminate()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(OSError):
+                os.close(os.open(cfg, os.O_WRONLY | os.O_NONBLOCK))
+            proc.wait(10)
+    stderr = proc.stderr.read().decode()
+    assert "not a regular file" in stderr and "generation 1 stays" in stderr
+
+
+class HangingSource(cp.ConfigSource):
+    """A config source whose files hang (a hung mount) while `gate` is closed."""
+
+    def __init__(self, *args, gate):
+        super().__init__(*args)
+        self.gate, self.hang = gate, False
+
+    def load(self):
+        if self.hang:
+            self.gate.wait()
+        return super().load()
+
+
+def test_a_hung_config_read_times_out_holds_no_lock_and_lets_shutdown_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "CONFIG_READ_TIMEOUT", 0.3, raising=False)
+    gate = threading.Event()
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = HangingSource(str(cfg), {}, gate=gate)
+
+    async def scenario():
+        async with running_proxy(source.load(), source=source) as (server, port):
+            source.hang = True
+            first = await cp.reload_config(server, "SIGHUP")
+            assert not first and "took over" in server.ops.config_error["message"]
+            assert not await asyncio.wait_for(cp.reload_config(server, "SIGHUP"), 1)    # refused at once, no 2nd thread
+            assert "still being read" in server.ops.config_error["message"]
+            assert not server.ops.reload_lock().locked()
+            assert (await call(port, "GET", "/health"))[0] == 200
+            source.hang = False
+            gate.set()                                  # the mount recovers: the next reload works
+            await asyncio.sleep(0.05)
+            assert await cp.reload_config(server, "SIGHUP") and server.generation == 2
+            source.hang = True
+            gate.clear()
+            assert not await cp.reload_config(server, "SIGHUP")
+        # running_proxy's shutdown returned with a read still hanging
+    safety = threading.Timer(20, gate.set)          # were the loop to wait for the hung read, it ends
+    safety.start()
+    try:
+        run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.set()
+        safety.cancel()
 
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
