@@ -10052,11 +10052,14 @@ class Operations:
         return self._reload_lock
 
     async def read_off_loop(self, fn: Callable[[], Any]) -> Any:
-        """fn() (config file work) in a thread within CONFIG_READ_TIMEOUT, one at a time: while an
-        earlier read hangs (a FIFO, a hung mount), ConfigError at once instead of another thread."""
+        """fn() (config file work) in a thread within CONFIG_READ_TIMEOUT, one at a time: after an
+        earlier read (a poll and a SIGHUP at once), or ConfigError when that one hangs (a hung
+        mount) rather than another thread."""
         if self._reading is not None and not self._reading.done():
-            raise ConfigError("the config files are still being read by an earlier reload (a hung file system?); "
-                              "the running config stays")
+            done, _ = await asyncio.wait({self._reading}, timeout=CONFIG_READ_TIMEOUT)
+            if not done:
+                raise ConfigError("the config files are still being read by an earlier reload (a hung file "
+                                  "system?); the running config stays")
         self._reading = start_thread(fn, "config-read")
         try:
             return await asyncio.wait_for(asyncio.shield(self._reading), CONFIG_READ_TIMEOUT)

@@ -9306,6 +9306,8 @@ def test_a_hung_config_read_times_out_holds_no_lock_and_lets_shutdown_finish(tmp
             gate.set()                                  # the mount recovers: the next reload works
             await asyncio.sleep(0.05)
             assert await cp.reload_config(server, "SIGHUP") and server.generation == 2
+            both = await asyncio.gather(cp.reload_config(server, "poll"), cp.reload_config(server, "SIGHUP"))
+            assert both == [True, True] and server.ops.config_error is None and server.generation == 4
             source.hang = True
             gate.clear()
             assert not await cp.reload_config(server, "SIGHUP")
