@@ -621,35 +621,54 @@ def read_regular_file(path: str) -> bytes:
         return fh.read()
 
 
-async def run_in_thread(fn: Callable[[], Any], timeout: float, name: str) -> Any:
-    """fn() in a daemon thread of its own (start_thread), awaited at most `timeout` seconds
-    (asyncio.TimeoutError after)."""
-    return await asyncio.wait_for(asyncio.shield(start_thread(fn, name)), timeout)
+class DaemonWorkers:
+    """Up to `size` daemon threads for work that may hang for good (foreign code, a hung mount):
+    it never holds up the loop, the default pool's threads or the process's exit. Threads start
+    on demand and stay; one that hangs is left behind, and later work goes to the others."""
+
+    def __init__(self, size: int, name: str):
+        self.size, self.name = size, name
+        self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = 0
+
+    def submit(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """fn() on a worker; the future its outcome settles (a late outcome nobody awaits is dropped)."""
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved: no GC warning
+        self._jobs.put((fn, asyncio.get_running_loop(), future))
+        with self._lock:
+            if self._idle == 0 and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
+        return future
+
+    async def run(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """fn() on a worker, awaited at most `timeout` seconds (asyncio.TimeoutError after)."""
+        return await asyncio.wait_for(asyncio.shield(self.submit(fn)), timeout)
+
+    def _work(self) -> None:
+        """A worker: jobs until the process ends."""
+        while True:
+            with self._lock:
+                self._idle += 1
+            fn, loop, future = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc if isinstance(exc, Exception) else RuntimeError(f"{self.name}: {exc!r}")
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:
+                pass                              # the loop is gone: nobody waits any more
 
 
-def start_thread(fn: Callable[[], Any], name: str) -> "asyncio.Future[Any]":
-    """fn() in a daemon thread of its own; the future its outcome settles. Work that may hang for
-    good (a hung mount, foreign code) so never holds up the loop, a pool's threads or the
-    process's exit: a thread that hangs is left behind, and its late outcome is dropped."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-    future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved: no GC warning
-
-    def settle(result: Any, error: Optional[BaseException]) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def work() -> None:
-        try:
-            result, error = fn(), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            result, error = None, exc if isinstance(exc, Exception) else RuntimeError(f"{name}: {exc!r}")
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:
-            pass                                  # the loop is gone: nobody waits any more
-    threading.Thread(target=work, name=name, daemon=True).start()
-    return future
+def _settle(future: "asyncio.Future[Any]", result: Any, error: Optional[BaseException]) -> None:
+    """A worker's outcome into its future, unless that was given up (cancelled) already."""
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 def ensure_private_dir(path: str) -> str:
@@ -8187,13 +8206,13 @@ class Exchange:
     async def answer_json(self, status: int, answer: dict, headers: List[Tuple[str, str]]) -> None:
         """A whole converted answer, after the plugins' response hooks."""
         if self.plugins:
-            answer = self.plugins.on_response(self, answer)
+            answer = await self.plugins.on_response(self, answer)
         await self.out.respond_json(status, answer, headers)
 
     async def answer_raw(self, status: int, headers: List[Tuple[str, str]], raw: bytes) -> None:
         """A whole relayed answer, after the plugins' response hooks."""
         if self.plugins:
-            raw = self.plugins.on_response_bytes(self, raw)
+            raw = await self.plugins.on_response_bytes(self, raw)
         await self.out.respond(status, headers, raw)
 
 
@@ -9577,9 +9596,19 @@ def open_ledger(config: Config, clock: Callable[[], float] = time.time) -> Optio
 # new value, or None to keep the one it mutated. FILTER_TOOLS is a built-in request hook that
 # runs first. A generation without any hook has no Plugins object at all (server.plugins None),
 # so the per-request price of the feature is one None check.
+#
+# Hooks are foreign code, so none may stall every client. Request and response hooks run off the
+# loop, on the server's few hook threads, within HOOK_TIMEOUT a request; one that overruns is
+# skipped from then on (until the config is reloaded) and said at WARNING, and that request goes
+# on as if its hooks of that kind were not there. Stream hooks run on the loop, once per event,
+# so they must be quick: one that takes over STREAM_HOOK_BUDGET on an event is skipped from then
+# on, said the same way. A hook that raises fails its request, never the server.
 
 Hook = Tuple[str, Callable[..., Any], bool]          # (plugin name, function, takes a context)
 HOOK_KINDS = ("request_hook", "response_hook", "stream_event_hook")
+HOOK_TIMEOUT = 5.0                 # seconds a request's request (or response) hooks may take together
+STREAM_HOOK_BUDGET = 0.05          # seconds a stream hook may take on one event (it runs on the loop)
+HOOK_WORKERS = 4                   # threads that run request and response hooks
 
 
 def tool_name(tool: Any) -> Optional[str]:
@@ -9724,22 +9753,51 @@ def hook_context(x: "Exchange", target: Optional[Target]) -> dict:
 
 
 class Plugins:
-    """The hooks of one config generation, in load order."""
+    """The hooks of one config generation, in load order (see the essay above)."""
 
     def __init__(self, names: List[str], request: List[Hook], response: List[Hook], stream: List[Hook]):
         self.names = names
         self.request = request
         self.response = response
         self.stream = stream
+        self.skipped: set = set()          # (kind, plugin name) of hooks over their budget
 
-    def on_request(self, x: "Exchange", target: Target, payload: bytes) -> bytes:
-        """An upstream request body through the request hooks."""
-        if not self.request:
+    def active(self, hooks: List[Hook], kind: str) -> List[Hook]:
+        """The hooks of a kind not skipped for their time."""
+        return [hook for hook in hooks if (kind, hook[0]) not in self.skipped]
+
+    def skip(self, kind: str, name: str, why: str) -> None:
+        """Skip a hook from now on (this generation), said once at WARNING."""
+        self.skipped.add((kind, name))
+        log.warning("plugin %s: %s %s; it is skipped from now on (until the config is reloaded)", name, kind, why)
+
+    @staticmethod
+    def chain(hooks: List[Hook], kind: str, payload: Any, context: dict, running: List[str]) -> Any:
+        """The hooks in turn (blocking); `running` names the one at work, for a timeout to blame."""
+        for hook in hooks:
+            running[:] = [hook[0]]
+            payload = run_hook(hook, kind, payload, context)
+        return payload
+
+    async def off_loop(self, x: "Exchange", kind: str, work: Callable[[List[str]], Any], unhooked: Any) -> Any:
+        """work(running) on a hook thread within HOOK_TIMEOUT; past it the hook at work is skipped
+        from now on and this request goes on with `unhooked`."""
+        running: List[str] = []
+        try:
+            return await x.server.hook_workers.run(lambda: work(running), HOOK_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.skip(kind, running[0] if running else "?", f"took over {HOOK_TIMEOUT:g}s")
+            log.warning("request %s went on without its %ss", x.req.id, kind)
+            return unhooked
+
+    async def on_request(self, x: "Exchange", target: Target, payload: bytes) -> bytes:
+        """An upstream request body through the request hooks (off the loop)."""
+        hooks = self.active(self.request, "request_hook")
+        if not hooks:
             return payload
-        body, context = parse_json_body(payload), hook_context(x, target)
-        for hook in self.request:
-            body = run_hook(hook, "request_hook", body, context)
-        return json_bytes(body)
+        context = hook_context(x, target)
+        return await self.off_loop(x, "request_hook", lambda running: json_bytes(
+            self.chain(hooks, "request_hook", parse_json_body(payload), context, running)), payload)
 
     def hooked_build(self, x: "Exchange", build: Callable) -> Callable:
         """A request builder whose body goes through the request hooks."""
@@ -9748,30 +9806,44 @@ class Plugins:
 
         async def hooked(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
             url, headers, payload = await build(target)
-            return url, headers, self.on_request(x, target, payload)
+            return url, headers, await self.on_request(x, target, payload)
         return hooked
 
-    def on_response(self, x: "Exchange", answer: dict) -> dict:
-        """A whole answer through the response hooks."""
+    async def on_response(self, x: "Exchange", answer: dict) -> dict:
+        """A whole answer through the response hooks (off the loop, on a copy)."""
+        hooks = self.active(self.response, "response_hook")
+        if not hooks:
+            return answer
         context = hook_context(x, x.target)
-        for hook in self.response:
-            answer = run_hook(hook, "response_hook", answer, context)
-        return answer
+        return await self.off_loop(x, "response_hook", lambda running: self.chain(
+            hooks, "response_hook", copy.deepcopy(answer), context, running), answer)
 
-    def on_response_bytes(self, x: "Exchange", raw: bytes) -> bytes:
+    async def on_response_bytes(self, x: "Exchange", raw: bytes) -> bytes:
         """A relayed JSON answer through the response hooks (bytes untouched without one)."""
-        if not self.response:
+        hooks = self.active(self.response, "response_hook")
+        if not hooks:
             return raw
-        try:
-            answer = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return raw
-        return json_bytes(self.on_response(x, answer)) if isinstance(answer, dict) else raw
+        context = hook_context(x, x.target)
+
+        def work(running: List[str]) -> bytes:
+            try:
+                answer = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                return raw
+            return json_bytes(self.chain(hooks, "response_hook", answer, context, running)) \
+                if isinstance(answer, dict) else raw
+        return await self.off_loop(x, "response_hook", work, raw)
 
     def on_event(self, event: Any, context: dict) -> Any:
-        """One stream event through the stream hooks ("[DONE]" and other strings pass)."""
-        for hook in self.stream if isinstance(event, dict) else ():
+        """One stream event through the stream hooks, on the loop and timed ("[DONE]" and
+        other strings pass)."""
+        for hook in self.active(self.stream, "stream_event_hook") if isinstance(event, dict) else ():
+            started = time.perf_counter()
             event = run_hook(hook, "stream_event_hook", event, context)
+            took = time.perf_counter() - started
+            if took > STREAM_HOOK_BUDGET:
+                self.skip("stream_event_hook", hook[0], f"took {took * 1000:.0f} ms on one event "
+                          f"(it runs on the event loop; the budget is {STREAM_HOOK_BUDGET * 1000:.0f} ms)")
         return event
 
     def hooked_encode(self, x: "Exchange", encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -9918,7 +9990,7 @@ class Reading(NamedTuple):
 
 
 def read_generation(server: "ProxyServer") -> Reading:
-    """Stat the watched files, load the config and its plugins (blocking; in run_in_thread)."""
+    """Stat the watched files, load the config and its plugins (blocking; in a DaemonWorkers thread)."""
     before = watched_signatures(server)
     try:
         config = server.source.load()
@@ -10030,6 +10102,7 @@ class Operations:
         self.reload_seq = self.applied_seq = 0    # reloads started, and the latest one applied
         self._reload_lock: Optional[asyncio.Lock] = None
         self._reading: Optional[asyncio.Future] = None   # a config read still in its thread
+        self._readers = DaemonWorkers(1, "config-read")
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
 
     def start(self, server: "ProxyServer") -> None:
@@ -10060,7 +10133,7 @@ class Operations:
             if not done:
                 raise ConfigError("the config files are still being read by an earlier reload (a hung file "
                                   "system?); the running config stays")
-        self._reading = start_thread(fn, "config-read")
+        self._reading = self._readers.submit(fn)
         try:
             return await asyncio.wait_for(asyncio.shield(self._reading), CONFIG_READ_TIMEOUT)
         except asyncio.TimeoutError:
@@ -10826,7 +10899,7 @@ async def dry_run_request(x: "Exchange", body: dict) -> dict:
                               session_id=session_key(x.req.headers, body))
         url, headers, payload = await x.openai_call(target, openai_body)
     if x.plugins:
-        payload = x.plugins.on_request(x, target, payload)
+        payload = await x.plugins.on_request(x, target, payload)
     return {"dry_run": True, "method": "POST", "url": url, "provider": target.provider["name"],
             "format": target.provider["format"], "model": target.spec["model"],
             "headers": redacted_headers(headers, x.server.redactor), "body": json.loads(payload)}
@@ -10921,6 +10994,7 @@ class ProxyServer:
                                    settings["pool_size"])
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
         self.drops = DropLog()                    # which kinds of dropped fields were said at INFO
+        self.hook_workers = DaemonWorkers(HOOK_WORKERS, "plugin-hook")   # request and response hooks
         self.model_lists = ModelLists()           # the providers' own /v1/models, cached
         self.responses = ResponseStore(os.path.join(config.home, "responses.db"),
                                        max_bytes=int(settings["responses_store_mb"] * 1024 * 1024),

@@ -9320,6 +9320,94 @@ def test_a_hung_config_read_times_out_holds_no_lock_and_lets_shutdown_finish(tmp
         gate.set()
         safety.cancel()
 
+SLOW_HOOKS_PLUGIN = '''
+import os
+import time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def blocked_until_released(kind):
+    with open(os.path.join(HERE, kind + ".calls"), "a") as fh:
+        fh.write("x")
+    for _ in range(1000):                      # a hook that hangs (at most 10 s, to end the test)
+        if os.path.exists(os.path.join(HERE, "release")):
+            break
+        time.sleep(0.01)
+
+
+def request_hook(payload):
+    blocked_until_released("request")
+    payload["hooked"] = True
+
+
+def response_hook(answer):
+    blocked_until_released("response")
+    answer["hooked"] = True
+'''
+
+
+def test_a_hung_request_or_response_hook_stalls_no_one_and_is_skipped_from_then_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cp, "HOOK_TIMEOUT", 0.3, raising=False)
+    folder = tmp_path / "home" / "plugins"
+    folder.mkdir(parents=True)
+    (folder / "slow.py").write_text(SLOW_HOOKS_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                hooked = asyncio.ensure_future(call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))
+                await asyncio.sleep(0.05)
+                assert (await call(port, "GET", "/health"))[0] == 200
+                served_meanwhile = not hooked.done()                  # the loop was free while the hook hung
+                status, _, body = await hooked
+                again = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                return served_meanwhile, status, json.loads(body), again, [r["body"] for r in up.requests]
+    try:
+        with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+            served_meanwhile, status, answer, again, sent = run(scenario())
+    finally:
+        (folder / "release").touch()
+    assert served_meanwhile and status == 200 and again[0] == 200
+    assert "hooked" not in answer and "hooked" not in json.loads(again[2])
+    assert all("hooked" not in body for body in sent)                  # went on as if unhooked
+    assert (folder / "request.calls").read_text() == "x" and (folder / "response.calls").read_text() == "x"
+    for kind in ("request_hook", "response_hook"):
+        assert f"plugin slow.py: {kind} took over 0.3s; it is skipped from now on" in caplog.text
+
+
+SLOW_STREAM_PLUGIN = '''
+import os
+import time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def stream_event_hook(event):
+    with open(os.path.join(HERE, "stream.calls"), "a") as fh:
+        fh.write("x")
+    time.sleep(0.2)
+    if event.get("type") == "content_block_delta":
+        event["delta"]["text"] = event["delta"]["text"].upper()
+'''
+
+
+def test_a_stream_hook_over_its_budget_on_the_loop_is_skipped_from_the_next_event(tmp_path, caplog):
+    folder = tmp_path / "home" / "plugins"
+    folder.mkdir(parents=True)
+    (folder / "slowstream.py").write_text(SLOW_STREAM_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream("hello there"))) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                first = await call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS)
+                second = await call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS)
+                return first, second
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        first, second = run(scenario())
+    assert first[0] == second[0] == 200
+    assert sse_events(first[2])[-1][0] == "message_stop" and b"hello there" in second[2]
+    assert (folder / "stream.calls").read_text() == "x"                 # one event, then skipped
+    assert "plugin slowstream.py: stream_event_hook took" in caplog.text and "budget is 50 ms" in caplog.text
+
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
 # =============================================================================================
