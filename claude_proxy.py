@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import copy
 import datetime
 import hashlib
@@ -8227,6 +8228,7 @@ CREATE TABLE IF NOT EXISTS items (response_id TEXT NOT NULL, seq INTEGER NOT NUL
 CREATE INDEX IF NOT EXISTS items_by_id ON items (id);
 """
 SQLITE_BUSY_TIMEOUT = 10.0          # seconds another process may hold the write lock
+RESPONSE_STORE_THREADS = 2          # the store's own threads: conversions never wait behind its writes
 MAX_RESPONSE_CHAIN = 1000           # previous_response_id links followed at most
 ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
                   "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
@@ -8235,8 +8237,10 @@ ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_outp
 class ResponseStore:
     """Stored responses in one sqlite3 file (WAL: several proxy processes share it), bounded by
     size and age with the oldest evicted at each write. The blocking methods each open their own
-    connection and run in the loop's executor through `call`; a response is reserved while it is
-    being answered, so a request naming it as previous_response_id waits for its write."""
+    connection and run on the store's own RESPONSE_STORE_THREADS through `call` (a write that waits
+    for another process's lock holds one of those, never a thread conversions need); a response
+    is reserved while it is being answered, so a request naming it as previous_response_id waits
+    for its write."""
 
     def __init__(self, path: str, *, max_bytes: int, max_age: float, clock: Clock = time.time):
         self.path = path
@@ -8245,6 +8249,7 @@ class ResponseStore:
         self.clock = clock
         self._ready = False
         self._pending: Dict[str, asyncio.Future] = {}
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- blocking side (executor threads)
 
@@ -8369,10 +8374,18 @@ class ResponseStore:
         pending = self._pending.get(args[0]) if args and isinstance(args[0], str) else None
         if pending is not None:
             await asyncio.shield(pending)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(RESPONSE_STORE_THREADS, "response-store")
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
         except (sqlite3.Error, OSError) as exc:
             raise ProxyError(f"response store {self.path}: {exc.__class__.__name__}: {exc}") from None
+
+    def close(self) -> None:
+        """Let the store's threads end once their work is done (no wait here)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     def reserve(self, response_id: str) -> None:
         """Mark a response as being answered: reads of its id wait until release()."""
@@ -9219,6 +9232,8 @@ CONFIG_READ_TIMEOUT = 10.0            # seconds a reload may spend reading files
 LEDGER_BATCH_ROWS = 500               # the writer commits at most this many rows at once
 LEDGER_FLUSH_INTERVAL = 0.5           # seconds the writer gathers rows before a commit
 LEDGER_BUSY_TIMEOUT = 5.0             # seconds a writer or reader waits for another process's lock
+LEDGER_RETRY_INTERVAL = 2.0           # seconds between two tries of rows a failed write kept
+LEDGER_MAX_PENDING = 20000            # rows kept for a retry at most; the oldest beyond are dropped, said
 LEDGER_PRUNE_EVERY = 1000             # rows written between two prunes
 USAGE_CHART_DAYS = 14                 # the status page's per-day chart
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -9417,20 +9432,28 @@ class UsageLedger:
     add() only queues the row, so the event loop never waits on the disk. The writer thread
     gathers what arrives within LEDGER_FLUSH_INTERVAL (at most LEDGER_BATCH_ROWS rows) and inserts
     it in one transaction. WAL and a busy timeout let several proxy processes and the `stats`
-    command share the file. A database that cannot be opened or written logs one warning (until
-    it works again); its rows are dropped and the proxy serves on. Rows older than max_age_days,
+    command share the file. A write that fails (another process holding the lock past the busy
+    timeout, a database that cannot be opened) logs one warning per outage and keeps its rows:
+    they are tried again every LEDGER_RETRY_INTERVAL with what arrives meanwhile, at most
+    LEDGER_MAX_PENDING of them (the oldest beyond are dropped), and rows really lost (that bound,
+    or still unwritten at close) are counted and said; the proxy serves on. Rows older than max_age_days,
     and the oldest beyond max_rows, are pruned at open and every LEDGER_PRUNE_EVERY rows (0: no
     limit). sqlite3 is imported on first use: a proxy that never records does not load it."""
 
     def __init__(self, path: str, *, max_age_days: int = 90, max_rows: int = 500000,
-                 clock: Callable[[], float] = time.time, interval: float = LEDGER_FLUSH_INTERVAL):
+                 clock: Callable[[], float] = time.time, interval: float = LEDGER_FLUSH_INTERVAL,
+                 busy_timeout: float = LEDGER_BUSY_TIMEOUT, retry_interval: float = LEDGER_RETRY_INTERVAL):
         self.path = path
         self.max_age_days = max_age_days
         self.max_rows = max_rows
         self.clock = clock
         self.interval = interval
+        self.busy_timeout = busy_timeout
+        self.retry_interval = retry_interval
         self.error: Optional[str] = None
         self.rows_written = 0
+        self.rows_pending = 0                    # kept after a failed write, for the next try
+        self.rows_dropped = 0                    # really lost: past LEDGER_MAX_PENDING, or at close
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
@@ -9449,7 +9472,7 @@ class UsageLedger:
                 self._thread.start()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Block until the rows queued so far are written (or dropped); False on timeout."""
+        """Block until the rows queued so far were tried (written, or kept for a retry); False on timeout."""
         if self._thread is None:
             return True
         done = threading.Event()
@@ -9463,24 +9486,31 @@ class UsageLedger:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        """The writer thread: batches until the stop marker."""
-        db = None
+        """The writer thread: batches (with the rows a failed write kept) until the stop marker."""
+        db, pending = None, []
         while True:
-            batch = self._next_batch()
-            rows = [item for item in batch if isinstance(item, tuple)]
-            if rows:
-                db = self._write(db, rows)
+            batch = self._next_batch(self.retry_interval if pending else None)
+            pending += [item for item in batch if isinstance(item, tuple)]
+            if pending:
+                db, pending = self._write(db, pending)
+            self.rows_pending = len(pending)
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()
-            if batch[-1] is _LEDGER_STOP:
+            if batch and batch[-1] is _LEDGER_STOP:
                 break
+        if pending:
+            self._dropped(len(pending), "at close")
         if db is not None:
             db.close()
 
-    def _next_batch(self) -> List[Any]:
-        """What arrives within one interval; a flush or stop marker ends the batch at once."""
-        batch = [self._queue.get()]
+    def _next_batch(self, wait: Optional[float]) -> List[Any]:
+        """What arrives within one interval; a flush or stop marker ends the batch at once. With
+        `wait`, at most that long for a first item ([] after: time to retry what is kept)."""
+        try:
+            batch = [self._queue.get(timeout=wait)]
+        except queue.Empty:
+            return []
         deadline = time.monotonic() + self.interval
         while len(batch) < LEDGER_BATCH_ROWS and isinstance(batch[-1], tuple):
             try:
@@ -9492,8 +9522,8 @@ class UsageLedger:
     def _connect(self) -> Any:
         """A connection with the busy timeout (no file is created by readers)."""
         import sqlite3
-        db = sqlite3.connect(self.path, timeout=LEDGER_BUSY_TIMEOUT, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {int(LEDGER_BUSY_TIMEOUT * 1000)}")
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return db
 
     def _open(self) -> Any:
@@ -9507,8 +9537,9 @@ class UsageLedger:
         self._prune(db)
         return db
 
-    def _write(self, db: Any, rows: List[tuple]) -> Any:
-        """Insert one batch; the connection to use next time (None after a failure)."""
+    def _write(self, db: Any, rows: List[tuple]) -> Tuple[Any, List[tuple]]:
+        """Insert one batch; the connection to use next time (None after a failure) and the rows
+        kept for a retry ([] once written)."""
         import sqlite3
         try:
             db = db or self._open()
@@ -9526,21 +9557,29 @@ class UsageLedger:
             self._failed(exc, len(rows))
             if db is not None:
                 db.close()
-            return None
+            if len(rows) > LEDGER_MAX_PENDING:
+                self._dropped(len(rows) - LEDGER_MAX_PENDING, f"past the {LEDGER_MAX_PENDING} rows kept for a retry")
+            return None, rows[-LEDGER_MAX_PENDING:]
         if self.error is not None:
-            log.warning("usage ledger %s works again", self.path)
+            log.warning("usage ledger %s works again; the %d rows kept meanwhile are written", self.path, len(rows))
             self.error = None
-        return db
+        return db, []
 
-    def _failed(self, exc: Exception, lost: int) -> None:
-        """One warning per outage; the rows are dropped."""
+    def _failed(self, exc: Exception, kept: int) -> None:
+        """One warning per outage; the rows are kept for a retry."""
         message = f"{exc.__class__.__name__}: {exc}"
         if self.error is None:
-            log.warning("usage ledger %s is unusable (%s): requests are served but not recorded",
-                        self.path, message)
+            log.warning("usage ledger %s is unusable (%s): requests are served, and their rows kept and "
+                        "tried again every %gs", self.path, message, self.retry_interval)
         else:
-            log.debug("usage ledger still unusable (%s); %d rows dropped", message, lost)
+            log.debug("usage ledger still unusable (%s); %d rows kept", message, kept)
         self.error = message
+
+    def _dropped(self, count: int, why: str) -> None:
+        """Rows really lost, counted and said."""
+        self.rows_dropped += count
+        log.warning("usage ledger %s: %d rows not recorded (%s; %d lost so far)", self.path, count, why,
+                    self.rows_dropped)
 
     def _prune(self, db: Any) -> None:
         """Drop rows past the age limit and the oldest past the row limit."""
@@ -10200,7 +10239,8 @@ class Operations:
         if self.ledger is None:
             return {"enabled": False}
         return {"enabled": True, "path": self.ledger.path, "error": self.ledger.error,
-                "rows_written": self.ledger.rows_written}
+                "rows_written": self.ledger.rows_written, "rows_pending": self.ledger.rows_pending,
+                "rows_dropped": self.ledger.rows_dropped}
 
     def config_loaded(self, restart: List[str]) -> None:
         """A reload succeeded."""
@@ -11055,6 +11095,7 @@ class ProxyServer:
                 (conn.handler or conn.task).cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self.pool.close()
+        self.responses.close()
         await self.ops.close()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -6348,7 +6348,8 @@ def test_broken_ledger_logs_one_warning_and_the_proxy_serves_on(tmp_path, caplog
                 assert status == 200 and json.loads(body)["all_time"] is None
     with caplog.at_level(logging.WARNING, logger="claude_proxy"):
         run(scenario())
-    assert len([r for r in caplog.records if "usage ledger" in r.getMessage()]) == 1
+    said = [r.getMessage() for r in caplog.records if "usage ledger" in r.getMessage()]
+    assert len(said) == 2 and "is unusable" in said[0] and "3 rows not recorded (at close" in said[1]
 
 
 def test_ledger_off_writes_nothing(tmp_path):
@@ -9407,6 +9408,58 @@ def test_a_stream_hook_over_its_budget_on_the_loop_is_skipped_from_the_next_even
     assert sse_events(first[2])[-1][0] == "message_stop" and b"hello there" in second[2]
     assert (folder / "stream.calls").read_text() == "x"                 # one event, then skipped
     assert "plugin slowstream.py: stream_event_hook took" in caplog.text and "budget is 50 ms" in caplog.text
+
+def test_rows_wait_while_another_process_holds_usage_db_and_a_real_drop_is_said(tmp_path, monkeypatch, caplog):
+    import sqlite3
+    path = str(tmp_path / "h" / "usage.db")
+    ledger = cp.UsageLedger(path, clock=lambda: 86400.0 * 100, interval=0.02, busy_timeout=0.05, retry_interval=0.05)
+    ledger.add(usage_row(86400.0 * 100, "first"))
+    assert ledger.flush() and ledger.rows_written == 1
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")                     # another process writing, for as long as it likes
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        for _ in range(202):
+            ledger.add(usage_row(86400.0 * 100, "m"))
+        assert ledger.flush() and ledger.error and ledger.rows_pending == 202
+        monkeypatch.setattr(cp, "LEDGER_MAX_PENDING", 250, raising=False)
+        for _ in range(60):
+            ledger.add(usage_row(86400.0 * 100, "m"))
+        assert ledger.flush() and ledger.rows_pending == 250 and ledger.rows_dropped == 12
+        locker.execute("ROLLBACK")
+        locker.close()
+        for _ in range(100):                               # the retry comes on its own
+            if ledger.rows_written == 251:
+                break
+            time.sleep(0.02)
+        ledger.close()
+    assert ledger.rows_written == 251 and ledger.totals()["requests"] == 251 and ledger.error is None
+    said = [r.getMessage() for r in caplog.records if "usage ledger" in r.getMessage()]
+    assert "is unusable" in said[0] and "rows kept and tried again" in said[0]
+    assert any("12 rows not recorded (past the 250 rows kept for a retry" in line for line in said)
+    assert "works again; the 250 rows kept meanwhile are written" in said[-1]
+
+
+def test_stored_responses_waiting_for_a_lock_never_hold_up_a_conversion(tmp_path):
+    import sqlite3
+    store = cp.ResponseStore(str(tmp_path / "home" / "responses.db"), max_bytes=10 ** 6, max_age=100.0)
+    store.put({"id": "resp_0", "output": []}, [])
+    locker = sqlite3.connect(store.path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")                     # another proxy process holds the write lock
+
+    async def scenario():
+        writes = [asyncio.ensure_future(store.call(store.put, {"id": f"resp_{i}", "output": []}, []))
+                  for i in range(1, 13)]
+        await asyncio.sleep(0.1)
+        try:                                               # a large body's conversion, meanwhile
+            converted = await asyncio.wait_for(cp.run_off_loop(lambda: "converted"), 5)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await asyncio.gather(*writes)
+        store.close()
+        return converted
+    assert run(scenario()) == "converted"
+    assert all(store.get(f"resp_{i}") for i in range(13))
 
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
