@@ -8952,15 +8952,8 @@ async def handle_stray(x: Exchange) -> None:
     await x.out.respond_json(200, {})
 
 
-def check_auth_access(x: Exchange) -> None:
-    """/auth/* only from loopback clients, or with the proxy key (checked before)."""
-    if not is_loopback(x.req.peer) and not x.config.settings.get("proxy_api_key"):
-        raise PermissionDenied("the login endpoints answer loopback clients only (or set PROXY_API_KEY)")
-
-
 async def handle_auth_start(x: Exchange) -> None:
     """GET /auth/start -> {"url": authorize URL}; ?long_lived=1 for the one-year token."""
-    check_auth_access(x)
     long_lived = parse_bool(urllib.parse.parse_qs(x.req.query).get("long_lived", ["0"])[0])
     flow = x.server.oauth.start_login(long_lived)
     await x.out.respond_json(200, {"url": flow.authorize_url(x.server.oauth.settings), "state": flow.state,
@@ -8970,7 +8963,6 @@ async def handle_auth_start(x: Exchange) -> None:
 
 async def handle_auth_callback(x: Exchange) -> None:
     """POST /auth/callback {"code": "CODE#STATE"} -> the login status."""
-    check_auth_access(x)
     body = require_fields(parse_json_body(x.req.body), {"code": str}, "anthropic")
     await x.server.oauth.finish_login(body["code"])
     await x.out.respond_json(200, x.server.oauth.tokens.status())
@@ -8978,13 +8970,11 @@ async def handle_auth_callback(x: Exchange) -> None:
 
 async def handle_auth_status(x: Exchange) -> None:
     """GET /auth/status: logged in, source, expiry, scopes, last error; never the token."""
-    check_auth_access(x)
     await x.out.respond_json(200, x.server.oauth.tokens.status())
 
 
 async def handle_auth_logout(x: Exchange) -> None:
     """POST /auth/logout: forget the saved login."""
-    check_auth_access(x)
     x.server.oauth.tokens.logout()
     await x.out.respond_json(200, x.server.oauth.tokens.status())
 
@@ -9031,9 +9021,14 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
 
 
 def check_access(config: Config, req: Request) -> None:
-    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
-    which never carry credentials, and the public paths excepted)."""
+    """The one access rule, before the body is read: PROXY_API_KEY (x-api-key or Bearer),
+    constant-time, when configured (CORS preflights, which never carry credentials, and the
+    public paths excepted: the status page checks its own); without a key, the operations
+    endpoints (/status.json, /v1/stats, /test-connection, /auth/*) answer loopback peers only."""
     key = config.settings.get("proxy_api_key")
+    if not key and is_operations_path(req.path) and req.path not in OPERATIONS_PUBLIC and not is_loopback(req.peer):
+        raise PermissionDenied(f"{req.path} answers loopback clients only (set PROXY_API_KEY to reach it "
+                               "from the network)")
     if not key or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
         return
     offered = offered_key(req)
@@ -9152,6 +9147,13 @@ async def render_safely(x: Exchange, exc: ProxyError) -> None:
 LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 FORM_PATHS = ("/",)                 # the status page's key form: the one non-JSON POST
 BROWSER_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+# The operations endpoints (section 12's page and data, the doctor, the login), besides the API.
+# CORS_ORIGINS never reaches them: a page of another origin, port included, gets nothing there.
+# Those that answer more than who the proxy is need the proxy key, or, without one, a loopback
+# peer (OPERATIONS_LOOPBACK): one rule for all of them, checked before the body is read.
+OPERATIONS_PATHS = ("/", "/status.json", "/v1/stats", "/test-connection")
+OPERATIONS_PREFIXES = ("/auth/",)
+OPERATIONS_PUBLIC = ("/",)          # the page's HTML and the JSON identification: no data
 
 
 def host_name(value: str) -> Optional[str]:
@@ -9175,9 +9177,34 @@ def own_host(name: Optional[str]) -> bool:
     return name in (machine, machine.split(".")[0])
 
 
-def cors_allowed(settings: dict, origin: str) -> bool:
-    """Whether CORS was configured for this origin."""
-    return origin in settings["cors_origins"] or "*" in settings["cors_origins"]
+def host_allowed(settings: dict, host: Optional[str], bind: Optional[str] = None) -> bool:
+    """Whether a Host header names this proxy: own_host, the bind address, or an ALLOWED_HOSTS
+    entry (its name; a port in the entry does not matter). The one predicate the browser guard
+    and the status page share."""
+    name = host_name(host) if host else None
+    if own_host(name):
+        return True
+    names = {host_name(entry) or entry.lower() for entry in settings["allowed_hosts"]}
+    return name is not None and (name in names or (bind is not None and name == host_name(bind)))
+
+
+def same_origin(req: Request) -> bool:
+    """Whether the request's Origin is the proxy's own: scheme, host and port of its Host header."""
+    origin, host = req.headers.get("origin"), req.headers.get("host")
+    return origin is not None and host is not None and \
+        origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
+
+
+def is_operations_path(path: str) -> bool:
+    """An operations endpoint (OPERATIONS_PATHS), not the API."""
+    return path in OPERATIONS_PATHS or path.startswith(OPERATIONS_PREFIXES)
+
+
+def cors_allowed(settings: dict, req: Request) -> bool:
+    """Whether CORS was configured for this request's origin; never on an operations endpoint."""
+    origin = req.headers.get("origin")
+    return origin is not None and not is_operations_path(req.path) and \
+        (origin in settings["cors_origins"] or "*" in settings["cors_origins"])
 
 
 def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> None:
@@ -9188,16 +9215,16 @@ def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> No
     text/plain body on a JSON endpoint. Clients that send none of these (curl, the SDKs,
     Claude Code, Codex) are unaffected. Exposed binds rely on the proxy key for the rest."""
     host = req.headers.get("host")
-    if loopback_bind and host is not None and not own_host(host_name(host)) \
-            and host not in settings["allowed_hosts"] and host_name(host) not in settings["allowed_hosts"]:
+    if loopback_bind and host is not None and not host_allowed(settings, host):
         raise PermissionDenied(f"Host {log_safe(host)!r} is not this proxy's (a DNS-rebinding page?); "
                                "list it in ALLOWED_HOSTS if a reverse proxy serves the proxy under it")
     origin = req.headers.get("origin")
-    own = origin is not None and host is not None and origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
-    if origin is not None and not own and not cors_allowed(settings, origin):
-        raise PermissionDenied(f"requests from the web origin {log_safe(origin)!r} are refused (set CORS_ORIGINS to allow it)")
+    allowed = same_origin(req) or cors_allowed(settings, req)
+    if origin is not None and not allowed:
+        hint = "" if is_operations_path(req.path) else " (set CORS_ORIGINS to allow it)"
+        raise PermissionDenied(f"requests from the web origin {log_safe(origin)!r} are refused{hint}")
     fetch_site = req.headers.get("sec-fetch-site", "").lower()
-    if fetch_site in ("cross-site", "same-site") and not (origin and (own or cors_allowed(settings, origin))):
+    if fetch_site in ("cross-site", "same-site") and not (origin and allowed):
         raise PermissionDenied("requests made by another web site are refused")
     media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if req.method == "POST" and media_type in BROWSER_FORM_TYPES and req.path not in FORM_PATHS:
@@ -9205,11 +9232,10 @@ def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> No
 
 
 def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
-    """CORS response headers, only for configured origins."""
-    origin, allowed = req.headers.get("origin"), settings["cors_origins"]
-    if not origin or not allowed or (origin not in allowed and "*" not in allowed):
+    """CORS response headers, only for configured origins on the API."""
+    if not cors_allowed(settings, req):
         return []
-    return [("access-control-allow-origin", origin), ("vary", "origin"),
+    return [("access-control-allow-origin", req.headers["origin"]), ("vary", "origin"),
             ("access-control-allow-headers", req.headers.get("access-control-request-headers", "*")),
             ("access-control-allow-methods", "GET, POST, OPTIONS")]
 
@@ -10478,8 +10504,9 @@ def doctor_exchange(server: "ProxyServer") -> "Exchange":
 # reads, and draws tables and small SVG charts with textContent only. Access follows /auth/*:
 # loopback clients, or, with PROXY_API_KEY, the key: as a header, or once in the page's key form
 # (or `/?key=`), which sets an HttpOnly SameSite=Strict cookie holding an HMAC of the key, never
-# the key. Both refuse a request whose Host or Origin is not this proxy's own (a DNS-rebinding or
-# cross-site page): an IP literal, localhost, this machine's name, or a name in ALLOWED_HOSTS.
+# the key. Both refuse a request whose Host is not this proxy's (host_allowed, section 11: the
+# one predicate the browser guard uses) or whose Origin is not exactly its own, port included (a
+# DNS-rebinding or cross-site page); CORS_ORIGINS never opens them.
 # Neither the page nor its JSON holds a secret: credentials appear as their source only.
 
 STATUS_PAGE = r"""<!doctype html>
@@ -10711,43 +10738,25 @@ def cookie_value(headers: Headers, name: str) -> Optional[str]:
     return None
 
 
-def is_ip_literal(name: str) -> bool:
-    """An IPv4 or IPv6 address, which no DNS rebinding can stand behind."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, name)
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def is_own_host(x: "Exchange", name: Optional[str]) -> bool:
-    """An IP literal, localhost, this machine's name, the bind address or an ALLOWED_HOSTS name."""
-    if not name:
-        return False
-    names = {"localhost", socket.gethostname().lower(), (x.server.host or "").lower()}
-    names.update(host_name(h) or h.lower() for h in x.config.settings["allowed_hosts"])
-    return is_ip_literal(name) or name in names
-
-
 def check_page_origin(x: "Exchange") -> None:
-    """Refuse a request whose Host, or Origin when sent, is not this proxy's own."""
-    host = host_name(x.req.headers.get("host", ""))
-    if not is_own_host(x, host):
-        raise PermissionDenied(f"Host {host!r} is not this proxy's own name (add it to ALLOWED_HOSTS if it is)")
+    """Refuse a request whose Host is not this proxy's (host_allowed, on any bind), or whose
+    Origin, when sent, is not exactly the proxy's own, port included (same_origin)."""
+    host = x.req.headers.get("host")
+    if not host_allowed(x.config.settings, host, x.server.host):
+        raise PermissionDenied(f"Host {log_safe(host or '')!r} is not this proxy's own name (add it to "
+                               "ALLOWED_HOSTS if it is)")
     origin = x.req.headers.get("origin")
-    if origin is not None and not is_own_host(x, host_name(urllib.parse.urlsplit(origin).netloc)):
-        raise PermissionDenied(f"Origin {origin!r} may not read this proxy's status")
+    if origin is not None and not same_origin(x.req):
+        raise PermissionDenied(f"Origin {log_safe(origin)!r} may not read this proxy's status")
 
 
 def check_page_access(x: "Exchange") -> None:
-    """The status JSON: own Host/Origin, then loopback, or the proxy key (header or page cookie)."""
+    """The status JSON: own Host/Origin, then (check_access let a keyless proxy's loopback peers
+    through) the proxy key as a header or the page's cookie."""
     check_page_origin(x)
     key = x.config.settings.get("proxy_api_key")
     if not key:
-        if not is_loopback(x.req.peer):
-            raise PermissionDenied("the status page answers loopback clients only (or set PROXY_API_KEY)")
+        check_access(x.config, x.req)
         return
     cookie = cookie_value(x.req.headers, PAGE_COOKIE) or ""
     if not (hmac.compare_digest(offered_key(x.req).encode(), key.encode())
@@ -10896,7 +10905,6 @@ async def handle_stats(x: "Exchange") -> None:
 
 async def handle_test_connection(x: "Exchange") -> None:
     """GET /test-connection[?deep=1]: the doctor's checks (503 when one fails)."""
-    check_auth_access(x)
     checks = await run_doctor(x, parse_bool(query_value(x, "deep") or "0"))
     ok = all(check["status"] != "fail" for check in checks)
     await x.out.respond_json(200 if ok else 503, {"ok": ok, "checks": checks})

@@ -5311,18 +5311,10 @@ def test_unknown_oauth_key_is_a_config_error():
 
 
 def test_auth_endpoints_refuse_remote_clients_without_proxy_key(tmp_path):
-    async def scenario():
-        server = cp.ProxyServer(make_config(tmp_path))
-        req = cp.Request("GET", "/auth/status", {}, b"", "10.1.2.3")
-        out = cp.ClientStream(None)
-        sent = []
-
-        async def respond_json(status, obj, headers=None):
-            sent.append((status, obj))
-        out.respond_json = respond_json
-        await cp.dispatch(server, req, out)
-        assert sent[0][0] == 403
-    run(scenario())
+    config = make_config(tmp_path)                   # check_access: the server's one rule, before the body
+    with pytest.raises(cp.PermissionDenied, match="loopback"):
+        cp.check_access(config, cp.Request("GET", "/auth/status", {}, b"", "10.1.2.3"))
+    cp.check_access(config, cp.Request("GET", "/auth/status", {}, b"", "127.0.0.1"))
 
 
 # ---- Conversion paths end to end
@@ -6841,6 +6833,8 @@ def test_exposed_status_page_needs_the_key_then_a_cookie_not_the_key(tmp_path):
         remote = cp.Exchange(server, cp.Request("GET", "/status.json", {"host": "10.0.0.5:8082"}, b"", "10.0.0.9"), None)
         with pytest.raises(cp.PermissionDenied, match="loopback"):
             cp.check_page_access(remote)
+        with pytest.raises(cp.PermissionDenied, match="loopback"):
+            cp.check_access(server.config, remote.req)
     run(scenario())
 
 
@@ -8271,7 +8265,7 @@ def test_a_connection_whose_framing_is_in_doubt_is_never_reused(tmp_path, answer
     ({"host": "127.0.0.1:8082", "origin": "null"}, 403),
     ({"host": "127.0.0.1:8082", "origin": "http://localhost:3000"}, 403),  # another local app's page
     ({"host": "127.0.0.1:8082", "origin": "http://127.0.0.1:8082"}, 200),  # the proxy's own
-    ({"host": "127.0.0.1:8082", "origin": "https://app.example"}, 200),    # CORS-configured
+    ({"host": "127.0.0.1:8082", "origin": "https://app.example"}, 403),    # CORS-configured: the API only
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "cross-site"}, 403),     # <img src=...> GET
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "same-site"}, 403),
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "none"}, 200),           # typed in the address bar
@@ -9460,6 +9454,105 @@ def test_stored_responses_waiting_for_a_lock_never_hold_up_a_conversion(tmp_path
         return converted
     assert run(scenario()) == "converted"
     assert all(store.get(f"resp_{i}") for i in range(13))
+
+def test_cors_origins_open_the_api_only_never_the_page_the_stats_or_the_login(tmp_path):
+    app = "https://app.example"
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url, cors_origins=[app])) as (_, port):
+                cors = {"origin": app}
+                status, headers, _ = await call(port, "POST", "/v1/messages", HELLO, dict(ANTHROPIC_HEADERS, **cors))
+                assert status == 200 and headers["access-control-allow-origin"] == app
+                status, headers, _ = await call(port, "OPTIONS", "/v1/chat/completions", headers=cors)
+                assert status == 204 and headers["access-control-allow-origin"] == app
+                for method, path in (("GET", "/auth/status"), ("GET", "/auth/start"), ("POST", "/auth/logout"),
+                                     ("GET", "/v1/stats"), ("GET", "/status.json"), ("GET", "/test-connection"),
+                                     ("OPTIONS", "/auth/status"), ("OPTIONS", "/v1/stats")):
+                    status, headers, _ = await call(port, method, path, headers=cors)
+                    assert status in (403, 404) and "access-control-allow-origin" not in headers, (method, path, status)
+                assert (await call(port, "GET", "/v1/stats"))[0] == 200            # the proxy's own user: served
+    run(scenario())
+
+
+def test_the_status_page_takes_its_own_origin_only_port_included_and_the_servers_host_rule(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, cors_origins=["*"])) as (_, port):
+            async def page(origin=None, host=f"127.0.0.1:{port}", path="/status.json", method="GET", body=b""):
+                headers = [f"host: {host}"] + ([f"origin: {origin}"] if origin else [])
+                headers += [f"content-length: {len(body)}", "content-type: application/x-www-form-urlencoded"] if body else []
+                answer = await raw_request(port, head_bytes(method, path, headers + ["connection: close"], body))
+                return int(answer.split(b" ", 2)[1]), answer
+            assert (await page())[0] == 200
+            assert (await page(f"http://127.0.0.1:{port}"))[0] == 200               # its own origin
+            assert (await page(f"http://localhost:{port}", host=f"localhost:{port}"))[0] == 200
+            assert (await page("http://1.2.3.4"))[0] == 403                         # any IP literal: no
+            assert (await page(f"http://127.0.0.1:{port + 1}"))[0] == 403           # another port: no
+            assert (await page(f"http://127.0.0.1"))[0] == 403
+            status, answer = await page("http://1.2.3.4", path="/", method="POST", body=b"key=x")
+            assert status == 403 and b"set-cookie" not in answer.lower()
+            assert (await page(host=f"proxy.localhost:{port}"))[0] == 200           # the server's host rule
+            assert (await page(host=f"127.1:{port}"))[0] == 200
+            assert (await page(host=f"evil.example:{port}"))[0] == 403
+    run(scenario())
+
+
+OTHER_ORIGIN_PAGE = """<!doctype html><html><body><pre id="out">...</pre><script>
+const out = [];
+async function probe(name, path, options) {
+  try { const r = await fetch("%s" + path, options); out.push(name + " READ " + r.status + " " + (await r.text()).length); }
+  catch (e) { out.push(name + " BLOCKED"); }
+}
+(async () => {
+  await probe("api", "/v1/messages", {method: "POST", headers: {"content-type": "application/json"},
+              body: JSON.stringify({model: "claude-x", max_tokens: 5, messages: [{role: "user", content: "hi"}]})});
+  await probe("status", "/status.json", {});
+  await probe("stats", "/v1/stats", {});
+  await probe("login", "/auth/status", {});
+  document.getElementById("out").textContent = out.join("\\n");
+})();
+</script></body></html>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_a_page_of_another_origin_in_a_real_browser_reads_the_api_by_cors_but_never_the_operations(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url, cors_origins=["*"])) as (_, port):
+                page = (OTHER_ORIGIN_PAGE % f"http://127.0.0.1:{port}").encode()
+
+                async def serve_page(reader, writer):
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(http_response(200, page, content_type="text/html"))
+                    await writer.drain()
+                    writer.close()
+                other = await asyncio.start_server(serve_page, "127.0.0.1", 0)      # another origin: another port
+                try:
+                    return await run_chromium(tmp_path, f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}/",
+                                              "--dump-dom")
+                finally:
+                    other.close()
+    dom = run(scenario())
+    assert "api READ 200" in dom, dom
+    assert "status BLOCKED" in dom and "stats BLOCKED" in dom and "login BLOCKED" in dom, dom
+
+
+@pytest.mark.parametrize("method, path, refused", [
+    ("GET", "/status.json", True), ("GET", "/v1/stats", True), ("GET", "/test-connection", True),
+    ("GET", "/auth/status", True), ("GET", "/auth/start", True), ("POST", "/auth/callback", True),
+    ("POST", "/auth/logout", True), ("GET", "/", False), ("GET", "/health", False),
+    ("POST", "/v1/messages", False), ("GET", "/v1/models", False),
+])
+def test_one_access_rule_for_every_operations_endpoint_of_an_exposed_proxy(tmp_path, method, path, refused):
+    keyless, keyed = make_config(tmp_path), make_config(tmp_path, proxy_api_key=PROXY_KEY_19)
+    remote = cp.Request(method, path, {"host": "10.0.0.5:8082"}, b"", "10.0.0.9")
+    if refused:
+        with pytest.raises(cp.PermissionDenied, match="loopback"):
+            cp.check_access(keyless, remote)
+    else:
+        cp.check_access(keyless, remote)
+    cp.check_access(keyless, cp.Request(method, path, {}, b"", "127.0.0.1"))               # this machine
+    cp.check_access(keyed, cp.Request(method, path, {"x-api-key": PROXY_KEY_19}, b"", "10.0.0.9"))
 
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
