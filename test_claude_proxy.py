@@ -6726,20 +6726,26 @@ def test_reload_keeps_cli_overrides_and_the_original_environment_and_watches_dot
     run(scenario())
 
 
-def test_sighup_reloads_the_serve_process(tmp_path):
+def serve_process(tmp_path, cfg):
+    """`serve --config cfg` in a process of its own, once it accepts connections: (process, port)."""
     port = free_port()
-    cfg = tmp_path / "config.json"
-    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
     env = {k: v for k, v in os.environ.items() if k not in ("PROXY_API_KEY", "CLAUDE_PROXY_CONFIG", "CLAUDE_PROXY_HOME")}
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port),
                              "--config", str(cfg)], stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, port
+
+
+def test_sighup_reloads_the_serve_process(tmp_path):
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
+    proc, port = serve_process(tmp_path, cfg)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         write_config(cfg, "http://127.0.0.1:9", reload_interval=0, log_level="INFO", max_retries=1)
         proc.send_signal(signal.SIGHUP)
         assert run(wait_for_generation(port, 2)) < 2.0
@@ -9238,18 +9244,10 @@ def test_a_config_path_that_is_a_fifo_is_refused_at_once_at_start(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
 def test_a_config_file_replaced_by_a_fifo_wedges_neither_sighup_reload_nor_sigterm(tmp_path):
-    port = free_port()
     cfg = tmp_path / "config.json"
     write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
-    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_API_KEY", "CLAUDE_PROXY_CONFIG", "CLAUDE_PROXY_HOME")}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port),
-                             "--config", str(cfg)], stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    proc, port = serve_process(tmp_path, cfg)
     try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            time.sleep(0.05)
         cfg.unlink()
         os.mkfifo(cfg)
         proc.send_signal(signal.SIGHUP)
