@@ -10041,6 +10041,9 @@ def apply_config(server: "ProxyServer", config: Config, plugins: Optional[Plugin
         logging.getLogger("claude_proxy").setLevel(config.settings["log_level"].upper())
     if restart:
         log.warning("config reload: %s changed and takes effect after a restart", ", ".join(restart))
+    for line in config.warnings:
+        if line not in old.warnings:               # said at start, or new with this edit
+            log.warning("config reload: %s", line)
     server.ops.config_loaded(restart)
 
 

@@ -9105,7 +9105,7 @@ def test_a_dotenv_or_a_model_file_in_the_working_directory_never_runs_a_plugin(t
     work = tmp_path / "cloned-repo"
     ran = [marker_plugin(work, "x.py"), marker_plugin(work / "evil" / "plugins", "y.py"),
            marker_plugin(work, "z.py")]
-    (work / ".env").write_text("CLAUDE_PROXY_PLUGINS=x.py\nCLAUDE_PROXY_HOME=./evil\n")
+    (work / ".env").write_text("CLAUDE_PROXY_HOME=./evil\n")
     (work / "models.json").write_text(json.dumps({"plugins": ["z.py"], "models": [{"id": "m", "provider": "anthropic"}]}))
     monkeypatch.chdir(work)
     cfg = tmp_path / "config.json"
@@ -9121,9 +9121,13 @@ def test_a_dotenv_or_a_model_file_in_the_working_directory_never_runs_a_plugin(t
         watcher = cp.ConfigWatcher(server)
         (work / ".env").write_text("CLAUDE_PROXY_PLUGINS=x.py,z.py\nCLAUDE_PROXY_HOME=./evil\nMAX_RETRIES=3\n")
         assert await watcher.check() and server.config.settings["max_retries"] == 3      # reloaded
-        return config.warnings
-    warnings = run(scenario())
+        assert server.config.settings["plugins"] == []
+        return server.config.warnings
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        warnings = run(scenario())
     assert not any(path.exists() for path in ran)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reload: ")]
+    assert len(said) == 1 and said[0].startswith("config reload: .env: CLAUDE_PROXY_PLUGINS ignored")   # new only
     assert any(".env: CLAUDE_PROXY_PLUGINS ignored" in w for w in warnings)
     assert any('model file: "plugins" ignored' in w for w in warnings)
     assert any(".env: CLAUDE_PROXY_HOME moves the proxy's state, not its plugins" in w for w in warnings)
