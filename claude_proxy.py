@@ -9674,6 +9674,7 @@ HOOK_KINDS = ("request_hook", "response_hook", "stream_event_hook")
 HOOK_TIMEOUT = 5.0                 # seconds a request's request (or response) hooks may take together
 STREAM_HOOK_BUDGET = 0.05          # seconds a stream hook may take on one event (it runs on the loop)
 HOOK_WORKERS = 4                   # threads that run request and response hooks
+BUILTIN_HOOKS = ("filter_tools",)  # the proxy's own hooks: quick and bounded, run on the loop
 
 
 def tool_name(tool: Any) -> Optional[str]:
@@ -9844,10 +9845,14 @@ class Plugins:
             payload = run_hook(hook, kind, payload, context)
         return payload
 
-    async def off_loop(self, x: "Exchange", kind: str, work: Callable[[List[str]], Any], unhooked: Any) -> Any:
-        """work(running) on a hook thread within HOOK_TIMEOUT; past it the hook at work is skipped
-        from now on and this request goes on with `unhooked`."""
+    async def off_loop(self, x: "Exchange", kind: str, names: List[str], work: Callable[[List[str]], Any],
+                       unhooked: Any) -> Any:
+        """work(running) over the hooks `names` on a hook thread within HOOK_TIMEOUT (inline when
+        all are BUILTIN_HOOKS); past it the hook at work is skipped from now on and this request
+        goes on with `unhooked`."""
         running: List[str] = []
+        if all(name in BUILTIN_HOOKS for name in names):
+            return work(running)                  # no foreign code: no thread hop
         try:
             return await x.server.hook_workers.run(lambda: work(running), HOOK_TIMEOUT)
         except asyncio.TimeoutError:
@@ -9861,7 +9866,7 @@ class Plugins:
         if not hooks:
             return payload
         context = hook_context(x, target)
-        return await self.off_loop(x, "request_hook", lambda running: json_bytes(
+        return await self.off_loop(x, "request_hook", [h[0] for h in hooks], lambda running: json_bytes(
             self.chain(hooks, "request_hook", parse_json_body(payload), context, running)), payload)
 
     def hooked_build(self, x: "Exchange", build: Callable) -> Callable:
@@ -9880,7 +9885,7 @@ class Plugins:
         if not hooks:
             return answer
         context = hook_context(x, x.target)
-        return await self.off_loop(x, "response_hook", lambda running: self.chain(
+        return await self.off_loop(x, "response_hook", [h[0] for h in hooks], lambda running: self.chain(
             hooks, "response_hook", copy.deepcopy(answer), context, running), answer)
 
     async def on_response_bytes(self, x: "Exchange", raw: bytes) -> bytes:
@@ -9897,7 +9902,7 @@ class Plugins:
                 return raw
             return json_bytes(self.chain(hooks, "response_hook", answer, context, running)) \
                 if isinstance(answer, dict) else raw
-        return await self.off_loop(x, "response_hook", work, raw)
+        return await self.off_loop(x, "response_hook", [h[0] for h in hooks], work, raw)
 
     def on_event(self, event: Any, context: dict) -> Any:
         """One stream event through the stream hooks, on the loop and timed ("[DONE]" and
