@@ -614,7 +614,7 @@ def read_regular_file(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"not a regular file (a FIFO, a device or a folder?): {path}")
+            raise OSError("not a regular file (a FIFO, a device or a folder?)")
     except BaseException:
         os.close(fd)
         raise
