@@ -635,9 +635,10 @@ class DaemonWorkers:
 
     def submit(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
         """fn() on a worker; the future its outcome settles (a late outcome nobody awaits is dropped)."""
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved: no GC warning
-        self._jobs.put((fn, asyncio.get_running_loop(), future))
+        self._jobs.put((fn, loop, future))
         with self._lock:
             if self._idle == 0 and self._threads < self.size:
                 self._threads += 1
@@ -9003,6 +9004,18 @@ ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
     ("POST", "/auth/logout", handle_auth_logout, True),
 ]
 PUBLIC_PATHS = ("/", "/health", "/status.json")     # the status page checks its own access
+# The operations endpoints (section 12's page and data, the doctor, the login), besides the API.
+# CORS_ORIGINS never reaches them: a page of another origin, port included, gets nothing there.
+# Those that answer more than who the proxy is need the proxy key, or, without one, a loopback
+# peer: one rule for all of them (check_access), checked before the body is read.
+OPERATIONS_PATHS = ("/", "/status.json", "/v1/stats", "/test-connection")
+OPERATIONS_PREFIXES = ("/auth/",)
+OPERATIONS_PUBLIC = ("/",)          # the page's HTML and the JSON identification: no data
+
+
+def is_operations_path(path: str) -> bool:
+    """An operations endpoint (OPERATIONS_PATHS), not the API."""
+    return path in OPERATIONS_PATHS or path.startswith(OPERATIONS_PREFIXES)
 
 
 def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]]:
@@ -9147,13 +9160,6 @@ async def render_safely(x: Exchange, exc: ProxyError) -> None:
 LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 FORM_PATHS = ("/",)                 # the status page's key form: the one non-JSON POST
 BROWSER_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
-# The operations endpoints (section 12's page and data, the doctor, the login), besides the API.
-# CORS_ORIGINS never reaches them: a page of another origin, port included, gets nothing there.
-# Those that answer more than who the proxy is need the proxy key, or, without one, a loopback
-# peer (OPERATIONS_LOOPBACK): one rule for all of them, checked before the body is read.
-OPERATIONS_PATHS = ("/", "/status.json", "/v1/stats", "/test-connection")
-OPERATIONS_PREFIXES = ("/auth/",)
-OPERATIONS_PUBLIC = ("/",)          # the page's HTML and the JSON identification: no data
 
 
 def host_name(value: str) -> Optional[str]:
@@ -9193,11 +9199,6 @@ def same_origin(req: Request) -> bool:
     origin, host = req.headers.get("origin"), req.headers.get("host")
     return origin is not None and host is not None and \
         origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
-
-
-def is_operations_path(path: str) -> bool:
-    """An operations endpoint (OPERATIONS_PATHS), not the API."""
-    return path in OPERATIONS_PATHS or path.startswith(OPERATIONS_PREFIXES)
 
 
 def cors_allowed(settings: dict, req: Request) -> bool:
@@ -9665,9 +9666,10 @@ def open_ledger(config: Config, clock: Callable[[], float] = time.time) -> Optio
 # Hooks are foreign code, so none may stall every client. Request and response hooks run off the
 # loop, on the server's few hook threads, within HOOK_TIMEOUT a request; one that overruns is
 # skipped from then on (until the config is reloaded) and said at WARNING, and that request goes
-# on as if its hooks of that kind were not there. Stream hooks run on the loop, once per event,
-# so they must be quick: one that takes over STREAM_HOOK_BUDGET on an event is skipped from then
-# on, said the same way. A hook that raises fails its request, never the server.
+# on as if its hooks of that kind were not there (FILTER_TOOLS, the proxy's own, runs inline).
+# Stream hooks run on the loop, once per event, so they must be quick: one that takes over
+# STREAM_HOOK_BUDGET on an event is skipped from then on, said the same way. A hook that raises
+# fails its request, never the server.
 
 Hook = Tuple[str, Callable[..., Any], bool]          # (plugin name, function, takes a context)
 HOOK_KINDS = ("request_hook", "response_hook", "stream_event_hook")
@@ -11212,8 +11214,9 @@ class ProxyServer:
         """Answer a request that will not be served, then end the connection."""
         req.keep_alive = False
         await render_safely(Exchange(self, req, ClientStream(conn.writer)), exc)
-        access_log.info("%s %s refused status=%d %s", req.method, log_safe(self.redactor.clip(req.path, 200, shapes=False)),
-                        exc.status, log_safe(self.redactor.clip(exc.message, 200, shapes=False)))
+        clip = self.redactor.clip
+        access_log.info("%s %s refused status=%d %s", req.method, log_safe(clip(req.path, 200, shapes=False)),
+                        exc.status, log_safe(clip(exc.message, 200, shapes=False)))
         conn.busy = False                               # nothing left to finish at shutdown
         await linger(conn.reader, conn.writer, 1.0, 16 << 20)
 
