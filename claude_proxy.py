@@ -39,11 +39,13 @@ import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import copy
 import datetime
 import hashlib
 import hmac
 import http
+import ipaddress
 import json
 import logging
 import os
@@ -60,7 +62,7 @@ import threading
 import time
 import urllib.parse
 from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Mapping,
-                    Optional, Tuple)
+                    NamedTuple, Optional, Tuple, Union)
 
 log = logging.getLogger("claude_proxy")
 access_log = logging.getLogger("claude_proxy.access")
@@ -166,6 +168,7 @@ RELAYED_PREFIXES = ("anthropic-ratelimit-", "x-ratelimit-")
 OAUTH_KEYS = ("client_id", "authorize_url", "token_url", "redirect_uri", "scope", "long_lived_scope")
 RETRYABLE_STATUS = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 FALLBACK_STATUS = frozenset((429, 500, 502, 503, 504, 529))
+MAX_RETRY_AFTER = 600.0              # seconds: the longest wait an upstream's retry-after may impose
 MODELS_TTL = 300.0                   # seconds a provider's own /v1/models list is reused
 MODELS_FETCH_TIMEOUT = 5.0           # a provider's /v1/models may delay a listing this long
 MAX_MODEL_LISTS = 64                 # providers' lists kept (one per provider and credential)
@@ -282,7 +285,17 @@ PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token", "cache_read_cost_
 
 
 class ConfigError(Exception):
-    """Invalid configuration; the message names the key path."""
+    """Invalid configuration; the message names the key path. A value in it shaped like a
+    credential is masked (mask_secret_shapes, section 3): a key pasted into base_url is not echoed
+    by the start, the reload log or the status page."""
+
+    def __init__(self, message: str):
+        super().__init__(mask_secret_shapes(message))
+
+
+class ConfigMissing(ConfigError):
+    """The config file in use vanished (an editor saving by unlink and create): a reload keeps the
+    running config and is retried when the file is back."""
 
 
 class ProxyError(Exception):
@@ -558,6 +571,15 @@ def looks_secret(key: str, value: Any) -> bool:
     return bool(_SECRET_KEY.search(key) or _SECRET_VALUE.match(value.strip()))
 
 
+_WORD = re.compile(r"(?i)\b(?:bearer|basic)\s+[^\s'\",]+|[^\s'\"=&?/:@,;()<>\[\]{}]{8,}")
+
+
+def mask_secret_shapes(text: str) -> str:
+    """Text with every word shaped like a credential (sk-..., a JWT, a long random token,
+    `Bearer ...`) masked, for text the Redactor's list cannot know (a key pasted in a config)."""
+    return _WORD.sub(lambda m: mask(m.group()) if looks_secret("", m.group()) else m.group(), text)
+
+
 def key_label(key: str) -> str:
     """An API key by its last four characters only (check-config, stats, the ledger)."""
     return "..." + key[-4:] if len(key) > 8 else "(short key)"
@@ -588,6 +610,12 @@ class Redactor(logging.Filter):
             if value in text:
                 text = text.replace(value, mask(value))
         return text
+
+    def clip(self, text: str, limit: int, shapes: bool = True) -> str:
+        """Text to show or log, at most `limit` characters: secrets masked first (the known ones,
+        and with `shapes` any credential-shaped word), then cut, so no cut leaves part of a key."""
+        text = self.scrub(text)
+        return mask_secret_shapes(text[:limit + 256])[:limit] if shapes else text[:limit]
 
     def filter(self, record: logging.LogRecord) -> bool:
         """logging.Filter hook: render the message once, scrubbed and on one line."""
@@ -629,6 +657,71 @@ async def run_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args))
 
 
+def read_regular_file(path: str) -> bytes:
+    """A regular file's bytes, opened without blocking: at a FIFO, a device or a folder it raises
+    OSError at once instead of waiting for a writer that may never come."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file (a FIFO, a device or a folder?)")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+class DaemonWorkers:
+    """Up to `size` daemon threads for work that may hang for good (foreign code, a hung mount):
+    it never holds up the loop, the default pool's threads or the process's exit. Threads start
+    on demand and stay; one that hangs is left behind, and later work goes to the others."""
+
+    def __init__(self, size: int, name: str):
+        self.size, self.name = size, name
+        self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = 0
+
+    def submit(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """fn() on a worker; the future its outcome settles (a late outcome nobody awaits is dropped)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())   # retrieved: no GC warning
+        self._jobs.put((fn, loop, future))
+        with self._lock:
+            if self._idle == 0 and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
+        return future
+
+    async def run(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """fn() on a worker, awaited at most `timeout` seconds (asyncio.TimeoutError after)."""
+        return await asyncio.wait_for(asyncio.shield(self.submit(fn)), timeout)
+
+    def _work(self) -> None:
+        """A worker: jobs until the process ends."""
+        while True:
+            with self._lock:
+                self._idle += 1
+            fn, loop, future = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc if isinstance(exc, Exception) else RuntimeError(f"{self.name}: {exc!r}")
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:
+                pass                              # the loop is gone: nobody waits any more
+
+
+def _settle(future: "asyncio.Future[Any]", result: Any, error: Optional[BaseException]) -> None:
+    """A worker's outcome into its future, unless that was given up (cancelled) already."""
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
 def ensure_private_dir(path: str) -> str:
     """The state directory, created 0700, or tightened to 0700 when it already exists with
     looser modes (0777 stays 0777 otherwise); returns the path."""
@@ -654,10 +747,31 @@ def open_no_follow(path: str, flags: int, mode: int = 0o600) -> int:
         raise exc
 
 
+_IPV4_LITERAL = re.compile(r"[0-9a-fx.]+")
+
+
+def ip_literal(host: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The address an IP literal names, as a resolver reads it (127.1 and 0x7f.1 too; [::1];
+    ::ffff:127.0.0.1 as its IPv4 address); None for a host name."""
+    host = host.strip().strip("[]").split("%", 1)[0].lower()
+    try:
+        if ":" in host:
+            address = ipaddress.IPv6Address(host)
+            return address.ipv4_mapped or address
+        if _IPV4_LITERAL.fullmatch(host):
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    host = host.strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    """A loopback address (127.0.0.0/8, ::1) written as an IP literal, or the name localhost;
+    never a name that only starts like one (127.example.com)."""
+    if host.strip().lower() == "localhost":
+        return True
+    address = ip_literal(host)
+    return address is not None and address.is_loopback
 
 # ---- model facts (the table is in section 1) ------------------------------------------------
 
@@ -770,6 +884,7 @@ class Config:
         self.warnings: List[str] = []          # unknown keys, missing keys, notes for the start
         self.aliases: Dict[str, str] = dict(MODEL_ALIASES)   # client model name -> routed name
         self.proxy_key_var = "PROXY_API_KEY"   # the variable holding the key clients send
+        self.plugin_folder: Optional[str] = None   # <home>/plugins of the trusted home; None: settings' home
 
     @property
     def home(self) -> str:
@@ -810,9 +925,8 @@ def read_dotenv(path: str) -> Dict[str, str]:
     """KEY=VALUE lines of a .env file, read as python-dotenv reads them: `export`, quotes (double
     with escapes, single literal) and comments, also after a value (` # note`); {} when absent."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
+        lines = read_regular_file(path).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
         return {}
     values = {}
     for line in lines:
@@ -1317,7 +1431,7 @@ def _yaml_scalar(text: str, where: str) -> Any:
     if not text:
         return None
     if text[0] in "[{&*!|>%@`":
-        raise ConfigError(f"{where}: {text[:20]!r} is YAML beyond what claude_proxy reads "
+        raise ConfigError(f"{where}: {mask_secret_shapes(text)[:20]!r} is YAML beyond what claude_proxy reads "
                           "(plain or quoted scalars, one nested mapping); write it as JSON instead")
     if text[0] == '"' and text.endswith('"') and len(text) > 1:
         try:
@@ -1379,7 +1493,7 @@ def _yaml_entry(item: dict, state: dict, indent: int, line: str, where: str) -> 
     """Apply one `key: value` line to the current item, or to its open nested mapping."""
     match = _YAML_KEY.match(line)
     if not match:
-        raise ConfigError(f"{where}: expected `key: value`, got {line[:40]!r}")
+        raise ConfigError(f"{where}: expected `key: value`, got {mask_secret_shapes(line)[:40]!r}")
     key, value = _yaml_key(match.group("key")), (match.group("value") or "").strip()
     key_indent = state["item_indent"] + 2
     if indent == key_indent:
@@ -1474,10 +1588,9 @@ def read_models_file(path: str) -> Tuple[dict, List[str]]:
 
 
 def read_text(path: str, what: str) -> str:
-    """A whole text file, or ConfigError in one line."""
+    """A whole text file, or ConfigError in one line (a FIFO or a device too, at once)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
+        return read_regular_file(path).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -1525,22 +1638,47 @@ def find_models_file(config_file: Optional[str], file_raw: dict, env: Mapping[st
 def load_config(path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None) -> Config:
     """The whole flow: seed model file < config file < .env < environment < CLI, parsed once.
     Without a `routes` table in a file, `default` goes to Anthropic (a lone ROUTER_* adds to
-    that table; it never empties it)."""
+    that table; it never empties it). Plugins come only from the trusted layers (untrusted_plugins)."""
     dotenv = read_dotenv(".env")
     merged_env = dict(dotenv, **env)
     is_yaml = bool(path) and path.lower().endswith((".yaml", ".yml"))
     file_raw = parse_json_config(read_text(path, "config file"), path) if path and not is_yaml else {}
     models_path = find_models_file(path, file_raw, merged_env)
     models_raw, notes = read_models_file(models_path) if models_path else ({}, [])
+    notes = notes + untrusted_plugins(dotenv, models_raw, file_raw, env)
     raw = {} if "routes" in file_raw or "routes" in models_raw else {"routes": {"default": "anthropic"}}
     for layer in (models_raw, file_raw, env_layer(merged_env), cli or {}):
         raw = merge_raw(raw, layer)
+    raw["plugins"] = merge_raw(file_raw, env_layer(env)).get("plugins", [])
     config = parse_config(raw, merged_env, notes)
+    config.plugin_folder = os.path.join(os.path.expanduser(trusted_home(file_raw, env)), "plugins")
     config.files = {"config": os.path.abspath(path) if path and not is_yaml else None,
                     "dotenv": os.path.abspath(".env") if dotenv else None,
                     "models": os.path.abspath(models_path) if models_path else None}
     config.origins = value_origins(config, file_raw, models_raw, dotenv, env, cli or {})
     return config
+
+
+def trusted_home(file_raw: dict, env: Mapping[str, str]) -> str:
+    """The home whose plugins/ folder may run code: the environment's, else the config file's."""
+    return str(env_layer(env).get("home") or file_raw.get("home") or SETTINGS["home"][2])
+
+
+def untrusted_plugins(dotenv: Mapping[str, str], models_raw: dict, file_raw: dict, env: Mapping[str, str]) -> List[str]:
+    """Warnings for what a .env or a model file (both may lie in a cloned folder) tried to do to
+    the plugins, which run code: name them, or move <home>/plugins. Both are ignored."""
+    notes = []
+    if setting_var("plugins", dotenv):
+        notes.append(".env: CLAUDE_PROXY_PLUGINS ignored: plugins run code, so only the config file, the "
+                     "environment or <home>/plugins name them")
+    if "plugins" in models_raw:
+        notes.append("model file: \"plugins\" ignored: plugins are named only in the config file, the environment "
+                     "or <home>/plugins")
+    home = env_layer(dotenv).get("home")
+    if home and os.path.expanduser(home) != os.path.expanduser(trusted_home(file_raw, env)):
+        notes.append(f".env: CLAUDE_PROXY_HOME moves the proxy's state, not its plugins: they still load from "
+                     f"{os.path.join(trusted_home(file_raw, env), 'plugins')}")
+    return notes
 
 
 def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapping[str, str],
@@ -1551,6 +1689,7 @@ def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapp
     def origin(key: str) -> str:
         var = setting_var(key, environ) if key in SETTINGS else (key if environ.get(key) else None)
         dot = setting_var(key, dotenv) if key in SETTINGS else (key if dotenv.get(key) else None)
+        dot = None if key == "plugins" else dot                  # ignored there: untrusted_plugins()
         if key in cli:
             return "the command line"
         if var:
@@ -6184,6 +6323,7 @@ MID_CONVERSATION_SYSTEM_BETA = "mid-conversation-system-2026-04-07"
 CLAUDE_CODE_IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
 LONG_LIVED_SECONDS = 31536000          # one year, honoured only with scope user:inference (A.7)
 REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
+MAX_EPOCH = 253402300799.0             # 9999-12-31T23:59:59Z: the last expiry a date can say
 MAX_CACHE_BREAKPOINTS = 4              # the API rejects a fifth cache_control
 UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
 LOGIN_AGAIN = "run `python claude_proxy.py login` again"
@@ -6307,12 +6447,22 @@ def _token_error(status: int, token_body: Any) -> ProxyError:
     return UpstreamError(f"token endpoint answered HTTP {status} ({detail})")
 
 
-def _expires_at(expires_in: Any, now: float) -> Optional[float]:
-    """Epoch seconds of expiry from a relative `expires_in`; None when absent or not a number."""
-    try:
-        return now + float(expires_in)
-    except (TypeError, ValueError):
+def expiry_epoch(value: Any, per_second: int = 1) -> Optional[float]:
+    """An expiry (in 1/per_second seconds) as epoch seconds a date can say, 1970 to year 9999,
+    from a token answer or a saved file; None for anything else (1e999, NaN, text: unknown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    return value / per_second if 0 <= value <= MAX_EPOCH * per_second else None
+
+
+def _expires_at(expires_in: Any, now: float) -> Optional[float]:
+    """Epoch seconds of expiry from a relative `expires_in` (seconds, a number or its text); None
+    when absent, not positive, not finite or beyond year 9999 (the token then lives until a 401)."""
+    try:
+        seconds = float(expires_in) if not isinstance(expires_in, bool) else float("nan")
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return expiry_epoch(now + seconds) if seconds > 0 else None
 
 
 def token_record(token_body: dict, *, source: str, now: float,
@@ -6388,7 +6538,7 @@ class TokenStore:
             return None
         token = document.get("token") if isinstance(document, dict) else None
         if isinstance(token, dict) and token.get("access_token"):
-            return token
+            return dict(token, expires_at=expiry_epoch(token.get("expires_at")))
         log.warning("token store %s is not in claude_proxy's shape (a file of another proxy? "
                     "`python3 claude_proxy.py import FILE` reads those); ignoring it", self.path)
         return None
@@ -6695,7 +6845,7 @@ def import_claude_code_credentials(path: str, store: TokenStore) -> dict:
     token expires (about 8 h), the user imports again (after Claude Code refreshed) or logs in."""
     oauth = _read_claude_code_oauth(path)
     expires_ms = oauth.get("expiresAt")
-    expires_at = float(expires_ms) / 1000.0 if isinstance(expires_ms, (int, float)) else None
+    expires_at = expiry_epoch(expires_ms, 1000)
     if expires_at is not None and expires_at <= store.clock():
         raise BadRequest("the Claude Code token has expired: run Claude Code once, then import again")
     scopes = oauth.get("scopes")
@@ -6727,9 +6877,8 @@ def seed_token_record(document: Any, path: str, now: float) -> dict:
     if not isinstance(document, dict) or not isinstance(document.get("access_token"), str):
         raise BadRequest(f"{path} holds no access_token: not a token file claude_proxy can read")
     expires = document.get("expires_at")
-    expires_at = float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
-    if expires_at is not None and expires_at > 1e12:          # milliseconds
-        expires_at /= 1000.0
+    in_ms = isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires > 1e12
+    expires_at = expiry_epoch(expires, 1000 if in_ms else 1)
     refresh = document.get("refresh_token") if document.get("token_type") != "long_term" else None
     if expires_at is not None and expires_at <= now and not refresh:
         raise BadRequest(f"the token in {path} has expired and cannot be refreshed: log in again")
@@ -7248,18 +7397,19 @@ def require_fields(body: Any, fields: Dict[str, type], dialect: str) -> dict:
     return body
 
 
-def upstream_error_detail(raw: bytes) -> Tuple[Optional[str], str]:
-    """(error type, message) from an upstream error body in either dialect, or its text."""
+def upstream_error_detail(raw: bytes, scrub: Callable[[str], str] = str) -> Tuple[Optional[str], str]:
+    """(error type, message) from an upstream error body in either dialect, or its text (scrubbed
+    by `scrub` before a long text is cut to 300 characters)."""
     try:
         body = loads_json(raw)
     except ValueError:
-        return None, raw[:300].decode("utf-8", "replace").strip() or "upstream error"
+        return None, scrub(raw.decode("utf-8", "replace")).strip()[:300] or "upstream error"
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        return error.get("type") or error.get("code"), str(error.get("message") or error)
+        return error.get("type") or error.get("code"), scrub(str(error.get("message") or error))
     if isinstance(error, str):
-        return error, str(body.get("error_description") or body.get("message") or error)
-    return None, json_text(body)[:300]
+        return error, scrub(str(body.get("error_description") or body.get("message") or error))
+    return None, scrub(json_text(body))[:300]
 
 
 def anthropic_error_body(exc: ProxyError, request_id: str) -> dict:
@@ -7304,14 +7454,34 @@ def relayed_headers(upstream_headers: Headers) -> List[Tuple[str, str]]:
             if k in RELAYED_HEADERS or k.startswith(RELAYED_PREFIXES)]
 
 
-def retry_delay(headers: Headers, attempt: int, rand: Callable[[], float] = random.random) -> float:
-    """retry-after-ms / retry-after when given, else exponential backoff with jitter."""
+def retry_after_seconds(headers: Headers, now: Optional[float] = None) -> Optional[float]:
+    """The upstream's wait hint: retry-after-ms, else retry-after in seconds or as an HTTP-date,
+    at most MAX_RETRY_AFTER; a past date or a negative number is 0; None when absent or
+    unreadable (NaN, inf, a date no calendar has), so the caller backs off on its own."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        text = headers.get(name, "").strip()
         try:
-            return max(0.0, float(headers[name]) * scale)
-        except (KeyError, ValueError):
-            pass
-    return min(8.0, 0.5 * 2 ** attempt) * (0.75 + 0.5 * rand())
+            seconds = float(text) * scale
+        except ValueError:
+            seconds = http_date_seconds(text, time.time() if now is None else now) if scale == 1.0 and text else None
+        if seconds is not None and seconds == seconds and abs(seconds) != float("inf"):
+            return min(MAX_RETRY_AFTER, max(0.0, seconds))
+    return None
+
+
+def http_date_seconds(text: str, now: float) -> Optional[float]:
+    """Seconds from now until an HTTP-date (RFC 9110 5.6.7); None when it is not one."""
+    import email.utils
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def retry_delay(headers: Headers, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """retry-after-ms / retry-after when given and readable, else exponential backoff with jitter."""
+    hint = retry_after_seconds(headers)
+    return hint if hint is not None else min(8.0, 0.5 * 2 ** min(attempt, 5)) * (0.75 + 0.5 * rand())
 
 
 class ReplayResponse(UpstreamResponse):
@@ -7638,13 +7808,22 @@ class ModelLists:
 # metadata.user_id, else the key the client sent) stays on one key while that key is healthy,
 # so the upstream's prompt cache, which is per key or account, keeps hitting; new sessions take
 # the first healthy key (fill_first) or the next in turn (round_robin). A 429 or 529 cools the
-# key down for the upstream's retry-after (else 1, 2, 4 ... 60 s), a 401 or 403 disables it
-# until the next config reload; either way the request moves to the next healthy key at once,
-# before any byte reached the client, as one of its MAX_RETRIES. With every key cooling, the
-# client gets the 429 with the shortest wait. Cooldowns live in this process only.
+# key down for the upstream's retry-after (else 1, 2, 4 ... 60 s; at most MAX_RETRY_AFTER). An
+# answer about the key itself disables it until the next config reload: a 401, or a 403 whose
+# error type or message says the key is invalid, revoked or expired. Any other 403 (moderation,
+# a model the workspace may not use, a region) is that request's answer, relayed as it is. Either
+# way the request moves to the next healthy key at once, before any byte reached the client, as
+# one of its MAX_RETRIES; one request disables at most one key (a second key's 401 is its answer),
+# so no single request can empty the pool. With every key cooling, the client gets the 429 with
+# the shortest wait. Cooldowns live in this process only.
 
 KEY_COOLDOWN_STATUS = frozenset((429, 529))
-KEY_DISABLE_STATUS = frozenset((401, 403))
+# A 403 is about the key when its error type / code is one of these, or its message says so.
+KEY_REJECTED_TYPES = frozenset(("authentication_error", "invalid_api_key", "api_key_invalid", "invalid_key",
+                                "unauthenticated", "unauthorized", "key_revoked", "key_expired"))
+_KEY_STATES = r"invalid|not valid|incorrect|revoked|expired|disabled|suspended|deleted|deactivated|unknown|wrong"
+KEY_REJECTED_TEXT = re.compile(rf"(?i)\b(?:api[ _-]?)?key\b[^.]{{0,40}}?\b(?:{_KEY_STATES})\b"
+                               rf"|\b(?:{_KEY_STATES})\b[^.]{{0,20}}?\b(?:api[ _-]?)?key\b")
 MAX_KEY_SESSIONS = 10000                     # session -> key bindings kept (oldest forgotten)
 
 
@@ -7695,17 +7874,18 @@ class KeyPool:
                 return key
         return None
 
-    def report(self, key: PoolKey, status: int, headers: Headers) -> bool:
-        """Take the upstream's answer to a request on `key`; True when the key is now out."""
+    def report(self, key: PoolKey, status: int, headers: Headers, rejected: bool = False) -> bool:
+        """Take the upstream's answer to a request on `key` (`rejected`: it says the key itself is
+        bad, key_rejected()); True when the key is now out."""
         key.requests += 1
         if status in KEY_COOLDOWN_STATUS:
             key.strikes += 1
-            given = "retry-after" in headers or "retry-after-ms" in headers
-            wait = retry_delay(headers, 0) if given else min(60.0, 2.0 ** (key.strikes - 1))
+            wait = retry_after_seconds(headers)
+            wait = min(60.0, 2.0 ** min(key.strikes - 1, 6)) if wait is None else wait
             key.cooling_until, key.last_error = self.clock() + wait, f"{status} at {iso_time(time.time())}"
             log.info("provider %s: key %s answered %d; cooling down for %.0fs", self.name, key.label, status, wait)
             return True
-        if status in KEY_DISABLE_STATUS:
+        if rejected:
             key.disabled, key.last_error = True, f"{status}: disabled until the config is reloaded"
             log.warning("provider %s: key %s answered %d; disabled until the next config reload",
                         self.name, key.label, status)
@@ -7724,6 +7904,15 @@ class KeyPool:
         return [{"key": k.label, "state": "disabled" if k.disabled else "cooling" if k.cooling_until > now else "healthy",
                  "cooling_until": iso_time(wall + k.cooling_until - now) if k.cooling_until > now and not k.disabled else None,
                  "requests": k.requests, "last_error": k.last_error} for k in self.keys]
+
+
+def key_rejected(status: int, body: bytes) -> bool:
+    """Whether an upstream answer says the key itself is bad: any 401, or a 403 whose error type
+    or message is about the key (not a moderation, model-access or region 403)."""
+    if status != 403:
+        return status == 401
+    kind, message = upstream_error_detail(body)
+    return str(kind).lower() in KEY_REJECTED_TYPES or bool(KEY_REJECTED_TEXT.search(message))
 
 
 def key_pools_for(config: Config) -> Dict[str, KeyPool]:
@@ -7760,6 +7949,7 @@ class Exchange:
         self.stream_error: Optional[Callable[[ProxyError], bytes]] = None  # an error in the stream's own grammar
         self.key_pools = server.key_pools       # this config generation's key pools
         self.pool_key: Optional[Tuple[KeyPool, PoolKey]] = None     # the pooled key of the last call
+        self.key_disabled = False               # this request already disabled a pooled key
         self.session: Optional[str] = None      # the client session, for key affinity
         self.work_bytes = len(req.body)         # the request's size with what stored items add to it
 
@@ -7835,22 +8025,29 @@ class Exchange:
             return [("x-api-key", key.key)]
         return [("api-key", key.key)] if provider.get("azure") else [("authorization", f"Bearer {key.key}")]
 
-    def key_outcome(self, response: UpstreamResponse) -> Optional[str]:
-        """After a pooled call: "next" when its key is out and another healthy one can take the
-        request, "answer" when every key is out (the client gets this answer, with the shortest
-        retry-after), None when the key is fine (or the call used none)."""
+    async def key_outcome(self, response: UpstreamResponse) -> Tuple[UpstreamResponse, Optional[str]]:
+        """After a pooled call, the response (a 403's body read to judge it) and: "next" when its
+        key is out and another healthy one can take the request, "answer" when every key is out
+        (the client gets this answer, with the shortest retry-after), None when the key is fine,
+        the call used none, or the answer is this request's own."""
         if self.pool_key is None:
-            return None
+            return response, None
         pool, key = self.pool_key
         self.pool_key = None
-        if not pool.report(key, response.status, response.headers):
-            return None
+        body = b""
+        if response.status == 403:
+            body = await response.read(1 << 20)
+            response = ReplayResponse(response, body)
+        rejected = key_rejected(response.status, body) and not self.key_disabled
+        if not pool.report(key, response.status, response.headers, rejected):
+            return response, None
+        self.key_disabled = self.key_disabled or rejected
         if any(pool.healthy(k) for k in pool.keys):
-            return "next"
+            return response, "next"
         wait = pool.shortest_wait()
         if wait is not None and response.status in KEY_COOLDOWN_STATUS:
             response.headers["retry-after"] = str(max(1, int(wait + 0.999)))
-        return "answer"
+        return response, "answer"
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -7918,7 +8115,7 @@ class Exchange:
                 log.info("upstream attempt %d failed (%s); retrying", attempt + 1, exc.message)
                 await asyncio.sleep(delay)
                 continue
-            outcome = self.key_outcome(response)
+            response, outcome = await self.key_outcome(response)
             if outcome == "next" and not last:
                 response.close()                      # the next healthy key, at once
                 continue
@@ -8052,8 +8249,9 @@ class Exchange:
         self.upstream_status = response.status
         if response.status >= 300:
             body = await response.read(1 << 20)
-            log.debug("request %s: %s answered %d: %s", self.req.id, self.target.describe() if self.target else "upstream",
-                      response.status, self.server.redactor.scrub(body[:2000].decode("utf-8", "replace")))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s: %s answered %d: %s", self.req.id, self.target.describe() if self.target else
+                          "upstream", response.status, self.server.redactor.clip(body.decode("utf-8", "replace"), 2000))
             raise UpstreamStatus(response.status, response.headers, body)
 
     async def relay_raw(self, response: UpstreamResponse) -> None:
@@ -8125,13 +8323,13 @@ class Exchange:
     async def answer_json(self, status: int, answer: dict, headers: List[Tuple[str, str]]) -> None:
         """A whole converted answer, after the plugins' response hooks."""
         if self.plugins:
-            answer = self.plugins.on_response(self, answer)
+            answer = await self.plugins.on_response(self, answer)
         await self.out.respond_json(status, answer, headers)
 
     async def answer_raw(self, status: int, headers: List[Tuple[str, str]], raw: bytes) -> None:
         """A whole relayed answer, after the plugins' response hooks."""
         if self.plugins:
-            raw = self.plugins.on_response_bytes(self, raw)
+            raw = await self.plugins.on_response_bytes(self, raw)
         await self.out.respond(status, headers, raw)
 
 
@@ -8146,6 +8344,7 @@ CREATE TABLE IF NOT EXISTS items (response_id TEXT NOT NULL, seq INTEGER NOT NUL
 CREATE INDEX IF NOT EXISTS items_by_id ON items (id);
 """
 SQLITE_BUSY_TIMEOUT = 10.0          # seconds another process may hold the write lock
+RESPONSE_STORE_THREADS = 2          # the store's own threads: conversions never wait behind its writes
 MAX_RESPONSE_CHAIN = 1000           # previous_response_id links followed at most
 ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
                   "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
@@ -8154,10 +8353,11 @@ ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_outp
 class ResponseStore:
     """Stored responses in one sqlite3 file (WAL: several proxy processes share it), bounded by
     size and age with the oldest evicted at each write. The blocking methods each open their own
-    connection and run in the loop's executor through `call`; a response is reserved while it is
-    being answered, so a request naming it as previous_response_id waits for its write. Each
-    response and its items belong to the credential that created it (`owner`, see
-    response_owner): reads, continuations and deletes by anyone else find nothing."""
+    connection and run on the store's own RESPONSE_STORE_THREADS through `call` (a write that waits
+    for another process's lock holds one of those, never a thread conversions need); a response
+    is reserved while it is being answered, so a request naming it as previous_response_id waits
+    for its write. Each response and its items belong to the credential that created it (`owner`,
+    see response_owner): reads, continuations and deletes by anyone else find nothing."""
 
     def __init__(self, path: str, *, max_bytes: int, max_age: float, clock: Clock = time.time):
         self.path = path
@@ -8166,6 +8366,7 @@ class ResponseStore:
         self.clock = clock
         self._ready = False
         self._pending: Dict[str, asyncio.Future] = {}
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- blocking side (executor threads)
 
@@ -8304,10 +8505,18 @@ class ResponseStore:
         pending = self._pending.get(args[0]) if args and isinstance(args[0], str) else None
         if pending is not None:
             await asyncio.shield(pending)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(RESPONSE_STORE_THREADS, "response-store")
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
         except (sqlite3.Error, OSError) as exc:
             raise ProxyError(f"response store {self.path}: {exc.__class__.__name__}: {exc}") from None
+
+    def close(self) -> None:
+        """Let the store's threads end once their work is done (no wait here)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     def reserve(self, response_id: str) -> None:
         """Mark a response as being answered: reads of its id wait until release()."""
@@ -8895,15 +9104,8 @@ async def handle_stray(x: Exchange) -> None:
     await x.out.respond_json(200, {})
 
 
-def check_auth_access(x: Exchange) -> None:
-    """/auth/* only from loopback clients, or with the proxy key (checked before)."""
-    if not is_loopback(x.req.peer) and not x.config.settings.get("proxy_api_key"):
-        raise PermissionDenied("the login endpoints answer loopback clients only (or set PROXY_API_KEY)")
-
-
 async def handle_auth_start(x: Exchange) -> None:
     """GET /auth/start -> {"url": authorize URL}; ?long_lived=1 for the one-year token."""
-    check_auth_access(x)
     long_lived = parse_bool(urllib.parse.parse_qs(x.req.query).get("long_lived", ["0"])[0])
     flow = x.server.oauth.start_login(long_lived)
     await x.out.respond_json(200, {"url": flow.authorize_url(x.server.oauth.settings), "state": flow.state,
@@ -8913,7 +9115,6 @@ async def handle_auth_start(x: Exchange) -> None:
 
 async def handle_auth_callback(x: Exchange) -> None:
     """POST /auth/callback {"code": "CODE#STATE"} -> the login status."""
-    check_auth_access(x)
     body = require_fields(parse_json_body(x.req.body), {"code": str}, "anthropic")
     await x.server.oauth.finish_login(body["code"])
     await x.out.respond_json(200, x.server.oauth.tokens.status())
@@ -8921,13 +9122,11 @@ async def handle_auth_callback(x: Exchange) -> None:
 
 async def handle_auth_status(x: Exchange) -> None:
     """GET /auth/status: logged in, source, expiry, scopes, last error; never the token."""
-    check_auth_access(x)
     await x.out.respond_json(200, x.server.oauth.tokens.status())
 
 
 async def handle_auth_logout(x: Exchange) -> None:
     """POST /auth/logout: forget the saved login."""
-    check_auth_access(x)
     x.server.oauth.tokens.logout()
     await x.out.respond_json(200, x.server.oauth.tokens.status())
 
@@ -8956,6 +9155,18 @@ ROUTES: List[Tuple[str, str, Callable[[Exchange], Awaitable[None]], bool]] = [
     ("POST", "/auth/logout", handle_auth_logout, True),
 ]
 PUBLIC_PATHS = ("/", "/health", "/status.json")     # the status page checks its own access
+# The operations endpoints (section 12's page and data, the doctor, the login), besides the API.
+# CORS_ORIGINS never reaches them: a page of another origin, port included, gets nothing there.
+# Those that answer more than who the proxy is need the proxy key, or, without one, a loopback
+# peer: one rule for all of them (check_access), checked before the body is read.
+OPERATIONS_PATHS = ("/", "/status.json", "/v1/stats", "/test-connection")
+OPERATIONS_PREFIXES = ("/auth/",)
+OPERATIONS_PUBLIC = ("/",)          # the page's HTML and the JSON identification: no data
+
+
+def is_operations_path(path: str) -> bool:
+    """An operations endpoint (OPERATIONS_PATHS), not the API."""
+    return path in OPERATIONS_PATHS or path.startswith(OPERATIONS_PREFIXES)
 
 
 def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]]:
@@ -8974,9 +9185,14 @@ def find_handler(method: str, path: str) -> Callable[[Exchange], Awaitable[None]
 
 
 def check_access(config: Config, req: Request) -> None:
-    """PROXY_API_KEY (x-api-key or Bearer), constant-time, when configured (CORS preflights,
-    which never carry credentials, and the public paths excepted)."""
+    """The one access rule, before the body is read: PROXY_API_KEY (x-api-key or Bearer),
+    constant-time, when configured (CORS preflights, which never carry credentials, and the
+    public paths excepted: the status page checks its own); without a key, the operations
+    endpoints (/status.json, /v1/stats, /test-connection, /auth/*) answer loopback peers only."""
     key = config.settings.get("proxy_api_key")
+    if not key and is_operations_path(req.path) and req.path not in OPERATIONS_PUBLIC and not is_loopback(req.peer):
+        raise PermissionDenied(f"{req.path} answers loopback clients only (set PROXY_API_KEY to reach it "
+                               "from the network)")
     if not key or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
         return
     offered = offered_key(req)
@@ -9080,7 +9296,8 @@ async def dispatch(server: "ProxyServer", req: Request, out: ClientStream) -> No
 def write_access_line(x: Exchange, elapsed: float) -> None:
     """The one access line of a request (client-controlled parts escaped by the log filter)."""
     status = f"{x.out.status or '-'}" + (f" error={x.error.error_type}" if x.error else "")
-    access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method, x.req.path[:300],
+    access_log.info("%s %s route=%s upstream=%s status=%s %.0fms %dB", x.req.method,
+                    x.server.redactor.clip(x.req.path, 300, shapes=False),
                     x.target.describe() if x.target else "-", x.upstream_status or "-",
                     status, elapsed * 1000, x.out.bytes_sent)
 
@@ -9110,33 +9327,41 @@ def host_name(value: str) -> Optional[str]:
         return None
 
 
-_IPV4_LITERAL = re.compile(r"[0-9a-fx.]+")
-
-
 def own_host(name: Optional[str]) -> bool:
     """A Host no DNS-rebinding page can send: localhost or *.localhost (browsers resolve those to
     loopback themselves), an IP literal (a page at an IP has that IP as its origin, not a domain
     of the attacker's that now points here), or this machine's own name."""
     if not name:
         return False
-    if name in LOCAL_HOST_NAMES or name.endswith(".localhost"):
-        return True
-    try:
-        if ":" in name:
-            socket.inet_pton(socket.AF_INET6, name)
-        elif _IPV4_LITERAL.fullmatch(name):
-            socket.inet_aton(name)                 # 127.1 and 0x7f.1 are IP literals to a browser too
-        else:
-            raise ValueError
-        return True
-    except (OSError, ValueError):
-        machine = socket.gethostname().lower()
-        return name in (machine, machine.split(".")[0])
+    if name in LOCAL_HOST_NAMES or name.endswith(".localhost") or ip_literal(name) is not None:
+        return True                                # 127.1 and 0x7f.1 are IP literals to a browser too
+    machine = socket.gethostname().lower()
+    return name in (machine, machine.split(".")[0])
 
 
-def cors_allowed(settings: dict, origin: str) -> bool:
-    """Whether CORS was configured for this origin."""
-    return origin in settings["cors_origins"] or "*" in settings["cors_origins"]
+def host_allowed(settings: dict, host: Optional[str], bind: Optional[str] = None) -> bool:
+    """Whether a Host header names this proxy: own_host, the bind address, or an ALLOWED_HOSTS
+    entry (its name; a port in the entry does not matter). The one predicate the browser guard
+    and the status page share."""
+    name = host_name(host) if host else None
+    if own_host(name):
+        return True
+    names = {host_name(entry) or entry.lower() for entry in settings["allowed_hosts"]}
+    return name is not None and (name in names or (bind is not None and name == host_name(bind)))
+
+
+def same_origin(req: Request) -> bool:
+    """Whether the request's Origin is the proxy's own: scheme, host and port of its Host header."""
+    origin, host = req.headers.get("origin"), req.headers.get("host")
+    return origin is not None and host is not None and \
+        origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
+
+
+def cors_allowed(settings: dict, req: Request) -> bool:
+    """Whether CORS was configured for this request's origin; never on an operations endpoint."""
+    origin = req.headers.get("origin")
+    return origin is not None and not is_operations_path(req.path) and \
+        (origin in settings["cors_origins"] or "*" in settings["cors_origins"])
 
 
 def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> None:
@@ -9147,16 +9372,16 @@ def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> No
     text/plain body on a JSON endpoint. Clients that send none of these (curl, the SDKs,
     Claude Code, Codex) are unaffected. Exposed binds rely on the proxy key for the rest."""
     host = req.headers.get("host")
-    if loopback_bind and host is not None and not own_host(host_name(host)) \
-            and host not in settings["allowed_hosts"] and host_name(host) not in settings["allowed_hosts"]:
+    if loopback_bind and host is not None and not host_allowed(settings, host):
         raise PermissionDenied(f"Host {log_safe(host)!r} is not this proxy's (a DNS-rebinding page?); "
                                "list it in ALLOWED_HOSTS if a reverse proxy serves the proxy under it")
     origin = req.headers.get("origin")
-    own = origin is not None and host is not None and origin.lower() in ("http://" + host.lower(), "https://" + host.lower())
-    if origin is not None and not own and not cors_allowed(settings, origin):
-        raise PermissionDenied(f"requests from the web origin {log_safe(origin)!r} are refused (set CORS_ORIGINS to allow it)")
+    allowed = same_origin(req) or cors_allowed(settings, req)
+    if origin is not None and not allowed:
+        hint = "" if is_operations_path(req.path) else " (set CORS_ORIGINS to allow it)"
+        raise PermissionDenied(f"requests from the web origin {log_safe(origin)!r} are refused{hint}")
     fetch_site = req.headers.get("sec-fetch-site", "").lower()
-    if fetch_site in ("cross-site", "same-site") and not (origin and (own or cors_allowed(settings, origin))):
+    if fetch_site in ("cross-site", "same-site") and not (origin and allowed):
         raise PermissionDenied("requests made by another web site are refused")
     media_type = req.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if req.method == "POST" and media_type in BROWSER_FORM_TYPES and req.path not in FORM_PATHS:
@@ -9164,11 +9389,10 @@ def check_browser_guard(settings: dict, req: Request, loopback_bind: bool) -> No
 
 
 def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
-    """CORS response headers, only for configured origins."""
-    origin, allowed = req.headers.get("origin"), settings["cors_origins"]
-    if not origin or not allowed or (origin not in allowed and "*" not in allowed):
+    """CORS response headers, only for configured origins on the API."""
+    if not cors_allowed(settings, req):
         return []
-    return [("access-control-allow-origin", origin), ("vary", "origin"),
+    return [("access-control-allow-origin", req.headers["origin"]), ("vary", "origin"),
             ("access-control-allow-headers", req.headers.get("access-control-request-headers", "*")),
             ("access-control-allow-methods", "GET, POST, OPTIONS")]
 
@@ -9187,9 +9411,12 @@ def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
 # =============================================================================================
 
 RECENT_REQUESTS = 50                  # the status page's "last requests"
+CONFIG_READ_TIMEOUT = 10.0            # seconds a reload may spend reading files (a hung mount)
 LEDGER_BATCH_ROWS = 500               # the writer commits at most this many rows at once
 LEDGER_FLUSH_INTERVAL = 0.5           # seconds the writer gathers rows before a commit
 LEDGER_BUSY_TIMEOUT = 5.0             # seconds a writer or reader waits for another process's lock
+LEDGER_RETRY_INTERVAL = 2.0           # seconds between two tries of rows a failed write kept
+LEDGER_MAX_PENDING = 20000            # rows kept for a retry at most; the oldest beyond are dropped, said
 LEDGER_PRUNE_EVERY = 1000             # rows written between two prunes
 USAGE_CHART_DAYS = 14                 # the status page's per-day chart
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -9402,20 +9629,28 @@ class UsageLedger:
     add() only queues the row, so the event loop never waits on the disk. The writer thread
     gathers what arrives within LEDGER_FLUSH_INTERVAL (at most LEDGER_BATCH_ROWS rows) and inserts
     it in one transaction. WAL and a busy timeout let several proxy processes and the `stats`
-    command share the file. A database that cannot be opened or written logs one warning (until
-    it works again); its rows are dropped and the proxy serves on. Rows older than max_age_days,
+    command share the file. A write that fails (another process holding the lock past the busy
+    timeout, a database that cannot be opened) logs one warning per outage and keeps its rows:
+    they are tried again every LEDGER_RETRY_INTERVAL with what arrives meanwhile, at most
+    LEDGER_MAX_PENDING of them (the oldest beyond are dropped), and rows really lost (that bound,
+    or still unwritten at close) are counted and said; the proxy serves on. Rows older than max_age_days,
     and the oldest beyond max_rows, are pruned at open and every LEDGER_PRUNE_EVERY rows (0: no
     limit). sqlite3 is imported on first use: a proxy that never records does not load it."""
 
     def __init__(self, path: str, *, max_age_days: int = 90, max_rows: int = 500000,
-                 clock: Callable[[], float] = time.time, interval: float = LEDGER_FLUSH_INTERVAL):
+                 clock: Callable[[], float] = time.time, interval: float = LEDGER_FLUSH_INTERVAL,
+                 busy_timeout: float = LEDGER_BUSY_TIMEOUT, retry_interval: float = LEDGER_RETRY_INTERVAL):
         self.path = path
         self.max_age_days = max_age_days
         self.max_rows = max_rows
         self.clock = clock
         self.interval = interval
+        self.busy_timeout = busy_timeout
+        self.retry_interval = retry_interval
         self.error: Optional[str] = None
         self.rows_written = 0
+        self.rows_pending = 0                    # kept after a failed write, for the next try
+        self.rows_dropped = 0                    # really lost: past LEDGER_MAX_PENDING, or at close
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
@@ -9434,7 +9669,7 @@ class UsageLedger:
                 self._thread.start()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Block until the rows queued so far are written (or dropped); False on timeout."""
+        """Block until the rows queued so far were tried (written, or kept for a retry); False on timeout."""
         if self._thread is None:
             return True
         done = threading.Event()
@@ -9448,24 +9683,31 @@ class UsageLedger:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        """The writer thread: batches until the stop marker."""
-        db = None
+        """The writer thread: batches (with the rows a failed write kept) until the stop marker."""
+        db, pending = None, []
         while True:
-            batch = self._next_batch()
-            rows = [item for item in batch if isinstance(item, tuple)]
-            if rows:
-                db = self._write(db, rows)
+            batch = self._next_batch(self.retry_interval if pending else None)
+            pending += [item for item in batch if isinstance(item, tuple)]
+            if pending:
+                db, pending = self._write(db, pending)
+            self.rows_pending = len(pending)
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()
-            if batch[-1] is _LEDGER_STOP:
+            if batch and batch[-1] is _LEDGER_STOP:
                 break
+        if pending:
+            self._dropped(len(pending), "at close")
         if db is not None:
             db.close()
 
-    def _next_batch(self) -> List[Any]:
-        """What arrives within one interval; a flush or stop marker ends the batch at once."""
-        batch = [self._queue.get()]
+    def _next_batch(self, wait: Optional[float]) -> List[Any]:
+        """What arrives within one interval; a flush or stop marker ends the batch at once. With
+        `wait`, at most that long for a first item ([] after: time to retry what is kept)."""
+        try:
+            batch = [self._queue.get(timeout=wait)]
+        except queue.Empty:
+            return []
         deadline = time.monotonic() + self.interval
         while len(batch) < LEDGER_BATCH_ROWS and isinstance(batch[-1], tuple):
             try:
@@ -9477,8 +9719,8 @@ class UsageLedger:
     def _connect(self) -> Any:
         """A connection with the busy timeout (no file is created by readers)."""
         import sqlite3
-        db = sqlite3.connect(self.path, timeout=LEDGER_BUSY_TIMEOUT, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {int(LEDGER_BUSY_TIMEOUT * 1000)}")
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return db
 
     def _open(self) -> Any:
@@ -9492,8 +9734,9 @@ class UsageLedger:
         self._prune(db)
         return db
 
-    def _write(self, db: Any, rows: List[tuple]) -> Any:
-        """Insert one batch; the connection to use next time (None after a failure)."""
+    def _write(self, db: Any, rows: List[tuple]) -> Tuple[Any, List[tuple]]:
+        """Insert one batch; the connection to use next time (None after a failure) and the rows
+        kept for a retry ([] once written)."""
         import sqlite3
         try:
             db = db or self._open()
@@ -9511,21 +9754,29 @@ class UsageLedger:
             self._failed(exc, len(rows))
             if db is not None:
                 db.close()
-            return None
+            if len(rows) > LEDGER_MAX_PENDING:
+                self._dropped(len(rows) - LEDGER_MAX_PENDING, f"past the {LEDGER_MAX_PENDING} rows kept for a retry")
+            return None, rows[-LEDGER_MAX_PENDING:]
         if self.error is not None:
-            log.warning("usage ledger %s works again", self.path)
+            log.warning("usage ledger %s works again; the %d rows kept meanwhile are written", self.path, len(rows))
             self.error = None
-        return db
+        return db, []
 
-    def _failed(self, exc: Exception, lost: int) -> None:
-        """One warning per outage; the rows are dropped."""
+    def _failed(self, exc: Exception, kept: int) -> None:
+        """One warning per outage; the rows are kept for a retry."""
         message = f"{exc.__class__.__name__}: {exc}"
         if self.error is None:
-            log.warning("usage ledger %s is unusable (%s): requests are served but not recorded",
-                        self.path, message)
+            log.warning("usage ledger %s is unusable (%s): requests are served, and their rows kept and "
+                        "tried again every %gs", self.path, message, self.retry_interval)
         else:
-            log.debug("usage ledger still unusable (%s); %d rows dropped", message, lost)
+            log.debug("usage ledger still unusable (%s); %d rows kept", message, kept)
         self.error = message
+
+    def _dropped(self, count: int, why: str) -> None:
+        """Rows really lost, counted and said."""
+        self.rows_dropped += count
+        log.warning("usage ledger %s: %d rows not recorded (%s; %d lost so far)", self.path, count, why,
+                    self.rows_dropped)
 
     def _prune(self, db: Any) -> None:
         """Drop rows past the age limit and the oldest past the row limit."""
@@ -9581,9 +9832,21 @@ def open_ledger(config: Config, clock: Callable[[], float] = time.time) -> Optio
 # new value, or None to keep the one it mutated. FILTER_TOOLS is a built-in request hook that
 # runs first. A generation without any hook has no Plugins object at all (server.plugins None),
 # so the per-request price of the feature is one None check.
+#
+# Hooks are foreign code, so none may stall every client. Request and response hooks run off the
+# loop, on the server's few hook threads, within HOOK_TIMEOUT a request; one that overruns is
+# skipped from then on (until the config is reloaded) and said at WARNING, and that request goes
+# on as if its hooks of that kind were not there (FILTER_TOOLS, the proxy's own, runs inline).
+# Stream hooks run on the loop, once per event, so they must be quick: one that takes over
+# STREAM_HOOK_BUDGET on an event is skipped from then on, said the same way. A hook that raises
+# fails its request, never the server.
 
 Hook = Tuple[str, Callable[..., Any], bool]          # (plugin name, function, takes a context)
 HOOK_KINDS = ("request_hook", "response_hook", "stream_event_hook")
+HOOK_TIMEOUT = 5.0                 # seconds a request's request (or response) hooks may take together
+STREAM_HOOK_BUDGET = 0.05          # seconds a stream hook may take on one event (it runs on the loop)
+HOOK_WORKERS = 4                   # threads that run request and response hooks
+BUILTIN_HOOKS = ("filter_tools",)  # the proxy's own hooks: quick and bounded, run on the loop
 
 
 def tool_name(tool: Any) -> Optional[str]:
@@ -9645,6 +9908,11 @@ def load_plugin_module(path: str) -> Any:
     return module
 
 
+def plugin_folder(config: Config) -> str:
+    """<home>/plugins, of the home a .env cannot move (load_config sets it)."""
+    return config.plugin_folder or os.path.join(config.home, "plugins")
+
+
 def plugin_paths(config: Config, base_dir: str) -> List[str]:
     """The config's plugins (relative to the config file's folder), then home/plugins/*.py."""
     listed = []
@@ -9652,29 +9920,49 @@ def plugin_paths(config: Config, base_dir: str) -> List[str]:
         if not isinstance(path, str) or not path.endswith(".py"):
             raise ConfigError(f"plugins.{i}: expected the path of a .py file")
         listed.append(os.path.abspath(os.path.join(base_dir, os.path.expanduser(path))))
-    folder = os.path.join(config.home, "plugins")
+    folder = plugin_folder(config)
     found = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")) \
         if os.path.isdir(folder) else []
     return list(dict.fromkeys(listed + found))
 
 
+def check_plugin_owner(path: str) -> None:
+    """ConfigError unless `path` (a plugin file or the folder holding one) belongs to this user
+    (or root) and no other user may write it: code another user can change is not run."""
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return                                   # load_plugin_module says "no such file"
+    if info.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"plugins: {path} belongs to another user (uid {info.st_uid}); refusing to run "
+                          "code from it (chown it to the proxy's user)")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"plugins: {path} is writable by {'others' if info.st_mode & 0o002 else 'its group'} "
+                          f"(mode {stat.S_IMODE(info.st_mode):o}); refusing to run code from it (chmod go-w it)")
+
+
 def load_plugins(config: Config, base_dir: str = ".") -> Optional["Plugins"]:
-    """This config's hooks (blocking file work), or None when there is none."""
+    """This config's hooks (blocking file work), or None when there is none; every plugin loaded
+    is named in the log with its hooks, at start and at each reload."""
     hooks: Dict[str, List[Hook]] = {kind: [] for kind in HOOK_KINDS}
     names = []
     if config.settings["filter_tools"]:
         hooks["request_hook"].append(("filter_tools", filter_tools_hook(config.settings["filter_tools"]), True))
         names.append("filter_tools")
     for path in plugin_paths(config, base_dir):
+        for checked in dict.fromkeys((os.path.dirname(path), path)):
+            check_plugin_owner(checked)
         module = load_plugin_module(path)
         names.append(os.path.basename(path))
-        for kind in HOOK_KINDS:
-            fn = getattr(module, kind, None)
-            if callable(fn):
-                hooks[kind].append((os.path.basename(path), fn, takes_context(fn)))
+        found = [kind for kind in HOOK_KINDS if callable(getattr(module, kind, None))]
+        for kind in found:
+            fn = getattr(module, kind)
+            hooks[kind].append((os.path.basename(path), fn, takes_context(fn)))
+        log.info("plugin %s loaded: %s", path, ", ".join(found) or "no hooks")
     if not any(hooks.values()):
         return None
-    log.info("plugins: %s", ", ".join(names))
     return Plugins(names, hooks["request_hook"], hooks["response_hook"], hooks["stream_event_hook"])
 
 
@@ -9703,22 +9991,55 @@ def hook_context(x: "Exchange", target: Optional[Target]) -> dict:
 
 
 class Plugins:
-    """The hooks of one config generation, in load order."""
+    """The hooks of one config generation, in load order (see the essay above)."""
 
     def __init__(self, names: List[str], request: List[Hook], response: List[Hook], stream: List[Hook]):
         self.names = names
         self.request = request
         self.response = response
         self.stream = stream
+        self.skipped: set = set()          # (kind, plugin name) of hooks over their budget
 
-    def on_request(self, x: "Exchange", target: Target, payload: bytes) -> bytes:
-        """An upstream request body through the request hooks."""
-        if not self.request:
+    def active(self, hooks: List[Hook], kind: str) -> List[Hook]:
+        """The hooks of a kind not skipped for their time."""
+        return [hook for hook in hooks if (kind, hook[0]) not in self.skipped]
+
+    def skip(self, kind: str, name: str, why: str) -> None:
+        """Skip a hook from now on (this generation), said once at WARNING."""
+        self.skipped.add((kind, name))
+        log.warning("plugin %s: %s %s; it is skipped from now on (until the config is reloaded)", name, kind, why)
+
+    @staticmethod
+    def chain(hooks: List[Hook], kind: str, payload: Any, context: dict, running: List[str]) -> Any:
+        """The hooks in turn (blocking); `running` names the one at work, for a timeout to blame."""
+        for hook in hooks:
+            running[:] = [hook[0]]
+            payload = run_hook(hook, kind, payload, context)
+        return payload
+
+    async def off_loop(self, x: "Exchange", kind: str, names: List[str], work: Callable[[List[str]], Any],
+                       unhooked: Any) -> Any:
+        """work(running) over the hooks `names` on a hook thread within HOOK_TIMEOUT (inline when
+        all are BUILTIN_HOOKS); past it the hook at work is skipped from now on and this request
+        goes on with `unhooked`."""
+        running: List[str] = []
+        if all(name in BUILTIN_HOOKS for name in names):
+            return work(running)                  # no foreign code: no thread hop
+        try:
+            return await x.server.hook_workers.run(lambda: work(running), HOOK_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.skip(kind, running[0] if running else "?", f"took over {HOOK_TIMEOUT:g}s")
+            log.warning("request %s went on without its %ss", x.req.id, kind)
+            return unhooked
+
+    async def on_request(self, x: "Exchange", target: Target, payload: bytes) -> bytes:
+        """An upstream request body through the request hooks (off the loop)."""
+        hooks = self.active(self.request, "request_hook")
+        if not hooks:
             return payload
-        body, context = parse_json_body(payload), hook_context(x, target)
-        for hook in self.request:
-            body = run_hook(hook, "request_hook", body, context)
-        return json_bytes(body)
+        context = hook_context(x, target)
+        return await self.off_loop(x, "request_hook", [h[0] for h in hooks], lambda running: json_bytes(
+            self.chain(hooks, "request_hook", parse_json_body(payload), context, running)), payload)
 
     def hooked_build(self, x: "Exchange", build: Callable) -> Callable:
         """A request builder whose body goes through the request hooks."""
@@ -9727,30 +10048,44 @@ class Plugins:
 
         async def hooked(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
             url, headers, payload = await build(target)
-            return url, headers, self.on_request(x, target, payload)
+            return url, headers, await self.on_request(x, target, payload)
         return hooked
 
-    def on_response(self, x: "Exchange", answer: dict) -> dict:
-        """A whole answer through the response hooks."""
+    async def on_response(self, x: "Exchange", answer: dict) -> dict:
+        """A whole answer through the response hooks (off the loop, on a copy)."""
+        hooks = self.active(self.response, "response_hook")
+        if not hooks:
+            return answer
         context = hook_context(x, x.target)
-        for hook in self.response:
-            answer = run_hook(hook, "response_hook", answer, context)
-        return answer
+        return await self.off_loop(x, "response_hook", [h[0] for h in hooks], lambda running: self.chain(
+            hooks, "response_hook", copy.deepcopy(answer), context, running), answer)
 
-    def on_response_bytes(self, x: "Exchange", raw: bytes) -> bytes:
+    async def on_response_bytes(self, x: "Exchange", raw: bytes) -> bytes:
         """A relayed JSON answer through the response hooks (bytes untouched without one)."""
-        if not self.response:
+        hooks = self.active(self.response, "response_hook")
+        if not hooks:
             return raw
-        try:
-            answer = loads_json(raw)
-        except (ValueError, UnicodeDecodeError):
-            return raw
-        return json_bytes(self.on_response(x, answer)) if isinstance(answer, dict) else raw
+        context = hook_context(x, x.target)
+
+        def work(running: List[str]) -> bytes:
+            try:
+                answer = loads_json(raw)
+            except (ValueError, UnicodeDecodeError):
+                return raw
+            return json_bytes(self.chain(hooks, "response_hook", answer, context, running)) \
+                if isinstance(answer, dict) else raw
+        return await self.off_loop(x, "response_hook", [h[0] for h in hooks], work, raw)
 
     def on_event(self, event: Any, context: dict) -> Any:
-        """One stream event through the stream hooks ("[DONE]" and other strings pass)."""
-        for hook in self.stream if isinstance(event, dict) else ():
+        """One stream event through the stream hooks, on the loop and timed ("[DONE]" and
+        other strings pass)."""
+        for hook in self.active(self.stream, "stream_event_hook") if isinstance(event, dict) else ():
+            started = time.perf_counter()
             event = run_hook(hook, "stream_event_hook", event, context)
+            took = time.perf_counter() - started
+            if took > STREAM_HOOK_BUDGET:
+                self.skip("stream_event_hook", hook[0], f"took {took * 1000:.0f} ms on one event "
+                          f"(it runs on the event loop; the budget is {STREAM_HOOK_BUDGET * 1000:.0f} ms)")
         return event
 
     def hooked_encode(self, x: "Exchange", encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -9803,20 +10138,32 @@ RESTART_SETTINGS = ("host", "port", "home", "pool_size", "connect_timeout", "rea
 
 class ConfigSource:
     """How main() loaded the config (--config, the environment, the CLI overrides), so that a
-    reload repeats exactly that flow."""
+    reload repeats exactly that flow. Once a config file was read it stays the one in use: only
+    --config / CLAUDE_PROXY_CONFIG choose another, so a default <home>/config.json that an editor
+    unlinks and creates again is never taken for "no file" (the built-in defaults)."""
 
     def __init__(self, cli_path: Optional[str], env: Mapping[str, str], cli: Optional[dict] = None):
         self.cli_path = cli_path
         self.env = dict(env)
         self.cli = dict(cli or {})
+        self.used: Optional[str] = None           # the config file the last good load read
 
     def path(self) -> Optional[str]:
-        """The config file in use (looked up again: the default one may appear later)."""
-        return config_path(self.cli_path, self.env)
+        """The config file in use: the one read before, else looked up (the default may appear later)."""
+        return config_path(self.cli_path, self.env) or self.used
 
     def load(self) -> Config:
-        """load_config() as main() calls it (blocking)."""
-        return load_config(self.path(), self.env, self.cli)
+        """load_config() as main() calls it (blocking); ConfigMissing when the file it read is gone."""
+        path = self.path()
+        try:
+            config = load_config(path, self.env, self.cli)
+        except ConfigError:
+            if path and path == self.used and not os.path.lexists(path):
+                raise ConfigMissing(f"config file {path} is missing (an editor saving it?): the running config "
+                                    "stays, and the reload is retried when the file is back") from None
+            raise
+        self.used = path
+        return config
 
     def base_dir(self) -> str:
         """The folder relative plugin paths start from: the config file's, else the working one."""
@@ -9828,7 +10175,7 @@ class ConfigSource:
         models file, the plugins and the home plugins folder."""
         home = os.path.expanduser(self.env.get("CLAUDE_PROXY_HOME") or SETTINGS["home"][2])
         paths = [self.path() or os.path.join(home, "config.json"), ".env", config.files.get("models"),
-                 os.path.join(config.home, "plugins")]
+                 plugin_folder(config)]
         try:
             paths += plugin_paths(config, self.base_dir())
         except (ConfigError, OSError):
@@ -9871,29 +10218,68 @@ def apply_config(server: "ProxyServer", config: Config, plugins: Optional[Plugin
         logging.getLogger("claude_proxy").setLevel(config.settings["log_level"].upper())
     if restart:
         log.warning("config reload: %s changed and takes effect after a restart", ", ".join(restart))
+    for line in config.warnings:
+        if line not in old.warnings:               # said at start, or new with this edit
+            log.warning("config reload: %s", line)
     server.ops.config_loaded(restart)
+
+
+class Reading(NamedTuple):
+    """One reload's blocking part: the watched files before, the new generation (or the error),
+    and the files the new generation watches as they were then."""
+    before: Dict[str, Optional[Tuple[int, int]]]
+    config: Optional[Config]
+    plugins: Optional[Plugins]
+    after: Dict[str, Optional[Tuple[int, int]]]
+    error: Optional[Exception]
+
+
+def read_generation(server: "ProxyServer") -> Reading:
+    """Stat the watched files, load the config and its plugins (blocking; in a DaemonWorkers thread)."""
+    before = watched_signatures(server)
+    try:
+        config = server.source.load()
+        check_exposure(config, server.host or config.settings["host"])
+        plugins = load_plugins(config, server.source.base_dir())
+    except (ConfigError, OSError) as exc:
+        return Reading(before, None, None, {}, exc)
+    after = {path: before[path] if path in before else file_signature(path) for path in server.source.files(config)}
+    return Reading(before, config, plugins, after, None)
 
 
 async def reload_config(server: "ProxyServer", reason: str) -> bool:
     """Load the config again, exactly as at start, and swap it in when it is valid; an invalid
-    one keeps the old generation and is logged and shown with its key path."""
-    async with server.ops.reload_lock():
-        loop, before = asyncio.get_running_loop(), watched_signatures(server)
-        try:
-            config = await loop.run_in_executor(None, server.source.load)
-            check_exposure(config, server.host or config.settings["host"])
-            plugins = await loop.run_in_executor(None, load_plugins, config, server.source.base_dir())
-        except (ConfigError, OSError) as exc:
-            server.ops.config_failed(str(exc))
-            server.ops.file_signatures = before
-            log.error("config reload (%s) failed; generation %d stays: %s", reason, server.generation, exc)
-            return False
-        apply_config(server, config, plugins)
-        # The files as they were read; one the new config adds to the watch is taken as it is now.
-        server.ops.file_signatures = {path: before.get(path, signature)
-                                      for path, signature in watched_signatures(server).items()}
+    one keeps the old generation and is logged and shown with its key path. The files are read
+    in a thread of their own within CONFIG_READ_TIMEOUT and outside the reload lock, which covers
+    the swap only (a FIFO or a hung mount never wedges a reload, SIGHUP or SIGTERM); of two
+    reloads that overlap, an older reading never replaces a newer one."""
+    ops = server.ops
+    ops.reload_seq += 1
+    ticket = ops.reload_seq
+    try:
+        reading = await ops.read_off_loop(lambda: read_generation(server))
+    except ConfigError as exc:
+        return reload_failed(server, reason, exc)
+    async with ops.reload_lock():
+        if reading.error is not None:
+            ops.file_signatures = reading.before
+            return reload_failed(server, reason, reading.error)
+        if ticket < ops.applied_seq:
+            return False                          # a reload that started later was applied already
+        ops.applied_seq = ticket
+        apply_config(server, reading.config, reading.plugins)
+        ops.file_signatures = reading.after       # the files as they were read
         log.info("config reloaded (%s): generation %d", reason, server.generation)
         return True
+
+
+def reload_failed(server: "ProxyServer", reason: str, exc: Exception) -> bool:
+    """Keep the running generation, and say why (a vanished file as a warning: it is retried)."""
+    server.ops.config_failed(str(exc))
+    server.ops.config_missing = isinstance(exc, ConfigMissing)
+    level = logging.WARNING if server.ops.config_missing else logging.ERROR
+    log.log(level, "config reload (%s) failed; generation %d stays: %s", reason, server.generation, exc)
+    return False
 
 
 class ConfigWatcher:
@@ -9905,16 +10291,23 @@ class ConfigWatcher:
         server.ops.file_signatures = watched_signatures(server)
 
     async def run(self) -> None:
-        """Poll until cancelled (reload_interval 0 pauses polling; SIGHUP still reloads)."""
+        """Poll until cancelled (reload_interval 0 pauses polling, except to retry a config file
+        that went missing; SIGHUP still reloads)."""
         while True:
             interval = self.server.config.settings["reload_interval"]
             await asyncio.sleep(interval if interval > 0 else 1.0)
-            if interval > 0:
+            if interval > 0 or self.server.ops.config_missing:
                 await self.check()
 
     async def check(self) -> bool:
-        """Reload if a file changed since the last reload read it; True when one did."""
-        if watched_signatures(self.server) == self.server.ops.file_signatures:
+        """Reload if a file changed since the last reload read it; True when one did. The stats
+        run off the loop (a hung mount must not stall every client); a hung one skips the poll."""
+        try:
+            now = await self.server.ops.read_off_loop(lambda: watched_signatures(self.server))
+        except ConfigError as exc:
+            log.debug("config watch skipped: %s", exc)
+            return False
+        if now == self.server.ops.file_signatures:
             return False
         await reload_config(self.server, "a watched file changed")
         return True
@@ -9950,7 +10343,11 @@ class Operations:
         self.restart_needed: List[str] = []
         self.file_signatures: Dict[str, Optional[Tuple[int, int]]] = {}
         self.watcher: Optional[asyncio.Future] = None
+        self.config_missing = False               # the last reload found the config file gone
+        self.reload_seq = self.applied_seq = 0    # reloads started, and the latest one applied
         self._reload_lock: Optional[asyncio.Lock] = None
+        self._reading: Optional[asyncio.Future] = None   # a config read still in its thread
+        self._readers = DaemonWorkers(1, "config-read")
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
         self._unconfigured_models: set = set()
 
@@ -9968,10 +10365,26 @@ class Operations:
             await asyncio.get_running_loop().run_in_executor(None, self.ledger.close)
 
     def reload_lock(self) -> asyncio.Lock:
-        """One reload at a time (created inside the running loop)."""
+        """One swap of generations at a time (created inside the running loop)."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         return self._reload_lock
+
+    async def read_off_loop(self, fn: Callable[[], Any]) -> Any:
+        """fn() (config file work) in a thread within CONFIG_READ_TIMEOUT, one at a time: after an
+        earlier read (a poll and a SIGHUP at once), or ConfigError when that one hangs (a hung
+        mount) rather than another thread."""
+        if self._reading is not None and not self._reading.done():
+            done, _ = await asyncio.wait({self._reading}, timeout=CONFIG_READ_TIMEOUT)
+            if not done:
+                raise ConfigError("the config files are still being read by an earlier reload (a hung file "
+                                  "system?); the running config stays")
+        self._reading = self._readers.submit(fn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._reading), CONFIG_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ConfigError(f"reading the config files took over {CONFIG_READ_TIMEOUT:.0f}s (a FIFO or a hung "
+                              "mount?); the running config stays") from None
 
     def request_done(self, x: "Exchange", started: float) -> None:
         """Account one finished request the handler metered (x.meter.requested set)."""
@@ -10024,10 +10437,11 @@ class Operations:
     def note_provider_error(self, x: "Exchange") -> None:
         """Remember the provider's last error for the status page (secrets scrubbed)."""
         exc = x.error
-        message = upstream_error_detail(exc.body)[1] if isinstance(exc, UpstreamStatus) else exc.message
+        redactor = x.server.redactor
+        message = upstream_error_detail(exc.body, redactor.scrub)[1] if isinstance(exc, UpstreamStatus) else exc.message
         self.provider_errors[x.target.provider["name"]] = {
             "at": iso_time(self.clock()), "status": exc.status, "type": exc.error_type,
-            "message": x.server.redactor.scrub(message[:300])}
+            "message": redactor.clip(message, 300)}
 
     async def ledger_totals(self, since: float) -> Optional[dict]:
         """The ledger's T object since `since`, after a flush (off the loop); None without one."""
@@ -10045,12 +10459,13 @@ class Operations:
         if self.ledger is None:
             return {"enabled": False}
         return {"enabled": True, "path": self.ledger.path, "error": self.ledger.error,
-                "rows_written": self.ledger.rows_written}
+                "rows_written": self.ledger.rows_written, "rows_pending": self.ledger.rows_pending,
+                "rows_dropped": self.ledger.rows_dropped}
 
     def config_loaded(self, restart: List[str]) -> None:
         """A reload succeeded."""
         self.config_loaded_at = self.clock()
-        self.config_error = None
+        self.config_error, self.config_missing = None, False
         self.restart_needed = restart
 
     def config_failed(self, message: str) -> None:
@@ -10075,6 +10490,7 @@ DOCTOR_FIXES = {
     "login": "run `python claude_proxy.py login` (or `import-claude-code`)",
 }
 DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL"}
+DOCTOR_DETAIL_CHARS = 300                                # a check's detail, secrets masked first
 DOCTOR_MODEL = {"anthropic": "claude-haiku-4-5"}       # a --deep request on a pass-through route
 
 
@@ -10156,7 +10572,7 @@ def _answer_check(provider: dict, name: str, status: int, raw: bytes, what: str)
     """A provider's HTTP answer to a doctor call as a check line."""
     if 200 <= status < 300:
         return _check(provider["name"], name, "ok", f"{what}: {status}")
-    detail = f"{what}: {status} {upstream_error_detail(raw)[1][:160]}"
+    detail = f"{what}: {status} {upstream_error_detail(raw)[1]}"      # run_doctor scrubs, then cuts
     if status in (401, 403):
         return _check(provider["name"], name, "fail", detail, DOCTOR_FIXES["credentials"].format(hint=key_hint(provider)))
     return _check(provider["name"], name, "fail", detail, DOCTOR_FIXES["request"])
@@ -10267,7 +10683,7 @@ async def run_doctor(x: "Exchange", deep: bool = False) -> List[dict]:
     login = check_login(x)
     checks += [login] if login else []
     for check in checks:
-        check["detail"] = x.server.redactor.scrub(check["detail"])
+        check["detail"] = x.server.redactor.clip(check["detail"], DOCTOR_DETAIL_CHARS)
     return checks
 
 
@@ -10282,8 +10698,9 @@ def doctor_exchange(server: "ProxyServer") -> "Exchange":
 # reads, and draws tables and small SVG charts with textContent only. Access follows /auth/*:
 # loopback clients, or, with PROXY_API_KEY, the key: as a header, or once in the page's key form
 # (or `/?key=`), which sets an HttpOnly SameSite=Strict cookie holding an HMAC of the key, never
-# the key. Both refuse a request whose Host or Origin is not this proxy's own (a DNS-rebinding or
-# cross-site page): an IP literal, localhost, this machine's name, or a name in ALLOWED_HOSTS.
+# the key. Both refuse a request whose Host is not this proxy's (host_allowed, section 11: the
+# one predicate the browser guard uses) or whose Origin is not exactly its own, port included (a
+# DNS-rebinding or cross-site page); CORS_ORIGINS never opens them.
 # Neither the page nor its JSON holds a secret: credentials appear as their source only.
 
 STATUS_PAGE = r"""<!doctype html>
@@ -10515,43 +10932,25 @@ def cookie_value(headers: Headers, name: str) -> Optional[str]:
     return None
 
 
-def is_ip_literal(name: str) -> bool:
-    """An IPv4 or IPv6 address, which no DNS rebinding can stand behind."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, name)
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def is_own_host(x: "Exchange", name: Optional[str]) -> bool:
-    """An IP literal, localhost, this machine's name, the bind address or an ALLOWED_HOSTS name."""
-    if not name:
-        return False
-    names = {"localhost", socket.gethostname().lower(), (x.server.host or "").lower()}
-    names.update(host_name(h) or h.lower() for h in x.config.settings["allowed_hosts"])
-    return is_ip_literal(name) or name in names
-
-
 def check_page_origin(x: "Exchange") -> None:
-    """Refuse a request whose Host, or Origin when sent, is not this proxy's own."""
-    host = host_name(x.req.headers.get("host", ""))
-    if not is_own_host(x, host):
-        raise PermissionDenied(f"Host {host!r} is not this proxy's own name (add it to ALLOWED_HOSTS if it is)")
+    """Refuse a request whose Host is not this proxy's (host_allowed, on any bind), or whose
+    Origin, when sent, is not exactly the proxy's own, port included (same_origin)."""
+    host = x.req.headers.get("host")
+    if not host_allowed(x.config.settings, host, x.server.host):
+        raise PermissionDenied(f"Host {log_safe(host or '')!r} is not this proxy's own name (add it to "
+                               "ALLOWED_HOSTS if it is)")
     origin = x.req.headers.get("origin")
-    if origin is not None and not is_own_host(x, host_name(urllib.parse.urlsplit(origin).netloc)):
-        raise PermissionDenied(f"Origin {origin!r} may not read this proxy's status")
+    if origin is not None and not same_origin(x.req):
+        raise PermissionDenied(f"Origin {log_safe(origin)!r} may not read this proxy's status")
 
 
 def check_page_access(x: "Exchange") -> None:
-    """The status JSON: own Host/Origin, then loopback, or the proxy key (header or page cookie)."""
+    """The status JSON: own Host/Origin, then (check_access let a keyless proxy's loopback peers
+    through) the proxy key as a header or the page's cookie."""
     check_page_origin(x)
     key = x.config.settings.get("proxy_api_key")
     if not key:
-        if not is_loopback(x.req.peer):
-            raise PermissionDenied("the status page answers loopback clients only (or set PROXY_API_KEY)")
+        check_access(x.config, x.req)
         return
     cookie = cookie_value(x.req.headers, PAGE_COOKIE) or ""
     if not (hmac.compare_digest(offered_key(x.req).encode(), key.encode())
@@ -10596,8 +10995,8 @@ def recent_rows(ops: Operations) -> List[dict]:
 
 
 def config_file_shown(server: "ProxyServer") -> Optional[str]:
-    """The config file in use, as an absolute path."""
-    path = server.source.path() if server.source else None
+    """The config file in use, as an absolute path (the one last read: no file work on the loop)."""
+    path = server.source.used if server.source else None
     return os.path.abspath(path) if path else None
 
 
@@ -10709,7 +11108,6 @@ async def handle_stats(x: "Exchange") -> None:
 
 async def handle_test_connection(x: "Exchange") -> None:
     """GET /test-connection[?deep=1]: the doctor's checks (503 when one fails)."""
-    check_auth_access(x)
     checks = await run_doctor(x, parse_bool(query_value(x, "deep") or "0"))
     ok = all(check["status"] != "fail" for check in checks)
     await x.out.respond_json(200 if ok else 503, {"ok": ok, "checks": checks})
@@ -10752,7 +11150,7 @@ async def dry_run_request(x: "Exchange", body: dict) -> dict:
                               session_id=session_key(x.req.headers, body))
         url, headers, payload = await x.openai_call(target, openai_body)
     if x.plugins:
-        payload = x.plugins.on_request(x, target, payload)
+        payload = await x.plugins.on_request(x, target, payload)
     return {"dry_run": True, "method": "POST", "url": url, "provider": target.provider["name"],
             "format": target.provider["format"], "model": target.spec["model"],
             "headers": redacted_headers(headers, x.server.redactor), "body": json.loads(payload)}
@@ -10846,6 +11244,7 @@ class ProxyServer:
                                    settings["pool_size"])
         self.oauth = OAuthService(config, self.pool, self.redactor, clock=clock)
         self.drops = DropLog()                    # which kinds of dropped fields were said at INFO
+        self.hook_workers = DaemonWorkers(HOOK_WORKERS, "plugin-hook")   # request and response hooks
         self.model_lists = ModelLists()           # the providers' own /v1/models, cached
         self.responses = ResponseStore(os.path.join(config.home, "responses.db"),
                                        max_bytes=int(settings["responses_store_mb"] * 1024 * 1024),
@@ -10906,6 +11305,7 @@ class ProxyServer:
                 (conn.handler or conn.task).cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self.pool.close()
+        self.responses.close()
         await self.ops.close()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -11008,8 +11408,9 @@ class ProxyServer:
         """Answer a request that will not be served, then end the connection."""
         req.keep_alive = False
         await render_safely(Exchange(self, req, ClientStream(conn.writer, closing=lambda: True)), exc)
-        access_log.info("%s %s refused status=%d %s", req.method, log_safe(req.path[:200]), exc.status,
-                        log_safe(exc.message[:200]))
+        clip = self.redactor.clip
+        access_log.info("%s %s refused status=%d %s", req.method, log_safe(clip(req.path, 200, shapes=False)),
+                        exc.status, log_safe(clip(exc.message, 200, shapes=False)))
         conn.busy = False                               # nothing left to finish at shutdown
         await linger(conn.reader, conn.writer, 1.0, 16 << 20)
 

@@ -5311,18 +5311,10 @@ def test_unknown_oauth_key_is_a_config_error():
 
 
 def test_auth_endpoints_refuse_remote_clients_without_proxy_key(tmp_path):
-    async def scenario():
-        server = cp.ProxyServer(make_config(tmp_path))
-        req = cp.Request("GET", "/auth/status", {}, b"", "10.1.2.3")
-        out = cp.ClientStream(None)
-        sent = []
-
-        async def respond_json(status, obj, headers=None):
-            sent.append((status, obj))
-        out.respond_json = respond_json
-        await cp.dispatch(server, req, out)
-        assert sent[0][0] == 403
-    run(scenario())
+    config = make_config(tmp_path)                   # check_access: the server's one rule, before the body
+    with pytest.raises(cp.PermissionDenied, match="loopback"):
+        cp.check_access(config, cp.Request("GET", "/auth/status", {}, b"", "10.1.2.3"))
+    cp.check_access(config, cp.Request("GET", "/auth/status", {}, b"", "127.0.0.1"))
 
 
 # ---- Conversion paths end to end
@@ -6351,7 +6343,8 @@ def test_broken_ledger_logs_one_warning_and_the_proxy_serves_on(tmp_path, caplog
                 assert status == 200 and json.loads(body)["all_time"] is None
     with caplog.at_level(logging.WARNING, logger="claude_proxy"):
         run(scenario())
-    assert len([r for r in caplog.records if "usage ledger" in r.getMessage()]) == 1
+    said = [r.getMessage() for r in caplog.records if "usage ledger" in r.getMessage()]
+    assert len(said) == 2 and "is unusable" in said[0] and "3 rows not recorded (at close" in said[1]
 
 
 def test_ledger_off_writes_nothing(tmp_path):
@@ -6736,20 +6729,26 @@ def test_reload_keeps_cli_overrides_and_the_original_environment_and_watches_dot
     run(scenario())
 
 
-def test_sighup_reloads_the_serve_process(tmp_path):
+def serve_process(tmp_path, cfg):
+    """`serve --config cfg` in a process of its own, once it accepts connections: (process, port)."""
     port = free_port()
-    cfg = tmp_path / "config.json"
-    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
     env = {k: v for k, v in os.environ.items() if k not in ("PROXY_API_KEY", "CLAUDE_PROXY_CONFIG", "CLAUDE_PROXY_HOME")}
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "serve", "--port", str(port),
                              "--config", str(cfg)], stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, port
+
+
+def test_sighup_reloads_the_serve_process(tmp_path):
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
+    proc, port = serve_process(tmp_path, cfg)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         write_config(cfg, "http://127.0.0.1:9", reload_interval=0, log_level="INFO", max_retries=1)
         proc.send_signal(signal.SIGHUP)
         assert run(wait_for_generation(port, 2)) < 2.0
@@ -6843,6 +6842,8 @@ def test_exposed_status_page_needs_the_key_then_a_cookie_not_the_key(tmp_path):
         remote = cp.Exchange(server, cp.Request("GET", "/status.json", {"host": "10.0.0.5:8082"}, b"", "10.0.0.9"), None)
         with pytest.raises(cp.PermissionDenied, match="loopback"):
             cp.check_page_access(remote)
+        with pytest.raises(cp.PermissionDenied, match="loopback"):
+            cp.check_access(server.config, remote.req)
     run(scenario())
 
 
@@ -8273,7 +8274,7 @@ def test_a_connection_whose_framing_is_in_doubt_is_never_reused(tmp_path, answer
     ({"host": "127.0.0.1:8082", "origin": "null"}, 403),
     ({"host": "127.0.0.1:8082", "origin": "http://localhost:3000"}, 403),  # another local app's page
     ({"host": "127.0.0.1:8082", "origin": "http://127.0.0.1:8082"}, 200),  # the proxy's own
-    ({"host": "127.0.0.1:8082", "origin": "https://app.example"}, 200),    # CORS-configured
+    ({"host": "127.0.0.1:8082", "origin": "https://app.example"}, 403),    # CORS-configured: the API only
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "cross-site"}, 403),     # <img src=...> GET
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "same-site"}, 403),
     ({"host": "127.0.0.1:8082", "sec-fetch-site": "none"}, 200),           # typed in the address bar
@@ -9496,6 +9497,718 @@ def test_fuzzed_raw_requests_never_get_a_500_and_never_hang(tmp_path):
     assert hangs == [] and 500 not in statuses, (hangs[:3], statuses)
     assert statuses.get(400, 0) > 1500 and statuses.get(200, 0) > 100 and silent < 400, (statuses, silent)
 
+
+# ---- files the proxy trusts, key pools, operations endpoints ----------------------------------
+
+def raw_token_answer(expires_in):
+    """A token endpoint script answering every grant with this raw `expires_in` JSON text."""
+    body = (b'{"access_token": "sk-ant-oat01-odd", "refresh_token": "sk-ant-ort01-odd", '
+            b'"token_type": "Bearer", "scope": "user:inference", "expires_in": ' + expires_in + b"}")
+    return lambda req: http_response(200, body)
+
+
+@pytest.mark.parametrize("expires_in", [b"1e999", b"-1e999", b"NaN", b"Infinity", b'"nan"', b'"1e999"', b"-3600",
+                                        b'"soon"', b"1" + b"0" * 400, b"true", b"[1]", b"1e300"])
+def test_an_odd_expires_in_never_breaks_auth_status_or_the_status_command(tmp_path, expires_in, capsys):
+    async def scenario():
+        async with FakeUpstream(raw_token_answer(expires_in)) as auth:
+            config = oauth_config(tmp_path, "http://127.0.0.1:9", auth.url + "/v1/oauth/token")
+            async with running_proxy(config) as (_, port):
+                start = json.loads((await call(port, "GET", "/auth/start"))[2])
+                status, _, body = await call(port, "POST", "/auth/callback", {"code": "c#" + start["state"]})
+                assert status == 200, body
+                status, _, body = await call(port, "GET", "/auth/status")
+                return status, json.loads(body)
+    status, login = run(scenario())
+    assert status == 200 and login["logged_in"] is True
+    assert (login["expires_at"], login["expires_in_seconds"]) == (None, None)     # unknown, not a crash
+    config = make_config(tmp_path)                    # the `status` command, on the same saved login
+    assert run(cp.run_oauth_command("status", types.SimpleNamespace(), config, {})) == 0
+    assert json.loads(capsys.readouterr().out)["logged_in"] is True
+
+
+def test_a_saved_login_with_an_unsayable_expiry_reads_as_unknown(tmp_path):
+    path = tmp_path / "oauth_token.json"
+    for stored in ("1e999", "NaN", "-Infinity", "1" + "0" * 400, '"tomorrow"', "99999999999999"):
+        path.write_text('{"token": {"access_token": "sk-ant-oat01-x", "expires_at": %s}}' % stored)
+        assert cp.TokenStore(str(path)).load()["expires_at"] is None
+        manager = cp.TokenManager(cp.TokenStore(str(path)), OAUTH_DEFAULTS, FakeTokenEndpoint())
+        assert manager.status()["expires_in_seconds"] is None
+    assert cp.expiry_epoch(1.5e12, 1000) == 1.5e9 and cp.expiry_epoch(0) == 0
+    assert cp._expires_at("3600", 1000.0) == 4600.0 and cp._expires_at(3600, 1000.0) == 4600.0
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize("headers, seconds", [
+    ({"retry-after": "7"}, 7.0), ({"retry-after-ms": "1500"}, 1.5), ({"retry-after-ms": "x", "retry-after": "3"}, 3.0),
+    ({"retry-after": "1e9"}, 600.0), ({"retry-after-ms": "1e12"}, 600.0), ({"retry-after": "-5"}, 0.0),
+    ({"retry-after": "inf"}, None), ({"retry-after": "-inf"}, None), ({"retry-after": "nan"}, None),
+    ({"retry-after": "1e999"}, None), ({"retry-after": "soon"}, None), ({"retry-after": ""}, None), ({}, None),
+    ({"retry-after": "Tue, 14 Nov 2023 22:13:50 GMT"}, 30.0),         # NOW + 30 s as an HTTP-date
+    ({"retry-after": "Sun, 06 Nov 1994 08:49:37 GMT"}, 0.0),          # a past date: at once
+    ({"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, 600.0),
+    ({"retry-after": "Fri, 31 Dec 99999 23:59:59 GMT"}, None),        # no calendar has it
+    ({"retry-after": "Mon, 32 Foo 2023 99:99:99 GMT"}, None),
+])
+def test_retry_after_is_read_defensively_and_capped(headers, seconds):
+    assert cp.retry_after_seconds(headers, NOW) == seconds
+
+
+@pytest.mark.parametrize("hint", ["1e9", "inf", "nan", "Fri, 31 Dec 9999 23:59:59 GMT", "1e999"])
+def test_a_wild_retry_after_cools_a_key_at_most_ten_minutes_and_stats_stay_200(tmp_path, hint):
+    upstream = KeyedUpstream(lambda key, n: (429, [("retry-after", hint)]))
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (server, port):
+                status, headers, _ = await call(port, "POST", "/v1/messages", HELLO, session_headers("s1"))
+                assert status == 429 and 1 <= int(headers["retry-after"]) <= 600
+                status, headers, _ = await call(port, "POST", "/v1/messages", HELLO, session_headers("s2"))
+                assert status == 429 and 1 <= int(headers["retry-after"]) <= 600
+                for path in ("/v1/stats", "/status.json"):
+                    status, _, body = await call(port, "GET", path)
+                    assert status == 200, body
+                pool = server.key_pools["pool"]
+                assert all(0 <= k.cooling_until - pool.clock() <= 600 for k in pool.keys)
+                assert len(upstream.log) == 2
+    run(scenario())
+
+
+def test_a_key_answering_429_a_thousand_times_backs_off_without_overflow():
+    pool = cp.KeyPool({"name": "p", "key_strategy": "fill_first", "api_keys": [KEY_A, KEY_B]}, clock=lambda: 0.0)
+    for _ in range(1100):
+        assert pool.report(pool.keys[0], 429, {}) is True
+    assert pool.keys[0].cooling_until == 60.0
+
+NOT_ABOUT_THE_KEY = [                          # 403s that are one request's answer, not the key's
+    {"type": "error", "error": {"type": "permission_error",
+                                "message": "Your API key does not have permission to use the specified resource."}},
+    {"error": {"message": "Input was flagged by moderation: violence", "code": 403}},
+    {"error": {"code": "unsupported_country_region_territory", "type": "request_forbidden",
+               "message": "Country, region, or territory not supported"}},
+    b"<html><body>403 Forbidden</body></html>",
+]
+ABOUT_THE_KEY = [
+    {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}},
+    {"error": {"code": 403, "status": "PERMISSION_DENIED", "message": "API key not valid. Please pass a valid API key."}},
+    {"error": {"message": "This key has been revoked", "type": "forbidden"}},
+]
+
+
+def answering(status, body, keys=None):
+    """An upstream answering `status` with `body` to the given keys (every key when None), 200 otherwise."""
+    log = []
+
+    def script(req):
+        key = req["headers"].get("x-api-key")
+        log.append(key)
+        if keys is None or key in keys:
+            return http_response(status, body if isinstance(body, bytes) else json.dumps(body).encode())
+        return http_response(200, anthropic_message())
+    script.log = log
+    return script
+
+
+@pytest.mark.parametrize("body", NOT_ABOUT_THE_KEY)
+def test_a_403_not_about_the_key_is_relayed_and_disables_no_key(tmp_path, body):
+    upstream = answering(403, body)
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B, KEY_C])) as (server, port):
+                for session in ("s1", "s2", "s3", "s4"):
+                    status, _, raw = await call(port, "POST", "/v1/messages", HELLO, session_headers(session))
+                    assert status == 403
+                    if isinstance(body, dict) and body.get("type") == "error":
+                        assert json.loads(raw) == body                      # relayed as it is
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["healthy"] * 3
+        assert upstream.log == [KEY_A] * 4                                   # one call each, no walk
+    run(scenario())
+
+
+@pytest.mark.parametrize("body", ABOUT_THE_KEY)
+def test_a_403_about_the_key_disables_that_key_and_the_next_one_answers(tmp_path, body):
+    upstream = answering(403, body, keys={KEY_A})
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B])) as (server, port):
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s1")))[0] == 200
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s2")))[0] == 200
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "healthy"]
+        assert upstream.log == [KEY_A, KEY_B, KEY_B]
+    run(scenario())
+
+
+def test_one_request_disables_at_most_one_key_of_a_pool(tmp_path):
+    upstream = answering(401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+
+    async def scenario():
+        async with FakeUpstream(upstream) as up:
+            async with running_proxy(pool_config(tmp_path, up.url, [KEY_A, KEY_B, KEY_C])) as (server, port):
+                status, _, body = await call(port, "POST", "/v1/messages", HELLO, session_headers("s1"))
+                assert status == 401 and json.loads(body)["error"]["message"] == "invalid x-api-key"
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "healthy", "healthy"]
+                assert upstream.log == [KEY_A, KEY_B]
+                assert (await call(port, "POST", "/v1/messages", HELLO, session_headers("s2")))[0] == 401
+                assert [k["state"] for k in server.key_pools["pool"].snapshot()] == ["disabled", "disabled", "healthy"]
+    run(scenario())
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.9.8.7", True), ("127.1", True), ("0x7f.1", True), ("[::1]", True), ("::1", True),
+    ("::ffff:127.0.0.1", True), ("localhost", True), ("LOCALHOST", True),
+    ("127.attacker.example", False), ("127.0.0.1.nip.io", False), ("127.0.0.1.attacker.example", False),
+    ("127.", False), ("128.0.0.1", False), ("::2", False), ("10.0.0.1", False), ("localhost.attacker.example", False),
+    ("", False), ("0.0.0.0", False),
+])
+def test_loopback_is_decided_on_an_ip_literal_never_a_names_prefix(host, loopback):
+    assert cp.is_loopback(host) is loopback
+
+
+def test_auth_auto_never_sends_the_saved_login_to_a_name_starting_with_127(tmp_path):
+    for url, trusted in (("http://127.attacker.example:8080", False), ("http://127.0.0.1.nip.io", False),
+                         ("http://127.0.0.1:8080", True), ("http://[::1]:8080", True), ("https://api.anthropic.com", True)):
+        config = make_config(tmp_path, providers={"p": {"format": "anthropic", "base_url": url}}, routes={"default": "p"})
+        assert config.providers["p"]["oauth_trusted"] is trusted, url
+    pool = make_pool()
+    pool.proxies = {"http": "http://proxy.example:3128"}
+    assert pool.proxy_for("http", "127.attacker.example") == "http://proxy.example:3128"
+    assert pool.proxy_for("http", "127.0.0.1") is None
+
+STRADDLING_KEY = "sk-ant-api03-straddle-0123456789abcdefghij"
+
+
+def no_key_part(text, key=STRADDLING_KEY):
+    """No piece of the key past what mask() shows (its first six characters) is in text."""
+    return not any(key[i:i + 8] in text for i in range(6, len(key) - 7))
+
+
+@pytest.mark.parametrize("pad", [280, 140, 1980])
+def test_texts_are_scrubbed_before_they_are_cut(tmp_path, pad, caplog):
+    """A provider's last error (cut at 300), a doctor detail (cut at 300) and a DEBUG upstream
+    body (cut at 2000), each with the configured key where the cut falls, show none of it."""
+    body = b"x" * pad + STRADDLING_KEY.encode() + b" and more"
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(401 if req["method"] == "GET" else 500, body,
+                                                          content_type="text/plain")) as up:
+            config = make_config(tmp_path, None, routes={"default": "p"},
+                                 providers={"p": {"format": "anthropic", "base_url": up.url, "api_key": STRADDLING_KEY}})
+            async with running_proxy(config) as (server, port):
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 500
+                page = (await call(port, "GET", "/status.json"))[2].decode()
+                checks = await cp.run_doctor(cp.doctor_exchange(server))
+                return server.ops.provider_errors["p"]["message"], page, checks
+    logger = logging.getLogger("claude_proxy")
+    with caplog.at_level(logging.DEBUG, logger="claude_proxy"):
+        old = logger.level
+        try:
+            message, page, checks = run(scenario())
+        finally:
+            logger.setLevel(old)
+    details = " ".join(c["detail"] for c in checks)
+    assert message.startswith("xxx") and "401" in details
+    debug = [r.getMessage() for r in caplog.records if "answered 500" in r.getMessage()]
+    assert debug and all(no_key_part(text) for text in [message, page, details] + debug)
+
+
+def test_an_unknown_key_an_upstream_echoes_is_masked_by_its_shape(tmp_path):
+    echoed = "sk-proj-Zx81LmQ0cVb7TyUi93NdWe4RtY5uI6oP"
+    redactor = cp.Redactor([])
+    assert echoed not in redactor.clip(f"Incorrect API key provided: {echoed}.", 300)
+    assert redactor.clip("Bearer abc.def.ghi-1234567 went wrong", 300) == "Bearer...(redacted) went wrong"
+    plain = "model claude-sonnet-4-5-20250929 is unknown"
+    assert redactor.clip(plain, 300) == plain
+    assert cp.Redactor([echoed]).clip("a" * 295 + echoed, 300) == "a" * 295 + "sk-pr"
+
+
+@pytest.mark.parametrize("base_url", ["sk-ant-api03-pasted0123456789abcdef",
+                                      "https://api.example.com/v1 sk-ant-api03-pasted0123456789abcdef",
+                                      "Bearer sk-ant-api03-pasted0123456789abcdef"])
+def test_a_key_pasted_into_base_url_is_masked_in_the_config_error_at_start_and_reload(tmp_path, base_url):
+    pasted = "sk-ant-api03-pasted0123456789abcdef"
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = cp.ConfigSource(str(cfg), {})
+
+    async def scenario():
+        server = cp.ProxyServer(source.load(), source=source)
+        write_config(cfg, "http://127.0.0.1:9", providers={"anthropic": {"format": "anthropic", "base_url": base_url}})
+        assert not await cp.reload_config(server, "test")
+        return server.ops.config_error["message"]
+    with pytest.raises(cp.ConfigError) as start_error:
+        cp.parse_config({"providers": {"p": {"format": "openai", "base_url": base_url}}}, {})
+    shown = run(scenario())
+    assert "providers.anthropic.base_url" in shown and "providers.p.base_url" in str(start_error.value)
+    assert no_key_part(shown, pasted) and no_key_part(str(start_error.value), pasted)
+    for line in ("  api_key " + pasted, "  api_key: [" + pasted):      # echoed cut: masked first
+        with pytest.raises(cp.ConfigError) as yaml_error:
+            cp.parse_yaml_models("- model_name: x\n" + line + "\n", "models.yaml")
+        assert "models.yaml:2" in str(yaml_error.value) and no_key_part(str(yaml_error.value), pasted)
+
+def marker_plugin(folder, name, hooks=""):
+    """A plugin file that leaves <name>.ran beside itself when its code runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(f"open(__file__ + '.ran', 'w').close()\n{hooks}")
+    return folder / (name + ".ran")
+
+
+def test_a_dotenv_or_a_model_file_in_the_working_directory_never_runs_a_plugin(tmp_path, monkeypatch, caplog):
+    work = tmp_path / "cloned-repo"
+    ran = [marker_plugin(work, "x.py"), marker_plugin(work / "evil" / "plugins", "y.py"),
+           marker_plugin(work, "z.py")]
+    (work / ".env").write_text("CLAUDE_PROXY_HOME=./evil\n")
+    (work / "models.json").write_text(json.dumps({"plugins": ["z.py"], "models": [{"id": "m", "provider": "anthropic"}]}))
+    monkeypatch.chdir(work)
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = cp.ConfigSource(str(cfg), {})
+
+    async def scenario():
+        config = source.load()
+        assert config.settings["plugins"] == [] and "m" in config.models          # the model file still works
+        assert config.home.endswith("evil") and config.plugin_folder == str(tmp_path / "home" / "plugins")
+        assert config.origins["settings.plugins"] == "default"
+        server = cp.ProxyServer(config, source=source)
+        watcher = cp.ConfigWatcher(server)
+        (work / ".env").write_text("CLAUDE_PROXY_PLUGINS=x.py,z.py\nCLAUDE_PROXY_HOME=./evil\nMAX_RETRIES=3\n")
+        assert await watcher.check() and server.config.settings["max_retries"] == 3      # reloaded
+        assert server.config.settings["plugins"] == []
+        return server.config.warnings
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        warnings = run(scenario())
+    assert not any(path.exists() for path in ran)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reload: ")]
+    assert len(said) == 1 and said[0].startswith("config reload: .env: CLAUDE_PROXY_PLUGINS ignored")   # new only
+    assert any(".env: CLAUDE_PROXY_PLUGINS ignored" in w for w in warnings)
+    assert any('model file: "plugins" ignored' in w for w in warnings)
+    assert any(".env: CLAUDE_PROXY_HOME moves the proxy's state, not its plugins" in w for w in warnings)
+
+
+def test_plugins_named_by_the_config_file_the_environment_or_home_run_and_each_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    ran = [marker_plugin(tmp_path / "conf", "from_file.py"), marker_plugin(tmp_path / "envdir", "from_env.py"),
+           marker_plugin(tmp_path / "home" / "plugins", "from_home.py", "def request_hook(payload):\n    return None\n")]
+    cfg = tmp_path / "conf" / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", plugins=["from_file.py"], home=str(tmp_path / "home"))
+    source = cp.ConfigSource(str(cfg), {"CLAUDE_PROXY_PLUGINS": str(tmp_path / "envdir" / "from_env.py")})
+
+    async def scenario():
+        server = cp.ProxyServer(source.load(), source=source)
+        assert server.plugins.names == ["from_env.py", "from_home.py"]      # the environment wins over the file
+        assert await cp.reload_config(server, "SIGHUP")
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        run(scenario())
+    assert not ran[0].exists() and ran[1].exists() and ran[2].exists()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plugin ")]
+    assert lines.count(f"plugin {tmp_path / 'envdir' / 'from_env.py'} loaded: no hooks") == 2      # start and reload
+    assert lines.count(f"plugin {tmp_path / 'home' / 'plugins' / 'from_home.py'} loaded: request_hook") == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX ownership")
+def test_plugins_another_user_may_write_are_refused_saying_why(tmp_path):
+    folder = tmp_path / "home" / "plugins"
+    ran = marker_plugin(folder, "p.py")
+    config = make_config(tmp_path)
+    for mode, file_mode, why in ((0o777, 0o644, "writable by others"), (0o775, 0o644, "writable by its group"),
+                                 (0o755, 0o646, "writable by others"), (0o755, 0o664, "writable by its group")):
+        os.chmod(folder, mode)
+        os.chmod(folder / "p.py", file_mode)
+        with pytest.raises(cp.ConfigError, match=why + ".*refusing to run code from it"):
+            cp.load_plugins(config)
+    listed = tmp_path / "shared"
+    marker_plugin(listed, "q.py")
+    os.chmod(listed, 0o1777)                                  # a /tmp-like folder: anyone may swap the file
+    with pytest.raises(cp.ConfigError, match=r"shared is writable by others"):
+        cp.load_plugins(make_config(tmp_path / "other", plugins=[str(listed / "q.py")]))
+    if os.getuid() == 0:                                      # root can hand the file to someone else
+        os.chmod(folder, 0o755)
+        os.chmod(folder / "p.py", 0o644)
+        os.chown(folder / "p.py", 54321, 54321)
+        with pytest.raises(cp.ConfigError, match="belongs to another user"):
+            cp.load_plugins(config)
+    assert not ran.exists()
+    os.chmod(folder, 0o700)
+    os.chmod(folder / "p.py", 0o600)
+    if os.getuid() == 0:
+        os.chown(folder / "p.py", 0, 0)
+    cp.load_plugins(config)
+    assert ran.exists()
+
+PROXY_KEY_19 = "sk-proxy-issue19-0123456789"
+
+
+@pytest.mark.parametrize("save", ["unlink", "rename"])
+def test_an_editor_saving_the_default_config_by_unlink_and_create_never_loads_the_defaults(tmp_path, save, caplog):
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            write_config(cfg, up.url, home=str(home), proxy_api_key=PROXY_KEY_19)
+            env = {"CLAUDE_PROXY_HOME": str(home), "ANTHROPIC_UPSTREAM_URL": up.url}      # defaults stay loopback
+            source = cp.ConfigSource(None, env)
+            async with running_proxy(source.load(), source=source) as (server, port):
+                watcher = cp.ConfigWatcher(server)
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 401
+                if save == "unlink":
+                    cfg.unlink()
+                else:
+                    cfg.rename(home / "config.json~")
+                assert await watcher.check() and server.generation == 1            # kept, said, not the defaults
+                assert server.ops.config_missing and "is missing" in server.ops.config_error["message"]
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 401
+                assert not await watcher.check()                                  # nothing new to read
+                write_config(cfg, up.url, home=str(home), proxy_api_key=PROXY_KEY_19, max_retries=1)
+                assert await watcher.check() and server.generation == 2           # retried once it is back
+                assert server.config.settings["max_retries"] == 1 and not server.ops.config_missing
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 401
+                auth = dict(ANTHROPIC_HEADERS, **{"x-api-key": PROXY_KEY_19})
+                assert (await call(port, "POST", "/v1/messages", HELLO, auth))[0] == 200
+                assert json.loads((await call(port, "GET", "/status.json", headers=auth))[2])["config"]["path"] == str(cfg)
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        run(scenario())
+    missing = [r for r in caplog.records if "is missing" in r.getMessage()]
+    assert missing and all(r.levelno == logging.WARNING for r in missing)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_config_path_that_is_a_fifo_is_refused_at_once_at_start(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+
+    outcome = {}
+
+    def load():
+        try:
+            outcome["config"] = cp.load_config(str(fifo), {})
+        except cp.ConfigError as exc:
+            outcome["error"] = str(exc)
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    hung = thread.is_alive()
+    with contextlib.suppress(OSError):                  # frees a reader still blocked in open()
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    thread.join(5)
+    assert not hung and "not a regular file" in outcome["error"]
+    (tmp_path / "work").mkdir()
+    os.mkfifo(tmp_path / "work" / ".env")
+    assert cp.read_dotenv(str(tmp_path / "work" / ".env")) == {}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_a_config_file_replaced_by_a_fifo_wedges_neither_sighup_reload_nor_sigterm(tmp_path):
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", reload_interval=0)
+    proc, port = serve_process(tmp_path, cfg)
+    try:
+        cfg.unlink()
+        os.mkfifo(cfg)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert run(call(port, "GET", "/health"))[0] == 200                      # still serving
+        proc.send_signal(signal.SIGHUP)
+        proc.terminate()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(OSError):
+                os.close(os.open(cfg, os.O_WRONLY | os.O_NONBLOCK))
+            proc.wait(10)
+    stderr = proc.stderr.read().decode()
+    assert "not a regular file" in stderr and "generation 1 stays" in stderr
+
+
+class HangingSource(cp.ConfigSource):
+    """A config source whose files hang (a hung mount) while `gate` is closed."""
+
+    def __init__(self, *args, gate):
+        super().__init__(*args)
+        self.gate, self.hang = gate, False
+
+    def load(self):
+        if self.hang:
+            self.gate.wait()
+        return super().load()
+
+
+def test_a_hung_config_read_times_out_holds_no_lock_and_lets_shutdown_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "CONFIG_READ_TIMEOUT", 0.3, raising=False)
+    gate = threading.Event()
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9")
+    source = HangingSource(str(cfg), {}, gate=gate)
+
+    async def scenario():
+        async with running_proxy(source.load(), source=source) as (server, port):
+            source.hang = True
+            first = await cp.reload_config(server, "SIGHUP")
+            assert not first and "took over" in server.ops.config_error["message"]
+            assert not await asyncio.wait_for(cp.reload_config(server, "SIGHUP"), 1)    # refused at once, no 2nd thread
+            assert "still being read" in server.ops.config_error["message"]
+            assert not server.ops.reload_lock().locked()
+            assert (await call(port, "GET", "/health"))[0] == 200
+            source.hang = False
+            gate.set()                                  # the mount recovers: the next reload works
+            await asyncio.sleep(0.05)
+            assert await cp.reload_config(server, "SIGHUP") and server.generation == 2
+            both = await asyncio.gather(cp.reload_config(server, "poll"), cp.reload_config(server, "SIGHUP"))
+            assert both == [True, True] and server.ops.config_error is None and server.generation == 4
+            source.hang = True
+            gate.clear()
+            assert not await cp.reload_config(server, "SIGHUP")
+        # running_proxy's shutdown returned with a read still hanging
+    safety = threading.Timer(20, gate.set)          # were the loop to wait for the hung read, it ends
+    safety.start()
+    try:
+        run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.set()
+        safety.cancel()
+
+SLOW_HOOKS_PLUGIN = '''
+import os
+import time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def blocked_until_released(kind):
+    with open(os.path.join(HERE, kind + ".calls"), "a") as fh:
+        fh.write("x")
+    for _ in range(1000):                      # a hook that hangs (at most 10 s, to end the test)
+        if os.path.exists(os.path.join(HERE, "release")):
+            break
+        time.sleep(0.01)
+
+
+def request_hook(payload):
+    blocked_until_released("request")
+    payload["hooked"] = True
+
+
+def response_hook(answer):
+    blocked_until_released("response")
+    answer["hooked"] = True
+'''
+
+
+def test_a_hung_request_or_response_hook_stalls_no_one_and_is_skipped_from_then_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cp, "HOOK_TIMEOUT", 0.3, raising=False)
+    folder = tmp_path / "home" / "plugins"
+    folder.mkdir(parents=True)
+    (folder / "slow.py").write_text(SLOW_HOOKS_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                hooked = asyncio.ensure_future(call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))
+                await asyncio.sleep(0.05)
+                assert (await call(port, "GET", "/health"))[0] == 200
+                served_meanwhile = not hooked.done()                  # the loop was free while the hook hung
+                status, _, body = await hooked
+                again = await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                return served_meanwhile, status, json.loads(body), again, [r["body"] for r in up.requests]
+    try:
+        with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+            served_meanwhile, status, answer, again, sent = run(scenario())
+    finally:
+        (folder / "release").touch()
+    assert served_meanwhile and status == 200 and again[0] == 200
+    assert "hooked" not in answer and "hooked" not in json.loads(again[2])
+    assert all("hooked" not in body for body in sent)                  # went on as if unhooked
+    assert (folder / "request.calls").read_text() == "x" and (folder / "response.calls").read_text() == "x"
+    for kind in ("request_hook", "response_hook"):
+        assert f"plugin slow.py: {kind} took over 0.3s; it is skipped from now on" in caplog.text
+
+
+SLOW_STREAM_PLUGIN = '''
+import os
+import time
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def stream_event_hook(event):
+    with open(os.path.join(HERE, "stream.calls"), "a") as fh:
+        fh.write("x")
+    time.sleep(0.2)
+    if event.get("type") == "content_block_delta":
+        event["delta"]["text"] = event["delta"]["text"].upper()
+'''
+
+
+def test_a_stream_hook_over_its_budget_on_the_loop_is_skipped_from_the_next_event(tmp_path, caplog):
+    folder = tmp_path / "home" / "plugins"
+    folder.mkdir(parents=True)
+    (folder / "slowstream.py").write_text(SLOW_STREAM_PLUGIN)
+
+    async def scenario():
+        async with FakeUpstream(lambda req: Stream(anthropic_stream("hello there"))) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (_, port):
+                first = await call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS)
+                second = await call(port, "POST", "/v1/messages", dict(HELLO, stream=True), ANTHROPIC_HEADERS)
+                return first, second
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        first, second = run(scenario())
+    assert first[0] == second[0] == 200
+    assert sse_events(first[2])[-1][0] == "message_stop" and b"hello there" in second[2]
+    assert (folder / "stream.calls").read_text() == "x"                 # one event, then skipped
+    assert "plugin slowstream.py: stream_event_hook took" in caplog.text and "budget is 50 ms" in caplog.text
+
+def test_rows_wait_while_another_process_holds_usage_db_and_a_real_drop_is_said(tmp_path, monkeypatch, caplog):
+    import sqlite3
+    path = str(tmp_path / "h" / "usage.db")
+    ledger = cp.UsageLedger(path, clock=lambda: 86400.0 * 100, interval=0.02, busy_timeout=0.05, retry_interval=0.05)
+    ledger.add(usage_row(86400.0 * 100, "first"))
+    assert ledger.flush() and ledger.rows_written == 1
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")                     # another process writing, for as long as it likes
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        for _ in range(202):
+            ledger.add(usage_row(86400.0 * 100, "m"))
+        assert ledger.flush() and ledger.error and ledger.rows_pending == 202
+        monkeypatch.setattr(cp, "LEDGER_MAX_PENDING", 250, raising=False)
+        for _ in range(60):
+            ledger.add(usage_row(86400.0 * 100, "m"))
+        assert ledger.flush() and ledger.rows_pending == 250 and ledger.rows_dropped == 12
+        locker.execute("ROLLBACK")
+        locker.close()
+        for _ in range(100):                               # the retry comes on its own
+            if ledger.rows_written == 251:
+                break
+            time.sleep(0.02)
+        ledger.close()
+    assert ledger.rows_written == 251 and ledger.totals()["requests"] == 251 and ledger.error is None
+    said = [r.getMessage() for r in caplog.records if "usage ledger" in r.getMessage()]
+    assert "is unusable" in said[0] and "rows kept and tried again" in said[0]
+    assert any("12 rows not recorded (past the 250 rows kept for a retry" in line for line in said)
+    assert "works again; the 250 rows kept meanwhile are written" in said[-1]
+
+
+def test_stored_responses_waiting_for_a_lock_never_hold_up_a_conversion(tmp_path):
+    import sqlite3
+    store = cp.ResponseStore(str(tmp_path / "home" / "responses.db"), max_bytes=10 ** 6, max_age=100.0)
+    store.put({"id": "resp_0", "output": []}, [])
+    locker = sqlite3.connect(store.path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")                     # another proxy process holds the write lock
+
+    async def scenario():
+        writes = [asyncio.ensure_future(store.call(store.put, {"id": f"resp_{i}", "output": []}, []))
+                  for i in range(1, 13)]
+        await asyncio.sleep(0.1)
+        try:                                               # a large body's conversion, meanwhile
+            converted = await asyncio.wait_for(cp.run_off_loop(lambda: "converted"), 5)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await asyncio.gather(*writes)
+        store.close()
+        return converted
+    assert run(scenario()) == "converted"
+    assert all(store.get(f"resp_{i}") for i in range(13))
+
+def test_cors_origins_open_the_api_only_never_the_page_the_stats_or_the_login(tmp_path):
+    app = "https://app.example"
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url, cors_origins=[app])) as (_, port):
+                cors = {"origin": app}
+                status, headers, _ = await call(port, "POST", "/v1/messages", HELLO, dict(ANTHROPIC_HEADERS, **cors))
+                assert status == 200 and headers["access-control-allow-origin"] == app
+                status, headers, _ = await call(port, "OPTIONS", "/v1/chat/completions", headers=cors)
+                assert status == 204 and headers["access-control-allow-origin"] == app
+                for method, path in (("GET", "/auth/status"), ("GET", "/auth/start"), ("POST", "/auth/logout"),
+                                     ("GET", "/v1/stats"), ("GET", "/status.json"), ("GET", "/test-connection"),
+                                     ("OPTIONS", "/auth/status"), ("OPTIONS", "/v1/stats")):
+                    status, headers, _ = await call(port, method, path, headers=cors)
+                    assert status in (403, 404) and "access-control-allow-origin" not in headers, (method, path, status)
+                assert (await call(port, "GET", "/v1/stats"))[0] == 200            # the proxy's own user: served
+    run(scenario())
+
+
+def test_the_status_page_takes_its_own_origin_only_port_included_and_the_servers_host_rule(tmp_path):
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, cors_origins=["*"])) as (_, port):
+            async def page(origin=None, host=f"127.0.0.1:{port}", path="/status.json", method="GET", body=b""):
+                headers = [f"host: {host}"] + ([f"origin: {origin}"] if origin else [])
+                form = [f"content-length: {len(body)}", "content-type: application/x-www-form-urlencoded"]
+                headers += form if body else []
+                answer = await raw_request(port, head_bytes(method, path, headers + ["connection: close"], body))
+                return int(answer.split(b" ", 2)[1]), answer
+            assert (await page())[0] == 200
+            assert (await page(f"http://127.0.0.1:{port}"))[0] == 200               # its own origin
+            assert (await page(f"http://localhost:{port}", host=f"localhost:{port}"))[0] == 200
+            assert (await page("http://1.2.3.4"))[0] == 403                         # any IP literal: no
+            assert (await page(f"http://127.0.0.1:{port + 1}"))[0] == 403           # another port: no
+            assert (await page(f"http://127.0.0.1"))[0] == 403
+            status, answer = await page("http://1.2.3.4", path="/", method="POST", body=b"key=x")
+            assert status == 403 and b"set-cookie" not in answer.lower()
+            assert (await page(host=f"proxy.localhost:{port}"))[0] == 200           # the server's host rule
+            assert (await page(host=f"127.1:{port}"))[0] == 200
+            assert (await page(host=f"evil.example:{port}"))[0] == 403
+    run(scenario())
+
+
+OTHER_ORIGIN_PAGE = """<!doctype html><html><body><pre id="out">...</pre><script>
+const out = [];
+async function probe(name, path, options) {
+  try { const r = await fetch("%s" + path, options); out.push(name + " READ " + r.status + " " + (await r.text()).length); }
+  catch (e) { out.push(name + " BLOCKED"); }
+}
+(async () => {
+  await probe("api", "/v1/messages", {method: "POST", headers: {"content-type": "application/json"},
+              body: JSON.stringify({model: "claude-x", max_tokens: 5, messages: [{role: "user", content: "hi"}]})});
+  await probe("status", "/status.json", {});
+  await probe("stats", "/v1/stats", {});
+  await probe("login", "/auth/status", {});
+  document.getElementById("out").textContent = out.join("\\n");
+})();
+</script></body></html>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_a_page_of_another_origin_in_a_real_browser_reads_the_api_by_cors_but_never_the_operations(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            async with running_proxy(make_config(tmp_path, up.url, cors_origins=["*"])) as (_, port):
+                page = (OTHER_ORIGIN_PAGE % f"http://127.0.0.1:{port}").encode()
+
+                async def serve_page(reader, writer):
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(http_response(200, page, content_type="text/html"))
+                    await writer.drain()
+                    writer.close()
+                other = await asyncio.start_server(serve_page, "127.0.0.1", 0)      # another origin: another port
+                try:
+                    return await run_chromium(tmp_path, f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}/",
+                                              "--dump-dom")
+                finally:
+                    other.close()
+    dom = run(scenario())
+    assert "api READ 200" in dom, dom
+    assert "status BLOCKED" in dom and "stats BLOCKED" in dom and "login BLOCKED" in dom, dom
+
+
+@pytest.mark.parametrize("method, path, refused", [
+    ("GET", "/status.json", True), ("GET", "/v1/stats", True), ("GET", "/test-connection", True),
+    ("GET", "/auth/status", True), ("GET", "/auth/start", True), ("POST", "/auth/callback", True),
+    ("POST", "/auth/logout", True), ("GET", "/", False), ("GET", "/health", False),
+    ("POST", "/v1/messages", False), ("GET", "/v1/models", False),
+])
+def test_one_access_rule_for_every_operations_endpoint_of_an_exposed_proxy(tmp_path, method, path, refused):
+    keyless, keyed = make_config(tmp_path), make_config(tmp_path, proxy_api_key=PROXY_KEY_19)
+    remote = cp.Request(method, path, {"host": "10.0.0.5:8082"}, b"", "10.0.0.9")
+    if refused:
+        with pytest.raises(cp.PermissionDenied, match="loopback"):
+            cp.check_access(keyless, remote)
+    else:
+        cp.check_access(keyless, remote)
+    cp.check_access(keyless, cp.Request(method, path, {}, b"", "127.0.0.1"))               # this machine
+    cp.check_access(keyed, cp.Request(method, path, {"x-api-key": PROXY_KEY_19}, b"", "10.0.0.9"))
 
 # =============================================================================================
 # 8. Drop-in for the five systems it replaces, and a first run that explains itself (issue 11)
