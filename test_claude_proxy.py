@@ -10091,12 +10091,12 @@ def test_rows_wait_while_another_process_holds_usage_db_and_a_real_drop_is_said(
 def test_stored_responses_waiting_for_a_lock_never_hold_up_a_conversion(tmp_path):
     import sqlite3
     store = cp.ResponseStore(str(tmp_path / "home" / "responses.db"), max_bytes=10 ** 6, max_age=100.0)
-    store.put({"id": "resp_0", "output": []}, [])
+    store.put({"id": "resp_0", "output": []}, [], "owner")
     locker = sqlite3.connect(store.path, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")                     # another proxy process holds the write lock
 
     async def scenario():
-        writes = [asyncio.ensure_future(store.call(store.put, {"id": f"resp_{i}", "output": []}, []))
+        writes = [asyncio.ensure_future(store.call(store.put, {"id": f"resp_{i}", "output": []}, [], "owner"))
                   for i in range(1, 13)]
         await asyncio.sleep(0.1)
         try:                                               # a large body's conversion, meanwhile
@@ -10108,7 +10108,8 @@ def test_stored_responses_waiting_for_a_lock_never_hold_up_a_conversion(tmp_path
         store.close()
         return converted
     assert run(scenario()) == "converted"
-    assert all(store.get(f"resp_{i}") for i in range(13))
+    assert all(store.get(f"resp_{i}", "owner") for i in range(13))
+
 
 def test_cors_origins_open_the_api_only_never_the_page_the_stats_or_the_login(tmp_path):
     app = "https://app.example"
