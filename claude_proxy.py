@@ -5239,11 +5239,18 @@ def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any)
 # item_reference) is I/O, so the handler resolves it into `input` before this converter runs.
 # Decisions taken here, each in one place:
 # - instructions, then system and developer messages, become the system prompt (text only).
-# - a custom tool (Codex's apply_patch) becomes a tool with one string property `input`; its
-#   grammar goes into the description, since Claude cannot be held to it. The call comes back as
-#   a custom_tool_call whose `input` is that string.
+# - tools come from `tools` and from every additional_tools item in `input` (Codex's default model
+#   sends its tools only that way, and a replayed history repeats the item: a later definition
+#   replaces an earlier one of the same name).
+# - a custom tool (Codex's apply_patch and exec) becomes a tool with one string property `input`;
+#   its grammar goes into the description, since Claude cannot be held to it. The call comes back
+#   as a custom_tool_call whose `input` is that string.
 # - namespace tools are flattened to `<namespace>__<name>` and their calls mapped back by the tool
 #   table, so the client sees `namespace` again.
+# - a client-run tool_search is a tool named tool_search; its call goes back as a
+#   tool_search_call, a replayed tool_search_output is a tool_result naming the tools it loaded,
+#   and those tools join the request's.
+# - an input item with no Anthropic form is a note (path and why), never a silent drop.
 # - built-in tools (web_search, file_search, computer*, code_interpreter, image_generation,
 #   local_shell, shell, mcp, ...) are dropped and their types returned for the handler's INFO
 #   line; a tool_choice forcing one is a BadRequest.
@@ -5258,6 +5265,9 @@ def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any)
 
 NAMESPACE_SEPARATOR = "__"
 CUSTOM_TOOL_FIELD = "input"
+TOOL_SEARCH_NAME = "tool_search"          # a client-run tool_search as Claude sees it
+TOOL_SEARCH_SCHEMA = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
+TOOL_ITEMS = ("additional_tools", "tool_search_output")    # input items whose tools join the request's
 REASONING_BLOB_PREFIX = "cp1."
 RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 RESPONSES_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
@@ -5363,7 +5373,7 @@ def _responses_blocks(content: Any, param: str) -> List[dict]:
     return blocks
 
 
-def _responses_message(item: dict, param: str, origin: str) -> List[dict]:
+def _responses_message(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
     """A message item as one turn; system and developer messages as a "system" turn."""
     role = RESPONSES_ROLES.get(item.get("role"))
     _expect(role is not None, "unknown role %r" % (item.get("role"),), param + ".role")
@@ -5379,25 +5389,28 @@ def _flat_tool_name(namespace: Any, name: Any, param: str) -> str:
     return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if isinstance(namespace, str) and namespace else name
 
 
-def _responses_call(item: dict, param: str, origin: str) -> List[dict]:
+def _call_id(item: dict, param: str) -> str:
+    """The call_id of a call or call output item, sanitized as an Anthropic tool id."""
+    call_id = item.get("call_id") or (item.get("id") if not item["type"].endswith("_output") else None)
+    _expect(isinstance(call_id, str) and call_id != "", "a call and its output need their call_id", param + ".call_id")
+    return sanitize_tool_id(call_id)
+
+
+def _responses_call(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
     """function_call / custom_tool_call as an assistant tool_use (custom input wrapped)."""
-    call_id = item.get("call_id") or item.get("id")
-    _expect(isinstance(call_id, str) and call_id != "", "a call needs its call_id", param + ".call_id")
+    call_id = _call_id(item, param)
     if item["type"] == "custom_tool_call":
         _expect(isinstance(item.get("input"), str), "input must be a string", param + ".input")
         tool_input = {CUSTOM_TOOL_FIELD: item["input"]}
     else:
         tool_input = _tool_input(item.get("arguments"), param + ".arguments")
     name = _flat_tool_name(item.get("namespace"), item.get("name"), param)
-    return [{"role": "assistant", "content": [
-        {"type": "tool_use", "id": sanitize_tool_id(call_id), "name": name, "input": tool_input}]}]
+    return [{"role": "assistant", "content": [{"type": "tool_use", "id": call_id, "name": name, "input": tool_input}]}]
 
 
-def _responses_call_output(item: dict, param: str, origin: str) -> List[dict]:
+def _responses_call_output(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
     """function_call_output / custom_tool_call_output as a user tool_result."""
-    call_id = item.get("call_id")
-    _expect(isinstance(call_id, str) and call_id != "", "a call output needs its call_id", param + ".call_id")
-    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": sanitize_tool_id(call_id)}
+    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": _call_id(item, param)}
     output = item.get("output")
     content = output if isinstance(output, str) else _responses_blocks(output, param + ".output")
     if content:
@@ -5405,15 +5418,48 @@ def _responses_call_output(item: dict, param: str, origin: str) -> List[dict]:
     return [{"role": "user", "content": [block]}]
 
 
-def _responses_reasoning(item: dict, param: str, origin: str) -> List[dict]:
-    """A reasoning item as the thinking blocks its encrypted_content carries (or nothing)."""
-    return [{"role": "assistant", "content": decode_reasoning(item.get("encrypted_content"), origin, param)}]
+def _client_search(item: dict, param: str, notes: Optional[Notes]) -> bool:
+    """Whether a tool_search_call / _output was run by the client (a server-run one is noted: Claude cannot replay it)."""
+    if item.get("execution") == "client":
+        return True
+    _note(notes, param, "dropped: a %s run by OpenAI's servers has no Anthropic form" % item["type"])
+    return False
 
 
-RESPONSES_ITEM_CONVERTERS: Dict[str, Callable[[dict, str, str], List[dict]]] = {
+def _responses_tool_search_call(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
+    """A client-run tool_search_call as an assistant tool_use of the tool_search tool."""
+    if not _client_search(item, param, notes):
+        return []
+    arguments = item.get("arguments")
+    tool_input = arguments if isinstance(arguments, dict) else _tool_input(arguments, param + ".arguments")
+    return [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": _call_id(item, param), "name": TOOL_SEARCH_NAME, "input": tool_input}]}]
+
+
+def _responses_tool_search_output(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
+    """A client-run tool_search_output as a tool_result naming the tools it loaded (which join the tools)."""
+    if not _client_search(item, param, notes):
+        return []
+    names = [name for k, tool in enumerate(item.get("tools") or [])
+             for name in _loaded_tool_names(tool, f"{param}.tools.{k}")]
+    text = "\n".join(TOOL_REFERENCE_TEXT % name for name in names) or "No tools found."
+    return [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": _call_id(item, param), "content": text}]}]
+
+
+def _responses_reasoning(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
+    """A reasoning item as the thinking blocks its encrypted_content carries (or nothing, noted)."""
+    blocks = decode_reasoning(item.get("encrypted_content"), origin, param)
+    if not blocks:
+        _note(notes, param, "dropped: a reasoning item goes back only to the provider and model that made it")
+    return [{"role": "assistant", "content": blocks}]
+
+
+RESPONSES_ITEM_CONVERTERS: Dict[str, Callable[[dict, str, str, Optional[Notes]], List[dict]]] = {
     "message": _responses_message, "function_call": _responses_call, "custom_tool_call": _responses_call,
     "function_call_output": _responses_call_output, "custom_tool_call_output": _responses_call_output,
-    "reasoning": _responses_reasoning}
+    "reasoning": _responses_reasoning, "tool_search_call": _responses_tool_search_call,
+    "tool_search_output": _responses_tool_search_output,
+    "additional_tools": lambda item, param, origin, notes: []}      # its tools join the request's (responses_tools)
 
 
 def responses_input_items(responses_body: dict) -> List[dict]:
@@ -5429,16 +5475,16 @@ def responses_input_items(responses_body: dict) -> List[dict]:
     return [item if item.get("type") else dict(item, type="message") for item in value]
 
 
-def _responses_turns(items: List[dict], origin: str) -> Tuple[List[dict], List[dict]]:
+def _responses_turns(items: List[dict], origin: str, notes: Optional[Notes] = None) -> Tuple[List[dict], List[dict]]:
     """Input items -> (system text blocks, Anthropic turns before repair)."""
     system: List[dict] = []
     turns: List[dict] = []
     for i, item in enumerate(items):
         convert_item = RESPONSES_ITEM_CONVERTERS.get(item["type"])
         if convert_item is None:
-            log.debug("dropping input item of type %r at input.%d: no Anthropic form", item["type"], i)
+            _note(notes, f"input.{i}", "dropped: an input item of type %r has no Anthropic form" % item["type"])
             continue
-        for turn in convert_item(item, f"input.{i}", origin):
+        for turn in convert_item(item, f"input.{i}", origin, notes):
             if turn["role"] == "system":
                 system += turn["content"]
             else:
@@ -5478,11 +5524,22 @@ def _responses_tool(tool: Any, param: str, namespace: Optional[str] = None) -> T
     return out, entry
 
 
+def _tool_search_tool(tool: dict, param: str) -> Tuple[dict, dict]:
+    """A client-run tool_search as a plain tool; its calls go back as tool_search_call items."""
+    schema = tool.get("parameters") or TOOL_SEARCH_SCHEMA
+    _expect(isinstance(schema, dict), "parameters must be a JSON Schema object", param + ".parameters")
+    description = tool.get("description") or "Search for more tools; the ones found become available."
+    return ({"name": TOOL_SEARCH_NAME, "description": description, "input_schema": schema},
+            {"type": "tool_search", "name": TOOL_SEARCH_NAME})
+
+
 def _expand_tool(tool: Any, param: str) -> Optional[List[Tuple[dict, dict]]]:
     """One client tool as (Anthropic tool, table entry) pairs; None for a tool with no Claude form."""
     _expect(isinstance(tool, dict), "tool must be an object", param)
     if tool.get("type") in ("function", "custom"):
         return [_responses_tool(tool, param)]
+    if tool.get("type") == "tool_search" and tool.get("execution") == "client":
+        return [_tool_search_tool(tool, param)]
     if tool.get("type") != "namespace":
         return None
     inner = tool.get("tools")
@@ -5491,21 +5548,47 @@ def _expand_tool(tool: Any, param: str) -> Optional[List[Tuple[dict, dict]]]:
     return [_responses_tool(t, f"{param}.tools.{k}", tool["name"]) for k, t in enumerate(inner)]
 
 
-def responses_tools(responses_body: dict) -> Tuple[List[dict], Dict[str, dict], List[str]]:
-    """Client tools -> (Anthropic tools, tool table by Anthropic name, types of built-ins dropped)."""
+def _loaded_tool_names(tool: Any, param: str) -> List[str]:
+    """The names Claude sees for one tool a tool_search_output loaded (a built-in's type)."""
+    pairs = _expand_tool(tool, param)
+    return [anthropic_tool["name"] for anthropic_tool, _ in pairs] if pairs else [str(tool.get("type"))]
+
+
+def _request_tools(responses_body: dict) -> List[Tuple[str, Any]]:
+    """(path, tool) for every tool of the request: `tools`, then those of each additional_tools and
+    tool_search_output item in `input` order (Codex's default model sends its tools only that way)."""
     tools = responses_body.get("tools") or []
     _expect(isinstance(tools, list), "tools must be a list", "tools")
+    found = [(f"tools.{i}", tool) for i, tool in enumerate(tools)]
+    for i, item in enumerate(responses_input_items(responses_body)):
+        if item["type"] in TOOL_ITEMS:
+            inner = item.get("tools") or []
+            _expect(isinstance(inner, list), "tools must be a list", f"input.{i}.tools")
+            found += [(f"input.{i}.tools.{k}", tool) for k, tool in enumerate(inner)]
+    return found
+
+
+def responses_tools(responses_body: dict) -> Tuple[List[dict], Dict[str, dict], List[str]]:
+    """Client tools -> (Anthropic tools, tool table by Anthropic name, types of built-ins dropped).
+    Two top-level tools of one name are a BadRequest; a tool an input item brings again replaces the
+    earlier one in place (a replayed history repeats its additional_tools)."""
     anthropic_tools: List[dict] = []
     table: Dict[str, dict] = {}
     dropped: List[str] = []
-    for i, tool in enumerate(tools):
-        pairs = _expand_tool(tool, f"tools.{i}")
+    where: Dict[str, str] = {}
+    for param, tool in _request_tools(responses_body):
+        pairs = _expand_tool(tool, param)
         if pairs is None:
             dropped.append(str(tool.get("type")))
         for anthropic_tool, entry in pairs or []:
-            _expect(anthropic_tool["name"] not in table, "two tools are named %r" % anthropic_tool["name"], f"tools.{i}")
-            anthropic_tools.append(anthropic_tool)
-            table[anthropic_tool["name"]] = entry
+            name = anthropic_tool["name"]
+            _expect(not (name in table and param.startswith("tools.") and where[name].startswith("tools.")),
+                    "two tools are named %r" % name, param)
+            if name in table:
+                anthropic_tools[[t["name"] for t in anthropic_tools].index(name)] = anthropic_tool
+            else:
+                anthropic_tools.append(anthropic_tool)
+            table[name], where[name] = entry, param
     return anthropic_tools, table, dropped
 
 
@@ -5599,7 +5682,7 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, facts: O
     field, so it is kept even with thinking off."""
     _expect(isinstance(responses_body, dict), "request body must be a JSON object", "body")
     _screen_fields(responses_body)
-    system, turns = _responses_turns(responses_input_items(responses_body), origin)
+    system, turns = _responses_turns(responses_input_items(responses_body), origin, notes)
     instructions = responses_body.get("instructions")
     system = (_text_block(instructions, "instructions") if instructions is not None else []) + system
     explicit_max = _max_tokens(responses_body, ("max_output_tokens",))
@@ -5621,19 +5704,19 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, facts: O
 
 
 def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_effort: Optional[str] = None,
-                                origin: str = "") -> dict:
+                                origin: str = "", notes: Optional[Notes] = None) -> dict:
     """A Responses body -> chat.completions body, through the hub (9c then 9a). Without
     max_output_tokens the provider's own default applies, not Claude's; the effort asked for
     is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
     anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
                                                     facts=model_facts(spec["model"], spec), origin=origin,
-                                                    for_chat=True)
+                                                    for_chat=True, notes=notes)
     if responses_body.get("max_output_tokens") is None:
         del anthropic_body["max_tokens"]
     effort = _requested_effort(responses_body, variant_effort)
     if "thinking" not in anthropic_body and effort not in (None, "none"):
         anthropic_body.setdefault("output_config", {})["effort"] = effort
-    return anthropic_to_openai_request(anthropic_body, spec)
+    return anthropic_to_openai_request(anthropic_body, spec, notes=notes)
 
 # ---- response: the response object -----------------------------------------------------------
 
@@ -5702,7 +5785,8 @@ class AnthropicToResponsesStream:
     -> reasoning (summary text streamed when the client asked for summaries; the blocks packed
     into encrypted_content at the end), tool_use -> function_call, or custom_tool_call when the
     tool table says the client's tool was custom (its wrapped JSON is parsed at the block stop,
-    so its input goes out as one delta), text -> message. Consecutive text blocks (Claude
+    so its input goes out as one delta), or tool_search_call (arguments whole at the stop, no
+    deltas: the grammar has none), text -> message. Consecutive text blocks (Claude
     splits an answer at each citation) share one message and one output_text part; a citation
     becomes a url_citation over the text of its block, announced at that block's stop. Blocks
     with no Responses form (server tools and their results) are skipped without closing the
@@ -5722,9 +5806,11 @@ class AnthropicToResponsesStream:
     _DELTAS = {("message", "text_delta"): "_text_delta", ("message", "citations_delta"): "_citation",
                ("reasoning", "thinking_delta"): "_thinking_delta", ("reasoning", "signature_delta"): "_signature",
                ("function_call", "input_json_delta"): "_arguments_delta",
-               ("custom_tool_call", "input_json_delta"): "_custom_input_delta"}
+               ("custom_tool_call", "input_json_delta"): "_custom_input_delta",
+               ("tool_search_call", "input_json_delta"): "_custom_input_delta"}
     _CLOSERS = {"message": "_close_message", "reasoning": "_close_reasoning",
-                "function_call": "_close_function_call", "custom_tool_call": "_close_custom_call"}
+                "function_call": "_close_function_call", "custom_tool_call": "_close_custom_call",
+                "tool_search_call": "_close_tool_search"}
 
     def __init__(self, shell: dict, *, tools: Optional[Dict[str, dict]] = None, origin: str = "",
                  summaries: bool = True, ids: Callable[[str], str] = new_id):
@@ -5962,6 +6048,9 @@ class AnthropicToResponsesStream:
         if entry["type"] == "custom":
             item = {"id": self._ids("ctc_"), "type": "custom_tool_call", "call_id": block.get("id"),
                     "name": entry["name"], "input": ""}
+        elif entry["type"] == "tool_search":
+            item = {"id": self._ids("ts_"), "type": "tool_search_call", "call_id": block.get("id"),
+                    "execution": "client", "arguments": {}, "status": "in_progress"}
         else:
             item = {"id": self._ids("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
                     "call_id": block.get("id"), "name": entry["name"]}
@@ -5986,6 +6075,10 @@ class AnthropicToResponsesStream:
         arguments = arguments or "{}"
         events.append(self._part_event("response.function_call_arguments.done", state, arguments=arguments))
         return events, dict(state["item"], arguments=arguments)
+
+    def _close_tool_search(self, state: dict) -> Tuple[List[dict], dict]:
+        arguments = _parse_tool_input("".join(state["json"]))
+        return [], dict(state["item"], arguments=arguments if isinstance(arguments, dict) else {})
 
     def _close_custom_call(self, state: dict) -> Tuple[List[dict], dict]:
         wrapped = _parse_tool_input("".join(state["json"]))
@@ -8445,7 +8538,7 @@ async def handle_responses(x: Exchange) -> None:
         return
     own_input = with_item_ids(await x.run(convert, BadRequest, "request", responses_input_items, body))
     expanded = dict(body, input=await responses_history(x, body, own_input))
-    _, tools, dropped = convert(BadRequest, "request", responses_tools, body)
+    _, tools, dropped = await x.run(convert, BadRequest, "request", responses_tools, expanded)
     if dropped:                                    # Codex sends web_search on every request: said once
         log.debug("request %s: built-in tools without an equivalent dropped: %s", x.req.id, ", ".join(dropped))
         x.say([(f"tools.{kind}", "a built-in tool without an equivalent on this route, dropped") for kind in dropped])
@@ -8508,14 +8601,15 @@ async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: 
 async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
     """URL, headers and body of the upstream call for a Responses request on this target."""
     origin = reasoning_origin(target)
+    notes: Notes = []
     if target.provider["format"] == "openai":
         openai_body = await x.run(convert, BadRequest, "request", responses_to_openai_request, expanded,
-                                  upstream_spec(target), variant_effort=target.effort, origin=origin)
+                                  upstream_spec(target), variant_effort=target.effort, origin=origin, notes=notes)
+        x.say(notes)
         if not streams_upstream(target, expanded):
             openai_body.pop("stream", None)
             openai_body.pop("stream_options", None)
         return await x.openai_call(target, openai_body)
-    notes: Notes = []
     anthropic_body = await x.run(convert, BadRequest, "request", responses_to_anthropic_request, expanded,
                                  target.spec["model"], facts=target.facts(), variant_effort=target.effort,
                                  origin=origin, anthropic_version=target.provider["anthropic_version"], notes=notes)

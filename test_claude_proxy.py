@@ -3676,7 +3676,9 @@ def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
         "model": "claude-sonnet-4-5", "max_tokens": 32768 + 1024, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
         "thinking": {"type": "enabled", "budget_tokens": 32768}, "tool_choice": {"type": "auto"},
         "tools": [CLAUDE_CODEX_TOOLS[0], {"name": "apply_patch", "description": (CODEX_55_TOOLS[1]["description"] + note).strip(),
-                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]}],
+                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]},
+                  {"name": "tool_search", "description": CODEX_55_TOOLS[2]["description"],
+                   "input_schema": CODEX_55_TOOLS[2]["parameters"]}],
         "messages": [
             CLAUDE_CODEX_USER,
             {"role": "assistant", "content": [
@@ -3684,7 +3686,9 @@ def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
                 {"type": "tool_use", "id": "toolu_A", "name": "apply_patch", "input": {"input": CODEX_55_PATCH}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_A",
                                           "content": CODEX_55_TURN2["input"][-1]["output"]}]}]}
-    assert cp.responses_tools(CODEX_55_TURN2)[2] == ["tool_search", "web_search"]
+    assert cp.responses_tools(CODEX_55_TURN2)[1:] == ({
+        "exec_command": {"type": "function", "name": "exec_command"}, "apply_patch": {"type": "custom", "name": "apply_patch"},
+        "tool_search": {"type": "tool_search", "name": "tool_search"}}, ["web_search"])
 
 
 @pytest.mark.skipif(not os.path.isdir(CODEX_FIXTURES), reason="shared fixtures absent")
@@ -3698,6 +3702,126 @@ def test_codex_fixture_requests_whole(name):
     assert table["multi_agent_v1__spawn_agent"] == {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}
     assert [m["role"] for m in anthropic_body["messages"]][0] == "user" and len(anthropic_body["system"]) == 3
     assert cp.anthropic_to_openai_request(anthropic_body, make_spec())["tools"][0]["function"]["name"] == "exec_command"
+
+
+# Codex 0.171.0 with its default model gpt-6-astra (PROTOCOLS K; recorded against a local recorder,
+# trimmed: descriptions and the developer prompt cut, 5 of 11 tools kept): no top-level `tools`, the
+# first input item is `additional_tools` with three namespaces, `functions` holding the custom `exec`.
+EXEC_LARK = ("\nstart: pragma_source | plain_source\npragma_source: PRAGMA_LINE NEWLINE SOURCE\nplain_source: SOURCE\n\n"
+             "PRAGMA_LINE: /[ \\t]*\\/\\/ @exec:[^\\r\\n]*/\nNEWLINE: /\\r?\\n/\nSOURCE: /[\\s\\S]+/\n")
+ASTRA_TOOLS_ITEM = {"type": "additional_tools", "id": "at_01a24f2f-121c-7610-8ab3-feb47845c2b0", "role": "developer", "tools": [
+    {"type": "namespace", "name": "functions", "description": "", "tools": [
+        {"type": "custom", "name": "exec", "description": "Run JavaScript code to orchestrate/compose tool calls",
+         "format": {"type": "grammar", "syntax": "lark", "definition": EXEC_LARK}},
+        {"type": "function", "name": "wait", "description": "Wait for a running exec cell.", "strict": False,
+         "parameters": {"type": "object", "properties": {"cell_id": {"type": "string"}}, "required": ["cell_id"],
+                        "additionalProperties": False}}]},
+    {"type": "namespace", "name": "clock", "description": "Time.", "tools": [
+        {"type": "function", "name": "sleep", "description": "Sleep.", "strict": False, "parameters": {
+            "type": "object", "properties": {"duration_ms": {"type": "number"}}, "required": ["duration_ms"],
+            "additionalProperties": False}}]},
+    {"type": "namespace", "name": "collaboration", "description": "Agents.", "tools": [
+        {"type": "function", "name": "list_agents", "description": "List agents.", "strict": False,
+         "parameters": {"type": "object", "properties": {"path_prefix": {"type": "string"}}, "additionalProperties": False}},
+        {"type": "function", "name": "send_message", "description": "Message an agent.", "strict": False, "parameters": {
+            "type": "object", "properties": {"message": {"type": "string", "encrypted": True}, "target": {"type": "string"}},
+            "required": ["message", "target"], "additionalProperties": False}}]}]}
+ASTRA_TURN1 = {
+    "model": "gpt-6-astra", "stream": True, "tool_choice": "auto", "parallel_tool_calls": False,
+    "reasoning": {"effort": "low", "context": "all_turns"}, "store": False, "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "01a24f2f-11dd-7b12-89d6-9a9dba0ad9db", "text": {"verbosity": "low"},
+    "client_metadata": {"session_id": "01a24f2f-11dd-7b12-89d6-9a9dba0ad9db"},
+    "input": [ASTRA_TOOLS_ITEM,
+              {"type": "message", "id": "msg_01a24f2f-121c-7610-8ab3-fecd0eed2866", "role": "developer",
+               "content": [{"type": "input_text", "text": "You are Codex, an agent based on GPT-6."}]},
+              {"type": "message", "id": "msg_01a24f2f-1229-78a2-97ef-2e51f2636c64", "role": "user",
+               "content": [{"type": "input_text", "text": "create the file hello.txt with hi"}]}]}
+ASTRA_EXEC_INPUT = "// @exec: write\nawait tools.exec_command({cmd: 'printf hi > hello.txt'})"
+ASTRA_TURN2 = dict(ASTRA_TURN1, input=ASTRA_TURN1["input"] + [
+    {"type": "custom_tool_call", "id": "ctc_1", "call_id": "toolu_0", "namespace": "functions", "name": "exec",
+     "input": ASTRA_EXEC_INPUT},
+    {"type": "custom_tool_call_output", "call_id": "toolu_0", "output": "exit 0"},
+    ASTRA_TOOLS_ITEM])                              # a history can bring its tools again
+
+
+def test_codex_default_model_sends_its_tools_in_an_additional_tools_item():
+    anthropic_body = cp.responses_to_anthropic_request(ASTRA_TURN1, "claude-sonnet-4-5", origin=ORIGIN)
+    exec_tool = ASTRA_TOOLS_ITEM["tools"][0]["tools"][0]
+    assert [t["name"] for t in anthropic_body["tools"]] == [
+        "functions__exec", "functions__wait", "clock__sleep", "collaboration__list_agents", "collaboration__send_message"]
+    assert anthropic_body["tools"][0] == {
+        "name": "functions__exec", "input_schema": CLAUDE_APPLY_PATCH["input_schema"],
+        "description": (exec_tool["description"] + "\n\nPass the tool's raw free-form input as the `input` string, "
+                        "exactly as the tool expects it. It must match this lark grammar:\n" + EXEC_LARK).strip()}
+    assert anthropic_body["messages"] == [UT("create the file hello.txt with hi")]
+    assert anthropic_body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    _, table, dropped = cp.responses_tools(ASTRA_TURN1)
+    assert table["functions__exec"] == {"type": "custom", "name": "exec", "namespace": "functions"} and dropped == []
+    events = responses_replay(anthropic_tool_events("functions__exec", json.dumps({"input": ASTRA_EXEC_INPUT})),
+                              tools=table)
+    check_responses_grammar(events)
+    assert events[-1]["response"]["output"] == [{"id": "ctc_1", "type": "custom_tool_call", "call_id": "toolu_9",
+                                                 "name": "exec", "input": ASTRA_EXEC_INPUT, "namespace": "functions"}]
+
+
+def test_a_replayed_history_brings_its_additional_tools_once_and_the_call_back():
+    notes = []
+    anthropic_body = cp.responses_to_anthropic_request(ASTRA_TURN2, "claude-sonnet-4-5", origin=ORIGIN, notes=notes)
+    assert len(anthropic_body["tools"]) == 5 and not [path for path, _ in notes if path.startswith("input")]
+    assert anthropic_body["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_0", "name": "functions__exec",
+                                           "input": {"input": ASTRA_EXEC_INPUT}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "exit 0"}]}]
+    changed = dict(ASTRA_TOOLS_ITEM, tools=[{"type": "function", "name": "sleep", "parameters": None}])
+    later = cp.responses_tools(dict(ASTRA_TURN1, input=ASTRA_TURN1["input"] + [changed], tools=[FN]))[0]
+    assert [t["name"] for t in later][:2] == ["get_weather", "functions__exec"] and later[-1]["name"] == "sleep"
+    with pytest.raises(cp.BadRequest) as raised:
+        cp.responses_tools(R(tools=[FN, FN]))
+    assert raised.value.param == "tools.1"
+
+
+TOOL_SEARCH = {"type": "tool_search", "execution": "client", "description": "Find tools.",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}
+
+
+def test_a_client_run_tool_search_is_a_tool_its_call_and_output_round_trip():
+    body = R(tools=[TOOL_SEARCH, {"type": "tool_search"}], input=[
+        {"role": "user", "content": "weather?"},
+        {"type": "tool_search_call", "call_id": "call_s", "execution": "client", "arguments": {"query": "weather"},
+         "status": "completed"},
+        {"type": "tool_search_output", "call_id": "call_s", "execution": "client", "status": "completed",
+         "tools": [FN, {"type": "namespace", "name": "ns", "description": "", "tools": [APPLY_PATCH]}]}])
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN)
+    assert [t["name"] for t in anthropic_body["tools"]] == ["tool_search", "get_weather", "ns__apply_patch"]
+    assert anthropic_body["tools"][0] == {"name": "tool_search", "description": "Find tools.",
+                                          "input_schema": TOOL_SEARCH["parameters"]}
+    assert anthropic_body["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_s", "name": "tool_search",
+                                           "input": {"query": "weather"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_s",
+                                      "content": "Tool loaded: get_weather\nTool loaded: ns__apply_patch"}]}]
+    _, table, dropped = cp.responses_tools(body)
+    assert dropped == ["tool_search"]                # the server-run one: OpenAI's own search
+    events = responses_replay(anthropic_tool_events("tool_search", '{"query": "calendar"}'), tools=table)
+    check_responses_grammar(events)
+    assert events[-1]["response"]["output"] == [{"id": "ts_1", "type": "tool_search_call", "call_id": "toolu_9",
+                                                 "execution": "client", "arguments": {"query": "calendar"},
+                                                 "status": "completed"}]
+
+
+def test_nothing_in_input_is_dropped_without_a_note():
+    foreign = blob(THINK, origin="openai/gpt-5")
+    body = R(input=[{"role": "user", "content": "hi"}, {"type": "reasoning", "id": "rs_1", "summary": [],
+                                                         "encrypted_content": foreign},
+                    {"type": "compaction", "encrypted_content": "opaque"},
+                    {"type": "tool_search_call", "execution": "server", "arguments": {}},
+                    {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search"}},
+                    {"role": "assistant", "content": "ok"}])
+    notes = []
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN, notes=notes)
+    assert [path for path, _ in notes] == ["input.1", "input.2", "input.3", "input.4"]
+    assert "compaction" in notes[1][1] and "web_search_call" in notes[3][1]
+    assert anthropic_body["messages"] == [UT("hi"), {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
 
 
 # ---- request conversion: table tests (PROTOCOLS G.2-G.4, G.9) -----------------------------------
@@ -4005,6 +4129,9 @@ def _check_done_item(event, state):
     elif done["type"] == "function_call":
         assert done["arguments"] == state["text"] and done["status"] in ("completed", "incomplete")
         assert done["call_id"] and done["name"]
+    elif done["type"] == "tool_search_call":            # no delta events: the arguments come whole
+        assert state["text"] == "" and isinstance(done["arguments"], dict) and done["execution"] == "client"
+        assert done["call_id"] and done["status"] in ("completed", "incomplete")
     else:
         assert done["input"] == state["text"] and done["call_id"] and done["name"]
 
@@ -4026,8 +4153,9 @@ def check_responses_grammar(events):
         if kind == "response.output_item.added":
             assert state is None and event["output_index"] == len(done_items)
             item = event["item"]
-            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call") and item["id"]
-            assert item.get("content", []) == [] and item.get("arguments", "") == "" and item.get("input", "") == ""
+            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call", "tool_search_call")
+            assert item["id"] and item.get("content", []) == [] and item.get("input", "") == ""
+            assert item.get("arguments", "") == ("" if item["type"] != "tool_search_call" else {})
             assert item.get("status", "in_progress") == "in_progress" and item.get("summary", []) == []
             state = {"item": item, "index": event["output_index"], "text": "", "parts": 0, "annotations": []}
         elif kind == "response.output_item.done":
@@ -5780,7 +5908,8 @@ def claude_message(anthropic_body):
         if anthropic_body.get("thinking") else []
     if calls < len(tools):
         tool = tools[calls]
-        tool_input = {"input": "*** Begin Patch"} if tool["name"] == "apply_patch" else {"city": "Paris"}
+        custom = "input" in (tool.get("input_schema") or {}).get("properties", {})      # a client's custom tool
+        tool_input = {"input": "*** Begin Patch"} if custom else {"city": "Paris"}
         content.append({"type": "tool_use", "id": "toolu_%d" % calls, "name": tool["name"], "input": tool_input})
     else:
         schema = (anthropic_body.get("output_config") or {}).get("format")
@@ -5933,6 +6062,33 @@ def test_responses_stream_wire_format_and_custom_tool_on_claude(tmp_path):
                                           "call_id": "toolu_0", "name": "apply_patch", "input": "*** Begin Patch"}
         assert [t["name"] for t in up.requests[0]["body"]["tools"]] == ["apply_patch"]
     run(scenario())
+
+
+def test_codex_default_model_on_claude_gets_its_tools_and_a_tool_round_trip(tmp_path):
+    """Codex's gpt-6-astra request (tools only in an additional_tools item) routed to Claude: Claude gets
+    the tools, its call to the namespaced custom exec goes back as Codex's custom_tool_call, and the
+    replayed turn (the item sent again) reaches Claude as tool_use + tool_result."""
+    async def scenario():
+        async with responses_client(tmp_path, routes={"default": "anthropic,claude-sonnet-4-5"}) as (_, up, port):
+            status, _, body = await call(port, "POST", "/v1/responses", ASTRA_TURN1)
+            assert status == 200
+            call_item = check_responses_grammar([data for _, data in sse_events(body)])["output"][-1]
+            second = dict(ASTRA_TURN1, input=ASTRA_TURN1["input"] + [
+                call_item, {"type": "custom_tool_call_output", "call_id": call_item["call_id"], "output": "exit 0"}])
+            status, _, body = await call(port, "POST", "/v1/responses", second)
+            assert status == 200
+            answer = check_responses_grammar([data for _, data in sse_events(body)])
+        return call_item, answer, up.requests
+    call_item, answer, sent = run(scenario())
+    assert call_item == {"id": call_item["id"], "type": "custom_tool_call", "call_id": "toolu_0", "name": "exec",
+                         "input": "*** Begin Patch", "namespace": "functions"}
+    assert [t["name"] for t in sent[0]["body"]["tools"]] == [
+        "functions__exec", "functions__wait", "clock__sleep", "collaboration__list_agents", "collaboration__send_message"]
+    assert sent[1]["body"]["tools"] == sent[0]["body"]["tools"]
+    assert [b["type"] for m in sent[1]["body"]["messages"] for b in m["content"]][-2:] == ["tool_use", "tool_result"]
+    assert sent[1]["body"]["messages"][-2]["content"][-1]["name"] == "functions__exec"
+    assert {k: answer["output"][-1][k] for k in ("type", "name", "namespace", "call_id")} == {
+        "type": "function_call", "name": "wait", "namespace": "functions", "call_id": "toolu_1"}   # the fake's next tool
 
 
 def test_a_dropped_built_in_tool_is_said_once_not_on_every_request(tmp_path, caplog):
