@@ -2700,7 +2700,9 @@ async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
 # their origin: the converted path (OpenAI upstream -> Anthropic client) leaves a thinking block
 # unsigned, or, when the upstream sent a signature (OpenRouter), tags it `claude-proxy:<provider>:`;
 # anthropic-format vendors' signatures are tagged the same way on the way to the client
-# (provider option tag_signatures). Before a request goes to an anthropic-format provider,
+# (provider option tag_signatures), in place: SignatureTagRelay relays the vendor's bytes and
+# re-encodes only the events that carry a signature, tag_message_bytes swaps the values in a
+# whole answer. Before a request goes to an anthropic-format provider,
 # own_thinking_only() keeps the thinking blocks that provider issued (a vendor's own come back
 # untagged) and removes the rest: empty signatures, other providers' tags, and, for a vendor,
 # Anthropic's untagged ones. Claude Code keeps the removed text in its own transcript.
@@ -2943,33 +2945,121 @@ def tag_message_signatures(anthropic_message: dict, provider: str) -> dict:
     return dict(anthropic_message, content=[_tag_block(b, provider) for b in content])
 
 
-class SignatureTagger:
-    """An anthropic-format vendor's stream events in, the same events out, thinking signatures tagged
-    with the vendor's name; the relay's state machine interface (feed, close, finished, saw_finish)."""
+def tag_event_signature(anthropic_event: Any, provider: str) -> Any:
+    """A vendor's stream event with its signature tagged (signature_delta, or the start of a
+    thinking / redacted_thinking block); any other event as it is."""
+    if not isinstance(anthropic_event, dict):
+        return anthropic_event
+    delta = anthropic_event.get("delta")
+    if anthropic_event.get("type") == "content_block_delta" and isinstance(delta, dict) \
+            and delta.get("type") == "signature_delta" and isinstance(delta.get("signature"), str) and delta["signature"]:
+        return dict(anthropic_event, delta=dict(delta, signature=tag_signature(provider, delta["signature"])))
+    if anthropic_event.get("type") == "content_block_start":
+        block = anthropic_event.get("content_block")
+        tagged = _tag_block(block, provider)
+        return anthropic_event if tagged is block else dict(anthropic_event, content_block=tagged)
+    return anthropic_event
 
-    def __init__(self, provider: str):
+
+def _could_carry_signature(raw_event: bytes) -> bool:
+    """Whether the bytes of one SSE event may hold a signature to tag (cheap: no decode)."""
+    return b"signature_delta" in raw_event or (b"content_block_start" in raw_event and b"thinking" in raw_event)
+
+
+def _event_ends(buf: bytes) -> List[int]:
+    """The offset just past each blank line in buf, where an SSE event ends (CRLF, LF or CR line
+    ends; buf starts after a line end)."""
+    ends, at = [], 0
+    if b"\r" not in buf:
+        at = buf.find(b"\n\n")
+        while at >= 0:
+            ends.append(at + 2)
+            at = buf.find(b"\n\n", at + 2)
+        return ends
+    for match in _LINE_END.finditer(buf):
+        if match.start() == at:
+            ends.append(match.end())
+        at = match.end()
+    return ends
+
+
+class SignatureTagRelay:
+    """An anthropic-format vendor's stream, bytes in and bytes out (sans-IO; the relay's byte-stage
+    interface feed/close): relayed as the vendor sent them, except each event that carries a
+    signature, which is re-encoded with the signature tagged with the vendor's name (so only that
+    vendor gets it back, see own_thinking_only). Bytes are held only up to the end of the last
+    whole event; an event is decoded only when its bytes could carry a signature."""
+
+    def __init__(self, provider: str, max_event: Optional[int] = None):
         self.provider = provider
-        self.finished = False
-        self.saw_finish = False
+        self._held = b""
+        self._max = max_event or MAX_SSE_LINE
 
-    def feed(self, anthropic_event: dict) -> List[dict]:
-        """The event, its signature tagged when it carries one."""
-        kind = anthropic_event.get("type")
-        delta = anthropic_event.get("delta")
-        if kind == "content_block_delta" and isinstance(delta, dict) and delta.get("type") == "signature_delta" \
-                and isinstance(delta.get("signature"), str) and delta["signature"]:
-            delta = dict(delta, signature=tag_signature(self.provider, delta["signature"]))
-            anthropic_event = dict(anthropic_event, delta=delta)
-        elif kind == "content_block_start":
-            anthropic_event = dict(anthropic_event, content_block=_tag_block(anthropic_event.get("content_block"), self.provider))
-        self.saw_finish = self.saw_finish or kind == "message_delta"
-        self.finished = self.finished or kind in ("message_stop", "error")
-        return [anthropic_event]
+    def feed(self, data: bytes) -> bytes:
+        """The whole events this read completes, as relayed."""
+        buf = self._held + data if self._held else data
+        if b"\r" in buf:          # never cut at a CR that ends the read: it may be half a CRLF
+            end = max([at for at in _event_ends(buf) if at < len(buf) or buf[-1:] != b"\r"], default=0)
+        else:
+            at = buf.rfind(b"\n\n")
+            end = at + 2 if at >= 0 else 0
+        whole, self._held = buf[:end], buf[end:]
+        if len(self._held) > self._max:
+            raise UpstreamError(f"upstream sent an SSE event over {self._max} bytes")
+        if not (b"signature_delta" in whole or b"content_block_start" in whole):
+            return whole
+        return self._tag(whole)
 
-    def close(self) -> List[dict]:
-        """Nothing is held back."""
-        self.finished = True
-        return []
+    def close(self) -> bytes:
+        """The last event, when the stream ended without its blank line."""
+        rest, self._held = self._held, b""
+        return self._tag(rest) if rest else b""
+
+    def _tag(self, whole: bytes) -> bytes:
+        """Whole events, the ones carrying a signature rewritten."""
+        out, start = [], 0
+        ends = _event_ends(whole)
+        for end in ends if ends and ends[-1] == len(whole) else ends + [len(whole)]:
+            raw_event, start = whole[start:end], end
+            out.append(self._tag_event(raw_event) if _could_carry_signature(raw_event) else raw_event)
+        return b"".join(out)
+
+    def _tag_event(self, raw_event: bytes) -> bytes:
+        """One event's bytes, re-encoded only when its signature was tagged."""
+        decoder = SSEDecoder()
+        parsed = decoder.feed(raw_event) + decoder.close()
+        if len(parsed) != 1:
+            return raw_event
+        try:
+            anthropic_event = json.loads(parsed[0][1])
+        except ValueError:
+            return raw_event
+        tagged = tag_event_signature(anthropic_event, self.provider)
+        return raw_event if tagged is anthropic_event else format_anthropic_event(tagged)
+
+
+_SIGNED_FIELD = re.compile(rb'"(signature|data)"(\s*:\s*)"((?:[^"\\]|\\.)*)"')
+
+
+def tag_message_bytes(raw: bytes, provider: str) -> bytes:
+    """A vendor's non-streaming answer as it sent it, each thinking signature (redacted data)
+    replaced in place by its tagged form; re-encoded only if a value cannot be found as sent."""
+    if b'"signature"' not in raw and b'"redacted_thinking"' not in raw:
+        return raw
+    message = parse_upstream_json(raw)
+    tagged = tag_message_signatures(message, provider)
+    swaps = {(key, old[key]): new[key] for old, new in zip(message.get("content") or [], tagged.get("content") or [])
+             if old is not new for key in ("signature", "data") if key in old}
+    found = []
+
+    def swap(match: "re.Match[bytes]") -> bytes:
+        key, value = match.group(1).decode(), json.loads(b'"' + match.group(3) + b'"')
+        if (key, value) not in swaps:
+            return match.group(0)
+        found.append(key)
+        return b'"%s"%s%s' % (match.group(1), match.group(2), json_bytes(swaps[key, value]))
+    out = _SIGNED_FIELD.sub(swap, raw) if swaps else raw
+    return out if len(found) == len(swaps) else json_bytes(tagged)
 
 # ---------------------------------------------------------------------------------------------
 # 9a. Anthropic client -> OpenAI-compatible upstream (request), OpenAI -> Anthropic (response)
@@ -7344,6 +7434,14 @@ async def drain_rest(body: AsyncIterator[bytes], timeout: float = 0.5) -> None:
         pass
 
 
+def close_stages(stages: List[Any]) -> bytes:
+    """The bytes byte stages (feed/close) still hold at the end of a stream, each through the next."""
+    out = b""
+    for stage in stages:
+        out = stage.feed(out) + stage.close()
+    return out
+
+
 def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
     """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
     [DONE] closes it; an event of a shape the converter cannot take is an UpstreamError."""
@@ -8048,25 +8146,33 @@ class Exchange:
                       response.status, self.server.redactor.scrub(body[:2000].decode("utf-8", "replace")))
             raise UpstreamStatus(response.status, response.headers, body)
 
-    async def relay_raw(self, response: UpstreamResponse) -> None:
-        """Passthrough: the upstream's bytes to the client as they arrive, no re-serialising."""
+    async def relay_raw(self, response: UpstreamResponse, tag_as: Optional[str] = None) -> None:
+        """Passthrough: the upstream's bytes to the client as they arrive, no re-serialising
+        (tag_as: a vendor's name, its signatures tagged in place; then the plugins' stream hooks)."""
         content_type = response.headers.get("content-type", "application/json")
         headers = [("content-type", content_type)] + relayed_headers(response.headers)
         if "text/event-stream" not in content_type and self.relay is None:
             raw = await response.read()
             self.meter.take_body(raw)
+            if tag_as:
+                raw = convert(UpstreamError, "upstream answer", tag_message_bytes, raw, tag_as)
             await self.answer_raw(response.status, headers, raw)
             return
         relay = self.open_stream(response.status, headers + [("cache-control", "no-cache")])
         scan, push = UsageScanner(self.meter).feed, self.out.push
-        rewrite = self.plugins.event_rewriter(self) if self.plugins else None
+        stages = [stage for stage in (SignatureTagRelay(tag_as) if tag_as else None,
+                                      self.plugins.event_rewriter(self) if self.plugins else None) if stage]
 
         def sink(data: bytes, framed: Optional[bytes]) -> None:
             scan(data)
-            push(data, framed) if rewrite is None else push(rewrite.feed(data))
+            if not stages:
+                push(data, framed)
+                return
+            for stage in stages:
+                data = stage.feed(data)
+            push(data)
         await response.pump(sink, self.out.writer)
-        if rewrite is not None:
-            await relay.send(rewrite.close())
+        await relay.send(close_stages(stages))
         relay.stop()
         await self.out.finish()
 
@@ -8352,26 +8458,17 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
+        provider = x.target.provider
+        tag = provider["name"] if provider["tag_signatures"] and path == "/v1/messages" else None
         if body.get("stream") and "text/event-stream" not in response.headers.get("content-type", ""):
             message = await x.read_upstream_json(response)
+            message = tag_message_signatures(message, tag) if tag else message
             await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
                               format_anthropic_event)
-        elif x.target.provider["tag_signatures"] and path == "/v1/messages":
-            await relay_tagged(x, response)
         else:
-            await x.relay_raw(response)
+            await x.relay_raw(response, tag)
     finally:
         response.close()
-
-
-async def relay_tagged(x: Exchange, response: UpstreamResponse) -> None:
-    """A vendor's answer with its thinking signatures tagged with its name (so only it gets them back)."""
-    provider = x.target.provider["name"]
-    if "text/event-stream" in response.headers.get("content-type", ""):
-        await x.relay_converted(response, SignatureTagger(provider), format_anthropic_event)
-        return
-    message = tag_message_signatures(parse_upstream_json(await response.read()), provider)
-    await x.out.respond_json(response.status, message, relayed_headers(response.headers))
 
 
 async def anthropic_via_openai(x: Exchange, body: dict) -> None:

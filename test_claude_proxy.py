@@ -3527,17 +3527,89 @@ def test_system_messages_fold_into_user_text_for_a_model_that_takes_none():
     assert cp.fold_system_messages(plain) is plain
 
 
-def test_vendor_signatures_are_tagged_in_streams_and_answers():
-    tagger = cp.SignatureTagger("kimi")
-    events = [{"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
-              {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ks"}},
-              {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "kd"}},
-              {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}}, {"type": "message_stop"}]
-    out = [e for event in events for e in tagger.feed(event)]
-    assert out[1]["delta"]["signature"] == "claude-proxy:kimi:ks" and out[2]["content_block"]["data"] == "claude-proxy:kimi:kd"
-    assert out[0] == events[0] and tagger.saw_finish and tagger.finished
-    message = cp.tag_message_signatures(fold_anthropic_events([{"type": "message_start", "message": {}}] + out), "x")
-    assert cp.untag_signature(message["content"][0]["signature"]) == ("x", "claude-proxy:kimi:ks")
+# A vendor's stream as it might send it: spaces after separators (json.dumps' default, not our compact
+# encoding), a comment line, a ping, a thinking_delta whose text names the marker words, a thinking
+# block, its signature_delta, a redacted_thinking block and a text block.
+VENDOR_EVENTS = [
+    {"type": "message_start", "message": {"id": "msg_v", "type": "message", "role": "assistant", "model": "k2",
+                                          "content": [], "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}},
+    {"type": "ping"},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta",
+                                                          "thinking": "a signature_delta in content_block_start? é"}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ks=="}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "kd"}},
+    {"type": "content_block_stop", "index": 1},
+    {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Hi"}},
+    {"type": "content_block_stop", "index": 2},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}},
+    {"type": "message_stop"}]
+VENDOR_SIGNED = (4, 6)          # the events that carry a signature
+VENDOR_SIGNED_TAIL = b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"type": "signature_delta", "signature": "s"}}'
+
+
+def vendor_stream_bytes(newline=b"\n"):
+    """(the vendor's bytes, what the client must get: the same bytes, the two signed events re-encoded tagged)."""
+    sent, expected = [b": keep-alive" + newline + newline], [b": keep-alive" + newline + newline]
+    for i, event in enumerate(VENDOR_EVENTS):
+        raw = sse_event(event["type"], event).replace(b"\n", newline)
+        sent.append(raw)
+        expected.append(cp.format_anthropic_event(cp.tag_event_signature(event, "kimi")) if i in VENDOR_SIGNED else raw)
+    return b"".join(sent), b"".join(expected)
+
+
+def relay_through_tagger(pieces):
+    tagger = cp.SignatureTagRelay("kimi")
+    return b"".join(tagger.feed(piece) for piece in pieces) + tagger.close()
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_vendor_stream_is_relayed_as_sent_except_its_signed_events(newline):
+    sent, expected = vendor_stream_bytes(newline)
+    assert sent != expected and relay_through_tagger([sent]) == expected
+    assert relay_through_tagger([sent[i:i + 1] for i in range(len(sent))]) == expected          # byte by byte
+    for i in range(len(sent) + 1):                                                              # split at every index
+        assert relay_through_tagger([sent[:i], sent[i:]]) == expected, i
+    unterminated = sent.rstrip(b"\r\n")                        # a last event without its blank line
+    assert relay_through_tagger([unterminated]) == expected.rstrip(b"\r\n")
+    assert relay_through_tagger([sent[:sent.rindex(b"event: content_block_delta")] + VENDOR_SIGNED_TAIL]) == \
+        expected[:expected.rindex(b"event: content_block_delta")] + b"event: content_block_delta\n" + \
+        b'data: {"type":"content_block_delta","delta":{"type":"signature_delta","signature":"claude-proxy:kimi:s"}}\n\n'
+
+    events = [data for _, data in sse_events(expected)]
+    assert events[4]["delta"]["signature"] == "claude-proxy:kimi:ks==" and events[6]["content_block"]["data"] == \
+        "claude-proxy:kimi:kd" and events[2] == VENDOR_EVENTS[2]          # an empty signature is left as sent
+    message = fold_anthropic_events(events)
+    assert cp.untag_signature(message["content"][0]["signature"]) == ("kimi", "ks==")
+
+
+@pytest.mark.parametrize("raw_event, could", [
+    (b'data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"thinking"}}\n\n', False),
+    (b'data: {"type":"content_block_delta","delta":{"type":"thinking_delta","thinking":"x"}}\n\n', False),
+    (b'data: {"type":"content_block_start","content_block":{"type":"text","text":""}}\n\n', False),
+    (b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n', False),
+    (b'data: {"type":"content_block_delta","delta":{"type":"signature_delta","signature":"s"}}\n\n', True),
+    (b'data: {"type":"content_block_start","content_block":{"type":"thinking","signature":""}}\n\n', True),
+    (b'data: {"type":"content_block_start","content_block":{"type":"redacted_thinking","data":"d"}}\n\n', True)])
+def test_only_events_that_could_carry_a_signature_are_decoded(raw_event, could):
+    assert cp._could_carry_signature(raw_event) is could
+
+
+def test_vendor_answer_keeps_its_bytes_but_its_signatures():
+    message = {"id": "msg_v", "type": "message", "role": "assistant", "model": "k2", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "ks/+=="}, {"type": "redacted_thinking", "data": "kd"},
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {"data": "x", "signature": "s"}},
+        {"type": "text", "text": "Hi é"}], "stop_reason": "end_turn", "usage": {"input_tokens": 5, "output_tokens": 9}}
+    raw = json.dumps(message, indent=2, ensure_ascii=True).encode()
+    tagged = cp.tag_message_bytes(raw, "kimi")
+    assert tagged == raw.replace(b'"ks/+=="', b'"claude-proxy:kimi:ks/+=="').replace(b'"kd"', b'"claude-proxy:kimi:kd"')
+    assert json.loads(tagged) == cp.tag_message_signatures(message, "kimi")
+    plain = json.dumps(dict(message, content=message["content"][2:]), indent=1).encode()
+    assert cp.tag_message_bytes(plain, "kimi") is plain
+    escaped = raw.replace(b"ks/+==", b"ks\\/+==")              # a value not found as parsed: re-encoded whole
+    assert json.loads(cp.tag_message_bytes(escaped, "kimi")) == cp.tag_message_signatures(message, "kimi")
 
 
 # =============================================================================================
@@ -5894,6 +5966,29 @@ def test_a_vendors_signatures_go_back_to_it_alone(tmp_path):
     assert message["content"][0]["signature"] == "claude-proxy:kimi:vendor-sig"
     assert to_vendor["messages"][1]["content"][0]["signature"] == "vendor-sig"
     assert [b["type"] for b in to_anthropic["messages"][1]["content"]] == ["text"]
+
+
+def test_a_vendors_stream_and_answer_reach_the_client_byte_for_byte_but_signatures(tmp_path):
+    sent, expected = vendor_stream_bytes()
+    answer = json.dumps({"id": "msg_v", "type": "message", "role": "assistant", "model": "k2", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "ks"}, {"type": "text", "text": "Hi"}],
+        "stop_reason": "end_turn", "usage": {"input_tokens": 5, "output_tokens": 9}}, indent=1).encode()
+    pieces = [sent[:7], sent[7:400], sent[400:401], sent[401:]]
+
+    def vendor_script(req):
+        return Stream(pieces) if req["body"].get("stream") else http_response(200, answer)
+
+    async def scenario():
+        async with FakeUpstream(vendor_script) as vendor:
+            config = make_config(tmp_path, providers={"kimi": {"format": "anthropic", "base_url": vendor.url,
+                                                               "api_key": "sk-kimi-1234567"}}, routes={"default": "kimi"})
+            async with running_proxy(config) as (_, port):
+                streamed = await call(port, "POST", "/v1/messages", dict(HELLO, model="k2", stream=True), ANTHROPIC_HEADERS)
+                whole = await call(port, "POST", "/v1/messages", dict(HELLO, model="k2"), ANTHROPIC_HEADERS)
+        return streamed, whole
+    (status, headers, body), (whole_status, _, whole_body) = run(scenario())
+    assert (status, headers["content-type"]) == (200, "text/event-stream") and body == expected
+    assert whole_status == 200 and whole_body == answer.replace(b'"ks"', b'"claude-proxy:kimi:ks"')
 
 
 # ---- The Responses API end to end: the openai SDK on a Claude route, a chat route, a native one ------
