@@ -3083,6 +3083,11 @@ def tag_message_bytes(raw: bytes, provider: str) -> bytes:
 #     openai SDK allows), else the nearest lower one; `strict` is kept on tools, and converted
 #     structured output is strict (every property required, no additional properties).
 #   - tool/function names longer than 64 characters are passed through unchanged.
+#   - where the provider wants thinking back (replay_reasoning: DeepSeek's, Kimi's, GLM's thinking
+#     modes 400 a tool-call turn without it, H.3), every assistant turn carries the field: the
+#     thinking text the history holds for it, whichever model wrote it, else "" (a turn another
+#     model answered has none; the check is for the field, and no text is made up). A chat client
+#     passed through to such a provider gets the same (with_replayed_reasoning).
 # Stream-side decisions (see the class essay): content_filter and a refusal -> "refusal";
 # OpenRouter's finish "error" -> "end_turn" (its error arrives as a separate chunk); any tool
 # call forces "tool_use" except after finish "length" (the arguments are truncated, so
@@ -3336,6 +3341,22 @@ def _assistant_message(content: list, param: str, spec: dict, notes: Optional[No
     if message["content"] is None and not tool_calls:
         message["content"] = ""
     return message
+
+
+def with_replayed_reasoning(openai_body: dict, field: str, notes: Optional[Notes] = None) -> dict:
+    """A chat client's request as a thinking mode that wants its reasoning back takes it
+    (replay_reasoning; PROTOCOLS H.3): each assistant message without `field` gets it empty, as the
+    converted routes send a turn with no thinking (another model's turn has none to give). The same
+    object when none is missing, so passthrough keeps the client's bytes."""
+    messages = openai_body.get("messages")
+    missing = {i for i, m in enumerate(messages if isinstance(messages, list) else [])
+               if isinstance(m, dict) and m.get("role") == "assistant" and field not in m}
+    if not missing:
+        return openai_body
+    for i in sorted(missing):
+        _note(notes, f"messages.{i}.{field}", "added empty: this thinking mode rejects an assistant turn without "
+                                              "it, and a turn another model answered has none to give back")
+    return dict(openai_body, messages=[dict(m, **{field: ""}) if i in missing else m for i, m in enumerate(messages)])
 
 
 def _convert_message(message: Any, param: str, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
@@ -8547,16 +8568,21 @@ async def handle_chat_completions(x: Exchange) -> None:
 
 async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/completions") -> None:
     """OpenAI in, OpenAI out (chat completions, or Responses to a provider serving them): only
-    the model name and the credentials rewritten."""
+    the model name and the credentials rewritten, and for a thinking mode that wants its reasoning
+    back (replay_reasoning) each assistant turn without it gets it empty."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         url, headers, _ = await x.openai_call(target, {}, path)
+        field = upstream_spec(target).get("replay_reasoning") if path == "/chat/completions" else None
+        notes: Notes = []
+        own = with_replayed_reasoning(body, field, notes) if field else body
+        x.say(notes)
         if body.get("stream") and not streams_upstream(target, body):
-            whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+            whole = {k: v for k, v in own.items() if k not in ("stream", "stream_options")}
             return url, headers, await x.run(json_bytes, dict(whole, model=target.spec["model"]))
-        same = body["model"] == target.spec["model"]
+        same = own is body and body["model"] == target.spec["model"]
         if x.req.query:                         # the client's query string is kept (Azure's after it)
             url += ("&" if "?" in url else "?") + x.req.query
-        return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
+        return url, headers, x.req.body if same else await x.run(json_bytes, dict(own, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)

@@ -5616,6 +5616,61 @@ def test_openai_passthrough_rewrites_model_and_key_only(tmp_path):
     run(scenario())
 
 
+def thinking_mode_provider(req):
+    """DeepSeek's / Kimi's thinking mode (PROTOCOLS H.3), on unless the request turns it off: an assistant
+    turn with tool calls and no reasoning_content is a 400 worded as DeepSeek words it."""
+    body = req["body"]
+    if (body.get("thinking") or {}).get("type") != "disabled":
+        for i, message in enumerate(body["messages"]):
+            if message["role"] == "assistant" and message.get("tool_calls") and "reasoning_content" not in message:
+                return http_response(400, {"error": {"message": "Missing `reasoning_content` field in the assistant "
+                                                                "message at message index %d." % i,
+                                                     "type": "invalid_request_error", "code": "invalid_request_error"}})
+    return http_response(200, {"id": "c", "object": "chat.completion", "created": 1, "model": body["model"], "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok", "reasoning_content": "fine"},
+         "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+
+
+SWITCHED_TOOL_TURN = {"id": "call_g", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("model", ["deepseek-reasoner", "kimi-k2-thinking"])
+def test_a_session_switching_to_a_thinking_mode_sends_each_turn_its_reasoning_content(tmp_path, model):
+    """Tool turns another model answered reach the thinking mode with reasoning_content: the thinking text
+    the history carries, else empty; from an Anthropic client, a chat client and a Responses client."""
+    claude_turns = [{"role": "user", "content": "list files"},
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "ls it.", "signature": "sig-a"},
+                                                      {"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"}]},
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "sig-b"},
+                                                      {"type": "tool_use", "id": "t2", "name": "Bash", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "b.txt"}]},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t3", "name": "Bash", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t3", "content": "c.txt"}]}]
+    chat_turns = [{"role": "user", "content": "list files"},
+                  {"role": "assistant", "content": None, "tool_calls": [SWITCHED_TOOL_TURN]},
+                  {"role": "tool", "tool_call_id": "call_g", "content": "a.txt"},
+                  {"role": "assistant", "content": "Two files.", "reasoning_content": "kept as sent"},
+                  {"role": "user", "content": "and now?"}]
+    codex_input = CODEX_INPUT + CODEX_TURN2_TAIL              # its reasoning item is another server's
+
+    async def scenario():
+        async with FakeUpstream(thinking_mode_provider) as up:
+            config = make_config(tmp_path, providers={"p": {"format": "openai", "base_url": up.url + "/v1",
+                                                            "api_key": "sk-p-123456789"}}, routes={"default": "p," + model})
+            async with running_proxy(config) as (_, port):
+                answers = [await call(port, "POST", "/v1/messages", dict(HELLO, messages=claude_turns), ANTHROPIC_HEADERS),
+                           await call(port, "POST", "/v1/chat/completions", {"model": model, "messages": chat_turns}),
+                           await call(port, "POST", "/v1/responses", {"model": model, "input": codex_input, "store": False})]
+        return answers, up.requests
+    answers, sent = run(scenario())
+    assert [status for status, _, _ in answers] == [200, 200, 200], answers
+    replayed = [[m.get("reasoning_content") for m in r["body"]["messages"] if m["role"] == "assistant"] for r in sent]
+    assert replayed == [["ls it.", "", ""], ["", "kept as sent"], [""]]
+    assert sent[1]["body"]["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [SWITCHED_TOOL_TURN],
+                                              "reasoning_content": ""}
+
+
 def test_upstream_openai_error_becomes_anthropic_envelope(tmp_path):
     async def scenario():
         async with FakeUpstream(lambda req: http_response(400, {"error": {"message": "bad model", "type": "invalid_request_error", "code": None}})) as up:
