@@ -4483,6 +4483,7 @@ SAMPLING_REMOVED_IN = "2026-10-21"  # the anthropic-version that rejects every s
 # max is 62976 so that budget + 1024 = 64000, the Sonnet 4.x output limit.
 EFFORT_BUDGET = {"minimal": 1024, "low": 8192, "medium": 16384, "high": 32768,
                  "xhigh": 49152, "max": 62976}
+THINKING_STYLE = {"adaptive": "adaptive", "enabled": "budget"}     # Anthropic thinking.type -> model table style
 # output_config.effort for adaptive models (minimal has no equivalent); then folded to the model's.
 ADAPTIVE_EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
                    "xhigh": "xhigh", "max": "max"}
@@ -5009,6 +5010,70 @@ def fit_anthropic_request(anthropic_body: dict, facts: dict, effort: Optional[st
     if over_cap:
         _fit_output_limit(body, {"output": cap}, notes)
     return body
+
+
+def _fit_thinking_style(anthropic_body: dict, facts: dict, notes: Optional[Notes]) -> dict:
+    """Thinking as the model asks for it: adaptive, a budget (from the effort asked for), or none."""
+    thinking, style = anthropic_body.get("thinking"), facts["thinking"]
+    if style is None or not anthropic_thinking_on(anthropic_body) or THINKING_STYLE[thinking["type"]] == style:
+        return anthropic_body
+    if style == "none":
+        _note(notes, "thinking", "dropped: this model has no extended thinking")
+        return _without_clear_thinking({k: v for k, v in anthropic_body.items() if k != "thinking"}, notes)
+    if style == "adaptive":
+        _note(notes, "thinking", "rewritten: a thinking budget sent as adaptive thinking, the kind this model takes")
+        return dict(anthropic_body, thinking=dict({k: v for k, v in thinking.items() if k != "budget_tokens"},
+                                                  type="adaptive"))
+    budget = EFFORT_BUDGET.get((anthropic_body.get("output_config") or {}).get("effort"), EFFORT_BUDGET["high"])
+    _note(notes, "thinking", "rewritten: adaptive thinking sent as a %d-token budget, the kind this model takes" % budget)
+    if "display" in thinking:
+        _note(notes, "thinking.display", "dropped with adaptive thinking")
+    fitted = dict(anthropic_body, thinking={"type": "enabled", "budget_tokens": budget})
+    if isinstance(fitted.get("max_tokens"), int) and fitted["max_tokens"] < budget + THINKING_HEADROOM:
+        _note(notes, "max_tokens", "rewritten: raised to %d to fit the thinking budget" % (budget + THINKING_HEADROOM))
+        fitted["max_tokens"] = budget + THINKING_HEADROOM
+    return fitted
+
+
+def _fit_effort(anthropic_body: dict, facts: dict, notes: Optional[Notes]) -> dict:
+    """output_config.effort as the model accepts it: dropped where it takes none, else folded down."""
+    config = anthropic_body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    accepted = facts["efforts"]
+    if effort is None or accepted is None or effort in accepted:
+        return anthropic_body
+    if not accepted:
+        _note(notes, "output_config.effort", "dropped: this model takes no effort")
+        rest = {k: v for k, v in config.items() if k != "effort"}
+        return dict(anthropic_body, output_config=rest) if rest else \
+            {k: v for k, v in anthropic_body.items() if k != "output_config"}
+    folded = fold_effort(effort, accepted)
+    _note(notes, "output_config.effort", "rewritten: %s sent as %s, the most this model accepts" % (effort, folded))
+    return dict(anthropic_body, output_config=dict(config, effort=folded))
+
+
+def fit_to_target_model(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> dict:
+    """A request shaped for one model, sent to another (Claude Code sends adaptive thinking, an effort
+    and max_tokens 32000 for a name it does not know; a route maps a name to an older model), fitted
+    to the target's facts as the converted routes fit theirs: thinking in its style, the effort it
+    accepts, max_tokens within its limit. A target with no facts (not in the model table, no facts in
+    its models[] entry) gets the request as sent, and a note says so. The same object when nothing
+    changes, so passthrough keeps the client's bytes."""
+    facts = model_facts(spec["model"] or "", spec)
+    if facts["id"] is None:                                 # only what its models[] entry says
+        facts = dict(facts, thinking=spec.get("thinking"), efforts=spec.get("efforts"), output=spec.get("max_tokens"))
+        if facts["thinking"] is facts["efforts"] is facts["output"] is None:
+            if anthropic_thinking_on(anthropic_body) or (anthropic_body.get("output_config") or {}).get("effort"):
+                _note(notes, "model", "thinking, effort and max_tokens passed through as sent to %r: the model table "
+                      "has no facts for it (a models[] entry's thinking, efforts, max_tokens give them)" % spec["model"])
+            return anthropic_body
+    elif model_facts(str(anthropic_body.get("model") or ""))["id"] == facts["id"]:
+        return anthropic_body                               # shaped for this very model
+    fitted = _fit_effort(_fit_thinking_style(anthropic_body, facts, notes), facts, notes)
+    if facts["output"] and isinstance(fitted.get("max_tokens"), int) and fitted["max_tokens"] > facts["output"]:
+        fitted = dict(fitted)
+        _fit_output_limit(fitted, facts, notes)
+    return fitted
 
 
 def _fit_output_limit(anthropic_body: dict, facts: dict, notes: Optional[Notes] = None) -> None:
@@ -8460,7 +8525,8 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     """Anthropic in, Anthropic out: model name and credentials rewritten, the query string and
     every field kept, bytes relayed; thinking blocks the provider did not issue are removed
     (own_thinking_only), mid-conversation system messages become user text for a model that takes
-    none (a session routed to another model), and a vendor's own signatures are tagged on the way
+    none (a session routed to another model), a request shaped for another model is fitted to the
+    target's facts (fit_to_target_model), and a vendor's own signatures are tagged on the way
     back. A can_stream: false model is called whole and its answer streamed by the proxy."""
     own_endpoint = x.req.path == path        # not test_conversion, whose query is the proxy's own
     target_path = path + ("?" + x.req.query if x.req.query and own_endpoint else "")
@@ -8471,6 +8537,7 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
         if not takes_mid_system(target):
             own = fold_system_messages(own, notes)
         if path == "/v1/messages":
+            own = fit_to_target_model(own, target.spec, notes)
             own = fit_anthropic_request(own, target.facts(), target.effort, target.spec.get("max_tokens"), notes)
         if body.get("stream") and not streams_upstream(target, body):
             own = dict(own, stream=False)

@@ -1679,6 +1679,12 @@ CLAUDE_CODE_2_1_332 = json.loads(r'''{
 }''')
 
 
+# Claude Code 2.1.332, `claude -p --model glm-4.6 "say hi"` against a local recorder (trimmed: texts cut,
+# three of its twelve tools kept, schema descriptions removed): for a model name it does not know it
+# sends adaptive thinking, effort high, max_tokens 32000, clear_thinking edits and the trailing system message.
+CLAUDE_CODE_UNKNOWN_MODEL = json.loads(r'''{"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli"}, "body": {"model": "glm-4.6", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull reque…"}, {"type": "text", "text": "say hi"}]}, {"role": "system", "content": [{"type": "text", "text": "# Environment\nYou have been invoked in the following environ…", "cache_control": {"type": "ephemeral"}}]}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.0b8; cc_entry…"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SD…", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, …", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}], "metadata": {"user_id": "{\"device_id\":\"296bc53a487a1d5eb80602d4149b0b74be08daf5bf28bbdaa0d8c8c529591ea7\",\"account_uuid\":\"\",\"session_id\":\"44ab9889-1676-4d93-9330-b9a52cb4446d\"}"}, "max_tokens": 32000, "thinking": {"type": "adaptive", "display": "omitted"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "output_config": {"effort": "high"}, "stream": true}}''')
+
+
 def check_anthropic_request(anthropic_body):
     """What Anthropic checks first: a user turn first, non-empty turns, each tool_use answered next."""
     messages = anthropic_body["messages"]
@@ -3442,6 +3448,50 @@ def test_replay_recorded_fixture(name, include_usage):
                                                         "max_tokens": "length"}[last_delta["delta"]["stop_reason"]]
     if include_usage:
         assert chunks[-2]["usage"]["completion_tokens"] == last_delta["usage"]["output_tokens"]
+
+
+# ---- a request shaped for another model, fitted to the one it goes to (passthrough) -------------
+
+UNKNOWN_FITTED = {   # Claude Code's request for a name it does not know -> what each target gets
+    "claude-sonnet-4-5": ({"thinking": {"type": "enabled", "budget_tokens": 32768}, "max_tokens": 32768 + 1024,
+                           "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}},
+                          ["thinking", "thinking.display", "max_tokens", "output_config.effort"]),
+    "claude-3-5-haiku": ({"max_tokens": 8192}, ["thinking", "context_management.edits", "output_config.effort", "max_tokens"]),
+    "claude-opus-4-6": ({"thinking": {"type": "enabled", "budget_tokens": 32768}, "output_config": {"effort": "high"},
+                         "max_tokens": 32768 + 1024,
+                         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}},
+                        ["thinking", "thinking.display", "max_tokens"]),
+}
+FITTED_KEYS = ("thinking", "output_config", "max_tokens", "context_management")
+
+
+@pytest.mark.parametrize("target", sorted(UNKNOWN_FITTED))
+def test_a_request_shaped_for_an_unknown_name_is_fitted_to_the_known_target(target):
+    sent = CLAUDE_CODE_UNKNOWN_MODEL["body"]
+    notes = []
+    fitted = cp.fit_to_target_model(sent, make_spec(model=target), notes)
+    expected, noted = UNKNOWN_FITTED[target]
+    assert {k: fitted[k] for k in FITTED_KEYS if k in fitted} == expected and [p for p, _ in notes] == noted
+    assert {k: v for k, v in fitted.items() if k not in FITTED_KEYS} == {k: v for k, v in sent.items() if k not in FITTED_KEYS}
+    assert sent == CLAUDE_CODE_UNKNOWN_MODEL["body"]                     # the client's body is not changed
+
+
+def test_a_target_with_no_facts_gets_the_request_as_sent_and_a_note():
+    sent = CLAUDE_CODE_UNKNOWN_MODEL["body"]
+    notes = []
+    assert cp.fit_to_target_model(sent, make_spec(model="glm-4.6"), notes) is sent
+    assert [p for p, _ in notes] == ["model"] and "'glm-4.6'" in notes[0][1]
+    for target in ("claude-opus-5-5", "claude-fable-5-2"):              # facts fit the request as it is
+        assert cp.fit_to_target_model(sent, make_spec(model=target)) is sent
+    opus = dict(sent, model="claude-opus-4-6", thinking={"type": "enabled", "budget_tokens": 4096})
+    assert cp.fit_to_target_model(opus, make_spec(model="claude-opus-4-6")) is opus      # shaped for it: as sent
+    entry = make_spec(model="glm-4.6", thinking="budget", max_tokens=16000)            # a models[] entry's facts
+    fitted = cp.fit_to_target_model(sent, entry)
+    assert (fitted["thinking"], fitted["max_tokens"], fitted["output_config"]) == (
+        {"type": "enabled", "budget_tokens": 16000 - 1024}, 16000, {"effort": "high"})
+    newer = cp.fit_to_target_model(dict(opus, model="x"), make_spec(model="claude-opus-4-8"))
+    assert newer["thinking"] == {"type": "adaptive"}                   # no budget on an adaptive-only model
+
 
 # =============================================================================================
 # 9. Sessions that switch routes: thinking signatures by origin
@@ -5822,6 +5872,36 @@ def test_gateway_discovery_lists_a_claude_name_for_every_route(tmp_path):
         assert sent == ["big", "small", "deepseek-reasoner", "kimi-k2"]
         assert missing[0] == 200        # any name routes (default): retrievable
     run(scenario())
+
+
+def test_claude_code_with_a_name_it_does_not_know_gets_the_targets_rules_on_passthrough(tmp_path, caplog):
+    """Claude Code's request for `--model glm-4.6`: routed to Sonnet 4.5 it is fitted (budget thinking, no
+    effort, the trailing system message as user text); routed to a vendor model the table does not know it
+    goes byte for byte, said once at INFO."""
+    captured = CLAUDE_CODE_UNKNOWN_MODEL
+    headers = dict(captured["headers"], **ANTHROPIC_HEADERS)
+    raw = json.dumps(dict(captured["body"], stream=False)).encode()
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, up.url, providers={"v": {"format": "anthropic", "base_url": up.url,
+                                                                    "api_key": "sk-v-123456789", "mid_system": True}},
+                                 routes={"default": "anthropic,claude-sonnet-4-5", "glm": "v"})
+            async with running_proxy(config) as (_, port):
+                answers = [await call(port, "POST", captured["path"], raw, headers) for _ in range(3)]
+                await call(port, "POST", captured["path"], json.dumps(dict(captured["body"], stream=False,
+                                                                            model="qwen3")).encode(), headers)
+        return answers, up.requests
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        answers, sent = run(scenario())
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert [r["raw"] for r in sent[:3]] == [raw] * 3                          # to glm-4.6 (route glm): as sent
+    fitted = sent[3]["body"]
+    assert fitted["model"] == "claude-sonnet-4-5" and fitted["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+    assert "output_config" not in fitted and fitted["max_tokens"] == 32768 + 1024
+    assert [m["role"] for m in fitted["messages"]] == ["user"] and "# Environment" in fitted["messages"][0]["content"][-1]["text"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model: thinking, effort")]
+    assert len(said) == 1 and "'glm-4.6'" in said[0], said
 
 
 def test_a_provider_list_that_fails_is_tolerated_and_logged_once(tmp_path, caplog):
