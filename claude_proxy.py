@@ -3079,6 +3079,8 @@ def tag_message_bytes(raw: bytes, provider: str) -> bytes:
 #   - blocks OpenAI has no form for become text: ToolSearch's tool_reference names the tool it
 #     loaded, search_result keeps its title and source, server_tool_use and web search results in
 #     history become short notes (title and URL per result), so the model still sees them.
+#   - a deferred tool (defer_loading, Claude Code's DeferredToolPlaceholder too) is sent only once
+#     a tool_reference in the history has loaded it, as Anthropic shows it to the model.
 #   - the effort goes as the model accepts it (model option efforts; default every value the
 #     openai SDK allows), else the nearest lower one; `strict` is kept on tools, and converted
 #     structured output is strict (every property required, no additional properties).
@@ -3120,6 +3122,7 @@ USER_BLOCK_KEYS = {"text": ("type", "text"), "image": ("type", "source"), "docum
                    "search_result": ("type", "source", "title", "content"), "tool_reference": ("type", "tool_name"),
                    "tool_result": ("type", "tool_use_id", "content", "is_error")}
 TOOL_KEYS = ("type", "name", "description", "input_schema", "strict")
+TOOL_KEY_REASONS = {"defer_loading": "dropped: ToolSearch has loaded this tool, so it is sent like any other"}
 MESSAGE_REASONS = {"output_config": "dropped: a per-message effort has no OpenAI form (the request's is sent)"}
 # Why a top-level Anthropic field has no place in an OpenAI request (default: NO_OPENAI_FORM).
 ANTHROPIC_DROP_REASONS = {
@@ -3498,7 +3501,7 @@ def server_tool_names(anthropic_body: dict) -> List[str]:
 def _openai_tool(tool: dict, param: str, spec: dict, notes: Optional[Notes]) -> dict:
     """One custom Anthropic tool as an OpenAI function (strict kept)."""
     _expect(isinstance(tool.get("name"), str) and tool["name"] != "", "tool needs a name", f"{param}.name")
-    _note_extra_keys(tool, TOOL_KEYS, param, notes, NO_OPENAI_FORM)
+    _note_extra_keys(tool, TOOL_KEYS, param, notes, NO_OPENAI_FORM, TOOL_KEY_REASONS)
     parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
     if spec.get("schema") == "gemini":
         parameters = clean_gemini_schema(parameters)
@@ -3510,16 +3513,38 @@ def _openai_tool(tool: dict, param: str, spec: dict, notes: Optional[Notes]) -> 
     return {"type": "function", "function": function}
 
 
-def _openai_tools(tools: Any, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
-    """Custom Anthropic tools as OpenAI functions; server tools dropped."""
+def _tool_result_parts(anthropic_body: dict) -> Iterable[Any]:
+    """Every block inside the tool_result blocks of a request's messages."""
+    for message in anthropic_body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else []:
+            inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+            yield from inner if isinstance(inner, list) else []
+
+
+def _loaded_tools(anthropic_body: dict) -> set:
+    """The deferred tools ToolSearch has loaded: those a tool_reference in a tool_result names (H.2)."""
+    return {part.get("tool_name") for part in _tool_result_parts(anthropic_body)
+            if isinstance(part, dict) and part.get("type") == "tool_reference"}
+
+
+def _openai_tools(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
+    """Custom Anthropic tools as OpenAI functions; server tools dropped, and deferred tools
+    (defer_loading) until ToolSearch has loaded them, as Anthropic keeps them from the model
+    (Claude Code's DeferredToolPlaceholder never is)."""
+    tools = anthropic_body.get("tools")
     if tools is None:
         return []
     _expect(isinstance(tools, list), "tools must be a list", "tools")
-    functions = []
+    deferred = any(isinstance(tool, dict) and tool.get("defer_loading") is True for tool in tools)
+    functions, loaded = [], _loaded_tools(anthropic_body) if deferred else set()
     for i, tool in enumerate(tools):
         _expect(isinstance(tool, dict), "tool must be an object", f"tools.{i}")
         if _is_server_tool(tool):
             _note(notes, f"tools.{i}", "server tool %r dropped: it runs on Anthropic's servers" % tool.get("type"))
+            continue
+        if tool.get("defer_loading") is True and tool.get("name") not in loaded:
+            _note(notes, f"tools.{i}", "dropped until ToolSearch loads it: a deferred tool is not shown to the model")
             continue
         functions.append(_openai_tool(tool, f"tools.{i}", spec, notes))
     return functions
@@ -3678,7 +3703,7 @@ def anthropic_to_openai_request(anthropic_body: dict, spec: dict, *, session_id:
                                    "messages": _openai_messages(anthropic_body, spec, notes)}
     openai_body.update(_max_tokens_fields(anthropic_body, spec, notes))
     openai_body.update(_sampling_fields(anthropic_body, notes))
-    tools = _openai_tools(anthropic_body.get("tools"), spec, notes)
+    tools = _openai_tools(anthropic_body, spec, notes)
     if tools:
         openai_body["tools"] = tools
         openai_body.update(_tool_choice_fields(anthropic_body.get("tool_choice")))

@@ -1475,10 +1475,23 @@ REQUEST_ROWS = [
     ("assistant prefill string content", req(messages=[{"role": "user", "content": "hi"},
                                                        {"role": "assistant", "content": "{"}]), {},
      out(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}])),
-    ("strict kept on tools; defer_loading, input_examples & co. dropped",
-     req(tools=[dict(WEATHER_TOOL, strict=True, defer_loading=True, input_examples=[{"city": "x"}],
+    ("strict kept on tools; input_examples & co. dropped",
+     req(tools=[dict(WEATHER_TOOL, strict=True, input_examples=[{"city": "x"}],
                      eager_input_streaming=True, allowed_callers=["direct"])]), {},
      out(tools=[{"type": "function", "function": dict(WEATHER_FUNCTION["function"], strict=True)}])),
+    ("a deferred tool is sent once a tool_reference has loaded it; Claude Code's placeholder never is",
+     req(tools=[dict(WEATHER_TOOL, defer_loading=True), dict(WEATHER_TOOL, name="later", defer_loading=True),
+                {"name": "DeferredToolPlaceholder", "input_schema": {"type": "object", "properties": {}},
+                 "defer_loading": True}],
+         messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                       {"type": "tool_reference", "tool_name": "weather"}]}]}]), {},
+     out(tools=[WEATHER_FUNCTION],
+         messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "t1", "type": "function", "function": {"name": "ToolSearch", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "t1", "content": "Tool loaded: weather"}])),
     ("ToolSearch's tool_reference results name the loaded tools",
      req(messages=[{"role": "user", "content": "go"},
                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch",
@@ -1701,10 +1714,12 @@ def test_claude_code_2_1_332_requests_through_both_conversion_paths(name):
     captured = CLAUDE_CODE_2_1_332[name]
     notes = []
     openai_body = anthropic_to_openai_request(captured["body"], make_spec(model="gpt-5"), notes=notes)
-    check_openai_request(openai_body, len(captured["body"]["tools"]))
+    check_openai_request(openai_body, len(captured["body"]["tools"]) - 1)      # DeferredToolPlaceholder: not loaded
+    assert "DeferredToolPlaceholder" not in {t["function"]["name"] for t in openai_body["tools"]}
     noted = {cp._NOTE_INDEX.sub(".*", path) for path, _ in notes}
-    assert {"context_management", "thinking.display", "messages.*.output_config", "tools.*.defer_loading"} <= noted
+    assert {"context_management", "thinking.display", "messages.*.output_config", "tools.*"} <= noted
     assert ("safeguards" in noted) == (name == "auto_mode")
+    assert ("tools.*.defer_loading" in noted) == (name == "tool_search")       # loaded tools lose the flag alone
     # the mid-conversation system message stays where it was: in the first user turn, not the system prompt
     assert "# Environment" not in openai_body["messages"][0]["content"]
     assert "<system-reminder>\n# Environment" in openai_body["messages"][1]["content"]
