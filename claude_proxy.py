@@ -2928,7 +2928,9 @@ async def fetch_json(pool: ConnectionPool, url: str, payload: dict,
 # their origin: the converted path (OpenAI upstream -> Anthropic client) leaves a thinking block
 # unsigned, or, when the upstream sent a signature (OpenRouter), tags it `claude-proxy:<provider>:`;
 # anthropic-format vendors' signatures are tagged the same way on the way to the client
-# (provider option tag_signatures). Before a request goes to an anthropic-format provider,
+# (provider option tag_signatures), in place: SignatureTagRelay relays the vendor's bytes and
+# re-encodes only the events that carry a signature, tag_message_bytes swaps the values in a
+# whole answer. Before a request goes to an anthropic-format provider,
 # own_thinking_only() keeps the thinking blocks that provider issued (a vendor's own come back
 # untagged) and removes the rest: empty signatures, other providers' tags, and, for a vendor,
 # Anthropic's untagged ones. Claude Code keeps the removed text in its own transcript.
@@ -3171,33 +3173,121 @@ def tag_message_signatures(anthropic_message: dict, provider: str) -> dict:
     return dict(anthropic_message, content=[_tag_block(b, provider) for b in content])
 
 
-class SignatureTagger:
-    """An anthropic-format vendor's stream events in, the same events out, thinking signatures tagged
-    with the vendor's name; the relay's state machine interface (feed, close, finished, saw_finish)."""
+def tag_event_signature(anthropic_event: Any, provider: str) -> Any:
+    """A vendor's stream event with its signature tagged (signature_delta, or the start of a
+    thinking / redacted_thinking block); any other event as it is."""
+    if not isinstance(anthropic_event, dict):
+        return anthropic_event
+    delta = anthropic_event.get("delta")
+    if anthropic_event.get("type") == "content_block_delta" and isinstance(delta, dict) \
+            and delta.get("type") == "signature_delta" and isinstance(delta.get("signature"), str) and delta["signature"]:
+        return dict(anthropic_event, delta=dict(delta, signature=tag_signature(provider, delta["signature"])))
+    if anthropic_event.get("type") == "content_block_start":
+        block = anthropic_event.get("content_block")
+        tagged = _tag_block(block, provider)
+        return anthropic_event if tagged is block else dict(anthropic_event, content_block=tagged)
+    return anthropic_event
 
-    def __init__(self, provider: str):
+
+def _could_carry_signature(raw_event: bytes) -> bool:
+    """Whether the bytes of one SSE event may hold a signature to tag (cheap: no decode)."""
+    return b"signature_delta" in raw_event or (b"content_block_start" in raw_event and b"thinking" in raw_event)
+
+
+def _event_ends(buf: bytes) -> List[int]:
+    """The offset just past each blank line in buf, where an SSE event ends (CRLF, LF or CR line
+    ends; buf starts after a line end)."""
+    ends, at = [], 0
+    if b"\r" not in buf:
+        at = buf.find(b"\n\n")
+        while at >= 0:
+            ends.append(at + 2)
+            at = buf.find(b"\n\n", at + 2)
+        return ends
+    for match in _LINE_END.finditer(buf):
+        if match.start() == at:
+            ends.append(match.end())
+        at = match.end()
+    return ends
+
+
+class SignatureTagRelay:
+    """An anthropic-format vendor's stream, bytes in and bytes out (sans-IO; the relay's byte-stage
+    interface feed/close): relayed as the vendor sent them, except each event that carries a
+    signature, which is re-encoded with the signature tagged with the vendor's name (so only that
+    vendor gets it back, see own_thinking_only). Bytes are held only up to the end of the last
+    whole event; an event is decoded only when its bytes could carry a signature."""
+
+    def __init__(self, provider: str, max_event: Optional[int] = None):
         self.provider = provider
-        self.finished = False
-        self.saw_finish = False
+        self._held = b""
+        self._max = max_event or MAX_SSE_LINE
 
-    def feed(self, anthropic_event: dict) -> List[dict]:
-        """The event, its signature tagged when it carries one."""
-        kind = anthropic_event.get("type")
-        delta = anthropic_event.get("delta")
-        if kind == "content_block_delta" and isinstance(delta, dict) and delta.get("type") == "signature_delta" \
-                and isinstance(delta.get("signature"), str) and delta["signature"]:
-            delta = dict(delta, signature=tag_signature(self.provider, delta["signature"]))
-            anthropic_event = dict(anthropic_event, delta=delta)
-        elif kind == "content_block_start":
-            anthropic_event = dict(anthropic_event, content_block=_tag_block(anthropic_event.get("content_block"), self.provider))
-        self.saw_finish = self.saw_finish or kind == "message_delta"
-        self.finished = self.finished or kind in ("message_stop", "error")
-        return [anthropic_event]
+    def feed(self, data: bytes) -> bytes:
+        """The whole events this read completes, as relayed."""
+        buf = self._held + data if self._held else data
+        if b"\r" in buf:          # never cut at a CR that ends the read: it may be half a CRLF
+            end = max([at for at in _event_ends(buf) if at < len(buf) or buf[-1:] != b"\r"], default=0)
+        else:
+            at = buf.rfind(b"\n\n")
+            end = at + 2 if at >= 0 else 0
+        whole, self._held = buf[:end], buf[end:]
+        if len(self._held) > self._max:
+            raise UpstreamError(f"upstream sent an SSE event over {self._max} bytes")
+        if not (b"signature_delta" in whole or b"content_block_start" in whole):
+            return whole
+        return self._tag(whole)
 
-    def close(self) -> List[dict]:
-        """Nothing is held back."""
-        self.finished = True
-        return []
+    def close(self) -> bytes:
+        """The last event, when the stream ended without its blank line."""
+        rest, self._held = self._held, b""
+        return self._tag(rest) if rest else b""
+
+    def _tag(self, whole: bytes) -> bytes:
+        """Whole events, the ones carrying a signature rewritten."""
+        out, start = [], 0
+        ends = _event_ends(whole)
+        for end in ends if ends and ends[-1] == len(whole) else ends + [len(whole)]:
+            raw_event, start = whole[start:end], end
+            out.append(self._tag_event(raw_event) if _could_carry_signature(raw_event) else raw_event)
+        return b"".join(out)
+
+    def _tag_event(self, raw_event: bytes) -> bytes:
+        """One event's bytes, re-encoded only when its signature was tagged."""
+        decoder = SSEDecoder()
+        parsed = decoder.feed(raw_event) + decoder.close()
+        if len(parsed) != 1:
+            return raw_event
+        try:
+            anthropic_event = json.loads(parsed[0][1])
+        except ValueError:
+            return raw_event
+        tagged = tag_event_signature(anthropic_event, self.provider)
+        return raw_event if tagged is anthropic_event else format_anthropic_event(tagged)
+
+
+_SIGNED_FIELD = re.compile(rb'"(signature|data)"(\s*:\s*)"((?:[^"\\]|\\.)*)"')
+
+
+def tag_message_bytes(raw: bytes, provider: str) -> bytes:
+    """A vendor's non-streaming answer as it sent it, each thinking signature (redacted data)
+    replaced in place by its tagged form; re-encoded only if a value cannot be found as sent."""
+    if b'"signature"' not in raw and b'"redacted_thinking"' not in raw:
+        return raw
+    message = parse_upstream_json(raw)
+    tagged = tag_message_signatures(message, provider)
+    swaps = {(key, old[key]): new[key] for old, new in zip(message.get("content") or [], tagged.get("content") or [])
+             if old is not new for key in ("signature", "data") if key in old}
+    found = []
+
+    def swap(match: "re.Match[bytes]") -> bytes:
+        key, value = match.group(1).decode(), json.loads(b'"' + match.group(3) + b'"')
+        if (key, value) not in swaps:
+            return match.group(0)
+        found.append(key)
+        return b'"%s"%s%s' % (match.group(1), match.group(2), json_bytes(swaps[key, value]))
+    out = _SIGNED_FIELD.sub(swap, raw) if swaps else raw
+    return out if len(found) == len(swaps) else json_bytes(tagged)
 
 # ---------------------------------------------------------------------------------------------
 # 9a. Anthropic client -> OpenAI-compatible upstream (request), OpenAI -> Anthropic (response)
@@ -3217,10 +3307,17 @@ class SignatureTagger:
 #   - blocks OpenAI has no form for become text: ToolSearch's tool_reference names the tool it
 #     loaded, search_result keeps its title and source, server_tool_use and web search results in
 #     history become short notes (title and URL per result), so the model still sees them.
+#   - a deferred tool (defer_loading, Claude Code's DeferredToolPlaceholder too) is sent only once
+#     a tool_reference in the history has loaded it, as Anthropic shows it to the model.
 #   - the effort goes as the model accepts it (model option efforts; default every value the
 #     openai SDK allows), else the nearest lower one; `strict` is kept on tools, and converted
 #     structured output is strict (every property required, no additional properties).
 #   - tool/function names longer than 64 characters are passed through unchanged.
+#   - where the provider wants thinking back (replay_reasoning: DeepSeek's, Kimi's, GLM's thinking
+#     modes 400 a tool-call turn without it, H.3), every assistant turn carries the field: the
+#     thinking text the history holds for it, whichever model wrote it, else "" (a turn another
+#     model answered has none; the check is for the field, and no text is made up). A chat client
+#     passed through to such a provider gets the same (with_replayed_reasoning).
 # Stream-side decisions (see the class essay): content_filter and a refusal -> "refusal";
 # OpenRouter's finish "error" -> "end_turn" (its error arrives as a separate chunk); any tool
 # call forces "tool_use" except after finish "length" (the arguments are truncated, so
@@ -3253,6 +3350,7 @@ USER_BLOCK_KEYS = {"text": ("type", "text"), "image": ("type", "source"), "docum
                    "search_result": ("type", "source", "title", "content"), "tool_reference": ("type", "tool_name"),
                    "tool_result": ("type", "tool_use_id", "content", "is_error")}
 TOOL_KEYS = ("type", "name", "description", "input_schema", "strict")
+TOOL_KEY_REASONS = {"defer_loading": "dropped: ToolSearch has loaded this tool, so it is sent like any other"}
 MESSAGE_REASONS = {"output_config": "dropped: a per-message effort has no OpenAI form (the request's is sent)"}
 # Why a top-level Anthropic field has no place in an OpenAI request (default: NO_OPENAI_FORM).
 ANTHROPIC_DROP_REASONS = {
@@ -3476,6 +3574,22 @@ def _assistant_message(content: list, param: str, spec: dict, notes: Optional[No
     return message
 
 
+def with_replayed_reasoning(openai_body: dict, field: str, notes: Optional[Notes] = None) -> dict:
+    """A chat client's request as a thinking mode that wants its reasoning back takes it
+    (replay_reasoning; PROTOCOLS H.3): each assistant message without `field` gets it empty, as the
+    converted routes send a turn with no thinking (another model's turn has none to give). The same
+    object when none is missing, so passthrough keeps the client's bytes."""
+    messages = openai_body.get("messages")
+    missing = {i for i, m in enumerate(messages if isinstance(messages, list) else [])
+               if isinstance(m, dict) and m.get("role") == "assistant" and field not in m}
+    if not missing:
+        return openai_body
+    for i in sorted(missing):
+        _note(notes, f"messages.{i}.{field}", "added empty: this thinking mode rejects an assistant turn without "
+                                              "it, and a turn another model answered has none to give back")
+    return dict(openai_body, messages=[dict(m, **{field: ""}) if i in missing else m for i, m in enumerate(messages)])
+
+
 def _convert_message(message: Any, param: str, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
     """One Anthropic user/assistant message as zero or more OpenAI messages."""
     _expect(isinstance(message, dict), "message must be an object", param)
@@ -3615,7 +3729,7 @@ def server_tool_names(anthropic_body: dict) -> List[str]:
 def _openai_tool(tool: dict, param: str, spec: dict, notes: Optional[Notes]) -> dict:
     """One custom Anthropic tool as an OpenAI function (strict kept)."""
     _expect(isinstance(tool.get("name"), str) and tool["name"] != "", "tool needs a name", f"{param}.name")
-    _note_extra_keys(tool, TOOL_KEYS, param, notes, NO_OPENAI_FORM)
+    _note_extra_keys(tool, TOOL_KEYS, param, notes, NO_OPENAI_FORM, TOOL_KEY_REASONS)
     parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
     if spec.get("schema") == "gemini":
         parameters = clean_gemini_schema(parameters)
@@ -3627,16 +3741,38 @@ def _openai_tool(tool: dict, param: str, spec: dict, notes: Optional[Notes]) -> 
     return {"type": "function", "function": function}
 
 
-def _openai_tools(tools: Any, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
-    """Custom Anthropic tools as OpenAI functions; server tools dropped."""
+def _tool_result_parts(anthropic_body: dict) -> Iterable[Any]:
+    """Every block inside the tool_result blocks of a request's messages."""
+    for message in anthropic_body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else []:
+            inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+            yield from inner if isinstance(inner, list) else []
+
+
+def _loaded_tools(anthropic_body: dict) -> set:
+    """The deferred tools ToolSearch has loaded: those a tool_reference in a tool_result names (H.2)."""
+    return {part.get("tool_name") for part in _tool_result_parts(anthropic_body)
+            if isinstance(part, dict) and part.get("type") == "tool_reference"}
+
+
+def _openai_tools(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> List[dict]:
+    """Custom Anthropic tools as OpenAI functions; server tools dropped, and deferred tools
+    (defer_loading) until ToolSearch has loaded them, as Anthropic keeps them from the model
+    (Claude Code's DeferredToolPlaceholder never is)."""
+    tools = anthropic_body.get("tools")
     if tools is None:
         return []
     _expect(isinstance(tools, list), "tools must be a list", "tools")
-    functions = []
+    deferred = any(isinstance(tool, dict) and tool.get("defer_loading") is True for tool in tools)
+    functions, loaded = [], _loaded_tools(anthropic_body) if deferred else set()
     for i, tool in enumerate(tools):
         _expect(isinstance(tool, dict), "tool must be an object", f"tools.{i}")
         if _is_server_tool(tool):
             _note(notes, f"tools.{i}", "server tool %r dropped: it runs on Anthropic's servers" % tool.get("type"))
+            continue
+        if tool.get("defer_loading") is True and tool.get("name") not in loaded:
+            _note(notes, f"tools.{i}", "dropped until ToolSearch loads it: a deferred tool is not shown to the model")
             continue
         functions.append(_openai_tool(tool, f"tools.{i}", spec, notes))
     return functions
@@ -3795,7 +3931,7 @@ def anthropic_to_openai_request(anthropic_body: dict, spec: dict, *, session_id:
                                    "messages": _openai_messages(anthropic_body, spec, notes)}
     openai_body.update(_max_tokens_fields(anthropic_body, spec, notes))
     openai_body.update(_sampling_fields(anthropic_body, notes))
-    tools = _openai_tools(anthropic_body.get("tools"), spec, notes)
+    tools = _openai_tools(anthropic_body, spec, notes)
     if tools:
         openai_body["tools"] = tools
         openai_body.update(_tool_choice_fields(anthropic_body.get("tool_choice")))
@@ -4600,6 +4736,7 @@ SAMPLING_REMOVED_IN = "2026-10-21"  # the anthropic-version that rejects every s
 # max is 62976 so that budget + 1024 = 64000, the Sonnet 4.x output limit.
 EFFORT_BUDGET = {"minimal": 1024, "low": 8192, "medium": 16384, "high": 32768,
                  "xhigh": 49152, "max": 62976}
+THINKING_STYLE = {"adaptive": "adaptive", "enabled": "budget"}     # Anthropic thinking.type -> model table style
 # output_config.effort for adaptive models (minimal has no equivalent); then folded to the model's.
 ADAPTIVE_EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
                    "xhigh": "xhigh", "max": "max"}
@@ -5128,6 +5265,70 @@ def fit_anthropic_request(anthropic_body: dict, facts: dict, effort: Optional[st
     return body
 
 
+def _fit_thinking_style(anthropic_body: dict, facts: dict, notes: Optional[Notes]) -> dict:
+    """Thinking as the model asks for it: adaptive, a budget (from the effort asked for), or none."""
+    thinking, style = anthropic_body.get("thinking"), facts["thinking"]
+    if style is None or not anthropic_thinking_on(anthropic_body) or THINKING_STYLE[thinking["type"]] == style:
+        return anthropic_body
+    if style == "none":
+        _note(notes, "thinking", "dropped: this model has no extended thinking")
+        return _without_clear_thinking({k: v for k, v in anthropic_body.items() if k != "thinking"}, notes)
+    if style == "adaptive":
+        _note(notes, "thinking", "rewritten: a thinking budget sent as adaptive thinking, the kind this model takes")
+        return dict(anthropic_body, thinking=dict({k: v for k, v in thinking.items() if k != "budget_tokens"},
+                                                  type="adaptive"))
+    budget = EFFORT_BUDGET.get((anthropic_body.get("output_config") or {}).get("effort"), EFFORT_BUDGET["high"])
+    _note(notes, "thinking", "rewritten: adaptive thinking sent as a %d-token budget, the kind this model takes" % budget)
+    if "display" in thinking:
+        _note(notes, "thinking.display", "dropped with adaptive thinking")
+    fitted = dict(anthropic_body, thinking={"type": "enabled", "budget_tokens": budget})
+    if isinstance(fitted.get("max_tokens"), int) and fitted["max_tokens"] < budget + THINKING_HEADROOM:
+        _note(notes, "max_tokens", "rewritten: raised to %d to fit the thinking budget" % (budget + THINKING_HEADROOM))
+        fitted["max_tokens"] = budget + THINKING_HEADROOM
+    return fitted
+
+
+def _fit_effort(anthropic_body: dict, facts: dict, notes: Optional[Notes]) -> dict:
+    """output_config.effort as the model accepts it: dropped where it takes none, else folded down."""
+    config = anthropic_body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    accepted = facts["efforts"]
+    if effort is None or accepted is None or effort in accepted:
+        return anthropic_body
+    if not accepted:
+        _note(notes, "output_config.effort", "dropped: this model takes no effort")
+        rest = {k: v for k, v in config.items() if k != "effort"}
+        return dict(anthropic_body, output_config=rest) if rest else \
+            {k: v for k, v in anthropic_body.items() if k != "output_config"}
+    folded = fold_effort(effort, accepted)
+    _note(notes, "output_config.effort", "rewritten: %s sent as %s, the most this model accepts" % (effort, folded))
+    return dict(anthropic_body, output_config=dict(config, effort=folded))
+
+
+def fit_to_target_model(anthropic_body: dict, spec: dict, notes: Optional[Notes] = None) -> dict:
+    """A request shaped for one model, sent to another (Claude Code sends adaptive thinking, an effort
+    and max_tokens 32000 for a name it does not know; a route maps a name to an older model), fitted
+    to the target's facts as the converted routes fit theirs: thinking in its style, the effort it
+    accepts, max_tokens within its limit. A target with no facts (not in the model table, no facts in
+    its models[] entry) gets the request as sent, and a note says so. The same object when nothing
+    changes, so passthrough keeps the client's bytes."""
+    facts = model_facts(spec["model"] or "", spec)
+    if facts["id"] is None:                                 # only what its models[] entry says
+        facts = dict(facts, thinking=spec.get("thinking"), efforts=spec.get("efforts"), output=spec.get("max_tokens"))
+        if facts["thinking"] is facts["efforts"] is facts["output"] is None:
+            if anthropic_thinking_on(anthropic_body) or (anthropic_body.get("output_config") or {}).get("effort"):
+                _note(notes, "model", "thinking, effort and max_tokens passed through as sent to %r: the model table "
+                      "has no facts for it (a models[] entry's thinking, efforts, max_tokens give them)" % spec["model"])
+            return anthropic_body
+    elif model_facts(str(anthropic_body.get("model") or ""))["id"] == facts["id"]:
+        return anthropic_body                               # shaped for this very model
+    fitted = _fit_effort(_fit_thinking_style(anthropic_body, facts, notes), facts, notes)
+    if facts["output"] and isinstance(fitted.get("max_tokens"), int) and fitted["max_tokens"] > facts["output"]:
+        fitted = dict(fitted)
+        _fit_output_limit(fitted, facts, notes)
+    return fitted
+
+
 def _fit_output_limit(anthropic_body: dict, facts: dict, notes: Optional[Notes] = None) -> None:
     """Clamp max_tokens (and a thinking budget under it) to the model's output limit."""
     limit = facts["output"]
@@ -5467,11 +5668,18 @@ def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any)
 # item_reference) is I/O, so the handler resolves it into `input` before this converter runs.
 # Decisions taken here, each in one place:
 # - instructions, then system and developer messages, become the system prompt (text only).
-# - a custom tool (Codex's apply_patch) becomes a tool with one string property `input`; its
-#   grammar goes into the description, since Claude cannot be held to it. The call comes back as
-#   a custom_tool_call whose `input` is that string.
+# - tools come from `tools` and from every additional_tools item in `input` (Codex's default model
+#   sends its tools only that way, and a replayed history repeats the item: a later definition
+#   replaces an earlier one of the same name).
+# - a custom tool (Codex's apply_patch and exec) becomes a tool with one string property `input`;
+#   its grammar goes into the description, since Claude cannot be held to it. The call comes back
+#   as a custom_tool_call whose `input` is that string.
 # - namespace tools are flattened to `<namespace>__<name>` and their calls mapped back by the tool
 #   table, so the client sees `namespace` again.
+# - a client-run tool_search is a tool named tool_search; its call goes back as a
+#   tool_search_call, a replayed tool_search_output is a tool_result naming the tools it loaded,
+#   and those tools join the request's.
+# - an input item with no Anthropic form is a note (path and why), never a silent drop.
 # - built-in tools (web_search, file_search, computer*, code_interpreter, image_generation,
 #   local_shell, shell, mcp, ...) are dropped and their types returned for the handler's INFO
 #   line; a tool_choice forcing one is a BadRequest.
@@ -5486,6 +5694,9 @@ def anthropic_response_to_openai(anthropic_message: dict, model: str, **kw: Any)
 
 NAMESPACE_SEPARATOR = "__"
 CUSTOM_TOOL_FIELD = "input"
+TOOL_SEARCH_NAME = "tool_search"          # a client-run tool_search as Claude sees it
+TOOL_SEARCH_SCHEMA = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
+TOOL_ITEMS = ("additional_tools", "tool_search_output")    # input items whose tools join the request's
 REASONING_BLOB_PREFIX = "cp1."
 RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 RESPONSES_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
@@ -5591,7 +5802,7 @@ def _responses_blocks(content: Any, param: str) -> List[dict]:
     return blocks
 
 
-def _responses_message(item: dict, param: str, origin: str) -> List[dict]:
+def _responses_message(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
     """A message item as one turn; system and developer messages as a "system" turn."""
     role = RESPONSES_ROLES.get(item.get("role"))
     _expect(role is not None, "unknown role %r" % (item.get("role"),), param + ".role")
@@ -5607,25 +5818,28 @@ def _flat_tool_name(namespace: Any, name: Any, param: str) -> str:
     return f"{namespace}{NAMESPACE_SEPARATOR}{name}" if isinstance(namespace, str) and namespace else name
 
 
-def _responses_call(item: dict, param: str, origin: str) -> List[dict]:
+def _call_id(item: dict, param: str) -> str:
+    """The call_id of a call or call output item, sanitized as an Anthropic tool id."""
+    call_id = item.get("call_id") or (item.get("id") if not item["type"].endswith("_output") else None)
+    _expect(isinstance(call_id, str) and call_id != "", "a call and its output need their call_id", param + ".call_id")
+    return sanitize_tool_id(call_id)
+
+
+def _responses_call(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
     """function_call / custom_tool_call as an assistant tool_use (custom input wrapped)."""
-    call_id = item.get("call_id") or item.get("id")
-    _expect(isinstance(call_id, str) and call_id != "", "a call needs its call_id", param + ".call_id")
+    call_id = _call_id(item, param)
     if item["type"] == "custom_tool_call":
         _expect(isinstance(item.get("input"), str), "input must be a string", param + ".input")
         tool_input = {CUSTOM_TOOL_FIELD: item["input"]}
     else:
         tool_input = _tool_input(item.get("arguments"), param + ".arguments")
     name = _flat_tool_name(item.get("namespace"), item.get("name"), param)
-    return [{"role": "assistant", "content": [
-        {"type": "tool_use", "id": sanitize_tool_id(call_id), "name": name, "input": tool_input}]}]
+    return [{"role": "assistant", "content": [{"type": "tool_use", "id": call_id, "name": name, "input": tool_input}]}]
 
 
-def _responses_call_output(item: dict, param: str, origin: str) -> List[dict]:
+def _responses_call_output(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
     """function_call_output / custom_tool_call_output as a user tool_result."""
-    call_id = item.get("call_id")
-    _expect(isinstance(call_id, str) and call_id != "", "a call output needs its call_id", param + ".call_id")
-    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": sanitize_tool_id(call_id)}
+    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": _call_id(item, param)}
     output = item.get("output")
     content = output if isinstance(output, str) else _responses_blocks(output, param + ".output")
     if content:
@@ -5633,15 +5847,48 @@ def _responses_call_output(item: dict, param: str, origin: str) -> List[dict]:
     return [{"role": "user", "content": [block]}]
 
 
-def _responses_reasoning(item: dict, param: str, origin: str) -> List[dict]:
-    """A reasoning item as the thinking blocks its encrypted_content carries (or nothing)."""
-    return [{"role": "assistant", "content": decode_reasoning(item.get("encrypted_content"), origin, param)}]
+def _client_search(item: dict, param: str, notes: Optional[Notes]) -> bool:
+    """Whether a tool_search_call / _output was run by the client (a server-run one is noted: Claude cannot replay it)."""
+    if item.get("execution") == "client":
+        return True
+    _note(notes, param, "dropped: a %s run by OpenAI's servers has no Anthropic form" % item["type"])
+    return False
 
 
-RESPONSES_ITEM_CONVERTERS: Dict[str, Callable[[dict, str, str], List[dict]]] = {
+def _responses_tool_search_call(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
+    """A client-run tool_search_call as an assistant tool_use of the tool_search tool."""
+    if not _client_search(item, param, notes):
+        return []
+    arguments = item.get("arguments")
+    tool_input = arguments if isinstance(arguments, dict) else _tool_input(arguments, param + ".arguments")
+    return [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": _call_id(item, param), "name": TOOL_SEARCH_NAME, "input": tool_input}]}]
+
+
+def _responses_tool_search_output(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
+    """A client-run tool_search_output as a tool_result naming the tools it loaded (which join the tools)."""
+    if not _client_search(item, param, notes):
+        return []
+    names = [name for k, tool in enumerate(item.get("tools") or [])
+             for name in _loaded_tool_names(tool, f"{param}.tools.{k}")]
+    text = "\n".join(TOOL_REFERENCE_TEXT % name for name in names) or "No tools found."
+    return [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": _call_id(item, param), "content": text}]}]
+
+
+def _responses_reasoning(item: dict, param: str, origin: str, notes: Optional[Notes]) -> List[dict]:
+    """A reasoning item as the thinking blocks its encrypted_content carries (or nothing, noted)."""
+    blocks = decode_reasoning(item.get("encrypted_content"), origin, param)
+    if not blocks:
+        _note(notes, param, "dropped: a reasoning item goes back only to the provider and model that made it")
+    return [{"role": "assistant", "content": blocks}]
+
+
+RESPONSES_ITEM_CONVERTERS: Dict[str, Callable[[dict, str, str, Optional[Notes]], List[dict]]] = {
     "message": _responses_message, "function_call": _responses_call, "custom_tool_call": _responses_call,
     "function_call_output": _responses_call_output, "custom_tool_call_output": _responses_call_output,
-    "reasoning": _responses_reasoning}
+    "reasoning": _responses_reasoning, "tool_search_call": _responses_tool_search_call,
+    "tool_search_output": _responses_tool_search_output,
+    "additional_tools": lambda item, param, origin, notes: []}      # its tools join the request's (responses_tools)
 
 
 def responses_input_items(responses_body: dict) -> List[dict]:
@@ -5659,16 +5906,16 @@ def responses_input_items(responses_body: dict) -> List[dict]:
     return [item if item.get("type") else dict(item, type="message") for item in value]
 
 
-def _responses_turns(items: List[dict], origin: str) -> Tuple[List[dict], List[dict]]:
+def _responses_turns(items: List[dict], origin: str, notes: Optional[Notes] = None) -> Tuple[List[dict], List[dict]]:
     """Input items -> (system text blocks, Anthropic turns before repair)."""
     system: List[dict] = []
     turns: List[dict] = []
     for i, item in enumerate(items):
         convert_item = RESPONSES_ITEM_CONVERTERS.get(item["type"])
         if convert_item is None:
-            log.debug("dropping input item of type %r at input.%d: no Anthropic form", item["type"], i)
+            _note(notes, f"input.{i}", "dropped: an input item of type %r has no Anthropic form" % item["type"])
             continue
-        for turn in convert_item(item, f"input.{i}", origin):
+        for turn in convert_item(item, f"input.{i}", origin, notes):
             if turn["role"] == "system":
                 system += turn["content"]
             else:
@@ -5708,11 +5955,22 @@ def _responses_tool(tool: Any, param: str, namespace: Optional[str] = None) -> T
     return out, entry
 
 
+def _tool_search_tool(tool: dict, param: str) -> Tuple[dict, dict]:
+    """A client-run tool_search as a plain tool; its calls go back as tool_search_call items."""
+    schema = tool.get("parameters") or TOOL_SEARCH_SCHEMA
+    _expect(isinstance(schema, dict), "parameters must be a JSON Schema object", param + ".parameters")
+    description = tool.get("description") or "Search for more tools; the ones found become available."
+    return ({"name": TOOL_SEARCH_NAME, "description": description, "input_schema": schema},
+            {"type": "tool_search", "name": TOOL_SEARCH_NAME})
+
+
 def _expand_tool(tool: Any, param: str) -> Optional[List[Tuple[dict, dict]]]:
     """One client tool as (Anthropic tool, table entry) pairs; None for a tool with no Claude form."""
     _expect(isinstance(tool, dict), "tool must be an object", param)
     if tool.get("type") in ("function", "custom"):
         return [_responses_tool(tool, param)]
+    if tool.get("type") == "tool_search" and tool.get("execution") == "client":
+        return [_tool_search_tool(tool, param)]
     if tool.get("type") != "namespace":
         return None
     inner = tool.get("tools")
@@ -5721,21 +5979,47 @@ def _expand_tool(tool: Any, param: str) -> Optional[List[Tuple[dict, dict]]]:
     return [_responses_tool(t, f"{param}.tools.{k}", tool["name"]) for k, t in enumerate(inner)]
 
 
-def responses_tools(responses_body: dict) -> Tuple[List[dict], Dict[str, dict], List[str]]:
-    """Client tools -> (Anthropic tools, tool table by Anthropic name, types of built-ins dropped)."""
+def _loaded_tool_names(tool: Any, param: str) -> List[str]:
+    """The names Claude sees for one tool a tool_search_output loaded (a built-in's type)."""
+    pairs = _expand_tool(tool, param)
+    return [anthropic_tool["name"] for anthropic_tool, _ in pairs] if pairs else [str(tool.get("type"))]
+
+
+def _request_tools(responses_body: dict) -> List[Tuple[str, Any]]:
+    """(path, tool) for every tool of the request: `tools`, then those of each additional_tools and
+    tool_search_output item in `input` order (Codex's default model sends its tools only that way)."""
     tools = responses_body.get("tools") or []
     _expect(isinstance(tools, list), "tools must be a list", "tools")
+    found = [(f"tools.{i}", tool) for i, tool in enumerate(tools)]
+    for i, item in enumerate(responses_input_items(responses_body)):
+        if item["type"] in TOOL_ITEMS:
+            inner = item.get("tools") or []
+            _expect(isinstance(inner, list), "tools must be a list", f"input.{i}.tools")
+            found += [(f"input.{i}.tools.{k}", tool) for k, tool in enumerate(inner)]
+    return found
+
+
+def responses_tools(responses_body: dict) -> Tuple[List[dict], Dict[str, dict], List[str]]:
+    """Client tools -> (Anthropic tools, tool table by Anthropic name, types of built-ins dropped).
+    Two top-level tools of one name are a BadRequest; a tool an input item brings again replaces the
+    earlier one in place (a replayed history repeats its additional_tools)."""
     anthropic_tools: List[dict] = []
     table: Dict[str, dict] = {}
     dropped: List[str] = []
-    for i, tool in enumerate(tools):
-        pairs = _expand_tool(tool, f"tools.{i}")
+    where: Dict[str, str] = {}
+    for param, tool in _request_tools(responses_body):
+        pairs = _expand_tool(tool, param)
         if pairs is None:
             dropped.append(str(tool.get("type")))
         for anthropic_tool, entry in pairs or []:
-            _expect(anthropic_tool["name"] not in table, "two tools are named %r" % anthropic_tool["name"], f"tools.{i}")
-            anthropic_tools.append(anthropic_tool)
-            table[anthropic_tool["name"]] = entry
+            name = anthropic_tool["name"]
+            _expect(not (name in table and param.startswith("tools.") and where[name].startswith("tools.")),
+                    "two tools are named %r" % name, param)
+            if name in table:
+                anthropic_tools[[t["name"] for t in anthropic_tools].index(name)] = anthropic_tool
+            else:
+                anthropic_tools.append(anthropic_tool)
+            table[name], where[name] = entry, param
     return anthropic_tools, table, dropped
 
 
@@ -5829,7 +6113,7 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, facts: O
     field, so it is kept even with thinking off."""
     _expect(isinstance(responses_body, dict), "request body must be a JSON object", "body")
     _screen_fields(responses_body)
-    system, turns = _responses_turns(responses_input_items(responses_body), origin)
+    system, turns = _responses_turns(responses_input_items(responses_body), origin, notes)
     instructions = responses_body.get("instructions")
     system = (_text_block(instructions, "instructions") if instructions is not None else []) + system
     explicit_max = _max_tokens(responses_body, ("max_output_tokens",))
@@ -5851,19 +6135,19 @@ def responses_to_anthropic_request(responses_body: dict, model: str, *, facts: O
 
 
 def responses_to_openai_request(responses_body: dict, spec: dict, *, variant_effort: Optional[str] = None,
-                                origin: str = "") -> dict:
+                                origin: str = "", notes: Optional[Notes] = None) -> dict:
     """A Responses body -> chat.completions body, through the hub (9c then 9a). Without
     max_output_tokens the provider's own default applies, not Claude's; the effort asked for
     is sent even where Claude would have needed signed thinking to keep it (B.2 is Claude's rule)."""
     anthropic_body = responses_to_anthropic_request(responses_body, spec["model"], variant_effort=variant_effort,
                                                     facts=model_facts(spec["model"], spec), origin=origin,
-                                                    for_chat=True)
+                                                    for_chat=True, notes=notes)
     if responses_body.get("max_output_tokens") is None:
         del anthropic_body["max_tokens"]
     effort = _requested_effort(responses_body, variant_effort)
     if "thinking" not in anthropic_body and effort not in (None, "none"):
         anthropic_body.setdefault("output_config", {})["effort"] = effort
-    return anthropic_to_openai_request(anthropic_body, spec)
+    return anthropic_to_openai_request(anthropic_body, spec, notes=notes)
 
 # ---- response: the response object -----------------------------------------------------------
 
@@ -5932,7 +6216,8 @@ class AnthropicToResponsesStream:
     -> reasoning (summary text streamed when the client asked for summaries; the blocks packed
     into encrypted_content at the end), tool_use -> function_call, or custom_tool_call when the
     tool table says the client's tool was custom (its wrapped JSON is parsed at the block stop,
-    so its input goes out as one delta), text -> message. Consecutive text blocks (Claude
+    so its input goes out as one delta), or tool_search_call (arguments whole at the stop, no
+    deltas: the grammar has none), text -> message. Consecutive text blocks (Claude
     splits an answer at each citation) share one message and one output_text part; a citation
     becomes a url_citation over the text of its block, announced at that block's stop. Blocks
     with no Responses form (server tools and their results) are skipped without closing the
@@ -5952,9 +6237,11 @@ class AnthropicToResponsesStream:
     _DELTAS = {("message", "text_delta"): "_text_delta", ("message", "citations_delta"): "_citation",
                ("reasoning", "thinking_delta"): "_thinking_delta", ("reasoning", "signature_delta"): "_signature",
                ("function_call", "input_json_delta"): "_arguments_delta",
-               ("custom_tool_call", "input_json_delta"): "_custom_input_delta"}
+               ("custom_tool_call", "input_json_delta"): "_custom_input_delta",
+               ("tool_search_call", "input_json_delta"): "_custom_input_delta"}
     _CLOSERS = {"message": "_close_message", "reasoning": "_close_reasoning",
-                "function_call": "_close_function_call", "custom_tool_call": "_close_custom_call"}
+                "function_call": "_close_function_call", "custom_tool_call": "_close_custom_call",
+                "tool_search_call": "_close_tool_search"}
 
     def __init__(self, shell: dict, *, tools: Optional[Dict[str, dict]] = None, origin: str = "",
                  summaries: bool = True, ids: Callable[[str], str] = new_id):
@@ -6192,6 +6479,9 @@ class AnthropicToResponsesStream:
         if entry["type"] == "custom":
             item = {"id": self._ids("ctc_"), "type": "custom_tool_call", "call_id": block.get("id"),
                     "name": entry["name"], "input": ""}
+        elif entry["type"] == "tool_search":
+            item = {"id": self._ids("ts_"), "type": "tool_search_call", "call_id": block.get("id"),
+                    "execution": "client", "arguments": {}, "status": "in_progress"}
         else:
             item = {"id": self._ids("fc_"), "type": "function_call", "status": "in_progress", "arguments": "",
                     "call_id": block.get("id"), "name": entry["name"]}
@@ -6216,6 +6506,10 @@ class AnthropicToResponsesStream:
         arguments = arguments or "{}"
         events.append(self._part_event("response.function_call_arguments.done", state, arguments=arguments))
         return events, dict(state["item"], arguments=arguments)
+
+    def _close_tool_search(self, state: dict) -> Tuple[List[dict], dict]:
+        arguments = _parse_tool_input("".join(state["json"]))
+        return [], dict(state["item"], arguments=arguments if isinstance(arguments, dict) else {})
 
     def _close_custom_call(self, state: dict) -> Tuple[List[dict], dict]:
         wrapped = _parse_tool_input("".join(state["json"]))
@@ -7512,6 +7806,14 @@ async def drain_rest(body: AsyncIterator[bytes], timeout: float = 0.5) -> None:
         pass
 
 
+def close_stages(stages: List[Any]) -> bytes:
+    """The bytes byte stages (feed/close) still hold at the end of a stream, each through the next."""
+    out = b""
+    for stage in stages:
+        out = stage.feed(out) + stage.close()
+    return out
+
+
 def feed_events(machine: Any, events: List[Any], parsed: bool = False) -> List[Any]:
     """Feed upstream events (SSE (event, data) pairs, or dicts when parsed) to a converter;
     [DONE] closes it; an event of a shape the converter cannot take is a MalformedStream holding
@@ -8254,33 +8556,41 @@ class Exchange:
                           "upstream", response.status, self.server.redactor.clip(body.decode("utf-8", "replace"), 2000))
             raise UpstreamStatus(response.status, response.headers, body)
 
-    async def relay_raw(self, response: UpstreamResponse) -> None:
-        """Passthrough: the upstream's bytes to the client as they arrive, no re-serialising."""
+    async def relay_raw(self, response: UpstreamResponse, tag_as: Optional[str] = None) -> None:
+        """Passthrough: the upstream's bytes to the client as they arrive, no re-serialising
+        (tag_as: a vendor's name, its signatures tagged in place; then the plugins' stream hooks)."""
         content_type = response.headers.get("content-type", "application/json")
         headers = [("content-type", content_type)] + relayed_headers(response.headers)
         if "text/event-stream" not in content_type and self.relay is None:
             raw = await response.read()
             self.meter.take_body(raw)
+            if tag_as:
+                raw = convert(UpstreamError, "upstream answer", tag_message_bytes, raw, tag_as)
             await self.answer_raw(response.status, headers, raw)
             return
         relay = self.open_stream(response.status, headers + [("cache-control", "no-cache")])
         scan, push = UsageScanner(self.meter).feed, self.out.push
-        rewrite = self.plugins.event_rewriter(self) if self.plugins else None
+        stages = [stage for stage in (SignatureTagRelay(tag_as) if tag_as else None,
+                                      self.plugins.event_rewriter(self) if self.plugins else None) if stage]
         last = b""
 
         def sink(data: bytes, framed: Optional[bytes]) -> None:
             nonlocal last
             scan(data)
             last = data
-            push(data, framed) if rewrite is None else push(rewrite.feed(data))
+            if not stages:
+                push(data, framed)
+                return
+            for stage in stages:
+                data = stage.feed(data)
+            push(data)
         try:
             await response.pump(sink, self.out.writer)
         except UpstreamError as exc:
             if not sse_answer_ended(last):
                 raise                                   # cut mid-answer: the client must know
             log.debug("request %s: %s after the answer ended; the client has all of it", self.req.id, exc.message)
-        if rewrite is not None:
-            await relay.send(rewrite.close())
+        await relay.send(close_stages(stages))
         relay.stop()
         await self.out.finish()
 
@@ -8587,7 +8897,8 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     """Anthropic in, Anthropic out: model name and credentials rewritten, the query string and
     every field kept, bytes relayed; thinking blocks the provider did not issue are removed
     (own_thinking_only), mid-conversation system messages become user text for a model that takes
-    none (a session routed to another model), and a vendor's own signatures are tagged on the way
+    none (a session routed to another model), a request shaped for another model is fitted to the
+    target's facts (fit_to_target_model), and a vendor's own signatures are tagged on the way
     back. A can_stream: false model is called whole and its answer streamed by the proxy."""
     own_endpoint = x.req.path == path        # not test_conversion, whose query is the proxy's own
     target_path = path + ("?" + x.req.query if x.req.query and own_endpoint else "")
@@ -8598,6 +8909,7 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
         if not takes_mid_system(target):
             own = fold_system_messages(own, notes)
         if path == "/v1/messages":
+            own = fit_to_target_model(own, target.spec, notes)
             own = fit_anthropic_request(own, target.facts(), target.effort, target.spec.get("max_tokens"), notes)
         if body.get("stream") and not streams_upstream(target, body):
             own = dict(own, stream=False)
@@ -8606,26 +8918,17 @@ async def anthropic_passthrough(x: Exchange, body: dict, path: str) -> None:
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
+        provider = x.target.provider
+        tag = provider["name"] if provider["tag_signatures"] and path == "/v1/messages" else None
         if body.get("stream") and "text/event-stream" not in response.headers.get("content-type", ""):
             message = await x.read_upstream_json(response)
+            message = tag_message_signatures(message, tag) if tag else message
             await send_events(x, convert(UpstreamError, "upstream answer", anthropic_message_as_events, message),
                               format_anthropic_event)
-        elif x.target.provider["tag_signatures"] and path == "/v1/messages":
-            await relay_tagged(x, response)
         else:
-            await x.relay_raw(response)
+            await x.relay_raw(response, tag)
     finally:
         response.close()
-
-
-async def relay_tagged(x: Exchange, response: UpstreamResponse) -> None:
-    """A vendor's answer with its thinking signatures tagged with its name (so only it gets them back)."""
-    provider = x.target.provider["name"]
-    if "text/event-stream" in response.headers.get("content-type", ""):
-        await x.relay_converted(response, SignatureTagger(provider), format_anthropic_event)
-        return
-    message = tag_message_signatures(parse_upstream_json(await response.read()), provider)
-    await x.out.respond_json(response.status, message, relayed_headers(response.headers))
 
 
 async def anthropic_via_openai(x: Exchange, body: dict) -> None:
@@ -8704,16 +9007,21 @@ async def handle_chat_completions(x: Exchange) -> None:
 
 async def openai_passthrough(x: Exchange, body: dict, path: str = "/chat/completions") -> None:
     """OpenAI in, OpenAI out (chat completions, or Responses to a provider serving them): only
-    the model name and the credentials rewritten."""
+    the model name and the credentials rewritten, and for a thinking mode that wants its reasoning
+    back (replay_reasoning) each assistant turn without it gets it empty."""
     async def build(target: Target) -> Tuple[str, List[Tuple[str, str]], bytes]:
         url, headers, _ = await x.openai_call(target, {}, path)
+        field = upstream_spec(target).get("replay_reasoning") if path == "/chat/completions" else None
+        notes: Notes = []
+        own = with_replayed_reasoning(body, field, notes) if field else body
+        x.say(notes)
         if body.get("stream") and not streams_upstream(target, body):
-            whole = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+            whole = {k: v for k, v in own.items() if k not in ("stream", "stream_options")}
             return url, headers, await x.run(json_bytes, dict(whole, model=target.spec["model"]))
-        same = body["model"] == target.spec["model"]
+        same = own is body and body["model"] == target.spec["model"]
         if x.req.query:                         # the client's query string is kept (Azure's after it)
             url += ("&" if "?" in url else "?") + x.req.query
-        return url, headers, x.req.body if same else await x.run(json_bytes, dict(body, model=target.spec["model"]))
+        return url, headers, x.req.body if same else await x.run(json_bytes, dict(own, model=target.spec["model"]))
     response = await x.send(build, stream=bool(body.get("stream")))
     try:
         await x.check_status(response)
@@ -8792,7 +9100,7 @@ async def handle_responses(x: Exchange) -> None:
         return
     own_input = with_item_ids(await x.run(convert, BadRequest, "request", responses_input_items, body))
     expanded = dict(body, input=await responses_history(x, body, own_input))
-    _, tools, dropped = convert(BadRequest, "request", responses_tools, body)
+    _, tools, dropped = await x.run(convert, BadRequest, "request", responses_tools, expanded)
     if dropped:                                    # Codex sends web_search on every request: said once
         log.debug("request %s: built-in tools without an equivalent dropped: %s", x.req.id, ", ".join(dropped))
         x.say([(f"tools.{kind}", "a built-in tool without an equivalent on this route, dropped") for kind in dropped])
@@ -8864,14 +9172,15 @@ async def responses_converted(x: Exchange, body: dict, expanded: dict, machine: 
 async def responses_call(x: Exchange, target: Target, expanded: dict) -> Tuple[str, List[Tuple[str, str]], bytes]:
     """URL, headers and body of the upstream call for a Responses request on this target."""
     origin = reasoning_origin(target)
+    notes: Notes = []
     if target.provider["format"] == "openai":
         openai_body = await x.run(convert, BadRequest, "request", responses_to_openai_request, expanded,
-                                  upstream_spec(target), variant_effort=target.effort, origin=origin)
+                                  upstream_spec(target), variant_effort=target.effort, origin=origin, notes=notes)
+        x.say(notes)
         if not streams_upstream(target, expanded):
             openai_body.pop("stream", None)
             openai_body.pop("stream_options", None)
         return await x.openai_call(target, openai_body)
-    notes: Notes = []
     anthropic_body = await x.run(convert, BadRequest, "request", responses_to_anthropic_request, expanded,
                                  target.spec["model"], facts=target.facts(), variant_effort=target.effort,
                                  origin=origin, anthropic_version=target.provider["anthropic_version"], notes=notes)

@@ -1476,10 +1476,23 @@ REQUEST_ROWS = [
     ("assistant prefill string content", req(messages=[{"role": "user", "content": "hi"},
                                                        {"role": "assistant", "content": "{"}]), {},
      out(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}])),
-    ("strict kept on tools; defer_loading, input_examples & co. dropped",
-     req(tools=[dict(WEATHER_TOOL, strict=True, defer_loading=True, input_examples=[{"city": "x"}],
+    ("strict kept on tools; input_examples & co. dropped",
+     req(tools=[dict(WEATHER_TOOL, strict=True, input_examples=[{"city": "x"}],
                      eager_input_streaming=True, allowed_callers=["direct"])]), {},
      out(tools=[{"type": "function", "function": dict(WEATHER_FUNCTION["function"], strict=True)}])),
+    ("a deferred tool is sent once a tool_reference has loaded it; Claude Code's placeholder never is",
+     req(tools=[dict(WEATHER_TOOL, defer_loading=True), dict(WEATHER_TOOL, name="later", defer_loading=True),
+                {"name": "DeferredToolPlaceholder", "input_schema": {"type": "object", "properties": {}},
+                 "defer_loading": True}],
+         messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                       {"type": "tool_reference", "tool_name": "weather"}]}]}]), {},
+     out(tools=[WEATHER_FUNCTION],
+         messages=[{"role": "user", "content": "go"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "t1", "type": "function", "function": {"name": "ToolSearch", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "t1", "content": "Tool loaded: weather"}])),
     ("ToolSearch's tool_reference results name the loaded tools",
      req(messages=[{"role": "user", "content": "go"},
                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch",
@@ -1680,6 +1693,12 @@ CLAUDE_CODE_2_1_332 = json.loads(r'''{
 }''')
 
 
+# Claude Code 2.1.332, `claude -p --model glm-4.6 "say hi"` against a local recorder (trimmed: texts cut,
+# three of its twelve tools kept, schema descriptions removed): for a model name it does not know it
+# sends adaptive thinking, effort high, max_tokens 32000, clear_thinking edits and the trailing system message.
+CLAUDE_CODE_UNKNOWN_MODEL = json.loads(r'''{"path": "/v1/messages?beta=true", "headers": {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,advanced-tool-use-2025-11-20,effort-2025-11-24", "anthropic-version": "2023-06-01", "user-agent": "claude-cli/2.1.332 (external, sdk-cli)", "x-app": "cli"}, "body": {"model": "glm-4.6", "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>\nAttribution for git commits and pull reque…"}, {"type": "text", "text": "say hi"}]}, {"role": "system", "content": [{"type": "text", "text": "# Environment\nYou have been invoked in the following environ…", "cache_control": {"type": "ephemeral"}}]}], "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.0b8; cc_entry…"}, {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SD…", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "\nYou are an agent working with the user toward their goals, …", "cache_control": {"type": "ephemeral"}}], "tools": [{"name": "Read", "description": "Reads a file from the local filesystem.\n\n- `file_path` must …", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"], "additionalProperties": false}}, {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools so they c…", "input_schema": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"query": {"type": "string"}, "max_results": {"default": 5, "type": "number"}}, "required": ["query"], "additionalProperties": false}}, {"name": "DeferredToolPlaceholder", "description": "Reserved placeholder that keeps deferred tool loading active…", "input_schema": {"type": "object", "properties": {}}, "defer_loading": true}], "metadata": {"user_id": "{\"device_id\":\"296bc53a487a1d5eb80602d4149b0b74be08daf5bf28bbdaa0d8c8c529591ea7\",\"account_uuid\":\"\",\"session_id\":\"44ab9889-1676-4d93-9330-b9a52cb4446d\"}"}, "max_tokens": 32000, "thinking": {"type": "adaptive", "display": "omitted"}, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}, "output_config": {"effort": "high"}, "stream": true}}''')
+
+
 def check_anthropic_request(anthropic_body):
     """What Anthropic checks first: a user turn first, non-empty turns, each tool_use answered next."""
     messages = anthropic_body["messages"]
@@ -1696,10 +1715,12 @@ def test_claude_code_2_1_332_requests_through_both_conversion_paths(name):
     captured = CLAUDE_CODE_2_1_332[name]
     notes = []
     openai_body = anthropic_to_openai_request(captured["body"], make_spec(model="gpt-5"), notes=notes)
-    check_openai_request(openai_body, len(captured["body"]["tools"]))
+    check_openai_request(openai_body, len(captured["body"]["tools"]) - 1)      # DeferredToolPlaceholder: not loaded
+    assert "DeferredToolPlaceholder" not in {t["function"]["name"] for t in openai_body["tools"]}
     noted = {cp._NOTE_INDEX.sub(".*", path) for path, _ in notes}
-    assert {"context_management", "thinking.display", "messages.*.output_config", "tools.*.defer_loading"} <= noted
+    assert {"context_management", "thinking.display", "messages.*.output_config", "tools.*"} <= noted
     assert ("safeguards" in noted) == (name == "auto_mode")
+    assert ("tools.*.defer_loading" in noted) == (name == "tool_search")       # loaded tools lose the flag alone
     # the mid-conversation system message stays where it was: in the first user turn, not the system prompt
     assert "# Environment" not in openai_body["messages"][0]["content"]
     assert "<system-reminder>\n# Environment" in openai_body["messages"][1]["content"]
@@ -3444,6 +3465,50 @@ def test_replay_recorded_fixture(name, include_usage):
     if include_usage:
         assert chunks[-2]["usage"]["completion_tokens"] == last_delta["usage"]["output_tokens"]
 
+
+# ---- a request shaped for another model, fitted to the one it goes to (passthrough) -------------
+
+UNKNOWN_FITTED = {   # Claude Code's request for a name it does not know -> what each target gets
+    "claude-sonnet-4-5": ({"thinking": {"type": "enabled", "budget_tokens": 32768}, "max_tokens": 32768 + 1024,
+                           "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}},
+                          ["thinking", "thinking.display", "max_tokens", "output_config.effort"]),
+    "claude-3-5-haiku": ({"max_tokens": 8192}, ["thinking", "context_management.edits", "output_config.effort", "max_tokens"]),
+    "claude-opus-4-6": ({"thinking": {"type": "enabled", "budget_tokens": 32768}, "output_config": {"effort": "high"},
+                         "max_tokens": 32768 + 1024,
+                         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}},
+                        ["thinking", "thinking.display", "max_tokens"]),
+}
+FITTED_KEYS = ("thinking", "output_config", "max_tokens", "context_management")
+
+
+@pytest.mark.parametrize("target", sorted(UNKNOWN_FITTED))
+def test_a_request_shaped_for_an_unknown_name_is_fitted_to_the_known_target(target):
+    sent = CLAUDE_CODE_UNKNOWN_MODEL["body"]
+    notes = []
+    fitted = cp.fit_to_target_model(sent, make_spec(model=target), notes)
+    expected, noted = UNKNOWN_FITTED[target]
+    assert {k: fitted[k] for k in FITTED_KEYS if k in fitted} == expected and [p for p, _ in notes] == noted
+    assert {k: v for k, v in fitted.items() if k not in FITTED_KEYS} == {k: v for k, v in sent.items() if k not in FITTED_KEYS}
+    assert sent == CLAUDE_CODE_UNKNOWN_MODEL["body"]                     # the client's body is not changed
+
+
+def test_a_target_with_no_facts_gets_the_request_as_sent_and_a_note():
+    sent = CLAUDE_CODE_UNKNOWN_MODEL["body"]
+    notes = []
+    assert cp.fit_to_target_model(sent, make_spec(model="glm-4.6"), notes) is sent
+    assert [p for p, _ in notes] == ["model"] and "'glm-4.6'" in notes[0][1]
+    for target in ("claude-opus-5-5", "claude-fable-5-2"):              # facts fit the request as it is
+        assert cp.fit_to_target_model(sent, make_spec(model=target)) is sent
+    opus = dict(sent, model="claude-opus-4-6", thinking={"type": "enabled", "budget_tokens": 4096})
+    assert cp.fit_to_target_model(opus, make_spec(model="claude-opus-4-6")) is opus      # shaped for it: as sent
+    entry = make_spec(model="glm-4.6", thinking="budget", max_tokens=16000)            # a models[] entry's facts
+    fitted = cp.fit_to_target_model(sent, entry)
+    assert (fitted["thinking"], fitted["max_tokens"], fitted["output_config"]) == (
+        {"type": "enabled", "budget_tokens": 16000 - 1024}, 16000, {"effort": "high"})
+    newer = cp.fit_to_target_model(dict(opus, model="x"), make_spec(model="claude-opus-4-8"))
+    assert newer["thinking"] == {"type": "adaptive"}                   # no budget on an adaptive-only model
+
+
 # =============================================================================================
 # 9. Sessions that switch routes: thinking signatures by origin
 # =============================================================================================
@@ -3528,17 +3593,89 @@ def test_system_messages_fold_into_user_text_for_a_model_that_takes_none():
     assert cp.fold_system_messages(plain) is plain
 
 
-def test_vendor_signatures_are_tagged_in_streams_and_answers():
-    tagger = cp.SignatureTagger("kimi")
-    events = [{"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
-              {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ks"}},
-              {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "kd"}},
-              {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}}, {"type": "message_stop"}]
-    out = [e for event in events for e in tagger.feed(event)]
-    assert out[1]["delta"]["signature"] == "claude-proxy:kimi:ks" and out[2]["content_block"]["data"] == "claude-proxy:kimi:kd"
-    assert out[0] == events[0] and tagger.saw_finish and tagger.finished
-    message = cp.tag_message_signatures(fold_anthropic_events([{"type": "message_start", "message": {}}] + out), "x")
-    assert cp.untag_signature(message["content"][0]["signature"]) == ("x", "claude-proxy:kimi:ks")
+# A vendor's stream as it might send it: spaces after separators (json.dumps' default, not our compact
+# encoding), a comment line, a ping, a thinking_delta whose text names the marker words, a thinking
+# block, its signature_delta, a redacted_thinking block and a text block.
+VENDOR_EVENTS = [
+    {"type": "message_start", "message": {"id": "msg_v", "type": "message", "role": "assistant", "model": "k2",
+                                          "content": [], "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}},
+    {"type": "ping"},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta",
+                                                          "thinking": "a signature_delta in content_block_start? é"}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ks=="}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "kd"}},
+    {"type": "content_block_stop", "index": 1},
+    {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Hi"}},
+    {"type": "content_block_stop", "index": 2},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}},
+    {"type": "message_stop"}]
+VENDOR_SIGNED = (4, 6)          # the events that carry a signature
+VENDOR_SIGNED_TAIL = b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {"type": "signature_delta", "signature": "s"}}'
+
+
+def vendor_stream_bytes(newline=b"\n"):
+    """(the vendor's bytes, what the client must get: the same bytes, the two signed events re-encoded tagged)."""
+    sent, expected = [b": keep-alive" + newline + newline], [b": keep-alive" + newline + newline]
+    for i, event in enumerate(VENDOR_EVENTS):
+        raw = sse_event(event["type"], event).replace(b"\n", newline)
+        sent.append(raw)
+        expected.append(cp.format_anthropic_event(cp.tag_event_signature(event, "kimi")) if i in VENDOR_SIGNED else raw)
+    return b"".join(sent), b"".join(expected)
+
+
+def relay_through_tagger(pieces):
+    tagger = cp.SignatureTagRelay("kimi")
+    return b"".join(tagger.feed(piece) for piece in pieces) + tagger.close()
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_vendor_stream_is_relayed_as_sent_except_its_signed_events(newline):
+    sent, expected = vendor_stream_bytes(newline)
+    assert sent != expected and relay_through_tagger([sent]) == expected
+    assert relay_through_tagger([sent[i:i + 1] for i in range(len(sent))]) == expected          # byte by byte
+    for i in range(len(sent) + 1):                                                              # split at every index
+        assert relay_through_tagger([sent[:i], sent[i:]]) == expected, i
+    unterminated = sent.rstrip(b"\r\n")                        # a last event without its blank line
+    assert relay_through_tagger([unterminated]) == expected.rstrip(b"\r\n")
+    assert relay_through_tagger([sent[:sent.rindex(b"event: content_block_delta")] + VENDOR_SIGNED_TAIL]) == \
+        expected[:expected.rindex(b"event: content_block_delta")] + b"event: content_block_delta\n" + \
+        b'data: {"type":"content_block_delta","delta":{"type":"signature_delta","signature":"claude-proxy:kimi:s"}}\n\n'
+
+    events = [data for _, data in sse_events(expected)]
+    assert events[4]["delta"]["signature"] == "claude-proxy:kimi:ks==" and events[6]["content_block"]["data"] == \
+        "claude-proxy:kimi:kd" and events[2] == VENDOR_EVENTS[2]          # an empty signature is left as sent
+    message = fold_anthropic_events(events)
+    assert cp.untag_signature(message["content"][0]["signature"]) == ("kimi", "ks==")
+
+
+@pytest.mark.parametrize("raw_event, could", [
+    (b'data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"thinking"}}\n\n', False),
+    (b'data: {"type":"content_block_delta","delta":{"type":"thinking_delta","thinking":"x"}}\n\n', False),
+    (b'data: {"type":"content_block_start","content_block":{"type":"text","text":""}}\n\n', False),
+    (b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n', False),
+    (b'data: {"type":"content_block_delta","delta":{"type":"signature_delta","signature":"s"}}\n\n', True),
+    (b'data: {"type":"content_block_start","content_block":{"type":"thinking","signature":""}}\n\n', True),
+    (b'data: {"type":"content_block_start","content_block":{"type":"redacted_thinking","data":"d"}}\n\n', True)])
+def test_only_events_that_could_carry_a_signature_are_decoded(raw_event, could):
+    assert cp._could_carry_signature(raw_event) is could
+
+
+def test_vendor_answer_keeps_its_bytes_but_its_signatures():
+    message = {"id": "msg_v", "type": "message", "role": "assistant", "model": "k2", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "ks/+=="}, {"type": "redacted_thinking", "data": "kd"},
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {"data": "x", "signature": "s"}},
+        {"type": "text", "text": "Hi é"}], "stop_reason": "end_turn", "usage": {"input_tokens": 5, "output_tokens": 9}}
+    raw = json.dumps(message, indent=2, ensure_ascii=True).encode()
+    tagged = cp.tag_message_bytes(raw, "kimi")
+    assert tagged == raw.replace(b'"ks/+=="', b'"claude-proxy:kimi:ks/+=="').replace(b'"kd"', b'"claude-proxy:kimi:kd"')
+    assert json.loads(tagged) == cp.tag_message_signatures(message, "kimi")
+    plain = json.dumps(dict(message, content=message["content"][2:]), indent=1).encode()
+    assert cp.tag_message_bytes(plain, "kimi") is plain
+    escaped = raw.replace(b"ks/+==", b"ks\\/+==")              # a value not found as parsed: re-encoded whole
+    assert json.loads(cp.tag_message_bytes(escaped, "kimi")) == cp.tag_message_signatures(message, "kimi")
 
 
 # =============================================================================================
@@ -3677,7 +3814,9 @@ def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
         "model": "claude-sonnet-4-5", "max_tokens": 32768 + 1024, "system": CLAUDE_CODEX_SYSTEM, "stream": True,
         "thinking": {"type": "enabled", "budget_tokens": 32768}, "tool_choice": {"type": "auto"},
         "tools": [CLAUDE_CODEX_TOOLS[0], {"name": "apply_patch", "description": (CODEX_55_TOOLS[1]["description"] + note).strip(),
-                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]}],
+                                          "input_schema": CLAUDE_APPLY_PATCH["input_schema"]},
+                  {"name": "tool_search", "description": CODEX_55_TOOLS[2]["description"],
+                   "input_schema": CODEX_55_TOOLS[2]["parameters"]}],
         "messages": [
             CLAUDE_CODEX_USER,
             {"role": "assistant", "content": [
@@ -3685,7 +3824,9 @@ def test_codex_gpt55_turn2_apply_patch_replayed_with_its_thinking():
                 {"type": "tool_use", "id": "toolu_A", "name": "apply_patch", "input": {"input": CODEX_55_PATCH}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_A",
                                           "content": CODEX_55_TURN2["input"][-1]["output"]}]}]}
-    assert cp.responses_tools(CODEX_55_TURN2)[2] == ["tool_search", "web_search"]
+    assert cp.responses_tools(CODEX_55_TURN2)[1:] == ({
+        "exec_command": {"type": "function", "name": "exec_command"}, "apply_patch": {"type": "custom", "name": "apply_patch"},
+        "tool_search": {"type": "tool_search", "name": "tool_search"}}, ["web_search"])
 
 
 @pytest.mark.skipif(not os.path.isdir(CODEX_FIXTURES), reason="shared fixtures absent")
@@ -3699,6 +3840,126 @@ def test_codex_fixture_requests_whole(name):
     assert table["multi_agent_v1__spawn_agent"] == {"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"}
     assert [m["role"] for m in anthropic_body["messages"]][0] == "user" and len(anthropic_body["system"]) == 3
     assert cp.anthropic_to_openai_request(anthropic_body, make_spec())["tools"][0]["function"]["name"] == "exec_command"
+
+
+# Codex 0.171.0 with its default model gpt-6-astra (PROTOCOLS K; recorded against a local recorder,
+# trimmed: descriptions and the developer prompt cut, 5 of 11 tools kept): no top-level `tools`, the
+# first input item is `additional_tools` with three namespaces, `functions` holding the custom `exec`.
+EXEC_LARK = ("\nstart: pragma_source | plain_source\npragma_source: PRAGMA_LINE NEWLINE SOURCE\nplain_source: SOURCE\n\n"
+             "PRAGMA_LINE: /[ \\t]*\\/\\/ @exec:[^\\r\\n]*/\nNEWLINE: /\\r?\\n/\nSOURCE: /[\\s\\S]+/\n")
+ASTRA_TOOLS_ITEM = {"type": "additional_tools", "id": "at_01a24f2f-121c-7610-8ab3-feb47845c2b0", "role": "developer", "tools": [
+    {"type": "namespace", "name": "functions", "description": "", "tools": [
+        {"type": "custom", "name": "exec", "description": "Run JavaScript code to orchestrate/compose tool calls",
+         "format": {"type": "grammar", "syntax": "lark", "definition": EXEC_LARK}},
+        {"type": "function", "name": "wait", "description": "Wait for a running exec cell.", "strict": False,
+         "parameters": {"type": "object", "properties": {"cell_id": {"type": "string"}}, "required": ["cell_id"],
+                        "additionalProperties": False}}]},
+    {"type": "namespace", "name": "clock", "description": "Time.", "tools": [
+        {"type": "function", "name": "sleep", "description": "Sleep.", "strict": False, "parameters": {
+            "type": "object", "properties": {"duration_ms": {"type": "number"}}, "required": ["duration_ms"],
+            "additionalProperties": False}}]},
+    {"type": "namespace", "name": "collaboration", "description": "Agents.", "tools": [
+        {"type": "function", "name": "list_agents", "description": "List agents.", "strict": False,
+         "parameters": {"type": "object", "properties": {"path_prefix": {"type": "string"}}, "additionalProperties": False}},
+        {"type": "function", "name": "send_message", "description": "Message an agent.", "strict": False, "parameters": {
+            "type": "object", "properties": {"message": {"type": "string", "encrypted": True}, "target": {"type": "string"}},
+            "required": ["message", "target"], "additionalProperties": False}}]}]}
+ASTRA_TURN1 = {
+    "model": "gpt-6-astra", "stream": True, "tool_choice": "auto", "parallel_tool_calls": False,
+    "reasoning": {"effort": "low", "context": "all_turns"}, "store": False, "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "01a24f2f-11dd-7b12-89d6-9a9dba0ad9db", "text": {"verbosity": "low"},
+    "client_metadata": {"session_id": "01a24f2f-11dd-7b12-89d6-9a9dba0ad9db"},
+    "input": [ASTRA_TOOLS_ITEM,
+              {"type": "message", "id": "msg_01a24f2f-121c-7610-8ab3-fecd0eed2866", "role": "developer",
+               "content": [{"type": "input_text", "text": "You are Codex, an agent based on GPT-6."}]},
+              {"type": "message", "id": "msg_01a24f2f-1229-78a2-97ef-2e51f2636c64", "role": "user",
+               "content": [{"type": "input_text", "text": "create the file hello.txt with hi"}]}]}
+ASTRA_EXEC_INPUT = "// @exec: write\nawait tools.exec_command({cmd: 'printf hi > hello.txt'})"
+ASTRA_TURN2 = dict(ASTRA_TURN1, input=ASTRA_TURN1["input"] + [
+    {"type": "custom_tool_call", "id": "ctc_1", "call_id": "toolu_0", "namespace": "functions", "name": "exec",
+     "input": ASTRA_EXEC_INPUT},
+    {"type": "custom_tool_call_output", "call_id": "toolu_0", "output": "exit 0"},
+    ASTRA_TOOLS_ITEM])                              # a history can bring its tools again
+
+
+def test_codex_default_model_sends_its_tools_in_an_additional_tools_item():
+    anthropic_body = cp.responses_to_anthropic_request(ASTRA_TURN1, "claude-sonnet-4-5", origin=ORIGIN)
+    exec_tool = ASTRA_TOOLS_ITEM["tools"][0]["tools"][0]
+    assert [t["name"] for t in anthropic_body["tools"]] == [
+        "functions__exec", "functions__wait", "clock__sleep", "collaboration__list_agents", "collaboration__send_message"]
+    assert anthropic_body["tools"][0] == {
+        "name": "functions__exec", "input_schema": CLAUDE_APPLY_PATCH["input_schema"],
+        "description": (exec_tool["description"] + "\n\nPass the tool's raw free-form input as the `input` string, "
+                        "exactly as the tool expects it. It must match this lark grammar:\n" + EXEC_LARK).strip()}
+    assert anthropic_body["messages"] == [UT("create the file hello.txt with hi")]
+    assert anthropic_body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    _, table, dropped = cp.responses_tools(ASTRA_TURN1)
+    assert table["functions__exec"] == {"type": "custom", "name": "exec", "namespace": "functions"} and dropped == []
+    events = responses_replay(anthropic_tool_events("functions__exec", json.dumps({"input": ASTRA_EXEC_INPUT})),
+                              tools=table)
+    check_responses_grammar(events)
+    assert events[-1]["response"]["output"] == [{"id": "ctc_1", "type": "custom_tool_call", "call_id": "toolu_9",
+                                                 "name": "exec", "input": ASTRA_EXEC_INPUT, "namespace": "functions"}]
+
+
+def test_a_replayed_history_brings_its_additional_tools_once_and_the_call_back():
+    notes = []
+    anthropic_body = cp.responses_to_anthropic_request(ASTRA_TURN2, "claude-sonnet-4-5", origin=ORIGIN, notes=notes)
+    assert len(anthropic_body["tools"]) == 5 and not [path for path, _ in notes if path.startswith("input")]
+    assert anthropic_body["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_0", "name": "functions__exec",
+                                           "input": {"input": ASTRA_EXEC_INPUT}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "exit 0"}]}]
+    changed = dict(ASTRA_TOOLS_ITEM, tools=[{"type": "function", "name": "sleep", "parameters": None}])
+    later = cp.responses_tools(dict(ASTRA_TURN1, input=ASTRA_TURN1["input"] + [changed], tools=[FN]))[0]
+    assert [t["name"] for t in later][:2] == ["get_weather", "functions__exec"] and later[-1]["name"] == "sleep"
+    with pytest.raises(cp.BadRequest) as raised:
+        cp.responses_tools(R(tools=[FN, FN]))
+    assert raised.value.param == "tools.1"
+
+
+TOOL_SEARCH = {"type": "tool_search", "execution": "client", "description": "Find tools.",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}
+
+
+def test_a_client_run_tool_search_is_a_tool_its_call_and_output_round_trip():
+    body = R(tools=[TOOL_SEARCH, {"type": "tool_search"}], input=[
+        {"role": "user", "content": "weather?"},
+        {"type": "tool_search_call", "call_id": "call_s", "execution": "client", "arguments": {"query": "weather"},
+         "status": "completed"},
+        {"type": "tool_search_output", "call_id": "call_s", "execution": "client", "status": "completed",
+         "tools": [FN, {"type": "namespace", "name": "ns", "description": "", "tools": [APPLY_PATCH]}]}])
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN)
+    assert [t["name"] for t in anthropic_body["tools"]] == ["tool_search", "get_weather", "ns__apply_patch"]
+    assert anthropic_body["tools"][0] == {"name": "tool_search", "description": "Find tools.",
+                                          "input_schema": TOOL_SEARCH["parameters"]}
+    assert anthropic_body["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_s", "name": "tool_search",
+                                           "input": {"query": "weather"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_s",
+                                      "content": "Tool loaded: get_weather\nTool loaded: ns__apply_patch"}]}]
+    _, table, dropped = cp.responses_tools(body)
+    assert dropped == ["tool_search"]                # the server-run one: OpenAI's own search
+    events = responses_replay(anthropic_tool_events("tool_search", '{"query": "calendar"}'), tools=table)
+    check_responses_grammar(events)
+    assert events[-1]["response"]["output"] == [{"id": "ts_1", "type": "tool_search_call", "call_id": "toolu_9",
+                                                 "execution": "client", "arguments": {"query": "calendar"},
+                                                 "status": "completed"}]
+
+
+def test_nothing_in_input_is_dropped_without_a_note():
+    foreign = blob(THINK, origin="openai/gpt-5")
+    body = R(input=[{"role": "user", "content": "hi"}, {"type": "reasoning", "id": "rs_1", "summary": [],
+                                                         "encrypted_content": foreign},
+                    {"type": "compaction", "encrypted_content": "opaque"},
+                    {"type": "tool_search_call", "execution": "server", "arguments": {}},
+                    {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search"}},
+                    {"role": "assistant", "content": "ok"}])
+    notes = []
+    anthropic_body = cp.responses_to_anthropic_request(body, "claude-sonnet-4-5", origin=ORIGIN, notes=notes)
+    assert [path for path, _ in notes] == ["input.1", "input.2", "input.3", "input.4"]
+    assert "compaction" in notes[1][1] and "web_search_call" in notes[3][1]
+    assert anthropic_body["messages"] == [UT("hi"), {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
 
 
 # ---- request conversion: table tests (PROTOCOLS G.2-G.4, G.9) -----------------------------------
@@ -4006,6 +4267,9 @@ def _check_done_item(event, state):
     elif done["type"] == "function_call":
         assert done["arguments"] == state["text"] and done["status"] in ("completed", "incomplete")
         assert done["call_id"] and done["name"]
+    elif done["type"] == "tool_search_call":            # no delta events: the arguments come whole
+        assert state["text"] == "" and isinstance(done["arguments"], dict) and done["execution"] == "client"
+        assert done["call_id"] and done["status"] in ("completed", "incomplete")
     else:
         assert done["input"] == state["text"] and done["call_id"] and done["name"]
 
@@ -4027,8 +4291,9 @@ def check_responses_grammar(events):
         if kind == "response.output_item.added":
             assert state is None and event["output_index"] == len(done_items)
             item = event["item"]
-            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call") and item["id"]
-            assert item.get("content", []) == [] and item.get("arguments", "") == "" and item.get("input", "") == ""
+            assert item["type"] in ("message", "reasoning", "function_call", "custom_tool_call", "tool_search_call")
+            assert item["id"] and item.get("content", []) == [] and item.get("input", "") == ""
+            assert item.get("arguments", "") == ("" if item["type"] != "tool_search_call" else {})
             assert item.get("status", "in_progress") == "in_progress" and item.get("summary", []) == []
             state = {"item": item, "index": event["output_index"], "text": "", "parts": 0, "annotations": []}
         elif kind == "response.output_item.done":
@@ -5409,6 +5674,61 @@ def test_openai_passthrough_rewrites_model_and_key_only(tmp_path):
     run(scenario())
 
 
+def thinking_mode_provider(req):
+    """DeepSeek's / Kimi's thinking mode (PROTOCOLS H.3), on unless the request turns it off: an assistant
+    turn with tool calls and no reasoning_content is a 400 worded as DeepSeek words it."""
+    body = req["body"]
+    if (body.get("thinking") or {}).get("type") != "disabled":
+        for i, message in enumerate(body["messages"]):
+            if message["role"] == "assistant" and message.get("tool_calls") and "reasoning_content" not in message:
+                return http_response(400, {"error": {"message": "Missing `reasoning_content` field in the assistant "
+                                                                "message at message index %d." % i,
+                                                     "type": "invalid_request_error", "code": "invalid_request_error"}})
+    return http_response(200, {"id": "c", "object": "chat.completion", "created": 1, "model": body["model"], "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok", "reasoning_content": "fine"},
+         "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+
+
+SWITCHED_TOOL_TURN = {"id": "call_g", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("model", ["deepseek-reasoner", "kimi-k2-thinking"])
+def test_a_session_switching_to_a_thinking_mode_sends_each_turn_its_reasoning_content(tmp_path, model):
+    """Tool turns another model answered reach the thinking mode with reasoning_content: the thinking text
+    the history carries, else empty; from an Anthropic client, a chat client and a Responses client."""
+    claude_turns = [{"role": "user", "content": "list files"},
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "ls it.", "signature": "sig-a"},
+                                                      {"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"}]},
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "sig-b"},
+                                                      {"type": "tool_use", "id": "t2", "name": "Bash", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "b.txt"}]},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t3", "name": "Bash", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t3", "content": "c.txt"}]}]
+    chat_turns = [{"role": "user", "content": "list files"},
+                  {"role": "assistant", "content": None, "tool_calls": [SWITCHED_TOOL_TURN]},
+                  {"role": "tool", "tool_call_id": "call_g", "content": "a.txt"},
+                  {"role": "assistant", "content": "Two files.", "reasoning_content": "kept as sent"},
+                  {"role": "user", "content": "and now?"}]
+    codex_input = CODEX_INPUT + CODEX_TURN2_TAIL              # its reasoning item is another server's
+
+    async def scenario():
+        async with FakeUpstream(thinking_mode_provider) as up:
+            config = make_config(tmp_path, providers={"p": {"format": "openai", "base_url": up.url + "/v1",
+                                                            "api_key": "sk-p-123456789"}}, routes={"default": "p," + model})
+            async with running_proxy(config) as (_, port):
+                answers = [await call(port, "POST", "/v1/messages", dict(HELLO, messages=claude_turns), ANTHROPIC_HEADERS),
+                           await call(port, "POST", "/v1/chat/completions", {"model": model, "messages": chat_turns}),
+                           await call(port, "POST", "/v1/responses", {"model": model, "input": codex_input, "store": False})]
+        return answers, up.requests
+    answers, sent = run(scenario())
+    assert [status for status, _, _ in answers] == [200, 200, 200], answers
+    replayed = [[m.get("reasoning_content") for m in r["body"]["messages"] if m["role"] == "assistant"] for r in sent]
+    assert replayed == [["ls it.", "", ""], ["", "kept as sent"], [""]]
+    assert sent[1]["body"]["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [SWITCHED_TOOL_TURN],
+                                              "reasoning_content": ""}
+
+
 def test_upstream_openai_error_becomes_anthropic_envelope(tmp_path):
     async def scenario():
         async with FakeUpstream(lambda req: http_response(400, {"error": {"message": "bad model", "type": "invalid_request_error", "code": None}})) as up:
@@ -5560,6 +5880,36 @@ def test_gateway_discovery_lists_a_claude_name_for_every_route(tmp_path):
         assert sent == ["big", "small", "deepseek-reasoner", "kimi-k2"]
         assert missing[0] == 200        # any name routes (default): retrievable
     run(scenario())
+
+
+def test_claude_code_with_a_name_it_does_not_know_gets_the_targets_rules_on_passthrough(tmp_path, caplog):
+    """Claude Code's request for `--model glm-4.6`: routed to Sonnet 4.5 it is fitted (budget thinking, no
+    effort, the trailing system message as user text); routed to a vendor model the table does not know it
+    goes byte for byte, said once at INFO."""
+    captured = CLAUDE_CODE_UNKNOWN_MODEL
+    headers = dict(captured["headers"], **ANTHROPIC_HEADERS)
+    raw = json.dumps(dict(captured["body"], stream=False)).encode()
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as up:
+            config = make_config(tmp_path, up.url, providers={"v": {"format": "anthropic", "base_url": up.url,
+                                                                    "api_key": "sk-v-123456789", "mid_system": True}},
+                                 routes={"default": "anthropic,claude-sonnet-4-5", "glm": "v"})
+            async with running_proxy(config) as (_, port):
+                answers = [await call(port, "POST", captured["path"], raw, headers) for _ in range(3)]
+                await call(port, "POST", captured["path"], json.dumps(dict(captured["body"], stream=False,
+                                                                            model="qwen3")).encode(), headers)
+        return answers, up.requests
+    with caplog.at_level(logging.INFO, logger="claude_proxy"):
+        answers, sent = run(scenario())
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert [r["raw"] for r in sent[:3]] == [raw] * 3                          # to glm-4.6 (route glm): as sent
+    fitted = sent[3]["body"]
+    assert fitted["model"] == "claude-sonnet-4-5" and fitted["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+    assert "output_config" not in fitted and fitted["max_tokens"] == 32768 + 1024
+    assert [m["role"] for m in fitted["messages"]] == ["user"] and "# Environment" in fitted["messages"][0]["content"][-1]["text"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model: thinking, effort")]
+    assert len(said) == 1 and "'glm-4.6'" in said[0], said
 
 
 def test_a_provider_list_that_fails_is_tolerated_and_logged_once(tmp_path, caplog):
@@ -5761,6 +6111,29 @@ def test_a_vendors_signatures_go_back_to_it_alone(tmp_path):
     assert [b["type"] for b in to_anthropic["messages"][1]["content"]] == ["text"]
 
 
+def test_a_vendors_stream_and_answer_reach_the_client_byte_for_byte_but_signatures(tmp_path):
+    sent, expected = vendor_stream_bytes()
+    answer = json.dumps({"id": "msg_v", "type": "message", "role": "assistant", "model": "k2", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "ks"}, {"type": "text", "text": "Hi"}],
+        "stop_reason": "end_turn", "usage": {"input_tokens": 5, "output_tokens": 9}}, indent=1).encode()
+    pieces = [sent[:7], sent[7:400], sent[400:401], sent[401:]]
+
+    def vendor_script(req):
+        return Stream(pieces) if req["body"].get("stream") else http_response(200, answer)
+
+    async def scenario():
+        async with FakeUpstream(vendor_script) as vendor:
+            config = make_config(tmp_path, providers={"kimi": {"format": "anthropic", "base_url": vendor.url,
+                                                               "api_key": "sk-kimi-1234567"}}, routes={"default": "kimi"})
+            async with running_proxy(config) as (_, port):
+                streamed = await call(port, "POST", "/v1/messages", dict(HELLO, model="k2", stream=True), ANTHROPIC_HEADERS)
+                whole = await call(port, "POST", "/v1/messages", dict(HELLO, model="k2"), ANTHROPIC_HEADERS)
+        return streamed, whole
+    (status, headers, body), (whole_status, _, whole_body) = run(scenario())
+    assert (status, headers["content-type"]) == (200, "text/event-stream") and body == expected
+    assert whole_status == 200 and whole_body == answer.replace(b'"ks"', b'"claude-proxy:kimi:ks"')
+
+
 # ---- The Responses API end to end: the openai SDK on a Claude route, a chat route, a native one ------
 
 def claude_message(anthropic_body):
@@ -5773,7 +6146,8 @@ def claude_message(anthropic_body):
         if anthropic_body.get("thinking") else []
     if calls < len(tools):
         tool = tools[calls]
-        tool_input = {"input": "*** Begin Patch"} if tool["name"] == "apply_patch" else {"city": "Paris"}
+        custom = "input" in (tool.get("input_schema") or {}).get("properties", {})      # a client's custom tool
+        tool_input = {"input": "*** Begin Patch"} if custom else {"city": "Paris"}
         content.append({"type": "tool_use", "id": "toolu_%d" % calls, "name": tool["name"], "input": tool_input})
     else:
         schema = (anthropic_body.get("output_config") or {}).get("format")
@@ -5926,6 +6300,33 @@ def test_responses_stream_wire_format_and_custom_tool_on_claude(tmp_path):
                                           "call_id": "toolu_0", "name": "apply_patch", "input": "*** Begin Patch"}
         assert [t["name"] for t in up.requests[0]["body"]["tools"]] == ["apply_patch"]
     run(scenario())
+
+
+def test_codex_default_model_on_claude_gets_its_tools_and_a_tool_round_trip(tmp_path):
+    """Codex's gpt-6-astra request (tools only in an additional_tools item) routed to Claude: Claude gets
+    the tools, its call to the namespaced custom exec goes back as Codex's custom_tool_call, and the
+    replayed turn (the item sent again) reaches Claude as tool_use + tool_result."""
+    async def scenario():
+        async with responses_client(tmp_path, routes={"default": "anthropic,claude-sonnet-4-5"}) as (_, up, port):
+            status, _, body = await call(port, "POST", "/v1/responses", ASTRA_TURN1)
+            assert status == 200
+            call_item = check_responses_grammar([data for _, data in sse_events(body)])["output"][-1]
+            second = dict(ASTRA_TURN1, input=ASTRA_TURN1["input"] + [
+                call_item, {"type": "custom_tool_call_output", "call_id": call_item["call_id"], "output": "exit 0"}])
+            status, _, body = await call(port, "POST", "/v1/responses", second)
+            assert status == 200
+            answer = check_responses_grammar([data for _, data in sse_events(body)])
+        return call_item, answer, up.requests
+    call_item, answer, sent = run(scenario())
+    assert call_item == {"id": call_item["id"], "type": "custom_tool_call", "call_id": "toolu_0", "name": "exec",
+                         "input": "*** Begin Patch", "namespace": "functions"}
+    assert [t["name"] for t in sent[0]["body"]["tools"]] == [
+        "functions__exec", "functions__wait", "clock__sleep", "collaboration__list_agents", "collaboration__send_message"]
+    assert sent[1]["body"]["tools"] == sent[0]["body"]["tools"]
+    assert [b["type"] for m in sent[1]["body"]["messages"] for b in m["content"]][-2:] == ["tool_use", "tool_result"]
+    assert sent[1]["body"]["messages"][-2]["content"][-1]["name"] == "functions__exec"
+    assert {k: answer["output"][-1][k] for k in ("type", "name", "namespace", "call_id")} == {
+        "type": "function_call", "name": "wait", "namespace": "functions", "call_id": "toolu_1"}   # the fake's next tool
 
 
 def test_a_dropped_built_in_tool_is_said_once_not_on_every_request(tmp_path, caplog):
