@@ -704,6 +704,13 @@ REPLAY_REASONING_MODELS = ("deepseek", "kimi", "moonshot", "glm")   # the same, 
 PROMPT_CACHE_KEY_HOSTS = ("api.openai.com",)
 NATIVE_SIGNATURE_HOSTS = ("api.anthropic.com",)   # besides the built-in provider: Anthropic signs here
 PROVIDER_FLAGS = ("mid_system", "prompt_cache_key", "tag_signatures")
+# A provider key in the environment that no provider reads -> what would use it (a start warning).
+UNUSED_KEY_HINTS = {
+    "OPENAI_API_KEY": "set BIG_MODEL (and OPENAI_BASE_URL) to send Claude Code to an OpenAI-compatible "
+                      "provider; OpenAI clients are served by Claude",
+    "GEMINI_API_KEY": "for Gemini, add a provider {\"format\": \"openai\", \"base_url\": "
+                      "\"https://generativelanguage.googleapis.com/v1beta/openai\", \"api_key_env\": \"GEMINI_API_KEY\"}",
+}
 
 
 class Config:
@@ -844,6 +851,8 @@ def quickstart_layer(env: Mapping[str, str]) -> dict:
         middle, small = env.get("MIDDLE_MODEL", big), env.get("SMALL_MODEL", "gpt-4o-mini")
         raw["providers"] = {"openai": {"format": "openai", "api_key_env": "OPENAI_API_KEY",
                                        "base_url": env.get("OPENAI_BASE_URL", DEFAULT_OPENAI_URL)}}
+        if not (env.get("OPENAI_API_KEY") or "").strip():   # a local server (Ollama...) needs no key
+            raw["providers"]["openai"]["auth"] = "none"
         if env.get("AZURE_API_VERSION"):          # seed 002: Azure OpenAI deployment URL, api-key header
             raw["providers"]["openai"].update(azure=True, api_version=env["AZURE_API_VERSION"])
         limit = env.get("MAX_TOKENS_LIMIT", "16k")
@@ -896,9 +905,9 @@ def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -
     check_fallbacks(models, providers)
     config = Config(settings, providers, models, routes, parse_oauth(raw.get("oauth")))
     config.aliases = dict(MODEL_ALIASES, **parse_aliases(raw.get("aliases")))
-    if env.get("OPENAI_API_KEY") and not any(p.get("api_key_env") == "OPENAI_API_KEY" for p in providers.values()):
-        warnings.append("OPENAI_API_KEY is set but nothing uses it: set BIG_MODEL (and OPENAI_BASE_URL) to send "
-                        "Claude Code to an OpenAI-compatible provider; OpenAI clients are served by Claude")
+    used = {p.get("api_key_env") for p in providers.values()}
+    warnings += [f"{var} is set but nothing uses it: {hint}" for var, hint in UNUSED_KEY_HINTS.items()
+                 if (env.get(var) or "").strip() and var not in used]
     config.warnings = warnings
     adopt_seed_client_key(config, env)
     if settings["strict"] and warnings:
@@ -1074,11 +1083,12 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     if strategy not in KEY_STRATEGIES:
         raise ConfigError(f"{path}.key_strategy: expected one of {', '.join(KEY_STRATEGIES)}")
     # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
-    # only the built-in provider says "auto", and "client" must be written out.
-    auth = raw.get("auth") or ("api_key" if api_key else "none")
+    # only the built-in provider says "auto", and "client" must be written out. A named key
+    # source means api_key even while its variable is unset (a clear 400, never no credentials).
+    auth = raw.get("auth") or ("api_key" if api_key or raw.get("api_key_env") else "none")
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
-    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
+    if raw.get("api_key_env") and not api_key and auth == "none":
         warnings.append(f"{path}.api_key_env: ${raw['api_key_env']} is not set; sending no credentials")
     elif auth == "api_key" and not api_key:
         where = f"${raw['api_key_env']} is not set" if raw.get("api_key_env") else "no api_key is configured"
@@ -6283,24 +6293,31 @@ class TokenStore:
     def __init__(self, path: str, *, clock: Clock = time.time):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.clock = clock
+        self._refusal: Optional[str] = None       # the last warning said, so it is said once
 
     def load(self) -> Optional[dict]:
         """The saved record, or None when there is none, it is unreadable, a symlink, or in
-        another program's shape (each of those said in a warning)."""
+        another program's shape (each of those said in a warning, once while it lasts: the
+        store is read again on every look, so a login made meanwhile is seen)."""
         try:
             with os.fdopen(open_no_follow(self.path, os.O_RDONLY), "r", encoding="utf-8") as f:
                 document = json.load(f)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.warning("token store %s is unreadable (%s); ignoring it", self.path, exc)
-            return None
+            return self._refuse(f"token store {self.path} is unreadable ({exc}); ignoring it")
         token = document.get("token") if isinstance(document, dict) else None
         if isinstance(token, dict) and token.get("access_token"):
+            self._refusal = None
             return token
-        log.warning("token store %s is not in claude_proxy's shape (a file of another proxy? "
-                    "`python3 claude_proxy.py import FILE` reads those); ignoring it", self.path)
-        return None
+        return self._refuse(f"token store {self.path} is not in claude_proxy's shape (a file of another proxy? "
+                            "`python3 claude_proxy.py import FILE` reads those); ignoring it")
+
+    def _refuse(self, warning: str) -> None:
+        """Say why the store is ignored, unless that was the last thing said."""
+        if warning != self._refusal:
+            log.warning("%s", warning)
+        self._refusal = warning
 
     def save(self, record: dict) -> None:
         """Replace the file atomically: 0600 temp file in the same dir, fsync, os.replace."""
@@ -11099,15 +11116,25 @@ def cli_overrides(args: argparse.Namespace, command: str) -> dict:
     return {key: value for key, value in pairs if value is not None}
 
 
+def open_log_file(path: str) -> logging.Handler:
+    """The LOG_FILE_PATH handler, rotated at 10 MB, 3 kept; ConfigError in one line when the
+    path cannot be a log file (a directory, no permission)."""
+    from logging.handlers import RotatingFileHandler
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; name a file in it, such as {os.path.join(path, 'claude_proxy.log')}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def setup_logging(level: str, redactor: Redactor, log_file: Optional[str] = None) -> None:
     """logging to stderr (and to LOG_FILE_PATH, rotated at 10 MB, 3 kept), every record
     scrubbed of secrets and kept on one line."""
     handlers: List[logging.Handler] = [logging.StreamHandler()]
     if log_file:
-        from logging.handlers import RotatingFileHandler
-        path = os.path.expanduser(log_file)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handlers.append(RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8"))
+        handlers.append(open_log_file(os.path.expanduser(log_file)))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(redactor)
@@ -11133,7 +11160,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         cli_error(exc.message)
         return 2
     redactor = Redactor(config.secret_values())
-    setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
+    try:
+        setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
+    except ConfigError as exc:
+        cli_error(f"config error: log file ({config.origins.get('settings.log_file', 'config')}): {exc}")
+        return 2
     try:
         return run_command(command, args, config, redactor, env, source)
     except ConfigError as exc:

@@ -462,6 +462,13 @@ def test_config_env_quickstart_builds_routes():
     assert cp.resolve_target(config, "anything").spec["model"] == "big"
 
 
+def test_config_env_quickstart_without_a_key_sends_none_for_a_local_server():
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1", "BIG_MODEL": "qwen3"}
+    config = cp.parse_config(cp.env_layer(env), env)
+    assert config.providers["openai"]["auth"] == "none"
+    assert "providers.openai.api_key_env: $OPENAI_API_KEY is not set; sending no credentials" in config.warnings
+
+
 def test_routing_order(tmp_path):
     config = cp.parse_config({
         "providers": {"o": {"format": "openai", "base_url": "http://127.0.0.1:1/v1"}},
@@ -4516,9 +4523,30 @@ def test_loose_state_directory_is_tightened(tmp_path, caplog):
 def test_token_file_in_another_shape_is_named_in_a_warning(tmp_path, caplog):
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"access_token": "sk-ant-oat01-x", "refresh_token": "r", "expires_at": 1}))
+    store = TokenStore(str(path))
     with caplog.at_level(logging.WARNING, logger="claude_proxy"):
-        assert TokenStore(str(path)).load() is None
-    assert "not in claude_proxy's shape" in caplog.text and "import" in caplog.text
+        assert [store.load(), store.load(), store.load()] == [None, None, None]     # read on every look...
+    assert caplog.text.count("not in claude_proxy's shape") == 1 and "import" in caplog.text   # ...said once
+    store.save(saved_record())
+    assert store.load() is not None
+    path.write_text("{")
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert store.load() is None and store.load() is None
+    assert caplog.text.count("is unreadable") == 1
+
+
+def test_a_token_file_in_another_shape_is_said_once_per_start(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "oauth_token.json").write_text(json.dumps({"access_token": "sk-ant-oat01-elsewhere"}))
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude:
+            async with proxy_process(tmp_path, ["--port", str(free_port())], {"ANTHROPIC_UPSTREAM_URL": claude.url}) as (port, lines):
+                for _ in range(3):
+                    assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+        return lines
+    lines = run(scenario())
+    assert sum("not in claude_proxy's shape" in line for line in lines) == 1, lines
 
 
 # ---- token manager ------------------------------------------------------------------------
@@ -5293,7 +5321,8 @@ def test_vendors_never_get_the_claude_login_by_default():
         "nokey": {"format": "anthropic", "base_url": "https://vendor.example/anthropic"},
         "local": {"format": "openai", "base_url": "http://127.0.0.1:11434/v1", "api_key_env": "UNSET_KEY"}}},
         {"KIMI_KEY": "sk-kimi-123456789"})
-    assert [config.providers[n]["auth"] for n in ("anthropic", "kimi", "nokey", "local")] == ["auto", "api_key", "none", "none"]
+    assert [config.providers[n]["auth"] for n in ("anthropic", "kimi", "nokey", "local")] == ["auto", "api_key", "none", "api_key"]
+    assert any("providers.local: auth api_key but $UNSET_KEY is not set" in w for w in config.warnings)   # a 400, never the login
 
 
 def test_fallback_across_formats_is_rejected():
@@ -8850,7 +8879,7 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
 @contextlib.asynccontextmanager
 async def proxy_process(cwd, args=(), env=None, port=None):
     """`python3 claude_proxy.py ARGS` in `cwd` with only `env` (plus PATH, HOME); yields
-    (port, stderr lines so far) once /health answers."""
+    (port, stderr lines so far) once the start-up summary is printed."""
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), "CLAUDE_PROXY_HOME": str(cwd / "home")}
     full_env.update(env or {})
     process = await asyncio.create_subprocess_exec(sys.executable, os.path.join(HERE, "claude_proxy.py"), *args,
@@ -8863,7 +8892,7 @@ async def proxy_process(cwd, args=(), env=None, port=None):
     pumping = asyncio.ensure_future(pump())
     try:
         deadline = time.monotonic() + 15
-        while not any("listening on" in line for line in lines):
+        while not any("OpenAI SDKs and Codex:" in line for line in lines):     # the start-up's last line
             assert process.returncode is None and time.monotonic() < deadline, "\n".join(lines)
             await asyncio.sleep(0.05)
         listening = next(line for line in lines if "listening on" in line)
@@ -8895,6 +8924,13 @@ def test_global_flags_work_before_or_after_the_command(tmp_path, argv):
         async with proxy_process(tmp_path, [a.format(port=port) for a in argv]) as (listening, _):
             assert listening == port
     run(scenario())
+
+
+def test_a_log_file_path_naming_a_directory_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "logs").mkdir()
+    code, _, err = cli_run(tmp_path, "--port", str(free_port()), env={"LOG_FILE_PATH": "logs"})
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "log file (environment $LOG_FILE_PATH): logs is a directory" in err and "logs/claude_proxy.log" in err
 
 
 def test_config_given_before_serve_is_read(tmp_path):
@@ -8961,10 +8997,12 @@ def test_unknown_keys_are_named_with_the_nearest_known_key_and_strict_refuses_th
     assert code == 2 and "did you mean providers" in err
 
 
-def test_a_provider_without_its_key_is_reported_at_start_and_refused_at_once(tmp_path, caplog):
-    config = make_config(tmp_path, providers={"v": {"format": "openai", "base_url": "http://127.0.0.1:9/v1",
-                                                    "auth": "api_key", "api_key_env": "VENDOR_KEY"}},
+@pytest.mark.parametrize("auth", [{"auth": "api_key"}, {}])     # a named key source means api_key
+def test_a_provider_without_its_key_is_reported_at_start_and_refused_at_once(tmp_path, caplog, auth):
+    config = make_config(tmp_path, providers={"v": dict({"format": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                         "api_key_env": "VENDOR_KEY"}, **auth)},
                          routes={"default": "v"})
+    assert config.providers["v"]["auth"] == "api_key"
     assert any("$VENDOR_KEY is not set" in w for w in config.warnings)
 
     async def scenario():
@@ -9003,9 +9041,12 @@ def test_first_run_summary(tmp_path):
     assert "sk-secret-in-config" not in text and OPENAI_PROVIDER_KEY not in text
 
 
-def test_openai_api_key_alone_is_explained(tmp_path):
-    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), "OPENAI_API_KEY": "sk-o-123456789"})
-    assert any(w.startswith("OPENAI_API_KEY is set but nothing uses it") for w in config.warnings)
+@pytest.mark.parametrize("var", ["OPENAI_API_KEY", "GEMINI_API_KEY"])
+def test_a_provider_key_alone_is_said_to_be_unused(tmp_path, var):
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), var: "k-o-123456789"})
+    assert [w for w in config.warnings if w.startswith(f"{var} is set but nothing uses it")], config.warnings
+    used = cp.parse_config({"providers": {"g": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": var}}}, {var: "k"})
+    assert not [w for w in used.warnings if "nothing uses it" in w]
 
 
 def test_seed_yaml_subset_reader():
