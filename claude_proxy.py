@@ -983,6 +983,8 @@ def adopt_seed_client_key(config: Config, env: Mapping[str, str]) -> None:
         return
     if any(p.get("api_key_env") == "ANTHROPIC_API_KEY" for name, p in config.providers.items() if name != "anthropic"):
         return                                    # another provider's upstream key (a seed model file's)
+    if any(p["auth"] == "client" for name, p in config.providers.items() if name != "anthropic"):
+        return                                    # the client's key is a provider's key (ccproxy mode)
     config.settings["proxy_api_key"], config.proxy_key_var = env["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEY"
     config.warnings.append("no route reaches Anthropic, so ANTHROPIC_API_KEY is the key clients must "
                            "send (x-api-key or Bearer), as in claude-code-proxy; set PROXY_API_KEY to choose another")
@@ -1381,14 +1383,18 @@ def seed_models_layer(entries: List[dict], path: str) -> dict:
 
 def seed_provider(entry: dict) -> Tuple[str, dict]:
     """(name, provider) for a seed model entry: `direct` (or an anthropic.com api_base, as the
-    seed decided) is an Anthropic-format passthrough; the key comes from $api_key_name."""
+    seed decided) is an Anthropic-format passthrough. Its key: `api_key`, else $api_key_name,
+    else the key each client sends (seed 001's ccproxy mode: the wrapper puts the provider's
+    key in the client's Authorization), never a variable the entry does not name."""
     base = str(entry["api_base"])
     anthropic = bool(entry.get("direct")) or "anthropic.com" in base or entry.get("format") == "anthropic"
     provider: Dict[str, Any] = {"format": "anthropic" if anthropic else "openai", "base_url": base}
     if entry.get("api_key"):
         provider["api_key"] = entry["api_key"]
+    elif entry.get("api_key_name"):
+        provider.update(api_key_env=entry["api_key_name"], auth="api_key")
     else:
-        provider.update(api_key_env=entry.get("api_key_name") or "OPENAI_API_KEY", auth="api_key")
+        provider["auth"] = "client"
     return (urllib.parse.urlsplit(base).hostname or base), provider
 
 
@@ -1537,6 +1543,20 @@ def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapp
     return origins
 
 
+def credential_rule(provider: dict) -> str:
+    """What a provider sends upstream as its credential, in words (check-config), never a key."""
+    fmt, mode = provider["format"], provider["auth"]
+    header = "api-key" if provider.get("azure") else "x-api-key" if fmt == "anthropic" else "Authorization: Bearer"
+    key = f"${provider['api_key_env']}" if provider.get("api_key_env") else "the key in the config"
+    client = ("each client's own key (its x-api-key or Authorization, never the proxy key; a Claude login "
+              "only to an Anthropic host), " + ("as the client sent it" if fmt == "anthropic" else "as " + header))
+    rules = {"api_key": f"{key}, as {header}; while it is unset, each request gets a 400 naming it",
+             "oauth": "the Claude login (saved, or ANTHROPIC_OAUTH_TOKEN)", "client": client,
+             "auto": f"the Claude login when there is one, else {key} when set, else {client}",
+             "none": "no credentials"}
+    return rules[mode]
+
+
 def redacted_config(config: Config) -> dict:
     """The effective config for check-config, every secret masked."""
     settings = dict(config.settings)
@@ -1545,7 +1565,7 @@ def redacted_config(config: Config) -> dict:
             settings[key] = mask(settings[key])
     providers = {name: dict(p, api_key=mask(p["api_key"]) if p.get("api_key") else None,
                             api_keys=[key_label(k) for k in p.get("api_keys") or []],
-                            headers={k: mask(v) for k, v in p["headers"].items()})
+                            headers={k: mask(v) for k, v in p["headers"].items()}, credentials=credential_rule(p))
                  for name, p in config.providers.items()}
     models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
                    extra_body=masked_copy(m["extra_body"])) for m in config.models.values()]
@@ -7734,11 +7754,21 @@ class Exchange:
                 return [("x-api-key", key)]
             return [("api-key", key)] if provider.get("azure") else [("authorization", f"Bearer {key}")]
         if mode == "client":
-            creds = self.client_credential()
-            if provider["format"] == "openai":
-                creds = [("authorization", v if n == "authorization" else f"Bearer {v}") for n, v in creds[:1]]
-            return creds
+            return self.forwarded_credential(provider)
         return []
+
+    def forwarded_credential(self, provider: dict) -> List[Tuple[str, str]]:
+        """The client's own key in the provider's dialect; a Claude login the client sent is
+        refused for a host that is not Anthropic's (or this machine): it never leaves for a vendor."""
+        creds = self.client_credential()
+        if not provider["oauth_trusted"] and any(OAUTH_TOKEN_SHAPE.match(v.split()[-1]) for _, v in creds):
+            raise CredentialMissing(
+                f"claude_proxy: provider {provider['name']!r} takes each client's own key, and this client sent its "
+                f"Claude login, which is never sent to {urllib.parse.urlsplit(provider['base_url']).hostname}: "
+                f"give the client the provider's key (Claude Code: ANTHROPIC_AUTH_TOKEN=<the key> claude)")
+        if provider["format"] == "openai":
+            creds = [("authorization", v if n == "authorization" else f"Bearer {v}") for n, v in creds[:1]]
+        return creds
 
     def pooled_credential(self, provider: dict) -> List[Tuple[str, str]]:
         """The credential header of the session's key in the provider's pool."""

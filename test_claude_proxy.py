@@ -9196,6 +9196,65 @@ def test_seed_001_models_yaml_user(tmp_path):
     run(scenario())
 
 
+SEED_001_CCPROXY_README = """\
+# Required fields: model_id, api_base
+# API Key Configuration:
+# - api_key: Optional per-model API key. If set, it takes precedence over request headers.
+# - If api_key is not set, the key from the Authorization header (via ccproxy) is used.
+# direct: true for Anthropic-compatible APIs, false for OpenAI-compatible
+"""       # seed 001's README, "models.yaml" (its recommended ccproxy mode: keys come with each request)
+
+
+def test_seed_001_ccproxy_mode_sends_each_clients_key_never_a_shared_one(tmp_path):
+    """models.yaml without api_key_name: the key the client sends goes to that entry's provider,
+    in its dialect; $OPENAI_API_KEY / $ANTHROPIC_API_KEY in the environment go nowhere."""
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as ds, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message())) as kimi:
+            (tmp_path / "models.yaml").write_text(SEED_001_CCPROXY_README + f"""
+- model_id: deepseek-chat
+  model_name: deepseek-chat
+  api_base: {ds.url}/v1
+  direct: false
+  max_tokens: 8K
+- model_id: kimi-k2-direct
+  model_name: kimi-k2-0711-preview
+  api_base: {kimi.url}/anthropic
+  direct: true
+  max_tokens: 16k
+- model_id: keyed
+  api_base: {ds.url}/v1
+  api_key: sk-in-the-file-0123456
+- model_id: elsewhere
+  api_base: http://vendor.invalid/v1
+""")
+            env = {"OPENAI_API_KEY": "sk-shared-openai-0000", "ANTHROPIC_API_KEY": "sk-ant-shared-0000",
+                   "ROUTER_DEFAULT": "deepseek-chat"}
+            code, out, err = cli_run(tmp_path, "check-config", env=env)
+            providers = json.loads(out)["providers"]
+            host = "127.0.0.1"
+            assert code == 0 and {p["auth"] for n, p in providers.items() if n.startswith(host)} == {"client", "api_key"}
+            assert all("each client's own key" in p["credentials"] for p in providers.values() if p["auth"] == "client")
+            assert "OPENAI_API_KEY is set but nothing uses it" in err
+            async with proxy_process(tmp_path, ["--port", str(free_port())], env) as (port, lines):
+                bearer = dict(ANTHROPIC_HEADERS, authorization="Bearer ds-key-from-ccproxy")
+                keyed = dict(ANTHROPIC_HEADERS, **{"x-api-key": "client-key-0123456"})
+                for model, headers in (("claude-sonnet-4-5", bearer), ("deepseek-chat", keyed),
+                                       ("kimi-k2-direct", keyed), ("keyed", bearer)):
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model=model), headers)
+                    assert status == 200, body
+                login = dict(bearer, authorization="Bearer sk-ant-oat01-" + "c" * 40)    # a Claude login
+                status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model="elsewhere"), login)
+                assert status == 400 and "never sent to vendor.invalid" in body.decode()     # refused before any DNS
+                assert not any("ANTHROPIC_API_KEY is the key clients must send" in line for line in lines)
+        sent = [r["headers"] for r in ds.requests] + [r["headers"] for r in kimi.requests]
+        assert [h.get("authorization") for h in sent[:3]] == ["Bearer ds-key-from-ccproxy", "Bearer client-key-0123456",
+                                                              "Bearer sk-in-the-file-0123456"]
+        assert sent[3]["x-api-key"] == "client-key-0123456" and "authorization" not in sent[3]
+        assert "shared" not in json.dumps(sent)
+    run(scenario())
+
+
 @pytest.mark.parametrize("azure", [False, True])
 def test_seed_002_claude_code_proxy_user(tmp_path, azure):
     """cp .env.example .env; python start_proxy.py; ANTHROPIC_API_KEY=exact-matching-key claude."""
