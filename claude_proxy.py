@@ -6701,16 +6701,20 @@ def import_token_file(path: str, store: TokenStore) -> dict:
     else:
         record = seed_token_record(document, path, store.clock())
     store.save(record)
-    log.info("imported the login from %s, expires in %s", path, _lifetime(record, store.clock()))
     return record
+
+
+def seed_token_file() -> Optional[str]:
+    """The first earlier proxy's token file found in its default place (seed 003's, then 000's)."""
+    return next((p for p in SEED_TOKEN_FILES if os.path.isfile(os.path.expanduser(p))), None)
 
 
 def default_token_file(env: Mapping[str, str]) -> Optional[str]:
     """The saved login `import` reads when no file is named: a seed's token file (by its env
     name or default place), else Claude Code's credentials."""
     named = [env.get(var) for var in SEED_ENV_ALIASES["import_token_file"]]
-    candidates = [p for p in named if p] + list(SEED_TOKEN_FILES) + [default_claude_credentials_path(env)]
-    return next((p for p in candidates if os.path.isfile(os.path.expanduser(p))), None)
+    candidates = [p for p in named if p] + [seed_token_file() or ""] + [default_claude_credentials_path(env)]
+    return next((p for p in candidates if p and os.path.isfile(os.path.expanduser(p))), None)
 
 
 # ---- Request shaping on the OAuth path (pure; PROTOCOLS.md A.8, B.1, B.2) -----------------
@@ -6919,19 +6923,26 @@ class OAuthService:
 
 
 async def adopt_seed_login(config: Config, oauth: OAuthService) -> None:
-    """A seed's token file named in the environment (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE) is
-    imported, read only, when the proxy has no login of its own: the seed's users keep theirs."""
-    path = config.settings.get("import_token_file")
-    if not path or await run_off_loop(oauth.tokens.record) is not None:
+    """When the proxy has no login of its own, an earlier proxy's token file is imported, read
+    only: the one the environment names (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE), else one in its
+    default place (~/.config/anthropic-max-proxy, ~/.anthropic-claude-max-proxy). The seeds'
+    users keep their login; the start says which file it was."""
+    if await run_off_loop(oauth.tokens.record) is not None:
         return
+    named = config.settings.get("import_token_file")
+    path = named or await run_off_loop(seed_token_file)
+    if not path:
+        return
+    where = config.origins.get("settings.import_token_file") if named else "found in its default place"
     try:
         record = await run_off_loop(import_token_file, path, oauth.store)
     except BadRequest as exc:
-        log.warning("the login in %s (%s) was not imported: %s", path,
-                    config.origins.get("settings.import_token_file"), exc.message)
+        log.warning("the login in %s (%s) was not imported: %s", path, where, exc.message)
         return
     oauth.tokens.save(record)
-    log.info("using the login imported from %s (read only)", path)
+    log.info("Claude login: imported from %s, %s's (%s; the file is only read, as `python3 claude_proxy.py "
+             "import %s` does), expires in %s%s", path, record["source"].split(":")[-1], where, path,
+             _lifetime(record, oauth.clock()), "; claude_proxy refreshes it from now on" if record.get("refresh_token") else "")
 
 
 def cli_error(message: str, stream: Any = None) -> None:
@@ -6983,12 +6994,23 @@ def cli_import(service: OAuthService, command: str, path: Optional[str], env: Ma
         print("claude_proxy refreshes it from now on; the program that saved it will need a new login.")
 
 
+# anthropic-claude-max-proxy's words when --headless finds no login (its cli/headless.py), our commands
+NO_LOGIN_HELP = """Authentication Error: No authentication tokens found. Please login first (option 2)
+
+To authenticate:
+1. Run: python3 claude_proxy.py menu
+2. Select option 2 to login (or run: python3 claude_proxy.py login)
+3. Or set ANTHROPIC_OAUTH_TOKEN environment variable
+4. Or use: python3 claude_proxy.py --headless --token "<your-token>"
+5. Or take over a saved login (Claude Code's, another proxy's tokens.json): python3 claude_proxy.py import [FILE]"""
+
+
 async def cli_verify_login(service: OAuthService) -> int:
     """--headless --no-auto-start: check (and refresh when due) the login, print it, serve nothing."""
     try:
         await service.access_token()
     except ProxyError as exc:
-        cli_error(exc.message)
+        cli_error(NO_LOGIN_HELP if service.tokens.record() is None else exc.message)
         return 1
     print(json.dumps(service.tokens.status(), indent=2))
     print("Auto-start disabled: the login is valid; the proxy was not started.")
@@ -11041,12 +11063,21 @@ def release_freed_memory() -> None:
         log.debug("malloc_trim unavailable")
 
 
+def login_required(config: Config) -> bool:
+    """Whether a provider in use sends the Claude login, or for want of one each client's key
+    (auth oauth, or auto without an API key): what --headless will not start without."""
+    return any(p["auth"] == "oauth" or (p["auth"] == "auto" and not p.get("api_key")) for p in used_providers(config))
+
+
 async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str],
-                source: Optional[ConfigSource] = None) -> None:
-    """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully."""
+                source: Optional[ConfigSource] = None, headless: bool = False) -> None:
+    """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully.
+    --headless (anthropic-claude-max-proxy's) with no login where one is needed exits as it did."""
     server = ProxyServer(config, redactor=redactor, proxies=proxies, source=source)
     install_reload_signal(asyncio.get_running_loop(), server)
     await adopt_seed_login(server.config, server.oauth)
+    if headless and login_required(config) and not await server.oauth.available():
+        raise CredentialMissing(NO_LOGIN_HELP)
     host, port = await server.start()
     release_freed_memory()
     stop = asyncio.Event()
@@ -11216,7 +11247,7 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
             print(f"warning: {line}", file=sys.stderr)
         return 0
     if command == "serve":
-        asyncio.run(serve(config, redactor, proxies_from_env(env), source))
+        asyncio.run(serve(config, redactor, proxies_from_env(env), source, getattr(args, "headless", False)))
         return 0
     if command == "stats":
         return cli_stats(config, getattr(args, "since", None), getattr(args, "by", "model"),

@@ -8916,7 +8916,8 @@ def cli_run(cwd, *args, env=None):
 # ---- observed failures -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["--port", "{port}", "serve"], ["serve", "--port", "{port}"],
-                                  ["-p", "{port}"], ["--bind", "127.0.0.1", "--port", "{port}", "--headless"]])
+                                  ["-p", "{port}"], ["--bind", "127.0.0.1", "--port", "{port}", "--headless",
+                                                     "--token", "sk-ant-oat01-" + "t" * 30]])
 def test_global_flags_work_before_or_after_the_command(tmp_path, argv):
     port = free_port()
 
@@ -9414,9 +9415,65 @@ def test_import_reads_seed_token_files_without_writing_them(tmp_path):
     assert code == 1 and "expired" in err and "Traceback" not in err
 
 
+SEED_000_HEADLESS = """\
+### Headless Mode Behavior
+When running in headless mode:
+1. Checks for authentication (env var, CLI arg, or stored tokens)
+...
+4. Starts server automatically (unless `--no-auto-start`)
+6. Exits with error if authentication fails
+"""   # seed 000's README; its .env.example: TOKEN_FILE=~/.anthropic-claude-max-proxy/tokens.json
+SEED_000_NO_LOGIN = "Authentication Error: No authentication tokens found. Please login first (option 2)"  # cli/headless.py
+
+
+SEED_003_TOKEN_STORAGE = "OAuth tokens are stored in `~/.config/anthropic-max-proxy/tokens.json` with 0600 permissions."
+
+
+def write_seed_tokens(home, seed):
+    """A token file of seed 000 or 003 in its default place under `home` (seed 000's .env.example,
+    SEED_003_TOKEN_STORAGE from seed 003's README); returns (path, its bytes)."""
+    path = home / (".anthropic-claude-max-proxy" if seed == "000" else ".config/anthropic-max-proxy") / "tokens.json"
+    path.parent.mkdir(parents=True)
+    document = {"access_token": f"sk-ant-oat01-seed{seed}default", "refresh_token": f"sk-ant-ort01-seed{seed}",
+                "expires_at": int(time.time()) + 3600}
+    path.write_text(json.dumps(dict(document, token_type="oauth_flow") if seed == "000" else document))
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("seed", ["000", "003"])
+def test_seed_logins_in_their_default_places_are_used_at_start(tmp_path, seed):
+    path, before = write_seed_tokens(tmp_path, seed)          # HOME is tmp_path; nothing names the file
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude:
+            args = ["--port", str(free_port())] + (["--headless"] if seed == "000" else [])
+            async with proxy_process(tmp_path, args, {"ANTHROPIC_UPSTREAM_URL": claude.url}) as (port, lines):
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+        assert claude.requests[0]["headers"]["authorization"] == f"Bearer sk-ant-oat01-seed{seed}default"
+        said = [line for line in lines if "Claude login: imported from" in line]
+        assert len(said) == 1 and "tokens.json" in said[0] and "only read" in said[0] and "default place" in said[0]
+    run(scenario())
+    assert path.read_bytes() == before
+
+
+def test_headless_without_any_login_exits_as_seed_000_did(tmp_path):
+    assert "Exits with error if authentication fails" in SEED_000_HEADLESS
+    code, out, err = cli_run(tmp_path, "--headless", "--port", str(free_port()))
+    assert code == 1 and "listening" not in err and out == ""                   # never serves with the client's key
+    assert err.startswith("claude_proxy: " + SEED_000_NO_LOGIN) and "Traceback" not in err
+    assert "python3 claude_proxy.py login" in err and "ANTHROPIC_OAUTH_TOKEN" in err and "import" in err
+
+    async def scenario():     # no login needed where the provider has a key: it serves
+        env = {"ANTHROPIC_API_KEY": "sk-ant-api03-key"}
+        async with proxy_process(tmp_path, ["--headless", "--port", str(free_port())], env) as (port, lines):
+            assert any("API key from $ANTHROPIC_API_KEY" in line for line in lines)
+    run(scenario())
+
+
 def test_no_auto_start_checks_the_login_and_exits(tmp_path):
     code, _, err = cli_run(tmp_path, "--headless", "--no-auto-start")
-    assert code == 1 and "not logged in" in err and err.count("claude_proxy:") == 1
+    assert code == 1 and err.startswith("claude_proxy: " + SEED_000_NO_LOGIN) and err.count("claude_proxy:") == 1
+    assert "python3 claude_proxy.py import" in err
     seed = tmp_path / "pimzino" / "tokens.json"                  # anthropic-claude-max-proxy's file
     seed.parent.mkdir()
     seed.write_text(json.dumps({"access_token": "sk-ant-oat01-" + "s" * 30, "refresh_token": "sk-ant-ort01-" + "r" * 30,
@@ -9427,6 +9484,14 @@ def test_no_auto_start_checks_the_login_and_exits(tmp_path):
     assert seed.read_bytes() == before
     code, out, _ = cli_run(tmp_path, "--headless", "--no-auto-start", "--token", "sk-ant-oat01-" + "t" * 30)
     assert code == 0 and "Auto-start disabled" in out
+
+
+def test_no_auto_start_names_import_for_a_seed_login_in_its_default_place(tmp_path):
+    path, before = write_seed_tokens(tmp_path, "000")
+    code, out, err = cli_run(tmp_path, "--headless", "--no-auto-start")
+    assert code == 0 and "Auto-start disabled" in out and '"source": "import:anthropic-claude-max-proxy"' in out
+    assert "python3 claude_proxy.py import ~/.anthropic-claude-max-proxy/tokens.json" in err
+    assert path.read_bytes() == before
 
 # =============================================================================================
 # 9. Key pools: rotation, cooldown and failover that keep prompt caching intact (issue 15)
