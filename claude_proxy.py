@@ -10,7 +10,7 @@ Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browse
         python claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
         python claude_proxy.py stats           usage and cost from the ledger
         python claude_proxy.py doctor          can every provider in use be reached and authenticated?
-        python claude_proxy.py menu            start, log in, token, status, stats, log out: a numbered menu
+        python claude_proxy.py menu            start, log in, refresh, status, log out, long-term token: a menu
 Tests:  python -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
@@ -6566,6 +6566,16 @@ class TokenManager:
         self.last_error = None
         return fresh
 
+    async def refresh_now(self) -> dict:
+        """Refresh the login at once (the menu's "refresh the token"); BadRequest when it cannot be."""
+        record = self.record()
+        if record is None or not record.get("refresh_token"):
+            raise BadRequest("no refresh token available: log in first (menu option 2, or `python3 claude_proxy.py login`)")
+        fresh = await self._refresh(record["access_token"])
+        if fresh is None:
+            raise LoginDead(f"the saved Claude login was removed; {LOGIN_AGAIN}")
+        return fresh
+
     async def on_unauthorized(self, body_text: str, token: Optional[str] = None) -> bool:
         """After an upstream 401: True when the token had expired and a fresh one is ready.
 
@@ -6954,7 +6964,8 @@ def cli_error(message: str, stream: Any = None) -> None:
 
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
-    """login / logout / status / import / import-claude-code / verify-login, on a pool of their own."""
+    """login / logout / status / import / import-claude-code / verify-login / refresh (the menu's),
+    on a pool of their own."""
     pool = ConnectionPool(lambda: make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
                           proxies_from_env(env), config.settings["connect_timeout"], 60.0)
     service = OAuthService(config, pool, Redactor())
@@ -6971,6 +6982,9 @@ async def run_oauth_command(command: str, args: argparse.Namespace, config: Conf
                   f"There was no saved Claude login to remove ({service.store.path}).")
         elif command in ("import", "import-claude-code"):
             cli_import(service, command, getattr(args, "path", None), env)
+        elif command == "refresh":
+            await service.tokens.refresh_now()
+            print("Token refreshed.")
         print(json.dumps(service.tokens.status(), indent=2))
         return 0
     finally:
@@ -11124,7 +11138,8 @@ CLI_COMMANDS: Dict[str, Tuple[str, Tuple[Tuple[Tuple[str, ...], dict], ...]]] = 
         (("--json",), {"action": "store_true", "help": "print the /v1/stats object instead of a table"}))),
     "doctor": ("check DNS, TCP, TLS, credentials and the Claude login of every provider in use",
                ((("--deep",), {"action": "store_true", "help": "also send a 1-token request to each provider"}),)),
-    "menu": ("an interactive menu: start, log in, long-lived token, status, stats, log out", ()),
+    "menu": ("a numbered menu (anthropic-claude-max-proxy's numbers): start, log in, refresh, status, log out, "
+             "long-term token, quit, stats", ()),
 }
 SEED_FLAGS_EPILOG = ("Flags of anthropic-claude-max-proxy also work: --headless (serve), --setup-token "
                      "(= login --long-lived), --headless --no-auto-start (check the login and exit).")
@@ -11287,9 +11302,11 @@ async def cli_doctor(config: Config, env: Mapping[str, str], deep: bool) -> int:
     return 1 if failed else 0
 
 
+# anthropic-claude-max-proxy's numbers (1 start ... 6 long-term token, 7 exit), then ours
 MENU = (("1", "start the proxy", "serve"), ("2", "log in (Claude Pro/Max)", "login"),
-        ("3", "create a long-lived token (one year)", "long-lived"), ("4", "show status", "status"),
-        ("5", "show usage stats", "stats"), ("6", "log out", "logout"), ("0", "quit", "quit"))
+        ("3", "refresh the token", "refresh"), ("4", "show status", "status"),
+        ("5", "log out (clear the saved login)", "logout"), ("6", "create a long-term token (one year)", "long-lived"),
+        ("7", "quit", "quit"), ("8", "show usage stats", "stats"))
 
 
 def cli_menu(config: Config, redactor: Redactor, env: Mapping[str, str], source: Optional[ConfigSource]) -> int:
@@ -11315,7 +11332,9 @@ def run_menu_action(action: str, config: Config, redactor: Redactor, env: Mappin
     """One menu choice; its failure is printed and the menu goes on."""
     login = argparse.Namespace(long_lived=action == "long-lived", no_browser=False, token=None)
     try:
-        if action == "serve":
+        if action == "logout" and not confirmed("Are you sure you want to clear the saved login? [y/N] "):
+            print("Logout cancelled")
+        elif action == "serve":
             run_command("serve", login, config, redactor, env, source)
         elif action == "stats":
             cli_stats(config, None, "model", False)
@@ -11328,6 +11347,14 @@ def run_menu_action(action: str, config: Config, redactor: Redactor, env: Mappin
         print()
     except (ProxyError, ConfigError) as exc:
         cli_error(redactor.scrub(exc.message if isinstance(exc, ProxyError) else str(exc)), sys.stdout)
+
+
+def confirmed(question: str) -> bool:
+    """A yes from stdin (end of input is a no)."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 async def print_proxy_health(config: Config) -> None:

@@ -7061,19 +7061,46 @@ def test_test_conversion_dry_run_shows_the_upstream_request_redacted(tmp_path):
 
 # ---- Menu
 
-def test_menu_reads_numbered_choices_from_stdin(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_OAUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")}
-    env.update(CLAUDE_PROXY_HOME=str(tmp_path / "h"), CLAUDE_PROXY_PORT=str(free_port()))
-    cp.TokenStore(str(tmp_path / "h" / "oauth_token.json")).save(
-        {"access_token": "sk-ant-oat01-menu-0123456789", "refresh_token": None, "expires_at": None,
-         "scope": "user:inference", "source": "long_lived"})
-    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "menu"], input="4\n5\n9\n6\n4\n0\n",
-                         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
-    assert text.count("1) start the proxy") == 6 and '"logged_in": true' in text and "not running" in text
-    assert "no requests recorded" in text and "unknown choice '9'" in text and "Logged out" in text
-    assert text.index("Logged out") < text.rindex('"logged_in": false') and "sk-ant-oat01-menu" not in text
+SEED_000_MENU = """\
+ 1. Start Proxy Server
+ 2. Login / Re-authenticate
+ 3. Refresh Token
+ 4. Show Token Status
+ 5. Logout (Clear Tokens)
+ 6. Setup Long-Term Token
+ 7. Exit
+"""   # seed 000's cli/menu.py; its README: "# Or via menu option 6 in interactive mode ... Select option 6
+      # (Setup Long-Term Token)", and logout asked first: Confirm.ask("Are you sure you want to clear all tokens?")
+
+
+def test_menu_has_seed_000s_numbers_and_asks_before_logging_out(tmp_path):
+    async def scenario():
+        async with FakeUpstream(FakeTokenServer()) as auth:
+            (tmp_path / "c.json").write_text(json.dumps({"oauth": {"token_url": auth.url + "/v1/oauth/token"}}))
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "BROWSER": "true",
+                   "CLAUDE_PROXY_HOME": str(tmp_path / "h"), "CLAUDE_PROXY_PORT": str(free_port())}
+            cp.TokenStore(str(tmp_path / "h" / "oauth_token.json")).save(
+                {"access_token": "sk-ant-oat01-menu-0123456789", "refresh_token": None, "expires_at": None,
+                 "scope": "user:inference", "source": "long_lived"})
+            choices = "4\n5\nn\n4\n5\ny\n4\n6\nthecode\n3\n8\n9\n7\n"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, os.path.join(HERE, "claude_proxy.py"), "menu", "--config", "c.json", cwd=str(tmp_path),
+                env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(choices.encode()), 60)
+            return proc.returncode, out.decode(), err.decode(), [r["body"] for r in auth.requests]
+    code, text, err, token_calls = run(scenario())
+    assert code == 0, err
+    for line in SEED_000_MENU.splitlines()[1:6]:                     # the seed's numbers, our words
+        number = line.split(".")[0].strip()
+        assert re.search(rf"^  {number}\) ", text, re.M), line
+    assert "6) create a long-term token" in text and "7) quit" in text and "8) show usage stats" in text
+    statuses = [json.loads(m) for m in re.findall(r"\{\n.*?^\}", text, re.M | re.S)]
+    assert [s["logged_in"] for s in statuses] == [True, True, False, False, True]   # "n" kept the login, "y" cleared it
+    assert "Logout cancelled" in text and text.count("Logged out") == 1
+    assert [c["grant_type"] for c in token_calls] == ["authorization_code", "refresh_token"]    # 6, then 3
+    assert token_calls[0]["expires_in"] == 31536000 and "sk-ant-oat01-new1" in text             # a one-year token, shown
+    assert "Token refreshed." in text and statuses[-1]["logged_in"] is True
+    assert "no requests recorded" in text and "unknown choice '9'" in text and "sk-ant-oat01-menu" not in text
 
 
 # =============================================================================================
