@@ -9972,7 +9972,7 @@ DOCTOR_FIXES = {
     "request": "read the provider's answer; check the model names under routes and models",
     "login": "run `python claude_proxy.py login` (or `import-claude-code`)",
 }
-DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL"}
+DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL", "note": "note"}
 DOCTOR_MODEL = {"anthropic": "claude-haiku-4-5"}       # a --deep request on a pass-through route
 
 
@@ -10464,13 +10464,18 @@ def public_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def effective_auth(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
+    """The auth mode a provider's requests use now: `auto` resolved as Exchange.auth_mode does."""
+    if provider["auth"] != "auto":
+        return provider["auth"]
+    if logged_in and not server.exposed and provider["oauth_trusted"]:
+        return "oauth"
+    return "api_key" if provider.get("api_key") else "client"
+
+
 def credential_source(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
     """Where a provider's credentials come from, never the credential."""
-    mode, suffix = provider["auth"], ""
-    if mode == "auto":
-        oauth = logged_in and not server.exposed and provider["oauth_trusted"]
-        mode = "oauth" if oauth else ("api_key" if provider.get("api_key") else "client")
-        suffix = " (auth auto)"
+    mode, suffix = effective_auth(server, provider, logged_in), " (auth auto)" if provider["auth"] == "auto" else ""
     if mode != "api_key":
         return CREDENTIAL_TEXT[mode] + suffix
     env = provider.get("api_key_env")
@@ -11028,7 +11033,7 @@ def startup_summary(server: "ProxyServer", host: str, port: int) -> List[Tuple[i
                           f"credentials: {credential_source(server, provider, logged_in)}"))
     lines += [(logging.WARNING, line) for line in config.warnings]
     lines += [note for note in upstream_notes(config, logged_in) if note[0] >= logging.WARNING]
-    lines += [(logging.INFO, line) for line in client_hints(config, url)]
+    lines += [(logging.INFO, line) for line in client_hints(server, url, logged_in)]
     return lines
 
 
@@ -11044,12 +11049,30 @@ def proxy_key_hint(config: Config) -> str:
     return "<the proxy key>"
 
 
-def client_hints(config: Config, url: str) -> List[str]:
+def local_url(url: str) -> str:
+    """The proxy's URL as a client on this machine dials it (a wildcard bind is 127.0.0.1)."""
+    return url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
+
+
+def claude_code_command(server: "ProxyServer", url: str, logged_in: bool) -> str:
+    """The line that starts Claude Code on this proxy. Claude Code with no login of its own and
+    no key in its environment says "Not logged in" before it sends anything, so it gets a token:
+    the proxy key, or a placeholder where the proxy holds every upstream credential itself; where
+    a route passes the client's own key on, that key (its login or ANTHROPIC_API_KEY) is the one."""
+    config, local = server.config, local_url(url)
+    if config.settings.get("proxy_api_key"):
+        return f"ANTHROPIC_BASE_URL={local} ANTHROPIC_AUTH_TOKEN={proxy_key_hint(config)} claude"
+    if any(effective_auth(server, p, logged_in) == "client" for p in used_providers(config)):
+        return (f"ANTHROPIC_BASE_URL={local} claude   # its own key (its Claude login, "
+                "ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN) is passed on")
+    return (f"ANTHROPIC_BASE_URL={local} ANTHROPIC_AUTH_TOKEN=unused claude   # any token: it only gets Claude "
+            "Code past its login check; the proxy holds the upstream credentials")
+
+
+def client_hints(server: "ProxyServer", url: str, logged_in: bool) -> List[str]:
     """The lines to paste for the clients."""
-    key = f" ANTHROPIC_AUTH_TOKEN={proxy_key_hint(config)}" if config.settings.get("proxy_api_key") else ""
-    local = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
-    return [f"Claude Code: ANTHROPIC_BASE_URL={local}{key} claude",
-            f"OpenAI SDKs and Codex: base_url {local}/v1"]
+    return [f"Claude Code: {claude_code_command(server, url, logged_in)}",
+            f"OpenAI SDKs and Codex: base_url {local_url(url)}/v1"]
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -11288,14 +11311,34 @@ def cli_stats(config: Config, since: Optional[str], by: str, as_json: bool) -> i
     return 0
 
 
+CLAUDE_CODE_KEY_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def claude_code_note(server: "ProxyServer", env: Mapping[str, str]) -> Optional[dict]:
+    """A doctor line when Claude Code started from this shell would have no key and no login of
+    its own: it then says "Not logged in" before any request reaches the proxy."""
+    if any((env.get(var) or "").strip() for var in CLAUDE_CODE_KEY_VARS):
+        return None
+    credentials = default_claude_credentials_path(env)
+    if os.path.isfile(credentials):
+        return None
+    settings, logged_in = server.config.settings, server.oauth.tokens.record() is not None
+    command = claude_code_command(server, f"http://{settings['host']}:{settings['port']}", logged_in)
+    return _check("claude code", "login", "note", f"no {', '.join(CLAUDE_CODE_KEY_VARS)} here and no Claude Code "
+                  f"login ({credentials}): it would say \"Not logged in · Please run /login\" before asking the "
+                  f"proxy anything; start it as: {command}")
+
+
 async def cli_doctor(config: Config, env: Mapping[str, str], deep: bool) -> int:
-    """`doctor`: one line per check; exit 1 when one failed."""
+    """`doctor`: one line per check, and how to start Claude Code when this shell gives it no
+    key; exit 1 when a check failed."""
     server = ProxyServer(config, proxies=proxies_from_env(env))
     try:
         checks = await run_doctor(doctor_exchange(server), deep)
+        note = claude_code_note(server, env)
     finally:
         server.pool.close()
-    for check in checks:
+    for check in checks + ([note] if note else []):
         print(format_check(check))
     failed = sum(check["status"] == "fail" for check in checks)
     print(f"\n{len(checks)} checks, {failed} failed" if checks else "no provider in use")

@@ -9069,6 +9069,47 @@ def test_first_run_summary(tmp_path):
     assert "sk-secret-in-config" not in text and OPENAI_PROVIDER_KEY not in text
 
 
+def claude_code_line(config, login=None):
+    """The start-up's Claude Code line for a config (with a saved login when `login` is given)."""
+    if login:
+        cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(login)
+
+    async def scenario():
+        async with running_proxy(config) as (server, port):
+            lines = [line for _, line in cp.startup_summary(server, "127.0.0.1", port)]
+            return next(line for line in lines if line.startswith("Claude Code: ")), port
+    return run(scenario())
+
+
+def test_the_claude_code_line_gets_it_past_its_login_check(tmp_path):
+    """Claude Code with no login of its own and no key says "Not logged in · Please run /login"
+    before sending anything: where the proxy holds the credentials, the line gives it a token."""
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-o-123456789", "BIG_MODEL": "m",
+           "SMALL_MODEL": "m", "CLAUDE_PROXY_HOME": str(tmp_path / "q")}
+    line, port = claude_code_line(cp.load_config(None, env))                    # the env-only quick start
+    assert line.startswith(f"Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN=unused claude")
+    line, port = claude_code_line(make_config(tmp_path / "z"))                  # zero config: the client's own key
+    assert line.startswith(f"Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:{port} claude ")
+    assert "its own key (its Claude login, ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN) is passed on" in line
+    line, _ = claude_code_line(make_config(tmp_path / "l"), login=saved_record())   # the proxy's login serves
+    assert "ANTHROPIC_AUTH_TOKEN=unused claude" in line
+    line, _ = claude_code_line(make_config(tmp_path / "k", proxy_api_key="pk-0123456789abcdef"))
+    assert "ANTHROPIC_AUTH_TOKEN=<the proxy key> claude" in line
+
+
+def test_doctor_says_how_to_start_claude_code_when_this_shell_has_no_key(tmp_path):
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-o-123456789", "BIG_MODEL": "m"}
+    _, out, _ = cli_run(tmp_path, "doctor", env=env)
+    note = [line for line in out.splitlines() if line.startswith("note claude code")]
+    assert len(note) == 1 and "Not logged in" in note[0] and "ANTHROPIC_AUTH_TOKEN=unused claude" in note[0], out
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:8082 " in note[0]
+    for extra in ({"ANTHROPIC_AUTH_TOKEN": "x"}, {"ANTHROPIC_API_KEY": "sk-ant-x"}):
+        assert "note claude code" not in cli_run(tmp_path, "doctor", env=dict(env, **extra))[1]
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / ".credentials.json").write_text("{}")               # Claude Code's own login
+    assert "note claude code" not in cli_run(tmp_path, "doctor", env=env)[1]
+
+
 @pytest.mark.parametrize("var", ["OPENAI_API_KEY", "GEMINI_API_KEY"])
 def test_a_provider_key_alone_is_said_to_be_unused(tmp_path, var):
     config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), var: "k-o-123456789"})
@@ -9406,6 +9447,47 @@ def readme_code_blocks():
     """The README's fenced code blocks."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
         return re.findall(r"```[a-z]*\n(.*?)```", fh.read(), re.S)
+
+
+def readme_first_screen():
+    """The README up to its second section (what a newcomer reads before "## Clients")."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
+        return fh.read().split("\n## Clients", 1)[0]
+
+
+def test_readme_start_up_sample_is_what_a_zero_config_start_prints(tmp_path):
+    sample = re.search(r"```text\n(.*?)```", readme_first_screen(), re.S).group(1).splitlines()
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (server, _):
+            return [line for _, line in cp.startup_summary(server, "127.0.0.1", 8082)]
+    assert [line.replace("INFO claude_proxy: ", "", 1) for line in sample] == run(scenario())
+
+
+def test_readme_first_screen_gets_claude_code_onto_an_openai_compatible_provider(tmp_path):
+    """The first screen's two commands, the provider swapped for a loopback fake: the proxy
+    starts from the environment alone, and the headers Claude Code sends with the token the
+    second command gives it (a Bearer) get an answer from the provider."""
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme_first_screen(), re.S) if "BIG_MODEL" in b)
+    start, claude = [c.replace("\\\n", " ") for c in block.strip().split("\n\n")]
+    proxy_env = dict(re.findall(r"(\w+)=(\S+)", start.split("python3", 1)[0]))
+    claude_env = dict(re.findall(r"(\w+)=(\S+)", claude))
+    assert set(proxy_env) == {"OPENAI_BASE_URL", "OPENAI_API_KEY", "BIG_MODEL", "SMALL_MODEL"}
+    assert claude.endswith(" claude") and set(claude_env) == {"ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as up:
+            env = dict(proxy_env, OPENAI_BASE_URL=up.url + "/v1", OPENAI_API_KEY="sk-or-fake-0123456")
+            async with proxy_process(tmp_path, ["--port", str(free_port())], env) as (port, lines):
+                said = next(line for line in lines if "Claude Code: " in line).split("Claude Code: ", 1)[1]
+                assert said.startswith(f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN={claude_env['ANTHROPIC_AUTH_TOKEN']} claude")
+                headers = dict(ANTHROPIC_HEADERS, authorization=f"Bearer {claude_env['ANTHROPIC_AUTH_TOKEN']}")
+                for model in ("claude-opus-4-5", "claude-haiku-4-5"):
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model=model), headers)
+                    assert status == 200, body
+        assert [r["body"]["model"] for r in up.requests] == [proxy_env["BIG_MODEL"], proxy_env["SMALL_MODEL"]]
+        assert {r["headers"]["authorization"] for r in up.requests} == {"Bearer sk-or-fake-0123456"}
+    run(scenario())
 
 
 def test_ci_runs_exactly_the_readme_test_command():
