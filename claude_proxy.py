@@ -5,13 +5,13 @@ Anthropic clients (Claude Code, the Anthropic SDKs) and OpenAI clients (the open
 LangChain, Open WebUI) talk to it; it forwards to Anthropic, to Anthropic-compatible vendors
 or to any OpenAI-compatible provider, converting between the two dialects where needed.
 
-Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browser there sees its status)
-        python claude_proxy.py check-config    print the effective config, secrets redacted
-        python claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
-        python claude_proxy.py stats           usage and cost from the ledger
-        python claude_proxy.py doctor          can every provider in use be reached and authenticated?
-        python claude_proxy.py menu            start, log in, refresh, status, log out, long-term token: a menu
-Tests:  python -m pytest -q test_claude_proxy.py
+Run:    python3 claude_proxy.py                 serve on 127.0.0.1:8082 (a browser there sees its status)
+        python3 claude_proxy.py check-config    print the effective config, secrets redacted
+        python3 claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
+        python3 claude_proxy.py stats           usage and cost from the ledger
+        python3 claude_proxy.py doctor          can every provider in use be reached and authenticated?
+        python3 claude_proxy.py menu            start, log in, refresh, status, log out, long-term token: a menu
+Tests:  python3 -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
    1. Constants          every tunable in one DEFAULT_* block; the Claude model table
@@ -6125,7 +6125,7 @@ LONG_LIVED_SECONDS = 31536000          # one year, honoured only with scope user
 REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
 MAX_CACHE_BREAKPOINTS = 4              # the API rejects a fifth cache_control
 UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
-LOGIN_AGAIN = "run `python claude_proxy.py login` again"
+LOGIN_AGAIN = "run `python3 claude_proxy.py login` again"
 _EXPIRED_TOKEN = re.compile(r"token (has )?expired", re.IGNORECASE)
 
 PostJson = Callable[[str, dict], Awaitable[Tuple[int, Any]]]
@@ -9970,7 +9970,7 @@ DOCTOR_FIXES = {
            "(SSL_VERIFY=false only to test)",
     "credentials": "check the key {hint}: the provider rejected it",
     "request": "read the provider's answer; check the model names under routes and models",
-    "login": "run `python claude_proxy.py login` (or `import-claude-code`)",
+    "login": "run `python3 claude_proxy.py login` (or `import-claude-code`)",
 }
 DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL", "note": "note"}
 DOCTOR_MODEL = {"anthropic": "claude-haiku-4-5"}       # a --deep request on a pass-through route

@@ -9508,6 +9508,8 @@ def test_readme_quick_start_uses_python3_and_no_bare_placeholder():
     text = "".join(readme_code_blocks())
     assert "python claude_proxy.py" not in text and "python -m" not in text
     assert "<owner>" not in text and "python3 claude_proxy.py" in text
+    with open(os.path.join(HERE, "claude_proxy.py"), encoding="utf-8") as fh:   # what it tells users to run, too
+        assert not re.search(r"\bpython (claude_proxy\.py|-m)", fh.read())
 
 
 def test_import_reads_seed_token_files_without_writing_them(tmp_path):
