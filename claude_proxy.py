@@ -1084,9 +1084,8 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     strategy = raw.get("key_strategy", "fill_first")
     if strategy not in KEY_STRATEGIES:
         raise ConfigError(f"{path}.key_strategy: expected one of {', '.join(KEY_STRATEGIES)}")
-    # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
-    # only the built-in provider says "auto", and "client" must be written out. A named key
-    # source means api_key even while its variable is unset (a clear 400, never no credentials).
+    # A vendor never gets the Claude login, nor the client's own key, unless the config asks ("auto" is
+    # the built-in's, "client" is written out); a named key source is api_key even while unset (a 400).
     auth = raw.get("auth") or ("api_key" if api_key or raw.get("api_key_env") else "none")
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
@@ -7719,6 +7718,17 @@ def all_keys_cooling(pool: KeyPool, dialect: str) -> UpstreamStatus:
     return UpstreamStatus(429 if wait is not None else 401, headers, json_bytes(body))
 
 
+def effective_auth(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
+    """The auth mode a provider's requests use: `auto` is the Claude login (when there is one,
+    the host is Anthropic's or this machine, and the proxy is not exposed without a key), else
+    the provider's key, else the client's own."""
+    if provider["auth"] != "auto":
+        return provider["auth"]
+    if logged_in and not server.exposed and provider["oauth_trusted"]:
+        return "oauth"
+    return "api_key" if provider.get("api_key") else "client"
+
+
 class Exchange:
     """One request's context: the server, the request, the response stream, what was decided."""
 
@@ -7769,12 +7779,9 @@ class Exchange:
 
     async def auth_mode(self, provider: dict) -> str:
         """auto resolves to oauth (a login or token exists), api_key, or the client's key."""
-        mode = provider["auth"]
-        if mode != "auto":
-            return mode
-        if provider["oauth_trusted"] and not self.server.exposed and await self.server.oauth.available():
-            return "oauth"
-        return "api_key" if provider.get("api_key") else "client"
+        if provider["auth"] != "auto":
+            return provider["auth"]
+        return effective_auth(self.server, provider, await self.server.oauth.available())
 
     def credential_headers(self, provider: dict, mode: str) -> List[Tuple[str, str]]:
         """Credential headers for api_key / client / none modes, in the provider's dialect."""
@@ -10462,15 +10469,6 @@ def public_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def effective_auth(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
-    """The auth mode a provider's requests use now: `auto` resolved as Exchange.auth_mode does."""
-    if provider["auth"] != "auto":
-        return provider["auth"]
-    if logged_in and not server.exposed and provider["oauth_trusted"]:
-        return "oauth"
-    return "api_key" if provider.get("api_key") else "client"
 
 
 def credential_source(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
