@@ -5,13 +5,13 @@ Anthropic clients (Claude Code, the Anthropic SDKs) and OpenAI clients (the open
 LangChain, Open WebUI) talk to it; it forwards to Anthropic, to Anthropic-compatible vendors
 or to any OpenAI-compatible provider, converting between the two dialects where needed.
 
-Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browser there sees its status)
-        python claude_proxy.py check-config    print the effective config, secrets redacted
-        python claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
-        python claude_proxy.py stats           usage and cost from the ledger
-        python claude_proxy.py doctor          can every provider in use be reached and authenticated?
-        python claude_proxy.py menu            start, log in, token, status, stats, log out: a numbered menu
-Tests:  python -m pytest -q test_claude_proxy.py
+Run:    python3 claude_proxy.py                 serve on 127.0.0.1:8082 (a browser there sees its status)
+        python3 claude_proxy.py check-config    print the effective config, secrets redacted
+        python3 claude_proxy.py login           Claude Pro/Max login (OAuth PKCE)
+        python3 claude_proxy.py stats           usage and cost from the ledger
+        python3 claude_proxy.py doctor          can every provider in use be reached and authenticated?
+        python3 claude_proxy.py menu            start, log in, refresh, status, log out, long-term token: a menu
+Tests:  python3 -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
    1. Constants          every tunable in one DEFAULT_* block; the Claude model table
@@ -867,6 +867,13 @@ REPLAY_REASONING_MODELS = ("deepseek", "kimi", "moonshot", "glm")   # the same, 
 PROMPT_CACHE_KEY_HOSTS = ("api.openai.com",)
 NATIVE_SIGNATURE_HOSTS = ("api.anthropic.com",)   # besides the built-in provider: Anthropic signs here
 PROVIDER_FLAGS = ("mid_system", "prompt_cache_key", "tag_signatures")
+# A provider key in the environment that no provider reads -> what would use it (a start warning).
+UNUSED_KEY_HINTS = {
+    "OPENAI_API_KEY": "set BIG_MODEL (and OPENAI_BASE_URL) to send Claude Code to an OpenAI-compatible "
+                      "provider; OpenAI clients are served by Claude",
+    "GEMINI_API_KEY": "for Gemini, add a provider {\"format\": \"openai\", \"base_url\": "
+                      "\"https://generativelanguage.googleapis.com/v1beta/openai\", \"api_key_env\": \"GEMINI_API_KEY\"}",
+}
 
 
 class Config:
@@ -1007,6 +1014,8 @@ def quickstart_layer(env: Mapping[str, str]) -> dict:
         middle, small = env.get("MIDDLE_MODEL", big), env.get("SMALL_MODEL", "gpt-4o-mini")
         raw["providers"] = {"openai": {"format": "openai", "api_key_env": "OPENAI_API_KEY",
                                        "base_url": env.get("OPENAI_BASE_URL", DEFAULT_OPENAI_URL)}}
+        if not (env.get("OPENAI_API_KEY") or "").strip():   # a local server (Ollama...) needs no key
+            raw["providers"]["openai"]["auth"] = "none"
         if env.get("AZURE_API_VERSION"):          # seed 002: Azure OpenAI deployment URL, api-key header
             raw["providers"]["openai"].update(azure=True, api_version=env["AZURE_API_VERSION"])
         limit = env.get("MAX_TOKENS_LIMIT", "16k")
@@ -1059,9 +1068,9 @@ def parse_config(raw: dict, env: Mapping[str, str], notes: Iterable[str] = ()) -
     check_fallbacks(models, providers)
     config = Config(settings, providers, models, routes, parse_oauth(raw.get("oauth")))
     config.aliases = dict(MODEL_ALIASES, **parse_aliases(raw.get("aliases")))
-    if env.get("OPENAI_API_KEY") and not any(p.get("api_key_env") == "OPENAI_API_KEY" for p in providers.values()):
-        warnings.append("OPENAI_API_KEY is set but nothing uses it: set BIG_MODEL (and OPENAI_BASE_URL) to send "
-                        "Claude Code to an OpenAI-compatible provider; OpenAI clients are served by Claude")
+    used = {p.get("api_key_env") for p in providers.values()}
+    warnings += [f"{var} is set but nothing uses it: {hint}" for var, hint in UNUSED_KEY_HINTS.items()
+                 if (env.get(var) or "").strip() and var not in used]
     config.warnings = warnings
     adopt_seed_client_key(config, env)
     if settings["strict"] and warnings:
@@ -1137,6 +1146,8 @@ def adopt_seed_client_key(config: Config, env: Mapping[str, str]) -> None:
         return
     if any(p.get("api_key_env") == "ANTHROPIC_API_KEY" for name, p in config.providers.items() if name != "anthropic"):
         return                                    # another provider's upstream key (a seed model file's)
+    if any(p["auth"] == "client" for name, p in config.providers.items() if name != "anthropic"):
+        return                                    # the client's key is a provider's key (ccproxy mode)
     config.settings["proxy_api_key"], config.proxy_key_var = env["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEY"
     config.warnings.append("no route reaches Anthropic, so ANTHROPIC_API_KEY is the key clients must "
                            "send (x-api-key or Bearer), as in claude-code-proxy; set PROXY_API_KEY to choose another")
@@ -1236,12 +1247,12 @@ def parse_provider(name: str, raw: Any, env: Mapping[str, str], warnings: List[s
     strategy = raw.get("key_strategy", "fill_first")
     if strategy not in KEY_STRATEGIES:
         raise ConfigError(f"{path}.key_strategy: expected one of {', '.join(KEY_STRATEGIES)}")
-    # A vendor never gets the Claude login, nor the client's own key, unless the config asks:
-    # only the built-in provider says "auto", and "client" must be written out.
-    auth = raw.get("auth") or ("api_key" if api_key else "none")
+    # A vendor never gets the Claude login, nor the client's own key, unless the config asks ("auto" is
+    # the built-in's, "client" is written out); a named key source is api_key even while unset (a 400).
+    auth = raw.get("auth") or ("api_key" if api_key or raw.get("api_key_env") else "none")
     if auth not in AUTH_MODES:
         raise ConfigError(f"{path}.auth: expected one of {', '.join(AUTH_MODES)}")
-    if raw.get("api_key_env") and not api_key and not raw.get("auth"):
+    if raw.get("api_key_env") and not api_key and auth == "none":
         warnings.append(f"{path}.api_key_env: ${raw['api_key_env']} is not set; sending no credentials")
     elif auth == "api_key" and not api_key:
         where = f"${raw['api_key_env']} is not set" if raw.get("api_key_env") else "no api_key is configured"
@@ -1534,14 +1545,18 @@ def seed_models_layer(entries: List[dict], path: str) -> dict:
 
 def seed_provider(entry: dict) -> Tuple[str, dict]:
     """(name, provider) for a seed model entry: `direct` (or an anthropic.com api_base, as the
-    seed decided) is an Anthropic-format passthrough; the key comes from $api_key_name."""
+    seed decided) is an Anthropic-format passthrough. Its key: `api_key`, else $api_key_name,
+    else the key each client sends (seed 001's ccproxy mode: the wrapper puts the provider's
+    key in the client's Authorization), never a variable the entry does not name."""
     base = str(entry["api_base"])
     anthropic = bool(entry.get("direct")) or "anthropic.com" in base or entry.get("format") == "anthropic"
     provider: Dict[str, Any] = {"format": "anthropic" if anthropic else "openai", "base_url": base}
     if entry.get("api_key"):
         provider["api_key"] = entry["api_key"]
+    elif entry.get("api_key_name"):
+        provider.update(api_key_env=entry["api_key_name"], auth="api_key")
     else:
-        provider.update(api_key_env=entry.get("api_key_name") or "OPENAI_API_KEY", auth="api_key")
+        provider["auth"] = "client"
     return (urllib.parse.urlsplit(base).hostname or base), provider
 
 
@@ -1715,6 +1730,20 @@ def value_origins(config: Config, file_raw: dict, models_raw: dict, dotenv: Mapp
     return origins
 
 
+def credential_rule(provider: dict) -> str:
+    """What a provider sends upstream as its credential, in words (check-config), never a key."""
+    fmt, mode = provider["format"], provider["auth"]
+    header = "api-key" if provider.get("azure") else "x-api-key" if fmt == "anthropic" else "Authorization: Bearer"
+    key = f"${provider['api_key_env']}" if provider.get("api_key_env") else "the key in the config"
+    client = ("each client's own key (its x-api-key or Authorization, never the proxy key; a Claude login "
+              "only to an Anthropic host), " + ("as the client sent it" if fmt == "anthropic" else "as " + header))
+    rules = {"api_key": f"{key}, as {header}; while it is unset, each request gets a 400 naming it",
+             "oauth": "the Claude login (saved, or ANTHROPIC_OAUTH_TOKEN)", "client": client,
+             "auto": f"the Claude login when there is one, else {key} when set, else {client}",
+             "none": "no credentials"}
+    return rules[mode]
+
+
 def redacted_config(config: Config) -> dict:
     """The effective config for check-config, every secret masked."""
     settings = dict(config.settings)
@@ -1723,7 +1752,7 @@ def redacted_config(config: Config) -> dict:
             settings[key] = mask(settings[key])
     providers = {name: dict(p, api_key=mask(p["api_key"]) if p.get("api_key") else None,
                             api_keys=[key_label(k) for k in p.get("api_keys") or []],
-                            headers={k: mask(v) for k, v in p["headers"].items()})
+                            headers={k: mask(v) for k, v in p["headers"].items()}, credentials=credential_rule(p))
                  for name, p in config.providers.items()}
     models = [dict(m, headers={k: mask(v) for k, v in m["headers"].items()},
                    extra_body=masked_copy(m["extra_body"])) for m in config.models.values()]
@@ -6620,7 +6649,7 @@ REFRESH_MARGIN_SECONDS = 300.0         # refresh five minutes before expiry
 MAX_EPOCH = 253402300799.0             # 9999-12-31T23:59:59Z: the last expiry a date can say
 MAX_CACHE_BREAKPOINTS = 4              # the API rejects a fifth cache_control
 UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
-LOGIN_AGAIN = "run `python claude_proxy.py login` again"
+LOGIN_AGAIN = "run `python3 claude_proxy.py login` again"
 _EXPIRED_TOKEN = re.compile(r"token (has )?expired", re.IGNORECASE)
 
 PostJson = Callable[[str, dict], Awaitable[Tuple[int, Any]]]
@@ -6818,24 +6847,31 @@ class TokenStore:
     def __init__(self, path: str, *, clock: Clock = time.time):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.clock = clock
+        self._refusal: Optional[str] = None       # the last warning said, so it is said once
 
     def load(self) -> Optional[dict]:
         """The saved record, or None when there is none, it is unreadable, a symlink, or in
-        another program's shape (each of those said in a warning)."""
+        another program's shape (each of those said in a warning, once while it lasts: the
+        store is read again on every look, so a login made meanwhile is seen)."""
         try:
             with os.fdopen(open_no_follow(self.path, os.O_RDONLY), "r", encoding="utf-8") as f:
                 document = json.load(f)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            log.warning("token store %s is unreadable (%s); ignoring it", self.path, exc)
-            return None
+            return self._refuse(f"token store {self.path} is unreadable ({exc}); ignoring it")
         token = document.get("token") if isinstance(document, dict) else None
         if isinstance(token, dict) and token.get("access_token"):
+            self._refusal = None
             return dict(token, expires_at=expiry_epoch(token.get("expires_at")))
-        log.warning("token store %s is not in claude_proxy's shape (a file of another proxy? "
-                    "`python3 claude_proxy.py import FILE` reads those); ignoring it", self.path)
-        return None
+        return self._refuse(f"token store {self.path} is not in claude_proxy's shape (a file of another proxy? "
+                            "`python3 claude_proxy.py import FILE` reads those); ignoring it")
+
+    def _refuse(self, warning: str) -> None:
+        """Say why the store is ignored, unless that was the last thing said."""
+        if warning != self._refusal:
+            log.warning("%s", warning)
+        self._refusal = warning
 
     def save(self, record: dict) -> None:
         """Replace the file atomically: 0600 temp file in the same dir, fsync, os.replace."""
@@ -7064,6 +7100,16 @@ class TokenManager:
         self.last_error = None
         return fresh
 
+    async def refresh_now(self) -> dict:
+        """Refresh the login at once (the menu's "refresh the token"); BadRequest when it cannot be."""
+        record = self.record()
+        if record is None or not record.get("refresh_token"):
+            raise BadRequest("no refresh token available: log in first (menu option 2, or `python3 claude_proxy.py login`)")
+        fresh = await self._refresh(record["access_token"])
+        if fresh is None:
+            raise LoginDead(f"the saved Claude login was removed; {LOGIN_AGAIN}")
+        return fresh
+
     async def on_unauthorized(self, body_text: str, token: Optional[str] = None) -> bool:
         """After an upstream 401: True when the token had expired and a fresh one is ready.
 
@@ -7198,16 +7244,20 @@ def import_token_file(path: str, store: TokenStore) -> dict:
     else:
         record = seed_token_record(document, path, store.clock())
     store.save(record)
-    log.info("imported the login from %s, expires in %s", path, _lifetime(record, store.clock()))
     return record
+
+
+def seed_token_file() -> Optional[str]:
+    """The first earlier proxy's token file found in its default place (seed 003's, then 000's)."""
+    return next((p for p in SEED_TOKEN_FILES if os.path.isfile(os.path.expanduser(p))), None)
 
 
 def default_token_file(env: Mapping[str, str]) -> Optional[str]:
     """The saved login `import` reads when no file is named: a seed's token file (by its env
     name or default place), else Claude Code's credentials."""
     named = [env.get(var) for var in SEED_ENV_ALIASES["import_token_file"]]
-    candidates = [p for p in named if p] + list(SEED_TOKEN_FILES) + [default_claude_credentials_path(env)]
-    return next((p for p in candidates if os.path.isfile(os.path.expanduser(p))), None)
+    candidates = [p for p in named if p] + [seed_token_file() or ""] + [default_claude_credentials_path(env)]
+    return next((p for p in candidates if p and os.path.isfile(os.path.expanduser(p))), None)
 
 
 # ---- Request shaping on the OAuth path (pure; PROTOCOLS.md A.8, B.1, B.2) -----------------
@@ -7416,19 +7466,26 @@ class OAuthService:
 
 
 async def adopt_seed_login(config: Config, oauth: OAuthService) -> None:
-    """A seed's token file named in the environment (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE) is
-    imported, read only, when the proxy has no login of its own: the seed's users keep theirs."""
-    path = config.settings.get("import_token_file")
-    if not path or await run_off_loop(oauth.tokens.record) is not None:
+    """When the proxy has no login of its own, an earlier proxy's token file is imported, read
+    only: the one the environment names (ANTHROPIC_PROXY_TOKEN_FILE, TOKEN_FILE), else one in its
+    default place (~/.config/anthropic-max-proxy, ~/.anthropic-claude-max-proxy). The seeds'
+    users keep their login; the start says which file it was."""
+    if await run_off_loop(oauth.tokens.record) is not None:
         return
+    named = config.settings.get("import_token_file")
+    path = named or await run_off_loop(seed_token_file)
+    if not path:
+        return
+    where = config.origins.get("settings.import_token_file") if named else "found in its default place"
     try:
         record = await run_off_loop(import_token_file, path, oauth.store)
     except BadRequest as exc:
-        log.warning("the login in %s (%s) was not imported: %s", path,
-                    config.origins.get("settings.import_token_file"), exc.message)
+        log.warning("the login in %s (%s) was not imported: %s", path, where, exc.message)
         return
     oauth.tokens.save(record)
-    log.info("using the login imported from %s (read only)", path)
+    log.info("Claude login: imported from %s, %s's (%s; the file is only read, as `python3 claude_proxy.py "
+             "import %s` does), expires in %s%s", path, record["source"].split(":")[-1], where, path,
+             _lifetime(record, oauth.clock()), "; claude_proxy refreshes it from now on" if record.get("refresh_token") else "")
 
 
 def cli_error(message: str, stream: Any = None) -> None:
@@ -7440,7 +7497,8 @@ def cli_error(message: str, stream: Any = None) -> None:
 
 async def run_oauth_command(command: str, args: argparse.Namespace, config: Config,
                             env: Mapping[str, str]) -> int:
-    """login / logout / status / import / import-claude-code / verify-login, on a pool of their own."""
+    """login / logout / status / import / import-claude-code / verify-login / refresh (the menu's),
+    on a pool of their own."""
     pool = ConnectionPool(lambda: make_ssl_context(config.settings["ssl_verify"], config.settings["ca_bundle"]),
                           proxies_from_env(env), config.settings["connect_timeout"], 60.0)
     service = OAuthService(config, pool, Redactor())
@@ -7457,6 +7515,9 @@ async def run_oauth_command(command: str, args: argparse.Namespace, config: Conf
                   f"There was no saved Claude login to remove ({service.store.path}).")
         elif command in ("import", "import-claude-code"):
             cli_import(service, command, getattr(args, "path", None), env)
+        elif command == "refresh":
+            await service.tokens.refresh_now()
+            print("Token refreshed.")
         print(json.dumps(service.tokens.status(), indent=2))
         return 0
     finally:
@@ -7480,12 +7541,23 @@ def cli_import(service: OAuthService, command: str, path: Optional[str], env: Ma
         print("claude_proxy refreshes it from now on; the program that saved it will need a new login.")
 
 
+# anthropic-claude-max-proxy's words when --headless finds no login (its cli/headless.py), our commands
+NO_LOGIN_HELP = """Authentication Error: No authentication tokens found. Please login first (option 2)
+
+To authenticate:
+1. Run: python3 claude_proxy.py menu
+2. Select option 2 to login (or run: python3 claude_proxy.py login)
+3. Or set ANTHROPIC_OAUTH_TOKEN environment variable
+4. Or use: python3 claude_proxy.py --headless --token "<your-token>"
+5. Or take over a saved login (Claude Code's, another proxy's tokens.json): python3 claude_proxy.py import [FILE]"""
+
+
 async def cli_verify_login(service: OAuthService) -> int:
     """--headless --no-auto-start: check (and refresh when due) the login, print it, serve nothing."""
     try:
         await service.access_token()
     except ProxyError as exc:
-        cli_error(exc.message)
+        cli_error(NO_LOGIN_HELP if service.tokens.record() is None else exc.message)
         return 1
     print(json.dumps(service.tokens.status(), indent=2))
     print("Auto-start disabled: the login is valid; the proxy was not started.")
@@ -8233,6 +8305,17 @@ def all_keys_cooling(pool: KeyPool, dialect: str) -> UpstreamStatus:
     return UpstreamStatus(429 if wait is not None else 401, headers, json_bytes(body))
 
 
+def effective_auth(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
+    """The auth mode a provider's requests use: `auto` is the Claude login (when there is one,
+    the host is Anthropic's or this machine, and the proxy is not exposed without a key), else
+    the provider's key, else the client's own."""
+    if provider["auth"] != "auto":
+        return provider["auth"]
+    if logged_in and not server.exposed and provider["oauth_trusted"]:
+        return "oauth"
+    return "api_key" if provider.get("api_key") else "client"
+
+
 class Exchange:
     """One request's context: the server, the request, the response stream, what was decided."""
 
@@ -8289,12 +8372,9 @@ class Exchange:
 
     async def auth_mode(self, provider: dict) -> str:
         """auto resolves to oauth (a login or token exists), api_key, or the client's key."""
-        mode = provider["auth"]
-        if mode != "auto":
-            return mode
-        if provider["oauth_trusted"] and not self.server.exposed and await self.server.oauth.available():
-            return "oauth"
-        return "api_key" if provider.get("api_key") else "client"
+        if provider["auth"] != "auto":
+            return provider["auth"]
+        return effective_auth(self.server, provider, await self.server.oauth.available())
 
     def credential_headers(self, provider: dict, mode: str) -> List[Tuple[str, str]]:
         """Credential headers for api_key / client / none modes, in the provider's dialect."""
@@ -8310,11 +8390,21 @@ class Exchange:
                 return [("x-api-key", key)]
             return [("api-key", key)] if provider.get("azure") else [("authorization", f"Bearer {key}")]
         if mode == "client":
-            creds = self.client_credential()
-            if provider["format"] == "openai":
-                creds = [("authorization", v if n == "authorization" else f"Bearer {v}") for n, v in creds[:1]]
-            return creds
+            return self.forwarded_credential(provider)
         return []
+
+    def forwarded_credential(self, provider: dict) -> List[Tuple[str, str]]:
+        """The client's own key in the provider's dialect; a Claude login the client sent is
+        refused for a host that is not Anthropic's (or this machine): it never leaves for a vendor."""
+        creds = self.client_credential()
+        if not provider["oauth_trusted"] and any(OAUTH_TOKEN_SHAPE.match(v.split()[-1]) for _, v in creds):
+            raise CredentialMissing(
+                f"claude_proxy: provider {provider['name']!r} takes each client's own key, and this client sent its "
+                f"Claude login, which is never sent to {urllib.parse.urlsplit(provider['base_url']).hostname}: "
+                f"give the client the provider's key (Claude Code: ANTHROPIC_AUTH_TOKEN=<the key> claude)")
+        if provider["format"] == "openai":
+            creds = [("authorization", v if n == "authorization" else f"Bearer {v}") for n, v in creds[:1]]
+        return creds
 
     def pooled_credential(self, provider: dict) -> List[Tuple[str, str]]:
         """The credential header of the session's key in the provider's pool."""
@@ -10796,9 +10886,9 @@ DOCTOR_FIXES = {
            "(SSL_VERIFY=false only to test)",
     "credentials": "check the key {hint}: the provider rejected it",
     "request": "read the provider's answer; check the model names under routes and models",
-    "login": "run `python claude_proxy.py login` (or `import-claude-code`)",
+    "login": "run `python3 claude_proxy.py login` (or `import-claude-code`)",
 }
-DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL"}
+DOCTOR_MARKS = {"ok": "ok  ", "skip": "--  ", "fail": "FAIL", "note": "note"}
 DOCTOR_DETAIL_CHARS = 300                                # a check's detail, secrets masked first
 DOCTOR_MODEL = {"anthropic": "claude-haiku-4-5"}       # a --deep request on a pass-through route
 
@@ -11276,11 +11366,7 @@ def public_url(url: str) -> str:
 
 def credential_source(server: "ProxyServer", provider: dict, logged_in: bool) -> str:
     """Where a provider's credentials come from, never the credential."""
-    mode, suffix = provider["auth"], ""
-    if mode == "auto":
-        oauth = logged_in and not server.exposed and provider["oauth_trusted"]
-        mode = "oauth" if oauth else ("api_key" if provider.get("api_key") else "client")
-        suffix = " (auth auto)"
+    mode, suffix = effective_auth(server, provider, logged_in), " (auth auto)" if provider["auth"] == "auto" else ""
     if mode != "api_key":
         return CREDENTIAL_TEXT[mode] + suffix
     env = provider.get("api_key_env")
@@ -11851,7 +11937,7 @@ def startup_summary(server: "ProxyServer", host: str, port: int) -> List[Tuple[i
                           f"credentials: {credential_source(server, provider, logged_in)}"))
     lines += [(logging.WARNING, line) for line in config.warnings]
     lines += [note for note in upstream_notes(config, logged_in) if note[0] >= logging.WARNING]
-    lines += [(logging.INFO, line) for line in client_hints(config, url)]
+    lines += [(logging.INFO, line) for line in client_hints(server, url, logged_in)]
     return lines
 
 
@@ -11867,12 +11953,30 @@ def proxy_key_hint(config: Config) -> str:
     return "<the proxy key>"
 
 
-def client_hints(config: Config, url: str) -> List[str]:
+def local_url(url: str) -> str:
+    """The proxy's URL as a client on this machine dials it (a wildcard bind is 127.0.0.1)."""
+    return url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
+
+
+def claude_code_command(server: "ProxyServer", url: str, logged_in: bool) -> str:
+    """The line that starts Claude Code on this proxy. Claude Code with no login of its own and
+    no key in its environment says "Not logged in" before it sends anything, so it gets a token:
+    the proxy key, or a placeholder where the proxy holds every upstream credential itself; where
+    a route passes the client's own key on, that key (its login or ANTHROPIC_API_KEY) is the one."""
+    config, local = server.config, local_url(url)
+    if config.settings.get("proxy_api_key"):
+        return f"ANTHROPIC_BASE_URL={local} ANTHROPIC_AUTH_TOKEN={proxy_key_hint(config)} claude"
+    if any(effective_auth(server, p, logged_in) == "client" for p in used_providers(config)):
+        return (f"ANTHROPIC_BASE_URL={local} claude   # its own key (its Claude login, "
+                "ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN) is passed on")
+    return (f"ANTHROPIC_BASE_URL={local} ANTHROPIC_AUTH_TOKEN=unused claude   # any token: it only gets Claude "
+            "Code past its login check; the proxy holds the upstream credentials")
+
+
+def client_hints(server: "ProxyServer", url: str, logged_in: bool) -> List[str]:
     """The lines to paste for the clients."""
-    key = f" ANTHROPIC_AUTH_TOKEN={proxy_key_hint(config)}" if config.settings.get("proxy_api_key") else ""
-    local = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "127.0.0.1")
-    return [f"Claude Code: ANTHROPIC_BASE_URL={local}{key} claude",
-            f"OpenAI SDKs and Codex: base_url {local}/v1"]
+    return [f"Claude Code: {claude_code_command(server, url, logged_in)}",
+            f"OpenAI SDKs and Codex: base_url {local_url(url)}/v1"]
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -11900,12 +12004,21 @@ def release_freed_memory() -> None:
         log.debug("malloc_trim unavailable")
 
 
+def login_required(config: Config) -> bool:
+    """Whether a provider in use sends the Claude login, or for want of one each client's key
+    (auth oauth, or auto without an API key): what --headless will not start without."""
+    return any(p["auth"] == "oauth" or (p["auth"] == "auto" and not p.get("api_key")) for p in used_providers(config))
+
+
 async def serve(config: Config, redactor: Redactor, proxies: Mapping[str, str],
-                source: Optional[ConfigSource] = None) -> None:
-    """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully."""
+                source: Optional[ConfigSource] = None, headless: bool = False) -> None:
+    """Run the proxy until SIGINT/SIGTERM (SIGHUP reloads the config), then shut down gracefully.
+    --headless (anthropic-claude-max-proxy's) with no login where one is needed exits as it did."""
     server = ProxyServer(config, redactor=redactor, proxies=proxies, source=source)
     install_reload_signal(asyncio.get_running_loop(), server)
     await adopt_seed_login(server.config, server.oauth)
+    if headless and login_required(config) and not await server.oauth.available():
+        raise CredentialMissing(NO_LOGIN_HELP)
     host, port = await server.start()
     release_freed_memory()
     stop = asyncio.Event()
@@ -11952,7 +12065,8 @@ CLI_COMMANDS: Dict[str, Tuple[str, Tuple[Tuple[Tuple[str, ...], dict], ...]]] = 
         (("--json",), {"action": "store_true", "help": "print the /v1/stats object instead of a table"}))),
     "doctor": ("check DNS, TCP, TLS, credentials and the Claude login of every provider in use",
                ((("--deep",), {"action": "store_true", "help": "also send a 1-token request to each provider"}),)),
-    "menu": ("an interactive menu: start, log in, long-lived token, status, stats, log out", ()),
+    "menu": ("a numbered menu (anthropic-claude-max-proxy's numbers): start, log in, refresh, status, log out, "
+             "long-term token, quit, stats", ()),
 }
 SEED_FLAGS_EPILOG = ("Flags of anthropic-claude-max-proxy also work: --headless (serve), --setup-token "
                      "(= login --long-lived), --headless --no-auto-start (check the login and exit).")
@@ -12005,15 +12119,25 @@ def cli_overrides(args: argparse.Namespace, command: str) -> dict:
     return {key: value for key, value in pairs if value is not None}
 
 
+def open_log_file(path: str) -> logging.Handler:
+    """The LOG_FILE_PATH handler, rotated at 10 MB, 3 kept; ConfigError in one line when the
+    path cannot be a log file (a directory, no permission)."""
+    from logging.handlers import RotatingFileHandler
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; name a file in it, such as {os.path.join(path, 'claude_proxy.log')}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def setup_logging(level: str, redactor: Redactor, log_file: Optional[str] = None) -> None:
     """logging to stderr (and to LOG_FILE_PATH, rotated at 10 MB, 3 kept), every record
     scrubbed of secrets and kept on one line."""
     handlers: List[logging.Handler] = [logging.StreamHandler()]
     if log_file:
-        from logging.handlers import RotatingFileHandler
-        path = os.path.expanduser(log_file)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handlers.append(RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3, encoding="utf-8"))
+        handlers.append(open_log_file(os.path.expanduser(log_file)))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(redactor)
@@ -12039,7 +12163,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         cli_error(exc.message)
         return 2
     redactor = Redactor(config.secret_values())
-    setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
+    try:
+        setup_logging(config.settings["log_level"], redactor, config.settings["log_file"])
+    except ConfigError as exc:
+        cli_error(f"config error: log file ({config.origins.get('settings.log_file', 'config')}): {exc}")
+        return 2
     try:
         return run_command(command, args, config, redactor, env, source)
     except ConfigError as exc:
@@ -12061,7 +12189,7 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
             print(f"warning: {line}", file=sys.stderr)
         return 0
     if command == "serve":
-        asyncio.run(serve(config, redactor, proxies_from_env(env), source))
+        asyncio.run(serve(config, redactor, proxies_from_env(env), source, getattr(args, "headless", False)))
         return 0
     if command == "stats":
         return cli_stats(config, getattr(args, "since", None), getattr(args, "by", "model"),
@@ -12087,23 +12215,45 @@ def cli_stats(config: Config, since: Optional[str], by: str, as_json: bool) -> i
     return 0
 
 
+CLAUDE_CODE_KEY_VARS = ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def claude_code_note(server: "ProxyServer", env: Mapping[str, str]) -> Optional[dict]:
+    """A doctor line when Claude Code started from this shell would have no key and no login of
+    its own: it then says "Not logged in" before any request reaches the proxy."""
+    if any((env.get(var) or "").strip() for var in CLAUDE_CODE_KEY_VARS):
+        return None
+    credentials = default_claude_credentials_path(env)
+    if os.path.isfile(credentials):
+        return None
+    settings, logged_in = server.config.settings, server.oauth.tokens.record() is not None
+    command = claude_code_command(server, f"http://{settings['host']}:{settings['port']}", logged_in)
+    return _check("claude code", "login", "note", f"no {', '.join(CLAUDE_CODE_KEY_VARS)} here and no Claude Code "
+                  f"login ({credentials}): it would say \"Not logged in · Please run /login\" before asking the "
+                  f"proxy anything; start it as: {command}")
+
+
 async def cli_doctor(config: Config, env: Mapping[str, str], deep: bool) -> int:
-    """`doctor`: one line per check; exit 1 when one failed."""
+    """`doctor`: one line per check, and how to start Claude Code when this shell gives it no
+    key; exit 1 when a check failed."""
     server = ProxyServer(config, proxies=proxies_from_env(env))
     try:
         checks = await run_doctor(doctor_exchange(server), deep)
+        note = claude_code_note(server, env)
     finally:
         server.pool.close()
-    for check in checks:
+    for check in checks + ([note] if note else []):
         print(format_check(check))
     failed = sum(check["status"] == "fail" for check in checks)
     print(f"\n{len(checks)} checks, {failed} failed" if checks else "no provider in use")
     return 1 if failed else 0
 
 
+# anthropic-claude-max-proxy's numbers (1 start ... 6 long-term token, 7 exit), then ours
 MENU = (("1", "start the proxy", "serve"), ("2", "log in (Claude Pro/Max)", "login"),
-        ("3", "create a long-lived token (one year)", "long-lived"), ("4", "show status", "status"),
-        ("5", "show usage stats", "stats"), ("6", "log out", "logout"), ("0", "quit", "quit"))
+        ("3", "refresh the token", "refresh"), ("4", "show status", "status"),
+        ("5", "log out (clear the saved login)", "logout"), ("6", "create a long-term token (one year)", "long-lived"),
+        ("7", "quit", "quit"), ("8", "show usage stats", "stats"))
 
 
 def cli_menu(config: Config, redactor: Redactor, env: Mapping[str, str], source: Optional[ConfigSource]) -> int:
@@ -12129,7 +12279,9 @@ def run_menu_action(action: str, config: Config, redactor: Redactor, env: Mappin
     """One menu choice; its failure is printed and the menu goes on."""
     login = argparse.Namespace(long_lived=action == "long-lived", no_browser=False, token=None)
     try:
-        if action == "serve":
+        if action == "logout" and not confirmed("Are you sure you want to clear the saved login? [y/N] "):
+            print("Logout cancelled")
+        elif action == "serve":
             run_command("serve", login, config, redactor, env, source)
         elif action == "stats":
             cli_stats(config, None, "model", False)
@@ -12142,6 +12294,14 @@ def run_menu_action(action: str, config: Config, redactor: Redactor, env: Mappin
         print()
     except (ProxyError, ConfigError) as exc:
         cli_error(redactor.scrub(exc.message if isinstance(exc, ProxyError) else str(exc)), sys.stdout)
+
+
+def confirmed(question: str) -> bool:
+    """A yes from stdin (end of input is a no)."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 async def print_proxy_health(config: Config) -> None:

@@ -463,6 +463,13 @@ def test_config_env_quickstart_builds_routes():
     assert cp.resolve_target(config, "anything").spec["model"] == "big"
 
 
+def test_config_env_quickstart_without_a_key_sends_none_for_a_local_server():
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1", "BIG_MODEL": "qwen3"}
+    config = cp.parse_config(cp.env_layer(env), env)
+    assert config.providers["openai"]["auth"] == "none"
+    assert "providers.openai.api_key_env: $OPENAI_API_KEY is not set; sending no credentials" in config.warnings
+
+
 def test_routing_order(tmp_path):
     config = cp.parse_config({
         "providers": {"o": {"format": "openai", "base_url": "http://127.0.0.1:1/v1"}},
@@ -4782,9 +4789,30 @@ def test_loose_state_directory_is_tightened(tmp_path, caplog):
 def test_token_file_in_another_shape_is_named_in_a_warning(tmp_path, caplog):
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"access_token": "sk-ant-oat01-x", "refresh_token": "r", "expires_at": 1}))
+    store = TokenStore(str(path))
     with caplog.at_level(logging.WARNING, logger="claude_proxy"):
-        assert TokenStore(str(path)).load() is None
-    assert "not in claude_proxy's shape" in caplog.text and "import" in caplog.text
+        assert [store.load(), store.load(), store.load()] == [None, None, None]     # read on every look...
+    assert caplog.text.count("not in claude_proxy's shape") == 1 and "import" in caplog.text   # ...said once
+    store.save(saved_record())
+    assert store.load() is not None
+    path.write_text("{")
+    with caplog.at_level(logging.WARNING, logger="claude_proxy"):
+        assert store.load() is None and store.load() is None
+    assert caplog.text.count("is unreadable") == 1
+
+
+def test_a_token_file_in_another_shape_is_said_once_per_start(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "oauth_token.json").write_text(json.dumps({"access_token": "sk-ant-oat01-elsewhere"}))
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude:
+            async with proxy_process(tmp_path, ["--port", str(free_port())], {"ANTHROPIC_UPSTREAM_URL": claude.url}) as (port, lines):
+                for _ in range(3):
+                    assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+        return lines
+    lines = run(scenario())
+    assert sum("not in claude_proxy's shape" in line for line in lines) == 1, lines
 
 
 # ---- token manager ------------------------------------------------------------------------
@@ -5559,7 +5587,8 @@ def test_vendors_never_get_the_claude_login_by_default():
         "nokey": {"format": "anthropic", "base_url": "https://vendor.example/anthropic"},
         "local": {"format": "openai", "base_url": "http://127.0.0.1:11434/v1", "api_key_env": "UNSET_KEY"}}},
         {"KIMI_KEY": "sk-kimi-123456789"})
-    assert [config.providers[n]["auth"] for n in ("anthropic", "kimi", "nokey", "local")] == ["auto", "api_key", "none", "none"]
+    assert [config.providers[n]["auth"] for n in ("anthropic", "kimi", "nokey", "local")] == ["auto", "api_key", "none", "api_key"]
+    assert any("providers.local: auth api_key but $UNSET_KEY is not set" in w for w in config.warnings)   # a 400, never the login
 
 
 def test_fallback_across_formats_is_rejected():
@@ -7438,19 +7467,46 @@ def test_test_conversion_dry_run_shows_the_upstream_request_redacted(tmp_path):
 
 # ---- Menu
 
-def test_menu_reads_numbered_choices_from_stdin(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_OAUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")}
-    env.update(CLAUDE_PROXY_HOME=str(tmp_path / "h"), CLAUDE_PROXY_PORT=str(free_port()))
-    cp.TokenStore(str(tmp_path / "h" / "oauth_token.json")).save(
-        {"access_token": "sk-ant-oat01-menu-0123456789", "refresh_token": None, "expires_at": None,
-         "scope": "user:inference", "source": "long_lived"})
-    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "menu"], input="4\n5\n9\n6\n4\n0\n",
-                         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
-    assert text.count("1) start the proxy") == 6 and '"logged_in": true' in text and "not running" in text
-    assert "no requests recorded" in text and "unknown choice '9'" in text and "Logged out" in text
-    assert text.index("Logged out") < text.rindex('"logged_in": false') and "sk-ant-oat01-menu" not in text
+SEED_000_MENU = """\
+ 1. Start Proxy Server
+ 2. Login / Re-authenticate
+ 3. Refresh Token
+ 4. Show Token Status
+ 5. Logout (Clear Tokens)
+ 6. Setup Long-Term Token
+ 7. Exit
+"""   # seed 000's cli/menu.py; its README: "# Or via menu option 6 in interactive mode ... Select option 6
+      # (Setup Long-Term Token)", and logout asked first: Confirm.ask("Are you sure you want to clear all tokens?")
+
+
+def test_menu_has_seed_000s_numbers_and_asks_before_logging_out(tmp_path):
+    async def scenario():
+        async with FakeUpstream(FakeTokenServer()) as auth:
+            (tmp_path / "c.json").write_text(json.dumps({"oauth": {"token_url": auth.url + "/v1/oauth/token"}}))
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "BROWSER": "true",
+                   "CLAUDE_PROXY_HOME": str(tmp_path / "h"), "CLAUDE_PROXY_PORT": str(free_port())}
+            cp.TokenStore(str(tmp_path / "h" / "oauth_token.json")).save(
+                {"access_token": "sk-ant-oat01-menu-0123456789", "refresh_token": None, "expires_at": None,
+                 "scope": "user:inference", "source": "long_lived"})
+            choices = "4\n5\nn\n4\n5\ny\n4\n6\nthecode\n3\n8\n9\n7\n"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, os.path.join(HERE, "claude_proxy.py"), "menu", "--config", "c.json", cwd=str(tmp_path),
+                env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(choices.encode()), 60)
+            return proc.returncode, out.decode(), err.decode(), [r["body"] for r in auth.requests]
+    code, text, err, token_calls = run(scenario())
+    assert code == 0, err
+    for line in SEED_000_MENU.splitlines()[1:6]:                     # the seed's numbers, our words
+        number = line.split(".")[0].strip()
+        assert re.search(rf"^  {number}\) ", text, re.M), line
+    assert "6) create a long-term token" in text and "7) quit" in text and "8) show usage stats" in text
+    statuses = [json.loads(m) for m in re.findall(r"\{\n.*?^\}", text, re.M | re.S)]
+    assert [s["logged_in"] for s in statuses] == [True, True, False, False, True]   # "n" kept the login, "y" cleared it
+    assert "Logout cancelled" in text and text.count("Logged out") == 1
+    assert [c["grant_type"] for c in token_calls] == ["authorization_code", "refresh_token"]    # 6, then 3
+    assert token_calls[0]["expires_in"] == 31536000 and "sk-ant-oat01-new1" in text             # a one-year token, shown
+    assert "Token refreshed." in text and statuses[-1]["logged_in"] is True
+    assert "no requests recorded" in text and "unknown choice '9'" in text and "sk-ant-oat01-menu" not in text
 
 
 # =============================================================================================
@@ -10619,7 +10675,7 @@ def test_one_access_rule_for_every_operations_endpoint_of_an_exposed_proxy(tmp_p
 @contextlib.asynccontextmanager
 async def proxy_process(cwd, args=(), env=None, port=None):
     """`python3 claude_proxy.py ARGS` in `cwd` with only `env` (plus PATH, HOME); yields
-    (port, stderr lines so far) once /health answers."""
+    (port, stderr lines so far) once the start-up summary is printed."""
     full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), "CLAUDE_PROXY_HOME": str(cwd / "home")}
     full_env.update(env or {})
     process = await asyncio.create_subprocess_exec(sys.executable, os.path.join(HERE, "claude_proxy.py"), *args,
@@ -10632,7 +10688,7 @@ async def proxy_process(cwd, args=(), env=None, port=None):
     pumping = asyncio.ensure_future(pump())
     try:
         deadline = time.monotonic() + 15
-        while not any("listening on" in line for line in lines):
+        while not any("OpenAI SDKs and Codex:" in line for line in lines):     # the start-up's last line
             assert process.returncode is None and time.monotonic() < deadline, "\n".join(lines)
             await asyncio.sleep(0.05)
         listening = next(line for line in lines if "listening on" in line)
@@ -10656,7 +10712,8 @@ def cli_run(cwd, *args, env=None):
 # ---- observed failures -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["--port", "{port}", "serve"], ["serve", "--port", "{port}"],
-                                  ["-p", "{port}"], ["--bind", "127.0.0.1", "--port", "{port}", "--headless"]])
+                                  ["-p", "{port}"], ["--bind", "127.0.0.1", "--port", "{port}", "--headless",
+                                                     "--token", "sk-ant-oat01-" + "t" * 30]])
 def test_global_flags_work_before_or_after_the_command(tmp_path, argv):
     port = free_port()
 
@@ -10664,6 +10721,13 @@ def test_global_flags_work_before_or_after_the_command(tmp_path, argv):
         async with proxy_process(tmp_path, [a.format(port=port) for a in argv]) as (listening, _):
             assert listening == port
     run(scenario())
+
+
+def test_a_log_file_path_naming_a_directory_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "logs").mkdir()
+    code, _, err = cli_run(tmp_path, "--port", str(free_port()), env={"LOG_FILE_PATH": "logs"})
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "log file (environment $LOG_FILE_PATH): logs is a directory" in err and "logs/claude_proxy.log" in err
 
 
 def test_config_given_before_serve_is_read(tmp_path):
@@ -10730,10 +10794,12 @@ def test_unknown_keys_are_named_with_the_nearest_known_key_and_strict_refuses_th
     assert code == 2 and "did you mean providers" in err
 
 
-def test_a_provider_without_its_key_is_reported_at_start_and_refused_at_once(tmp_path, caplog):
-    config = make_config(tmp_path, providers={"v": {"format": "openai", "base_url": "http://127.0.0.1:9/v1",
-                                                    "auth": "api_key", "api_key_env": "VENDOR_KEY"}},
+@pytest.mark.parametrize("auth", [{"auth": "api_key"}, {}])     # a named key source means api_key
+def test_a_provider_without_its_key_is_reported_at_start_and_refused_at_once(tmp_path, caplog, auth):
+    config = make_config(tmp_path, providers={"v": dict({"format": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                         "api_key_env": "VENDOR_KEY"}, **auth)},
                          routes={"default": "v"})
+    assert config.providers["v"]["auth"] == "api_key"
     assert any("$VENDOR_KEY is not set" in w for w in config.warnings)
 
     async def scenario():
@@ -10772,9 +10838,53 @@ def test_first_run_summary(tmp_path):
     assert "sk-secret-in-config" not in text and OPENAI_PROVIDER_KEY not in text
 
 
-def test_openai_api_key_alone_is_explained(tmp_path):
-    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), "OPENAI_API_KEY": "sk-o-123456789"})
-    assert any(w.startswith("OPENAI_API_KEY is set but nothing uses it") for w in config.warnings)
+def claude_code_line(config, login=None):
+    """The start-up's Claude Code line for a config (with a saved login when `login` is given)."""
+    if login:
+        cp.TokenStore(os.path.join(config.home, "oauth_token.json")).save(login)
+
+    async def scenario():
+        async with running_proxy(config) as (server, port):
+            lines = [line for _, line in cp.startup_summary(server, "127.0.0.1", port)]
+            return next(line for line in lines if line.startswith("Claude Code: ")), port
+    return run(scenario())
+
+
+def test_the_claude_code_line_gets_it_past_its_login_check(tmp_path):
+    """Claude Code with no login of its own and no key says "Not logged in · Please run /login"
+    before sending anything: where the proxy holds the credentials, the line gives it a token."""
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-o-123456789", "BIG_MODEL": "m",
+           "SMALL_MODEL": "m", "CLAUDE_PROXY_HOME": str(tmp_path / "q")}
+    line, port = claude_code_line(cp.load_config(None, env))                    # the env-only quick start
+    assert line.startswith(f"Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN=unused claude")
+    line, port = claude_code_line(make_config(tmp_path / "z"))                  # zero config: the client's own key
+    assert line.startswith(f"Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:{port} claude ")
+    assert "its own key (its Claude login, ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN) is passed on" in line
+    line, _ = claude_code_line(make_config(tmp_path / "l"), login=saved_record())   # the proxy's login serves
+    assert "ANTHROPIC_AUTH_TOKEN=unused claude" in line
+    line, _ = claude_code_line(make_config(tmp_path / "k", proxy_api_key="pk-0123456789abcdef"))
+    assert "ANTHROPIC_AUTH_TOKEN=<the proxy key> claude" in line
+
+
+def test_doctor_says_how_to_start_claude_code_when_this_shell_has_no_key(tmp_path):
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-o-123456789", "BIG_MODEL": "m"}
+    _, out, _ = cli_run(tmp_path, "doctor", env=env)
+    note = [line for line in out.splitlines() if line.startswith("note claude code")]
+    assert len(note) == 1 and "Not logged in" in note[0] and "ANTHROPIC_AUTH_TOKEN=unused claude" in note[0], out
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:8082 " in note[0]
+    for extra in ({"ANTHROPIC_AUTH_TOKEN": "x"}, {"ANTHROPIC_API_KEY": "sk-ant-x"}):
+        assert "note claude code" not in cli_run(tmp_path, "doctor", env=dict(env, **extra))[1]
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / ".credentials.json").write_text("{}")               # Claude Code's own login
+    assert "note claude code" not in cli_run(tmp_path, "doctor", env=env)[1]
+
+
+@pytest.mark.parametrize("var", ["OPENAI_API_KEY", "GEMINI_API_KEY"])
+def test_a_provider_key_alone_is_said_to_be_unused(tmp_path, var):
+    config = cp.load_config(None, {"CLAUDE_PROXY_HOME": str(tmp_path), var: "k-o-123456789"})
+    assert [w for w in config.warnings if w.startswith(f"{var} is set but nothing uses it")], config.warnings
+    used = cp.parse_config({"providers": {"g": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": var}}}, {var: "k"})
+    assert not [w for w in used.warnings if "nothing uses it" in w]
 
 
 def test_seed_yaml_subset_reader():
@@ -10924,6 +11034,65 @@ def test_seed_001_models_yaml_user(tmp_path):
     run(scenario())
 
 
+SEED_001_CCPROXY_README = """\
+# Required fields: model_id, api_base
+# API Key Configuration:
+# - api_key: Optional per-model API key. If set, it takes precedence over request headers.
+# - If api_key is not set, the key from the Authorization header (via ccproxy) is used.
+# direct: true for Anthropic-compatible APIs, false for OpenAI-compatible
+"""       # seed 001's README, "models.yaml" (its recommended ccproxy mode: keys come with each request)
+
+
+def test_seed_001_ccproxy_mode_sends_each_clients_key_never_a_shared_one(tmp_path):
+    """models.yaml without api_key_name: the key the client sends goes to that entry's provider,
+    in its dialect; $OPENAI_API_KEY / $ANTHROPIC_API_KEY in the environment go nowhere."""
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as ds, \
+                FakeUpstream(lambda req: http_response(200, anthropic_message())) as kimi:
+            (tmp_path / "models.yaml").write_text(SEED_001_CCPROXY_README + f"""
+- model_id: deepseek-chat
+  model_name: deepseek-chat
+  api_base: {ds.url}/v1
+  direct: false
+  max_tokens: 8K
+- model_id: kimi-k2-direct
+  model_name: kimi-k2-0711-preview
+  api_base: {kimi.url}/anthropic
+  direct: true
+  max_tokens: 16k
+- model_id: keyed
+  api_base: {ds.url}/v1
+  api_key: sk-in-the-file-0123456
+- model_id: elsewhere
+  api_base: http://vendor.invalid/v1
+""")
+            env = {"OPENAI_API_KEY": "sk-shared-openai-0000", "ANTHROPIC_API_KEY": "sk-ant-shared-0000",
+                   "ROUTER_DEFAULT": "deepseek-chat"}
+            code, out, err = cli_run(tmp_path, "check-config", env=env)
+            providers = json.loads(out)["providers"]
+            host = "127.0.0.1"
+            assert code == 0 and {p["auth"] for n, p in providers.items() if n.startswith(host)} == {"client", "api_key"}
+            assert all("each client's own key" in p["credentials"] for p in providers.values() if p["auth"] == "client")
+            assert "OPENAI_API_KEY is set but nothing uses it" in err
+            async with proxy_process(tmp_path, ["--port", str(free_port())], env) as (port, lines):
+                bearer = dict(ANTHROPIC_HEADERS, authorization="Bearer ds-key-from-ccproxy")
+                keyed = dict(ANTHROPIC_HEADERS, **{"x-api-key": "client-key-0123456"})
+                for model, headers in (("claude-sonnet-4-5", bearer), ("deepseek-chat", keyed),
+                                       ("kimi-k2-direct", keyed), ("keyed", bearer)):
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model=model), headers)
+                    assert status == 200, body
+                login = dict(bearer, authorization="Bearer sk-ant-oat01-" + "c" * 40)    # a Claude login
+                status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model="elsewhere"), login)
+                assert status == 400 and "never sent to vendor.invalid" in body.decode()     # refused before any DNS
+                assert not any("ANTHROPIC_API_KEY is the key clients must send" in line for line in lines)
+        sent = [r["headers"] for r in ds.requests] + [r["headers"] for r in kimi.requests]
+        assert [h.get("authorization") for h in sent[:3]] == ["Bearer ds-key-from-ccproxy", "Bearer client-key-0123456",
+                                                              "Bearer sk-in-the-file-0123456"]
+        assert sent[3]["x-api-key"] == "client-key-0123456" and "authorization" not in sent[3]
+        assert "shared" not in json.dumps(sent)
+    run(scenario())
+
+
 @pytest.mark.parametrize("azure", [False, True])
 def test_seed_002_claude_code_proxy_user(tmp_path, azure):
     """cp .env.example .env; python start_proxy.py; ANTHROPIC_API_KEY=exact-matching-key claude."""
@@ -11049,6 +11218,47 @@ def readme_code_blocks():
         return re.findall(r"```[a-z]*\n(.*?)```", fh.read(), re.S)
 
 
+def readme_first_screen():
+    """The README up to its second section (what a newcomer reads before "## Clients")."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
+        return fh.read().split("\n## Clients", 1)[0]
+
+
+def test_readme_start_up_sample_is_what_a_zero_config_start_prints(tmp_path):
+    sample = re.search(r"```text\n(.*?)```", readme_first_screen(), re.S).group(1).splitlines()
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path)) as (server, _):
+            return [line for _, line in cp.startup_summary(server, "127.0.0.1", 8082)]
+    assert [line.replace("INFO claude_proxy: ", "", 1) for line in sample] == run(scenario())
+
+
+def test_readme_first_screen_gets_claude_code_onto_an_openai_compatible_provider(tmp_path):
+    """The first screen's two commands, the provider swapped for a loopback fake: the proxy
+    starts from the environment alone, and the headers Claude Code sends with the token the
+    second command gives it (a Bearer) get an answer from the provider."""
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme_first_screen(), re.S) if "BIG_MODEL" in b)
+    start, claude = [c.replace("\\\n", " ") for c in block.strip().split("\n\n")]
+    proxy_env = dict(re.findall(r"(\w+)=(\S+)", start.split("python3", 1)[0]))
+    claude_env = dict(re.findall(r"(\w+)=(\S+)", claude))
+    assert set(proxy_env) == {"OPENAI_BASE_URL", "OPENAI_API_KEY", "BIG_MODEL", "SMALL_MODEL"}
+    assert claude.endswith(" claude") and set(claude_env) == {"ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"}
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, OPENAI_COMPLETION)) as up:
+            env = dict(proxy_env, OPENAI_BASE_URL=up.url + "/v1", OPENAI_API_KEY="sk-or-fake-0123456")
+            async with proxy_process(tmp_path, ["--port", str(free_port())], env) as (port, lines):
+                said = next(line for line in lines if "Claude Code: " in line).split("Claude Code: ", 1)[1]
+                assert said.startswith(f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN={claude_env['ANTHROPIC_AUTH_TOKEN']} claude")
+                headers = dict(ANTHROPIC_HEADERS, authorization=f"Bearer {claude_env['ANTHROPIC_AUTH_TOKEN']}")
+                for model in ("claude-opus-4-5", "claude-haiku-4-5"):
+                    status, _, body = await call(port, "POST", "/v1/messages", dict(HELLO, model=model), headers)
+                    assert status == 200, body
+        assert [r["body"]["model"] for r in up.requests] == [proxy_env["BIG_MODEL"], proxy_env["SMALL_MODEL"]]
+        assert {r["headers"]["authorization"] for r in up.requests} == {"Bearer sk-or-fake-0123456"}
+    run(scenario())
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     command = next(block.strip() for block in readme_code_blocks() if "pytest -q" in block and "pip install" in block)
     with open(os.path.join(HERE, ".ci", "run"), encoding="utf-8") as fh:
@@ -11067,6 +11277,8 @@ def test_readme_quick_start_uses_python3_and_no_bare_placeholder():
     text = "".join(readme_code_blocks())
     assert "python claude_proxy.py" not in text and "python -m" not in text
     assert "<owner>" not in text and "python3 claude_proxy.py" in text
+    with open(os.path.join(HERE, "claude_proxy.py"), encoding="utf-8") as fh:   # what it tells users to run, too
+        assert not re.search(r"\bpython (claude_proxy\.py|-m)", fh.read())
 
 
 def test_import_reads_seed_token_files_without_writing_them(tmp_path):
@@ -11083,9 +11295,65 @@ def test_import_reads_seed_token_files_without_writing_them(tmp_path):
     assert code == 1 and "expired" in err and "Traceback" not in err
 
 
+SEED_000_HEADLESS = """\
+### Headless Mode Behavior
+When running in headless mode:
+1. Checks for authentication (env var, CLI arg, or stored tokens)
+...
+4. Starts server automatically (unless `--no-auto-start`)
+6. Exits with error if authentication fails
+"""   # seed 000's README; its .env.example: TOKEN_FILE=~/.anthropic-claude-max-proxy/tokens.json
+SEED_000_NO_LOGIN = "Authentication Error: No authentication tokens found. Please login first (option 2)"  # cli/headless.py
+
+
+SEED_003_TOKEN_STORAGE = "OAuth tokens are stored in `~/.config/anthropic-max-proxy/tokens.json` with 0600 permissions."
+
+
+def write_seed_tokens(home, seed):
+    """A token file of seed 000 or 003 in its default place under `home` (seed 000's .env.example,
+    SEED_003_TOKEN_STORAGE from seed 003's README); returns (path, its bytes)."""
+    path = home / (".anthropic-claude-max-proxy" if seed == "000" else ".config/anthropic-max-proxy") / "tokens.json"
+    path.parent.mkdir(parents=True)
+    document = {"access_token": f"sk-ant-oat01-seed{seed}default", "refresh_token": f"sk-ant-ort01-seed{seed}",
+                "expires_at": int(time.time()) + 3600}
+    path.write_text(json.dumps(dict(document, token_type="oauth_flow") if seed == "000" else document))
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("seed", ["000", "003"])
+def test_seed_logins_in_their_default_places_are_used_at_start(tmp_path, seed):
+    path, before = write_seed_tokens(tmp_path, seed)          # HOME is tmp_path; nothing names the file
+
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, anthropic_message())) as claude:
+            args = ["--port", str(free_port())] + (["--headless"] if seed == "000" else [])
+            async with proxy_process(tmp_path, args, {"ANTHROPIC_UPSTREAM_URL": claude.url}) as (port, lines):
+                assert (await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS))[0] == 200
+        assert claude.requests[0]["headers"]["authorization"] == f"Bearer sk-ant-oat01-seed{seed}default"
+        said = [line for line in lines if "Claude login: imported from" in line]
+        assert len(said) == 1 and "tokens.json" in said[0] and "only read" in said[0] and "default place" in said[0]
+    run(scenario())
+    assert path.read_bytes() == before
+
+
+def test_headless_without_any_login_exits_as_seed_000_did(tmp_path):
+    assert "Exits with error if authentication fails" in SEED_000_HEADLESS
+    code, out, err = cli_run(tmp_path, "--headless", "--port", str(free_port()))
+    assert code == 1 and "listening" not in err and out == ""                   # never serves with the client's key
+    assert err.startswith("claude_proxy: " + SEED_000_NO_LOGIN) and "Traceback" not in err
+    assert "python3 claude_proxy.py login" in err and "ANTHROPIC_OAUTH_TOKEN" in err and "import" in err
+
+    async def scenario():     # no login needed where the provider has a key: it serves
+        env = {"ANTHROPIC_API_KEY": "sk-ant-api03-key"}
+        async with proxy_process(tmp_path, ["--headless", "--port", str(free_port())], env) as (port, lines):
+            assert any("API key from $ANTHROPIC_API_KEY" in line for line in lines)
+    run(scenario())
+
+
 def test_no_auto_start_checks_the_login_and_exits(tmp_path):
     code, _, err = cli_run(tmp_path, "--headless", "--no-auto-start")
-    assert code == 1 and "not logged in" in err and err.count("claude_proxy:") == 1
+    assert code == 1 and err.startswith("claude_proxy: " + SEED_000_NO_LOGIN) and err.count("claude_proxy:") == 1
+    assert "python3 claude_proxy.py import" in err
     seed = tmp_path / "pimzino" / "tokens.json"                  # anthropic-claude-max-proxy's file
     seed.parent.mkdir()
     seed.write_text(json.dumps({"access_token": "sk-ant-oat01-" + "s" * 30, "refresh_token": "sk-ant-ort01-" + "r" * 30,
@@ -11096,6 +11364,14 @@ def test_no_auto_start_checks_the_login_and_exits(tmp_path):
     assert seed.read_bytes() == before
     code, out, _ = cli_run(tmp_path, "--headless", "--no-auto-start", "--token", "sk-ant-oat01-" + "t" * 30)
     assert code == 0 and "Auto-start disabled" in out
+
+
+def test_no_auto_start_names_import_for_a_seed_login_in_its_default_place(tmp_path):
+    path, before = write_seed_tokens(tmp_path, "000")
+    code, out, err = cli_run(tmp_path, "--headless", "--no-auto-start")
+    assert code == 0 and "Auto-start disabled" in out and '"source": "import:anthropic-claude-max-proxy"' in out
+    assert "python3 claude_proxy.py import ~/.anthropic-claude-max-proxy/tokens.json" in err
+    assert path.read_bytes() == before
 
 # =============================================================================================
 # 9. Key pools: rotation, cooldown and failover that keep prompt caching intact (issue 15)
