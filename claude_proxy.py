@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import copy
 import datetime
@@ -46,6 +47,7 @@ import hmac
 import http
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -7114,6 +7116,19 @@ def offered_key(req: Request) -> str:
     return (offered[7:] if offered.lower().startswith("bearer ") else offered).strip()
 
 
+CLIENT_SESSION_HEADERS = ("x-claude-code-session-id", "session-id")     # Claude Code's, Codex's
+MAX_SESSION_ID = 128
+
+
+def client_session_id(headers: Headers) -> Optional[str]:
+    """The session id a client sends in its own header (for the ledger and `statusline`)."""
+    for name in CLIENT_SESSION_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value[:MAX_SESSION_ID]
+    return None
+
+
 def session_key(headers: Headers, anthropic_body: dict) -> Optional[str]:
     """A stable prompt_cache_key for the client's session (Claude Code's x-claude-code-session-id, else
     the session in metadata.user_id), hashed so no client identifier travels upstream."""
@@ -7364,11 +7379,15 @@ def _responses_fields(usage: dict) -> Dict[str, Any]:
 
 
 def _anthropic_fields(usage: dict) -> Dict[str, Any]:
-    """Anthropic usage in the meter's fields: only the keys present (message_delta is partial)."""
+    """Anthropic usage in the meter's fields: only the keys present (message_delta is partial);
+    the server's web searches too (for /metrics)."""
     fields = {k: usage[k] for k in METER_FIELDS if k in usage}
     thinking = _detail(usage, "output_tokens_details", "thinking_tokens")
     if thinking is not None:
         fields["reasoning_tokens"] = thinking
+    searches = _detail(usage, "server_tool_use", "web_search_requests")
+    if searches is not None:
+        fields["web_search_requests"] = searches
     return fields
 
 
@@ -7379,11 +7398,12 @@ USAGE_SHAPES: Dict[str, Callable[[dict], Dict[str, Any]]] = {
 class UsageMeter:
     """What one request used: tokens (None until the upstream reported usage) and first byte."""
 
-    __slots__ = METER_FIELDS + ("requested", "seen", "first_byte_at", "key")
+    __slots__ = METER_FIELDS + ("web_search_requests", "requested", "seen", "first_byte_at", "key")
 
     def __init__(self) -> None:
         for name in METER_FIELDS:
             setattr(self, name, 0)
+        self.web_search_requests = 0
         self.requested: Optional[str] = None     # the model the client asked for; None: not metered
         self.seen = False
         self.first_byte_at: Optional[float] = None
@@ -9035,6 +9055,10 @@ LEDGER_FLUSH_INTERVAL = 0.5           # seconds the writer gathers rows before a
 LEDGER_BUSY_TIMEOUT = 5.0             # seconds a writer or reader waits for another process's lock
 LEDGER_PRUNE_EVERY = 1000             # rows written between two prunes
 USAGE_CHART_DAYS = 14                 # the status page's per-day chart
+CHART_WINDOWS = (("hour", 60, 60), ("day", 1800, 48))   # the traffic charts: (name, bucket seconds, buckets)
+CHART_GROUPS = 6                      # routes or providers a traffic chart draws apart (the rest: "other")
+OTHER_LABEL = "other"                 # the groups (and metric model names) folded together
+NO_LABEL = "none"                     # a request that never reached a route, provider or model
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 COUNTERS = ("requests", "errors") + METER_FIELDS + ("cost_usd", "unpriced_requests")
 GROUPS = ("by_model", "by_route", "by_day")
@@ -9073,8 +9097,8 @@ def request_cost(prices: Optional[Prices], tokens: Tuple[Optional[int], ...]) ->
 # ---- Records and totals ---------------------------------------------------------------------
 
 LEDGER_COLUMNS = ("ts", "dialect", "requested_model", "route", "provider", "upstream_model", "status",
-                  "error_type") + METER_FIELDS + ("ttft_ms", "duration_ms", "cost_usd", "key")
-UsageRecord = collections.namedtuple("UsageRecord", LEDGER_COLUMNS)
+                  "error_type") + METER_FIELDS + ("ttft_ms", "duration_ms", "cost_usd", "key", "session_id")
+UsageRecord = collections.namedtuple("UsageRecord", LEDGER_COLUMNS, defaults=(None,))
 
 
 def is_error(status: Optional[int], error_type: Optional[str]) -> bool:
@@ -9192,6 +9216,73 @@ def format_stats_table(totals: dict, by: str = "model") -> str:
                      "known price (set input_cost_per_token / output_cost_per_token on the model)")
     return "\n".join(lines)
 
+# The status page's traffic charts: per window, the rows bucketed by time and grouped by route or
+# by provider (the CHART_GROUPS busiest, the rest as "other"); per bucket the requests, tokens
+# (input, cache and output), cost and the latency p50 / p95 in ms (nearest rank; None: no request).
+CHART_FIELDS = ("ts", "route", "provider", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens", "cost_usd", "duration_ms")
+CHART_GROUPINGS = (("route", CHART_FIELDS.index("route")), ("provider", CHART_FIELDS.index("provider")))
+
+
+def percentile(ordered: List[float], q: float) -> Optional[float]:
+    """The nearest-rank q-quantile of sorted values (None when there are none)."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _chart_cells(rows: Iterable[tuple], start: float, step: int, count: int, column: int) -> Dict[str, list]:
+    """group -> per bucket [requests, tokens, cost, durations] of the rows inside the window."""
+    cells: Dict[str, list] = {}
+    for row in rows:
+        i = int((row[0] - start) // step)
+        if not 0 <= i < count:
+            continue
+        group = row[column] or NO_LABEL
+        buckets = cells.get(group)
+        if buckets is None:
+            buckets = cells[group] = [[0, 0, 0.0, []] for _ in range(count)]
+        cell = buckets[i]
+        cell[0] += 1
+        cell[1] += sum(n or 0 for n in row[3:7])
+        cell[2] += row[7] or 0.0
+        cell[3].append(row[8] or 0.0)
+    return cells
+
+
+def _fold_chart_groups(cells: Dict[str, list], keep: int) -> Dict[str, list]:
+    """The `keep` groups with the most requests, the others merged into "other"."""
+    ranked = sorted(cells, key=lambda group: (-sum(cell[0] for cell in cells[group]), group))
+    kept = {group: cells[group] for group in ranked[:keep]}
+    for group in ranked[keep:]:
+        into = kept.setdefault(OTHER_LABEL, [[0, 0, 0.0, []] for _ in cells[group]])
+        for mine, cell in zip(into, cells[group]):
+            mine[0], mine[1], mine[2] = mine[0] + cell[0], mine[1] + cell[1], mine[2] + cell[2]
+            mine[3] = mine[3] + cell[3]
+    return kept
+
+
+def _chart_series(buckets: list) -> dict:
+    """One group's series, bucket by bucket."""
+    ordered = [sorted(cell[3]) for cell in buckets]
+    return {"requests": [cell[0] for cell in buckets], "tokens": [cell[1] for cell in buckets],
+            "cost": [round(cell[2], 9) for cell in buckets],
+            "p50": [percentile(values, 0.5) for values in ordered], "p95": [percentile(values, 0.95) for values in ordered]}
+
+
+def chart_series(rows: List[tuple], now: float) -> dict:
+    """The traffic charts' data of rows in CHART_FIELDS order: {window: {start, step, buckets,
+    by_route, by_provider}}, the last bucket being the one `now` falls in."""
+    out = {}
+    for name, step, count in CHART_WINDOWS:
+        start = (now // step - (count - 1)) * step
+        window: Dict[str, Any] = {"start": start, "step": step, "buckets": count}
+        for by, column in CHART_GROUPINGS:
+            cells = _fold_chart_groups(_chart_cells(rows, start, step, count, column), CHART_GROUPS)
+            window["by_" + by] = {group: _chart_series(buckets) for group, buckets in cells.items()}
+        out[name] = window
+    return out
+
 # ---- Usage ledger (sqlite3, one writer thread) ------------------------------------------------
 
 LEDGER_SCHEMA = """
@@ -9202,18 +9293,32 @@ CREATE TABLE IF NOT EXISTS usage (
     reasoning_tokens INTEGER, ttft_ms REAL, duration_ms REAL, cost_usd REAL, key TEXT);
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
+# Schema versions past LEDGER_SCHEMA (PRAGMA user_version counts the ones applied); old rows are kept.
+LEDGER_MIGRATIONS = (
+    # 1: the client's session id (x-claude-code-session-id, Codex's session-id), for `statusline`
+    ("ALTER TABLE usage ADD COLUMN session_id TEXT",
+     "CREATE INDEX IF NOT EXISTS usage_session ON usage (session_id)"),
+)
 LEDGER_INSERT = (f"INSERT INTO usage ({', '.join(LEDGER_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})")
-# One group per (model, route, day), its sums in COUNTERS order.
-LEDGER_GROUPS = """
-SELECT requested_model, route, strftime('%Y-%m-%d', ts, 'unixepoch'), COUNT(*),
+# The COUNTERS of a set of rows, as SQL sums in COUNTERS order (is_error and record_counts in SQL).
+LEDGER_SUMS = """COUNT(*),
        SUM(COALESCE(error_type, '') != 'cancelled' AND (status >= 400 OR error_type IS NOT NULL)),
        SUM(input_tokens), SUM(output_tokens),
        SUM(cache_read_input_tokens), SUM(cache_creation_input_tokens), SUM(reasoning_tokens),
        SUM(cost_usd),
-       SUM(cost_usd IS NULL AND COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0)
+       SUM(cost_usd IS NULL AND COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0)"""
+# One group per (model, route, day), its sums in COUNTERS order.
+LEDGER_GROUPS = f"""
+SELECT requested_model, route, strftime('%Y-%m-%d', ts, 'unixepoch'), {LEDGER_SUMS}
 FROM usage WHERE ts >= ? GROUP BY 1, 2, 3
 """
+# One client session: its sums, then its last request.
+LEDGER_CHART_ROWS = f"SELECT {', '.join(CHART_FIELDS)} FROM usage WHERE ts >= ?"
+LEDGER_SESSION_SUMS = f"SELECT {LEDGER_SUMS} FROM usage WHERE session_id = ?"
+SESSION_LAST_FIELDS = ("ts", "requested_model", "route", "provider", "upstream_model", "status", "error_type")
+LEDGER_SESSION_LAST = (f"SELECT {', '.join(SESSION_LAST_FIELDS)} FROM usage WHERE session_id = ? "
+                       "ORDER BY id DESC LIMIT 1")
 _LEDGER_STOP = object()
 
 
@@ -9223,6 +9328,32 @@ def _storable(value: Any) -> Any:
     if isinstance(value, str) and _CONTROL_CHARS.search(value):
         return value.encode("utf-8", "replace").decode("utf-8")
     return value
+
+
+def migrate_ledger(db: Any) -> None:
+    """Bring usage.db to the last LEDGER_MIGRATIONS version in one transaction (a second process
+    doing the same waits for the lock, then finds the work done)."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= len(LEDGER_MIGRATIONS):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for statements in LEDGER_MIGRATIONS[version:]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {len(LEDGER_MIGRATIONS)}")
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def session_summary(session_id: str, counts: List[Any], last: Optional[Mapping[str, Any]]) -> dict:
+    """One client session's usage: the COUNTERS and its last request (None: no request yet)."""
+    out = dict(_counts_dict(counts), session_id=session_id, last=None)
+    if last is not None:
+        out["last"] = dict(last, time=iso_time(last["ts"]), failed=is_error(last["status"], last["error_type"]))
+    return out
 
 
 class UsageLedger:
@@ -9317,6 +9448,7 @@ class UsageLedger:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(LEDGER_SCHEMA)
+        migrate_ledger(db)
         os.chmod(self.path, 0o600)
         self._prune(db)
         return db
@@ -9385,6 +9517,39 @@ class UsageLedger:
         for group in self.query_groups(since):
             totals.add(group[0], group[1], group[2], group[3:])
         return totals.as_dict()
+
+    def chart_rows(self, since: float) -> List[tuple]:
+        """The rows since `since` in CHART_FIELDS order (blocks)."""
+        import sqlite3
+        if not os.path.exists(self.path):
+            return []
+        try:
+            db = self._connect()
+            try:
+                return db.execute(LEDGER_CHART_ROWS, (since,)).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
+
+    def session(self, session_id: str) -> dict:
+        """One client session's usage and last request (blocks); a ledger written before
+        session ids were recorded, or none at all, knows no session."""
+        import sqlite3
+        sums, last = None, None
+        if os.path.exists(self.path):
+            try:
+                db = self._connect()
+                try:
+                    sums = db.execute(LEDGER_SESSION_SUMS, (session_id,)).fetchone()
+                    last = db.execute(LEDGER_SESSION_LAST, (session_id,)).fetchone()
+                finally:
+                    db.close()
+            except sqlite3.Error as exc:
+                if "session_id" not in str(exc):
+                    raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
+        counts = _zero_counts() if sums is None else [n or 0 for n in sums[:7]] + [sums[7], sums[8] or 0]
+        return session_summary(session_id, counts, last and dict(zip(SESSION_LAST_FIELDS, last)))
 
 
 def ledger_path(config: Config) -> str:
@@ -9759,6 +9924,164 @@ def install_reload_signal(loop: asyncio.AbstractEventLoop, server: "ProxyServer"
     except (NotImplementedError, RuntimeError, ValueError):
         log.debug("SIGHUP reload unavailable here")
 
+# ---- Metrics: counters for /metrics -----------------------------------------------------------
+#
+# Counters and histograms live in memory, per process (Prometheus sums the instances), and are
+# updated once per metered request from the record the ledger gets: a few dict updates and one
+# bisect per histogram. Gauges (in flight, pooled keys) are read when scraped. Label values are
+# bounded: dialect, route and provider come from a fixed set and the config, status is an HTTP
+# status, and a model name the config does not know gets a series of its own only while fewer
+# than METRIC_MODEL_NAMES such names were seen; later ones fold into "other"
+# (metric_model_label), so clients choosing model names cannot grow the series without bound.
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)   # seconds
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+# claude_proxy_tokens_total's kind label -> the record's field
+METRIC_TOKEN_KINDS = tuple(zip(("input", "output", "cache_read", "cache_write", "reasoning"), METER_FIELDS))
+METRIC_MODEL_NAMES = 20            # model names outside the config given a series of their own
+MAX_METRIC_LABEL = 100             # a longer model name folds into "other"
+
+
+def configured_model_names(config: Config) -> frozenset:
+    """Every model name the config knows: model ids, and the upstream names of models and routes."""
+    specs = list(config.models.values()) + list(config.routes.values())
+    return frozenset([spec["id"] for spec in config.models.values()] + [s["model"] for s in specs if s.get("model")])
+
+
+def metric_model_label(known: frozenset, seen: set, model: Optional[str]) -> str:
+    """A model name as a label value: a configured name, or one of the first METRIC_MODEL_NAMES
+    others seen (`seen` grows up to that), else "other"."""
+    if not model:
+        return NO_LABEL
+    if model in known or model in seen:
+        return model
+    if len(seen) < METRIC_MODEL_NAMES and len(model) <= MAX_METRIC_LABEL:
+        seen.add(model)
+        return model
+    return OTHER_LABEL
+
+
+def _observe(histograms: Dict[tuple, list], buckets: Tuple[float, ...], key: tuple, seconds: float) -> None:
+    """Count one observation: its bucket (non-cumulative; the last is +Inf), the sum, the count."""
+    counts = histograms.get(key)
+    if counts is None:
+        histograms[key] = counts = [0] * (len(buckets) + 1) + [0.0, 0]
+    counts[bisect.bisect_left(buckets, seconds)] += 1
+    counts[-2] += seconds
+    counts[-1] += 1
+
+
+class Metrics:
+    """This process's counters and histograms since it started (see the essay above)."""
+
+    def __init__(self) -> None:
+        self.requests: Dict[tuple, int] = {}        # (dialect, route, provider, model, status)
+        self.tokens: Dict[tuple, int] = {}          # (provider, model, kind)
+        self.cost: Dict[tuple, float] = {}          # (provider, model)
+        self.web_searches: Dict[tuple, int] = {}    # (provider, model)
+        self.upstream_errors: Dict[tuple, int] = {}  # (provider, status)
+        self.duration: Dict[tuple, list] = {}       # (provider, model) -> histogram counts
+        self.ttft: Dict[tuple, list] = {}
+        self.models_seen: set = set()
+        self._known: Tuple[Optional[Config], frozenset] = (None, frozenset())
+
+    def model_label(self, config: Config, model: Optional[str]) -> str:
+        """metric_model_label against this config's names (collected once per generation)."""
+        if self._known[0] is not config:
+            self._known = (config, configured_model_names(config))
+        return metric_model_label(self._known[1], self.models_seen, model)
+
+    def observe(self, config: Config, record: UsageRecord, web_searches: int, upstream_error: bool) -> None:
+        """Count one finished request."""
+        provider = record.provider or NO_LABEL
+        pm = (provider, self.model_label(config, record.upstream_model))
+        key = (record.dialect or NO_LABEL, record.route or NO_LABEL) + pm + (str(record.status or NO_LABEL),)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        for kind, field in METRIC_TOKEN_KINDS:
+            count = getattr(record, field)
+            if count:
+                self.tokens[pm + (kind,)] = self.tokens.get(pm + (kind,), 0) + count
+        if record.cost_usd:
+            self.cost[pm] = self.cost.get(pm, 0.0) + record.cost_usd
+        if web_searches:
+            self.web_searches[pm] = self.web_searches.get(pm, 0) + web_searches
+        if upstream_error:
+            error_key = (provider, str(record.status or NO_LABEL))
+            self.upstream_errors[error_key] = self.upstream_errors.get(error_key, 0) + 1
+        _observe(self.duration, DURATION_BUCKETS, pm, record.duration_ms / 1000)
+        if record.ttft_ms is not None:
+            _observe(self.ttft, TTFT_BUCKETS, pm, record.ttft_ms / 1000)
+
+# /metrics, the text exposition format (PROTOCOLS L): families of `# HELP`, `# TYPE`, samples.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROVIDER_MODEL = ("provider", "model")
+# family -> (type, help, label names); the samples come from Metrics or from the server's state
+METRIC_FAMILIES: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "claude_proxy_requests_total": ("counter", "Requests answered, by client dialect, route, provider, upstream "
+                                    "model and HTTP status", ("dialect", "route", "provider", "model", "status")),
+    "claude_proxy_tokens_total": ("counter", "Tokens the upstream reported, by kind (input excludes cache reads "
+                                  "and writes; reasoning is part of output)", PROVIDER_MODEL + ("kind",)),
+    "claude_proxy_cost_usd_total": ("counter", "Estimated cost in USD at the configured or list prices",
+                                    PROVIDER_MODEL),
+    "claude_proxy_web_searches_total": ("counter", "Web searches the upstream ran (server_tool_use)", PROVIDER_MODEL),
+    "claude_proxy_upstream_errors_total": ("counter", "Requests that ended in an upstream error (its HTTP status, "
+                                           "or the proxy's 502/504 when it was unreachable)", ("provider", "status")),
+    "claude_proxy_request_duration_seconds": ("histogram", "Time from the request to the end of the answer",
+                                              PROVIDER_MODEL),
+    "claude_proxy_time_to_first_token_seconds": ("histogram", "Time from the request to the first byte of the "
+                                                 "upstream's answer", PROVIDER_MODEL),
+    "claude_proxy_in_flight": ("gauge", "Requests being answered now (this scrape excluded)", ()),
+    "claude_proxy_key_cooling": ("gauge", "1 while a pooled API key is cooling down after a 429/529 or disabled "
+                                 "after a 401/403 (keys by their last four)", ("provider", "key")),
+    "claude_proxy_build_info": ("gauge", "The running version (always 1)", ("version", "python")),
+    "claude_proxy_start_time_seconds": ("gauge", "When this process started, in seconds since the epoch", ()),
+}
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+
+
+def format_metric_number(value: float) -> str:
+    """A sample value: integers as they are, floats in full precision, +Inf, -Inf, NaN."""
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        if value in (float("inf"), float("-inf")):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(value)
+
+
+def metric_line(name: str, labels: Iterable[Tuple[str, str]], value: float) -> str:
+    """One sample line, its label values escaped (backslash, double quote, newline)."""
+    text = ",".join(f'{key}="{str(label).translate(_LABEL_ESCAPES)}"' for key, label in labels)
+    return f"{name}{{{text}}} {format_metric_number(value)}" if text else f"{name} {format_metric_number(value)}"
+
+
+def counter_lines(name: str, series: Mapping[tuple, float]) -> List[str]:
+    """The samples of a counter or gauge family kept as {label values: value}."""
+    labels = METRIC_FAMILIES[name][2]
+    return [metric_line(name, zip(labels, key), value) for key, value in sorted(series.items())]
+
+
+def histogram_lines(name: str, buckets: Tuple[float, ...], series: Mapping[tuple, list]) -> List[str]:
+    """The samples of a histogram family: cumulative buckets ending at +Inf, the sum, the count."""
+    labels, lines = METRIC_FAMILIES[name][2], []
+    for key, counts in sorted(series.items()):
+        pairs, running = list(zip(labels, key)), 0
+        for bound, count in zip(buckets + (float("inf"),), counts):
+            running += count
+            lines.append(metric_line(name + "_bucket", pairs + [("le", format_metric_number(float(bound)))], running))
+        lines += [metric_line(name + "_sum", pairs, counts[-2]), metric_line(name + "_count", pairs, counts[-1])]
+    return lines
+
+
+def format_metrics(samples: Mapping[str, List[str]]) -> str:
+    """The whole exposition: every family of METRIC_FAMILIES with its HELP and TYPE, then its samples."""
+    lines: List[str] = []
+    for name, (kind, text, _) in METRIC_FAMILIES.items():
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"] + samples.get(name, [])
+    return "\n".join(lines) + "\n"
+
+
 # ---- The server's record of itself ------------------------------------------------------------
 
 
@@ -9774,6 +10097,7 @@ class Operations:
         self.recent: "collections.deque[UsageRecord]" = collections.deque(maxlen=RECENT_REQUESTS)
         self.provider_errors: Dict[str, dict] = {}
         self.ledger = open_ledger(config, clock)
+        self.metrics = Metrics()
         self.config_loaded_at = self.started_at
         self.config_error: Optional[dict] = None
         self.restart_needed: List[str] = []
@@ -9808,8 +10132,10 @@ class Operations:
         record = self.record_of(x, started)
         self.session.add_record(record)
         self.recent.append(record)
-        if isinstance(x.error, (UpstreamError, UpstreamStatus, AuthError)) and x.target is not None:
+        upstream_error = isinstance(x.error, (UpstreamError, UpstreamStatus, AuthError)) and x.target is not None
+        if upstream_error:
             self.note_provider_error(x)
+        self.metrics.observe(x.config, record, x.meter.web_search_requests, upstream_error)
         if self.ledger is not None:
             self.ledger.add(record)
 
@@ -9824,7 +10150,8 @@ class Operations:
             target and target.provider["name"], target and target.spec["model"],
             x.out.status or (error.status if error else None), error.error_type if error else None,
             *tokens, ttft, round(elapsed * 1000, 1),
-            request_cost(self.prices(target.spec), tokens) if target else None, meter.key)
+            request_cost(self.prices(target.spec), tokens) if target else None, meter.key,
+            client_session_id(x.req.headers))
 
     def prices(self, spec: dict) -> Optional[Prices]:
         """The spec's prices; table rows are looked up once per model name."""
@@ -9854,6 +10181,35 @@ class Operations:
             ledger.flush()
             return ledger.totals(since)
         return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    async def traffic(self) -> dict:
+        """The traffic charts' data: the ledger's rows of the longest window (off the loop), else
+        the last requests this process keeps."""
+        now, longest = self.clock(), max(step * count for _, step, count in CHART_WINDOWS)
+        source, rows = "session", [tuple(getattr(r, field) for field in CHART_FIELDS) for r in self.recent]
+        if self.ledger is not None:
+            try:
+                source, rows = "ledger", await run_off_loop(self.ledger.chart_rows, now - longest)
+            except ProxyError as exc:
+                log.debug("traffic charts from this session: %s", exc.message)
+        return dict(chart_series(rows, now), source=source)
+
+    async def session_usage(self, session_id: str) -> dict:
+        """One client session's usage: from the ledger after a flush (off the loop), else from
+        the last requests this process keeps."""
+        ledger = self.ledger
+        if ledger is None:
+            records = [record for record in self.recent if record.session_id == session_id]
+            counts = _zero_counts()
+            for record in records:
+                _accumulate(counts, record_counts(record))
+            last = {field: getattr(records[-1], field) for field in SESSION_LAST_FIELDS} if records else None
+            return session_summary(session_id, counts, last)
+
+        def read() -> dict:
+            ledger.flush()
+            return ledger.session(session_id)
+        return await run_off_loop(read)
 
     def ledger_info(self) -> dict:
         """Where the ledger is and whether it works."""
@@ -10114,7 +10470,7 @@ header{display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px;padding:16p
 border-bottom:1px solid var(--line)}
 h1{font-size:18px;margin:0}h2{font-size:13px;margin:0 0 10px;text-transform:uppercase;letter-spacing:.06em;color:var(--dim)}
 .meta{color:var(--dim)}.live{margin-left:auto;color:var(--dim)}.live b{color:var(--ok)}
-main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
+main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(min(420px,100%),1fr))}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0;overflow-x:auto}
 .wide{grid-column:1/-1}
 .kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:12px}
@@ -10129,7 +10485,12 @@ td.n,th.n,.key{text-align:right;white-space:nowrap}.key{text-align:left}
 .error{background:#fef2f2;border-color:#fecaca;color:#991b1b}.note{background:#fffbeb;border-color:#fde68a;color:#92400e}
 .bad{color:var(--bad);overflow-wrap:anywhere}.dim{color:var(--dim)}dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
 dt{color:var(--dim)}dd{margin:0;overflow-wrap:anywhere}
-.charts{display:grid;gap:18px 28px;grid-template-columns:repeat(auto-fit,minmax(400px,1fr));margin-top:12px}
+.charts{display:grid;gap:18px 28px;grid-template-columns:repeat(auto-fit,minmax(min(400px,100%),1fr));margin-top:12px}
+.controls{display:flex;flex-wrap:wrap;gap:8px;margin-bottom:8px}.seg{display:inline-flex;border:1px solid var(--line);border-radius:6px;overflow:hidden}
+.seg button{border-radius:0;background:transparent;color:var(--ink);padding:4px 10px}.seg button.on{background:var(--in);color:#fff}
+.swatch{white-space:nowrap;margin-right:10px}.chart{min-width:0}.chart svg{display:block;max-width:100%}svg .grid{stroke:var(--line)}
+.total{float:right;text-transform:none;letter-spacing:0;color:var(--ink);font-variant-numeric:tabular-nums}
+@media (max-width:600px){header,main{padding:10px 12px}.card{padding:12px}}
 .legend{font-size:12px;color:var(--dim)}.legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
 svg text{fill:var(--ink);font-size:11px}svg .axis{fill:var(--dim)}
 form{display:flex;gap:8px;margin-top:10px}input{flex:1;padding:7px 9px;border:1px solid var(--line);border-radius:6px;
@@ -10150,6 +10511,14 @@ background:var(--bg);color:var(--ink)}button{padding:7px 14px;border:0;border-ra
 <section class="card wide" id="providers-card" hidden><h2>Providers</h2><table id="providers"></table></section>
 <section class="card" id="login-card" hidden><h2>Claude login</h2><dl id="claude"></dl></section>
 <section class="card" id="config-card" hidden><h2>Config and ledger</h2><dl id="config"></dl></section>
+<section class="card wide" id="traffic-card" hidden><h2 id="traffic-title">Traffic</h2>
+<div class="controls"><span class="seg"><button type="button" data-window="hour">last hour</button><button type="button" data-window="day">last day</button></span>
+<span class="seg"><button type="button" data-by="route">by route</button><button type="button" data-by="provider">by provider</button></span></div>
+<div class="legend" id="traffic-legend"></div>
+<div class="charts"><div><h2>Requests <span class="total" id="total-requests"></span></h2><div class="chart" id="chart-requests"></div></div>
+<div><h2>Tokens <span class="total" id="total-tokens"></span></h2><div class="chart" id="chart-traffic-tokens"></div></div>
+<div><h2>Cost <span class="total" id="total-cost"></span></h2><div class="chart" id="chart-traffic-cost"></div></div>
+<div><h2>Latency p50 / p95</h2><div class="chart" id="chart-latency"></div></div></div></section>
 <section class="card wide" id="charts-card" hidden><h2 id="charts-title">Usage</h2>
 <div class="legend"><i style="background:var(--in)"></i>input<i style="background:var(--cache)"></i>cache
 <i style="background:var(--out)"></i>output<i style="background:var(--cost)"></i>cost (USD)</div>
@@ -10198,13 +10567,14 @@ function badge(status) {
   return h("span", {class: "badge s" + String(status || 0)[0]}, status ?? "\u2013");
 }
 function tokensOf(c) { return (c.input_tokens || 0) + (c.cache_read_input_tokens || 0) + (c.cache_creation_input_tokens || 0); }
-function hbars(rows, segments, fmt) {
-  const W = 520, row = 24, left = 150, right = 70, H = Math.max(row, rows.length * row) + 4;
+function hbars(rows, segments, fmt, width) {
+  const W = Math.max(300, width || 520), row = 24, left = Math.min(150, W * 0.35), right = 70, H = Math.max(row, rows.length * row) + 4;
   const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"});
   const max = Math.max(1e-12, ...rows.map((r) => segments.reduce((a, [f]) => a + f(r.v), 0)));
   rows.forEach((r, i) => {
     const y = i * row + 4;
-    svg.append(s("text", {x: left - 8, y: y + 13, "text-anchor": "end"}, r.k.length > 22 ? r.k.slice(0, 21) + "\u2026" : r.k));
+    const fit = Math.floor((left - 8) / 6.5);
+    svg.append(s("text", {x: left - 8, y: y + 13, "text-anchor": "end"}, r.k.length > fit ? r.k.slice(0, fit - 1) + "\u2026" : r.k));
     let x = left, total = 0;
     for (const [f, color, name] of segments) {
       const v = f(r.v), w = (W - left - right) * v / max;
@@ -10217,8 +10587,8 @@ function hbars(rows, segments, fmt) {
   if (!rows.length) svg.append(s("text", {x: 4, y: 16, class: "axis"}, "no usage yet"));
   return svg;
 }
-function vbars(days, f, color, fmt) {
-  const W = 520, H = 130, bottom = 18, top = 14, n = days.length, bw = (W - 10) / Math.max(n, 1);
+function vbars(days, f, color, fmt, width) {
+  const W = Math.max(300, width || 520), H = 130, bottom = 18, top = 14, n = days.length, bw = (W - 10) / Math.max(n, 1);
   const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"});
   const max = Math.max(1e-12, ...days.map(([, c]) => c ? f(c) : 0));
   days.forEach(([day, c], i) => {
@@ -10226,7 +10596,7 @@ function vbars(days, f, color, fmt) {
     const bar = s("rect", {x: x + 2, y: H - bottom - bh, width: Math.max(bw - 4, 1), height: Math.max(bh, v ? 1 : 0), rx: 2, fill: color});
     bar.append(s("title", {}, `${day}: ${fmt(v)}`));
     svg.append(bar);
-    const label = i === 0 || day.endsWith("-01") ? day.slice(5) : day.slice(8);
+    const label = bw < 34 ? (i % 2 ? "" : day.slice(8)) : i === 0 || day.endsWith("-01") ? day.slice(5) : day.slice(8);
     svg.append(s("text", {x: x + bw / 2, y: H - 4, "text-anchor": "middle", class: "axis"}, label));
   });
   svg.append(s("text", {x: W - 4, y: 11, "text-anchor": "end", class: "axis"}, "max " + fmt(max)));
@@ -10240,8 +10610,95 @@ function lastDays(byDay, n, today) {
   }
   return out;
 }
+const PALETTE = ["#3b82f6", "#10b981", "#f59e0b", "#8b5cf6", "#ef4444", "#06b6d4"], OTHER_COLOR = "#9ca3af";
+const WINDOWS = {hour: "last hour", day: "last day"}, BYS = {route: "by route", provider: "by provider"};
+const view = {window: "hour", by: "route"};
+let lastStatus = null;
+function readView() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  if (p.get("window") in WINDOWS) view.window = p.get("window");
+  if (p.get("by") === "route" || p.get("by") === "provider") view.by = p.get("by");
+}
+function pick(key, value) {
+  view[key] = value;
+  history.replaceState(null, "", `#window=${view.window}&by=${view.by}`);
+  if (lastStatus) drawTraffic(lastStatus);
+}
+const ms = (v) => v == null ? "\u2013" : v >= 1000 ? (v / 1000).toFixed(v >= 10000 ? 0 : 1) + " s" : Math.round(v) + " ms";
+const hhmm = (t) => new Date(t * 1000).toTimeString().slice(0, 5);
+function chartFrame(el, metric, win, max, fmt) {
+  const W = Math.max(260, Math.floor(el.clientWidth || 480)), H = 150, left = 52, right = 18, top = 10, bottom = 20;
+  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "data-metric": metric});
+  const x = (i) => left + i * (W - left - right) / win.buckets, y = (v) => H - bottom - (H - bottom - top) * v / max;
+  svg.append(s("line", {x1: left, x2: W - right, y1: H - bottom, y2: H - bottom, class: "grid"}),
+             s("line", {x1: left, x2: W - right, y1: top, y2: top, class: "grid"}),
+             s("text", {x: left - 6, y: top + 4, "text-anchor": "end", class: "axis"}, fmt(max)),
+             s("text", {x: left - 6, y: H - bottom + 4, "text-anchor": "end", class: "axis"}, fmt(0)));
+  const every = Math.ceil(win.buckets / Math.max(2, Math.floor((W - left) / 70)));
+  for (let i = win.buckets - 1; i >= 0; i -= every)
+    svg.append(s("text", {x: x(i) + (x(1) - x(0)) / 2, y: H - 5, "text-anchor": "middle", class: "axis"}, hhmm(win.start + i * win.step)));
+  return [svg, x, y];
+}
+function stacked(el, win, groups, metric, fmt) {
+  const totals = Array.from({length: win.buckets}, (_, i) => groups.reduce((a, [, g]) => a + g[metric][i], 0));
+  const [svg, x, y] = chartFrame(el, metric, win, Math.max(...totals, 0) || 1, fmt);
+  const bw = Math.max(1, x(1) - x(0) - 1);
+  for (let i = 0; i < win.buckets; i++) {
+    let base = 0;
+    for (const [name, g, color] of groups) {
+      const v = g[metric][i];
+      if (!v) continue;
+      const bar = s("rect", {x: x(i), y: y(base + v), width: bw, height: Math.max(1, y(base) - y(base + v)), fill: color,
+        "data-group": name, "data-bucket": win.start + i * win.step, "data-value": v});
+      bar.append(s("title", {}, `${hhmm(win.start + i * win.step)} ${name}: ${fmt(v)}`));
+      svg.append(bar);
+      base += v;
+    }
+  }
+  if (!totals.some((v) => v)) svg.append(s("text", {x: x(0) + 8, y: 40, class: "axis"}, "no requests in this window"));
+  el.replaceChildren(svg);
+  return totals.reduce((a, v) => a + v, 0);
+}
+function latency(el, win, groups) {
+  const values = groups.flatMap(([, g]) => g.p95.concat(g.p50)).filter((v) => v != null);
+  const [svg, x, y] = chartFrame(el, "latency", win, Math.max(...values, 0) || 1, ms);
+  const mid = (i) => x(i) + (x(1) - x(0)) / 2;
+  for (const [name, g, color] of groups) for (const stat of ["p95", "p50"]) {
+    let d = "", pen = "M";
+    g[stat].forEach((v, i) => { if (v == null) { pen = "M"; return; } d += `${pen}${mid(i).toFixed(1)} ${y(v).toFixed(1)} `; pen = "L"; });
+    if (!d) continue;
+    const path = s("path", {d, fill: "none", stroke: color, "stroke-width": stat === "p50" ? 2 : 1.5,
+      "stroke-dasharray": stat === "p95" ? "4 3" : "none", "data-group": name, "data-stat": stat,
+      "data-values": g[stat].map((v) => v == null ? "" : v).join(",")});
+    path.append(s("title", {}, `${name} ${stat}`));
+    svg.append(path);
+    g[stat].forEach((v, i) => { if (v != null) { const dot = s("circle", {cx: mid(i), cy: y(v), r: 2, fill: color});
+      dot.append(s("title", {}, `${hhmm(win.start + i * win.step)} ${name} ${stat}: ${ms(v)}`)); svg.append(dot); } });
+  }
+  if (!values.length) svg.append(s("text", {x: x(0) + 8, y: 40, class: "axis"}, "no requests in this window"));
+  el.replaceChildren(svg);
+}
+function drawTraffic(st) {
+  lastStatus = st;
+  const t = st.traffic, win = t[view.window], by = win["by_" + view.by];
+  const names = Object.keys(by).sort((a, b) => (a === "other") - (b === "other"));
+  const groups = names.map((name, i) => [name, by[name], name === "other" ? OTHER_COLOR : PALETTE[i % PALETTE.length]]);
+  $("traffic-title").textContent = `Traffic, ${WINDOWS[view.window]} ${BYS[view.by]}` + (t.source === "ledger" ? "" : " (this session's last requests: the ledger is off)");
+  for (const b of document.querySelectorAll("[data-window]")) b.classList.toggle("on", b.dataset.window === view.window);
+  for (const b of document.querySelectorAll("[data-by]")) b.classList.toggle("on", b.dataset.by === view.by);
+  $("traffic-legend").replaceChildren(...groups.map(([name, , color]) => h("span", {class: "swatch", "data-group": name},
+    h("i", {style: `background:${color}`}), name)), h("span", {class: "dim"}, "latency: p50 solid, p95 dashed"));
+  $("total-requests").textContent = int(stacked($("chart-requests"), win, groups, "requests", int));
+  $("total-tokens").textContent = int(stacked($("chart-traffic-tokens"), win, groups, "tokens", int));
+  $("total-cost").textContent = usd(stacked($("chart-traffic-cost"), win, groups, "cost", usd));
+  latency($("chart-latency"), win, groups);
+}
+for (const b of document.querySelectorAll("[data-window]")) b.addEventListener("click", () => pick("window", b.dataset.window));
+for (const b of document.querySelectorAll("[data-by]")) b.addEventListener("click", () => pick("by", b.dataset.by));
+window.addEventListener("resize", () => { if (lastStatus) render(lastStatus); });
+readView();
 function render(st) {
-  for (const id of ["status-body", "routes-card", "providers-card", "login-card", "config-card", "charts-card", "recent-card"]) $(id).hidden = false;
+  for (const id of ["status-body", "routes-card", "providers-card", "login-card", "config-card", "traffic-card", "charts-card", "recent-card"]) $(id).hidden = false;
   $("login").hidden = true; $("problem").hidden = true;
   $("meta").textContent = `v${st.version} \u00b7 up ${ago(st.uptime_seconds)} \u00b7 config generation ${st.config.generation}`;
   $("live").replaceChildren(h("b", {}, "\u25cf "), `updated ${clock(st.now)}`);
@@ -10273,11 +10730,14 @@ function render(st) {
   $("charts-title").textContent = `Usage (${u.source === "ledger" ? "ledger, last " + u.days + " days" : "this session"})`;
   models.sort((a, b) => (tokensOf(b.v) + b.v.output_tokens) - (tokensOf(a.v) + a.v.output_tokens));
   $("chart-tokens").replaceChildren(hbars(models.slice(0, 10), [[(v) => v.input_tokens, "var(--in)", "input"],
-    [(v) => v.cache_read_input_tokens + v.cache_creation_input_tokens, "var(--cache)", "cache"], [(v) => v.output_tokens, "var(--out)", "output"]], int));
-  $("chart-cost").replaceChildren(hbars(models.filter((m) => m.v.cost_usd != null).slice(0, 10), [[(v) => v.cost_usd, "var(--cost)", "cost"]], usd));
+    [(v) => v.cache_read_input_tokens + v.cache_creation_input_tokens, "var(--cache)", "cache"], [(v) => v.output_tokens, "var(--out)", "output"]], int,
+    $("chart-tokens").clientWidth));
+  $("chart-cost").replaceChildren(hbars(models.filter((m) => m.v.cost_usd != null).slice(0, 10), [[(v) => v.cost_usd, "var(--cost)", "cost"]], usd,
+    $("chart-cost").clientWidth));
   const days = lastDays(u.by_day, u.days, st.now.slice(0, 10));
-  $("chart-days").replaceChildren(vbars(days, (v) => tokensOf(v) + v.output_tokens, "var(--in)", int));
-  $("chart-day-cost").replaceChildren(vbars(days, (v) => v.cost_usd || 0, "var(--cost)", usd));
+  $("chart-days").replaceChildren(vbars(days, (v) => tokensOf(v) + v.output_tokens, "var(--in)", int, $("chart-days").clientWidth));
+  $("chart-day-cost").replaceChildren(vbars(days, (v) => v.cost_usd || 0, "var(--cost)", usd, $("chart-day-cost").clientWidth));
+  drawTraffic(st);
   table("recent", [["time"], ["client"], ["model"], ["route \u2192 upstream"], ["status"], ["in", "n"], ["out", "n"],
     ["cache", "n"], ["ttft", "n"], ["total", "n"], ["cost", "n"]], st.recent.map((r) => [
     clock(r.time), r.dialect, r.requested_model, `${r.route || "\u2013"} \u2192 ${r.provider || "\u2013"}/${r.upstream_model || "\u2013"}`,
@@ -10495,6 +10955,7 @@ async def handle_status_json(x: "Exchange") -> None:
     """GET /status.json: the status page's data."""
     check_page_access(x)
     document = status_document(x.server, await chart_usage(x.server))
+    document["traffic"] = await x.server.ops.traffic()
     await x.out.respond_json(200, document, [("cache-control", "no-store")])
 
 
@@ -10511,6 +10972,49 @@ async def handle_stats(x: "Exchange") -> None:
                                    "session_started_at": iso_time(ops.started_at),
                                    "ledger": ledger, "prices_as_of": PRICES_AS_OF,
                                    "keys": {name: pool.snapshot() for name, pool in x.server.key_pools.items()}})
+
+
+async def handle_session_stats(x: "Exchange") -> None:
+    """GET /v1/stats/session?id=SESSION: one client session's usage and last request (what
+    `statusline` shows), the ledger's rows flushed first so the last request is in."""
+    check_page_access(x)
+    session_id = query_value(x, "id")
+    if not session_id:
+        raise BadRequest("id: the client's session id (x-claude-code-session-id) is required", param="id")
+    summary = await x.server.ops.session_usage(session_id[:MAX_SESSION_ID])
+    await x.out.respond_json(200, summary, [("cache-control", "no-store")])
+
+
+def metrics_samples(server: "ProxyServer") -> Dict[str, List[str]]:
+    """Each family's samples: the counters, and the gauges read now."""
+    m = server.ops.metrics
+    keys = {(name, key["key"]): int(key["state"] != "healthy")
+            for name, pool in server.key_pools.items() for key in pool.snapshot()}
+    in_flight = max(0, sum(c.busy for c in server.connections) - 1)
+    return {
+        "claude_proxy_requests_total": counter_lines("claude_proxy_requests_total", m.requests),
+        "claude_proxy_tokens_total": counter_lines("claude_proxy_tokens_total", m.tokens),
+        "claude_proxy_cost_usd_total": counter_lines("claude_proxy_cost_usd_total", m.cost),
+        "claude_proxy_web_searches_total": counter_lines("claude_proxy_web_searches_total", m.web_searches),
+        "claude_proxy_upstream_errors_total": counter_lines("claude_proxy_upstream_errors_total", m.upstream_errors),
+        "claude_proxy_request_duration_seconds": histogram_lines(
+            "claude_proxy_request_duration_seconds", DURATION_BUCKETS, m.duration),
+        "claude_proxy_time_to_first_token_seconds": histogram_lines(
+            "claude_proxy_time_to_first_token_seconds", TTFT_BUCKETS, m.ttft),
+        "claude_proxy_in_flight": counter_lines("claude_proxy_in_flight", {(): in_flight}),
+        "claude_proxy_key_cooling": counter_lines("claude_proxy_key_cooling", keys),
+        "claude_proxy_build_info": counter_lines("claude_proxy_build_info", {(VERSION, sys.version.split()[0]): 1}),
+        "claude_proxy_start_time_seconds": counter_lines("claude_proxy_start_time_seconds",
+                                                         {(): round(server.ops.started_at, 3)}),
+    }
+
+
+async def handle_metrics(x: "Exchange") -> None:
+    """GET /metrics: this process's counters in the Prometheus text format, under the status
+    page's access rule (loopback, or the proxy key, also as a Bearer token for a scrape config)."""
+    check_page_access(x)
+    body = format_metrics(metrics_samples(x.server)).encode("utf-8")
+    await x.out.respond(200, [("content-type", METRICS_CONTENT_TYPE), ("cache-control", "no-store")], body)
 
 
 async def handle_test_connection(x: "Exchange") -> None:
@@ -10586,6 +11090,8 @@ ROUTES[:0] = [
     ("POST", "/", handle_page_login, True),
     ("GET", "/status.json", handle_status_json, True),
     ("GET", "/v1/stats", handle_stats, True),
+    ("GET", "/v1/stats/session", handle_session_stats, True),
+    ("GET", "/metrics", handle_metrics, True),
     ("GET", "/test-connection", handle_test_connection, True),
     ("POST", "/v1/messages/test_conversion", handle_test_conversion, True),
 ]

@@ -6845,12 +6845,12 @@ def test_exposed_status_page_needs_the_key_then_a_cookie_not_the_key(tmp_path):
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
-async def run_chromium(tmp_path, url, *args):
-    """Headless chromium on one URL; its stdout."""
+async def run_chromium(tmp_path, url, *args, size="1200,900"):
+    """Headless chromium on one URL (window width,height); its stdout."""
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1200,900", "--virtual-time-budget=5000",
+        f"--user-data-dir={tmp_path / 'chromium'}", f"--window-size={size}", "--virtual-time-budget=5000",
         *args, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return out.decode("utf-8", "replace")
@@ -6884,6 +6884,350 @@ def test_status_page_renders_in_headless_chromium(tmp_path):
     assert re.search(r"\.card\{[^}]*overflow-x:auto", cp.STATUS_PAGE)   # and scroll on a narrow screen
     assert os.path.getsize(shot) > 10000
     print(f"\nstatus page screenshot: {shot}")
+
+
+# ---- The session's usage for the status line, traffic charts, /metrics (issue 24)
+
+OLD_LEDGER_SCHEMA = """
+CREATE TABLE usage (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, dialect TEXT, requested_model TEXT, route TEXT,
+    provider TEXT, upstream_model TEXT, status INTEGER, error_type TEXT, input_tokens INTEGER,
+    output_tokens INTEGER, cache_read_input_tokens INTEGER, cache_creation_input_tokens INTEGER,
+    reasoning_tokens INTEGER, ttft_ms REAL, duration_ms REAL, cost_usd REAL, key TEXT);
+INSERT INTO usage (ts, dialect, requested_model, route, provider, upstream_model, status, input_tokens, output_tokens)
+VALUES (86400, 'anthropic', 'old', 'default', 'anthropic', 'old', 200, 5, 6);
+"""
+
+
+def test_ledger_migration_keeps_old_rows_and_adds_the_client_session(tmp_path):
+    import sqlite3
+    path = str(tmp_path / "usage.db")
+    db = sqlite3.connect(path)
+    db.executescript(OLD_LEDGER_SCHEMA)
+    db.close()
+    ledger = cp.UsageLedger(path, clock=lambda: 86400 * 2)
+    assert ledger.session("s-1")["requests"] == 0                     # an old file: no session yet, no error
+    ledger.add(usage_row(86400 + 60, "new")._replace(session_id="s-1"))
+    ledger.close()
+    assert ledger.totals()["requests"] == 2 and ledger.totals()["by_model"]["old"]["output_tokens"] == 6
+    summary = ledger.session("s-1")
+    assert summary["requests"] == 1 and summary["last"]["requested_model"] == "new" and not summary["last"]["failed"]
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(cp.LEDGER_MIGRATIONS) == 1
+    cp.migrate_ledger(db)                                                # a second time: nothing to do
+    assert [row[1] for row in db.execute("PRAGMA table_info(usage)")][-1] == "session_id"
+    db.close()
+
+
+def session_script(req):
+    """An anthropic fake: "fail" answers 529, anything else a message with usage."""
+    if '"fail"' in json.dumps(req["body"]["messages"][-1]):
+        return http_response(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    return http_response(200, dict(anthropic_message(), usage={
+        "input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 0}))
+
+
+@pytest.mark.parametrize("ledger", [True, False])
+def test_session_usage_counts_the_answer_that_just_ended(tmp_path, ledger):
+    session = {"x-claude-code-session-id": "11111111-2222-3333-4444-555555555555"}
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            config = make_config(tmp_path, up.url, usage_ledger=ledger, models=[
+                dict({"id": "sonnet-direct", "provider": "anthropic", "model": "claude-sonnet-4-5"}, **SONNET_PRICES)])
+            async with running_proxy(config) as (_, port):
+                for _ in range(2):
+                    await call(port, "POST", "/v1/messages", dict(HELLO, model="sonnet-direct"), dict(ANTHROPIC_HEADERS, **session))
+                await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)                  # another session
+                path = "/v1/stats/session?id=" + session["x-claude-code-session-id"]
+                first = json.loads((await call(port, "GET", path))[2])         # asked at once: the ledger is flushed
+                failing = dict(HELLO, model="sonnet-direct", messages=[{"role": "user", "content": "fail"}])
+                await call(port, "POST", "/v1/messages", failing, dict(ANTHROPIC_HEADERS, **session))
+                second = json.loads((await call(port, "GET", path))[2])
+                missing = await call(port, "GET", "/v1/stats/session")
+                return first, second, missing
+    first, second, missing = run(scenario())
+    assert {k: first[k] for k in ("requests", "errors", "input_tokens", "output_tokens", "cache_read_input_tokens")} == {
+        "requests": 2, "errors": 0, "input_tokens": 20, "output_tokens": 14, "cache_read_input_tokens": 60}
+    assert first["cost_usd"] == pytest.approx(2 * (10 * 3e-6 + 7 * 15e-6 + 30 * 0.3e-6))
+    assert {k: first["last"][k] for k in ("route", "provider", "upstream_model", "failed")} == {
+        "route": "model", "provider": "anthropic", "upstream_model": "claude-sonnet-4-5", "failed": False}
+    assert second["requests"] == 3 and second["last"]["failed"] and second["last"]["status"] == 529
+    assert missing[0] == 400 and b"session id" in missing[2]
+
+
+def test_chart_series_buckets_groups_and_percentiles():
+    now = 7200.0 * 10 + 30                                  # 30 s into a minute (and a half hour)
+    row = lambda ago, route, provider, ms, cost=0.001: (now - ago, route, provider, 10, 5, 3, 2, cost, ms)
+    rows = [row(10, "default", "a", 100.0), row(10, "default", "a", 200.0), row(10, "default", "a", 900.0),
+            row(70, "haiku", "o", 50.0, None), row(5400, "haiku", "o", 70.0), row(90000, "default", "a", 1.0)]
+    rows += [row(20, f"r{i}", "p", 10.0) for i in range(6)]           # six one-request routes: some fold
+    series = cp.chart_series(rows, now)
+    hour, day = series["hour"], series["day"]
+    assert (hour["step"], hour["buckets"], hour["start"]) == (60, 60, now - 30 - 59 * 60)
+    assert (day["step"], day["buckets"], day["start"]) == (1800, 48, 7200.0 * 10 - 47 * 1800)
+    default = hour["by_route"]["default"]
+    assert default["requests"][-1] == 3 and sum(default["requests"]) == 3 and default["tokens"][-1] == 60
+    assert (default["p50"][-1], default["p95"][-1], default["p50"][0]) == (200.0, 900.0, None)
+    assert default["cost"][-1] == pytest.approx(0.003)
+    assert hour["by_route"]["haiku"]["requests"][-2:] == [1, 0] and hour["by_route"]["haiku"]["cost"][-2] == 0
+    assert list(hour["by_route"]) == ["default", "haiku", "r0", "r1", "r2", "r3", "other"]
+    assert sum(hour["by_route"]["other"]["requests"]) == 2
+    assert {name: sum(s["requests"]) for name, s in day["by_provider"].items()} == {"p": 6, "a": 3, "o": 2}
+    assert day["by_provider"]["o"]["p95"][-4] == 70.0                   # 1.5 h ago: three half hours back
+
+
+@pytest.mark.parametrize("value, text", [(3, "3"), (0.25, "0.25"), (1e-05, "1e-05"), (float("inf"), "+Inf"),
+                                         (float("-inf"), "-Inf"), (float("nan"), "NaN"), (600.0, "600.0")])
+def test_metric_numbers(value, text):
+    assert cp.format_metric_number(value) == text
+
+
+def test_metric_label_values_are_escaped():
+    assert cp.metric_line("x_total", [("model", 'a"b\\c\nd'), ("route", "r")], 2) == \
+        'x_total{model="a\\"b\\\\c\\nd",route="r"} 2'
+    assert cp.metric_line("x", [], 1.5) == "x 1.5"
+
+
+def test_metric_model_labels_are_bounded():
+    known, seen = frozenset({"gpt-up", "gpt-4o"}), set()
+    labels = [cp.metric_model_label(known, seen, f"client-{i}") for i in range(50)]
+    assert labels[:cp.METRIC_MODEL_NAMES] == [f"client-{i}" for i in range(cp.METRIC_MODEL_NAMES)]
+    assert set(labels[cp.METRIC_MODEL_NAMES:]) == {"other"} and len(seen) == cp.METRIC_MODEL_NAMES
+    assert cp.metric_model_label(known, seen, "gpt-4o") == "gpt-4o" and cp.metric_model_label(known, seen, None) == "none"
+    assert cp.metric_model_label(known, set(), "x" * 101) == "other"              # a long name never gets its own
+
+
+EXPOSITION_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+EXPOSITION_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+EXPOSITION_UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def exposition_value(text):
+    """A sample value as the text format spells it (no timestamp allowed here)."""
+    special = {"+Inf": float("inf"), "-Inf": float("-inf"), "NaN": float("nan")}
+    if text in special:
+        return special[text]
+    assert re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?", text), text
+    return float(text)
+
+
+def exposition_labels(text):
+    """{name: value} of a `{...}` label set, escapes undone; AssertionError on any deviation."""
+    labels, i = {}, 0
+    while i < len(text):
+        name = EXPOSITION_LABEL.match(text, i)
+        assert name and text[name.end():name.end() + 2] == '="', text
+        i, value = name.end() + 2, []
+        while text[i] != '"':
+            if text[i] == "\\":
+                value.append(EXPOSITION_UNESCAPE[text[i + 1]])
+                i += 2
+            else:
+                assert text[i] != "\n"
+                value.append(text[i])
+                i += 1
+        assert name.group() not in labels
+        labels[name.group()] = "".join(value)
+        i += 1
+        assert i == len(text) or text[i] == ",", text
+        i += 1
+    return labels
+
+
+def parse_exposition(text):
+    """A strict parser of the Prometheus text format 0.0.4 (PROTOCOLS L): {family: {type, help,
+    samples: [(name, labels, value)]}}; every rule checked by an assert."""
+    assert text.endswith("\n") and "\r" not in text
+    families, current = {}, None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            current, _, help_text = line[7:].partition(" ")
+            assert EXPOSITION_NAME.fullmatch(current) and current not in families and help_text
+            families[current] = {"type": None, "help": help_text, "samples": []}
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            assert name == current and kind in ("counter", "gauge", "histogram") and families[name]["type"] is None
+            families[name]["type"] = kind
+        else:
+            match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+            assert match and current and families[current]["type"], line
+            kind = families[current]["type"]
+            allowed = {current + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {current}
+            assert match.group(1) in allowed, line
+            families[current]["samples"].append((match.group(1), exposition_labels(match.group(2) or ""),
+                                                 exposition_value(match.group(3))))
+    for name, family in families.items():
+        assert family["type"] != "counter" or name.endswith("_total"), name
+        if family["type"] == "histogram":
+            check_histogram(name, family["samples"])
+    return families
+
+
+def check_histogram(name, samples):
+    """Cumulative buckets in ascending le order, ending with +Inf equal to _count, per series."""
+    series = {}
+    for sample, labels, value in samples:
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        series.setdefault(key, {"buckets": []})
+        if sample.endswith("_bucket"):
+            series[key]["buckets"].append((exposition_value(labels["le"]), value))
+        else:
+            series[key][sample[len(name) + 1:]] = value
+    for parts in series.values():
+        bounds, counts = zip(*parts["buckets"])
+        assert list(bounds) == sorted(bounds) and bounds[-1] == float("inf")
+        assert list(counts) == sorted(counts) and counts[-1] == parts["count"] and "sum" in parts
+
+
+def metric_value(families, name, **labels):
+    """The value of the one sample of `name` whose labels include these."""
+    family = families.get(name) or families[re.sub(r"_(bucket|sum|count)$", "", name)]
+    found = [v for n, ls, v in family["samples"] if n == name and all(ls.get(k) == str(v) for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_metrics_parse_strictly_and_count_what_the_ledger_counts(tmp_path):
+    async def scenario():
+        async with FakeUpstream(usage_anthropic_upstream) as a, FakeUpstream(usage_openai_upstream) as o:
+            config = session_config(tmp_path, a.url, o.url)
+            async with running_proxy(config) as (server, port):
+                await run_session(port)
+                search = dict(HELLO, model="sonnet-direct")
+                a.script = lambda req: http_response(200, dict(anthropic_message(), usage={
+                    "input_tokens": 1, "output_tokens": 1, "server_tool_use": {"web_search_requests": 2}}))
+                await call(port, "POST", "/v1/messages", search, ANTHROPIC_HEADERS)
+                for i in range(cp.METRIC_MODEL_NAMES + 5):                         # client-chosen names
+                    await call(port, "POST", "/v1/messages", dict(HELLO, model=f"claude-client-{i}"), ANTHROPIC_HEADERS)
+                status, headers, body = await call(port, "GET", "/metrics")
+                return status, headers, body.decode(), server.ops.session.as_dict()
+    status, headers, text, session = run(scenario())
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = parse_exposition(text)
+    for name in ("claude_proxy_requests_total", "claude_proxy_tokens_total", "claude_proxy_cost_usd_total",
+                 "claude_proxy_request_duration_seconds", "claude_proxy_time_to_first_token_seconds",
+                 "claude_proxy_upstream_errors_total", "claude_proxy_in_flight", "claude_proxy_key_cooling",
+                 "claude_proxy_web_searches_total", "claude_proxy_build_info"):
+        assert name in families, name
+    requests = families["claude_proxy_requests_total"]["samples"]
+    assert sum(v for _, _, v in requests) == session["requests"]
+    assert metric_value(families, "claude_proxy_requests_total", dialect="openai", route="model", provider="o",
+                        model="gpt-4o", status="200") == 4             # chat completions and responses
+    assert metric_value(families, "claude_proxy_requests_total", dialect="anthropic", provider="anthropic",
+                        model="claude-sonnet-4-5", status="400") == 1
+    assert metric_value(families, "claude_proxy_upstream_errors_total", provider="anthropic", status="400") == 1
+    models = {labels["model"] for _, labels, _ in requests}
+    assert "other" in models and len([m for m in models if m.startswith("claude-client-")]) <= cp.METRIC_MODEL_NAMES
+    sonnet = session["by_model"]["sonnet-direct"]
+    assert metric_value(families, "claude_proxy_tokens_total", provider="anthropic", model="claude-sonnet-4-5",
+                        kind="cache_read") == sonnet["cache_read_input_tokens"]
+    assert metric_value(families, "claude_proxy_tokens_total", provider="o", model="gpt-4o", kind="reasoning") == \
+        session["by_model"]["gpt-up"]["reasoning_tokens"]
+    total_cost = sum(v for _, _, v in families["claude_proxy_cost_usd_total"]["samples"])
+    assert total_cost == pytest.approx(session["cost_usd"])
+    assert metric_value(families, "claude_proxy_web_searches_total", provider="anthropic", model="claude-sonnet-4-5") == 2
+    counts = sum(v for n, _, v in families["claude_proxy_request_duration_seconds"]["samples"] if n.endswith("_count"))
+    assert counts == session["requests"]
+    assert metric_value(families, "claude_proxy_build_info", version=cp.VERSION) == 1
+    assert metric_value(families, "claude_proxy_in_flight") == 0
+    promtool = shutil.which("promtool")
+    if promtool:                                        # Prometheus's own parser and linter, where installed
+        out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+
+
+def test_metrics_show_each_pooled_key_by_its_last_four(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(429, {"type": "error", "error": {
+                "type": "rate_limit_error", "message": "slow down"}}, headers=[("retry-after", "30")])) as up:
+            config = make_config(tmp_path, providers={"anthropic": {
+                "format": "anthropic", "base_url": up.url, "api_keys": ["sk-ant-first-key-1111", "sk-ant-second-key-2222"]}})
+            async with running_proxy(config) as (_, port):
+                await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                return (await call(port, "GET", "/metrics"))[2].decode()
+    text = run(scenario())
+    families = parse_exposition(text)
+    assert metric_value(families, "claude_proxy_key_cooling", provider="anthropic", key="...1111") == 1
+    assert "sk-ant-first" not in text and "second-key" not in text
+
+
+def test_metrics_follow_the_operations_access_rule_and_take_the_key_as_a_bearer_token(tmp_path):
+    key = "proxy-key-0123456789"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key=key)) as (_, port):
+            assert (await call(port, "GET", "/metrics"))[0] == 401
+            assert (await call(port, "GET", "/metrics", headers={"authorization": "Bearer wrong"}))[0] == 401
+            assert (await call(port, "GET", "/metrics", headers={"authorization": f"Bearer {key}"}))[0] == 200
+            assert (await call(port, "GET", "/metrics", headers={"origin": "http://evil.example"}))[0] == 403
+    run(scenario())
+    server = cp.ProxyServer(make_config(tmp_path))
+    remote = cp.Exchange(server, cp.Request("GET", "/metrics", {"host": "10.0.0.5:8082"}, b"", "10.0.0.9"), None)
+    with pytest.raises(cp.PermissionDenied, match="loopback"):
+        run(cp.handle_metrics(remote))
+
+
+def traffic_rows(now):
+    """A ledger for the traffic charts: three requests a minute ago (100, 200, 900 ms) on route
+    default (provider anthropic), two 90 minutes ago on route haiku (provider o), one 2 days ago."""
+    row = lambda ago, route, provider, ms, cost: usage_row(now - ago, "m", route=route, cost=cost)._replace(
+        provider=provider, duration_ms=ms)
+    return [row(60, "default", "anthropic", 100.0, 0.25), row(60, "default", "anthropic", 200.0, 0.25),
+            row(60, "default", "anthropic", 900.0, 0.5), row(5400, "haiku", "o", 40.0, 1.0),
+            row(5400, "haiku", "o", 60.0, 1.0), row(2 * 86400, "default", "anthropic", 5.0, 9.0)]
+
+
+def chart_values(dom, metric):
+    """{group: [data-value of each bar]} of one traffic chart in a dumped DOM."""
+    start = dom.index(f'data-metric="{metric}"')
+    svg = dom[start:dom.index("</svg>", start)]
+    values = {}
+    for group, value in re.findall(r'<rect [^>]*data-group="([^"]+)" data-bucket="[\d.]+" data-value="([^"]+)"', svg):
+        values.setdefault(group, []).append(float(value))
+    return values
+
+
+def chart_lines(dom):
+    """{(group, p50|p95): [values, None where a bucket had no request]} of the latency chart."""
+    start = dom.index('data-metric="latency"')
+    svg = dom[start:dom.index("</svg>", start)]
+    return {(group, stat): [float(v) if v else None for v in values.split(",")]
+            for group, stat, values in re.findall(r'<path [^>]*data-group="([^"]+)" data-stat="(p\d+)" data-values="([^"]*)"', svg)}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_traffic_charts_render_the_ledgers_numbers_in_headless_chromium(tmp_path):
+    shots = os.environ.get("CLAUDE_PROXY_SCREENSHOT_DIR") or str(tmp_path)
+    config = page_config(tmp_path, "http://127.0.0.1:9")
+    ledger = cp.UsageLedger(cp.ledger_path(config))
+    for row in traffic_rows(time.time()):
+        ledger.add(row)
+    ledger.close()
+
+    async def scenario():
+        async with running_proxy(config) as (_, port):
+            url = f"http://127.0.0.1:{port}/"
+            hour = await run_chromium(tmp_path, url, "--dump-dom")
+            day = await run_chromium(tmp_path, url + "#window=day&by=provider", "--dump-dom")
+            for width, height in ((1200, 2000), (390, 2700)):
+                await run_chromium(tmp_path, url + "#window=day&by=route", "--hide-scrollbars",
+                                   f"--screenshot={shots}/traffic-{width}.png", size=f"{width},{height}")
+            return hour, day
+    hour, day = run(scenario())
+    assert chart_values(hour, "requests") == {"default": [3.0]} and chart_values(hour, "cost") == {"default": [1.0]}
+    assert chart_values(hour, "tokens") == {"default": [3.0 * sum(ANTHROPIC_TOKENS[:4])]}
+    lines = chart_lines(hour)
+    assert [v for v in lines[("default", "p50")] if v is not None] == [200.0]
+    assert [v for v in lines[("default", "p95")] if v is not None] == [900.0] and len(lines[("default", "p95")]) == 60
+    assert "Traffic, last hour by route" in hour and re.search(r'id="total-requests"[^>]*>3<', hour)
+    assert chart_values(day, "requests") == {"anthropic": [3.0], "o": [2.0]}
+    assert chart_values(day, "cost") == {"anthropic": [1.0], "o": [2.0]}
+    assert [v for v in chart_lines(day)[("o", "p95")] if v is not None] == [60.0]
+    assert re.search(r'id="total-cost"[^>]*>\$3\.00<', day) and "Traffic, last day by provider" in day
+    for width in (1200, 390):
+        assert os.path.getsize(f"{shots}/traffic-{width}.png") > 10000
+    print(f"\ntraffic chart screenshots: {shots}/traffic-1200.png, {shots}/traffic-390.png")
 
 
 # ---- Doctor, test_connection, test_conversion
