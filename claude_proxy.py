@@ -11,6 +11,8 @@ Run:    python claude_proxy.py                 serve on 127.0.0.1:8082 (a browse
         python claude_proxy.py stats           usage and cost from the ledger
         python claude_proxy.py doctor          can every provider in use be reached and authenticated?
         python claude_proxy.py menu            start, log in, token, status, stats, log out: a numbered menu
+        python claude_proxy.py code [ARGS...]  Claude Code through the proxy (codex, gemini likewise)
+        python claude_proxy.py statusline      Claude Code's status line from the ledger
 Tests:  python -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
@@ -8749,8 +8751,8 @@ async def handle_model(x: Exchange) -> None:
 
 async def handle_health(x: Exchange) -> None:
     """GET /health, with the generation of the config in force (1 at start, +1 per reload)."""
-    await x.out.respond_json(200, {"status": "ok", "version": VERSION,
-                                   "config_generation": x.server.generation})
+    await x.out.respond_json(200, {"status": "ok", "name": "claude_proxy", "version": VERSION,
+                                   "config_generation": x.server.generation, "pid": os.getpid()})
 
 
 async def handle_root(x: Exchange) -> None:
@@ -11553,6 +11555,10 @@ CLI_COMMANDS: Dict[str, Tuple[str, Tuple[Tuple[Tuple[str, ...], dict], ...]]] = 
     "doctor": ("check DNS, TCP, TLS, credentials and the Claude login of every provider in use",
                ((("--deep",), {"action": "store_true", "help": "also send a 1-token request to each provider"}),)),
     "menu": ("an interactive menu: start, log in, long-lived token, status, stats, log out", ()),
+    "statusline": ("one line for Claude Code's status bar from the ledger (its status JSON on stdin)", ()),
+    "code": ("run Claude Code through the proxy (started when none runs): code [ARGS...]", ()),
+    "codex": ("run Codex CLI through the proxy (started when none runs): codex [ARGS...]", ()),
+    "gemini": ("run Gemini CLI through the proxy (started when none runs): gemini [ARGS...]", ()),
 }
 SEED_FLAGS_EPILOG = ("Flags of anthropic-claude-max-proxy also work: --headless (serve), --setup-token "
                      "(= login --long-lived), --headless --no-auto-start (check the login and exit).")
@@ -11596,6 +11602,20 @@ def resolve_command(args: argparse.Namespace) -> str:
     return "verify-login" if getattr(args, "no_auto_start", False) else "serve"
 
 
+def parse_cli(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, str]:
+    """The flags and the command; for a launcher (code, codex, gemini) the words after its name
+    are the client's, untouched (args.client_args), and the ones before it the proxy's
+    (args.proxy_argv, for the proxy it may start)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = split_launch_argv(argv)
+    if split is None:
+        args = build_parser().parse_args(argv)
+        return args, resolve_command(args)
+    args = build_parser().parse_args(split[0])
+    args.proxy_argv, args.client_args = split[0], split[2]
+    return args, split[1]
+
+
 def cli_overrides(args: argparse.Namespace, command: str) -> dict:
     """The settings CLI flags set (serve's --token is the headless Claude token, its shape checked)."""
     token = getattr(args, "token", None) if command in ("serve", "verify-login") else None
@@ -11626,8 +11646,7 @@ def setup_logging(level: str, redactor: Redactor, log_file: Optional[str] = None
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: parse flags, load config, run the command; one line and exit 2 for a
     config problem, exit 1 for a failed command, never a traceback for either."""
-    args = build_parser().parse_args(argv)
-    command = resolve_command(args)
+    args, command = parse_cli(argv)
     env = dict(os.environ)
     try:
         source = ConfigSource(getattr(args, "config", None), env, cli_overrides(args, command))
@@ -11670,6 +11689,10 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
         return asyncio.run(cli_doctor(config, env, getattr(args, "deep", False)))
     if command == "menu":
         return cli_menu(config, redactor, env, source)
+    if command == "statusline":
+        return cli_statusline(config, sys.stdin)
+    if command in LAUNCHERS:
+        return asyncio.run(run_launcher(command, args, config, env, args.proxy_argv, args.client_args))
     return asyncio.run(run_oauth_command(command, args, config, env))
 
 
@@ -11759,6 +11782,642 @@ async def print_proxy_health(config: Config) -> None:
     finally:
         pool.close()
 
+
+# ---- statusline: Claude Code's status line from the ledger ----------------------------------
+#
+# Claude Code runs its statusLine command after each assistant message, its status JSON on stdin
+# (PROTOCOLS K), and shows the first line printed. This one names the route and the real upstream
+# of the session's last request, and the session's tokens, cost and cache hits as the ledger has
+# them (Claude Code's own cost is a list-price guess for the model name it believes it talks to).
+# It asks the running proxy first (GET /v1/stats/session flushes the ledger's queued rows, so the
+# answer that just ended is counted) and reads usage.db itself when no proxy answers. The launcher
+# runs it as an imported module with cached bytecode and without site packages, so that Python's
+# own start is most of its time (see the benchmark).
+
+STATUSLINE_TIMEOUT = 0.5            # seconds to wait for the running proxy's answer
+ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def proxy_address(config: Config) -> Tuple[str, int]:
+    """Where this config's proxy answers on this machine (an any-address bind on loopback)."""
+    host = config.settings["host"]
+    return ANY_ADDRESS.get(host, host), config.settings["port"]
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def local_get(host: str, port: int, path: str, headers: List[Tuple[str, str]],
+              timeout: float) -> Tuple[int, bytes]:
+    """(status, body) of a GET to a proxy on this machine, over a blocking socket (for the
+    commands that need no event loop): OSError when nothing accepts the connection,
+    UpstreamError when what does answers no sane HTTP in time."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(format_head(f"GET {path} HTTP/1.1", [
+            ("host", format_address(host, port)), ("connection", "close")] + headers))
+        try:
+            return read_local_answer(sock)
+        except OSError as exc:
+            raise UpstreamError(f"{format_address(host, port)} did not answer: {exc}") from None
+
+
+def read_local_answer(sock: socket.socket) -> Tuple[int, bytes]:
+    """(status, body) read from a blocking socket: the head, then Content-Length bytes (or
+    until the peer closes); UpstreamError for anything else."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) <= MAX_HEADER_BYTES:
+        chunk = sock.recv(READ_CHUNK)
+        if not chunk:
+            break
+        data += chunk
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise UpstreamError("no HTTP answer")
+    status, response_headers = parse_response_head(head + sep)
+    length = response_headers.get("content-length", "")
+    want = int(length) if _DIGITS.match(length) else MAX_HEADER_BYTES
+    while len(body) < want:
+        chunk = sock.recv(READ_CHUNK)
+        if not chunk:
+            break
+        body += chunk
+    return status, body[:want]
+
+
+def proxy_key_headers(config: Config) -> List[Tuple[str, str]]:
+    """The proxy key as a bearer token, when the config has one."""
+    key = config.settings.get("proxy_api_key")
+    return [("authorization", f"Bearer {key}")] if key else []
+
+
+def read_status_input(stream: Any) -> dict:
+    """Claude Code's status JSON from stdin ({} from a terminal or for anything but an object)."""
+    try:
+        if stream.isatty():
+            return {}
+        value = json.loads(stream.read() or "{}")
+    except (ValueError, OSError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def ask_proxy_for_session(config: Config, session_id: str) -> Tuple[Optional[dict], bool]:
+    """(the session's usage as the running proxy has it, whether a proxy answered)."""
+    host, port = proxy_address(config)
+    path = "/v1/stats/session?id=" + urllib.parse.quote(session_id, safe="")
+    try:
+        status, body = local_get(host, port, path, proxy_key_headers(config), STATUSLINE_TIMEOUT)
+    except (OSError, ProxyError):
+        return None, False
+    try:
+        summary = json.loads(body) if status == 200 else None
+    except ValueError:
+        summary = None
+    return (summary if isinstance(summary, dict) else None), True
+
+
+def statusline_usage(config: Config, session_id: str) -> Tuple[Optional[dict], bool]:
+    """(the session's usage, whether the proxy runs): the proxy's answer, else usage.db read here."""
+    summary, running = ask_proxy_for_session(config, session_id)
+    if summary is None and config.settings["usage_ledger"]:
+        try:
+            summary = UsageLedger(ledger_path(config)).session(session_id)
+        except ProxyError:
+            summary = None
+    return summary, running
+
+
+def short_count(n: int) -> str:
+    """A token count in a few characters: 950, 12.3k, 4.5M."""
+    if n < 1000:
+        return str(n)
+    return f"{n / 1000:.1f}k" if n < 999500 else f"{n / 1e6:.1f}M"
+
+
+def statusline_cost(summary: dict) -> str:
+    """The session's cost: $ with 4 decimals under a dollar, n/a when no price is known, a
+    trailing + when some requests had none."""
+    cost = summary["cost_usd"]
+    if cost is None:
+        return "cost n/a"
+    text = f"${cost:.4f}" if cost < 1 else f"${cost:,.2f}"
+    return text + ("+" if summary["unpriced_requests"] else "")
+
+
+def statusline_route(last: dict) -> str:
+    """`route → provider/model` of the last request (an exact model id or a fallback shows the
+    name the client asked for)."""
+    route = last["route"]
+    if route in ("model", "fallback", None):
+        route = last["requested_model"] or "-"
+    return f"{route} → {last['provider'] or '-'}/{last['upstream_model'] or last['requested_model'] or '-'}"
+
+
+def format_statusline(summary: Optional[dict], running: bool, address: str) -> str:
+    """The one line: route and upstream, requests, tokens, cost, cache hits, then markers for a
+    failed or fallen-back last request and a proxy that is not running."""
+    if not summary or not summary.get("last"):
+        return f"claude_proxy {address} · " + ("no request in this session yet" if running else "not running")
+    last = summary["last"]
+    cache = summary["cache_read_input_tokens"]
+    fed = summary["input_tokens"] + cache + summary["cache_creation_input_tokens"]
+    parts = [statusline_route(last), f"{summary['requests']} req",
+             f"{short_count(fed)} in / {short_count(summary['output_tokens'])} out", statusline_cost(summary)]
+    if fed:
+        parts.append(f"cache {100 * cache / fed:.0f}%")
+    if last["route"] == "fallback":
+        parts.append("↪ fell back")
+    if last["failed"]:
+        parts.append(f"✗ {last['status'] or '-'} {last['error_type'] or 'error'}")
+    if not running:
+        parts.append(f"proxy {address} not running")
+    return " · ".join(parts)
+
+
+def cli_statusline(config: Config, stdin: Any) -> int:
+    """`statusline`: one line for Claude Code's status bar; exit 0 whatever it finds."""
+    session_id = read_status_input(stdin).get("session_id")
+    address = format_address(*proxy_address(config))
+    if not isinstance(session_id, str) or not session_id:
+        print(f"claude_proxy {address} · no session id on stdin (Claude Code's statusLine sends it)")
+        return 0
+    summary, running = statusline_usage(config, session_id[:MAX_SESSION_ID])
+    print(format_statusline(summary, running, address))
+    return 0
+
+# ---- Launchers: code, codex, gemini -----------------------------------------------------------
+#
+# `claude_proxy.py [FLAGS] code|codex|gemini [ARGS...]` runs a client through this proxy: the
+# flags before the command are the proxy's, everything after it is the client's, untouched. A
+# proxy answering at the configured address is used when its /health says it is claude_proxy;
+# otherwise one is started in the background with the same flags (its output goes to
+# CLAUDE_PROXY_HOME/launched/HOST-PORT.log) and awaited. While its client runs, each launcher
+# is listed in CLAUDE_PROXY_HOME/launched/HOST-PORT/ (changed under a file lock); the launcher
+# that leaves the list empty stops the proxy a launcher started, never one the user started
+# (proxy.pid names it, and /health must report that pid). The client gets what points it at
+# the proxy with no login of its own (PROTOCOLS K): environment variables, and for Claude
+# Code a temporary --settings file (its env, and the status line unless the user has one);
+# Codex gets -c overrides, Gemini CLI a system settings file of its own (the CLI reads
+# GEMINI_CLI_SYSTEM_SETTINGS_PATH; the real one is merged in), so no file of the user's is
+# changed. Ctrl-C in a terminal reaches the client itself (one foreground process group); a
+# SIGINT, SIGTERM or SIGHUP sent to the launcher alone is forwarded. POSIX only.
+
+Launcher = collections.namedtuple("Launcher", "binary path_env npm title own_key_vars")
+LAUNCHERS: Dict[str, Launcher] = {
+    "code": Launcher("claude", "CLAUDE_PATH", "@anthropic-ai/claude-code", "Claude Code",
+                     ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")),
+    "codex": Launcher("codex", "CODEX_PATH", "@openai/codex", "Codex CLI", ("OPENAI_API_KEY",)),
+    "gemini": Launcher("gemini", "GEMINI_PATH", "@google/gemini-cli", "Gemini CLI",
+                       ("GEMINI_API_KEY", "GOOGLE_API_KEY")),
+}
+LAUNCH_PLACEHOLDER_KEY = "claude-proxy-needs-no-key"   # sent when the proxy has no key (no secret)
+LAUNCH_READY_TIMEOUT = 30.0          # seconds a started proxy has to answer /health
+LAUNCH_LOG_TAIL = 20                 # lines of its log shown when it does not come up
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+CODEX_PROVIDER = "claude_proxy"      # the -c model_providers entry
+CODEX_KEY_ENV = "CLAUDE_PROXY_API_KEY"
+GEMINI_API_KEY_AUTH = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+GEMINI_SETUP = (
+    "Gemini CLI takes its auth type only from a settings file, and the override it offers "
+    "(GEMINI_CLI_SYSTEM_SETTINGS_PATH) is honoured only for a file that root owns in directories only root can "
+    "write, so the launcher cannot select API-key auth for you. Once, add "
+    '{"security": {"auth": {"selectedType": "gemini-api-key"}}} to ~/.gemini/settings.json (or to this '
+    "project's .gemini/settings.json), then run this again; the launcher sets GOOGLE_GEMINI_BASE_URL and "
+    "GEMINI_API_KEY itself")
+GEMINI_SYSTEM_SETTINGS = {"darwin": "/Library/Application Support/GeminiCli/settings.json",
+                          "win32": "C:\\ProgramData\\gemini-cli\\settings.json"}
+CLAUDE_MANAGED_SETTINGS = {"darwin": "/Library/Application Support/ClaudeCode/managed-settings.json"}
+LaunchContext = collections.namedtuple("LaunchContext", "config url key env args tmp statusline")
+
+
+def launch_value_flags() -> frozenset:
+    """The proxy flags that take a value (so that a value is never taken for the command)."""
+    return frozenset([name for names, options in GLOBAL_FLAGS if "action" not in options for name in names]
+                     + ["--token"])
+
+
+def split_launch_argv(argv: List[str]) -> Optional[Tuple[List[str], str, List[str]]]:
+    """(proxy flags, launcher, client args) when the first word past the proxy's flags names a
+    launcher; None otherwise (argparse takes it then)."""
+    takes_value, i = launch_value_flags(), 0
+    while i < len(argv):
+        word = argv[i]
+        if word in LAUNCHERS:
+            return argv[:i], word, argv[i + 1:]
+        if not word.startswith("-") or word == "--":
+            return None
+        i += 2 if word in takes_value else 1
+    return None
+
+
+def find_client(launcher: Launcher, env: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    """(the client's executable or None, the one line saying how to get it): $CLAUDE_PATH
+    (CODEX_PATH, GEMINI_PATH) or PATH."""
+    import shutil
+    given = env.get(launcher.path_env)
+    path = given or shutil.which(launcher.binary, path=env.get("PATH"))
+    if path and os.path.isfile(path) and os.access(path, os.X_OK):
+        return path, ""
+    where = f"${launcher.path_env} ({given}) is not an executable" if given else \
+        f"`{launcher.binary}` is not on PATH (or set {launcher.path_env})"
+    return None, f"{launcher.title} not found: {where}; install it with `npm install -g {launcher.npm}`"
+
+
+def uses_client_key(config: Config) -> bool:
+    """Whether a provider in use may forward the client's own key (auth client, or auto
+    without a key of its own)."""
+    return any(p["auth"] == "client" or (p["auth"] == "auto" and not p.get("api_key"))
+               for p in used_providers(config))
+
+
+def launch_key(config: Config, launcher: Launcher, env: Mapping[str, str]) -> Optional[str]:
+    """The key the client sends: the proxy key, else None to keep the user's own key where a
+    route lets it through, else a placeholder (so the client needs no login of its own)."""
+    if config.settings.get("proxy_api_key"):
+        return config.settings["proxy_api_key"]
+    if uses_client_key(config) and any(env.get(name) for name in launcher.own_key_vars):
+        return None
+    return LAUNCH_PLACEHOLDER_KEY
+
+
+def write_private_json(directory: str, name: str, document: dict) -> str:
+    """A JSON file only this user can read (the launcher's temporary settings); its path."""
+    path = os.path.join(directory, name)
+    with os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
+        json.dump(document, fh, indent=2)
+    return path
+
+
+def read_json_object(path: str) -> Optional[dict]:
+    """A JSON object from a file; None when the file is absent; ProxyError when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            document = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ProxyError(f"{path}: {exc}") from None
+    if not isinstance(document, dict):
+        raise ProxyError(f"{path}: not a JSON object")
+    return document
+
+
+def statusline_command(args: argparse.Namespace, home: str) -> str:
+    """The shell command Claude Code runs for the status line: this file imported from bytecode
+    cached under CLAUDE_PROXY_HOME/pycache, no site packages, the launcher's address flags."""
+    import shlex
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {json.dumps(here)}); import claude_proxy; "
+            "sys.exit(claude_proxy.main(sys.argv[1:]))")
+    flags = []
+    for flag, value in (("--config", getattr(args, "config", None)), ("--host", getattr(args, "host", None)),
+                        ("--port", getattr(args, "port", None))):
+        if value is not None:
+            flags += [flag, os.path.abspath(value) if flag == "--config" else str(value)]
+    words = [sys.executable, "-I", "-S", "-X", f"pycache_prefix={os.path.join(home, 'pycache')}", "-c", code]
+    return " ".join(shlex.quote(word) for word in words + flags + ["statusline"])
+
+
+def cache_statusline_bytecode(home: str) -> None:
+    """Compile this file into CLAUDE_PROXY_HOME/pycache, where the status line's import finds it
+    (done here because PYTHONDONTWRITEBYTECODE or a read-only install would leave it absent)."""
+    import py_compile
+    saved, sys.pycache_prefix = sys.pycache_prefix, os.path.join(ensure_private_dir(home), "pycache")
+    try:
+        py_compile.compile(os.path.abspath(__file__), doraise=True)
+    except (OSError, py_compile.PyCompileError) as exc:
+        log.debug("status line bytecode not cached: %s", exc)
+    finally:
+        sys.pycache_prefix = saved
+
+
+def claude_settings_paths(env: Mapping[str, str]) -> List[str]:
+    """Where Claude Code reads settings: user, project, local project, managed."""
+    user_dir = env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
+    return [os.path.join(user_dir, "settings.json"), os.path.join(".claude", "settings.json"),
+            os.path.join(".claude", "settings.local.json"),
+            CLAUDE_MANAGED_SETTINGS.get(sys.platform, "/etc/claude-code/managed-settings.json")]
+
+
+def has_own_statusline(env: Mapping[str, str]) -> bool:
+    """Whether a settings file of the user's already sets a statusLine (an unreadable one is
+    left to Claude Code to complain about)."""
+    for path in claude_settings_paths(env):
+        try:
+            if "statusLine" in (read_json_object(path) or {}):
+                return True
+        except ProxyError:
+            continue
+    return False
+
+
+def claude_code_plan(ctx: LaunchContext) -> Tuple[Dict[str, str], List[str]]:
+    """Claude Code: ANTHROPIC_BASE_URL, the key as ANTHROPIC_AUTH_TOKEN, API_TIMEOUT_MS, in the
+    environment and in a --settings file (its env outranks the user's settings files), with
+    the status line unless the user has one or passes --settings."""
+    env = dict(ctx.env)
+    ours = {"ANTHROPIC_BASE_URL": ctx.url,
+            "API_TIMEOUT_MS": env.get("API_TIMEOUT_MS") or str(int(ctx.config.settings["read_timeout"] * 1000))}
+    if ctx.key is not None:
+        for name in LAUNCHERS["code"].own_key_vars:
+            env.pop(name, None)
+        ours["ANTHROPIC_AUTH_TOKEN"] = ctx.key
+    env.update(ours)
+    if any(arg == "--settings" or arg.startswith("--settings=") for arg in ctx.args):
+        log.info("--settings given: the proxy's status line is not added")
+        return env, list(ctx.args)
+    settings: Dict[str, Any] = {"env": ours}
+    if not has_own_statusline(env):
+        settings["statusLine"] = {"type": "command", "command": ctx.statusline, "padding": 0}
+    return env, ["--settings", write_private_json(ctx.tmp, "claude-settings.json", settings)] + list(ctx.args)
+
+
+def codex_plan(ctx: LaunchContext) -> Tuple[Dict[str, str], List[str]]:
+    """Codex CLI: a custom provider with wire_api = "responses" given as -c overrides (the
+    user's config.toml untouched), its key in CLAUDE_PROXY_API_KEY (or the user's
+    OPENAI_API_KEY where a route forwards it)."""
+    env, key_env = dict(ctx.env), "OPENAI_API_KEY"
+    if ctx.key is not None:
+        env[CODEX_KEY_ENV], key_env = ctx.key, CODEX_KEY_ENV
+    entry = f"model_providers.{CODEX_PROVIDER}"
+    overrides = {"model_provider": CODEX_PROVIDER, f"{entry}.name": "claude_proxy",
+                 f"{entry}.base_url": ctx.url + "/v1", f"{entry}.wire_api": "responses", f"{entry}.env_key": key_env}
+    flags = [word for key, value in overrides.items() for word in ("-c", f"{key}={json.dumps(value)}")]
+    return env, flags + list(ctx.args)
+
+
+def secure_for_gemini(path: str) -> bool:
+    """Whether Gemini CLI 0.61 loads a system settings file there: the file, if present, and
+    every directory above it owned by root and writable by no group or other (else it skips
+    the file with a security warning)."""
+    current = os.path.abspath(path)
+    while True:
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            info = None
+        except OSError:
+            return False
+        if info is not None and (info.st_uid != 0 or info.st_mode & 0o022):
+            return False
+        parent = os.path.dirname(current)
+        if parent == current:
+            return True
+        current = parent
+
+
+def gemini_auth(settings: Optional[dict], key: str) -> Any:
+    """settings.security.auth[key] of a Gemini CLI settings document (None where absent)."""
+    auth = ((settings or {}).get("security") or {}) if isinstance(settings, dict) else {}
+    auth = auth.get("auth") if isinstance(auth, dict) else None
+    return auth.get(key) if isinstance(auth, dict) else None
+
+
+def gemini_selects_api_key(env: Mapping[str, str]) -> bool:
+    """Whether the user's own Gemini CLI settings (user or project) already select API-key auth."""
+    home = env.get("GEMINI_CLI_HOME") or env.get("HOME") or os.path.expanduser("~")
+    for path in (os.path.join(home, ".gemini", "settings.json"), os.path.join(".gemini", "settings.json")):
+        try:
+            if gemini_auth(read_json_object(path), "selectedType") == "gemini-api-key":
+                return True
+        except ProxyError:                   # JSON with comments, say: Gemini CLI reads it, we cannot
+            continue
+    return False
+
+
+def gemini_plan(ctx: LaunchContext) -> Tuple[Dict[str, str], List[str]]:
+    """Gemini CLI: GOOGLE_GEMINI_BASE_URL and the key as GEMINI_API_KEY; API-key auth (which the
+    base URL alone does not select, PROTOCOLS K) from the user's settings when they select it,
+    else from a system settings file of the launcher's (the real one merged in) where Gemini
+    CLI accepts one, else a ProxyError with the one-time setup."""
+    env = dict(ctx.env)
+    env["GOOGLE_GEMINI_BASE_URL"] = ctx.url
+    if ctx.key is not None:
+        env.pop("GOOGLE_API_KEY", None)
+        env["GEMINI_API_KEY"] = ctx.key
+    if gemini_selects_api_key(env):
+        return env, list(ctx.args)
+    path = os.path.join(ctx.tmp, "gemini-system-settings.json")
+    if not secure_for_gemini(path):
+        raise ProxyError(GEMINI_SETUP)
+    system = env.get("GEMINI_CLI_SYSTEM_SETTINGS_PATH") or GEMINI_SYSTEM_SETTINGS.get(sys.platform, "/etc/gemini-cli/settings.json")
+    settings = (read_json_object(system) or {}) if secure_for_gemini(system) else {}
+    enforced = gemini_auth(settings, "enforcedType")
+    if enforced not in (None, "gemini-api-key"):
+        raise ProxyError(f"{system} enforces Gemini CLI's auth type {enforced!r}, and the proxy needs gemini-api-key: "
+                         "ask whoever manages that file")
+    env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] = write_private_json(ctx.tmp, os.path.basename(path),
+                                                                merge_raw(settings, GEMINI_API_KEY_AUTH))
+    return env, list(ctx.args)
+
+
+LAUNCH_PLANS: Dict[str, Callable[[LaunchContext], Tuple[Dict[str, str], List[str]]]] = {
+    "code": claude_code_plan, "codex": codex_plan, "gemini": gemini_plan}
+
+
+def proxy_identity(host: str, port: int) -> Optional[dict]:
+    """What answers at host:port: /health's JSON when it is claude_proxy, {} when it is
+    something else, None when nothing listens."""
+    try:
+        status, body = local_get(host, port, "/health", [], 2.0)
+        health = json.loads(body)
+    except OSError:
+        return None
+    except (ProxyError, ValueError):
+        return {}
+    return health if status == 200 and isinstance(health, dict) and health.get("name") == "claude_proxy" else {}
+
+
+def launch_dir(config: Config, host: str, port: int) -> str:
+    """CLAUDE_PROXY_HOME/launched/HOST-PORT: the launchers sharing the proxy at that address."""
+    return os.path.join(config.home, "launched", f"{host}-{port}".replace(":", "_"))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (POSIX)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_launchers(directory: str) -> List[int]:
+    """The launchers listed in the directory whose process still runs (a crashed one's entry
+    is removed)."""
+    alive = []
+    for name in os.listdir(directory):
+        pid = int(name[7:]) if name.startswith("client-") and name[7:].isdigit() else None
+        if pid is None:
+            continue
+        if pid_alive(pid):
+            alive.append(pid)
+        else:
+            os.remove(os.path.join(directory, name))
+    return alive
+
+
+def read_pid(path: str) -> Optional[int]:
+    """The pid in a pid file, or None."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def log_tail(path: str, lines: int = LAUNCH_LOG_TAIL) -> str:
+    """The last lines of a log file."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "".join(collections.deque(fh, maxlen=lines)).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def start_background_proxy(proxy_argv: List[str], log_path: str) -> Any:
+    """`serve` with the launcher's proxy flags, in a session of its own (Ctrl-C and the
+    terminal's hangup are the client's), its output to log_path; the Popen."""
+    import subprocess
+    fd = open_no_follow(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), *proxy_argv, "serve"],
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        os.close(fd)
+
+
+async def await_ready(proc: Any, host: str, port: int, log_path: str) -> dict:
+    """The started proxy's /health once it answers as claude_proxy with its pid; ProxyError with
+    the log's tail when it exits or does not come up in LAUNCH_READY_TIMEOUT."""
+    deadline = time.monotonic() + LAUNCH_READY_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        health = await run_off_loop(proxy_identity, host, port)
+        if health and health.get("pid") == proc.pid:
+            return health
+        await asyncio.sleep(0.05)
+    if proc.poll() is None:
+        proc.terminate()
+    why = "exited" if proc.returncode is not None else f"did not answer within {LAUNCH_READY_TIMEOUT:.0f}s"
+    raise ProxyError(f"the proxy started for the client {why}; the end of {log_path}:\n{log_tail(log_path)}")
+
+
+async def join_proxy(config: Config, proxy_argv: List[str], directory: str) -> None:
+    """Use the proxy at the configured address or start one, and list this launcher as its
+    user (under the lock, so that a launcher leaving meanwhile does not stop it)."""
+    host, port = proxy_address(config)
+    async with FileLock(directory + ".lock"):
+        ensure_private_dir(directory)
+        health = await run_off_loop(proxy_identity, host, port)
+        if health == {}:
+            raise ProxyError(f"{format_address(host, port)} answers but is not claude_proxy: give the proxy "
+                             "another port (--port or CLAUDE_PROXY_PORT)")
+        if health is None:
+            proc = start_background_proxy(proxy_argv, directory + ".log")
+            await await_ready(proc, host, port, directory + ".log")
+            with os.fdopen(open_no_follow(os.path.join(directory, "proxy.pid"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                           "w", encoding="ascii") as fh:
+                fh.write(str(proc.pid))
+            log.info("started a proxy on %s (pid %d) for the client", format_address(host, port), proc.pid)
+        os.close(open_no_follow(os.path.join(directory, f"client-{os.getpid()}"), os.O_WRONLY | os.O_CREAT))
+
+
+async def leave_proxy(config: Config, directory: str) -> None:
+    """Take this launcher off the list; the last one out stops the proxy a launcher started."""
+    host, port = proxy_address(config)
+    async with FileLock(directory + ".lock"):
+        try:
+            os.remove(os.path.join(directory, f"client-{os.getpid()}"))
+        except FileNotFoundError:
+            pass
+        pid_path = os.path.join(directory, "proxy.pid")
+        pid = read_pid(pid_path)
+        if live_launchers(directory) or pid is None:
+            return
+        os.remove(pid_path)
+        health = await run_off_loop(proxy_identity, host, port)
+        if health and health.get("pid") == pid:
+            await stop_process(pid, config.settings["shutdown_grace"] + 5)
+
+
+async def stop_process(pid: int, timeout: float) -> None:
+    """SIGTERM, then wait for the process to go (the proxy writes its ledger on the way out)."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:       # our own child
+                return
+        except ChildProcessError:
+            if not pid_alive(pid):
+                return
+        await asyncio.sleep(0.05)
+    log.warning("the proxy (pid %d) did not stop within %.0fs", pid, timeout)
+
+
+def terminal_sent_it() -> bool:
+    """Whether this process is in the foreground of a controlling terminal, whose Ctrl-C
+    already reached the client (the same process group): then it is not forwarded again."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def run_client(binary: str, args: List[str], env: Dict[str, str]) -> int:
+    """Run the client in the foreground with signals forwarded; its exit status (128 + N when
+    a signal ended it)."""
+    loop = asyncio.get_running_loop()
+    proc = await asyncio.create_subprocess_exec(binary, *args, env=env)
+
+    def forward(signum: int) -> None:
+        if proc.returncode is None and not (signum == signal.SIGINT and terminal_sent_it()):
+            proc.send_signal(signum)
+    signums = [getattr(signal, name) for name in FORWARDED_SIGNALS if hasattr(signal, name)]
+    for signum in signums:
+        loop.add_signal_handler(signum, forward, signum)
+    try:
+        code = await proc.wait()
+    finally:
+        for signum in signums:
+            loop.remove_signal_handler(signum)
+    return 128 - code if code < 0 else code
+
+
+async def run_launcher(name: str, args: argparse.Namespace, config: Config, env: Mapping[str, str],
+                       proxy_argv: List[str], client_args: List[str]) -> int:
+    """`code`, `codex`, `gemini`: the client through this proxy, started here when needed and
+    stopped by the last launcher using it; the client's exit status (127: no client)."""
+    import tempfile
+    launcher = LAUNCHERS[name]
+    binary, missing = find_client(launcher, env)
+    if binary is None:
+        cli_error(missing)
+        return 127
+    host, port = proxy_address(config)
+    directory = launch_dir(config, host, port)
+    if name == "code":
+        cache_statusline_bytecode(config.home)
+    with tempfile.TemporaryDirectory(prefix="client-", dir=ensure_private_dir(os.path.dirname(directory))) as tmp:
+        ctx = LaunchContext(config, f"http://{format_address(host, port)}", launch_key(config, launcher, env),
+                            dict(env), client_args, tmp, statusline_command(args, config.home))
+        client_env, argv = LAUNCH_PLANS[name](ctx)
+        await join_proxy(config, proxy_argv, directory)
+        try:
+            return await run_client(binary, argv, client_env)
+        finally:
+            await leave_proxy(config, directory)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7392,6 +7392,345 @@ def test_menu_reads_numbered_choices_from_stdin(tmp_path):
 
 
 # =============================================================================================
+# 14. CLI: launchers (code, codex, gemini) and the status line
+# =============================================================================================
+
+@pytest.mark.parametrize("argv, expected", [
+    (["code", "-p", "hi there", "--model", "x"], ([], "code", ["-p", "hi there", "--model", "x"])),
+    (["--port", "9000", "codex", "exec", "--port", "1"], (["--port", "9000"], "codex", ["exec", "--port", "1"])),
+    (["-p", "9000", "--debug", "gemini"], (["-p", "9000", "--debug"], "gemini", [])),
+    (["--config", "code", "code", "--", "x"], (["--config", "code"], "code", ["--", "x"])),   # a value is no command
+    (["--port=9000", "code"], (["--port=9000"], "code", [])),
+    (["stats", "code"], None), (["serve"], None), ([], None), (["--", "code"], None),
+])
+def test_split_launch_argv(argv, expected):
+    assert cp.split_launch_argv(argv) == expected
+
+
+@pytest.mark.parametrize("summary, running, expected", [
+    (None, True, "claude_proxy 127.0.0.1:8082 · no request in this session yet"),
+    (None, False, "claude_proxy 127.0.0.1:8082 · not running"),
+    ({"requests": 3, "input_tokens": 1200, "output_tokens": 950, "cache_read_input_tokens": 36000,
+      "cache_creation_input_tokens": 2800, "cost_usd": 0.04213, "unpriced_requests": 0,
+      "last": {"route": "default", "requested_model": "claude-opus-5-5", "provider": "openrouter",
+               "upstream_model": "gpt-5.5", "status": 200, "error_type": None, "failed": False}}, True,
+     "default → openrouter/gpt-5.5 · 3 req · 40.0k in / 950 out · $0.0421 · cache 90%"),
+    ({"requests": 1, "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+      "cache_creation_input_tokens": 0, "cost_usd": None, "unpriced_requests": 0,
+      "last": {"route": "fallback", "requested_model": "main", "provider": "backup", "upstream_model": "m-backup",
+               "status": 529, "error_type": "overloaded_error", "failed": True}}, False,
+     "main → backup/m-backup · 1 req · 0 in / 0 out · cost n/a · ↪ fell back · ✗ 529 overloaded_error · "
+     "proxy 127.0.0.1:8082 not running"),
+    ({"requests": 2, "input_tokens": 10, "output_tokens": 2_500_000, "cache_read_input_tokens": 0,
+      "cache_creation_input_tokens": 0, "cost_usd": 12.5, "unpriced_requests": 1,
+      "last": {"route": "model", "requested_model": "gpt-up", "provider": "o", "upstream_model": None,
+               "status": 200, "error_type": None, "failed": False}}, True,
+     "gpt-up → o/gpt-up · 2 req · 10 in / 2.5M out · $12.50+ · cache 0%"),
+])
+def test_format_statusline(summary, running, expected):
+    assert cp.format_statusline(summary, running, "127.0.0.1:8082") == expected
+
+
+FAKE_CLIENT = r'''#!PYTHON
+"""A stand-in client: records its arguments and environment, makes one request through the
+proxy the launcher points it at, runs the configured status line, then waits or exits."""
+import json, os, signal, subprocess, sys, time, urllib.request
+name = os.path.basename(sys.argv[0])
+log = {"name": name, "args": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
+       if k.startswith(("ANTHROPIC", "API_TIMEOUT", "GEMINI", "GOOGLE", "CLAUDE_PROXY_API", "OPENAI"))}}
+signal.signal(signal.SIGINT, lambda *a: (log.update(signal="INT"), finish(40)))
+signal.signal(signal.SIGTERM, lambda *a: (log.update(signal="TERM"), finish(41)))
+def finish(code):
+    with open(os.environ["FAKE_LOG"], "a") as fh:
+        fh.write(json.dumps(log) + "\n")
+    sys.exit(code)
+if name == "claude":
+    settings = json.load(open(sys.argv[sys.argv.index("--settings") + 1]))
+    log["settings"] = settings
+    url, key = os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", os.environ["ANTHROPIC_AUTH_TOKEN"]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+elif name == "codex":
+    flags = dict(sys.argv[i + 1].split("=", 1) for i, a in enumerate(sys.argv) if a == "-c")
+    url = json.loads(flags["model_providers.claude_proxy.base_url"]) + "/responses"
+    key = os.environ[json.loads(flags["model_providers.claude_proxy.env_key"])]
+    body = {"model": "claude-sonnet-4-5", "input": "hi", "store": False}
+else:
+    system = os.environ.get("GEMINI_CLI_SYSTEM_SETTINGS_PATH")
+    log["system_settings"] = json.load(open(system)) if system else None
+    url, key, body = os.environ["GOOGLE_GEMINI_BASE_URL"] + "/health", os.environ["GEMINI_API_KEY"], None
+request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers={
+    "authorization": "Bearer " + key, "content-type": "application/json", "anthropic-version": "2023-06-01",
+    "x-claude-code-session-id": "launched-session"})
+log["answer"] = json.loads(urllib.request.urlopen(request, timeout=30).read())
+if name == "claude" and "statusLine" in log["settings"]:
+    log["statusline"] = subprocess.run(log["settings"]["statusLine"]["command"], shell=True, text=True,
+        input=json.dumps({"session_id": "launched-session"}), capture_output=True, timeout=30).stdout
+if os.environ.get("FAKE_WAIT"):
+    log["waiting"] = True
+    with open(os.environ["FAKE_WAIT"] + ".ready", "w"):
+        pass
+    while not os.path.exists(os.environ["FAKE_WAIT"]):
+        time.sleep(0.02)
+finish(int(os.environ.get("FAKE_EXIT", "0")))
+'''
+
+
+def fake_clients(tmp_path):
+    """A bin directory with claude, codex and gemini stand-ins."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("claude", "codex", "gemini"):
+        path = bin_dir / name
+        path.write_text(FAKE_CLIENT.replace("PYTHON", sys.executable, 1))
+        path.chmod(0o755)
+    return bin_dir
+
+
+def launch_env(tmp_path, **extra):
+    """The environment a launcher runs with: the fake clients first on PATH, a private HOME, no
+    proxy settings inherited from the outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_PROXY", "PROXY_API", "ANTHROPIC", "OPENAI",
+                                                                     "GEMINI", "GOOGLE", "CLAUDE_PATH", "CODEX_PATH"))}
+    home = tmp_path / "user-home"
+    home.mkdir(exist_ok=True)
+    env.update(PATH=f"{fake_clients(tmp_path)}{os.pathsep}{env.get('PATH', '')}", HOME=str(home),
+               FAKE_LOG=str(tmp_path / "clients.jsonl"), **extra)
+    return env
+
+
+async def launch(tmp_path, argv, env, wait=True):
+    """`claude_proxy.py ARGV` as a subprocess (inside the running loop, so fakes keep serving)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(HERE, "claude_proxy.py"), *argv, env=env,
+                                                cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    if not wait:
+        return proc
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def client_logs(tmp_path):
+    """What each fake client recorded, in the order they exited."""
+    path = tmp_path / "clients.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def wait_for_file(path, timeout=30.0):
+    """Until the file exists."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.02)
+
+
+def port_open(port):
+    """Whether something listens on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_code_launcher_starts_its_proxy_runs_claude_code_without_a_login_and_stops_it(tmp_path):
+    port, cfg = free_port(), tmp_path / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url, models=[dict({"id": "sonnet-direct", "provider": "anthropic",
+                                                    "model": "claude-sonnet-4-5"}, **SONNET_PRICES)],
+                         routes={"default": "sonnet-direct"})
+            env = launch_env(tmp_path, ANTHROPIC_API_KEY="sk-ant-users-own-key", FAKE_EXIT="3")
+            result = await launch(tmp_path, ["--config", str(cfg), "--port", str(port), "code", "-p", 'say "hi" twice',
+                                             "--model", "opus"], env)
+            return result, up.requests
+    (code, out, err), upstream = run(scenario())
+    assert code == 3, err                                       # the client's own exit status
+    log, = client_logs(tmp_path)
+    assert log["args"][2:] == ["-p", 'say "hi" twice', "--model", "opus"] and log["args"][0] == "--settings"
+    env = log["env"]
+    assert env["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}" and env["ANTHROPIC_AUTH_TOKEN"] == cp.LAUNCH_PLACEHOLDER_KEY
+    assert "ANTHROPIC_API_KEY" not in env and env["API_TIMEOUT_MS"] == "600000"
+    assert log["settings"]["env"]["ANTHROPIC_BASE_URL"] == env["ANTHROPIC_BASE_URL"]
+    assert log["answer"]["type"] == "message" and upstream[0]["headers"]["x-api-key"] == "sk-ant-api03-k123456"
+    assert log["statusline"].startswith("default → anthropic/claude-sonnet-4-5 · 1 req · 40 in / 7 out · $0.0001")
+    assert not port_open(port), "the proxy the launcher started is still running"
+    assert not os.path.exists(tmp_path / "home" / "launched" / f"127.0.0.1-{port}" / "proxy.pid")
+
+
+def test_launchers_share_one_proxy_and_the_last_one_out_stops_it(tmp_path):
+    port, cfg = free_port(), tmp_path / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url)
+            flags = ["--config", str(cfg), "--port", str(port)]
+            first = await launch(tmp_path, flags + ["code"], launch_env(tmp_path, FAKE_WAIT=str(tmp_path / "go")), wait=False)
+            await wait_for_file(tmp_path / "go.ready")
+            second = await launch(tmp_path, flags + ["codex", "exec", "hi"], launch_env(tmp_path))
+            still_up = port_open(port)
+            (tmp_path / "go").write_text("")
+            await asyncio.wait_for(first.wait(), 60)
+            return second, still_up, first.returncode, up.requests
+    second, still_up, first_code, upstream = run(scenario())
+    assert second[0] == 0, second[2]
+    assert still_up and first_code == 0 and not port_open(port)
+    assert [log["name"] for log in client_logs(tmp_path)] == ["codex", "claude"]
+    assert [r["path"] for r in upstream] == ["/v1/messages", "/v1/messages"]
+
+
+def test_launcher_uses_a_proxy_the_user_started_and_leaves_it_running(tmp_path):
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (server, port):
+                result = await launch(tmp_path, ["--port", str(port), "code"], launch_env(tmp_path))
+                health = json.loads((await call(port, "GET", "/health"))[2])
+                return result, health, len(up.requests)
+    (code, _, err), health, requests = run(scenario())
+    assert code == 0 and requests == 1, err
+    assert health["name"] == "claude_proxy" and health["pid"] == os.getpid()     # still up, not restarted
+
+
+def test_launcher_refuses_a_port_held_by_another_program(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, {"status": "ok"})) as other:
+            return await launch(tmp_path, ["--port", str(other.port), "code"], launch_env(tmp_path))
+    code, _, err = run(scenario())
+    assert code == 1 and "answers but is not claude_proxy" in err and "--port" in err
+    assert client_logs(tmp_path) == []
+
+
+def test_launcher_shows_the_proxys_log_when_it_does_not_come_up(tmp_path):
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", plugins=[str(tmp_path / "broken_plugin.py")])
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('plugin exploded')\n")
+
+    async def scenario():
+        return await launch(tmp_path, ["--config", str(cfg), "--port", str(free_port()), "code"], launch_env(tmp_path))
+    code, _, err = run(scenario())
+    assert code == 1 and "the proxy started for the client exited" in err, err
+    assert "plugin exploded" in err and client_logs(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, binary, package, variable", [
+    ("code", "claude", "@anthropic-ai/claude-code", "CLAUDE_PATH"), ("codex", "codex", "@openai/codex", "CODEX_PATH"),
+    ("gemini", "gemini", "@google/gemini-cli", "GEMINI_PATH")])
+def test_a_missing_client_is_one_line_naming_its_npm_package(tmp_path, name, binary, package, variable):
+    env = dict(launch_env(tmp_path), PATH=str(tmp_path / "empty"))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", str(free_port()), name],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 127 and out.stderr.count("\n") == 1, out.stderr
+    assert f"npm install -g {package}" in out.stderr and f"`{binary}`" in out.stderr and variable in out.stderr
+    env[variable] = str(tmp_path / "nowhere" / binary)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), name], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 127 and f"${variable}" in out.stderr and package in out.stderr
+
+
+def test_codex_and_gemini_launchers_point_their_clients_at_the_proxy_without_touching_user_files(tmp_path):
+    port, cfg = free_port(), tmp_path / "config.json"
+    user_files = {tmp_path / "user-home" / ".codex" / "config.toml": 'model = "o3"\n',
+                  tmp_path / "user-home" / ".gemini" / "settings.json": json.dumps(cp.GEMINI_API_KEY_AUTH)}
+    for path, text in user_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url, proxy_api_key="proxy-key-0123456789")
+            flags = ["--config", str(cfg), "--port", str(port)]
+            codex = await launch(tmp_path, flags + ["codex", "exec", "--skip-git-repo-check", "hi"], launch_env(tmp_path))
+            gemini = await launch(tmp_path, flags + ["gemini", "-p", "hi"], launch_env(tmp_path, GOOGLE_API_KEY="g-own"))
+            return codex, gemini, up.requests
+    codex, gemini, upstream = run(scenario())
+    assert codex[0] == 0 and gemini[0] == 0, codex[2] + gemini[2]
+    codex_log, gemini_log = client_logs(tmp_path)
+    overrides = dict(codex_log["args"][i + 1].split("=", 1) for i, a in enumerate(codex_log["args"]) if a == "-c")
+    assert overrides == {"model_provider": '"claude_proxy"', "model_providers.claude_proxy.name": '"claude_proxy"',
+                         "model_providers.claude_proxy.base_url": f'"http://127.0.0.1:{port}/v1"',
+                         "model_providers.claude_proxy.wire_api": '"responses"',
+                         "model_providers.claude_proxy.env_key": '"CLAUDE_PROXY_API_KEY"'}
+    assert codex_log["args"][-3:] == ["exec", "--skip-git-repo-check", "hi"]
+    assert codex_log["env"]["CLAUDE_PROXY_API_KEY"] == "proxy-key-0123456789" and codex_log["answer"]["object"] == "response"
+    assert upstream[0]["path"] == "/v1/messages"                         # the Responses request, converted
+    env = gemini_log["env"]
+    assert env["GOOGLE_GEMINI_BASE_URL"] == f"http://127.0.0.1:{port}" and env["GEMINI_API_KEY"] == "proxy-key-0123456789"
+    assert "GOOGLE_API_KEY" not in env and gemini_log["answer"]["name"] == "claude_proxy"
+    assert gemini_log["system_settings"] is None                         # the user's settings select API-key auth
+    for path, text in user_files.items():
+        assert path.read_text() == text
+
+
+def gemini_context(tmp_path, env):
+    """A LaunchContext for gemini_plan with a private HOME."""
+    return cp.LaunchContext(make_config(tmp_path), "http://127.0.0.1:1", "k", dict(env, HOME=str(tmp_path / "h")),
+                            ["-p", "x"], str(tmp_path), "")
+
+
+def test_gemini_launcher_selects_api_key_auth_in_a_system_file_only_where_gemini_cli_loads_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    system = tmp_path / "system.json"
+    system.write_text(json.dumps({"general": {"vimMode": True}, "security": {"auth": {"selectedType": "oauth-personal"}}}))
+    monkeypatch.setattr(cp, "secure_for_gemini", lambda path: False)      # a user's own directory: skipped by the CLI
+    with pytest.raises(cp.ProxyError, match=r"GEMINI_CLI_SYSTEM_SETTINGS_PATH\) is honoured only for a file that root owns"):
+        cp.gemini_plan(gemini_context(tmp_path, {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": str(system)}))
+    monkeypatch.setattr(cp, "secure_for_gemini", lambda path: True)       # as for root under /root
+    env, args = cp.gemini_plan(gemini_context(tmp_path, {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": str(system)}))
+    assert json.loads(open(env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"]).read()) == {
+        "general": {"vimMode": True}, "security": {"auth": {"selectedType": "gemini-api-key"}}}
+    assert env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] != str(system) and args == ["-p", "x"]
+    assert json.loads(system.read_text())["security"]["auth"]["selectedType"] == "oauth-personal"
+    system.write_text(json.dumps({"security": {"auth": {"enforcedType": "oauth-personal"}}}))
+    with pytest.raises(cp.ProxyError, match="enforces Gemini CLI's auth type 'oauth-personal'"):
+        cp.gemini_plan(gemini_context(tmp_path, {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": str(system)}))
+
+
+def test_gemini_rule_for_system_settings_matches_gemini_cli(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert not cp.secure_for_gemini(str(shared / "settings.json"))          # a directory others may write
+    assert cp.secure_for_gemini("/") == (os.stat("/").st_uid == 0 and not os.stat("/").st_mode & 0o022)
+
+
+def test_claude_code_plan_keeps_the_users_status_line_and_own_key_where_a_route_forwards_it(tmp_path):
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text(json.dumps({"statusLine": {"type": "command", "command": "mine"}}))
+    client_auth = make_config(tmp_path, providers={"anthropic": {"format": "anthropic", "base_url": "http://x", "auth": "client"}})
+    env = {"HOME": str(tmp_path), "ANTHROPIC_API_KEY": "sk-ant-own"}
+    key = cp.launch_key(client_auth, cp.LAUNCHERS["code"], env)
+    child_env, args = cp.claude_code_plan(cp.LaunchContext(client_auth, "http://127.0.0.1:1", key, env, ["-p", "x"],
+                                                           str(tmp_path), "statusline-cmd"))
+    settings = json.loads(open(args[1]).read())
+    assert key is None and child_env["ANTHROPIC_API_KEY"] == "sk-ant-own" and "ANTHROPIC_AUTH_TOKEN" not in child_env
+    assert "statusLine" not in settings and settings["env"] == {"ANTHROPIC_BASE_URL": "http://127.0.0.1:1",
+                                                                "API_TIMEOUT_MS": "600000"}
+    keyed = make_config(tmp_path, proxy_api_key="proxy-key-0123456789")
+    assert cp.launch_key(keyed, cp.LAUNCHERS["code"], env) == "proxy-key-0123456789"
+    assert cp.launch_key(make_config(tmp_path, "http://x"), cp.LAUNCHERS["code"], env) == cp.LAUNCH_PLACEHOLDER_KEY
+    given = cp.claude_code_plan(cp.LaunchContext(keyed, "u", "k", {"HOME": str(tmp_path / "none")}, ["--settings", "s.json"],
+                                                 str(tmp_path), "cmd"))
+    assert given[1] == ["--settings", "s.json"]                      # the user's own --settings: none of ours
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 41), ("SIGINT", 40)])
+def test_launcher_forwards_signals_to_its_client_and_exits_with_its_status(tmp_path, signame, code):
+    port, cfg = free_port(), tmp_path / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url)
+            proc = await launch(tmp_path, ["--config", str(cfg), "--port", str(port), "code"],
+                                launch_env(tmp_path, FAKE_WAIT=str(tmp_path / "never")), wait=False)
+            await wait_for_file(tmp_path / "never.ready")
+            proc.send_signal(getattr(signal, signame))              # to the launcher alone, as a supervisor would
+            await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode
+    assert run(scenario()) == code
+    assert client_logs(tmp_path)[0]["signal"] == signame[3:] and not port_open(port)
+
+
+# =============================================================================================
 # Hardening: fault matrix, bad input, access, secrets, fuzz, load
 # =============================================================================================
 
