@@ -31,9 +31,9 @@ Sections, leaves first, so nothing refers forward:
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
   11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error
                          rendering, the usage meter, the models listing
-  12. Operations         usage ledger and cost, stats, plugins, hot reload, doctor, status page
+  12. Operations         usage ledger and cost, stats, metrics, plugins, hot reload, doctor, status page
   13. Server             connection loop, keep-alive, limits, graceful shutdown
-  14. CLI                argparse entry point, stats / doctor / menu
+  14. CLI                argparse entry point, stats / doctor / menu, the status line, the launchers
 """
 from __future__ import annotations
 
@@ -9042,9 +9042,10 @@ def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
 #
 # What the proxy knows about itself and how it changes while it runs. dispatch() hands
 # Operations one record per request (request_done): it adds the record to this session's totals
-# and the last requests, notes a provider's error, and queues the row for the usage ledger, whose
-# one writer thread batches rows into CLAUDE_PROXY_HOME/usage.db. /v1/stats, the status page
-# (GET / for a browser, its data from /status.json), `stats` and `doctor` read from here. Hot
+# and the last requests and /metrics' counters, notes a provider's error, and queues the row for
+# the usage ledger, whose one writer thread batches rows into CLAUDE_PROXY_HOME/usage.db.
+# /v1/stats, /v1/stats/session (the status line), /metrics, the status page (GET / for a
+# browser, its data from /status.json), `stats` and `doctor` read from here. Hot
 # reload repeats main()'s config flow when a watched file changes or on SIGHUP and swaps the new
 # generation in for new requests (an Exchange keeps the config and plugins it started with).
 # Plugins are the request, response and stream hooks of one generation. File and database work
@@ -9499,19 +9500,24 @@ class UsageLedger:
                 db.execute("DELETE FROM usage WHERE id <= (SELECT MAX(id) FROM usage) - ?", (self.max_rows,))
         self._since_prune = 0
 
-    def query_groups(self, since: float = 0.0) -> List[tuple]:
-        """(model, route, day, *COUNTERS sums) per group of the rows since `since` (blocks)."""
+    def select(self, *statements: Tuple[str, tuple]) -> List[List[tuple]]:
+        """The rows of each (sql, parameters) on one reader connection, none without a file
+        (blocks); a ProxyError (503) when the database fails."""
         import sqlite3
         if not os.path.exists(self.path):
-            return []
+            return [[] for _ in statements]
         try:
             db = self._connect()
             try:
-                return db.execute(LEDGER_GROUPS, (since,)).fetchall()
+                return [db.execute(sql, parameters).fetchall() for sql, parameters in statements]
             finally:
                 db.close()
         except sqlite3.Error as exc:
             raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
+
+    def query_groups(self, since: float = 0.0) -> List[tuple]:
+        """(model, route, day, *COUNTERS sums) per group of the rows since `since` (blocks)."""
+        return self.select((LEDGER_GROUPS, (since,)))[0]
 
     def totals(self, since: float = 0.0) -> dict:
         """The ledger's T object (blocks)."""
@@ -9522,36 +9528,19 @@ class UsageLedger:
 
     def chart_rows(self, since: float) -> List[tuple]:
         """The rows since `since` in CHART_FIELDS order (blocks)."""
-        import sqlite3
-        if not os.path.exists(self.path):
-            return []
-        try:
-            db = self._connect()
-            try:
-                return db.execute(LEDGER_CHART_ROWS, (since,)).fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error as exc:
-            raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
+        return self.select((LEDGER_CHART_ROWS, (since,)))[0]
 
     def session(self, session_id: str) -> dict:
         """One client session's usage and last request (blocks); a ledger written before
         session ids were recorded, or none at all, knows no session."""
-        import sqlite3
-        sums, last = None, None
-        if os.path.exists(self.path):
-            try:
-                db = self._connect()
-                try:
-                    sums = db.execute(LEDGER_SESSION_SUMS, (session_id,)).fetchone()
-                    last = db.execute(LEDGER_SESSION_LAST, (session_id,)).fetchone()
-                finally:
-                    db.close()
-            except sqlite3.Error as exc:
-                if "session_id" not in str(exc):
-                    raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
-        counts = _zero_counts() if sums is None else [n or 0 for n in sums[:7]] + [sums[7], sums[8] or 0]
-        return session_summary(session_id, counts, last and dict(zip(SESSION_LAST_FIELDS, last)))
+        try:
+            sums, last = self.select((LEDGER_SESSION_SUMS, (session_id,)), (LEDGER_SESSION_LAST, (session_id,)))
+        except ProxyError as exc:
+            if "session_id" not in exc.message:
+                raise
+            sums, last = [], []
+        counts = [n or 0 for n in sums[0][:7]] + [sums[0][7], sums[0][8] or 0] if sums else _zero_counts()
+        return session_summary(session_id, counts, dict(zip(SESSION_LAST_FIELDS, last[0])) if last else None)
 
 
 def ledger_path(config: Config) -> str:

@@ -7391,6 +7391,131 @@ def test_menu_reads_numbered_choices_from_stdin(tmp_path):
     assert text.index("Logged out") < text.rindex('"logged_in": false') and "sk-ant-oat01-menu" not in text
 
 
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+PROMETHEUS = shutil.which("prometheus")
+AFFINITY_NGINX_CONF = """
+worker_processes 1;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {dir}/nginx-access.log;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    # one session, one instance: Claude Code's x-claude-code-session-id, else Codex's session-id
+    map $http_x_claude_code_session_id $claude_proxy_session {{
+        "" $http_session_id;
+        default $http_x_claude_code_session_id;
+    }}
+    upstream claude_proxy {{
+        hash $claude_proxy_session consistent;
+        server 127.0.0.1:{port_a};
+        server 127.0.0.1:{port_b};
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://claude_proxy;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+AFFINITY_PROMETHEUS_CONF = """
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: claude_proxy
+    scrape_interval: 1s
+    authorization:
+      type: Bearer
+      credentials: {key}
+    static_configs:
+      - targets: ["127.0.0.1:{port_a}", "127.0.0.1:{port_b}"]
+"""
+
+
+async def wait_for_port(port, proc, timeout=30.0):
+    """Until something accepts on the port (fails when proc exits first)."""
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        assert proc.returncode is None and time.monotonic() < deadline, f"nothing listens on {port}"
+        await asyncio.sleep(0.05)
+
+
+async def prometheus_sum(port, query, want, timeout=30.0):
+    """The value of an instant query once it reaches `want` (its last value when it does not)."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        status, _, body = await call(port, "GET", "/api/v1/query?query=" + urllib.parse.quote(query))
+        result = json.loads(body)["data"]["result"] if status == 200 else []
+        value = float(result[0]["value"][1]) if result else None
+        if value == want:
+            break
+        await asyncio.sleep(0.25)
+    return value
+
+
+@pytest.mark.skipif(NGINX is None or PROMETHEUS is None, reason="needs Debian's nginx and prometheus packages")
+def test_two_instances_behind_nginx_keep_each_session_on_one_and_prometheus_sums_them(tmp_path):
+    key = "proxy-key-0123456789"
+    port, prom_port = free_port(), free_port()
+    sessions = [("x-claude-code-session-id", f"claude-{i:02d}-5f0c2c1e") for i in range(12)] + \
+               [("session-id", f"codex-{i:02d}-019a1b2c") for i in range(8)]   # all 20 on one instance: p = 2e-6
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up, contextlib.AsyncExitStack() as stack:
+            servers = [await stack.enter_async_context(running_proxy(make_config(
+                tmp_path / name, up.url, proxy_api_key=key))) for name in ("a", "b")]
+            ports = {"port_a": servers[0][1], "port_b": servers[1][1]}
+            (tmp_path / "nginx.conf").write_text(AFFINITY_NGINX_CONF.format(
+                dir=tmp_path, port=port, user="user root;" if os.geteuid() == 0 else "", **ports))
+            (tmp_path / "prometheus.yml").write_text(AFFINITY_PROMETHEUS_CONF.format(key=key, **ports))
+            nginx = await asyncio.create_subprocess_exec(NGINX, "-e", str(tmp_path / "nginx-error.log"), "-p", str(tmp_path),
+                                                         "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;",
+                                                         stderr=asyncio.subprocess.DEVNULL)
+            prometheus = await asyncio.create_subprocess_exec(
+                PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}", stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            try:
+                await wait_for_port(port, nginx)
+                await wait_for_port(prom_port, prometheus)
+                for round_ in range(3):
+                    for header, session in sessions:
+                        status, _, _ = await call(port, "POST", "/v1/messages", HELLO,
+                                                  dict(ANTHROPIC_HEADERS, **{header: session, "x-api-key": key}))
+                        assert status == 200
+                placed = {session: [sum(r.session_id == session for r in s.ops.recent) for s, _ in servers]
+                          for _, session in sessions}
+                total = await prometheus_sum(prom_port, "sum(claude_proxy_requests_total)", 3 * len(sessions))
+                status, _, body = await call(prom_port, "GET", "/api/v1/query?query=" + urllib.parse.quote(
+                    "sum by (instance) (claude_proxy_requests_total)"))
+                per_instance = {r["metric"]["instance"]: float(r["value"][1]) for r in json.loads(body)["data"]["result"]}
+                return placed, total, per_instance, ports
+            finally:
+                for proc in (nginx, prometheus):
+                    proc.terminate()
+                    await proc.wait()
+    placed, total, per_instance, ports = run(scenario())
+    assert all(sorted(counts) == [0, 3] for counts in placed.values()), placed       # every session on one instance
+    instances = {counts.index(3) for counts in placed.values()}
+    assert instances == {0, 1}, placed                                              # and both instances used
+    assert total == 3 * len(sessions)
+    assert per_instance == {f"127.0.0.1:{port}": 3.0 * sum(counts[i] == 3 for counts in placed.values())
+                            for i, port in enumerate(ports.values())}
+    by_instance = {port: [s for s, counts in placed.items() if counts[i] == 3] for i, port in enumerate(ports.values())}
+    print(f"\nnginx affinity (3 requests per session): {by_instance}; Prometheus sum(claude_proxy_requests_total) = "
+          f"{total:.0f}, by instance {per_instance}")
+
+
 # =============================================================================================
 # 14. CLI: launchers (code, codex, gemini) and the status line
 # =============================================================================================
@@ -11064,6 +11189,96 @@ def test_benchmark(request):
     if os.environ.get("CLAUDE_PROXY_BENCH_STRICT"):
         missed = [r["name"] for r in rows if r["verdict"] == "MISS"]
         assert not missed and startup["median"] <= 0.150 and peak[0] <= 40, f"targets missed: {missed}"
+
+
+def _bench_statusline(tmp: str, runs: int = 30) -> str:
+    """The status line as the launcher configures it (sh -c, cached bytecode, no site packages):
+    median and p90 wall time with a proxy answering, and with none (usage.db read directly)."""
+    import argparse
+    home, cfg, port = os.path.join(tmp, "sl-home"), os.path.join(tmp, "sl-config.json"), free_port()
+    with open(cfg, "w") as fh:
+        json.dump({"home": home, "providers": {"anthropic": {"format": "anthropic", "base_url": "http://127.0.0.1:9"}}}, fh)
+    ledger = cp.UsageLedger(os.path.join(home, "usage.db"))
+    for i in range(20000):                       # a well-used ledger: 20,000 rows over 200 sessions
+        ledger.add(usage_row(time.time() - i, "claude-sonnet-4-5")._replace(session_id=f"session-{i % 200}"))
+    ledger.close()
+    cp.cache_statusline_bytecode(home)
+    command = cp.statusline_command(argparse.Namespace(config=cfg, host=None, port=port), home)
+    stdin = json.dumps({"session_id": "session-7", "model": {"id": "claude-sonnet-4-5"}, "cost": {"total_cost_usd": 1}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_PROXY", "PROXY_API"))}
+
+    def timings():
+        out, times = "", []
+        for i in range(runs + 3):
+            t0 = time.perf_counter()
+            out = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, env=env).stdout
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        return statistics.median(times), times[int(len(times) * 0.9)], out.strip()
+    down = timings()
+    proxy = subprocess.Popen([sys.executable, "-m", "claude_proxy", "--config", cfg, "--port", str(port)], cwd=HERE,
+                             env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if port_open(port):
+                break
+            time.sleep(0.05)
+        up = timings()
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t0
+    return "\n".join([f"statusline as the launcher runs it (target: median <= 150 ms; {runs} runs each; `python3 -c pass` "
+                      f"{bare * 1e3:.0f} ms):"] + [
+        f"  {what}: median {m * 1e3:.0f} ms {_bench_verdict(m <= 0.150)}, p90 {p * 1e3:.0f} ms -> {line}"
+        for what, (m, p, line) in (("proxy running (asks it over loopback)", up), ("no proxy (reads usage.db)", down))])
+
+
+def _bench_metrics(n: int = 20000) -> str:
+    """What /metrics costs: Operations.request_done per request with the counters and without
+    them (the rest of the request's work is the same), and one scrape's rendering."""
+    import types
+    config = cp.parse_config({"usage_ledger": False}, {})
+    server = cp.ProxyServer(config)
+    x = cp.Exchange(server, cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"), types.SimpleNamespace(status=200))
+    x.target = cp.resolve_target(config, "claude-sonnet-4-5")
+    x.meter.requested = "claude-sonnet-4-5"
+    x.meter.take({"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 100})
+    x.meter.first_byte_at = time.monotonic()
+    results = {}
+    for label in ("with counters", "without", "with counters", "without"):
+        observe = server.ops.metrics.observe
+        if label == "without":
+            server.ops.metrics.observe = lambda *args: None
+        t0 = time.thread_time()
+        for _ in range(n):
+            server.ops.request_done(x, time.monotonic())
+        results.setdefault(label, []).append((time.thread_time() - t0) / n * 1e6)
+        server.ops.metrics.observe = observe
+    for i in range(200):                                           # many series: 20 models x statuses
+        x.meter.requested = x.target.spec["model"] = f"client-model-{i % 25}"
+        x.out.status = (200, 429, 529)[i % 3]
+        server.ops.request_done(x, time.monotonic())
+    t0 = time.perf_counter()
+    text = cp.format_metrics(cp.metrics_samples(server))
+    scrape = time.perf_counter() - t0
+    on, off = min(results["with counters"]), min(results["without"])
+    return (f"/metrics: request_done {on:.1f} us/request with the counters, {off:.1f} us without: +{on - off:.1f} us "
+            f"per request ({n} requests, best of 2); one scrape of {text.count(chr(10))} lines renders in "
+            f"{scrape * 1e3:.2f} ms")
+
+
+@_bench_mark
+def test_benchmark_statusline_and_metrics(request, tmp_path):
+    if not re.search(r"(?<!not )\bbench\b", request.config.getoption("-m") or ""):
+        pytest.skip("benchmark: run with -m bench")
+    statusline = _bench_statusline(str(tmp_path))
+    print("\n" + statusline + "\n" + _bench_metrics())
+    if os.environ.get("CLAUDE_PROXY_BENCH_STRICT"):
+        assert "MISS" not in statusline
 
 
 async def _requests_on_keepalive(port, n, bodies):
