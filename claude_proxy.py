@@ -9060,6 +9060,7 @@ LEDGER_PRUNE_EVERY = 1000             # rows written between two prunes
 USAGE_CHART_DAYS = 14                 # the status page's per-day chart
 CHART_WINDOWS = (("hour", 60, 60), ("day", 1800, 48))   # the traffic charts: (name, bucket seconds, buckets)
 CHART_GROUPS = 6                      # routes or providers a traffic chart draws apart (the rest: "other")
+TRAFFIC_REFRESH = 10.0                # seconds the traffic charts' data is reused (a day's rows take a while)
 OTHER_LABEL = "other"                 # the groups (and metric model names) folded together
 NO_LABEL = "none"                     # a request that never reached a route, provider or model
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -10096,6 +10097,7 @@ class Operations:
         self.watcher: Optional[asyncio.Future] = None
         self._reload_lock: Optional[asyncio.Lock] = None
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
+        self._traffic: Optional[Tuple[float, asyncio.Future]] = None     # (built at, the traffic charts' data)
 
     def start(self, server: "ProxyServer") -> None:
         """Watch the config files, when the server knows how to reload."""
@@ -10174,13 +10176,21 @@ class Operations:
         return await asyncio.get_running_loop().run_in_executor(None, read)
 
     async def traffic(self) -> dict:
-        """The traffic charts' data: the ledger's rows of the longest window (off the loop), else
-        the last requests this process keeps."""
-        now, longest = self.clock(), max(step * count for _, step, count in CHART_WINDOWS)
-        source, rows = "session", [tuple(getattr(r, field) for field in CHART_FIELDS) for r in self.recent]
+        """The traffic charts' data, at most TRAFFIC_REFRESH seconds old and built off the loop
+        (one build shared by every page asking meanwhile)."""
+        now = self.clock()
+        if self._traffic is None or now - self._traffic[0] >= TRAFFIC_REFRESH:
+            records = list(self.recent)
+            self._traffic = (now, asyncio.ensure_future(run_off_loop(self.build_traffic, now, records)))
+        return await asyncio.shield(self._traffic[1])
+
+    def build_traffic(self, now: float, records: List[UsageRecord]) -> dict:
+        """chart_series of the ledger's rows of the longest window, else of these records (blocks)."""
+        longest = max(step * count for _, step, count in CHART_WINDOWS)
+        source, rows = "session", [tuple(getattr(r, field) for field in CHART_FIELDS) for r in records]
         if self.ledger is not None:
             try:
-                source, rows = "ledger", await run_off_loop(self.ledger.chart_rows, now - longest)
+                source, rows = "ledger", self.ledger.chart_rows(now - longest)
             except ProxyError as exc:
                 log.debug("traffic charts from this session: %s", exc.message)
         return dict(chart_series(rows, now), source=source)
@@ -11858,11 +11868,10 @@ def ask_proxy_for_session(config: Config, session_id: str) -> Tuple[Optional[dic
     path = "/v1/stats/session?id=" + urllib.parse.quote(session_id, safe="")
     try:
         status, body = local_get(host, port, path, proxy_key_headers(config), STATUSLINE_TIMEOUT)
-    except (OSError, ProxyError):
-        return None, False
-    try:
         summary = json.loads(body) if status == 200 else None
-    except ValueError:
+    except OSError:
+        return None, False
+    except (ProxyError, ValueError):                 # slow or odd: it runs, the ledger file answers
         summary = None
     return (summary if isinstance(summary, dict) else None), True
 

@@ -6977,6 +6977,26 @@ def test_chart_series_buckets_groups_and_percentiles():
     assert day["by_provider"]["o"]["p95"][-4] == 70.0                   # 1.5 h ago: three half hours back
 
 
+def test_traffic_is_built_off_the_loop_and_reused_for_a_while(tmp_path):
+    import threading
+    now = [1e6]
+    ops = cp.Operations(make_config(tmp_path, usage_ledger=False), clock=lambda: now[0])
+    ops.recent.append(usage_row(now[0] - 5, "m"))
+    built_in, build = [], ops.build_traffic
+    ops.build_traffic = lambda *args: built_in.append(threading.get_ident()) or build(*args)
+
+    async def scenario():
+        first = await ops.traffic()
+        ops.recent.append(usage_row(now[0] - 1, "m"))
+        second = await ops.traffic()
+        now[0] += cp.TRAFFIC_REFRESH
+        return first, second, await ops.traffic(), threading.get_ident()
+    first, second, third, loop_thread = run(scenario())
+    assert first is second and first["source"] == "session" and sum(first["hour"]["by_route"]["model"]["requests"]) == 1
+    assert sum(third["hour"]["by_route"]["model"]["requests"]) == 2
+    assert len(built_in) == 2 and loop_thread not in built_in
+
+
 @pytest.mark.parametrize("value, text", [(3, "3"), (0.25, "0.25"), (1e-05, "1e-05"), (float("inf"), "+Inf"),
                                          (float("-inf"), "-Inf"), (float("nan"), "NaN"), (600.0, "600.0")])
 def test_metric_numbers(value, text):
@@ -7556,6 +7576,33 @@ def test_format_statusline(summary, running, expected):
     assert cp.format_statusline(summary, running, "127.0.0.1:8082") == expected
 
 
+def test_statusline_command_reads_the_ledger_when_no_proxy_runs_and_always_exits_0(tmp_path):
+    import argparse
+    cfg, port = tmp_path / "config.json", free_port()
+    write_config(cfg, "http://127.0.0.1:9")
+    home = str(tmp_path / "home")
+    ledger = cp.UsageLedger(os.path.join(home, "usage.db"))
+    ledger.add(usage_row(time.time() - 9, "sonnet-direct")._replace(session_id="s-1", provider="anthropic",
+                                                                    upstream_model="claude-sonnet-4-5"))
+    ledger.add(usage_row(time.time() - 5, "sonnet-direct", status=529, error="overloaded_error")._replace(
+        session_id="s-1", route="fallback", provider="backup", upstream_model="m-backup"))
+    ledger.close()
+    cp.cache_statusline_bytecode(home)
+    command = cp.statusline_command(argparse.Namespace(config=str(cfg), host=None, port=port), home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_PROXY", "PROXY_API"))}
+
+    def line(stdin):
+        out = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    assert line(json.dumps({"session_id": "s-1", "model": {"id": "claude-sonnet-4-5"}})) == (
+        "sonnet-direct → backup/m-backup · 2 req · 260 in / 14 out · $0.0005 · cache 77% · ↪ fell back · "
+        f"✗ 529 overloaded_error · proxy 127.0.0.1:{port} not running\n")
+    assert line(json.dumps({"session_id": "s-2"})) == f"claude_proxy 127.0.0.1:{port} · not running\n"
+    assert "no session id on stdin" in line("not json")
+    assert os.path.exists(os.path.join(home, "pycache"))      # imported from bytecode cached for it
+
+
 FAKE_CLIENT = r'''#!PYTHON
 """A stand-in client: records its arguments and environment, makes one request through the
 proxy the launcher points it at, runs the configured status line, then waits or exits."""
@@ -7630,8 +7677,18 @@ async def launch(tmp_path, argv, env, wait=True):
                                                 stderr=asyncio.subprocess.PIPE)
     if not wait:
         return proc
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await finish_launch(proc)
     return proc.returncode, out.decode(), err.decode()
+
+
+async def finish_launch(proc, timeout=60):
+    """A launcher's output once it exits; killed (its session too) when it does not in time."""
+    try:
+        return await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
 
 
 def client_logs(tmp_path):
@@ -7695,7 +7752,7 @@ def test_launchers_share_one_proxy_and_the_last_one_out_stops_it(tmp_path):
             second = await launch(tmp_path, flags + ["codex", "exec", "hi"], launch_env(tmp_path))
             still_up = port_open(port)
             (tmp_path / "go").write_text("")
-            await asyncio.wait_for(first.wait(), 60)
+            await finish_launch(first)
             return second, still_up, first.returncode, up.requests
     second, still_up, first_code, upstream = run(scenario())
     assert second[0] == 0, second[2]
@@ -7849,7 +7906,7 @@ def test_launcher_forwards_signals_to_its_client_and_exits_with_its_status(tmp_p
                                 launch_env(tmp_path, FAKE_WAIT=str(tmp_path / "never")), wait=False)
             await wait_for_file(tmp_path / "never.ready")
             proc.send_signal(getattr(signal, signame))              # to the launcher alone, as a supervisor would
-            await asyncio.wait_for(proc.communicate(), 60)
+            await finish_launch(proc, 30)
             return proc.returncode
     assert run(scenario()) == code
     assert client_logs(tmp_path)[0]["signal"] == signame[3:] and not port_open(port)
