@@ -11,6 +11,8 @@ Run:    python3 claude_proxy.py                 serve on 127.0.0.1:8082 (a brows
         python3 claude_proxy.py stats           usage and cost from the ledger
         python3 claude_proxy.py doctor          can every provider in use be reached and authenticated?
         python3 claude_proxy.py menu            start, log in, refresh, status, log out, long-term token: a menu
+        python3 claude_proxy.py code [ARGS...]  Claude Code through the proxy (codex, gemini likewise)
+        python3 claude_proxy.py statusline      Claude Code's status line from the ledger
 Tests:  python3 -m pytest -q test_claude_proxy.py
 
 Sections, leaves first, so nothing refers forward:
@@ -29,15 +31,16 @@ Sections, leaves first, so nothing refers forward:
   10. OAuth              PKCE login, token store and refresh, OAuth request shaping
   11. Routing, handlers  model routing, the proxy paths, stored responses, retries, error
                          rendering, the usage meter, the models listing
-  12. Operations         usage ledger and cost, stats, plugins, hot reload, doctor, status page
+  12. Operations         usage ledger and cost, stats, metrics, plugins, hot reload, doctor, status page
   13. Server             connection loop, keep-alive, limits, graceful shutdown
-  14. CLI                argparse entry point, stats / doctor / menu
+  14. CLI                argparse entry point, stats / doctor / menu, the status line, the launchers
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import copy
@@ -48,6 +51,7 @@ import http
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -7720,6 +7724,19 @@ def offered_key(req: Request) -> str:
     return (offered[7:] if offered.lower().startswith("bearer ") else offered).strip()
 
 
+CLIENT_SESSION_HEADERS = ("x-claude-code-session-id", "session-id")     # Claude Code's, Codex's
+MAX_SESSION_ID = 128
+
+
+def client_session_id(headers: Headers) -> Optional[str]:
+    """The session id a client sends in its own header (for the ledger and `statusline`)."""
+    for name in CLIENT_SESSION_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value[:MAX_SESSION_ID]
+    return None
+
+
 def session_key(headers: Headers, anthropic_body: dict) -> Optional[str]:
     """A stable prompt_cache_key for the client's session (Claude Code's x-claude-code-session-id, else
     the session in metadata.user_id), hashed so no client identifier travels upstream."""
@@ -8000,11 +8017,15 @@ def _responses_fields(usage: dict) -> Dict[str, Any]:
 
 
 def _anthropic_fields(usage: dict) -> Dict[str, Any]:
-    """Anthropic usage in the meter's fields: only the keys present (message_delta is partial)."""
+    """Anthropic usage in the meter's fields: only the keys present (message_delta is partial);
+    the server's web searches too (for /metrics)."""
     fields = {k: usage[k] for k in METER_FIELDS if k in usage}
     thinking = _detail(usage, "output_tokens_details", "thinking_tokens")
     if thinking is not None:
         fields["reasoning_tokens"] = thinking
+    searches = _detail(usage, "server_tool_use", "web_search_requests")
+    if searches is not None:
+        fields["web_search_requests"] = searches
     return fields
 
 
@@ -8015,11 +8036,12 @@ USAGE_SHAPES: Dict[str, Callable[[dict], Dict[str, Any]]] = {
 class UsageMeter:
     """What one request used: tokens (None until the upstream reported usage) and first byte."""
 
-    __slots__ = METER_FIELDS + ("requested", "seen", "first_byte_at", "key")
+    __slots__ = METER_FIELDS + ("web_search_requests", "requested", "seen", "first_byte_at", "key")
 
     def __init__(self) -> None:
         for name in METER_FIELDS:
             setattr(self, name, 0)
+        self.web_search_requests = 0
         self.requested: Optional[str] = None     # the model the client asked for; None: not metered
         self.seen = False
         self.first_byte_at: Optional[float] = None
@@ -9489,8 +9511,8 @@ async def handle_model(x: Exchange) -> None:
 
 async def handle_health(x: Exchange) -> None:
     """GET /health, with the generation of the config in force (1 at start, +1 per reload)."""
-    await x.out.respond_json(200, {"status": "ok", "version": VERSION,
-                                   "config_generation": x.server.generation})
+    await x.out.respond_json(200, {"status": "ok", "name": "claude_proxy", "version": VERSION,
+                                   "config_generation": x.server.generation, "pid": os.getpid()})
 
 
 async def handle_root(x: Exchange) -> None:
@@ -9558,7 +9580,7 @@ PUBLIC_PATHS = ("/", "/health", "/status.json")     # the status page checks its
 # CORS_ORIGINS never reaches them: a page of another origin, port included, gets nothing there.
 # Those that answer more than who the proxy is need the proxy key, or, without one, a loopback
 # peer: one rule for all of them (check_access), checked before the body is read.
-OPERATIONS_PATHS = ("/", "/status.json", "/v1/stats", "/test-connection")
+OPERATIONS_PATHS = ("/", "/status.json", "/v1/stats", "/v1/stats/session", "/metrics", "/test-connection")
 OPERATIONS_PREFIXES = ("/auth/",)
 OPERATIONS_PUBLIC = ("/",)          # the page's HTML and the JSON identification: no data
 
@@ -9587,7 +9609,7 @@ def check_access(config: Config, req: Request) -> None:
     """The one access rule, before the body is read: PROXY_API_KEY (x-api-key or Bearer),
     constant-time, when configured (CORS preflights, which never carry credentials, and the
     public paths excepted: the status page checks its own); without a key, the operations
-    endpoints (/status.json, /v1/stats, /test-connection, /auth/*) answer loopback peers only."""
+    endpoints (OPERATIONS_PATHS, /auth/*) answer loopback peers only."""
     key = config.settings.get("proxy_api_key")
     if not key and is_operations_path(req.path) and req.path not in OPERATIONS_PUBLIC and not is_loopback(req.peer):
         raise PermissionDenied(f"{req.path} answers loopback clients only (set PROXY_API_KEY to reach it "
@@ -9800,9 +9822,10 @@ def cors_headers(settings: dict, req: Request) -> List[Tuple[str, str]]:
 #
 # What the proxy knows about itself and how it changes while it runs. dispatch() hands
 # Operations one record per request (request_done): it adds the record to this session's totals
-# and the last requests, notes a provider's error, and queues the row for the usage ledger, whose
-# one writer thread batches rows into CLAUDE_PROXY_HOME/usage.db. /v1/stats, the status page
-# (GET / for a browser, its data from /status.json), `stats` and `doctor` read from here. Hot
+# and the last requests and /metrics' counters, notes a provider's error, and queues the row for
+# the usage ledger, whose one writer thread batches rows into CLAUDE_PROXY_HOME/usage.db.
+# /v1/stats, /v1/stats/session (the status line), /metrics, the status page (GET / for a
+# browser, its data from /status.json), `stats` and `doctor` read from here. Hot
 # reload repeats main()'s config flow when a watched file changes or on SIGHUP and swaps the new
 # generation in for new requests (an Exchange keeps the config and plugins it started with).
 # Plugins are the request, response and stream hooks of one generation. File and database work
@@ -9818,6 +9841,11 @@ LEDGER_RETRY_INTERVAL = 2.0           # seconds between two tries of rows a fail
 LEDGER_MAX_PENDING = 20000            # rows kept for a retry at most; the oldest beyond are dropped, said
 LEDGER_PRUNE_EVERY = 1000             # rows written between two prunes
 USAGE_CHART_DAYS = 14                 # the status page's per-day chart
+CHART_WINDOWS = (("hour", 60, 60), ("day", 1800, 48))   # the traffic charts: (name, bucket seconds, buckets)
+CHART_GROUPS = 6                      # routes or providers a traffic chart draws apart (the rest: "other")
+TRAFFIC_REFRESH = 10.0                # seconds the traffic charts' data is reused (a day's rows take a while)
+OTHER_LABEL = "other"                 # the groups (and metric model names) folded together
+NO_LABEL = "none"                     # a request that never reached a route, provider or model
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 COUNTERS = ("requests", "errors") + METER_FIELDS + ("cost_usd", "unpriced_requests")
 GROUPS = ("by_model", "by_route", "by_day")
@@ -9859,8 +9887,8 @@ def request_cost(prices: Optional[Prices], tokens: Tuple[Optional[int], ...]) ->
 # ---- Records and totals ---------------------------------------------------------------------
 
 LEDGER_COLUMNS = ("ts", "dialect", "requested_model", "route", "provider", "upstream_model", "status",
-                  "error_type") + METER_FIELDS + ("ttft_ms", "duration_ms", "cost_usd", "key")
-UsageRecord = collections.namedtuple("UsageRecord", LEDGER_COLUMNS)
+                  "error_type") + METER_FIELDS + ("ttft_ms", "duration_ms", "cost_usd", "key", "session_id")
+UsageRecord = collections.namedtuple("UsageRecord", LEDGER_COLUMNS, defaults=(None,))
 
 
 def is_error(status: Optional[int], error_type: Optional[str]) -> bool:
@@ -9989,6 +10017,73 @@ def format_stats_table(totals: dict, by: str = "model") -> str:
                      "known price (set input_cost_per_token / output_cost_per_token on the model)")
     return "\n".join(lines)
 
+# The status page's traffic charts: per window, the rows bucketed by time and grouped by route or
+# by provider (the CHART_GROUPS busiest, the rest as "other"); per bucket the requests, tokens
+# (input, cache and output), cost and the latency p50 / p95 in ms (nearest rank; None: no request).
+CHART_FIELDS = ("ts", "route", "provider", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens", "cost_usd", "duration_ms")
+CHART_GROUPINGS = (("route", CHART_FIELDS.index("route")), ("provider", CHART_FIELDS.index("provider")))
+
+
+def percentile(ordered: List[float], q: float) -> Optional[float]:
+    """The nearest-rank q-quantile of sorted values (None when there are none)."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _chart_cells(rows: Iterable[tuple], start: float, step: int, count: int, column: int) -> Dict[str, list]:
+    """group -> per bucket [requests, tokens, cost, durations] of the rows inside the window."""
+    cells: Dict[str, list] = {}
+    for row in rows:
+        i = int((row[0] - start) // step)
+        if not 0 <= i < count:
+            continue
+        group = row[column] or NO_LABEL
+        buckets = cells.get(group)
+        if buckets is None:
+            buckets = cells[group] = [[0, 0, 0.0, []] for _ in range(count)]
+        cell = buckets[i]
+        cell[0] += 1
+        cell[1] += sum(n or 0 for n in row[3:7])
+        cell[2] += row[7] or 0.0
+        cell[3].append(row[8] or 0.0)
+    return cells
+
+
+def _fold_chart_groups(cells: Dict[str, list], keep: int) -> Dict[str, list]:
+    """The `keep` groups with the most requests, the others merged into "other"."""
+    ranked = sorted(cells, key=lambda group: (-sum(cell[0] for cell in cells[group]), group))
+    kept = {group: cells[group] for group in ranked[:keep]}
+    for group in ranked[keep:]:
+        into = kept.setdefault(OTHER_LABEL, [[0, 0, 0.0, []] for _ in cells[group]])
+        for mine, cell in zip(into, cells[group]):
+            mine[0], mine[1], mine[2] = mine[0] + cell[0], mine[1] + cell[1], mine[2] + cell[2]
+            mine[3] = mine[3] + cell[3]
+    return kept
+
+
+def _chart_series(buckets: list) -> dict:
+    """One group's series, bucket by bucket."""
+    ordered = [sorted(cell[3]) for cell in buckets]
+    return {"requests": [cell[0] for cell in buckets], "tokens": [cell[1] for cell in buckets],
+            "cost": [round(cell[2], 9) for cell in buckets],
+            "p50": [percentile(values, 0.5) for values in ordered], "p95": [percentile(values, 0.95) for values in ordered]}
+
+
+def chart_series(rows: List[tuple], now: float) -> dict:
+    """The traffic charts' data of rows in CHART_FIELDS order: {window: {start, step, buckets,
+    by_route, by_provider}}, the last bucket being the one `now` falls in."""
+    out = {}
+    for name, step, count in CHART_WINDOWS:
+        start = (now // step - (count - 1)) * step
+        window: Dict[str, Any] = {"start": start, "step": step, "buckets": count}
+        for by, column in CHART_GROUPINGS:
+            cells = _fold_chart_groups(_chart_cells(rows, start, step, count, column), CHART_GROUPS)
+            window["by_" + by] = {group: _chart_series(buckets) for group, buckets in cells.items()}
+        out[name] = window
+    return out
+
 # ---- Usage ledger (sqlite3, one writer thread) ------------------------------------------------
 
 LEDGER_SCHEMA = """
@@ -9999,18 +10094,32 @@ CREATE TABLE IF NOT EXISTS usage (
     reasoning_tokens INTEGER, ttft_ms REAL, duration_ms REAL, cost_usd REAL, key TEXT);
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
+# Schema versions past LEDGER_SCHEMA (PRAGMA user_version counts the ones applied); old rows are kept.
+LEDGER_MIGRATIONS = (
+    # 1: the client's session id (x-claude-code-session-id, Codex's session-id), for `statusline`
+    ("ALTER TABLE usage ADD COLUMN session_id TEXT",
+     "CREATE INDEX IF NOT EXISTS usage_session ON usage (session_id)"),
+)
 LEDGER_INSERT = (f"INSERT INTO usage ({', '.join(LEDGER_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})")
-# One group per (model, route, day), its sums in COUNTERS order.
-LEDGER_GROUPS = """
-SELECT requested_model, route, strftime('%Y-%m-%d', ts, 'unixepoch'), COUNT(*),
+# The COUNTERS of a set of rows, as SQL sums in COUNTERS order (is_error and record_counts in SQL).
+LEDGER_SUMS = """COUNT(*),
        SUM(COALESCE(error_type, '') != 'cancelled' AND (status >= 400 OR error_type IS NOT NULL)),
        SUM(input_tokens), SUM(output_tokens),
        SUM(cache_read_input_tokens), SUM(cache_creation_input_tokens), SUM(reasoning_tokens),
        SUM(cost_usd),
-       SUM(cost_usd IS NULL AND COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0)
+       SUM(cost_usd IS NULL AND COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0) > 0)"""
+# One group per (model, route, day), its sums in COUNTERS order.
+LEDGER_GROUPS = f"""
+SELECT requested_model, route, strftime('%Y-%m-%d', ts, 'unixepoch'), {LEDGER_SUMS}
 FROM usage WHERE ts >= ? GROUP BY 1, 2, 3
 """
+# One client session: its sums, then its last request.
+LEDGER_CHART_ROWS = f"SELECT {', '.join(CHART_FIELDS)} FROM usage WHERE ts >= ?"
+LEDGER_SESSION_SUMS = f"SELECT {LEDGER_SUMS} FROM usage WHERE session_id = ?"
+SESSION_LAST_FIELDS = ("ts", "requested_model", "route", "provider", "upstream_model", "status", "error_type")
+LEDGER_SESSION_LAST = (f"SELECT {', '.join(SESSION_LAST_FIELDS)} FROM usage WHERE session_id = ? "
+                       "ORDER BY id DESC LIMIT 1")
 _LEDGER_STOP = object()
 
 
@@ -10020,6 +10129,32 @@ def _storable(value: Any) -> Any:
     if isinstance(value, str) and _CONTROL_CHARS.search(value):
         return value.encode("utf-8", "replace").decode("utf-8")
     return value
+
+
+def migrate_ledger(db: Any) -> None:
+    """Bring usage.db to the last LEDGER_MIGRATIONS version in one transaction (a second process
+    doing the same waits for the lock, then finds the work done)."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= len(LEDGER_MIGRATIONS):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for statements in LEDGER_MIGRATIONS[version:]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {len(LEDGER_MIGRATIONS)}")
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def session_summary(session_id: str, counts: List[Any], last: Optional[Mapping[str, Any]]) -> dict:
+    """One client session's usage: the COUNTERS and its last request (None: no request yet)."""
+    out = dict(_counts_dict(counts), session_id=session_id, last=None)
+    if last is not None:
+        out["last"] = dict(last, time=iso_time(last["ts"]), failed=is_error(last["status"], last["error_type"]))
+    return out
 
 
 class UsageLedger:
@@ -10129,6 +10264,7 @@ class UsageLedger:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(LEDGER_SCHEMA)
+        migrate_ledger(db)
         os.chmod(self.path, 0o600)
         self._prune(db)
         return db
@@ -10186,19 +10322,24 @@ class UsageLedger:
                 db.execute("DELETE FROM usage WHERE id <= (SELECT MAX(id) FROM usage) - ?", (self.max_rows,))
         self._since_prune = 0
 
-    def query_groups(self, since: float = 0.0) -> List[tuple]:
-        """(model, route, day, *COUNTERS sums) per group of the rows since `since` (blocks)."""
+    def select(self, *statements: Tuple[str, tuple]) -> List[List[tuple]]:
+        """The rows of each (sql, parameters) on one reader connection, none without a file
+        (blocks); a ProxyError (503) when the database fails."""
         import sqlite3
         if not os.path.exists(self.path):
-            return []
+            return [[] for _ in statements]
         try:
             db = self._connect()
             try:
-                return db.execute(LEDGER_GROUPS, (since,)).fetchall()
+                return [db.execute(sql, parameters).fetchall() for sql, parameters in statements]
             finally:
                 db.close()
         except sqlite3.Error as exc:
             raise ProxyError(f"usage ledger {self.path}: {exc}", status=503) from None
+
+    def query_groups(self, since: float = 0.0) -> List[tuple]:
+        """(model, route, day, *COUNTERS sums) per group of the rows since `since` (blocks)."""
+        return self.select((LEDGER_GROUPS, (since,)))[0]
 
     def totals(self, since: float = 0.0) -> dict:
         """The ledger's T object (blocks)."""
@@ -10206,6 +10347,22 @@ class UsageLedger:
         for group in self.query_groups(since):
             totals.add(group[0], group[1], group[2], group[3:])
         return totals.as_dict()
+
+    def chart_rows(self, since: float) -> List[tuple]:
+        """The rows since `since` in CHART_FIELDS order (blocks)."""
+        return self.select((LEDGER_CHART_ROWS, (since,)))[0]
+
+    def session(self, session_id: str) -> dict:
+        """One client session's usage and last request (blocks); a ledger written before
+        session ids were recorded, or none at all, knows no session."""
+        try:
+            sums, last = self.select((LEDGER_SESSION_SUMS, (session_id,)), (LEDGER_SESSION_LAST, (session_id,)))
+        except ProxyError as exc:
+            if "session_id" not in exc.message:
+                raise
+            sums, last = [], []
+        counts = [n or 0 for n in sums[0][:7]] + [sums[0][7], sums[0][8] or 0] if sums else _zero_counts()
+        return session_summary(session_id, counts, dict(zip(SESSION_LAST_FIELDS, last[0])) if last else None)
 
 
 def ledger_path(config: Config) -> str:
@@ -10722,6 +10879,164 @@ def install_reload_signal(loop: asyncio.AbstractEventLoop, server: "ProxyServer"
     except (NotImplementedError, RuntimeError, ValueError):
         log.debug("SIGHUP reload unavailable here")
 
+# ---- Metrics: counters for /metrics -----------------------------------------------------------
+#
+# Counters and histograms live in memory, per process (Prometheus sums the instances), and are
+# updated once per metered request from the record the ledger gets: a few dict updates and one
+# bisect per histogram. Gauges (in flight, pooled keys) are read when scraped. Label values are
+# bounded: dialect, route and provider come from a fixed set and the config, status is an HTTP
+# status, and a model name the config does not know gets a series of its own only while fewer
+# than METRIC_MODEL_NAMES such names were seen; later ones fold into "other"
+# (metric_model_label), so clients choosing model names cannot grow the series without bound.
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)   # seconds
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+# claude_proxy_tokens_total's kind label -> the record's field
+METRIC_TOKEN_KINDS = tuple(zip(("input", "output", "cache_read", "cache_write", "reasoning"), METER_FIELDS))
+METRIC_MODEL_NAMES = 20            # model names outside the config given a series of their own
+MAX_METRIC_LABEL = 100             # a longer model name folds into "other"
+
+
+def configured_model_names(config: Config) -> frozenset:
+    """Every model name the config knows: model ids, and the upstream names of models and routes."""
+    specs = list(config.models.values()) + list(config.routes.values())
+    return frozenset([spec["id"] for spec in config.models.values()] + [s["model"] for s in specs if s.get("model")])
+
+
+def metric_model_label(known: frozenset, seen: set, model: Optional[str]) -> str:
+    """A model name as a label value: a configured name, or one of the first METRIC_MODEL_NAMES
+    others seen (`seen` grows up to that), else "other"."""
+    if not model:
+        return NO_LABEL
+    if model in known or model in seen:
+        return model
+    if len(seen) < METRIC_MODEL_NAMES and len(model) <= MAX_METRIC_LABEL:
+        seen.add(model)
+        return model
+    return OTHER_LABEL
+
+
+def _observe(histograms: Dict[tuple, list], buckets: Tuple[float, ...], key: tuple, seconds: float) -> None:
+    """Count one observation: its bucket (non-cumulative; the last is +Inf), the sum, the count."""
+    counts = histograms.get(key)
+    if counts is None:
+        histograms[key] = counts = [0] * (len(buckets) + 1) + [0.0, 0]
+    counts[bisect.bisect_left(buckets, seconds)] += 1
+    counts[-2] += seconds
+    counts[-1] += 1
+
+
+class Metrics:
+    """This process's counters and histograms since it started (see the essay above)."""
+
+    def __init__(self) -> None:
+        self.requests: Dict[tuple, int] = {}        # (dialect, route, provider, model, status)
+        self.tokens: Dict[tuple, int] = {}          # (provider, model, kind)
+        self.cost: Dict[tuple, float] = {}          # (provider, model)
+        self.web_searches: Dict[tuple, int] = {}    # (provider, model)
+        self.upstream_errors: Dict[tuple, int] = {}  # (provider, status)
+        self.duration: Dict[tuple, list] = {}       # (provider, model) -> histogram counts
+        self.ttft: Dict[tuple, list] = {}
+        self.models_seen: set = set()
+        self._known: Tuple[Optional[Config], frozenset] = (None, frozenset())
+
+    def model_label(self, config: Config, model: Optional[str]) -> str:
+        """metric_model_label against this config's names (collected once per generation)."""
+        if self._known[0] is not config:
+            self._known = (config, configured_model_names(config))
+        return metric_model_label(self._known[1], self.models_seen, model)
+
+    def observe(self, config: Config, record: UsageRecord, web_searches: int, upstream_error: bool) -> None:
+        """Count one finished request."""
+        provider = record.provider or NO_LABEL
+        pm = (provider, self.model_label(config, record.upstream_model))
+        key = (record.dialect or NO_LABEL, record.route or NO_LABEL) + pm + (str(record.status or NO_LABEL),)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        for kind, field in METRIC_TOKEN_KINDS:
+            count = getattr(record, field)
+            if count:
+                self.tokens[pm + (kind,)] = self.tokens.get(pm + (kind,), 0) + count
+        if record.cost_usd:
+            self.cost[pm] = self.cost.get(pm, 0.0) + record.cost_usd
+        if web_searches:
+            self.web_searches[pm] = self.web_searches.get(pm, 0) + web_searches
+        if upstream_error:
+            error_key = (provider, str(record.status or NO_LABEL))
+            self.upstream_errors[error_key] = self.upstream_errors.get(error_key, 0) + 1
+        _observe(self.duration, DURATION_BUCKETS, pm, record.duration_ms / 1000)
+        if record.ttft_ms is not None:
+            _observe(self.ttft, TTFT_BUCKETS, pm, record.ttft_ms / 1000)
+
+# /metrics, the text exposition format (PROTOCOLS L): families of `# HELP`, `# TYPE`, samples.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROVIDER_MODEL = ("provider", "model")
+# family -> (type, help, label names); the samples come from Metrics or from the server's state
+METRIC_FAMILIES: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "claude_proxy_requests_total": ("counter", "Requests answered, by client dialect, route, provider, upstream "
+                                    "model and HTTP status", ("dialect", "route", "provider", "model", "status")),
+    "claude_proxy_tokens_total": ("counter", "Tokens the upstream reported, by kind (input excludes cache reads "
+                                  "and writes; reasoning is part of output)", PROVIDER_MODEL + ("kind",)),
+    "claude_proxy_cost_usd_total": ("counter", "Estimated cost in USD at the configured or list prices",
+                                    PROVIDER_MODEL),
+    "claude_proxy_web_searches_total": ("counter", "Web searches the upstream ran (server_tool_use)", PROVIDER_MODEL),
+    "claude_proxy_upstream_errors_total": ("counter", "Requests that ended in an upstream error (its HTTP status, "
+                                           "or the proxy's 502/504 when it was unreachable)", ("provider", "status")),
+    "claude_proxy_request_duration_seconds": ("histogram", "Time from the request to the end of the answer",
+                                              PROVIDER_MODEL),
+    "claude_proxy_time_to_first_token_seconds": ("histogram", "Time from the request to the first byte of the "
+                                                 "upstream's answer", PROVIDER_MODEL),
+    "claude_proxy_in_flight": ("gauge", "Requests being answered now (this scrape excluded)", ()),
+    "claude_proxy_key_cooling": ("gauge", "1 while a pooled API key is cooling down after a 429/529 or disabled "
+                                 "after a 401/403 (keys by their last four)", ("provider", "key")),
+    "claude_proxy_build_info": ("gauge", "The running version (always 1)", ("version", "python")),
+    "claude_proxy_start_time_seconds": ("gauge", "When this process started, in seconds since the epoch", ()),
+}
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+
+
+def format_metric_number(value: float) -> str:
+    """A sample value: integers as they are, floats in full precision, +Inf, -Inf, NaN."""
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        if value in (float("inf"), float("-inf")):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(value)
+
+
+def metric_line(name: str, labels: Iterable[Tuple[str, str]], value: float) -> str:
+    """One sample line, its label values escaped (backslash, double quote, newline)."""
+    text = ",".join(f'{key}="{str(label).translate(_LABEL_ESCAPES)}"' for key, label in labels)
+    return f"{name}{{{text}}} {format_metric_number(value)}" if text else f"{name} {format_metric_number(value)}"
+
+
+def counter_lines(name: str, series: Mapping[tuple, float]) -> List[str]:
+    """The samples of a counter or gauge family kept as {label values: value}."""
+    labels = METRIC_FAMILIES[name][2]
+    return [metric_line(name, zip(labels, key), value) for key, value in sorted(series.items())]
+
+
+def histogram_lines(name: str, buckets: Tuple[float, ...], series: Mapping[tuple, list]) -> List[str]:
+    """The samples of a histogram family: cumulative buckets ending at +Inf, the sum, the count."""
+    labels, lines = METRIC_FAMILIES[name][2], []
+    for key, counts in sorted(series.items()):
+        pairs, running = list(zip(labels, key)), 0
+        for bound, count in zip(buckets + (float("inf"),), counts):
+            running += count
+            lines.append(metric_line(name + "_bucket", pairs + [("le", format_metric_number(float(bound)))], running))
+        lines += [metric_line(name + "_sum", pairs, counts[-2]), metric_line(name + "_count", pairs, counts[-1])]
+    return lines
+
+
+def format_metrics(samples: Mapping[str, List[str]]) -> str:
+    """The whole exposition: every family of METRIC_FAMILIES with its HELP and TYPE, then its samples."""
+    lines: List[str] = []
+    for name, (kind, text, _) in METRIC_FAMILIES.items():
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"] + samples.get(name, [])
+    return "\n".join(lines) + "\n"
+
+
 # ---- The server's record of itself ------------------------------------------------------------
 
 
@@ -10737,6 +11052,7 @@ class Operations:
         self.recent: "collections.deque[UsageRecord]" = collections.deque(maxlen=RECENT_REQUESTS)
         self.provider_errors: Dict[str, dict] = {}
         self.ledger = open_ledger(config, clock)
+        self.metrics = Metrics()
         self.config_loaded_at = self.started_at
         self.config_error: Optional[dict] = None
         self.restart_needed: List[str] = []
@@ -10749,6 +11065,7 @@ class Operations:
         self._readers = DaemonWorkers(1, "config-read")
         self._table_prices: Dict[str, Tuple[Optional[float], ...]] = {}
         self._unconfigured_models: set = set()
+        self._traffic: Optional[Tuple[float, asyncio.Future]] = None     # (built at, the traffic charts' data)
 
     def start(self, server: "ProxyServer") -> None:
         """Watch the config files, when the server knows how to reload."""
@@ -10792,8 +11109,10 @@ class Operations:
         record = self.record_of(x, started)
         self.session.add_record(record)
         self.recent.append(record)
-        if isinstance(x.error, (UpstreamError, UpstreamStatus, AuthError)) and x.target is not None:
+        upstream_error = isinstance(x.error, (UpstreamError, UpstreamStatus, AuthError)) and x.target is not None
+        if upstream_error:
             self.note_provider_error(x)
+        self.metrics.observe(x.config, record, x.meter.web_search_requests, upstream_error)
         if self.ledger is not None:
             self.ledger.add(record)
 
@@ -10809,7 +11128,8 @@ class Operations:
             target and target.provider["name"], target and target.spec["model"],
             x.out.status or (error.status if error else None), error.error_type if error else None,
             *tokens, ttft, round(elapsed * 1000, 1),
-            request_cost(self.prices(target.spec), tokens) if target else None, meter.key)
+            request_cost(self.prices(target.spec), tokens) if target else None, meter.key,
+            client_session_id(x.req.headers))
 
     def model_label(self, config: Config, requested: str) -> str:
         """The name the totals and the ledger keep for a requested model: itself when it is a
@@ -10852,6 +11172,43 @@ class Operations:
             ledger.flush()
             return ledger.totals(since)
         return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    async def traffic(self) -> dict:
+        """The traffic charts' data, at most TRAFFIC_REFRESH seconds old and built off the loop
+        (one build shared by every page asking meanwhile)."""
+        now = self.clock()
+        if self._traffic is None or now - self._traffic[0] >= TRAFFIC_REFRESH:
+            records = list(self.recent)
+            self._traffic = (now, asyncio.ensure_future(run_off_loop(self.build_traffic, now, records)))
+        return await asyncio.shield(self._traffic[1])
+
+    def build_traffic(self, now: float, records: List[UsageRecord]) -> dict:
+        """chart_series of the ledger's rows of the longest window, else of these records (blocks)."""
+        longest = max(step * count for _, step, count in CHART_WINDOWS)
+        source, rows = "session", [tuple(getattr(r, field) for field in CHART_FIELDS) for r in records]
+        if self.ledger is not None:
+            try:
+                source, rows = "ledger", self.ledger.chart_rows(now - longest)
+            except ProxyError as exc:
+                log.debug("traffic charts from this session: %s", exc.message)
+        return dict(chart_series(rows, now), source=source)
+
+    async def session_usage(self, session_id: str) -> dict:
+        """One client session's usage: from the ledger after a flush (off the loop), else from
+        the last requests this process keeps."""
+        ledger = self.ledger
+        if ledger is None:
+            records = [record for record in self.recent if record.session_id == session_id]
+            counts = _zero_counts()
+            for record in records:
+                _accumulate(counts, record_counts(record))
+            last = {field: getattr(records[-1], field) for field in SESSION_LAST_FIELDS} if records else None
+            return session_summary(session_id, counts, last)
+
+        def read() -> dict:
+            ledger.flush()
+            return ledger.session(session_id)
+        return await run_off_loop(read)
 
     def ledger_info(self) -> dict:
         """Where the ledger is and whether it works."""
@@ -11115,7 +11472,7 @@ header{display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px;padding:16p
 border-bottom:1px solid var(--line)}
 h1{font-size:18px;margin:0}h2{font-size:13px;margin:0 0 10px;text-transform:uppercase;letter-spacing:.06em;color:var(--dim)}
 .meta{color:var(--dim)}.live{margin-left:auto;color:var(--dim)}.live b{color:var(--ok)}
-main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
+main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(min(420px,100%),1fr))}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0;overflow-x:auto}
 .wide{grid-column:1/-1}
 .kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:12px}
@@ -11130,7 +11487,12 @@ td.n,th.n,.key{text-align:right;white-space:nowrap}.key{text-align:left}
 .error{background:#fef2f2;border-color:#fecaca;color:#991b1b}.note{background:#fffbeb;border-color:#fde68a;color:#92400e}
 .bad{color:var(--bad);overflow-wrap:anywhere}.dim{color:var(--dim)}dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0}
 dt{color:var(--dim)}dd{margin:0;overflow-wrap:anywhere}
-.charts{display:grid;gap:18px 28px;grid-template-columns:repeat(auto-fit,minmax(400px,1fr));margin-top:12px}
+.charts{display:grid;gap:18px 28px;grid-template-columns:repeat(auto-fit,minmax(min(400px,100%),1fr));margin-top:12px}
+.controls{display:flex;flex-wrap:wrap;gap:8px;margin-bottom:8px}.seg{display:inline-flex;border:1px solid var(--line);border-radius:6px;overflow:hidden}
+.seg button{border-radius:0;background:transparent;color:var(--ink);padding:4px 10px}.seg button.on{background:var(--in);color:#fff}
+.swatch{white-space:nowrap;margin-right:10px}.chart{min-width:0}.chart svg{display:block;max-width:100%}svg .grid{stroke:var(--line)}
+.total{float:right;text-transform:none;letter-spacing:0;color:var(--ink);font-variant-numeric:tabular-nums}
+@media (max-width:600px){header,main{padding:10px 12px}.card{padding:12px}}
 .legend{font-size:12px;color:var(--dim)}.legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
 svg text{fill:var(--ink);font-size:11px}svg .axis{fill:var(--dim)}
 form{display:flex;gap:8px;margin-top:10px}input{flex:1;padding:7px 9px;border:1px solid var(--line);border-radius:6px;
@@ -11151,6 +11513,14 @@ background:var(--bg);color:var(--ink)}button{padding:7px 14px;border:0;border-ra
 <section class="card wide" id="providers-card" hidden><h2>Providers</h2><table id="providers"></table></section>
 <section class="card" id="login-card" hidden><h2>Claude login</h2><dl id="claude"></dl></section>
 <section class="card" id="config-card" hidden><h2>Config and ledger</h2><dl id="config"></dl></section>
+<section class="card wide" id="traffic-card" hidden><h2 id="traffic-title">Traffic</h2>
+<div class="controls"><span class="seg"><button type="button" data-window="hour">last hour</button><button type="button" data-window="day">last day</button></span>
+<span class="seg"><button type="button" data-by="route">by route</button><button type="button" data-by="provider">by provider</button></span></div>
+<div class="legend" id="traffic-legend"></div>
+<div class="charts"><div><h2>Requests <span class="total" id="total-requests"></span></h2><div class="chart" id="chart-requests"></div></div>
+<div><h2>Tokens <span class="total" id="total-tokens"></span></h2><div class="chart" id="chart-traffic-tokens"></div></div>
+<div><h2>Cost <span class="total" id="total-cost"></span></h2><div class="chart" id="chart-traffic-cost"></div></div>
+<div><h2>Latency p50 / p95</h2><div class="chart" id="chart-latency"></div></div></div></section>
 <section class="card wide" id="charts-card" hidden><h2 id="charts-title">Usage</h2>
 <div class="legend"><i style="background:var(--in)"></i>input<i style="background:var(--cache)"></i>cache
 <i style="background:var(--out)"></i>output<i style="background:var(--cost)"></i>cost (USD)</div>
@@ -11199,13 +11569,14 @@ function badge(status) {
   return h("span", {class: "badge s" + String(status || 0)[0]}, status ?? "\u2013");
 }
 function tokensOf(c) { return (c.input_tokens || 0) + (c.cache_read_input_tokens || 0) + (c.cache_creation_input_tokens || 0); }
-function hbars(rows, segments, fmt) {
-  const W = 520, row = 24, left = 150, right = 70, H = Math.max(row, rows.length * row) + 4;
+function hbars(rows, segments, fmt, width) {
+  const W = Math.max(300, width || 520), row = 24, left = Math.min(150, W * 0.35), right = 70, H = Math.max(row, rows.length * row) + 4;
   const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"});
   const max = Math.max(1e-12, ...rows.map((r) => segments.reduce((a, [f]) => a + f(r.v), 0)));
   rows.forEach((r, i) => {
     const y = i * row + 4;
-    svg.append(s("text", {x: left - 8, y: y + 13, "text-anchor": "end"}, r.k.length > 22 ? r.k.slice(0, 21) + "\u2026" : r.k));
+    const fit = Math.floor((left - 8) / 6.5);
+    svg.append(s("text", {x: left - 8, y: y + 13, "text-anchor": "end"}, r.k.length > fit ? r.k.slice(0, fit - 1) + "\u2026" : r.k));
     let x = left, total = 0;
     for (const [f, color, name] of segments) {
       const v = f(r.v), w = (W - left - right) * v / max;
@@ -11218,8 +11589,8 @@ function hbars(rows, segments, fmt) {
   if (!rows.length) svg.append(s("text", {x: 4, y: 16, class: "axis"}, "no usage yet"));
   return svg;
 }
-function vbars(days, f, color, fmt) {
-  const W = 520, H = 130, bottom = 18, top = 14, n = days.length, bw = (W - 10) / Math.max(n, 1);
+function vbars(days, f, color, fmt, width) {
+  const W = Math.max(300, width || 520), H = 130, bottom = 18, top = 14, n = days.length, bw = (W - 10) / Math.max(n, 1);
   const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img"});
   const max = Math.max(1e-12, ...days.map(([, c]) => c ? f(c) : 0));
   days.forEach(([day, c], i) => {
@@ -11227,7 +11598,7 @@ function vbars(days, f, color, fmt) {
     const bar = s("rect", {x: x + 2, y: H - bottom - bh, width: Math.max(bw - 4, 1), height: Math.max(bh, v ? 1 : 0), rx: 2, fill: color});
     bar.append(s("title", {}, `${day}: ${fmt(v)}`));
     svg.append(bar);
-    const label = i === 0 || day.endsWith("-01") ? day.slice(5) : day.slice(8);
+    const label = bw < 34 ? (i % 2 ? "" : day.slice(8)) : i === 0 || day.endsWith("-01") ? day.slice(5) : day.slice(8);
     svg.append(s("text", {x: x + bw / 2, y: H - 4, "text-anchor": "middle", class: "axis"}, label));
   });
   svg.append(s("text", {x: W - 4, y: 11, "text-anchor": "end", class: "axis"}, "max " + fmt(max)));
@@ -11241,8 +11612,95 @@ function lastDays(byDay, n, today) {
   }
   return out;
 }
+const PALETTE = ["#3b82f6", "#10b981", "#f59e0b", "#8b5cf6", "#ef4444", "#06b6d4"], OTHER_COLOR = "#9ca3af";
+const WINDOWS = {hour: "last hour", day: "last day"}, BYS = {route: "by route", provider: "by provider"};
+const view = {window: "hour", by: "route"};
+let lastStatus = null;
+function readView() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  if (p.get("window") in WINDOWS) view.window = p.get("window");
+  if (p.get("by") === "route" || p.get("by") === "provider") view.by = p.get("by");
+}
+function pick(key, value) {
+  view[key] = value;
+  history.replaceState(null, "", `#window=${view.window}&by=${view.by}`);
+  if (lastStatus) drawTraffic(lastStatus);
+}
+const ms = (v) => v == null ? "\u2013" : v >= 1000 ? (v / 1000).toFixed(v >= 10000 ? 0 : 1) + " s" : Math.round(v) + " ms";
+const hhmm = (t) => new Date(t * 1000).toTimeString().slice(0, 5);
+function chartFrame(el, metric, win, max, fmt) {
+  const W = Math.max(260, Math.floor(el.clientWidth || 480)), H = 150, left = 52, right = 18, top = 10, bottom = 20;
+  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "data-metric": metric});
+  const x = (i) => left + i * (W - left - right) / win.buckets, y = (v) => H - bottom - (H - bottom - top) * v / max;
+  svg.append(s("line", {x1: left, x2: W - right, y1: H - bottom, y2: H - bottom, class: "grid"}),
+             s("line", {x1: left, x2: W - right, y1: top, y2: top, class: "grid"}),
+             s("text", {x: left - 6, y: top + 4, "text-anchor": "end", class: "axis"}, fmt(max)),
+             s("text", {x: left - 6, y: H - bottom + 4, "text-anchor": "end", class: "axis"}, fmt(0)));
+  const every = Math.ceil(win.buckets / Math.max(2, Math.floor((W - left) / 70)));
+  for (let i = win.buckets - 1; i >= 0; i -= every)
+    svg.append(s("text", {x: x(i) + (x(1) - x(0)) / 2, y: H - 5, "text-anchor": "middle", class: "axis"}, hhmm(win.start + i * win.step)));
+  return [svg, x, y];
+}
+function stacked(el, win, groups, metric, fmt) {
+  const totals = Array.from({length: win.buckets}, (_, i) => groups.reduce((a, [, g]) => a + g[metric][i], 0));
+  const [svg, x, y] = chartFrame(el, metric, win, Math.max(...totals, 0) || 1, fmt);
+  const bw = Math.max(1, x(1) - x(0) - 1);
+  for (let i = 0; i < win.buckets; i++) {
+    let base = 0;
+    for (const [name, g, color] of groups) {
+      const v = g[metric][i];
+      if (!v) continue;
+      const bar = s("rect", {x: x(i), y: y(base + v), width: bw, height: Math.max(1, y(base) - y(base + v)), fill: color,
+        "data-group": name, "data-bucket": win.start + i * win.step, "data-value": v});
+      bar.append(s("title", {}, `${hhmm(win.start + i * win.step)} ${name}: ${fmt(v)}`));
+      svg.append(bar);
+      base += v;
+    }
+  }
+  if (!totals.some((v) => v)) svg.append(s("text", {x: x(0) + 8, y: 40, class: "axis"}, "no requests in this window"));
+  el.replaceChildren(svg);
+  return totals.reduce((a, v) => a + v, 0);
+}
+function latency(el, win, groups) {
+  const values = groups.flatMap(([, g]) => g.p95.concat(g.p50)).filter((v) => v != null);
+  const [svg, x, y] = chartFrame(el, "latency", win, Math.max(...values, 0) || 1, ms);
+  const mid = (i) => x(i) + (x(1) - x(0)) / 2;
+  for (const [name, g, color] of groups) for (const stat of ["p95", "p50"]) {
+    let d = "", pen = "M";
+    g[stat].forEach((v, i) => { if (v == null) { pen = "M"; return; } d += `${pen}${mid(i).toFixed(1)} ${y(v).toFixed(1)} `; pen = "L"; });
+    if (!d) continue;
+    const path = s("path", {d, fill: "none", stroke: color, "stroke-width": stat === "p50" ? 2 : 1.5,
+      "stroke-dasharray": stat === "p95" ? "4 3" : "none", "data-group": name, "data-stat": stat,
+      "data-values": g[stat].map((v) => v == null ? "" : v).join(",")});
+    path.append(s("title", {}, `${name} ${stat}`));
+    svg.append(path);
+    g[stat].forEach((v, i) => { if (v != null) { const dot = s("circle", {cx: mid(i), cy: y(v), r: 2, fill: color});
+      dot.append(s("title", {}, `${hhmm(win.start + i * win.step)} ${name} ${stat}: ${ms(v)}`)); svg.append(dot); } });
+  }
+  if (!values.length) svg.append(s("text", {x: x(0) + 8, y: 40, class: "axis"}, "no requests in this window"));
+  el.replaceChildren(svg);
+}
+function drawTraffic(st) {
+  lastStatus = st;
+  const t = st.traffic, win = t[view.window], by = win["by_" + view.by];
+  const names = Object.keys(by).sort((a, b) => (a === "other") - (b === "other"));
+  const groups = names.map((name, i) => [name, by[name], name === "other" ? OTHER_COLOR : PALETTE[i % PALETTE.length]]);
+  $("traffic-title").textContent = `Traffic, ${WINDOWS[view.window]} ${BYS[view.by]}` + (t.source === "ledger" ? "" : " (this session's last requests: the ledger is off)");
+  for (const b of document.querySelectorAll("[data-window]")) b.classList.toggle("on", b.dataset.window === view.window);
+  for (const b of document.querySelectorAll("[data-by]")) b.classList.toggle("on", b.dataset.by === view.by);
+  $("traffic-legend").replaceChildren(...groups.map(([name, , color]) => h("span", {class: "swatch", "data-group": name},
+    h("i", {style: `background:${color}`}), name)), h("span", {class: "dim"}, "latency: p50 solid, p95 dashed"));
+  $("total-requests").textContent = int(stacked($("chart-requests"), win, groups, "requests", int));
+  $("total-tokens").textContent = int(stacked($("chart-traffic-tokens"), win, groups, "tokens", int));
+  $("total-cost").textContent = usd(stacked($("chart-traffic-cost"), win, groups, "cost", usd));
+  latency($("chart-latency"), win, groups);
+}
+for (const b of document.querySelectorAll("[data-window]")) b.addEventListener("click", () => pick("window", b.dataset.window));
+for (const b of document.querySelectorAll("[data-by]")) b.addEventListener("click", () => pick("by", b.dataset.by));
+window.addEventListener("resize", () => { if (lastStatus) render(lastStatus); });
+readView();
 function render(st) {
-  for (const id of ["status-body", "routes-card", "providers-card", "login-card", "config-card", "charts-card", "recent-card"]) $(id).hidden = false;
+  for (const id of ["status-body", "routes-card", "providers-card", "login-card", "config-card", "traffic-card", "charts-card", "recent-card"]) $(id).hidden = false;
   $("login").hidden = true; $("problem").hidden = true;
   $("meta").textContent = `v${st.version} \u00b7 up ${ago(st.uptime_seconds)} \u00b7 config generation ${st.config.generation}`;
   $("live").replaceChildren(h("b", {}, "\u25cf "), `updated ${clock(st.now)}`);
@@ -11274,11 +11732,14 @@ function render(st) {
   $("charts-title").textContent = `Usage (${u.source === "ledger" ? "ledger, last " + u.days + " days" : "this session"})`;
   models.sort((a, b) => (tokensOf(b.v) + b.v.output_tokens) - (tokensOf(a.v) + a.v.output_tokens));
   $("chart-tokens").replaceChildren(hbars(models.slice(0, 10), [[(v) => v.input_tokens, "var(--in)", "input"],
-    [(v) => v.cache_read_input_tokens + v.cache_creation_input_tokens, "var(--cache)", "cache"], [(v) => v.output_tokens, "var(--out)", "output"]], int));
-  $("chart-cost").replaceChildren(hbars(models.filter((m) => m.v.cost_usd != null).slice(0, 10), [[(v) => v.cost_usd, "var(--cost)", "cost"]], usd));
+    [(v) => v.cache_read_input_tokens + v.cache_creation_input_tokens, "var(--cache)", "cache"], [(v) => v.output_tokens, "var(--out)", "output"]], int,
+    $("chart-tokens").clientWidth));
+  $("chart-cost").replaceChildren(hbars(models.filter((m) => m.v.cost_usd != null).slice(0, 10), [[(v) => v.cost_usd, "var(--cost)", "cost"]], usd,
+    $("chart-cost").clientWidth));
   const days = lastDays(u.by_day, u.days, st.now.slice(0, 10));
-  $("chart-days").replaceChildren(vbars(days, (v) => tokensOf(v) + v.output_tokens, "var(--in)", int));
-  $("chart-day-cost").replaceChildren(vbars(days, (v) => v.cost_usd || 0, "var(--cost)", usd));
+  $("chart-days").replaceChildren(vbars(days, (v) => tokensOf(v) + v.output_tokens, "var(--in)", int, $("chart-days").clientWidth));
+  $("chart-day-cost").replaceChildren(vbars(days, (v) => v.cost_usd || 0, "var(--cost)", usd, $("chart-day-cost").clientWidth));
+  drawTraffic(st);
   table("recent", [["time"], ["client"], ["model"], ["route \u2192 upstream"], ["status"], ["in", "n"], ["out", "n"],
     ["cache", "n"], ["ttft", "n"], ["total", "n"], ["cost", "n"]], st.recent.map((r) => [
     clock(r.time), r.dialect, r.requested_model, `${r.route || "\u2013"} \u2192 ${r.provider || "\u2013"}/${r.upstream_model || "\u2013"}`,
@@ -11483,6 +11944,7 @@ async def handle_status_json(x: "Exchange") -> None:
     """GET /status.json: the status page's data."""
     check_page_access(x)
     document = status_document(x.server, await chart_usage(x.server))
+    document["traffic"] = await x.server.ops.traffic()
     await x.out.respond_json(200, document, [("cache-control", "no-store")])
 
 
@@ -11499,6 +11961,49 @@ async def handle_stats(x: "Exchange") -> None:
                                    "session_started_at": iso_time(ops.started_at),
                                    "ledger": ledger, "prices_as_of": PRICES_AS_OF,
                                    "keys": {name: pool.snapshot() for name, pool in x.server.key_pools.items()}})
+
+
+async def handle_session_stats(x: "Exchange") -> None:
+    """GET /v1/stats/session?id=SESSION: one client session's usage and last request (what
+    `statusline` shows), the ledger's rows flushed first so the last request is in."""
+    check_page_access(x)
+    session_id = query_value(x, "id")
+    if not session_id:
+        raise BadRequest("id: the client's session id (x-claude-code-session-id) is required", param="id")
+    summary = await x.server.ops.session_usage(session_id[:MAX_SESSION_ID])
+    await x.out.respond_json(200, summary, [("cache-control", "no-store")])
+
+
+def metrics_samples(server: "ProxyServer") -> Dict[str, List[str]]:
+    """Each family's samples: the counters, and the gauges read now."""
+    m = server.ops.metrics
+    keys = {(name, key["key"]): int(key["state"] != "healthy")
+            for name, pool in server.key_pools.items() for key in pool.snapshot()}
+    in_flight = max(0, sum(c.busy for c in server.connections) - 1)
+    return {
+        "claude_proxy_requests_total": counter_lines("claude_proxy_requests_total", m.requests),
+        "claude_proxy_tokens_total": counter_lines("claude_proxy_tokens_total", m.tokens),
+        "claude_proxy_cost_usd_total": counter_lines("claude_proxy_cost_usd_total", m.cost),
+        "claude_proxy_web_searches_total": counter_lines("claude_proxy_web_searches_total", m.web_searches),
+        "claude_proxy_upstream_errors_total": counter_lines("claude_proxy_upstream_errors_total", m.upstream_errors),
+        "claude_proxy_request_duration_seconds": histogram_lines(
+            "claude_proxy_request_duration_seconds", DURATION_BUCKETS, m.duration),
+        "claude_proxy_time_to_first_token_seconds": histogram_lines(
+            "claude_proxy_time_to_first_token_seconds", TTFT_BUCKETS, m.ttft),
+        "claude_proxy_in_flight": counter_lines("claude_proxy_in_flight", {(): in_flight}),
+        "claude_proxy_key_cooling": counter_lines("claude_proxy_key_cooling", keys),
+        "claude_proxy_build_info": counter_lines("claude_proxy_build_info", {(VERSION, sys.version.split()[0]): 1}),
+        "claude_proxy_start_time_seconds": counter_lines("claude_proxy_start_time_seconds",
+                                                         {(): round(server.ops.started_at, 3)}),
+    }
+
+
+async def handle_metrics(x: "Exchange") -> None:
+    """GET /metrics: this process's counters in the Prometheus text format, under the status
+    page's access rule (loopback, or the proxy key, also as a Bearer token for a scrape config)."""
+    check_page_access(x)
+    body = format_metrics(metrics_samples(x.server)).encode("utf-8")
+    await x.out.respond(200, [("content-type", METRICS_CONTENT_TYPE), ("cache-control", "no-store")], body)
 
 
 async def handle_test_connection(x: "Exchange") -> None:
@@ -11572,6 +12077,8 @@ ROUTES[:0] = [
     ("POST", "/", handle_page_login, True),
     ("GET", "/status.json", handle_status_json, True),
     ("GET", "/v1/stats", handle_stats, True),
+    ("GET", "/v1/stats/session", handle_session_stats, True),
+    ("GET", "/metrics", handle_metrics, True),
     ("GET", "/test-connection", handle_test_connection, True),
     ("POST", "/v1/messages/test_conversion", handle_test_conversion, True),
 ]
@@ -12067,6 +12574,10 @@ CLI_COMMANDS: Dict[str, Tuple[str, Tuple[Tuple[Tuple[str, ...], dict], ...]]] = 
                ((("--deep",), {"action": "store_true", "help": "also send a 1-token request to each provider"}),)),
     "menu": ("a numbered menu (anthropic-claude-max-proxy's numbers): start, log in, refresh, status, log out, "
              "long-term token, quit, stats", ()),
+    "statusline": ("one line for Claude Code's status bar from the ledger (its status JSON on stdin)", ()),
+    "code": ("run Claude Code through the proxy (started when none runs): code [ARGS...]", ()),
+    "codex": ("run Codex CLI through the proxy (started when none runs): codex [ARGS...]", ()),
+    "gemini": ("run Gemini CLI through the proxy (started when none runs): gemini [ARGS...]", ()),
 }
 SEED_FLAGS_EPILOG = ("Flags of anthropic-claude-max-proxy also work: --headless (serve), --setup-token "
                      "(= login --long-lived), --headless --no-auto-start (check the login and exit).")
@@ -12110,6 +12621,20 @@ def resolve_command(args: argparse.Namespace) -> str:
     return "verify-login" if getattr(args, "no_auto_start", False) else "serve"
 
 
+def parse_cli(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, str]:
+    """The flags and the command; for a launcher (code, codex, gemini) the words after its name
+    are the client's, untouched (args.client_args), and the ones before it the proxy's
+    (args.proxy_argv, for the proxy it may start)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = split_launch_argv(argv)
+    if split is None:
+        args = build_parser().parse_args(argv)
+        return args, resolve_command(args)
+    args = build_parser().parse_args(split[0])
+    args.proxy_argv, args.client_args = split[0], split[2]
+    return args, split[1]
+
+
 def cli_overrides(args: argparse.Namespace, command: str) -> dict:
     """The settings CLI flags set (serve's --token is the headless Claude token, its shape checked)."""
     token = getattr(args, "token", None) if command in ("serve", "verify-login") else None
@@ -12150,8 +12675,7 @@ def setup_logging(level: str, redactor: Redactor, log_file: Optional[str] = None
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: parse flags, load config, run the command; one line and exit 2 for a
     config problem, exit 1 for a failed command, never a traceback for either."""
-    args = build_parser().parse_args(argv)
-    command = resolve_command(args)
+    args, command = parse_cli(argv)
     env = dict(os.environ)
     try:
         source = ConfigSource(getattr(args, "config", None), env, cli_overrides(args, command))
@@ -12198,6 +12722,10 @@ def run_command(command: str, args: argparse.Namespace, config: Config, redactor
         return asyncio.run(cli_doctor(config, env, getattr(args, "deep", False)))
     if command == "menu":
         return cli_menu(config, redactor, env, source)
+    if command == "statusline":
+        return cli_statusline(config, sys.stdin)
+    if command in LAUNCHERS:
+        return asyncio.run(run_launcher(command, args, config, env, args.proxy_argv, args.client_args))
     return asyncio.run(run_oauth_command(command, args, config, env))
 
 
@@ -12319,6 +12847,641 @@ async def print_proxy_health(config: Config) -> None:
     finally:
         pool.close()
 
+
+# ---- statusline: Claude Code's status line from the ledger ----------------------------------
+#
+# Claude Code runs its statusLine command after each assistant message, its status JSON on stdin
+# (PROTOCOLS K), and shows the first line printed. This one names the route and the real upstream
+# of the session's last request, and the session's tokens, cost and cache hits as the ledger has
+# them (Claude Code's own cost is a list-price guess for the model name it believes it talks to).
+# It asks the running proxy first (GET /v1/stats/session flushes the ledger's queued rows, so the
+# answer that just ended is counted) and reads usage.db itself when no proxy answers. The launcher
+# runs it as an imported module with cached bytecode and without site packages, so that Python's
+# own start is most of its time (see the benchmark).
+
+STATUSLINE_TIMEOUT = 0.5            # seconds to wait for the running proxy's answer
+ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def proxy_address(config: Config) -> Tuple[str, int]:
+    """Where this config's proxy answers on this machine (an any-address bind on loopback)."""
+    host = config.settings["host"]
+    return ANY_ADDRESS.get(host, host), config.settings["port"]
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def local_get(host: str, port: int, path: str, headers: List[Tuple[str, str]],
+              timeout: float) -> Tuple[int, bytes]:
+    """(status, body) of a GET to a proxy on this machine, over a blocking socket (for the
+    commands that need no event loop): OSError when nothing accepts the connection,
+    UpstreamError when what does answers no sane HTTP in time."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(format_head(f"GET {path} HTTP/1.1", [
+            ("host", format_address(host, port)), ("connection", "close")] + headers))
+        try:
+            return read_local_answer(sock)
+        except OSError as exc:
+            raise UpstreamError(f"{format_address(host, port)} did not answer: {exc}") from None
+
+
+def read_local_answer(sock: socket.socket) -> Tuple[int, bytes]:
+    """(status, body) read from a blocking socket: the head, then Content-Length bytes (or
+    until the peer closes); UpstreamError for anything else."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) <= MAX_HEADER_BYTES:
+        chunk = sock.recv(READ_CHUNK)
+        if not chunk:
+            break
+        data += chunk
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise UpstreamError("no HTTP answer")
+    status, response_headers = parse_response_head(head + sep)
+    length = response_headers.get("content-length", "")
+    want = int(length) if _DIGITS.match(length) else MAX_HEADER_BYTES
+    while len(body) < want:
+        chunk = sock.recv(READ_CHUNK)
+        if not chunk:
+            break
+        body += chunk
+    return status, body[:want]
+
+
+def proxy_key_headers(config: Config) -> List[Tuple[str, str]]:
+    """The proxy key as a bearer token, when the config has one."""
+    key = config.settings.get("proxy_api_key")
+    return [("authorization", f"Bearer {key}")] if key else []
+
+
+def read_status_input(stream: Any) -> dict:
+    """Claude Code's status JSON from stdin ({} from a terminal or for anything but an object)."""
+    try:
+        if stream.isatty():
+            return {}
+        value = json.loads(stream.read() or "{}")
+    except (ValueError, OSError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def ask_proxy_for_session(config: Config, session_id: str) -> Tuple[Optional[dict], bool]:
+    """(the session's usage as the running proxy has it, whether a proxy answered)."""
+    host, port = proxy_address(config)
+    path = "/v1/stats/session?id=" + urllib.parse.quote(session_id, safe="")
+    try:
+        status, body = local_get(host, port, path, proxy_key_headers(config), STATUSLINE_TIMEOUT)
+        summary = json.loads(body) if status == 200 else None
+    except OSError:
+        return None, False
+    except (ProxyError, ValueError):                 # slow or odd: it runs, the ledger file answers
+        summary = None
+    return (summary if isinstance(summary, dict) else None), True
+
+
+def statusline_usage(config: Config, session_id: str) -> Tuple[Optional[dict], bool]:
+    """(the session's usage, whether the proxy runs): the proxy's answer, else usage.db read here."""
+    summary, running = ask_proxy_for_session(config, session_id)
+    if summary is None and config.settings["usage_ledger"]:
+        try:
+            summary = UsageLedger(ledger_path(config)).session(session_id)
+        except ProxyError:
+            summary = None
+    return summary, running
+
+
+def short_count(n: int) -> str:
+    """A token count in a few characters: 950, 12.3k, 4.5M."""
+    if n < 1000:
+        return str(n)
+    return f"{n / 1000:.1f}k" if n < 999500 else f"{n / 1e6:.1f}M"
+
+
+def statusline_cost(summary: dict) -> str:
+    """The session's cost: $ with 4 decimals under a dollar, n/a when no price is known, a
+    trailing + when some requests had none."""
+    cost = summary["cost_usd"]
+    if cost is None:
+        return "cost n/a"
+    text = f"${cost:.4f}" if cost < 1 else f"${cost:,.2f}"
+    return text + ("+" if summary["unpriced_requests"] else "")
+
+
+def statusline_route(last: dict) -> str:
+    """`route → provider/model` of the last request (an exact model id or a fallback shows the
+    name the client asked for)."""
+    route = last["route"]
+    if route in ("model", "fallback", None):
+        route = last["requested_model"] or "-"
+    return f"{route} → {last['provider'] or '-'}/{last['upstream_model'] or last['requested_model'] or '-'}"
+
+
+def format_statusline(summary: Optional[dict], running: bool, address: str) -> str:
+    """The one line: route and upstream, requests, tokens, cost, cache hits, then markers for a
+    failed or fallen-back last request and a proxy that is not running."""
+    if not summary or not summary.get("last"):
+        return f"claude_proxy {address} · " + ("no request in this session yet" if running else "not running")
+    last = summary["last"]
+    cache = summary["cache_read_input_tokens"]
+    fed = summary["input_tokens"] + cache + summary["cache_creation_input_tokens"]
+    parts = [statusline_route(last), f"{summary['requests']} req",
+             f"{short_count(fed)} in / {short_count(summary['output_tokens'])} out", statusline_cost(summary)]
+    if fed:
+        parts.append(f"cache {100 * cache / fed:.0f}%")
+    if last["route"] == "fallback":
+        parts.append("↪ fell back")
+    if last["failed"]:
+        parts.append(f"✗ {last['status'] or '-'} {last['error_type'] or 'error'}")
+    if not running:
+        parts.append(f"proxy {address} not running")
+    return " · ".join(parts)
+
+
+def cli_statusline(config: Config, stdin: Any) -> int:
+    """`statusline`: one line for Claude Code's status bar; exit 0 whatever it finds."""
+    session_id = read_status_input(stdin).get("session_id")
+    address = format_address(*proxy_address(config))
+    if not isinstance(session_id, str) or not session_id:
+        print(f"claude_proxy {address} · no session id on stdin (Claude Code's statusLine sends it)")
+        return 0
+    summary, running = statusline_usage(config, session_id[:MAX_SESSION_ID])
+    print(format_statusline(summary, running, address))
+    return 0
+
+# ---- Launchers: code, codex, gemini -----------------------------------------------------------
+#
+# `claude_proxy.py [FLAGS] code|codex|gemini [ARGS...]` runs a client through this proxy: the
+# flags before the command are the proxy's, everything after it is the client's, untouched. A
+# proxy answering at the configured address is used when its /health says it is claude_proxy;
+# otherwise one is started in the background with the same flags (its output goes to
+# CLAUDE_PROXY_HOME/launched/HOST-PORT.log) and awaited. While its client runs, each launcher
+# is listed in CLAUDE_PROXY_HOME/launched/HOST-PORT/ (changed under a file lock); the launcher
+# that leaves the list empty stops the proxy a launcher started, never one the user started
+# (proxy.pid names it, and /health must report that pid). The client gets what points it at
+# the proxy with no login of its own (PROTOCOLS K): environment variables, and for Claude
+# Code a temporary --settings file (its env, and the status line unless the user has one);
+# Codex gets -c overrides, Gemini CLI a system settings file of its own (the CLI reads
+# GEMINI_CLI_SYSTEM_SETTINGS_PATH; the real one is merged in), so no file of the user's is
+# changed. Ctrl-C in a terminal reaches the client itself (one foreground process group); a
+# SIGINT, SIGTERM or SIGHUP sent to the launcher alone is forwarded. POSIX only.
+
+Launcher = collections.namedtuple("Launcher", "binary path_env npm title own_key_vars")
+LAUNCHERS: Dict[str, Launcher] = {
+    "code": Launcher("claude", "CLAUDE_PATH", "@anthropic-ai/claude-code", "Claude Code",
+                     ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")),
+    "codex": Launcher("codex", "CODEX_PATH", "@openai/codex", "Codex CLI", ("OPENAI_API_KEY",)),
+    "gemini": Launcher("gemini", "GEMINI_PATH", "@google/gemini-cli", "Gemini CLI",
+                       ("GEMINI_API_KEY", "GOOGLE_API_KEY")),
+}
+LAUNCH_PLACEHOLDER_KEY = "claude-proxy-needs-no-key"   # sent when the proxy has no key (no secret)
+LAUNCH_READY_TIMEOUT = 30.0          # seconds a started proxy has to answer /health
+LAUNCH_LOG_TAIL = 20                 # lines of its log shown when it does not come up
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+CODEX_PROVIDER = "claude_proxy"      # the -c model_providers entry
+CODEX_KEY_ENV = "CLAUDE_PROXY_API_KEY"
+GEMINI_API_KEY_AUTH = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+GEMINI_SETUP = (
+    "Gemini CLI takes its auth type only from a settings file, and the override it offers "
+    "(GEMINI_CLI_SYSTEM_SETTINGS_PATH) is honoured only for a file that root owns in directories only root can "
+    "write, so the launcher cannot select API-key auth for you. Once, add "
+    '{"security": {"auth": {"selectedType": "gemini-api-key"}}} to ~/.gemini/settings.json (or to this '
+    "project's .gemini/settings.json), then run this again; the launcher sets GOOGLE_GEMINI_BASE_URL and "
+    "GEMINI_API_KEY itself")
+GEMINI_SYSTEM_SETTINGS = {"darwin": "/Library/Application Support/GeminiCli/settings.json",
+                          "win32": "C:\\ProgramData\\gemini-cli\\settings.json"}
+CLAUDE_MANAGED_SETTINGS = {"darwin": "/Library/Application Support/ClaudeCode/managed-settings.json"}
+LaunchContext = collections.namedtuple("LaunchContext", "config url key env args tmp statusline")
+
+
+def launch_value_flags() -> frozenset:
+    """The proxy flags that take a value (so that a value is never taken for the command)."""
+    return frozenset([name for names, options in GLOBAL_FLAGS if "action" not in options for name in names]
+                     + ["--token"])
+
+
+def split_launch_argv(argv: List[str]) -> Optional[Tuple[List[str], str, List[str]]]:
+    """(proxy flags, launcher, client args) when the first word past the proxy's flags names a
+    launcher; None otherwise (argparse takes it then)."""
+    takes_value, i = launch_value_flags(), 0
+    while i < len(argv):
+        word = argv[i]
+        if word in LAUNCHERS:
+            return argv[:i], word, argv[i + 1:]
+        if not word.startswith("-") or word == "--":
+            return None
+        i += 2 if word in takes_value else 1
+    return None
+
+
+def find_client(launcher: Launcher, env: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    """(the client's executable or None, the one line saying how to get it): $CLAUDE_PATH
+    (CODEX_PATH, GEMINI_PATH) or PATH."""
+    import shutil
+    given = env.get(launcher.path_env)
+    path = given or shutil.which(launcher.binary, path=env.get("PATH"))
+    if path and os.path.isfile(path) and os.access(path, os.X_OK):
+        return path, ""
+    where = f"${launcher.path_env} ({given}) is not an executable" if given else \
+        f"`{launcher.binary}` is not on PATH (or set {launcher.path_env})"
+    return None, f"{launcher.title} not found: {where}; install it with `npm install -g {launcher.npm}`"
+
+
+def uses_client_key(config: Config) -> bool:
+    """Whether a provider in use may forward the client's own key (auth client, or auto
+    without a key of its own)."""
+    return any(p["auth"] == "client" or (p["auth"] == "auto" and not p.get("api_key"))
+               for p in used_providers(config))
+
+
+def launch_key(config: Config, launcher: Launcher, env: Mapping[str, str]) -> Optional[str]:
+    """The key the client sends: the proxy key, else None to keep the user's own key where a
+    route lets it through, else a placeholder (so the client needs no login of its own)."""
+    if config.settings.get("proxy_api_key"):
+        return config.settings["proxy_api_key"]
+    if uses_client_key(config) and any(env.get(name) for name in launcher.own_key_vars):
+        return None
+    return LAUNCH_PLACEHOLDER_KEY
+
+
+def write_private_json(directory: str, name: str, document: dict) -> str:
+    """A JSON file only this user can read (the launcher's temporary settings); its path."""
+    path = os.path.join(directory, name)
+    with os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
+        json.dump(document, fh, indent=2)
+    return path
+
+
+def read_json_object(path: str) -> Optional[dict]:
+    """A JSON object from a file; None when the file is absent; ProxyError when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            document = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ProxyError(f"{path}: {exc}") from None
+    if not isinstance(document, dict):
+        raise ProxyError(f"{path}: not a JSON object")
+    return document
+
+
+def statusline_command(args: argparse.Namespace, home: str) -> str:
+    """The shell command Claude Code runs for the status line: this file imported from bytecode
+    cached under CLAUDE_PROXY_HOME/pycache, no site packages, the launcher's address flags."""
+    import shlex
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {json.dumps(here)}); import claude_proxy; "
+            "sys.exit(claude_proxy.main(sys.argv[1:]))")
+    flags = []
+    for flag, value in (("--config", getattr(args, "config", None)), ("--host", getattr(args, "host", None)),
+                        ("--port", getattr(args, "port", None))):
+        if value is not None:
+            flags += [flag, os.path.abspath(value) if flag == "--config" else str(value)]
+    words = [sys.executable, "-I", "-S", "-X", f"pycache_prefix={os.path.join(home, 'pycache')}", "-c", code]
+    return " ".join(shlex.quote(word) for word in words + flags + ["statusline"])
+
+
+def cache_statusline_bytecode(home: str) -> None:
+    """Compile this file into CLAUDE_PROXY_HOME/pycache, where the status line's import finds it
+    (done here because PYTHONDONTWRITEBYTECODE or a read-only install would leave it absent)."""
+    import py_compile
+    saved, sys.pycache_prefix = sys.pycache_prefix, os.path.join(ensure_private_dir(home), "pycache")
+    try:
+        py_compile.compile(os.path.abspath(__file__), doraise=True)
+    except (OSError, py_compile.PyCompileError) as exc:
+        log.debug("status line bytecode not cached: %s", exc)
+    finally:
+        sys.pycache_prefix = saved
+
+
+def claude_settings_paths(env: Mapping[str, str]) -> List[str]:
+    """Where Claude Code reads settings: user, project, local project, managed."""
+    user_dir = env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
+    return [os.path.join(user_dir, "settings.json"), os.path.join(".claude", "settings.json"),
+            os.path.join(".claude", "settings.local.json"),
+            CLAUDE_MANAGED_SETTINGS.get(sys.platform, "/etc/claude-code/managed-settings.json")]
+
+
+def has_own_statusline(env: Mapping[str, str]) -> bool:
+    """Whether a settings file of the user's already sets a statusLine (an unreadable one is
+    left to Claude Code to complain about)."""
+    for path in claude_settings_paths(env):
+        try:
+            if "statusLine" in (read_json_object(path) or {}):
+                return True
+        except ProxyError:
+            continue
+    return False
+
+
+def claude_code_plan(ctx: LaunchContext) -> Tuple[Dict[str, str], List[str]]:
+    """Claude Code: ANTHROPIC_BASE_URL, the key as ANTHROPIC_AUTH_TOKEN, API_TIMEOUT_MS, in the
+    environment and in a --settings file (its env outranks the user's settings files), with
+    the status line unless the user has one or passes --settings."""
+    env = dict(ctx.env)
+    ours = {"ANTHROPIC_BASE_URL": ctx.url,
+            "API_TIMEOUT_MS": env.get("API_TIMEOUT_MS") or str(int(ctx.config.settings["read_timeout"] * 1000))}
+    if ctx.key is not None:
+        for name in LAUNCHERS["code"].own_key_vars:
+            env.pop(name, None)
+        ours["ANTHROPIC_AUTH_TOKEN"] = ctx.key
+    env.update(ours)
+    if any(arg == "--settings" or arg.startswith("--settings=") for arg in ctx.args):
+        log.info("--settings given: the proxy's status line is not added")
+        return env, list(ctx.args)
+    settings: Dict[str, Any] = {"env": ours}
+    if not has_own_statusline(env):
+        settings["statusLine"] = {"type": "command", "command": ctx.statusline, "padding": 0}
+    return env, ["--settings", write_private_json(ctx.tmp, "claude-settings.json", settings)] + list(ctx.args)
+
+
+def codex_plan(ctx: LaunchContext) -> Tuple[Dict[str, str], List[str]]:
+    """Codex CLI: a custom provider with wire_api = "responses" given as -c overrides (the
+    user's config.toml untouched), its key in CLAUDE_PROXY_API_KEY (or the user's
+    OPENAI_API_KEY where a route forwards it)."""
+    env, key_env = dict(ctx.env), "OPENAI_API_KEY"
+    if ctx.key is not None:
+        env[CODEX_KEY_ENV], key_env = ctx.key, CODEX_KEY_ENV
+    entry = f"model_providers.{CODEX_PROVIDER}"
+    overrides = {"model_provider": CODEX_PROVIDER, f"{entry}.name": "claude_proxy",
+                 f"{entry}.base_url": ctx.url + "/v1", f"{entry}.wire_api": "responses", f"{entry}.env_key": key_env}
+    flags = [word for key, value in overrides.items() for word in ("-c", f"{key}={json.dumps(value)}")]
+    return env, flags + list(ctx.args)
+
+
+def secure_for_gemini(path: str) -> bool:
+    """Whether Gemini CLI 0.61 loads a system settings file there: the file, if present, and
+    every directory above it owned by root and writable by no group or other (else it skips
+    the file with a security warning)."""
+    current = os.path.abspath(path)
+    while True:
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            info = None
+        except OSError:
+            return False
+        if info is not None and (info.st_uid != 0 or info.st_mode & 0o022):
+            return False
+        parent = os.path.dirname(current)
+        if parent == current:
+            return True
+        current = parent
+
+
+def gemini_auth(settings: Optional[dict], key: str) -> Any:
+    """settings.security.auth[key] of a Gemini CLI settings document (None where absent)."""
+    auth = ((settings or {}).get("security") or {}) if isinstance(settings, dict) else {}
+    auth = auth.get("auth") if isinstance(auth, dict) else None
+    return auth.get(key) if isinstance(auth, dict) else None
+
+
+def gemini_selects_api_key(env: Mapping[str, str]) -> bool:
+    """Whether the user's own Gemini CLI settings (user or project) already select API-key auth."""
+    home = env.get("GEMINI_CLI_HOME") or env.get("HOME") or os.path.expanduser("~")
+    for path in (os.path.join(home, ".gemini", "settings.json"), os.path.join(".gemini", "settings.json")):
+        try:
+            if gemini_auth(read_json_object(path), "selectedType") == "gemini-api-key":
+                return True
+        except ProxyError:                   # JSON with comments, say: Gemini CLI reads it, we cannot
+            continue
+    return False
+
+
+def gemini_plan(ctx: LaunchContext) -> Tuple[Dict[str, str], List[str]]:
+    """Gemini CLI: GOOGLE_GEMINI_BASE_URL and the key as GEMINI_API_KEY; API-key auth (which the
+    base URL alone does not select, PROTOCOLS K) from the user's settings when they select it,
+    else from a system settings file of the launcher's (the real one merged in) where Gemini
+    CLI accepts one, else a ProxyError with the one-time setup."""
+    env = dict(ctx.env)
+    env["GOOGLE_GEMINI_BASE_URL"] = ctx.url
+    if ctx.key is not None:
+        env.pop("GOOGLE_API_KEY", None)
+        env["GEMINI_API_KEY"] = ctx.key
+    if gemini_selects_api_key(env):
+        return env, list(ctx.args)
+    path = os.path.join(ctx.tmp, "gemini-system-settings.json")
+    if not secure_for_gemini(path):
+        raise ProxyError(GEMINI_SETUP)
+    system = env.get("GEMINI_CLI_SYSTEM_SETTINGS_PATH") or GEMINI_SYSTEM_SETTINGS.get(sys.platform, "/etc/gemini-cli/settings.json")
+    settings = (read_json_object(system) or {}) if secure_for_gemini(system) else {}
+    enforced = gemini_auth(settings, "enforcedType")
+    if enforced not in (None, "gemini-api-key"):
+        raise ProxyError(f"{system} enforces Gemini CLI's auth type {enforced!r}, and the proxy needs gemini-api-key: "
+                         "ask whoever manages that file")
+    env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] = write_private_json(ctx.tmp, os.path.basename(path),
+                                                                merge_raw(settings, GEMINI_API_KEY_AUTH))
+    return env, list(ctx.args)
+
+
+LAUNCH_PLANS: Dict[str, Callable[[LaunchContext], Tuple[Dict[str, str], List[str]]]] = {
+    "code": claude_code_plan, "codex": codex_plan, "gemini": gemini_plan}
+
+
+def proxy_identity(host: str, port: int) -> Optional[dict]:
+    """What answers at host:port: /health's JSON when it is claude_proxy, {} when it is
+    something else, None when nothing listens."""
+    try:
+        status, body = local_get(host, port, "/health", [], 2.0)
+        health = json.loads(body)
+    except OSError:
+        return None
+    except (ProxyError, ValueError):
+        return {}
+    return health if status == 200 and isinstance(health, dict) and health.get("name") == "claude_proxy" else {}
+
+
+def launch_dir(config: Config, host: str, port: int) -> str:
+    """CLAUDE_PROXY_HOME/launched/HOST-PORT: the launchers sharing the proxy at that address."""
+    return os.path.join(config.home, "launched", f"{host}-{port}".replace(":", "_"))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (POSIX)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_launchers(directory: str) -> List[int]:
+    """The launchers listed in the directory whose process still runs (a crashed one's entry
+    is removed)."""
+    alive = []
+    for name in os.listdir(directory):
+        pid = int(name[7:]) if name.startswith("client-") and name[7:].isdigit() else None
+        if pid is None:
+            continue
+        if pid_alive(pid):
+            alive.append(pid)
+        else:
+            os.remove(os.path.join(directory, name))
+    return alive
+
+
+def read_pid(path: str) -> Optional[int]:
+    """The pid in a pid file, or None."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def log_tail(path: str, lines: int = LAUNCH_LOG_TAIL) -> str:
+    """The last lines of a log file."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "".join(collections.deque(fh, maxlen=lines)).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def start_background_proxy(proxy_argv: List[str], log_path: str) -> Any:
+    """`serve` with the launcher's proxy flags, in a session of its own (Ctrl-C and the
+    terminal's hangup are the client's), its output to log_path; the Popen."""
+    import subprocess
+    fd = open_no_follow(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), *proxy_argv, "serve"],
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        os.close(fd)
+
+
+async def await_ready(proc: Any, host: str, port: int, log_path: str) -> dict:
+    """The started proxy's /health once it answers as claude_proxy with its pid; ProxyError with
+    the log's tail when it exits or does not come up in LAUNCH_READY_TIMEOUT."""
+    deadline = time.monotonic() + LAUNCH_READY_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        health = await run_off_loop(proxy_identity, host, port)
+        if health and health.get("pid") == proc.pid:
+            return health
+        await asyncio.sleep(0.05)
+    if proc.poll() is None:
+        proc.terminate()
+    why = "exited" if proc.returncode is not None else f"did not answer within {LAUNCH_READY_TIMEOUT:.0f}s"
+    raise ProxyError(f"the proxy started for the client {why}; the end of {log_path}:\n{log_tail(log_path)}")
+
+
+async def join_proxy(config: Config, proxy_argv: List[str], directory: str) -> None:
+    """Use the proxy at the configured address or start one, and list this launcher as its
+    user (under the lock, so that a launcher leaving meanwhile does not stop it)."""
+    host, port = proxy_address(config)
+    async with FileLock(directory + ".lock"):
+        ensure_private_dir(directory)
+        health = await run_off_loop(proxy_identity, host, port)
+        if health == {}:
+            raise ProxyError(f"{format_address(host, port)} answers but is not claude_proxy: give the proxy "
+                             "another port (--port or CLAUDE_PROXY_PORT)")
+        if health is None:
+            proc = start_background_proxy(proxy_argv, directory + ".log")
+            await await_ready(proc, host, port, directory + ".log")
+            with os.fdopen(open_no_follow(os.path.join(directory, "proxy.pid"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                           "w", encoding="ascii") as fh:
+                fh.write(str(proc.pid))
+            log.info("started a proxy on %s (pid %d) for the client", format_address(host, port), proc.pid)
+        os.close(open_no_follow(os.path.join(directory, f"client-{os.getpid()}"), os.O_WRONLY | os.O_CREAT))
+
+
+async def leave_proxy(config: Config, directory: str) -> None:
+    """Take this launcher off the list; the last one out stops the proxy a launcher started."""
+    host, port = proxy_address(config)
+    async with FileLock(directory + ".lock"):
+        try:
+            os.remove(os.path.join(directory, f"client-{os.getpid()}"))
+        except FileNotFoundError:
+            pass
+        pid_path = os.path.join(directory, "proxy.pid")
+        pid = read_pid(pid_path)
+        if live_launchers(directory) or pid is None:
+            return
+        os.remove(pid_path)
+        health = await run_off_loop(proxy_identity, host, port)
+        if health and health.get("pid") == pid:
+            await stop_process(pid, config.settings["shutdown_grace"] + 5)
+
+
+async def stop_process(pid: int, timeout: float) -> None:
+    """SIGTERM, then wait for the process to go (the proxy writes its ledger on the way out)."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:       # our own child
+                return
+        except ChildProcessError:
+            if not pid_alive(pid):
+                return
+        await asyncio.sleep(0.05)
+    log.warning("the proxy (pid %d) did not stop within %.0fs", pid, timeout)
+
+
+def terminal_sent_it() -> bool:
+    """Whether this process is in the foreground of a controlling terminal, whose Ctrl-C
+    already reached the client (the same process group): then it is not forwarded again."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def run_client(binary: str, args: List[str], env: Dict[str, str]) -> int:
+    """Run the client in the foreground with signals forwarded; its exit status (128 + N when
+    a signal ended it)."""
+    loop = asyncio.get_running_loop()
+    proc = await asyncio.create_subprocess_exec(binary, *args, env=env)
+
+    def forward(signum: int) -> None:
+        if proc.returncode is None and not (signum == signal.SIGINT and terminal_sent_it()):
+            proc.send_signal(signum)
+    signums = [getattr(signal, name) for name in FORWARDED_SIGNALS if hasattr(signal, name)]
+    for signum in signums:
+        loop.add_signal_handler(signum, forward, signum)
+    try:
+        code = await proc.wait()
+    finally:
+        for signum in signums:
+            loop.remove_signal_handler(signum)
+    return 128 - code if code < 0 else code
+
+
+async def run_launcher(name: str, args: argparse.Namespace, config: Config, env: Mapping[str, str],
+                       proxy_argv: List[str], client_args: List[str]) -> int:
+    """`code`, `codex`, `gemini`: the client through this proxy, started here when needed and
+    stopped by the last launcher using it; the client's exit status (127: no client)."""
+    import tempfile
+    launcher = LAUNCHERS[name]
+    binary, missing = find_client(launcher, env)
+    if binary is None:
+        cli_error(missing)
+        return 127
+    host, port = proxy_address(config)
+    directory = launch_dir(config, host, port)
+    if name == "code":
+        cache_statusline_bytecode(config.home)
+    with tempfile.TemporaryDirectory(prefix="client-", dir=ensure_private_dir(os.path.dirname(directory))) as tmp:
+        ctx = LaunchContext(config, f"http://{format_address(host, port)}", launch_key(config, launcher, env),
+                            dict(env), client_args, tmp, statusline_command(args, config.home))
+        client_env, argv = LAUNCH_PLANS[name](ctx)
+        await join_proxy(config, proxy_argv, directory)
+        try:
+            return await run_client(binary, argv, client_env)
+        finally:
+            await leave_proxy(config, directory)
 
 if __name__ == "__main__":
     sys.exit(main())

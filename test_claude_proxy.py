@@ -7280,12 +7280,12 @@ def test_exposed_status_page_needs_the_key_then_a_cookie_not_the_key(tmp_path):
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
-async def run_chromium(tmp_path, url, *args):
-    """Headless chromium on one URL; its stdout."""
+async def run_chromium(tmp_path, url, *args, size="1200,900"):
+    """Headless chromium on one URL (window width,height); its stdout."""
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1200,900", "--virtual-time-budget=5000",
+        f"--user-data-dir={tmp_path / 'chromium'}", f"--window-size={size}", "--virtual-time-budget=5000",
         *args, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return out.decode("utf-8", "replace")
@@ -7319,6 +7319,370 @@ def test_status_page_renders_in_headless_chromium(tmp_path):
     assert re.search(r"\.card\{[^}]*overflow-x:auto", cp.STATUS_PAGE)   # and scroll on a narrow screen
     assert os.path.getsize(shot) > 10000
     print(f"\nstatus page screenshot: {shot}")
+
+
+# ---- The session's usage for the status line, traffic charts, /metrics (issue 24)
+
+OLD_LEDGER_SCHEMA = """
+CREATE TABLE usage (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, dialect TEXT, requested_model TEXT, route TEXT,
+    provider TEXT, upstream_model TEXT, status INTEGER, error_type TEXT, input_tokens INTEGER,
+    output_tokens INTEGER, cache_read_input_tokens INTEGER, cache_creation_input_tokens INTEGER,
+    reasoning_tokens INTEGER, ttft_ms REAL, duration_ms REAL, cost_usd REAL, key TEXT);
+INSERT INTO usage (ts, dialect, requested_model, route, provider, upstream_model, status, input_tokens, output_tokens)
+VALUES (86400, 'anthropic', 'old', 'default', 'anthropic', 'old', 200, 5, 6);
+"""
+
+
+def test_ledger_migration_keeps_old_rows_and_adds_the_client_session(tmp_path):
+    import sqlite3
+    path = str(tmp_path / "usage.db")
+    db = sqlite3.connect(path)
+    db.executescript(OLD_LEDGER_SCHEMA)
+    db.close()
+    ledger = cp.UsageLedger(path, clock=lambda: 86400 * 2)
+    assert ledger.session("s-1")["requests"] == 0                     # an old file: no session yet, no error
+    ledger.add(usage_row(86400 + 60, "new")._replace(session_id="s-1"))
+    ledger.close()
+    assert ledger.totals()["requests"] == 2 and ledger.totals()["by_model"]["old"]["output_tokens"] == 6
+    summary = ledger.session("s-1")
+    assert summary["requests"] == 1 and summary["last"]["requested_model"] == "new" and not summary["last"]["failed"]
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(cp.LEDGER_MIGRATIONS) == 1
+    cp.migrate_ledger(db)                                                # a second time: nothing to do
+    assert [row[1] for row in db.execute("PRAGMA table_info(usage)")][-1] == "session_id"
+    db.close()
+
+
+def session_script(req):
+    """An anthropic fake: "fail" answers 529, anything else a message with usage."""
+    if '"fail"' in json.dumps(req["body"]["messages"][-1]):
+        return http_response(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    return http_response(200, dict(anthropic_message(), usage={
+        "input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 0}))
+
+
+@pytest.mark.parametrize("ledger", [True, False])
+def test_session_usage_counts_the_answer_that_just_ended(tmp_path, ledger):
+    session = {"x-claude-code-session-id": "11111111-2222-3333-4444-555555555555"}
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            config = make_config(tmp_path, up.url, usage_ledger=ledger, models=[
+                dict({"id": "sonnet-direct", "provider": "anthropic", "model": "claude-sonnet-4-5"}, **SONNET_PRICES)])
+            async with running_proxy(config) as (_, port):
+                for _ in range(2):
+                    await call(port, "POST", "/v1/messages", dict(HELLO, model="sonnet-direct"), dict(ANTHROPIC_HEADERS, **session))
+                await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)                  # another session
+                path = "/v1/stats/session?id=" + session["x-claude-code-session-id"]
+                first = json.loads((await call(port, "GET", path))[2])         # asked at once: the ledger is flushed
+                failing = dict(HELLO, model="sonnet-direct", messages=[{"role": "user", "content": "fail"}])
+                await call(port, "POST", "/v1/messages", failing, dict(ANTHROPIC_HEADERS, **session))
+                second = json.loads((await call(port, "GET", path))[2])
+                missing = await call(port, "GET", "/v1/stats/session")
+                return first, second, missing
+    first, second, missing = run(scenario())
+    assert {k: first[k] for k in ("requests", "errors", "input_tokens", "output_tokens", "cache_read_input_tokens")} == {
+        "requests": 2, "errors": 0, "input_tokens": 20, "output_tokens": 14, "cache_read_input_tokens": 60}
+    assert first["cost_usd"] == pytest.approx(2 * (10 * 3e-6 + 7 * 15e-6 + 30 * 0.3e-6))
+    assert {k: first["last"][k] for k in ("route", "provider", "upstream_model", "failed")} == {
+        "route": "model", "provider": "anthropic", "upstream_model": "claude-sonnet-4-5", "failed": False}
+    assert second["requests"] == 3 and second["last"]["failed"] and second["last"]["status"] == 529
+    assert missing[0] == 400 and b"session id" in missing[2]
+
+
+def test_chart_series_buckets_groups_and_percentiles():
+    now = 7200.0 * 10 + 30                                  # 30 s into a minute (and a half hour)
+    row = lambda ago, route, provider, ms, cost=0.001: (now - ago, route, provider, 10, 5, 3, 2, cost, ms)
+    rows = [row(10, "default", "a", 100.0), row(10, "default", "a", 200.0), row(10, "default", "a", 900.0),
+            row(70, "haiku", "o", 50.0, None), row(5400, "haiku", "o", 70.0), row(90000, "default", "a", 1.0)]
+    rows += [row(20, f"r{i}", "p", 10.0) for i in range(6)]           # six one-request routes: some fold
+    series = cp.chart_series(rows, now)
+    hour, day = series["hour"], series["day"]
+    assert (hour["step"], hour["buckets"], hour["start"]) == (60, 60, now - 30 - 59 * 60)
+    assert (day["step"], day["buckets"], day["start"]) == (1800, 48, 7200.0 * 10 - 47 * 1800)
+    default = hour["by_route"]["default"]
+    assert default["requests"][-1] == 3 and sum(default["requests"]) == 3 and default["tokens"][-1] == 60
+    assert (default["p50"][-1], default["p95"][-1], default["p50"][0]) == (200.0, 900.0, None)
+    assert default["cost"][-1] == pytest.approx(0.003)
+    assert hour["by_route"]["haiku"]["requests"][-2:] == [1, 0] and hour["by_route"]["haiku"]["cost"][-2] == 0
+    assert list(hour["by_route"]) == ["default", "haiku", "r0", "r1", "r2", "r3", "other"]
+    assert sum(hour["by_route"]["other"]["requests"]) == 2
+    assert {name: sum(s["requests"]) for name, s in day["by_provider"].items()} == {"p": 6, "a": 3, "o": 2}
+    assert day["by_provider"]["o"]["p95"][-4] == 70.0                   # 1.5 h ago: three half hours back
+
+
+def test_traffic_is_built_off_the_loop_and_reused_for_a_while(tmp_path):
+    import threading
+    now = [1e6]
+    ops = cp.Operations(make_config(tmp_path, usage_ledger=False), clock=lambda: now[0])
+    ops.recent.append(usage_row(now[0] - 5, "m"))
+    built_in, build = [], ops.build_traffic
+    ops.build_traffic = lambda *args: built_in.append(threading.get_ident()) or build(*args)
+
+    async def scenario():
+        first = await ops.traffic()
+        ops.recent.append(usage_row(now[0] - 1, "m"))
+        second = await ops.traffic()
+        now[0] += cp.TRAFFIC_REFRESH
+        return first, second, await ops.traffic(), threading.get_ident()
+    first, second, third, loop_thread = run(scenario())
+    assert first is second and first["source"] == "session" and sum(first["hour"]["by_route"]["model"]["requests"]) == 1
+    assert sum(third["hour"]["by_route"]["model"]["requests"]) == 2
+    assert len(built_in) == 2 and loop_thread not in built_in
+
+
+@pytest.mark.parametrize("value, text", [(3, "3"), (0.25, "0.25"), (1e-05, "1e-05"), (float("inf"), "+Inf"),
+                                         (float("-inf"), "-Inf"), (float("nan"), "NaN"), (600.0, "600.0")])
+def test_metric_numbers(value, text):
+    assert cp.format_metric_number(value) == text
+
+
+def test_metric_label_values_are_escaped():
+    assert cp.metric_line("x_total", [("model", 'a"b\\c\nd'), ("route", "r")], 2) == \
+        'x_total{model="a\\"b\\\\c\\nd",route="r"} 2'
+    assert cp.metric_line("x", [], 1.5) == "x 1.5"
+
+
+def test_metric_model_labels_are_bounded():
+    known, seen = frozenset({"gpt-up", "gpt-4o"}), set()
+    labels = [cp.metric_model_label(known, seen, f"client-{i}") for i in range(50)]
+    assert labels[:cp.METRIC_MODEL_NAMES] == [f"client-{i}" for i in range(cp.METRIC_MODEL_NAMES)]
+    assert set(labels[cp.METRIC_MODEL_NAMES:]) == {"other"} and len(seen) == cp.METRIC_MODEL_NAMES
+    assert cp.metric_model_label(known, seen, "gpt-4o") == "gpt-4o" and cp.metric_model_label(known, seen, None) == "none"
+    assert cp.metric_model_label(known, set(), "x" * 101) == "other"              # a long name never gets its own
+
+
+EXPOSITION_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+EXPOSITION_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+EXPOSITION_UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def exposition_value(text):
+    """A sample value as the text format spells it (no timestamp allowed here)."""
+    special = {"+Inf": float("inf"), "-Inf": float("-inf"), "NaN": float("nan")}
+    if text in special:
+        return special[text]
+    assert re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?", text), text
+    return float(text)
+
+
+def exposition_labels(text):
+    """{name: value} of a `{...}` label set, escapes undone; AssertionError on any deviation."""
+    labels, i = {}, 0
+    while i < len(text):
+        name = EXPOSITION_LABEL.match(text, i)
+        assert name and text[name.end():name.end() + 2] == '="', text
+        i, value = name.end() + 2, []
+        while text[i] != '"':
+            if text[i] == "\\":
+                value.append(EXPOSITION_UNESCAPE[text[i + 1]])
+                i += 2
+            else:
+                assert text[i] != "\n"
+                value.append(text[i])
+                i += 1
+        assert name.group() not in labels
+        labels[name.group()] = "".join(value)
+        i += 1
+        assert i == len(text) or text[i] == ",", text
+        i += 1
+    return labels
+
+
+def parse_exposition(text):
+    """A strict parser of the Prometheus text format 0.0.4 (PROTOCOLS L): {family: {type, help,
+    samples: [(name, labels, value)]}}; every rule checked by an assert."""
+    assert text.endswith("\n") and "\r" not in text
+    families, current = {}, None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            current, _, help_text = line[7:].partition(" ")
+            assert EXPOSITION_NAME.fullmatch(current) and current not in families and help_text
+            families[current] = {"type": None, "help": help_text, "samples": []}
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            assert name == current and kind in ("counter", "gauge", "histogram") and families[name]["type"] is None
+            families[name]["type"] = kind
+        else:
+            match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+            assert match and current and families[current]["type"], line
+            kind = families[current]["type"]
+            allowed = {current + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {current}
+            assert match.group(1) in allowed, line
+            families[current]["samples"].append((match.group(1), exposition_labels(match.group(2) or ""),
+                                                 exposition_value(match.group(3))))
+    for name, family in families.items():
+        assert family["type"] != "counter" or name.endswith("_total"), name
+        if family["type"] == "histogram":
+            check_histogram(name, family["samples"])
+    return families
+
+
+def check_histogram(name, samples):
+    """Cumulative buckets in ascending le order, ending with +Inf equal to _count, per series."""
+    series = {}
+    for sample, labels, value in samples:
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        series.setdefault(key, {"buckets": []})
+        if sample.endswith("_bucket"):
+            series[key]["buckets"].append((exposition_value(labels["le"]), value))
+        else:
+            series[key][sample[len(name) + 1:]] = value
+    for parts in series.values():
+        bounds, counts = zip(*parts["buckets"])
+        assert list(bounds) == sorted(bounds) and bounds[-1] == float("inf")
+        assert list(counts) == sorted(counts) and counts[-1] == parts["count"] and "sum" in parts
+
+
+def metric_value(families, name, **labels):
+    """The value of the one sample of `name` whose labels include these."""
+    family = families.get(name) or families[re.sub(r"_(bucket|sum|count)$", "", name)]
+    found = [v for n, ls, v in family["samples"] if n == name and all(ls.get(k) == str(v) for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_metrics_parse_strictly_and_count_what_the_ledger_counts(tmp_path):
+    async def scenario():
+        async with FakeUpstream(usage_anthropic_upstream) as a, FakeUpstream(usage_openai_upstream) as o:
+            config = session_config(tmp_path, a.url, o.url)
+            async with running_proxy(config) as (server, port):
+                await run_session(port)
+                search = dict(HELLO, model="sonnet-direct")
+                a.script = lambda req: http_response(200, dict(anthropic_message(), usage={
+                    "input_tokens": 1, "output_tokens": 1, "server_tool_use": {"web_search_requests": 2}}))
+                await call(port, "POST", "/v1/messages", search, ANTHROPIC_HEADERS)
+                for i in range(cp.METRIC_MODEL_NAMES + 5):                         # client-chosen names
+                    await call(port, "POST", "/v1/messages", dict(HELLO, model=f"claude-client-{i}"), ANTHROPIC_HEADERS)
+                status, headers, body = await call(port, "GET", "/metrics")
+                return status, headers, body.decode(), server.ops.session.as_dict()
+    status, headers, text, session = run(scenario())
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = parse_exposition(text)
+    for name in ("claude_proxy_requests_total", "claude_proxy_tokens_total", "claude_proxy_cost_usd_total",
+                 "claude_proxy_request_duration_seconds", "claude_proxy_time_to_first_token_seconds",
+                 "claude_proxy_upstream_errors_total", "claude_proxy_in_flight", "claude_proxy_key_cooling",
+                 "claude_proxy_web_searches_total", "claude_proxy_build_info"):
+        assert name in families, name
+    requests = families["claude_proxy_requests_total"]["samples"]
+    assert sum(v for _, _, v in requests) == session["requests"]
+    assert metric_value(families, "claude_proxy_requests_total", dialect="openai", route="model", provider="o",
+                        model="gpt-4o", status="200") == 4             # chat completions and responses
+    assert metric_value(families, "claude_proxy_requests_total", dialect="anthropic", provider="anthropic",
+                        model="claude-sonnet-4-5", status="400") == 1
+    assert metric_value(families, "claude_proxy_upstream_errors_total", provider="anthropic", status="400") == 1
+    models = {labels["model"] for _, labels, _ in requests}
+    assert "other" in models and len([m for m in models if m.startswith("claude-client-")]) <= cp.METRIC_MODEL_NAMES
+    sonnet = session["by_model"]["sonnet-direct"]
+    assert metric_value(families, "claude_proxy_tokens_total", provider="anthropic", model="claude-sonnet-4-5",
+                        kind="cache_read") == sonnet["cache_read_input_tokens"]
+    assert metric_value(families, "claude_proxy_tokens_total", provider="o", model="gpt-4o", kind="reasoning") == \
+        session["by_model"]["gpt-up"]["reasoning_tokens"]
+    total_cost = sum(v for _, _, v in families["claude_proxy_cost_usd_total"]["samples"])
+    assert total_cost == pytest.approx(session["cost_usd"])
+    assert metric_value(families, "claude_proxy_web_searches_total", provider="anthropic", model="claude-sonnet-4-5") == 2
+    counts = sum(v for n, _, v in families["claude_proxy_request_duration_seconds"]["samples"] if n.endswith("_count"))
+    assert counts == session["requests"]
+    assert metric_value(families, "claude_proxy_build_info", version=cp.VERSION) == 1
+    assert metric_value(families, "claude_proxy_in_flight") == 0
+    promtool = shutil.which("promtool")
+    if promtool:                                        # Prometheus's own parser and linter, where installed
+        out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+
+
+def test_metrics_show_each_pooled_key_by_its_last_four(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(429, {"type": "error", "error": {
+                "type": "rate_limit_error", "message": "slow down"}}, headers=[("retry-after", "30")])) as up:
+            config = make_config(tmp_path, providers={"anthropic": {
+                "format": "anthropic", "base_url": up.url, "api_keys": ["sk-ant-first-key-1111", "sk-ant-second-key-2222"]}})
+            async with running_proxy(config) as (_, port):
+                await call(port, "POST", "/v1/messages", HELLO, ANTHROPIC_HEADERS)
+                return (await call(port, "GET", "/metrics"))[2].decode()
+    text = run(scenario())
+    families = parse_exposition(text)
+    assert metric_value(families, "claude_proxy_key_cooling", provider="anthropic", key="...1111") == 1
+    assert "sk-ant-first" not in text and "second-key" not in text
+
+
+def test_metrics_follow_the_operations_access_rule_and_take_the_key_as_a_bearer_token(tmp_path):
+    key = "proxy-key-0123456789"
+
+    async def scenario():
+        async with running_proxy(make_config(tmp_path, proxy_api_key=key)) as (_, port):
+            assert (await call(port, "GET", "/metrics"))[0] == 401
+            assert (await call(port, "GET", "/metrics", headers={"authorization": "Bearer wrong"}))[0] == 401
+            assert (await call(port, "GET", "/metrics", headers={"authorization": f"Bearer {key}"}))[0] == 200
+            assert (await call(port, "GET", "/metrics", headers={"origin": "http://evil.example"}))[0] == 403
+    run(scenario())
+    server = cp.ProxyServer(make_config(tmp_path))
+    remote = cp.Exchange(server, cp.Request("GET", "/metrics", {"host": "10.0.0.5:8082"}, b"", "10.0.0.9"), None)
+    with pytest.raises(cp.PermissionDenied, match="loopback"):
+        run(cp.handle_metrics(remote))
+
+
+def traffic_rows(now):
+    """A ledger for the traffic charts: three requests a minute ago (100, 200, 900 ms) on route
+    default (provider anthropic), two 90 minutes ago on route haiku (provider o), one 2 days ago."""
+    row = lambda ago, route, provider, ms, cost: usage_row(now - ago, "m", route=route, cost=cost)._replace(
+        provider=provider, duration_ms=ms)
+    return [row(60, "default", "anthropic", 100.0, 0.25), row(60, "default", "anthropic", 200.0, 0.25),
+            row(60, "default", "anthropic", 900.0, 0.5), row(5400, "haiku", "o", 40.0, 1.0),
+            row(5400, "haiku", "o", 60.0, 1.0), row(2 * 86400, "default", "anthropic", 5.0, 9.0)]
+
+
+def chart_values(dom, metric):
+    """{group: [data-value of each bar]} of one traffic chart in a dumped DOM."""
+    start = dom.index(f'data-metric="{metric}"')
+    svg = dom[start:dom.index("</svg>", start)]
+    values = {}
+    for group, value in re.findall(r'<rect [^>]*data-group="([^"]+)" data-bucket="[\d.]+" data-value="([^"]+)"', svg):
+        values.setdefault(group, []).append(float(value))
+    return values
+
+
+def chart_lines(dom):
+    """{(group, p50|p95): [values, None where a bucket had no request]} of the latency chart."""
+    start = dom.index('data-metric="latency"')
+    svg = dom[start:dom.index("</svg>", start)]
+    return {(group, stat): [float(v) if v else None for v in values.split(",")]
+            for group, stat, values in re.findall(r'<path [^>]*data-group="([^"]+)" data-stat="(p\d+)" data-values="([^"]*)"', svg)}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")
+def test_traffic_charts_render_the_ledgers_numbers_in_headless_chromium(tmp_path):
+    shots = os.environ.get("CLAUDE_PROXY_SCREENSHOT_DIR") or str(tmp_path)
+    config = page_config(tmp_path, "http://127.0.0.1:9")
+    ledger = cp.UsageLedger(cp.ledger_path(config))
+    for row in traffic_rows(time.time()):
+        ledger.add(row)
+    ledger.close()
+
+    async def scenario():
+        async with running_proxy(config) as (_, port):
+            url = f"http://127.0.0.1:{port}/"
+            hour = await run_chromium(tmp_path, url, "--dump-dom")
+            day = await run_chromium(tmp_path, url + "#window=day&by=provider", "--dump-dom")
+            for width, height in ((1200, 2000), (390, 2700)):
+                await run_chromium(tmp_path, url + "#window=day&by=route", "--hide-scrollbars",
+                                   f"--screenshot={shots}/traffic-{width}.png", size=f"{width},{height}")
+            return hour, day
+    hour, day = run(scenario())
+    assert chart_values(hour, "requests") == {"default": [3.0]} and chart_values(hour, "cost") == {"default": [1.0]}
+    assert chart_values(hour, "tokens") == {"default": [3.0 * sum(ANTHROPIC_TOKENS[:4])]}
+    lines = chart_lines(hour)
+    assert [v for v in lines[("default", "p50")] if v is not None] == [200.0]
+    assert [v for v in lines[("default", "p95")] if v is not None] == [900.0] and len(lines[("default", "p95")]) == 60
+    assert "Traffic, last hour by route" in hour and re.search(r'id="total-requests"[^>]*>3<', hour)
+    assert chart_values(day, "requests") == {"anthropic": [3.0], "o": [2.0]}
+    assert chart_values(day, "cost") == {"anthropic": [1.0], "o": [2.0]}
+    assert [v for v in chart_lines(day)[("o", "p95")] if v is not None] == [60.0]
+    assert re.search(r'id="total-cost"[^>]*>\$3\.00<', day) and "Traffic, last day by provider" in day
+    for width in (1200, 390):
+        assert os.path.getsize(f"{shots}/traffic-{width}.png") > 10000
+    print(f"\ntraffic chart screenshots: {shots}/traffic-1200.png, {shots}/traffic-390.png")
 
 
 # ---- Doctor, test_connection, test_conversion
@@ -7507,6 +7871,507 @@ def test_menu_has_seed_000s_numbers_and_asks_before_logging_out(tmp_path):
     assert token_calls[0]["expires_in"] == 31536000 and "sk-ant-oat01-new1" in text             # a one-year token, shown
     assert "Token refreshed." in text and statuses[-1]["logged_in"] is True
     assert "no requests recorded" in text and "unknown choice '9'" in text and "sk-ant-oat01-menu" not in text
+
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+PROMETHEUS = shutil.which("prometheus")
+AFFINITY_NGINX_CONF = """
+worker_processes 1;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {dir}/nginx-access.log;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    # one session, one instance: Claude Code's x-claude-code-session-id, else Codex's session-id
+    map $http_x_claude_code_session_id $claude_proxy_session {{
+        "" $http_session_id;
+        default $http_x_claude_code_session_id;
+    }}
+    upstream claude_proxy {{
+        hash $claude_proxy_session consistent;
+        server 127.0.0.1:{port_a};
+        server 127.0.0.1:{port_b};
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://claude_proxy;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+AFFINITY_PROMETHEUS_CONF = """
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: claude_proxy
+    scrape_interval: 1s
+    authorization:
+      type: Bearer
+      credentials: {key}
+    static_configs:
+      - targets: ["127.0.0.1:{port_a}", "127.0.0.1:{port_b}"]
+"""
+
+
+async def wait_for_port(port, proc, timeout=30.0):
+    """Until something accepts on the port (fails when proc exits first)."""
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        assert proc.returncode is None and time.monotonic() < deadline, f"nothing listens on {port}"
+        await asyncio.sleep(0.05)
+
+
+async def prometheus_sum(port, query, want, timeout=30.0):
+    """The value of an instant query once it reaches `want` (its last value when it does not)."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        status, _, body = await call(port, "GET", "/api/v1/query?query=" + urllib.parse.quote(query))
+        result = json.loads(body)["data"]["result"] if status == 200 else []
+        value = float(result[0]["value"][1]) if result else None
+        if value == want:
+            break
+        await asyncio.sleep(0.25)
+    return value
+
+
+@pytest.mark.skipif(NGINX is None or PROMETHEUS is None, reason="needs Debian's nginx and prometheus packages")
+def test_two_instances_behind_nginx_keep_each_session_on_one_and_prometheus_sums_them(tmp_path):
+    key = "proxy-key-0123456789"
+    port, prom_port = free_port(), free_port()
+    sessions = [("x-claude-code-session-id", f"claude-{i:02d}-5f0c2c1e") for i in range(12)] + \
+               [("session-id", f"codex-{i:02d}-019a1b2c") for i in range(8)]   # all 20 on one instance: p = 2e-6
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up, contextlib.AsyncExitStack() as stack:
+            servers = [await stack.enter_async_context(running_proxy(make_config(
+                tmp_path / name, up.url, proxy_api_key=key))) for name in ("a", "b")]
+            ports = {"port_a": servers[0][1], "port_b": servers[1][1]}
+            (tmp_path / "nginx.conf").write_text(AFFINITY_NGINX_CONF.format(
+                dir=tmp_path, port=port, user="user root;" if os.geteuid() == 0 else "", **ports))
+            (tmp_path / "prometheus.yml").write_text(AFFINITY_PROMETHEUS_CONF.format(key=key, **ports))
+            nginx = await asyncio.create_subprocess_exec(NGINX, "-e", str(tmp_path / "nginx-error.log"), "-p", str(tmp_path),
+                                                         "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;",
+                                                         stderr=asyncio.subprocess.DEVNULL)
+            prometheus = await asyncio.create_subprocess_exec(
+                PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}", stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            try:
+                await wait_for_port(port, nginx)
+                await wait_for_port(prom_port, prometheus)
+                for round_ in range(3):
+                    for header, session in sessions:
+                        status, _, _ = await call(port, "POST", "/v1/messages", HELLO,
+                                                  dict(ANTHROPIC_HEADERS, **{header: session, "x-api-key": key}))
+                        assert status == 200
+                placed = {session: [sum(r.session_id == session for r in s.ops.recent) for s, _ in servers]
+                          for _, session in sessions}
+                total = await prometheus_sum(prom_port, "sum(claude_proxy_requests_total)", 3 * len(sessions))
+                status, _, body = await call(prom_port, "GET", "/api/v1/query?query=" + urllib.parse.quote(
+                    "sum by (instance) (claude_proxy_requests_total)"))
+                per_instance = {r["metric"]["instance"]: float(r["value"][1]) for r in json.loads(body)["data"]["result"]}
+                return placed, total, per_instance, ports
+            finally:
+                for proc in (nginx, prometheus):
+                    proc.terminate()
+                    await proc.wait()
+    placed, total, per_instance, ports = run(scenario())
+    assert all(sorted(counts) == [0, 3] for counts in placed.values()), placed       # every session on one instance
+    instances = {counts.index(3) for counts in placed.values()}
+    assert instances == {0, 1}, placed                                              # and both instances used
+    assert total == 3 * len(sessions)
+    assert per_instance == {f"127.0.0.1:{port}": 3.0 * sum(counts[i] == 3 for counts in placed.values())
+                            for i, port in enumerate(ports.values())}
+    by_instance = {port: [s for s, counts in placed.items() if counts[i] == 3] for i, port in enumerate(ports.values())}
+    print(f"\nnginx affinity (3 requests per session): {by_instance}; Prometheus sum(claude_proxy_requests_total) = "
+          f"{total:.0f}, by instance {per_instance}")
+
+
+# =============================================================================================
+# 14. CLI: launchers (code, codex, gemini) and the status line
+# =============================================================================================
+
+@pytest.mark.parametrize("argv, expected", [
+    (["code", "-p", "hi there", "--model", "x"], ([], "code", ["-p", "hi there", "--model", "x"])),
+    (["--port", "9000", "codex", "exec", "--port", "1"], (["--port", "9000"], "codex", ["exec", "--port", "1"])),
+    (["-p", "9000", "--debug", "gemini"], (["-p", "9000", "--debug"], "gemini", [])),
+    (["--config", "code", "code", "--", "x"], (["--config", "code"], "code", ["--", "x"])),   # a value is no command
+    (["--port=9000", "code"], (["--port=9000"], "code", [])),
+    (["stats", "code"], None), (["serve"], None), ([], None), (["--", "code"], None),
+])
+def test_split_launch_argv(argv, expected):
+    assert cp.split_launch_argv(argv) == expected
+
+
+@pytest.mark.parametrize("summary, running, expected", [
+    (None, True, "claude_proxy 127.0.0.1:8082 · no request in this session yet"),
+    (None, False, "claude_proxy 127.0.0.1:8082 · not running"),
+    ({"requests": 3, "input_tokens": 1200, "output_tokens": 950, "cache_read_input_tokens": 36000,
+      "cache_creation_input_tokens": 2800, "cost_usd": 0.04213, "unpriced_requests": 0,
+      "last": {"route": "default", "requested_model": "claude-opus-5-5", "provider": "openrouter",
+               "upstream_model": "gpt-5.5", "status": 200, "error_type": None, "failed": False}}, True,
+     "default → openrouter/gpt-5.5 · 3 req · 40.0k in / 950 out · $0.0421 · cache 90%"),
+    ({"requests": 1, "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+      "cache_creation_input_tokens": 0, "cost_usd": None, "unpriced_requests": 0,
+      "last": {"route": "fallback", "requested_model": "main", "provider": "backup", "upstream_model": "m-backup",
+               "status": 529, "error_type": "overloaded_error", "failed": True}}, False,
+     "main → backup/m-backup · 1 req · 0 in / 0 out · cost n/a · ↪ fell back · ✗ 529 overloaded_error · "
+     "proxy 127.0.0.1:8082 not running"),
+    ({"requests": 2, "input_tokens": 10, "output_tokens": 2_500_000, "cache_read_input_tokens": 0,
+      "cache_creation_input_tokens": 0, "cost_usd": 12.5, "unpriced_requests": 1,
+      "last": {"route": "model", "requested_model": "gpt-up", "provider": "o", "upstream_model": None,
+               "status": 200, "error_type": None, "failed": False}}, True,
+     "gpt-up → o/gpt-up · 2 req · 10 in / 2.5M out · $12.50+ · cache 0%"),
+])
+def test_format_statusline(summary, running, expected):
+    assert cp.format_statusline(summary, running, "127.0.0.1:8082") == expected
+
+
+def test_statusline_command_reads_the_ledger_when_no_proxy_runs_and_always_exits_0(tmp_path):
+    import argparse
+    cfg, port = tmp_path / "config.json", free_port()
+    write_config(cfg, "http://127.0.0.1:9")
+    home = str(tmp_path / "home")
+    ledger = cp.UsageLedger(os.path.join(home, "usage.db"))
+    ledger.add(usage_row(time.time() - 9, "sonnet-direct")._replace(session_id="s-1", provider="anthropic",
+                                                                    upstream_model="claude-sonnet-4-5"))
+    ledger.add(usage_row(time.time() - 5, "sonnet-direct", status=529, error="overloaded_error")._replace(
+        session_id="s-1", route="fallback", provider="backup", upstream_model="m-backup"))
+    ledger.close()
+    cp.cache_statusline_bytecode(home)
+    command = cp.statusline_command(argparse.Namespace(config=str(cfg), host=None, port=port), home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_PROXY", "PROXY_API"))}
+
+    def line(stdin):
+        out = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    assert line(json.dumps({"session_id": "s-1", "model": {"id": "claude-sonnet-4-5"}})) == (
+        "sonnet-direct → backup/m-backup · 2 req · 260 in / 14 out · $0.0005 · cache 77% · ↪ fell back · "
+        f"✗ 529 overloaded_error · proxy 127.0.0.1:{port} not running\n")
+    assert line(json.dumps({"session_id": "s-2"})) == f"claude_proxy 127.0.0.1:{port} · not running\n"
+    assert "no session id on stdin" in line("not json")
+    assert os.path.exists(os.path.join(home, "pycache"))      # imported from bytecode cached for it
+
+
+FAKE_CLIENT = r'''#!PYTHON
+"""A stand-in client: records its arguments and environment, makes one request through the
+proxy the launcher points it at, runs the configured status line, then waits or exits."""
+import json, os, signal, subprocess, sys, time, urllib.request
+name = os.path.basename(sys.argv[0])
+log = {"name": name, "args": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
+       if k.startswith(("ANTHROPIC", "API_TIMEOUT", "GEMINI", "GOOGLE", "CLAUDE_PROXY_API", "OPENAI"))}}
+signal.signal(signal.SIGINT, lambda *a: (log.update(signal="INT"), finish(40)))
+signal.signal(signal.SIGTERM, lambda *a: (log.update(signal="TERM"), finish(41)))
+def finish(code):
+    with open(os.environ["FAKE_LOG"], "a") as fh:
+        fh.write(json.dumps(log) + "\n")
+    sys.exit(code)
+if name == "claude":
+    settings = json.load(open(sys.argv[sys.argv.index("--settings") + 1]))
+    log["settings"] = settings
+    url, key = os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", os.environ["ANTHROPIC_AUTH_TOKEN"]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+elif name == "codex":
+    flags = dict(sys.argv[i + 1].split("=", 1) for i, a in enumerate(sys.argv) if a == "-c")
+    url = json.loads(flags["model_providers.claude_proxy.base_url"]) + "/responses"
+    key = os.environ[json.loads(flags["model_providers.claude_proxy.env_key"])]
+    body = {"model": "claude-sonnet-4-5", "input": "hi", "store": False}
+else:
+    system = os.environ.get("GEMINI_CLI_SYSTEM_SETTINGS_PATH")
+    log["system_settings"] = json.load(open(system)) if system else None
+    url, key, body = os.environ["GOOGLE_GEMINI_BASE_URL"] + "/health", os.environ["GEMINI_API_KEY"], None
+request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers={
+    "authorization": "Bearer " + key, "content-type": "application/json", "anthropic-version": "2023-06-01",
+    "x-claude-code-session-id": "launched-session"})
+log["answer"] = json.loads(urllib.request.urlopen(request, timeout=30).read())
+if name == "claude" and "statusLine" in log["settings"]:
+    log["statusline"] = subprocess.run(log["settings"]["statusLine"]["command"], shell=True, text=True,
+        input=json.dumps({"session_id": "launched-session"}), capture_output=True, timeout=30).stdout
+if os.environ.get("FAKE_WAIT"):
+    log["waiting"] = True
+    with open(os.environ["FAKE_WAIT"] + ".ready", "w"):
+        pass
+    while not os.path.exists(os.environ["FAKE_WAIT"]):
+        time.sleep(0.02)
+finish(int(os.environ.get("FAKE_EXIT", "0")))
+'''
+
+
+def fake_clients(tmp_path):
+    """A bin directory with claude, codex and gemini stand-ins."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("claude", "codex", "gemini"):
+        path = bin_dir / name
+        path.write_text(FAKE_CLIENT.replace("PYTHON", sys.executable, 1))
+        path.chmod(0o755)
+    return bin_dir
+
+
+def launch_env(tmp_path, **extra):
+    """The environment a launcher runs with: the fake clients first on PATH, a private HOME, no
+    proxy settings inherited from the outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_PROXY", "PROXY_API", "ANTHROPIC", "OPENAI",
+                                                                     "GEMINI", "GOOGLE", "CLAUDE_PATH", "CODEX_PATH"))}
+    home = tmp_path / "user-home"
+    home.mkdir(exist_ok=True)
+    env.update(PATH=f"{fake_clients(tmp_path)}{os.pathsep}{env.get('PATH', '')}", HOME=str(home),
+               FAKE_LOG=str(tmp_path / "clients.jsonl"), **extra)
+    return env
+
+
+async def launch(tmp_path, argv, env, wait=True):
+    """`claude_proxy.py ARGV` as a subprocess (inside the running loop, so fakes keep serving)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(HERE, "claude_proxy.py"), *argv, env=env,
+                                                cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    if not wait:
+        return proc
+    out, err = await finish_launch(proc)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def finish_launch(proc, timeout=60):
+    """A launcher's output once it exits; killed (its session too) when it does not in time."""
+    try:
+        return await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+
+
+def client_logs(tmp_path):
+    """What each fake client recorded, in the order they exited."""
+    path = tmp_path / "clients.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def wait_for_file(path, timeout=30.0):
+    """Until the file exists."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.02)
+
+
+def port_open(port):
+    """Whether something listens on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_code_launcher_starts_its_proxy_runs_claude_code_without_a_login_and_stops_it(tmp_path):
+    port, cfg = free_port(), tmp_path / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url, models=[dict({"id": "sonnet-direct", "provider": "anthropic",
+                                                    "model": "claude-sonnet-4-5"}, **SONNET_PRICES)],
+                         routes={"default": "sonnet-direct"})
+            env = launch_env(tmp_path, ANTHROPIC_API_KEY="sk-ant-users-own-key", FAKE_EXIT="3")
+            result = await launch(tmp_path, ["--config", str(cfg), "--port", str(port), "code", "-p", 'say "hi" twice',
+                                             "--model", "opus"], env)
+            return result, up.requests
+    (code, out, err), upstream = run(scenario())
+    assert code == 3, err                                       # the client's own exit status
+    log, = client_logs(tmp_path)
+    assert log["args"][2:] == ["-p", 'say "hi" twice', "--model", "opus"] and log["args"][0] == "--settings"
+    env = log["env"]
+    assert env["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}" and env["ANTHROPIC_AUTH_TOKEN"] == cp.LAUNCH_PLACEHOLDER_KEY
+    assert "ANTHROPIC_API_KEY" not in env and env["API_TIMEOUT_MS"] == "600000"
+    assert log["settings"]["env"]["ANTHROPIC_BASE_URL"] == env["ANTHROPIC_BASE_URL"]
+    assert log["answer"]["type"] == "message" and upstream[0]["headers"]["x-api-key"] == "sk-ant-api03-k123456"
+    assert log["statusline"].startswith("default → anthropic/claude-sonnet-4-5 · 1 req · 40 in / 7 out · $0.0001")
+    assert not port_open(port), "the proxy the launcher started is still running"
+    assert not os.path.exists(tmp_path / "home" / "launched" / f"127.0.0.1-{port}" / "proxy.pid")
+
+
+def test_launchers_share_one_proxy_and_the_last_one_out_stops_it(tmp_path):
+    port, cfg = free_port(), tmp_path / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url)
+            flags = ["--config", str(cfg), "--port", str(port)]
+            first = await launch(tmp_path, flags + ["code"], launch_env(tmp_path, FAKE_WAIT=str(tmp_path / "go")), wait=False)
+            await wait_for_file(tmp_path / "go.ready")
+            second = await launch(tmp_path, flags + ["codex", "exec", "hi"], launch_env(tmp_path))
+            still_up = port_open(port)
+            (tmp_path / "go").write_text("")
+            await finish_launch(first)
+            return second, still_up, first.returncode, up.requests
+    second, still_up, first_code, upstream = run(scenario())
+    assert second[0] == 0, second[2]
+    assert still_up and first_code == 0 and not port_open(port)
+    assert [log["name"] for log in client_logs(tmp_path)] == ["codex", "claude"]
+    assert [r["path"] for r in upstream] == ["/v1/messages", "/v1/messages"]
+
+
+def test_launcher_uses_a_proxy_the_user_started_and_leaves_it_running(tmp_path):
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            async with running_proxy(make_config(tmp_path, up.url)) as (server, port):
+                result = await launch(tmp_path, ["--port", str(port), "code"], launch_env(tmp_path))
+                health = json.loads((await call(port, "GET", "/health"))[2])
+                return result, health, len(up.requests)
+    (code, _, err), health, requests = run(scenario())
+    assert code == 0 and requests == 1, err
+    assert health["name"] == "claude_proxy" and health["pid"] == os.getpid()     # still up, not restarted
+
+
+def test_launcher_refuses_a_port_held_by_another_program(tmp_path):
+    async def scenario():
+        async with FakeUpstream(lambda req: http_response(200, {"status": "ok"})) as other:
+            return await launch(tmp_path, ["--port", str(other.port), "code"], launch_env(tmp_path))
+    code, _, err = run(scenario())
+    assert code == 1 and "answers but is not claude_proxy" in err and "--port" in err
+    assert client_logs(tmp_path) == []
+
+
+def test_launcher_shows_the_proxys_log_when_it_does_not_come_up(tmp_path):
+    cfg = tmp_path / "config.json"
+    write_config(cfg, "http://127.0.0.1:9", plugins=[str(tmp_path / "broken_plugin.py")])
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('plugin exploded')\n")
+
+    async def scenario():
+        return await launch(tmp_path, ["--config", str(cfg), "--port", str(free_port()), "code"], launch_env(tmp_path))
+    code, _, err = run(scenario())
+    assert code == 1 and "the proxy started for the client exited" in err, err
+    assert "plugin exploded" in err and client_logs(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, binary, package, variable", [
+    ("code", "claude", "@anthropic-ai/claude-code", "CLAUDE_PATH"), ("codex", "codex", "@openai/codex", "CODEX_PATH"),
+    ("gemini", "gemini", "@google/gemini-cli", "GEMINI_PATH")])
+def test_a_missing_client_is_one_line_naming_its_npm_package(tmp_path, name, binary, package, variable):
+    env = dict(launch_env(tmp_path), PATH=str(tmp_path / "empty"))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", str(free_port()), name],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 127 and out.stderr.count("\n") == 1, out.stderr
+    assert f"npm install -g {package}" in out.stderr and f"`{binary}`" in out.stderr and variable in out.stderr
+    env[variable] = str(tmp_path / "nowhere" / binary)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "claude_proxy.py"), name], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 127 and f"${variable}" in out.stderr and package in out.stderr
+
+
+def test_codex_and_gemini_launchers_point_their_clients_at_the_proxy_without_touching_user_files(tmp_path):
+    port, cfg = free_port(), tmp_path / "config.json"
+    user_files = {tmp_path / "user-home" / ".codex" / "config.toml": 'model = "o3"\n',
+                  tmp_path / "user-home" / ".gemini" / "settings.json": json.dumps(cp.GEMINI_API_KEY_AUTH)}
+    for path, text in user_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url, proxy_api_key="proxy-key-0123456789")
+            flags = ["--config", str(cfg), "--port", str(port)]
+            codex = await launch(tmp_path, flags + ["codex", "exec", "--skip-git-repo-check", "hi"], launch_env(tmp_path))
+            gemini = await launch(tmp_path, flags + ["gemini", "-p", "hi"], launch_env(tmp_path, GOOGLE_API_KEY="g-own"))
+            return codex, gemini, up.requests
+    codex, gemini, upstream = run(scenario())
+    assert codex[0] == 0 and gemini[0] == 0, codex[2] + gemini[2]
+    codex_log, gemini_log = client_logs(tmp_path)
+    overrides = dict(codex_log["args"][i + 1].split("=", 1) for i, a in enumerate(codex_log["args"]) if a == "-c")
+    assert overrides == {"model_provider": '"claude_proxy"', "model_providers.claude_proxy.name": '"claude_proxy"',
+                         "model_providers.claude_proxy.base_url": f'"http://127.0.0.1:{port}/v1"',
+                         "model_providers.claude_proxy.wire_api": '"responses"',
+                         "model_providers.claude_proxy.env_key": '"CLAUDE_PROXY_API_KEY"'}
+    assert codex_log["args"][-3:] == ["exec", "--skip-git-repo-check", "hi"]
+    assert codex_log["env"]["CLAUDE_PROXY_API_KEY"] == "proxy-key-0123456789" and codex_log["answer"]["object"] == "response"
+    assert upstream[0]["path"] == "/v1/messages"                         # the Responses request, converted
+    env = gemini_log["env"]
+    assert env["GOOGLE_GEMINI_BASE_URL"] == f"http://127.0.0.1:{port}" and env["GEMINI_API_KEY"] == "proxy-key-0123456789"
+    assert "GOOGLE_API_KEY" not in env and gemini_log["answer"]["name"] == "claude_proxy"
+    assert gemini_log["system_settings"] is None                         # the user's settings select API-key auth
+    for path, text in user_files.items():
+        assert path.read_text() == text
+
+
+def gemini_context(tmp_path, env):
+    """A LaunchContext for gemini_plan with a private HOME."""
+    return cp.LaunchContext(make_config(tmp_path), "http://127.0.0.1:1", "k", dict(env, HOME=str(tmp_path / "h")),
+                            ["-p", "x"], str(tmp_path), "")
+
+
+def test_gemini_launcher_selects_api_key_auth_in_a_system_file_only_where_gemini_cli_loads_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    system = tmp_path / "system.json"
+    system.write_text(json.dumps({"general": {"vimMode": True}, "security": {"auth": {"selectedType": "oauth-personal"}}}))
+    monkeypatch.setattr(cp, "secure_for_gemini", lambda path: False)      # a user's own directory: skipped by the CLI
+    with pytest.raises(cp.ProxyError, match=r"GEMINI_CLI_SYSTEM_SETTINGS_PATH\) is honoured only for a file that root owns"):
+        cp.gemini_plan(gemini_context(tmp_path, {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": str(system)}))
+    monkeypatch.setattr(cp, "secure_for_gemini", lambda path: True)       # as for root under /root
+    env, args = cp.gemini_plan(gemini_context(tmp_path, {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": str(system)}))
+    assert json.loads(open(env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"]).read()) == {
+        "general": {"vimMode": True}, "security": {"auth": {"selectedType": "gemini-api-key"}}}
+    assert env["GEMINI_CLI_SYSTEM_SETTINGS_PATH"] != str(system) and args == ["-p", "x"]
+    assert json.loads(system.read_text())["security"]["auth"]["selectedType"] == "oauth-personal"
+    system.write_text(json.dumps({"security": {"auth": {"enforcedType": "oauth-personal"}}}))
+    with pytest.raises(cp.ProxyError, match="enforces Gemini CLI's auth type 'oauth-personal'"):
+        cp.gemini_plan(gemini_context(tmp_path, {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": str(system)}))
+
+
+def test_gemini_rule_for_system_settings_matches_gemini_cli(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert not cp.secure_for_gemini(str(shared / "settings.json"))          # a directory others may write
+    assert cp.secure_for_gemini("/") == (os.stat("/").st_uid == 0 and not os.stat("/").st_mode & 0o022)
+
+
+def test_claude_code_plan_keeps_the_users_status_line_and_own_key_where_a_route_forwards_it(tmp_path):
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text(json.dumps({"statusLine": {"type": "command", "command": "mine"}}))
+    client_auth = make_config(tmp_path, providers={"anthropic": {"format": "anthropic", "base_url": "http://x", "auth": "client"}})
+    env = {"HOME": str(tmp_path), "ANTHROPIC_API_KEY": "sk-ant-own"}
+    key = cp.launch_key(client_auth, cp.LAUNCHERS["code"], env)
+    child_env, args = cp.claude_code_plan(cp.LaunchContext(client_auth, "http://127.0.0.1:1", key, env, ["-p", "x"],
+                                                           str(tmp_path), "statusline-cmd"))
+    settings = json.loads(open(args[1]).read())
+    assert key is None and child_env["ANTHROPIC_API_KEY"] == "sk-ant-own" and "ANTHROPIC_AUTH_TOKEN" not in child_env
+    assert "statusLine" not in settings and settings["env"] == {"ANTHROPIC_BASE_URL": "http://127.0.0.1:1",
+                                                                "API_TIMEOUT_MS": "600000"}
+    keyed = make_config(tmp_path, proxy_api_key="proxy-key-0123456789")
+    assert cp.launch_key(keyed, cp.LAUNCHERS["code"], env) == "proxy-key-0123456789"
+    assert cp.launch_key(make_config(tmp_path, "http://x"), cp.LAUNCHERS["code"], env) == cp.LAUNCH_PLACEHOLDER_KEY
+    given = cp.claude_code_plan(cp.LaunchContext(keyed, "u", "k", {"HOME": str(tmp_path / "none")}, ["--settings", "s.json"],
+                                                 str(tmp_path), "cmd"))
+    assert given[1] == ["--settings", "s.json"]                      # the user's own --settings: none of ours
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 41), ("SIGINT", 40)])
+def test_launcher_forwards_signals_to_its_client_and_exits_with_its_status(tmp_path, signame, code):
+    port, cfg = free_port(), tmp_path / "config.json"
+
+    async def scenario():
+        async with FakeUpstream(session_script) as up:
+            write_config(cfg, up.url)
+            proc = await launch(tmp_path, ["--config", str(cfg), "--port", str(port), "code"],
+                                launch_env(tmp_path, FAKE_WAIT=str(tmp_path / "never")), wait=False)
+            await wait_for_file(tmp_path / "never.ready")
+            proc.send_signal(getattr(signal, signame))              # to the launcher alone, as a supervisor would
+            await finish_launch(proc, 30)
+            return proc.returncode
+    assert run(scenario()) == code
+    assert client_logs(tmp_path)[0]["signal"] == signame[3:] and not port_open(port)
 
 
 # =============================================================================================
@@ -10653,7 +11518,7 @@ def test_a_page_of_another_origin_in_a_real_browser_reads_the_api_by_cors_but_ne
 
 @pytest.mark.parametrize("method, path, refused", [
     ("GET", "/status.json", True), ("GET", "/v1/stats", True), ("GET", "/test-connection", True),
-    ("GET", "/auth/status", True), ("GET", "/auth/start", True), ("POST", "/auth/callback", True),
+    ("GET", "/v1/stats/session", True), ("GET", "/metrics", True), ("GET", "/auth/status", True), ("GET", "/auth/start", True), ("POST", "/auth/callback", True),
     ("POST", "/auth/logout", True), ("GET", "/", False), ("GET", "/health", False),
     ("POST", "/v1/messages", False), ("GET", "/v1/models", False),
 ])
@@ -12426,6 +13291,96 @@ def test_benchmark(request):
     if os.environ.get("CLAUDE_PROXY_BENCH_STRICT"):
         missed = [r["name"] for r in rows if r["verdict"] == "MISS"]
         assert not missed and startup["median"] <= 0.150 and peak[0] <= 40, f"targets missed: {missed}"
+
+
+def _bench_statusline(tmp: str, runs: int = 30) -> str:
+    """The status line as the launcher configures it (sh -c, cached bytecode, no site packages):
+    median and p90 wall time with a proxy answering, and with none (usage.db read directly)."""
+    import argparse
+    home, cfg, port = os.path.join(tmp, "sl-home"), os.path.join(tmp, "sl-config.json"), free_port()
+    with open(cfg, "w") as fh:
+        json.dump({"home": home, "providers": {"anthropic": {"format": "anthropic", "base_url": "http://127.0.0.1:9"}}}, fh)
+    ledger = cp.UsageLedger(os.path.join(home, "usage.db"))
+    for i in range(20000):                       # a well-used ledger: 20,000 rows over 200 sessions
+        ledger.add(usage_row(time.time() - i, "claude-sonnet-4-5")._replace(session_id=f"session-{i % 200}"))
+    ledger.close()
+    cp.cache_statusline_bytecode(home)
+    command = cp.statusline_command(argparse.Namespace(config=cfg, host=None, port=port), home)
+    stdin = json.dumps({"session_id": "session-7", "model": {"id": "claude-sonnet-4-5"}, "cost": {"total_cost_usd": 1}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_PROXY", "PROXY_API"))}
+
+    def timings():
+        out, times = "", []
+        for i in range(runs + 3):
+            t0 = time.perf_counter()
+            out = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, env=env).stdout
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        return statistics.median(times), times[int(len(times) * 0.9)], out.strip()
+    down = timings()
+    proxy = subprocess.Popen([sys.executable, "-m", "claude_proxy", "--config", cfg, "--port", str(port)], cwd=HERE,
+                             env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if port_open(port):
+                break
+            time.sleep(0.05)
+        up = timings()
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t0
+    return "\n".join([f"statusline as the launcher runs it (target: median <= 150 ms; {runs} runs each; `python3 -c pass` "
+                      f"{bare * 1e3:.0f} ms):"] + [
+        f"  {what}: median {m * 1e3:.0f} ms {_bench_verdict(m <= 0.150)}, p90 {p * 1e3:.0f} ms -> {line}"
+        for what, (m, p, line) in (("proxy running (asks it over loopback)", up), ("no proxy (reads usage.db)", down))])
+
+
+def _bench_metrics(n: int = 20000) -> str:
+    """What /metrics costs: Operations.request_done per request with the counters and without
+    them (the rest of the request's work is the same), and one scrape's rendering."""
+    import types
+    config = cp.parse_config({"usage_ledger": False}, {})
+    server = cp.ProxyServer(config)
+    x = cp.Exchange(server, cp.Request("POST", "/v1/messages", {}, b"", "127.0.0.1"), types.SimpleNamespace(status=200))
+    x.target = cp.resolve_target(config, "claude-sonnet-4-5")
+    x.meter.requested = "claude-sonnet-4-5"
+    x.meter.take({"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 100})
+    x.meter.first_byte_at = time.monotonic()
+    results = {}
+    for label in ("with counters", "without", "with counters", "without"):
+        observe = server.ops.metrics.observe
+        if label == "without":
+            server.ops.metrics.observe = lambda *args: None
+        t0 = time.thread_time()
+        for _ in range(n):
+            server.ops.request_done(x, time.monotonic())
+        results.setdefault(label, []).append((time.thread_time() - t0) / n * 1e6)
+        server.ops.metrics.observe = observe
+    for i in range(200):                                           # many series: 20 models x statuses
+        x.meter.requested = x.target.spec["model"] = f"client-model-{i % 25}"
+        x.out.status = (200, 429, 529)[i % 3]
+        server.ops.request_done(x, time.monotonic())
+    t0 = time.perf_counter()
+    text = cp.format_metrics(cp.metrics_samples(server))
+    scrape = time.perf_counter() - t0
+    on, off = min(results["with counters"]), min(results["without"])
+    return (f"/metrics: request_done {on:.1f} us/request with the counters, {off:.1f} us without: +{on - off:.1f} us "
+            f"per request ({n} requests, best of 2); one scrape of {text.count(chr(10))} lines renders in "
+            f"{scrape * 1e3:.2f} ms")
+
+
+@_bench_mark
+def test_benchmark_statusline_and_metrics(request, tmp_path):
+    if not re.search(r"(?<!not )\bbench\b", request.config.getoption("-m") or ""):
+        pytest.skip("benchmark: run with -m bench")
+    statusline = _bench_statusline(str(tmp_path))
+    print("\n" + statusline + "\n" + _bench_metrics())
+    if os.environ.get("CLAUDE_PROXY_BENCH_STRICT"):
+        assert "MISS" not in statusline
 
 
 async def _requests_on_keepalive(port, n, bodies):
